@@ -1,0 +1,96 @@
+"""MoEConfig: every knob of the MoE layer, validated at construction."""
+from dataclasses import dataclass, fields
+
+from locmoe.errors import ConfigError
+
+ROUTERS = ("locmoe", "switch", "hash", "rre")
+COMM_BACKENDS = ("auto", "native", "emulated")
+
+
+@dataclass
+class MoEConfig:
+    """Configuration of one MoE layer (shared by all sparse layers of a model).
+
+    num_experts: total experts n (= expert_num_per_dp_dim * expert_parallel).
+    capacity_factor: c_f of ec = ceil(tokens * c_f / (ep * n_local)).
+    router: one of ROUTERS.
+    aux_loss_coef: alpha of eq. 5 (0.01 in the paper).
+    locality_loss_coef: mu of eq. 6.
+    locality_smoothing: epsilon mixed into D_l so that KL(D_c || D_l) is finite.
+    num_domain_groups: level-1 groups (RRE; optional for LocMoE). 1 disables it.
+    gate_bias: learned bias epsilon_i of the GrAP gate.
+    switch_jitter: multiplicative uniform jitter of the Switch router input in training.
+    vocab_size: token-id range of the hash and RRE tables.
+    table_seed: seed of the fixed RRE table.
+    expert_parallel: EP degree; tokens of ep ranks meet in the All-to-All.
+    comm_overlap_degree: chunks of the capacity dimension for compute/comm overlap.
+    groupwise_a2a: group-wise All-to-All (EP slice per TP rank, then TP AllGather).
+    comm_backend: auto (from the device target), native (HCCL ops) or emulated.
+    """
+
+    num_experts: int = 8
+    capacity_factor: float = 1.0
+    router: str = "locmoe"
+    aux_loss_coef: float = 0.01
+    locality_loss_coef: float = 0.01
+    locality_smoothing: float = 1e-4
+    num_domain_groups: int = 1
+    gate_bias: bool = True
+    switch_jitter: float = 0.0
+    vocab_size: int = 0
+    table_seed: int = 1234
+    expert_parallel: int = 1
+    comm_overlap_degree: int = 1
+    groupwise_a2a: bool = True
+    comm_backend: str = "auto"
+
+    def __post_init__(self):
+        self.validate()
+
+    @classmethod
+    def from_dict(cls, values, prefix="moe"):
+        """Build from a mapping, rejecting unknown keys by name."""
+        known = {f.name for f in fields(cls)}
+        for key in values:
+            if key not in known:
+                raise ConfigError(f"{prefix}.{key}", values[key], f"unknown key; valid keys: {sorted(known)}")
+        return cls(**values)
+
+    def validate(self, prefix="moe"):
+        def need(ok, name, valid):
+            if not ok:
+                raise ConfigError(f"{prefix}.{name}", getattr(self, name), valid)
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        need(is_int(self.num_experts) and self.num_experts >= 1, "num_experts", "an integer >= 1")
+        need(is_num(self.capacity_factor) and self.capacity_factor > 0, "capacity_factor", "a number > 0")
+        need(self.router in ROUTERS, "router", f"one of {list(ROUTERS)}")
+        need(is_num(self.aux_loss_coef) and self.aux_loss_coef >= 0, "aux_loss_coef", "a number >= 0")
+        need(is_num(self.locality_loss_coef) and self.locality_loss_coef >= 0, "locality_loss_coef", "a number >= 0")
+        need(is_num(self.locality_smoothing) and 0 < self.locality_smoothing < 1,
+             "locality_smoothing", "a number in (0, 1): KL against a distribution with zeros is infinite")
+        need(is_int(self.num_domain_groups) and self.num_domain_groups >= 1, "num_domain_groups", "an integer >= 1")
+        need(self.num_experts % self.num_domain_groups == 0, "num_domain_groups",
+             f"a divisor of num_experts={self.num_experts}")
+        need(isinstance(self.gate_bias, bool), "gate_bias", "true or false")
+        need(is_num(self.switch_jitter) and 0 <= self.switch_jitter < 1, "switch_jitter", "a number in [0, 1)")
+        need(is_int(self.vocab_size) and self.vocab_size >= 0, "vocab_size", "an integer >= 0")
+        if self.router in ("hash", "rre"):
+            need(self.vocab_size >= 1, "vocab_size", f"an integer >= 1 (the {self.router} router maps token ids)")
+        need(is_int(self.table_seed), "table_seed", "an integer")
+        need(is_int(self.expert_parallel) and self.expert_parallel >= 1, "expert_parallel", "an integer >= 1")
+        need(self.num_experts % self.expert_parallel == 0, "expert_parallel",
+             f"a divisor of num_experts={self.num_experts}")
+        need(is_int(self.comm_overlap_degree) and self.comm_overlap_degree >= 1, "comm_overlap_degree",
+             "an integer >= 1")
+        need(isinstance(self.groupwise_a2a, bool), "groupwise_a2a", "true or false")
+        need(self.comm_backend in COMM_BACKENDS, "comm_backend", f"one of {list(COMM_BACKENDS)}")
+
+    @property
+    def experts_per_group(self):
+        return self.num_experts // self.num_domain_groups
