@@ -1,0 +1,347 @@
+"""Collectives over groups of global ranks, with two backends, plus byte accounting.
+
+Cells (GRAPH mode, differentiable): AllToAll, AllGather, AllReduce (sum),
+ReduceScatter (sum then split). A group of size 1 is the identity.
+
+Backends (`resolve_backend`):
+- "native":   ops.AlltoAll / AllGather / AllReduce / ReduceScatter (HCCL, Ascend).
+              The primitive is stored as `cell.op` so it can be inspected.
+- "emulated": everything from sub-group AllReduce(sum), the one collective
+              that works (with autodiff) on CPU under msrun. Values and gradients
+              are exact; the wire traffic is larger (a g-times bigger buffer).
+
+Groups: named from their members ("g_0_2"; the whole world uses the world
+group) and created at most once per process (`GROUPS`). Rule: every rank must
+create every group it belongs to, and never a group it is not in; members must
+create shared groups in the same order. Building the same cells in the same
+order on every rank satisfies this; `create_topology_groups(topology)` at
+start-up (all of this rank's TP/DP/EP/EDP groups, fixed order) is the safe way.
+
+Bytes: `collective_bytes` counts what the *logical* collective puts on the wire
+(not the emulation), split into intra-node / inter-node by the Topology:
+- all_to_all:     this rank sends nbytes/g to each other member (per-destination).
+- all_gather:     this rank's piece (nbytes) goes to each other member (per-destination).
+- reduce_scatter: this rank sends nbytes/g to each other member (per-destination).
+- all_reduce:     ring = reduce-scatter + all-gather, 2*(g-1)/g*nbytes; all of
+                  it counts as inter-node if the group spans nodes, else intra
+                  (a ring over several nodes is paced by its inter-node links).
+`nbytes` is always the size of this rank's *input* tensor.
+"""
+import math
+
+import numpy as np
+from mindspore import nn, ops, Tensor
+from mindspore.communication import GlobalComm, create_group, get_group_size, get_rank
+from mindspore.ops import ReduceOp
+
+from locmoe.errors import ConfigError
+
+KINDS = ("all_to_all", "all_gather", "all_reduce", "reduce_scatter")
+BACKENDS = ("native", "emulated")
+
+
+def resolve_backend(name, device_target):
+    """'auto' -> 'native' on Ascend, 'emulated' elsewhere; 'native' off Ascend is an error."""
+    if name == "auto":
+        return "native" if device_target == "Ascend" else "emulated"
+    if name not in BACKENDS:
+        raise ConfigError("comm_backend", name, "one of 'auto', 'native', 'emulated'")
+    if name == "native" and device_target == "CPU":
+        raise ConfigError("comm_backend", name,
+                          "'emulated' or 'auto' on CPU: AlltoAll/ReduceScatter do not exist on CPU")
+    return name
+
+
+# ---- groups -------------------------------------------------------------------
+def _world_size(topology):
+    if GlobalComm.INITED:
+        return get_group_size()
+    return topology.world_size if topology is not None else None
+
+
+def group_name(group_ranks, world_size=None):
+    """Deterministic name from the members; the world group keeps MindSpore's name."""
+    ranks = list(group_ranks)
+    if world_size is not None and ranks == list(range(world_size)):
+        return GlobalComm.WORLD_COMM_GROUP
+    return "g_" + "_".join(str(r) for r in ranks)
+
+
+class GroupRegistry:
+    """Creates each communication group at most once per process."""
+
+    def __init__(self):
+        self.created = {}  # name -> tuple of ranks
+
+    def ensure(self, group_ranks, world_size=None):
+        name = group_name(group_ranks, world_size)
+        if name != GlobalComm.WORLD_COMM_GROUP and name not in self.created:
+            self._create(name, list(group_ranks))
+            self.created[name] = tuple(group_ranks)
+        return name
+
+    def _create(self, name, ranks):
+        if not GlobalComm.INITED:
+            raise RuntimeError(f"cannot create communication group {name} over ranks {ranks}: "
+                               "call mindspore.communication.init() first")
+        create_group(name, ranks)
+
+
+GROUPS = GroupRegistry()
+
+
+def create_topology_groups(topology):
+    """Create every TP/DP/EP/EDP group (size > 1) containing this rank, in a fixed order."""
+    ws = _world_size(topology)
+    for kind in ("tp", "dp", "ep", "edp"):
+        ranks = {"tp": topology.tp_group, "dp": topology.dp_group,
+                 "ep": topology.ep_group, "edp": topology.expert_dp_group}[kind]()
+        if len(ranks) > 1:
+            GROUPS.ensure(ranks, ws)
+
+
+# ---- byte accounting (pure Python) ----------------------------------------------
+_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
+             "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "bool_": 1}
+
+
+def itemsize(dtype):
+    """Bytes per element of a mindspore / numpy dtype or its name."""
+    key = str(dtype).lower()
+    if key in _ITEMSIZE:
+        return _ITEMSIZE[key]
+    return np.dtype(dtype).itemsize
+
+
+def collective_bytes(kind, group_ranks, topology, nbytes_per_rank, rank):
+    """(intra, inter) bytes that `rank` sends in one call of `kind` over `group_ranks`."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown collective {kind!r}; expected one of {KINDS}")
+    ranks = list(group_ranks)
+    g = len(ranks)
+    if rank not in ranks:
+        raise ValueError(f"rank {rank} is not in group {ranks}")
+    if g == 1:
+        return 0, 0
+    if kind == "all_reduce":
+        sent = 2 * (g - 1) * nbytes_per_rank // g
+        spans = len({topology.node(r) for r in ranks}) > 1
+        return (0, sent) if spans else (sent, 0)
+    if kind in ("all_to_all", "reduce_scatter"):
+        if nbytes_per_rank % g:
+            raise ValueError(f"{kind}: {nbytes_per_rank} bytes do not split into {g} equal chunks")
+        per_dst = nbytes_per_rank // g
+    else:  # all_gather: my whole piece to every other member
+        per_dst = nbytes_per_rank
+    intra = inter = 0
+    for dst in ranks:
+        if dst == rank:
+            continue
+        if topology.is_intra_node(rank, dst):
+            intra += per_dst
+        else:
+            inter += per_dst
+    return intra, inter
+
+
+def world_collective_bytes(kind, groups, topology, nbytes_per_rank):
+    """(intra, inter) summed over every member of every group (one call per rank)."""
+    intra = inter = 0
+    for ranks in groups:
+        for r in ranks:
+            a, e = collective_bytes(kind, ranks, topology, nbytes_per_rank, r)
+            intra, inter = intra + a, inter + e
+    return intra, inter
+
+
+def group_family(group_ranks, topology):
+    """The world-wide family of groups that `group_ranks` belongs to (TP, DP, EP, EDP or world)."""
+    ranks = list(group_ranks)
+    if ranks == list(range(topology.world_size)):
+        return [ranks]
+    for kind in ("tp", "dp", "ep", "edp"):
+        fam = topology.all_groups(kind)
+        if ranks in fam:
+            return fam
+    raise ValueError(f"group {ranks} is not a TP/DP/EP/EDP group of the topology; pass family= explicitly")
+
+
+class CommCounter:
+    """Collective calls registered at build time (shapes known); totals per step.
+
+    `totals()` is this rank's sends; `world_totals()` sums over every rank, assuming
+    each rank makes the same call in its own group of the same family (SPMD).
+    """
+
+    def __init__(self, topology):
+        self.topology = topology
+        self.records = []  # dicts: name, kind, group_ranks, family, nbytes, calls
+
+    def register(self, name, kind, group_ranks, shape, dtype, calls=1, family=None):
+        nbytes = math.prod(shape) * itemsize(dtype)
+        fam = family if family is not None else group_family(group_ranks, self.topology)
+        self.records.append(dict(name=name, kind=kind, group_ranks=list(group_ranks), family=fam,
+                                 nbytes=nbytes, calls=calls))
+
+    def register_cell(self, cell, shape, dtype, calls=1, family=None):
+        self.register(cell.comm_name, cell.kind, cell.group_ranks, shape, dtype, calls, family)
+
+    def by_name(self, world=False):
+        """{name: (intra, inter)} per step, for this rank (or the whole world)."""
+        out = {}
+        for rec in self.records:
+            if world:
+                a, e = world_collective_bytes(rec["kind"], rec["family"], self.topology, rec["nbytes"])
+            else:
+                a, e = collective_bytes(rec["kind"], rec["group_ranks"], self.topology, rec["nbytes"],
+                                        self.topology.rank)
+            prev = out.get(rec["name"], (0, 0))
+            out[rec["name"]] = (prev[0] + a * rec["calls"], prev[1] + e * rec["calls"])
+        return out
+
+    def totals(self, world=False):
+        """{'intra': bytes, 'inter': bytes} per step."""
+        parts = self.by_name(world).values()
+        return {"intra": sum(p[0] for p in parts), "inter": sum(p[1] for p in parts)}
+
+    def world_totals(self):
+        return self.totals(world=True)
+
+
+# ---- cells --------------------------------------------------------------------
+class _Collective(nn.Cell):
+    """Shared set-up: group, my index in it, backend, and the emulation's AllReduce."""
+    kind = None
+
+    def __init__(self, group_ranks, backend, topology, name):
+        super().__init__()
+        ranks = sorted(int(r) for r in group_ranks)
+        if backend not in BACKENDS:
+            raise ConfigError("comm_backend", backend, f"one of {BACKENDS} (resolve 'auto' first)")
+        self.group_ranks = ranks
+        self.group_size = len(ranks)
+        self.backend = backend
+        self.topology = topology
+        self.comm_name = name or f"{self.kind}_{'_'.join(map(str, ranks))}"
+        self.identity = self.group_size == 1
+        self.op = None
+        self.group = None
+        if self.identity:
+            self.index = 0
+            return
+        my_rank = topology.rank if topology is not None else get_rank()
+        if my_rank not in ranks:
+            raise ValueError(f"{self.comm_name}: rank {my_rank} is not in group {ranks}")
+        self.index = ranks.index(my_rank)
+        self.group = GROUPS.ensure(ranks, _world_size(topology))
+        if backend == "emulated":
+            self.op = ops.AllReduce(ReduceOp.SUM, self.group)
+            self.onehot = Tensor(np.eye(self.group_size, dtype=np.float32)[:, self.index:self.index + 1])  # [g, 1]
+
+    def bytes_per_call(self, shape, dtype):
+        """(intra, inter) bytes this rank sends per call for an input of `shape`, `dtype`."""
+        if self.topology is None:
+            raise ValueError(f"{self.comm_name}: byte accounting needs a Topology")
+        nbytes = math.prod(shape) * itemsize(dtype)
+        return collective_bytes(self.kind, self.group_ranks, self.topology, nbytes, self.topology.rank)
+
+    def _slot(self, x):
+        """Zero buffer [g, *x.shape] holding x at my slot (one-hot mask, differentiable)."""
+        flat = x.reshape((1, -1))  # [1, m]
+        buf = ops.cast(self.onehot, x.dtype) * flat  # [g, m]
+        return buf.reshape((self.group_size,) + x.shape)  # [g, *x.shape]
+
+
+def _split_front(x, dim, g):
+    """Split `dim` into g chunks and stack them in front: [g, *chunk_shape]."""
+    s = x.shape
+    x = x.reshape(s[:dim] + (g, s[dim] // g) + s[dim + 1:])  # [..., g, S_dim/g, ...]
+    return ops.moveaxis(x, dim, 0)  # [g, ..., S_dim/g, ...]
+
+
+def _concat_front(x, dim):
+    """Concatenate the leading axis (in order) into axis `dim` of the rest: inverse of _split_front."""
+    g = x.shape[0]
+    x = ops.moveaxis(x, 0, dim)  # [..., g, C_dim, ...]
+    s = x.shape
+    return x.reshape(s[:dim] + (g * s[dim + 1],) + s[dim + 2:])  # [..., g*C_dim, ...]
+
+
+class AllToAll(_Collective):
+    """Split `split_dim` into g chunks, send chunk j to member j, concat received chunks on `concat_dim`."""
+    kind = "all_to_all"
+
+    def __init__(self, group_ranks, split_dim=0, concat_dim=0, backend="emulated", topology=None, name=None):
+        super().__init__(group_ranks, backend, topology, name)
+        self.split_dim = split_dim
+        self.concat_dim = concat_dim
+        if not self.identity and backend == "native":
+            self.op = ops.AlltoAll(self.group_size, split_dim, concat_dim, group=self.group)
+
+    def construct(self, x):
+        if self.identity:
+            return x
+        if self.backend == "native":
+            return self.op(x)
+        g = self.group_size
+        chunks = _split_front(x, self.split_dim % x.ndim, g)  # [g(dst), *C]
+        buf = self.op(self._slot(chunks))  # [g(src), g(dst), *C], row i from rank i
+        mine = buf[:, self.index]  # [g(src), *C]
+        return _concat_front(mine, self.concat_dim % x.ndim)  # concat over src
+
+
+class AllGather(_Collective):
+    """Concatenate every member's tensor (in group order) along `dim`."""
+    kind = "all_gather"
+
+    def __init__(self, group_ranks, dim=0, backend="emulated", topology=None, name=None):
+        super().__init__(group_ranks, backend, topology, name)
+        self.dim = dim
+        if not self.identity and backend == "native":
+            self.op = ops.AllGather(self.group)
+
+    def construct(self, x):
+        if self.identity:
+            return x
+        d = self.dim % x.ndim
+        if self.backend == "native":
+            y = self.op(ops.moveaxis(x, d, 0))  # [g*S_d, ...rest]
+            return ops.moveaxis(y, 0, d)
+        buf = self.op(self._slot(x))  # [g, *S], slot i from rank i
+        return _concat_front(buf, d)  # [..., g*S_d, ...]
+
+
+class AllReduce(_Collective):
+    """Sum over the group."""
+    kind = "all_reduce"
+
+    def __init__(self, group_ranks, backend="emulated", topology=None, name=None):
+        super().__init__(group_ranks, backend, topology, name)
+        if not self.identity and backend == "native":
+            self.op = ops.AllReduce(ReduceOp.SUM, self.group)
+
+    def construct(self, x):
+        if self.identity:
+            return x
+        return self.op(x)
+
+
+class ReduceScatter(_Collective):
+    """Sum over the group, then keep my 1/g slice of `dim`."""
+    kind = "reduce_scatter"
+
+    def __init__(self, group_ranks, dim=0, backend="emulated", topology=None, name=None):
+        super().__init__(group_ranks, backend, topology, name)
+        self.dim = dim
+        if not self.identity and backend == "native":
+            self.op = ops.ReduceScatter(ReduceOp.SUM, self.group)
+
+    def construct(self, x):
+        if self.identity:
+            return x
+        d = self.dim % x.ndim
+        if self.backend == "native":
+            y = self.op(ops.moveaxis(x, d, 0))  # [S_d/g, ...rest]
+            return ops.moveaxis(y, 0, d)
+        total = self.op(x)  # [*S]
+        return _split_front(total, d, self.group_size)[self.index]  # [..., S_d/g, ...]

@@ -1,0 +1,77 @@
+"""MoELayer: route -> dispatch -> (All-to-All) -> experts -> (All-to-All) -> combine.
+
+Tokens are handled in G token groups [G, T, d]. A group is what one device
+routes: capacity, the aux loss and the locality loss are per group. On a
+cluster each rank has G = 1; a single process may hold G > 1 groups posing
+as G ranks (each with its own node-local experts), which reproduces the
+distributed run exactly on one CPU.
+"""
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops, Tensor
+
+from locmoe.capacity import expert_capacity
+from locmoe.dispatch import assign_slots, dispatch, combine
+from locmoe.experts import BatchedExperts
+from locmoe.routers import build_router
+
+
+class MoELayer(nn.Cell):
+    """Sparse FFN. construct(x [B,S,d], token_ids [B,S], domain_ids [B]) ->
+    (y [B,S,d] MoE branch only, aux_loss, loc_loss, (expert_load [E], dropped, local)).
+
+    token_groups: G, the number of groups the B*S tokens are split into (contiguous).
+    group_ranks: the rank each group poses as (locality); default: topology.rank for all.
+    token_counts: token frequencies for the hash router's balanced table.
+    """
+
+    def __init__(self, moe_config, hidden_size, ffn_hidden_size, topology, param_init_std=0.02,
+                 compute_dtype=ms.float32, token_groups=1, group_ranks=None, token_counts=None,
+                 out_init_std=None):
+        super().__init__()
+        cfg = moe_config
+        self.num_experts = cfg.num_experts
+        self.capacity_factor = cfg.capacity_factor
+        self.overlap_degree = cfg.comm_overlap_degree
+        self.token_groups = token_groups
+        self.compute_dtype = compute_dtype
+        group_ranks = [topology.rank] * token_groups if group_ranks is None else list(group_ranks)
+        local_mask = np.array([topology.local_expert_mask(r) for r in group_ranks], np.float32)  # [G, E]
+        self.local_mask = Tensor(local_mask)
+        self.router = build_router(cfg, hidden_size, token_counts=token_counts, init_std=param_init_std)
+        self.experts = BatchedExperts(cfg.num_experts, hidden_size, ffn_hidden_size, param_init_std,
+                                      out_init_std, compute_dtype)
+
+    def _expert_stage(self, buffer):
+        """buffer [G, E, C, d] -> expert outputs, same shape; capacity split into overlap chunks."""
+        groups, num_experts, capacity, hidden = buffer.shape
+        chunk = (capacity + self.overlap_degree - 1) // self.overlap_degree
+        outputs = []
+        for start in range(0, capacity, chunk):
+            part = buffer[:, :, start:start + chunk]  # [G, E, c, d]
+            width = part.shape[2]
+            tokens = part.transpose(1, 0, 2, 3).reshape(num_experts, groups * width, hidden)  # [E, G*c, d]
+            out = self.experts(tokens).reshape(num_experts, groups, width, hidden)  # [E, G, c, d]
+            outputs.append(out.transpose(1, 0, 2, 3))  # [G, E, c, d]
+        return outputs[0] if len(outputs) == 1 else ops.concat(outputs, 2)
+
+    def construct(self, x, token_ids, domain_ids):
+        batch, seq, hidden = x.shape
+        groups = self.token_groups
+        per_group = batch * seq // groups
+        capacity = expert_capacity(per_group, self.capacity_factor, self.num_experts)
+        x_groups = x.reshape(groups, per_group, hidden)  # [G, T, d]
+        token_groups = token_ids.reshape(groups, per_group)  # [G, T]
+        domains = ops.broadcast_to(domain_ids.expand_dims(1), (batch, seq)).reshape(groups, per_group)  # [G, T]
+
+        expert_index, expert_prob, _, aux_loss, loc_loss = self.router(
+            x_groups.astype(ms.float32), token_groups, domains, self.local_mask)
+        slot, keep, onehot = assign_slots(expert_index, self.num_experts, capacity)
+        buffer = dispatch(x_groups.astype(self.compute_dtype), slot, self.num_experts, capacity)  # [G, E, C, d]
+        expert_out = self._expert_stage(buffer)  # [G, E, C, d]
+        y = combine(expert_out, slot, expert_prob * keep)  # [G, T, d]
+
+        expert_load = onehot.sum(1).sum(0)  # [E]
+        dropped = (1.0 - keep).sum()
+        local = (onehot * self.local_mask.expand_dims(1)).sum()
+        return y.reshape(batch, seq, hidden).astype(x.dtype), aux_loss, loc_loss, (expert_load, dropped, local)

@@ -1,0 +1,173 @@
+"""The four top-1 routers, one result type for all.
+
+Every router maps token groups to experts:
+    construct(x [G, T, d] float32, token_ids [G, T] int32,
+              domain_ids [G, T] int32, local_mask [G, E] float32)
+    -> RouterOutput fields, as a plain tuple (GRAPH mode):
+       expert_index [G, T] int32   the chosen expert (eq. 2)
+       expert_prob  [G, T] float32 its gate probability R (eq. 3); 1 for table routers
+       router_probs [G, T, E]      the full distribution (one-hot for table routers)
+       aux_loss     []             eq. 5 (0 for table routers)
+       loc_loss     []             eq. 6 (LocMoE only, else 0)
+Adding a router touches this file only.
+"""
+from collections import namedtuple
+
+import heapq
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops, Parameter, Tensor
+
+from locmoe.gating import GrAPGate, DenseGate
+from locmoe.losses import load_balance_loss, locality_loss
+from locmoe.errors import ConfigError
+
+RouterOutput = namedtuple("RouterOutput", "expert_index expert_prob router_probs aux_loss loc_loss")
+
+_MASKED = -1e9
+
+
+def domain_group_mask(num_experts, num_groups):
+    """Level-1 routing (PanGu-Sigma RRE): [groups, E], 1 where expert e belongs to group g."""
+    per_group = num_experts // num_groups
+    mask = np.zeros((num_groups, num_experts), np.float32)
+    for g in range(num_groups):
+        mask[g, g * per_group:(g + 1) * per_group] = 1.0
+    return mask
+
+
+def balanced_hash_table(token_counts, num_experts):
+    """Hash layer table (Roller et al. 2021): token id -> expert with near-equal token load.
+
+    Greedy longest-processing-time: tokens in decreasing frequency (ties by id)
+    each go to the expert with the least load so far (ties: fewest ids, then
+    lowest index), so unseen ids are spread evenly too. token_counts [V] int.
+    """
+    counts = np.asarray(token_counts, np.int64)
+    order = np.lexsort((np.arange(len(counts)), -counts))
+    heap = [(0, 0, e) for e in range(num_experts)]  # (token load, ids held, expert)
+    table = np.zeros(len(counts), np.int32)
+    for token in order:
+        load, held, expert = heapq.heappop(heap)
+        table[token] = expert
+        heapq.heappush(heap, (load + int(counts[token]), held + 1, expert))
+    return table
+
+
+def random_table(vocab_size, num_choices, seed):
+    """RRE level 2: a fixed random token id -> index in [0, num_choices) table."""
+    return np.random.RandomState(seed).randint(0, num_choices, size=vocab_size).astype(np.int32)
+
+
+def _top1(router_probs):
+    expert_index = ops.argmax(router_probs, -1).astype(ms.int32)  # [G, T]
+    expert_prob = ops.gather_elements(router_probs, -1, expert_index.expand_dims(-1)).squeeze(-1)  # [G, T]
+    return expert_index, expert_prob
+
+
+class _LearnedRouter(nn.Cell):
+    """Shared tail of the learned routers: softmax over (masked) scores, top-1, losses."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.num_experts = cfg.num_experts
+        self.aux_coef = cfg.aux_loss_coef
+        self.num_domain_groups = cfg.num_domain_groups
+        self.group_mask = Tensor(domain_group_mask(cfg.num_experts, cfg.num_domain_groups))
+
+    def _route(self, scores, domain_ids):
+        if self.num_domain_groups > 1:
+            allowed = ops.gather(self.group_mask, domain_ids % self.num_domain_groups, 0)  # [G, T, E]
+            scores = scores + (1.0 - allowed) * _MASKED
+        router_probs = ops.softmax(scores, -1)  # [G, T, E]
+        expert_index, expert_prob = _top1(router_probs)
+        onehot = ops.one_hot(expert_index, self.num_experts, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
+        aux = load_balance_loss(router_probs, onehot, self.aux_coef)
+        return expert_index, expert_prob, router_probs, aux
+
+
+class LocMoERouter(_LearnedRouter):
+    """LocMoE: G = ReLU(GrAP(x) + eps) (eq. 4), softmax, top-1; aux (eq. 5) + locality (eq. 6) losses."""
+
+    def __init__(self, cfg, hidden_size):
+        super().__init__(cfg)
+        self.gate = GrAPGate(hidden_size, cfg.num_experts, cfg.gate_bias)
+        self.loc_coef = cfg.locality_loss_coef
+        self.smoothing = cfg.locality_smoothing
+
+    def construct(self, x, token_ids, domain_ids, local_mask):
+        scores = ops.relu(self.gate(x.reshape(-1, x.shape[-1]))).reshape(x.shape[0], x.shape[1], -1)  # [G, T, E]
+        expert_index, expert_prob, router_probs, aux = self._route(scores, domain_ids)
+        loc = locality_loss(router_probs, local_mask, self.loc_coef, self.smoothing)
+        return expert_index, expert_prob, router_probs, aux, loc
+
+
+class SwitchRouter(_LearnedRouter):
+    """Switch Transformer: softmax(W x), top-1, aux loss; optional multiplicative jitter in training."""
+
+    def __init__(self, cfg, hidden_size, init_std=0.02):
+        super().__init__(cfg)
+        self.gate = DenseGate(hidden_size, cfg.num_experts, init_std)
+        self.jitter = cfg.switch_jitter
+
+    def construct(self, x, token_ids, domain_ids, local_mask):
+        if self.training and self.jitter > 0:
+            x = x * ops.uniform(x.shape, Tensor(1.0 - self.jitter, ms.float32), Tensor(1.0 + self.jitter, ms.float32))
+        scores = self.gate(x.reshape(-1, x.shape[-1])).reshape(x.shape[0], x.shape[1], -1)  # [G, T, E]
+        expert_index, expert_prob, router_probs, aux = self._route(scores, domain_ids)
+        return expert_index, expert_prob, router_probs, aux, ops.zeros((), ms.float32)
+
+
+class _TableRouter(nn.Cell):
+    """A fixed token-id table; no learned parameters, gate probability 1."""
+
+    def __init__(self, num_experts, table):
+        super().__init__()
+        self.num_experts = num_experts
+        # Stored with the model (a checkpoint carries it), never trained.
+        self.table = Parameter(Tensor(table, ms.int32), name="table", requires_grad=False)
+
+    def _finish(self, expert_index):
+        router_probs = ops.one_hot(expert_index, self.num_experts, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
+        expert_prob = ops.ones(expert_index.shape, ms.float32)
+        zero = ops.zeros((), ms.float32)
+        return expert_index, expert_prob, router_probs, zero, zero
+
+
+class HashRouter(_TableRouter):
+    """Hash layer: expert = table[token id], the table balanced by token frequency."""
+
+    def __init__(self, cfg, token_counts=None):
+        counts = np.ones(cfg.vocab_size, np.int64) if token_counts is None else np.asarray(token_counts)
+        if counts.shape != (cfg.vocab_size,):
+            raise ConfigError("token_counts", counts.shape, f"one count per token id, shape ({cfg.vocab_size},)")
+        super().__init__(cfg.num_experts, balanced_hash_table(counts, cfg.num_experts))
+
+    def construct(self, x, token_ids, domain_ids, local_mask):
+        return self._finish(ops.gather(self.table, token_ids, 0))  # [G, T]
+
+
+class RRERouter(_TableRouter):
+    """PanGu-Sigma RRE: level 1 domain -> expert group, level 2 fixed random token id -> expert in the group."""
+
+    def __init__(self, cfg):
+        self.num_domain_groups = cfg.num_domain_groups
+        self.per_group = cfg.experts_per_group
+        super().__init__(cfg.num_experts, random_table(cfg.vocab_size, cfg.experts_per_group, cfg.table_seed))
+
+    def construct(self, x, token_ids, domain_ids, local_mask):
+        group = domain_ids % self.num_domain_groups  # [G, T]
+        return self._finish(group * self.per_group + ops.gather(self.table, token_ids, 0))
+
+
+def build_router(cfg, hidden_size, token_counts=None, init_std=0.02):
+    """The router named by cfg.router. token_counts feeds the hash table (uniform if None)."""
+    if cfg.router == "locmoe":
+        return LocMoERouter(cfg, hidden_size)
+    if cfg.router == "switch":
+        return SwitchRouter(cfg, hidden_size, init_std)
+    if cfg.router == "hash":
+        return HashRouter(cfg, token_counts)
+    if cfg.router == "rre":
+        return RRERouter(cfg)
+    raise ConfigError("moe.router", cfg.router, "one of locmoe, switch, hash, rre")

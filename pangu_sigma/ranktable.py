@@ -1,0 +1,253 @@
+"""HCCL rank tables (format 1.0): load, validate, write, summarize.
+
+A rank table lists, per server, the NPUs that take part in a job:
+
+    {"version": "1.0", "server_count": "2",
+     "server_list": [{"server_id": "10.0.0.1",
+                      "device": [{"device_id": "0", "device_ip": "192.1.27.6", "rank_id": "0"}, ...],
+                      "host_nic_ip": "reserve"}, ...],
+     "status": "completed"}
+
+All values are strings in this format. Every problem raises
+`locmoe.errors.ConfigError` whose one-line message names the field (with
+its server and device), the bad value and what is valid.
+
+CLI: python -m pangu_sigma.ranktable FILE [--rank-size N] [--local-ranks START COUNT]
+No MindSpore import here: the launch scripts use this on any machine.
+"""
+import argparse
+import ipaddress
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+
+from locmoe.errors import ConfigError
+
+FORMAT_VERSION = "1.0"
+DEVICES_PER_BOARD = 8  # Ascend 910A: device ids 0..7 on one server
+
+
+@dataclass(frozen=True)
+class RankTable:
+    """What a job needs from a rank table, indexed by rank."""
+    world_size: int
+    server_ids: tuple          # server IPs, in table order
+    devices_per_node: int      # most devices on any one server
+    node_of_rank: tuple        # rank -> index into server_ids (for locmoe Topology)
+    device_id_of_rank: tuple   # rank -> device id on its server
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse that reports bad arguments on one line (exit 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _require(ok, field, value, valid):
+    if not ok:
+        raise ConfigError(field, value, valid)
+
+
+def _require_str_int(value, field, valid):
+    """A non-negative decimal integer written as a string (the table's convention)."""
+    _require(isinstance(value, str) and value.isdigit() and value.isascii(), field, value,
+             f"{valid}, written as a string of digits")
+    return int(value)
+
+
+def _require_ipv4(value, field):
+    try:
+        ipaddress.IPv4Address(value)
+    except (ipaddress.AddressValueError, TypeError):
+        raise ConfigError(field, value, "an IPv4 address string like 192.1.27.6") from None
+    return value
+
+
+def _list_or_type(value):
+    """A failed list check shows the (empty) list itself, anything else its type name."""
+    return value if isinstance(value, list) else type(value).__name__
+
+
+def _require_keys(obj, keys, where):
+    _require(isinstance(obj, dict), where, type(obj).__name__, f"a JSON object with keys {', '.join(keys)}")
+    for key in keys:
+        _require(key in obj, f"{where}.{key}", None, "a required field, missing here")
+
+
+def _check_device(device, where, where_of_rank):
+    _require_keys(device, ("device_id", "device_ip", "rank_id"), where)
+    valid_id = f"a device id in 0..{DEVICES_PER_BOARD - 1}"
+    device_id = _require_str_int(device["device_id"], f"{where}.device_id", valid_id)
+    _require(device_id < DEVICES_PER_BOARD, f"{where}.device_id", device["device_id"], valid_id)
+    _require_ipv4(device["device_ip"], f"{where}.device_ip")
+    rank = _require_str_int(device["rank_id"], f"{where}.rank_id", "a rank id in 0..N-1")
+    _require(rank not in where_of_rank, f"{where}.rank_id", device["rank_id"],
+             f"unique across the table; {where_of_rank.get(rank)} has it too")
+    where_of_rank[rank] = where
+    return device_id, rank
+
+
+def _check_server(server, index, server_ids, where_of_rank):
+    """Validate one server entry; return {rank: device id} for its devices."""
+    _require_keys(server, ("server_id", "device"), f"server_list[{index}]")
+    server_id = _require_ipv4(server["server_id"], f"server_list[{index}].server_id")
+    _require(server_id not in server_ids, f"server_list[{index}].server_id", server_id,
+             "unique; an earlier server has the same id")
+    devices = server["device"]
+    _require(isinstance(devices, list) and devices, f"server {server_id} device", _list_or_type(devices),
+             "a non-empty list of devices")
+    device_of_rank, seen_devices = {}, set()
+    for d_index, device in enumerate(devices):
+        where = f"server {server_id} device[{d_index}]"
+        device_id, rank = _check_device(device, where, where_of_rank)
+        _require(device_id not in seen_devices, f"{where}.device_id", device["device_id"],
+                 "unique within its server")
+        seen_devices.add(device_id)
+        device_of_rank[rank] = device_id
+    return device_of_rank
+
+
+def validate_rank_table_dict(table):
+    """Check a parsed rank table; return it as a RankTable (raises ConfigError)."""
+    _require_keys(table, ("version", "server_count", "server_list", "status"), "rank_table")
+    _require(table["version"] == FORMAT_VERSION, "version", table["version"], f'"{FORMAT_VERSION}"')
+    _require(table["status"] == "completed", "status", table["status"], '"completed"')
+    servers = table["server_list"]
+    _require(isinstance(servers, list) and servers, "server_list", _list_or_type(servers),
+             "a non-empty list of servers")
+    count = _require_str_int(table["server_count"], "server_count", "the number of servers")
+    _require(count == len(servers), "server_count", table["server_count"],
+             f'"{len(servers)}", the length of server_list')
+
+    server_ids, where_of_rank, node_and_device = [], {}, {}
+    for index, server in enumerate(servers):
+        for rank, device_id in _check_server(server, index, server_ids, where_of_rank).items():
+            node_and_device[rank] = (index, device_id)
+        server_ids.append(server["server_id"])
+
+    world_size = len(node_and_device)
+    stray = sorted(r for r in node_and_device if r >= world_size)
+    if stray:
+        missing = sorted(set(range(world_size)) - set(node_and_device))
+        raise ConfigError(f"{where_of_rank[stray[0]]}.rank_id", str(stray[0]),
+                          f"rank ids must be exactly 0..{world_size - 1} for {world_size} devices; "
+                          f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    return RankTable(
+        world_size=world_size,
+        server_ids=tuple(server_ids),
+        devices_per_node=max(len(s["device"]) for s in servers),
+        node_of_rank=tuple(node_and_device[r][0] for r in range(world_size)),
+        device_id_of_rank=tuple(node_and_device[r][1] for r in range(world_size)),
+    )
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError("rank_table", str(path), "an existing rank table file; no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("rank_table", str(path), f"a readable UTF-8 file ({type(e).__name__})") from None
+    try:
+        table = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError("rank_table", str(path),
+                          f"valid JSON; {e.msg} at line {e.lineno} column {e.colno}") from None
+    return table
+
+
+def read_rank_table_dict(path):
+    """Read a rank table file as a dict, validated (raises ConfigError)."""
+    table = _read_json(path)
+    validate_rank_table_dict(table)
+    return table
+
+
+def check_rank_size(table, rank_size, path="rank table"):
+    """RANK_SIZE (int or env string) must equal the table's device count."""
+    size = rank_size
+    if isinstance(rank_size, str):
+        size = int(rank_size) if rank_size.strip().isdigit() else None
+    _require(isinstance(size, int) and size == table.world_size, "RANK_SIZE", rank_size,
+             f"equal to the {table.world_size} devices listed in {path}")
+
+
+def load_rank_table(path, rank_size=None):
+    """Load and validate a rank table; if given, check RANK_SIZE against it."""
+    table = validate_rank_table_dict(_read_json(path))
+    if rank_size is not None:
+        check_rank_size(table, rank_size, path)
+    return table
+
+
+def local_device_ids(table, rank_start, count):
+    """Device ids of ranks rank_start..rank_start+count-1, which must share one server."""
+    _require(count >= 1, "LOCAL_DEVICE_NUM", count, "an integer >= 1")
+    _require(rank_start >= 0 and rank_start + count <= table.world_size, "RANK_START", rank_start,
+             f"RANK_START + LOCAL_DEVICE_NUM ({rank_start} + {count}) must be <= RANK_SIZE ({table.world_size})")
+    ranks = range(rank_start, rank_start + count)
+    nodes = sorted({table.node_of_rank[r] for r in ranks})
+    firsts = sorted({table.node_of_rank.index(n) for n in set(table.node_of_rank)})
+    _require(len(nodes) == 1, "RANK_START", rank_start,
+             f"ranks {ranks[0]}..{ranks[-1]} span servers {[table.server_ids[n] for n in nodes]}; "
+             f"start at a server's first rank {firsts} and launch at most its device count")
+    return [table.device_id_of_rank[r] for r in ranks]
+
+
+def write_rank_table(path, table):
+    """Validate `table` and write it atomically (temp file, then os.replace).
+
+    Formatting is fixed (indent 4, trailing newline) so equal tables give equal bytes.
+    A failed write leaves any existing file at `path` untouched.
+    """
+    validate_rank_table_dict(table)
+    folder = os.path.dirname(os.path.abspath(path))
+    _require(os.path.isdir(folder), "output", str(path), f"a path in an existing folder; {folder} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=".ranktable-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp makes it private; every job user reads the table
+            json.dump(table, f, indent=4)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def summary(table, path):
+    servers = ", ".join(table.server_ids)
+    return (f"{path}: valid rank table, {table.world_size} devices on {len(table.server_ids)} "
+            f"server(s) [{servers}], up to {table.devices_per_node} per server")
+
+
+def main(argv=None):
+    parser = OneLineArgumentParser(prog="python -m pangu_sigma.ranktable",
+                                   description="Validate a rank table and print a one-line summary.")
+    parser.add_argument("file", help="rank table JSON (format 1.0)")
+    parser.add_argument("--rank-size", help="RANK_SIZE to check against the table")
+    parser.add_argument("--local-ranks", nargs=2, type=int, metavar=("START", "COUNT"),
+                        help="instead of the summary print 'RANK_SIZE DEVICE_ID...' for ranks "
+                             "START..START+COUNT-1 (checked to lie on one server)")
+    args = parser.parse_args(argv)
+    try:
+        table = load_rank_table(args.file, args.rank_size)
+        if args.local_ranks:
+            devices = local_device_ids(table, *args.local_ranks)
+            print(table.world_size, *devices)
+        else:
+            print(summary(table, args.file))
+    except ConfigError as e:
+        where = "" if e.field == "rank_table" else f"{args.file}: "
+        print(f"rank table error: {where}{e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Train on one Ascend NPU (no rank table).
+#
+#   run_standalone_train.sh CONFIG DEVICE_ID [--dry-run] [-- trainer args]
+#
+# Runs in ${OUTPUT_DIR:-./output}/standalone_device$DEVICE_ID with its own
+# `log` file, in the background. --dry-run prints the env and command only.
+# Python: $PYTHON if set, else the repo's .venv/bin/python if present, else python3.
+set -euo pipefail
+
+prog=$(basename "$0")
+usage="usage: $prog CONFIG DEVICE_ID [--dry-run] [-- trainer args]"
+die() { echo "$prog: error: $*" >&2; exit 2; }
+absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/${1#./}" ;; esac; }
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+if [ -n "${PYTHON:-}" ]; then py=$PYTHON
+elif [ -x "$repo/.venv/bin/python" ]; then py=$repo/.venv/bin/python
+else py=python3; fi
+command -v "$py" > /dev/null || die "PYTHON='$py' is not an executable; set PYTHON to a python3 with this repo's requirements"
+
+dry_run=0
+positional=()
+extra=()
+while [ $# -gt 0 ]; do
+    case $1 in
+        --dry-run) dry_run=1 ;;
+        -h|--help) sed -n '2,8s/^# \{0,1\}//p' "$0"; exit 0 ;;
+        --) shift; extra=("$@"); break ;;
+        -*) die "unknown option '$1'; $usage" ;;
+        *) positional+=("$1") ;;
+    esac
+    shift
+done
+[ ${#positional[@]} -eq 2 ] || die "expected 2 positional arguments, got ${#positional[@]}; $usage"
+
+config=${positional[0]}
+device_id=${positional[1]}
+[ -f "$config" ] || die "CONFIG='$config' is not a file"
+[[ $device_id =~ ^[0-7]$ ]] || die "DEVICE_ID='$device_id' is invalid: an integer in 0..7"
+
+config=$(absolute "$config")
+work_dir=$(absolute "${OUTPUT_DIR:-./output}")/standalone_device$device_id
+cmd=("$py" -m pangu_sigma.train --config "$config" --set parallel.device_target=Ascend "${extra[@]}")
+if [ "$dry_run" = 1 ]; then
+    printf 'RANK_ID=0 DEVICE_ID=%s RANK_SIZE=1 cd %q &&' "$device_id" "$work_dir"
+    printf ' %q' "${cmd[@]}"
+    printf ' > log 2>&1\n'
+    exit 0
+fi
+
+mkdir -p "$work_dir" || die "cannot create the working folder $work_dir"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+(
+    cd "$work_dir"
+    trap '' HUP  # keep training when the launching shell's terminal closes
+    unset RANK_TABLE_FILE
+    export RANK_ID=0 RANK_SIZE=1 DEVICE_ID=$device_id
+    exec "${cmd[@]}" < /dev/null > log 2>&1
+) &
+echo "training on device $device_id: pid $!, log $work_dir/log"
+echo "follow with: tail -f $work_dir/log"
