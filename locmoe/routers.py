@@ -39,18 +39,30 @@ def domain_group_mask(num_experts, num_groups):
 def balanced_hash_table(token_counts, num_experts):
     """Hash layer table (Roller et al. 2021): token id -> expert with near-equal token load.
 
-    Greedy longest-processing-time: tokens in decreasing frequency (ties by id)
-    each go to the expert with the least load so far (ties: fewest ids, then
-    lowest index), so unseen ids are spread evenly too. token_counts [V] int.
+    Seen tokens, in decreasing frequency (ties by id), each go to the expert
+    with the least token load so far (longest-processing-time greedy). Unseen
+    ids (count 0) then go to the expert holding the fewest ids, so a token
+    missing from the counted corpus does not always land on one expert.
+    token_counts [V] int -> table [V] int32.
     """
     counts = np.asarray(token_counts, np.int64)
     order = np.lexsort((np.arange(len(counts)), -counts))
-    heap = [(0, 0, e) for e in range(num_experts)]  # (token load, ids held, expert)
+    seen = [t for t in order if counts[t] > 0]
+    unseen = [t for t in order if counts[t] <= 0]
     table = np.zeros(len(counts), np.int32)
-    for token in order:
-        load, held, expert = heapq.heappop(heap)
+    held = np.zeros(num_experts, np.int64)
+    by_load = [(0, e) for e in range(num_experts)]  # (token load, expert)
+    for token in seen:
+        load, expert = heapq.heappop(by_load)
         table[token] = expert
-        heapq.heappush(heap, (load + int(counts[token]), held + 1, expert))
+        held[expert] += 1
+        heapq.heappush(by_load, (load + int(counts[token]), expert))
+    by_ids = [(int(held[e]), e) for e in range(num_experts)]  # (ids held, expert)
+    heapq.heapify(by_ids)
+    for token in unseen:
+        count, expert = heapq.heappop(by_ids)
+        table[token] = expert
+        heapq.heappush(by_ids, (count + 1, expert))
     return table
 
 

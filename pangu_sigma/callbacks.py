@@ -1,0 +1,51 @@
+"""Log formatting: one line per step, and the per-layer expert-load table."""
+import json
+
+import numpy as np
+
+
+def step_line(step, total_steps, metrics, tokens_per_s, show_scale):
+    """One log line: step, loss terms, lr, grad norm, throughput (loss scale on fp16 runs)."""
+    line = (f"step {step:>6d}/{total_steps} | loss {metrics['loss']:.4f} | ce {metrics['ce']:.4f} | "
+            f"aux {metrics['aux']:.4f} | loc {metrics['loc']:.4f} | lr {metrics['lr']:.3e} | "
+            f"gnorm {metrics['grad_norm']:.3f} | tok/s {tokens_per_s:,.0f}")
+    if show_scale:
+        line += f" | scale {metrics['loss_scale']:.0f}{' OVERFLOW(skipped)' if metrics['overflow'] else ''}"
+    return line
+
+
+def expert_table(load, dropped, local, first_layer=0, title="expert load"):
+    """Per-layer table: share of routed tokens per expert, max/mean load, drop rate, local fraction.
+
+    load [M, E] token counts; dropped [M] and local [M] token counts (same token total as load).
+    """
+    load = np.asarray(load, np.float64)
+    if load.size == 0:
+        return f"{title}: the model has no MoE layers"
+    layers, experts = load.shape
+    routed = np.maximum(load.sum(1), 1.0)  # [M]
+    share = load / routed[:, None]
+    head = "layer " + " ".join(f"{f'e{e}':>6}" for e in range(experts)) + "  max/mean   drop%  local%"
+    rows = [f"{title} (share of routed tokens per expert):", head]
+    for m in range(layers):
+        cells = " ".join(f"{s:6.3f}" for s in share[m])
+        max_over_mean = share[m].max() * experts
+        rows.append(f"{first_layer + m:>5} {cells}  {max_over_mean:8.3f}  {100 * dropped[m] / routed[m]:6.2f}"
+                    f"  {100 * local[m] / routed[m]:6.2f}")
+    return "\n".join(rows)
+
+
+class JsonlLog:
+    """Append-only machine-readable log (one JSON object per line) for reports and the simulator."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def write(self, record):
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]

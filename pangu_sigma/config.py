@@ -1,0 +1,300 @@
+"""The full run config: model / moe / parallel / data / train / optim / checkpoint / logging.
+
+YAML with the paper's field names (Table 1): batch_size, sink_size (train),
+expert_parallel, op_level_model_parallel_num (parallel), expert_num_per_dp_dim
+(moe), moe_layer_num, num_heads (model), adam_eps (optim). `--set a.b=c`
+overrides any field. Every invalid value fails at load with a ConfigError
+naming the field, the value and what is valid.
+"""
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+
+import yaml
+
+from locmoe.config import MoEConfig, ROUTERS, COMM_BACKENDS
+from locmoe.errors import ConfigError
+from pangu_sigma.model.model_config import ModelConfig
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _need(ok, name, value, valid):
+    if not ok:
+        raise ConfigError(name, value, valid)
+
+
+@dataclass
+class MoESection:
+    router: str = "locmoe"
+    expert_num_per_dp_dim: int = 8
+    capacity_factor: float = 1.25
+    aux_loss_coef: float = 0.01
+    locality_loss_coef: float = 0.01
+    locality_smoothing: float = 1e-4
+    num_domain_groups: int = 1
+    gate_bias: bool = True
+    switch_jitter: float = 0.0
+    table_seed: int = 1234
+
+    def validate(self):
+        _need(self.router in ROUTERS, "moe.router", self.router, f"one of {list(ROUTERS)}")
+        _need(_is_int(self.expert_num_per_dp_dim) and self.expert_num_per_dp_dim >= 1,
+              "moe.expert_num_per_dp_dim", self.expert_num_per_dp_dim, "an integer >= 1")
+
+
+@dataclass
+class ParallelSection:
+    device_target: str = "CPU"
+    op_level_model_parallel_num: int = 1
+    expert_parallel: int = 1
+    devices_per_node: int = 8
+    comm_backend: str = "auto"
+    comm_overlap_degree: int = 1
+    groupwise_a2a: bool = True
+    # A single CPU process may pose as rank `virtual_rank` of a cluster of
+    # `virtual_world_size` devices (0 = off): locality loss and byte counts
+    # then behave as on that rank. The virtual cluster uses
+    # op_level_model_parallel_num, expert_parallel and devices_per_node above.
+    virtual_world_size: int = 0
+    virtual_rank: int = 0
+
+    def validate(self):
+        _need(self.device_target in ("CPU", "Ascend"), "parallel.device_target", self.device_target,
+              "CPU or Ascend")
+        for name in ("op_level_model_parallel_num", "expert_parallel", "devices_per_node", "comm_overlap_degree"):
+            value = getattr(self, name)
+            _need(_is_int(value) and value >= 1, f"parallel.{name}", value, "an integer >= 1")
+        _need(self.comm_backend in COMM_BACKENDS, "parallel.comm_backend", self.comm_backend,
+              f"one of {list(COMM_BACKENDS)}")
+        _need(isinstance(self.groupwise_a2a, bool), "parallel.groupwise_a2a", self.groupwise_a2a, "true or false")
+        _need(_is_int(self.virtual_world_size) and self.virtual_world_size >= 0, "parallel.virtual_world_size",
+              self.virtual_world_size, "0 (off) or the device count of the cluster to pose as")
+        _need(_is_int(self.virtual_rank) and 0 <= self.virtual_rank < max(1, self.virtual_world_size),
+              "parallel.virtual_rank", self.virtual_rank, f"in [0, {max(1, self.virtual_world_size)})")
+
+
+@dataclass
+class DataSection:
+    dataset_dir: str = "output/data"
+    shuffle: bool = True
+    seed: int = 1234
+
+    def validate(self):
+        _need(isinstance(self.dataset_dir, str) and self.dataset_dir, "data.dataset_dir", self.dataset_dir,
+              "a folder written by python -m pangu_sigma.data.prepare")
+        _need(isinstance(self.shuffle, bool), "data.shuffle", self.shuffle, "true or false")
+        _need(_is_int(self.seed), "data.seed", self.seed, "an integer")
+
+
+@dataclass
+class TrainSection:
+    batch_size: int = 8          # per data-parallel rank; global batch = batch_size * dp
+    sink_size: int = 1           # steps per device loop (data sinking on Ascend); logs flush per sink
+    train_steps: int = 100
+    precision: str = "auto"      # auto: float32 on CPU, float16 (dynamic loss scale) on Ascend
+    loss_scale_init: float = 65536.0
+    loss_scale_window: int = 1000
+    seed: int = 1234
+    output_dir: str = "output/run"
+
+    def validate(self):
+        for name in ("batch_size", "sink_size", "train_steps", "loss_scale_window"):
+            value = getattr(self, name)
+            _need(_is_int(value) and value >= 1, f"train.{name}", value, "an integer >= 1")
+        _need(self.train_steps % self.sink_size == 0, "train.train_steps", self.train_steps,
+              f"a multiple of train.sink_size={self.sink_size}")
+        _need(self.precision in ("auto", "float32", "float16"), "train.precision", self.precision,
+              "auto, float32 or float16")
+        _need(_is_num(self.loss_scale_init) and self.loss_scale_init >= 1, "train.loss_scale_init",
+              self.loss_scale_init, "a number >= 1")
+        _need(_is_int(self.seed), "train.seed", self.seed, "an integer")
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 10
+    decay_steps: int = 0          # 0: decay over train.train_steps
+    adam_eps: float = 1e-8
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0        # global-norm clip; 0 disables
+
+    def validate(self):
+        _need(_is_num(self.lr) and self.lr > 0, "optim.lr", self.lr, "a number > 0")
+        _need(_is_num(self.min_lr) and 0 <= self.min_lr <= self.lr, "optim.min_lr", self.min_lr,
+              f"a number in [0, optim.lr={self.lr}]")
+        _need(_is_int(self.warmup_steps) and self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps,
+              "an integer >= 0")
+        _need(_is_int(self.decay_steps) and self.decay_steps >= 0, "optim.decay_steps", self.decay_steps,
+              "an integer >= 0")
+        _need(_is_num(self.adam_eps) and self.adam_eps > 0, "optim.adam_eps", self.adam_eps, "a number > 0")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            _need(_is_num(value) and 0 <= value < 1, f"optim.{name}", value, "a number in [0, 1)")
+        _need(_is_num(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay", self.weight_decay,
+              "a number >= 0")
+        _need(_is_num(self.grad_clip) and self.grad_clip >= 0, "optim.grad_clip", self.grad_clip,
+              "a number >= 0 (0 disables clipping)")
+
+
+@dataclass
+class CheckpointSection:
+    save_steps: int = 50          # 0 disables
+    keep_last: int = 3
+
+    def validate(self):
+        _need(_is_int(self.save_steps) and self.save_steps >= 0, "checkpoint.save_steps", self.save_steps,
+              "an integer >= 0 (0 disables)")
+        _need(_is_int(self.keep_last) and self.keep_last >= 1, "checkpoint.keep_last", self.keep_last,
+              "an integer >= 1")
+
+
+@dataclass
+class LoggingSection:
+    log_steps: int = 1
+    expert_stats_steps: int = 50
+
+    def validate(self):
+        for name in ("log_steps", "expert_stats_steps"):
+            value = getattr(self, name)
+            _need(_is_int(value) and value >= 1, f"logging.{name}", value, "an integer >= 1")
+
+
+SECTIONS = {"model": ModelConfig, "moe": MoESection, "parallel": ParallelSection, "data": DataSection,
+            "train": TrainSection, "optim": OptimSection, "checkpoint": CheckpointSection,
+            "logging": LoggingSection}
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoESection = field(default_factory=MoESection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    # ---- derived ---------------------------------------------------------------
+    @property
+    def num_experts(self):
+        return self.moe.expert_num_per_dp_dim * self.parallel.expert_parallel
+
+    @property
+    def compute_dtype(self):
+        if self.train.precision == "auto":
+            return "float16" if self.parallel.device_target == "Ascend" else "float32"
+        return self.train.precision
+
+    def moe_config(self, vocab_size=None):
+        """The locmoe.MoEConfig of every sparse layer."""
+        m = self.moe
+        try:
+            return MoEConfig(num_experts=self.num_experts, capacity_factor=m.capacity_factor, router=m.router,
+                             aux_loss_coef=m.aux_loss_coef, locality_loss_coef=m.locality_loss_coef,
+                             locality_smoothing=m.locality_smoothing, num_domain_groups=m.num_domain_groups,
+                             gate_bias=m.gate_bias, switch_jitter=m.switch_jitter,
+                             vocab_size=self.model.vocab_size if vocab_size is None else vocab_size,
+                             table_seed=m.table_seed, expert_parallel=self.parallel.expert_parallel,
+                             comm_overlap_degree=self.parallel.comm_overlap_degree,
+                             groupwise_a2a=self.parallel.groupwise_a2a, comm_backend=self.parallel.comm_backend)
+        except ConfigError as err:  # MoEConfig names fields moe.x; map the parallel ones back
+            name = err.field.split(".")[-1]
+            section = "parallel" if name in ("expert_parallel", "comm_overlap_degree", "groupwise_a2a",
+                                             "comm_backend") else ("model" if name == "vocab_size" else "moe")
+            raise ConfigError(f"{section}.{name}", err.value, err.valid) from None
+
+    def validate(self):
+        for section in SECTIONS:
+            getattr(self, section).validate() if hasattr(getattr(self, section), "validate") else None
+        _validate_model(self.model)
+        m = self.model
+        if self.moe.router == "locmoe" and m.moe_layer_num > 0:
+            _need(m.hidden_size % self.num_experts == 0, "model.hidden_size", m.hidden_size,
+                  f"a multiple of the expert count {self.num_experts} (GrAP gate, eq. 4)")
+        self.moe_config(vocab_size=max(1, m.vocab_size))
+        return self
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def _validate_model(m):
+    for name in ("seq_length", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size"):
+        value = getattr(m, name)
+        _need(_is_int(value) and value >= 1, f"model.{name}", value, "an integer >= 1")
+    _need(_is_int(m.vocab_size) and m.vocab_size >= 0, "model.vocab_size", m.vocab_size,
+          "an integer >= 0 (0: taken from the dataset's meta.json)")
+    _need(_is_int(m.moe_layer_num) and 0 <= m.moe_layer_num <= m.num_layers, "model.moe_layer_num",
+          m.moe_layer_num, f"an integer in [0, model.num_layers={m.num_layers}]")
+    _need(m.hidden_size % m.num_heads == 0, "model.num_heads", m.num_heads,
+          f"a divisor of model.hidden_size={m.hidden_size}")
+    _need(_is_num(m.dropout_rate) and 0 <= m.dropout_rate < 1, "model.dropout_rate", m.dropout_rate,
+          "a number in [0, 1)")
+    _need(_is_num(m.param_init_std) and m.param_init_std > 0, "model.param_init_std", m.param_init_std,
+          "a number > 0")
+
+
+def _parse_override(text):
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError("--set", text, "section.key=value, e.g. train.batch_size=16")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def config_from_dict(raw, overrides=()):
+    """RunConfig from a nested mapping plus `section.key=value` overrides; validated."""
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError("config", type(raw).__name__, f"a mapping with sections {list(SECTIONS)}")
+    merged = {name: dict(raw.get(name) or {}) for name in SECTIONS}
+    for name in raw:
+        if name not in SECTIONS:
+            raise ConfigError(name, raw[name], f"unknown section; valid sections: {list(SECTIONS)}")
+        if not isinstance(raw[name] or {}, dict):
+            raise ConfigError(name, raw[name], "a mapping of key: value")
+    for text in overrides:
+        path, value = _parse_override(text)
+        if len(path) != 2 or path[0] not in SECTIONS:
+            raise ConfigError("--set", text, f"section.key=value with a section in {list(SECTIONS)}")
+        merged[path[0]][path[1]] = value
+    sections = {}
+    for name, cls in SECTIONS.items():
+        known = {f.name: f for f in fields(cls)}
+        for key, value in merged[name].items():
+            if key not in known:
+                raise ConfigError(f"{name}.{key}", value, f"unknown key; valid keys: {sorted(known)}")
+            default = known[key].default
+            if isinstance(default, float) and _is_int(value):
+                merged[name][key] = float(value)
+        sections[name] = cls(**merged[name])
+    return RunConfig(**sections).validate()
+
+
+def load_config(path, overrides=()):
+    """Read a YAML config file and apply overrides; one-line ConfigError on any problem."""
+    if not os.path.isfile(path):
+        raise ConfigError("--config", path, "an existing YAML file")
+    with open(path, encoding="utf-8") as handle:
+        try:
+            raw = yaml.safe_load(handle)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            raise ConfigError("--config", path, f"valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    return config_from_dict(raw, overrides)

@@ -1,0 +1,77 @@
+"""Validation perplexity and expert load: python -m pangu_sigma.eval --config FILE --checkpoint PATH.
+
+Perplexity = exp(mean token cross-entropy over the whole valid split); every
+valid sample counts (the last short batch too).
+"""
+import argparse
+import math
+import sys
+
+import numpy as np
+
+from locmoe.errors import ConfigError
+from pangu_sigma import checkpoint
+from pangu_sigma.build import build_model, dataset_meta, set_device, single_process_topology
+from pangu_sigma.callbacks import expert_table
+from pangu_sigma.config import load_config
+from pangu_sigma.data.dataset import create_dataset
+
+
+def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None, log=print):
+    """Mean CE, perplexity and summed expert statistics over a split.
+
+    Either loads checkpoint_path into a freshly built network or uses net as given.
+    """
+    meta = dataset_meta(cfg)
+    if net is None:
+        set_device(cfg)
+        net = build_model(cfg, meta, single_process_topology(cfg))
+        checkpoint.load_into(net, checkpoint_path)
+    net.set_train(False)
+    batch_size = batch_size or cfg.train.batch_size
+    batch_size = min(batch_size, meta[f"{split}_samples"])
+    dataset = create_dataset(cfg.data.dataset_dir, split, batch_size, shuffle=False, repeat=False,
+                             drop_remainder=False)
+    ce_sum, tokens = 0.0, 0
+    load = dropped = local = None
+    for ids, domains in dataset.create_tuple_iterator(num_epochs=1):
+        _, ce, _, _, batch_load, batch_dropped, batch_local = net(ids, domains)
+        batch_tokens = ids.shape[0] * (ids.shape[1] - 1)
+        ce_sum += float(ce.asnumpy()) * batch_tokens
+        tokens += batch_tokens
+        if load is None:
+            load, dropped, local = batch_load.asnumpy(), batch_dropped.asnumpy(), batch_local.asnumpy()
+        else:
+            load, dropped, local = (load + batch_load.asnumpy(), dropped + batch_dropped.asnumpy(),
+                                    local + batch_local.asnumpy())
+    mean_ce = ce_sum / tokens
+    result = {"split": split, "tokens": tokens, "ce": mean_ce, "perplexity": math.exp(mean_ce),
+              "expert_load": np.asarray(load).tolist(), "dropped": np.asarray(dropped).tolist(),
+              "local": np.asarray(local).tolist()}
+    log(f"[eval] {split}: {tokens} tokens, mean CE {mean_ce:.4f}, perplexity {result['perplexity']:.3f}")
+    log(expert_table(load, dropped, local, first_layer=cfg.model.num_layers - cfg.model.moe_layer_num,
+                     title=f"expert load on {split}"))
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Validation perplexity and expert-load table.")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--checkpoint", required=True, help=".ckpt file or a run folder (newest checkpoint)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--split", default="valid", choices=("valid", "train"))
+    args = parser.parse_args(argv)
+    try:
+        if args.batch_size is not None and args.batch_size < 1:
+            raise ConfigError("--batch-size", args.batch_size, "an integer >= 1")
+        cfg = load_config(args.config, args.set)
+        evaluate(cfg, args.checkpoint, args.batch_size, args.split)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Train PanGu-Sigma: python -m pangu_sigma.train --config FILE [--set a.b=c ...] [--resume].
+
+GRAPH mode; AdamWeightDecay with warm-up + cosine; global-norm clipping;
+float32 on CPU, float16 with dynamic loss scaling on Ascend. sink_size steps
+run per device loop (data sinking on Ascend, a host loop on CPU, where
+MindSpore has no data sinking); each step is logged from the metrics buffers.
+--resume continues from the newest checkpoint with the data position,
+optimizer state and loss scale restored: the losses logged after a resume
+equal those of an uninterrupted run (bitwise on CPU; stochastic layers,
+dropout and Switch jitter, draw from MindSpore's op RNG, which a checkpoint
+does not hold, so keep them at 0 when that matters).
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import mindspore as ms
+
+from locmoe.errors import ConfigError
+from pangu_sigma import checkpoint
+from pangu_sigma.build import build_model, dataset_meta, set_device, single_process_topology
+from pangu_sigma.callbacks import JsonlLog, expert_table, step_line
+from pangu_sigma.config import load_config
+from pangu_sigma.data.dataset import create_dataset
+from pangu_sigma.lr_schedule import WarmupCosineLR
+from pangu_sigma.train_step import METRIC_NAMES, TrainStep, build_optimizer
+
+
+def build_train_step(cfg, meta, topology):
+    """(TrainStep cell, loss network) for this config."""
+    net = build_model(cfg, meta, topology)
+    decay_steps = cfg.optim.decay_steps or cfg.train.train_steps
+    schedule = WarmupCosineLR(cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, decay_steps)
+    optimizer = build_optimizer(net, cfg.optim, schedule)
+    use_loss_scale = cfg.compute_dtype == "float16"
+    step = TrainStep(net, optimizer, schedule, cfg.optim.grad_clip, use_loss_scale, cfg.train.loss_scale_init,
+                     cfg.train.loss_scale_window, cfg.train.sink_size, cfg.model.moe_layer_num, cfg.num_experts)
+    return step, net
+
+
+def _run_sink(cfg, step_cell, dataset, iterator):
+    """Run sink_size steps. Ascend: one data-sink call; CPU: a host loop over the iterator."""
+    if cfg.parallel.device_target == "Ascend":
+        if not hasattr(_run_sink, "sink_fn"):
+            _run_sink.sink_fn = ms.data_sink(step_cell, dataset, sink_size=cfg.train.sink_size)
+        _run_sink.sink_fn()
+        return
+    for _ in range(cfg.train.sink_size):
+        ids, domains = next(iterator)
+        step_cell(ids, domains)
+
+
+def train(cfg, resume=False, log=print, rank=0, dp_size=1, dp_rank=0, topology=None):
+    """Run training; returns a summary dict (steps, losses per step, tokens/s, wall time)."""
+    set_device(cfg)
+    ms.set_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    meta = dataset_meta(cfg)
+    topology = topology or single_process_topology(cfg)
+    step_cell, net = build_train_step(cfg, meta, topology)
+    output_dir = cfg.train.output_dir
+    os.makedirs(output_dir, exist_ok=True)
+    ckpt_dir = checkpoint.rank_dir(output_dir, rank)
+    start_step = 0
+    if resume:
+        found = checkpoint.latest(ckpt_dir)
+        if found is None:
+            log(f"[train] --resume: no checkpoint in {ckpt_dir}; starting from step 0")
+        else:
+            path, ckpt_meta = found
+            checkpoint.load_into(step_cell, path)
+            start_step = int(ckpt_meta["step"])
+            log(f"[train] resumed from {path} at step {start_step}")
+    if start_step >= cfg.train.train_steps:
+        log(f"[train] nothing to do: step {start_step} >= train.train_steps={cfg.train.train_steps}")
+        return {"steps": start_step, "losses": {}, "tokens_per_s": 0.0, "seconds": 0.0}
+
+    dataset = create_dataset(cfg.data.dataset_dir, "train", cfg.train.batch_size, dp_size, dp_rank,
+                             shuffle=cfg.data.shuffle, seed=cfg.data.seed, start_batch=start_step, repeat=True)
+    iterator = dataset.create_tuple_iterator(num_epochs=1) if cfg.parallel.device_target != "Ascend" else None
+    tokens_per_step = cfg.train.batch_size * dp_size * cfg.model.seq_length
+    jsonl = JsonlLog(os.path.join(output_dir, f"train_log_rank{rank}.jsonl"))
+    show_scale = cfg.compute_dtype == "float16"
+    sink = cfg.train.sink_size
+    losses, window = {}, []
+    stats_since = None
+    started = time.time()
+    timed_tokens, timed_seconds = 0, 0.0
+    log(f"[train] {cfg.moe.router} router, {cfg.num_experts} experts, {cfg.model.moe_layer_num}/"
+        f"{cfg.model.num_layers} sparse layers, {sum(p.size for p in net.trainable_params()):,} parameters, "
+        f"{cfg.compute_dtype}, steps {start_step}..{cfg.train.train_steps}, {tokens_per_step} tokens/step")
+    for first in range(start_step, cfg.train.train_steps, sink):
+        tic = time.time()
+        _run_sink(cfg, step_cell, dataset, iterator)
+        scalars = step_cell.metrics_scalars.asnumpy()  # [sink, K]
+        load = step_cell.metrics_load.asnumpy()  # [sink, M, E]
+        dropped = step_cell.metrics_dropped.asnumpy()  # [sink, M]
+        local = step_cell.metrics_local.asnumpy()  # [sink, M]
+        elapsed = time.time() - tic
+        if first > start_step:  # the first sink includes graph compilation
+            timed_tokens += tokens_per_step * sink
+            timed_seconds += elapsed
+        tokens_per_s = tokens_per_step * sink / max(elapsed, 1e-9)
+        for i in range(sink):
+            step = first + i + 1
+            metrics = dict(zip(METRIC_NAMES, (float(v) for v in scalars[i])))
+            losses[step] = metrics["loss"]
+            if stats_since is None:
+                stats_since = [np.zeros_like(load[i]), np.zeros_like(dropped[i]), np.zeros_like(local[i])]
+            stats_since[0] += load[i]
+            stats_since[1] += dropped[i]
+            stats_since[2] += local[i]
+            if step % cfg.logging.log_steps == 0 or step == cfg.train.train_steps:
+                log(step_line(step, cfg.train.train_steps, metrics, tokens_per_s, show_scale))
+            jsonl.write(dict(metrics, step=step, tokens_per_s=tokens_per_s, expert_load=load[i].tolist(),
+                             dropped=dropped[i].tolist(), local=local[i].tolist()))
+            if step % cfg.logging.expert_stats_steps == 0 or step == cfg.train.train_steps:
+                log(expert_table(*stats_since, first_layer=cfg.model.num_layers - cfg.model.moe_layer_num,
+                                 title=f"expert load, steps up to {step}"))
+                stats_since = None
+        last = first + sink
+        if (cfg.checkpoint.save_steps and last % cfg.checkpoint.save_steps == 0) or last == cfg.train.train_steps:
+            path = checkpoint.save(step_cell, ckpt_dir, last, {"batches_consumed": last,
+                                   "router": cfg.moe.router, "config": cfg.to_dict()}, cfg.checkpoint.keep_last)
+            log(f"[train] checkpoint {path}")
+    seconds = time.time() - started
+    rate = timed_tokens / timed_seconds if timed_seconds else tokens_per_step * len(losses) / max(seconds, 1e-9)
+    log(f"[train] done: {len(losses)} steps in {seconds:.1f} s, {rate:,.0f} tokens/s after compilation, "
+        f"final loss {losses[max(losses)]:.4f}")
+    return {"steps": cfg.train.train_steps, "losses": losses, "tokens_per_s": rate, "seconds": seconds}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="Train PanGu-Sigma with a LocMoE/Switch/Hash/RRE router.")
+    parser.add_argument("--config", required=True, help="YAML run config")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config field (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        train(cfg, resume=args.resume)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
