@@ -4,10 +4,12 @@ Tokens are placed into a [G, E, C, d] buffer by position within their
 expert, first come first served inside each token group; a token whose
 position is >= C is dropped: it gets no buffer slot and contributes zero from
 the MoE branch (the residual connection carries it). Both directions are
-row gathers, whose gradients are exact segment sums.
+row gathers. Every token occupies at most one slot, so each gather reads a
+source row at most once and its exact gradient is the gather by the inverse
+map (a custom bprop) instead of the generic scatter-add.
 """
 import mindspore as ms
-from mindspore import ops, Tensor
+from mindspore import nn, ops, Tensor
 
 
 def assign_slots(expert_index, num_experts, capacity):
@@ -36,22 +38,39 @@ def token_of_slot(slot, num_slots, num_tokens):
     return ops.select(filled > 0, filled - 1, ops.full_like(filled, num_tokens))
 
 
+def _with_zero_row(rows):
+    return ops.concat((rows, ops.zeros((1, rows.shape[1]), rows.dtype)), 0)  # [N + 1, d], last row = zeros
+
+
+class _InjectiveGather(nn.Cell):
+    """out = [src; 0][index]. index reads each src row at most once and inverse is its
+    inverse map (inverse[i] = the out row reading src row i, or len(out) if none), so
+    d src = [d out; 0][inverse] exactly."""
+
+    def construct(self, src, index, inverse):
+        return ops.gather(_with_zero_row(src), index, 0)
+
+    def bprop(self, src, index, inverse, out, dout):
+        return ops.gather(_with_zero_row(dout), inverse, 0), ops.zeros_like(index), ops.zeros_like(inverse)
+
+
+_GATHER = _InjectiveGather()
+
+
 def dispatch(x, slot, num_experts, capacity):
     """x [G, T, d] -> buffer [G, E, C, d]; empty slots are zero."""
     groups, tokens, hidden = x.shape
     num_slots = groups * num_experts * capacity
-    rows = x.reshape(groups * tokens, hidden)  # [G*T, d]
-    rows = ops.concat((rows, ops.zeros((1, hidden), x.dtype)), 0)  # [G*T + 1, d], last row = zeros
     source = token_of_slot(slot, num_slots, groups * tokens)  # [G*E*C]
-    buffer = ops.gather(rows, source, 0)  # [G*E*C, d]
+    buffer = _GATHER(x.reshape(groups * tokens, hidden), source, slot)  # [G*E*C, d]
     return buffer.reshape(groups, num_experts, capacity, hidden)  # [G, E, C, d]
 
 
 def combine(buffer, slot, weight):
     """buffer [G, E, C, d], weight [G, T] (gate prob * keep) -> y [G, T, d] = weight * buffer[slot]."""
     groups, num_experts, capacity, hidden = buffer.shape
-    rows = buffer.reshape(groups * num_experts * capacity, hidden)  # [G*E*C, d]
-    rows = ops.concat((rows, ops.zeros((1, hidden), buffer.dtype)), 0)  # [G*E*C + 1, d], dropped -> zeros
-    gathered = ops.gather(rows, slot, 0)  # [G*T, d]
     tokens = weight.shape[1]
+    num_slots = groups * num_experts * capacity
+    source = token_of_slot(slot, num_slots, groups * tokens)  # [G*E*C]
+    gathered = _GATHER(buffer.reshape(num_slots, hidden), slot, source)  # [G*T, d], dropped -> zeros
     return gathered.reshape(groups, tokens, hidden) * weight.expand_dims(-1).astype(buffer.dtype)  # [G, T, d]

@@ -45,15 +45,22 @@ class MoELayer(nn.Cell):
     def _expert_stage(self, buffer):
         """buffer [G, E, C, d] -> expert outputs, same shape; capacity split into overlap chunks."""
         groups, num_experts, capacity, hidden = buffer.shape
+        if self.overlap_degree == 1:
+            return self._experts_on(buffer)
         chunk = (capacity + self.overlap_degree - 1) // self.overlap_degree
         outputs = []
         for start in range(0, capacity, chunk):
-            part = buffer[:, :, start:start + chunk]  # [G, E, c, d]
-            width = part.shape[2]
-            tokens = part.transpose(1, 0, 2, 3).reshape(num_experts, groups * width, hidden)  # [E, G*c, d]
-            out = self.experts(tokens).reshape(num_experts, groups, width, hidden)  # [E, G, c, d]
-            outputs.append(out.transpose(1, 0, 2, 3))  # [G, E, c, d]
-        return outputs[0] if len(outputs) == 1 else ops.concat(outputs, 2)
+            outputs.append(self._experts_on(buffer[:, :, start:start + chunk]))  # [G, E, c, d]
+        return ops.concat(outputs, 2)
+
+    def _experts_on(self, part):
+        """[G, E, c, d] -> [G, E, c, d] through each expert's FFN."""
+        groups, num_experts, width, hidden = part.shape
+        if groups == 1:
+            return self.experts(part.reshape(num_experts, width, hidden)).reshape(part.shape)  # [1, E, c, d]
+        tokens = part.transpose(1, 0, 2, 3).reshape(num_experts, groups * width, hidden)  # [E, G*c, d]
+        out = self.experts(tokens).reshape(num_experts, groups, width, hidden)  # [E, G, c, d]
+        return out.transpose(1, 0, 2, 3)  # [G, E, c, d]
 
     def construct(self, x, token_ids, domain_ids):
         batch, seq, hidden = x.shape

@@ -1,5 +1,6 @@
 """Log formatting: one line per step, and the per-layer expert-load table."""
 import json
+import os
 
 import numpy as np
 
@@ -38,8 +39,11 @@ def expert_table(load, dropped, local, first_layer=0, title="expert load"):
 class JsonlLog:
     """Append-only machine-readable log (one JSON object per line) for reports and the simulator."""
 
-    def __init__(self, path):
+    def __init__(self, path, fresh=False):
+        """fresh: a new run; an older log at path is kept as path + '.prev'."""
         self.path = path
+        if fresh and os.path.exists(path):
+            os.replace(path, path + ".prev")
 
     def write(self, record):
         with open(self.path, "a", encoding="utf-8") as handle:

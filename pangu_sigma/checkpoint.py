@@ -95,7 +95,7 @@ def load_into(cell, path, strict=True):
     except (ValueError, RuntimeError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError("--checkpoint", path, f"a MindSpore checkpoint this build can read ({first})") from None
-    own = {name: p for name, p in cell.parameters_and_names() if not name.startswith(BUFFER_PREFIX)}
+    own = {p.name: p for p in cell.get_parameters() if not p.name.startswith(BUFFER_PREFIX)}
     for name, param in params.items():
         if name in own and tuple(own[name].shape) != tuple(param.shape):
             raise ConfigError("--checkpoint", path,

@@ -263,6 +263,7 @@ def config_from_dict(raw, overrides=()):
     if not isinstance(raw, dict):
         raise ConfigError("config", type(raw).__name__, f"a mapping with sections {list(SECTIONS)}")
     merged = {name: dict(raw.get(name) or {}) for name in SECTIONS}
+    merged["model"].setdefault("vocab_size", 0)  # run configs take the vocabulary from the dataset
     for name in raw:
         if name not in SECTIONS:
             raise ConfigError(name, raw[name], f"unknown section; valid sections: {list(SECTIONS)}")

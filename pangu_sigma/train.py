@@ -52,8 +52,12 @@ def _run_sink(cfg, step_cell, dataset, iterator):
         step_cell(ids, domains)
 
 
-def train(cfg, resume=False, log=print, rank=0, dp_size=1, dp_rank=0, topology=None):
-    """Run training; returns a summary dict (steps, losses per step, tokens/s, wall time)."""
+def train(cfg, resume=False, log=print, rank=0, dp_size=1, dp_rank=0, topology=None, stop_after=None):
+    """Run training; returns a summary dict (steps, losses per step, tokens/s, wall time).
+
+    stop_after: end the run after this step (a multiple of sink_size) as if the
+    job were killed there, without touching the schedule (tests, preemption drills).
+    """
     set_device(cfg)
     ms.set_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
@@ -81,7 +85,7 @@ def train(cfg, resume=False, log=print, rank=0, dp_size=1, dp_rank=0, topology=N
                              shuffle=cfg.data.shuffle, seed=cfg.data.seed, start_batch=start_step, repeat=True)
     iterator = dataset.create_tuple_iterator(num_epochs=1) if cfg.parallel.device_target != "Ascend" else None
     tokens_per_step = cfg.train.batch_size * dp_size * cfg.model.seq_length
-    jsonl = JsonlLog(os.path.join(output_dir, f"train_log_rank{rank}.jsonl"))
+    jsonl = JsonlLog(os.path.join(output_dir, f"train_log_rank{rank}.jsonl"), fresh=not resume)
     show_scale = cfg.compute_dtype == "float16"
     sink = cfg.train.sink_size
     losses, window = {}, []
@@ -91,7 +95,8 @@ def train(cfg, resume=False, log=print, rank=0, dp_size=1, dp_rank=0, topology=N
     log(f"[train] {cfg.moe.router} router, {cfg.num_experts} experts, {cfg.model.moe_layer_num}/"
         f"{cfg.model.num_layers} sparse layers, {sum(p.size for p in net.trainable_params()):,} parameters, "
         f"{cfg.compute_dtype}, steps {start_step}..{cfg.train.train_steps}, {tokens_per_step} tokens/step")
-    for first in range(start_step, cfg.train.train_steps, sink):
+    end_step = cfg.train.train_steps if stop_after is None else min(stop_after, cfg.train.train_steps)
+    for first in range(start_step, end_step, sink):
         tic = time.time()
         _run_sink(cfg, step_cell, dataset, iterator)
         scalars = step_cell.metrics_scalars.asnumpy()  # [sink, K]
@@ -129,7 +134,7 @@ def train(cfg, resume=False, log=print, rank=0, dp_size=1, dp_rank=0, topology=N
     rate = timed_tokens / timed_seconds if timed_seconds else tokens_per_step * len(losses) / max(seconds, 1e-9)
     log(f"[train] done: {len(losses)} steps in {seconds:.1f} s, {rate:,.0f} tokens/s after compilation, "
         f"final loss {losses[max(losses)]:.4f}")
-    return {"steps": cfg.train.train_steps, "losses": losses, "tokens_per_s": rate, "seconds": seconds}
+    return {"steps": end_step, "losses": losses, "tokens_per_s": rate, "seconds": seconds}
 
 
 def parse_args(argv):

@@ -1,0 +1,366 @@
+"""Plan a run: validate a config against a cluster and print its layout, size and traffic.
+
+    python -m pangu_sigma.plan --config FILE [--rank-table FILE]
+                               [--world-size N] [--devices-per-node N] [--set a.b=c ...] [--json]
+
+Needs no hardware and initialises no communication (MindSpore is imported
+only for locmoe.comm's byte accounting).
+
+The cluster, in this order of precedence:
+1. --rank-table FILE: world size = its device count, nodes = its servers
+   (rank -> server from the table, so uneven servers are handled);
+   --world-size, if also given, must agree.
+2. --world-size N: nodes are consecutive blocks of devices per node,
+   taken from --devices-per-node or else parallel.devices_per_node.
+3. parallel.virtual_world_size if > 0 (the cluster a CPU process poses as).
+Otherwise it is an error: the config alone does not say how many devices
+there are (at 256 NPUs, TP 8 x EP 16 leaves a factor 2 of expert data
+parallelism that no config field records).
+
+Layout (locmoe.topology): rank = dp_rank * tp + tp_rank; ep_rank = dp_rank % ep;
+expert e lives on every rank with ep_rank == e // (E / ep), split over its TP
+group on the ffn dimension; a node's local experts are those of its ranks.
+
+All-to-All bytes per step (locmoe.comm byte accounting, compute dtype):
+tokens per rank N = train.batch_size * model.seq_length (all TP ranks of a
+data-parallel group hold the same N tokens), capacity C =
+locmoe.capacity.expert_capacity(N, moe.capacity_factor, E), buffer [E, C, d].
+Per MoE layer per step there are 4 All-to-Alls: forward dispatch and combine,
+and the same two again in backward (the gradient of an All-to-All is an
+All-to-All of the same size).
+- TP = 1, or EP = 1, or parallel.groupwise_a2a false: each rank sends its
+  whole [E, C, d] buffer through its EP group.
+- group-wise (TP > 1, EP > 1, groupwise_a2a true): each TP rank sends its
+  [E, ceil(C/TP), d] slice through its EP group, then an AllGather over the
+  TP group (inside the node) restores the full buffer; both are counted, for
+  each of the 4 passes. (In backward the AllGather's gradient is a
+  ReduceScatter, which sends the same bytes per rank.)
+Reported: `a2a_bytes_per_step` = what one device (rank 0) sends;
+`a2a_bytes_per_step_world` = summed over all devices.
+
+Errors are one line, `error: ...`, exit status 2.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+from locmoe.capacity import expert_capacity
+from locmoe.errors import ConfigError
+from pangu_sigma import param_count
+
+ASCEND_910A_HBM_GIB = 32  # HBM per Ascend 910A NPU
+MAX_LISTED = 6            # groups / nodes printed before abbreviating
+
+
+# ---- cluster ----------------------------------------------------------------------
+def resolve_cluster(cfg, rank_table=None, world_size=None, devices_per_node=None):
+    """(world_size, node_of_rank or None, devices_per_node, source) from the precedence above."""
+    if world_size is not None and (not isinstance(world_size, int) or world_size < 1):
+        raise ConfigError("--world-size", world_size, "an integer >= 1")
+    if devices_per_node is not None and (not isinstance(devices_per_node, int) or devices_per_node < 1):
+        raise ConfigError("--devices-per-node", devices_per_node, "an integer >= 1")
+    if rank_table is not None:
+        from pangu_sigma.ranktable import load_rank_table
+        table = load_rank_table(rank_table)
+        if world_size is not None and world_size != table.world_size:
+            raise ConfigError("--world-size", world_size,
+                              f"{table.world_size}, the device count of {rank_table} (or leave it out)")
+        if devices_per_node is not None:
+            raise ConfigError("--devices-per-node", devices_per_node,
+                              f"left out with --rank-table: {rank_table} says which rank is on which server")
+        return table.world_size, table.node_of_rank, table.devices_per_node, f"rank table {rank_table}"
+    dpn = devices_per_node if devices_per_node is not None else cfg.parallel.devices_per_node
+    if world_size is not None:
+        return world_size, None, dpn, "--world-size"
+    if cfg.parallel.virtual_world_size > 0:
+        return cfg.parallel.virtual_world_size, None, dpn, "parallel.virtual_world_size"
+    raise ConfigError("--world-size", None,
+                      "needed without --rank-table (or set parallel.virtual_world_size > 0): the config "
+                      "alone does not fix the device count")
+
+
+def _divisors(n):
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def check_layout(cfg, world, devices_per_node):
+    """Divisibility checks with the numbers spelled out (raises ConfigError)."""
+    par, m = cfg.parallel, cfg.model
+    tp, ep, experts = par.op_level_model_parallel_num, par.expert_parallel, cfg.num_experts
+    if world % tp:
+        raise ConfigError("parallel.op_level_model_parallel_num", tp,
+                          f"a divisor of the world size {world} ({world} % {tp} = {world % tp})")
+    if tp > devices_per_node:
+        raise ConfigError("parallel.op_level_model_parallel_num", tp,
+                          f"at most {devices_per_node} devices per node: a TP group must stay inside one node")
+    dp = world // tp
+    if dp % ep:
+        keep = [e for e in _divisors(dp) if experts % e == 0]
+        hint = (f"; with dp = {dp} use expert_parallel in {keep}" if keep else "")
+        if keep and keep[-1] != ep:
+            hint += (f" (e.g. expert_parallel {keep[-1]} x expert_num_per_dp_dim "
+                     f"{experts // keep[-1]} keeps {experts} experts)")
+        raise ConfigError("parallel.expert_parallel", ep,
+                          f"a divisor of the data-parallel size dp = world {world} / tp {tp} = {dp} "
+                          f"({dp} % {ep} = {dp % ep}): the {experts} experts (expert_num_per_dp_dim "
+                          f"{cfg.moe.expert_num_per_dp_dim} x expert_parallel {ep}) need EP groups of {ep} "
+                          f"data-parallel ranks{hint}")
+    for name, value in (("num_heads", m.num_heads), ("hidden_size", m.hidden_size),
+                        ("ffn_hidden_size", m.ffn_hidden_size)):
+        if value % tp:
+            raise ConfigError(f"model.{name}", value,
+                              f"a multiple of op_level_model_parallel_num {tp} (tensor parallelism splits it; "
+                              f"{value} % {tp} = {value % tp})")
+    if cfg.moe.router == "locmoe" and m.moe_layer_num > 0 and m.hidden_size % experts:
+        raise ConfigError("model.hidden_size", m.hidden_size,
+                          f"a multiple of the {experts} experts (GrAP gate, eq. 4; "
+                          f"{m.hidden_size} % {experts} = {m.hidden_size % experts})")
+
+
+def build_topology(cfg, world, node_of_rank, devices_per_node):
+    from locmoe.topology import Topology
+    par = cfg.parallel
+    try:
+        return Topology(world_size=world, tp=par.op_level_model_parallel_num, ep=par.expert_parallel,
+                        num_experts=cfg.num_experts, devices_per_node=devices_per_node, rank=0,
+                        node_of_rank=node_of_rank)
+    except ConfigError as err:  # name the config section
+        name = err.field if "." in err.field or err.field in ("world_size", "rank", "node_of_rank") \
+            else f"parallel.{err.field}"
+        raise ConfigError(name, err.value, err.valid) from None
+
+
+def vocab_size_of(cfg):
+    """model.vocab_size, or (if 0) the prepared dataset's from data.dataset_dir/meta.json."""
+    if cfg.model.vocab_size > 0:
+        return cfg.model.vocab_size
+    path = os.path.join(cfg.data.dataset_dir, "meta.json")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return int(json.load(handle)["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError("model.vocab_size", 0,
+                          f"the vocabulary size: 0 takes it from {path}, which is missing or unreadable") from None
+
+
+# ---- traffic ----------------------------------------------------------------------
+def a2a_traffic(cfg, topology):
+    """All-to-All (+ group-wise AllGather) bytes per step; see the module docstring."""
+    from locmoe.comm import CommCounter
+    m = cfg.model
+    experts, tp, ep = cfg.num_experts, topology.tp, topology.ep
+    tokens = param_count.tokens_per_rank(cfg)
+    capacity = expert_capacity(tokens, cfg.moe.capacity_factor, experts)
+    groupwise = bool(cfg.parallel.groupwise_a2a and tp > 1 and ep > 1)
+    rows = math.ceil(capacity / tp) if groupwise else capacity
+    calls = 4 * m.moe_layer_num
+    counter = CommCounter(topology)
+    if calls:
+        shape = (experts, rows, m.hidden_size)  # [E, C or ceil(C/TP), d]
+        counter.register("ep_all_to_all", "all_to_all", topology.ep_group(), shape, cfg.compute_dtype,
+                         calls=calls, family=topology.all_groups("ep"))
+        if groupwise:
+            counter.register("tp_all_gather", "all_gather", topology.tp_group(), shape, cfg.compute_dtype,
+                             calls=calls, family=topology.all_groups("tp"))
+    by_name = {name: {"intra": a, "inter": e} for name, (a, e) in counter.by_name().items()}
+    return {
+        "tokens_per_rank": tokens,
+        "capacity": capacity,
+        "groupwise": groupwise,
+        "rows_per_rank": rows,
+        "buffer_bytes": experts * capacity * m.hidden_size * param_count.ITEMSIZE[cfg.compute_dtype],
+        "sent_bytes_per_call": experts * rows * m.hidden_size * param_count.ITEMSIZE[cfg.compute_dtype],
+        "calls_per_step": calls,
+        "per_device": counter.totals(),
+        "world": counter.world_totals(),
+        "by_collective": by_name,
+    }
+
+
+# ---- the plan ---------------------------------------------------------------------
+def make_plan(cfg, rank_table=None, world_size=None, devices_per_node=None):
+    """Everything `plan` prints, as a dict with stable keys (raises ConfigError)."""
+    world, node_of_rank, dpn, source = resolve_cluster(cfg, rank_table, world_size, devices_per_node)
+    check_layout(cfg, world, dpn)
+    topo = build_topology(cfg, world, node_of_rank, dpn)
+    vocab = vocab_size_of(cfg)
+    nodes = sorted(set(topo.node_of_rank))
+    experts_of_node = [topo.experts_of_node(n) for n in nodes]
+    counts = param_count.count_params(cfg, vocab)
+    memory = param_count.memory_per_device(cfg, topo.tp, topo.ep, vocab)
+    traffic = a2a_traffic(cfg, topo)
+    notes = []
+    if node_of_rank is not None and dpn != cfg.parallel.devices_per_node:
+        notes.append(f"the rank table has up to {dpn} devices per server; parallel.devices_per_node says "
+                     f"{cfg.parallel.devices_per_node} (the table wins)")
+    replicas = topo.dp // topo.ep
+    if cfg.model.moe_layer_num and replicas > 1:
+        notes.append(f"each expert is held by {replicas} data-parallel replicas (expert-data-parallel groups "
+                     f"of {replicas}); {len(nodes)} nodes share {cfg.num_experts} experts")
+    if cfg.parallel.device_target == "Ascend" and memory["total"] > ASCEND_910A_HBM_GIB:
+        notes.append(f"{memory['total']:.1f} GiB per device exceeds the {ASCEND_910A_HBM_GIB} GiB HBM of an "
+                     f"Ascend 910A: lower train.batch_size (activations grow with it); activation recomputation "
+                     f"and optimizer sharding are not modelled")
+    return {
+        "source": source,
+        "world_size": world,
+        "nodes": len(nodes),
+        "devices_per_node": dpn,
+        "tp": topo.tp,
+        "dp": topo.dp,
+        "ep": topo.ep,
+        "edp": replicas,
+        "num_experts": cfg.num_experts,
+        "experts_per_rank": topo.experts_per_rank,
+        "local_experts_per_node": min(len(e) for e in experts_of_node),
+        "experts_of_node": experts_of_node,
+        "ranks_of_node": [[r for r in range(world) if topo.node_of_rank[r] == n] for n in nodes],
+        "experts_of_rank": [topo.experts_of_rank(r) for r in range(world)],
+        "groups": {kind: topo.all_groups(kind) for kind in ("tp", "dp", "ep", "edp")},
+        "router": cfg.moe.router,
+        "moe_layer_num": cfg.model.moe_layer_num,
+        "vocab_size": vocab,
+        "compute_dtype": cfg.compute_dtype,
+        "params_total": counts["total"],
+        "params_active": counts["active"],
+        "params_non_trainable": counts["non_trainable"],
+        "params_per_device": param_count.params_per_device(cfg, topo.tp, topo.ep, vocab),
+        "memory_per_device_gib": memory["total"],
+        "memory_breakdown_gib": {k: v for k, v in memory.items() if k != "total"},
+        "tokens_per_rank": traffic["tokens_per_rank"],
+        "global_batch": cfg.train.batch_size * topo.dp,
+        "expert_capacity": traffic["capacity"],
+        "a2a_bytes_per_step": traffic["per_device"],
+        "a2a_bytes_per_step_world": traffic["world"],
+        "a2a_detail": {k: traffic[k] for k in ("groupwise", "rows_per_rank", "buffer_bytes", "sent_bytes_per_call",
+                                               "calls_per_step",
+                                               "by_collective")},
+        "notes": notes,
+    }
+
+
+# ---- text -------------------------------------------------------------------------
+def fmt_ranks(ranks):
+    """[0,1,2,3] -> '0-3'; [0,8,16,24] -> '0..24/8'; else a comma list, shortened."""
+    ranks = list(ranks)
+    if len(ranks) == 1:
+        return str(ranks[0])
+    step = ranks[1] - ranks[0]
+    if len(ranks) > 2 and step > 0 and all(b - a == step for a, b in zip(ranks, ranks[1:])):
+        return f"{ranks[0]}-{ranks[-1]}" if step == 1 else f"{ranks[0]}..{ranks[-1]}/{step}"
+    if len(ranks) > 8:
+        return ",".join(map(str, ranks[:6])) + f",...,{ranks[-1]}"
+    return ",".join(map(str, ranks))
+
+
+def _abbreviated(items, keep=MAX_LISTED):
+    if len(items) <= keep:
+        return items, 0
+    return items[:keep - 1] + [items[-1]], len(items) - keep
+
+
+def _gib(nbytes):
+    """Bytes in the largest binary unit that keeps the number >= 1."""
+    for power, unit in ((3, "GiB"), (2, "MiB"), (1, "KiB")):
+        if nbytes >= 1024 ** power:
+            return f"{nbytes / 1024 ** power:.2f} {unit}"
+    return f"{nbytes} B"
+
+
+def _human(n):
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else str(n)
+
+
+def format_text(plan, config_path):
+    p = plan
+    lines = [f"plan for {config_path}",
+             f"cluster    {p['world_size']} devices = {p['nodes']} nodes x up to {p['devices_per_node']} "
+             f"devices (from {p['source']})",
+             f"parallel   tp {p['tp']} (op_level_model_parallel_num) x dp {p['dp']}; "
+             f"ep {p['ep']} (expert_parallel), expert-dp {p['edp']}",
+             f"experts    {p['num_experts']} per sparse layer ({p['moe_layer_num']} layers, router {p['router']}); "
+             f"{p['experts_per_rank']} per rank"
+             + (f", each split {p['tp']} ways over its TP group; " if p["tp"] > 1 else "; ")
+             + f"{p['local_experts_per_node']} node-local per node"]
+    lines.append("groups")
+    for kind in ("tp", "dp", "ep", "edp"):
+        groups = p["groups"][kind]
+        shown, hidden = _abbreviated(groups, 4)
+        text = " ".join(f"[{fmt_ranks(g)}]" for g in shown[:-1])
+        text += (f" ... ({hidden} more) " if hidden else " ") + f"[{fmt_ranks(shown[-1])}]"
+        lines.append(f"  {kind:<4} {len(groups)} x {len(groups[0])}: {text.strip()}")
+    lines.append("placement  node: ranks -> experts held (node-local experts = every expert on the node)")
+    rows = []
+    for node, (ranks, local) in enumerate(zip(p["ranks_of_node"], p["experts_of_node"])):
+        runs, start = [], 0
+        for i in range(1, len(ranks) + 1):
+            if i == len(ranks) or p["experts_of_rank"][ranks[i]] != p["experts_of_rank"][ranks[start]]:
+                runs.append(f"{fmt_ranks(ranks[start:i])} -> {p['experts_of_rank'][ranks[start]]}")
+                start = i
+        rows.append(f"  node {node:<3} ranks {'; '.join(runs)}; node-local {local}")
+    shown, hidden = _abbreviated(rows)
+    lines += shown[:-1] + ([f"  ... ({hidden} more nodes)"] if hidden else []) + shown[-1:]
+    mem = p["memory_breakdown_gib"]
+    lines += [
+        f"params     total {p['params_total']:,} ({_human(p['params_total'])}), active per token "
+        f"{p['params_active']:,} ({_human(p['params_active'])}), per device {p['params_per_device']:,} "
+        f"({_human(p['params_per_device'])})"
+        + (f"; + {p['params_non_trainable']:,} fixed table entries" if p["params_non_trainable"] else ""),
+        f"memory     {p['memory_per_device_gib']:.2f} GiB per device = parameters {mem['parameters']:.2f} "
+        f"+ gradients {mem['gradients']:.2f} + Adam moments {mem['optimizer']:.2f} "
+        f"+ activations {mem['activations']:.2f} (fp32 weights, {p['compute_dtype']} compute, no recompute)",
+        f"batch      {p['tokens_per_rank']:,} tokens per rank, global batch {p['global_batch']} sequences; "
+        f"expert capacity {p['expert_capacity']}",
+    ]
+    d, per, world = p["a2a_detail"], p["a2a_bytes_per_step"], p["a2a_bytes_per_step_world"]
+    buffer = f"[E {p['num_experts']}, C {p['expert_capacity']}, d] = {_gib(d['buffer_bytes'])}"
+    how = (f"group-wise: each TP rank sends its [E, {d['rows_per_rank']}, d] slice "
+           f"({_gib(d['sent_bytes_per_call'])}) through EP, then a TP AllGather"
+           if d["groupwise"] else "each rank sends all of it through EP")
+    lines += [
+        f"all-to-all {d['calls_per_step']} per step (4 per MoE layer: fwd dispatch + combine, bwd both); "
+        f"buffer {buffer}; {how}",
+        f"  per device  intra-node {per['intra']:,} B ({_gib(per['intra'])}), "
+        f"inter-node {per['inter']:,} B ({_gib(per['inter'])})",
+        f"  all devices intra-node {world['intra']:,} B ({_gib(world['intra'])}), "
+        f"inter-node {world['inter']:,} B ({_gib(world['inter'])})",
+    ]
+    for name, b in d["by_collective"].items():
+        lines.append(f"  {name:<13} per device intra {_gib(b['intra'])}, inter {_gib(b['inter'])}")
+    lines += [f"note       {n}" for n in p["notes"]]
+    return "\n".join(lines)
+
+
+# ---- CLI --------------------------------------------------------------------------
+def main(argv=None):
+    from pangu_sigma.ranktable import OneLineArgumentParser
+    parser = OneLineArgumentParser(prog="python -m pangu_sigma.plan",
+                                   description="Validate a config against a cluster; print layout, "
+                                               "parameters, memory and All-to-All bytes per step.")
+    parser.add_argument("--config", required=True, help="run config YAML")
+    parser.add_argument("--rank-table", help="HCCL rank table (JSON, format 1.0): world size and nodes")
+    parser.add_argument("--world-size", type=int, help="devices in the cluster, without a rank table")
+    parser.add_argument("--devices-per-node", type=int,
+                        help="devices per node without a rank table (default: parallel.devices_per_node)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config field (repeatable)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    try:
+        from pangu_sigma.config import load_config
+        cfg = load_config(args.config, args.set)
+        plan = make_plan(cfg, args.rank_table, args.world_size, args.devices_per_node)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(plan, sort_keys=True))
+    else:
+        print(format_text(plan, args.config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Small shared pieces of the tools' command lines: one-line argument errors, a JSON writer."""
+import argparse
+import json
+import math
+import sys
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as a single `error: ...` line (exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
+def fail(message, code=2):
+    """Print `error: message` on stderr and return the exit status (for `return fail(...)` in main)."""
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _plain(value):
+    """JSON-safe copy: numpy scalars/arrays to Python, non-finite floats to None."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def dumps(payload):
+    return json.dumps(_plain(payload), indent=2, sort_keys=True)
+
+
+def write_json(path, payload):
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(dumps(payload) + "\n")

@@ -1,0 +1,280 @@
+"""Capture what each MoE layer's router sees and decides, and the cosine statistics of sec. 4.1.
+
+`capture_routing(cfg, checkpoint)` runs a split of the prepared data through a
+trained model (GRAPH mode) and records, for every sparse block, the router
+input (the float32 LayerNorm output `block.ln_ffn(x)` that the MoE layer
+receives), the expert each token is routed to and whether it was kept within
+capacity. It does not re-implement the model: it walks `model.blocks` and calls
+the model's own cells in the order `PanguSigmaModel.construct` does (embedding,
+dense blocks, then for a sparse block `self_attention`, `ln_ffn`, the MoE layer,
+`add_branch`), and it asks the layer's own router cell for the decision, with
+the same token grouping and capacity as `MoELayer.construct`. So the hidden
+states and the routing are those of the trained network, and the layer's
+output feeds the next block exactly as in training.
+
+Gate weights (figure 9, Theorem 1's delta): LocMoE's is the fixed GrAP matrix
+of eq. 4 (`locmoe.gating.grap_weight`; the learned bias epsilon_i is not part
+of the weight direction), Switch's is the learned dense gate. Hash and RRE
+route by a token-id table and have no gate weight: `gate_weights` refuses them.
+
+The cosine helpers below are plain numpy and take arrays, so they can be fed
+hand-built tokens (tests) as well as captured ones.
+"""
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from locmoe.capacity import expert_capacity
+from locmoe.errors import ConfigError
+from locmoe.gating import grap_weight
+
+GATED_ROUTERS = ("locmoe", "switch")
+DEFAULT_MAX_TOKENS = 32768
+DEFAULT_QUANTILE = 0.01
+
+
+# ---------------------------------------------------------------- cosine statistics (numpy only)
+def unit_rows(x):
+    """Rows scaled to unit L2 norm (zero rows stay zero). [N, d] float64"""
+    x = np.asarray(x, np.float64)
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+
+
+def gate_cosines(tokens, weights):
+    """cos(token_m, w_i) for every token and expert: tokens [N, d], weights [E, d] -> [N, E]."""
+    return unit_rows(tokens) @ unit_rows(weights).T
+
+
+def chosen_cosines(tokens, weights, expert_index):
+    """cos between each token and the gate weight of the expert it was routed to. [N]"""
+    expert_index = np.asarray(expert_index, np.int64)
+    cos = gate_cosines(tokens, weights)  # [N, E]
+    return cos[np.arange(len(expert_index)), expert_index]
+
+
+@dataclass
+class DeltaEstimate:
+    """delta of Theorem 1 estimated from real routing (figure 9).
+
+    delta is the `quantile` quantile of the chosen-expert cosine (Assumption 3
+    asks for the minimum cosine of a token to its expert; the minimum of a
+    finite sample is an outlier, so a low quantile stands in for it; quantile=0
+    gives the sample minimum).
+    """
+    delta: float
+    quantile: float
+    mean: float
+    median: float
+    minimum: float
+    maximum: float
+    tokens: int
+    nonpositive_fraction: float
+
+    def as_dict(self):
+        return dict(self.__dict__)
+
+
+def estimate_delta(tokens, weights, expert_index, quantile=DEFAULT_QUANTILE):
+    """DeltaEstimate from tokens [N, d], gate weights [E, d] and the chosen experts [N]."""
+    if not 0.0 <= quantile < 1.0:
+        raise ConfigError("quantile", quantile, "a number in [0, 1) (0 = the minimum cosine)")
+    cos = chosen_cosines(tokens, weights, expert_index)
+    if cos.size == 0:
+        raise ConfigError("tokens", 0, "at least one routed token")
+    return DeltaEstimate(delta=float(np.quantile(cos, quantile)), quantile=float(quantile),
+                         mean=float(cos.mean()), median=float(np.median(cos)), minimum=float(cos.min()),
+                         maximum=float(cos.max()), tokens=int(cos.size),
+                         nonpositive_fraction=float((cos <= 0).mean()))
+
+
+def pair_cosines(tokens, expert_index, i, j, max_tokens=300, rng=None):
+    """Cosine similarities between tokens routed to expert i and tokens routed to expert j (figure 8).
+
+    At most max_tokens tokens of each expert are sampled; for i == j the self-pairs
+    (cosine 1) are left out. Returns a flat array (empty if an expert got no token).
+    """
+    rng = np.random.default_rng(0) if rng is None else rng
+    expert_index = np.asarray(expert_index)
+
+    def pick(e):
+        rows = np.flatnonzero(expert_index == e)
+        if len(rows) > max_tokens:
+            rows = np.sort(rng.choice(rows, max_tokens, replace=False))
+        return rows
+
+    a, b = pick(i), pick(j)
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros(0)
+    cos = unit_rows(tokens[a]) @ unit_rows(tokens[b]).T  # [|a|, |b|]
+    if i == j:
+        return cos[~np.eye(len(a), dtype=bool)]
+    return cos.reshape(-1)
+
+
+# ---------------------------------------------------------------- capture from a model
+@dataclass
+class LayerCapture:
+    block: int                      # index in model.blocks
+    tokens: np.ndarray              # [N, d] float32 router input (LayerNorm output)
+    expert_index: np.ndarray        # [N] int32 chosen expert
+    keep: np.ndarray                # [N] bool: within capacity
+    gate_weight: np.ndarray = None  # [E, d] or None (table routers)
+
+
+@dataclass
+class RoutingCapture:
+    router: str
+    num_experts: int
+    hidden_size: int
+    capacity: int                    # slots per expert per token group, as in the forward
+    tokens_per_group: int
+    local_mask: np.ndarray           # [E] experts local to the (virtual) rank
+    layers: list = field(default_factory=list)
+    token_ids: np.ndarray = None     # [N]
+    split: str = "valid"
+
+    @property
+    def has_gate(self):
+        return self.router in GATED_ROUTERS
+
+
+def gate_weights(router_cell, router_name, num_experts, hidden_size):
+    """[E, d] gate weight whose rows are the expert directions; ConfigError for table routers."""
+    if router_name == "locmoe":
+        return grap_weight(num_experts, hidden_size)
+    if router_name == "switch":
+        return router_cell.gate.weight.asnumpy().astype(np.float32)
+    raise ConfigError("moe.router", router_name,
+                      "locmoe or switch: the hash and rre routers map token ids through a table and have "
+                      "no gate weight to measure a cosine against")
+
+
+def load_trained_model(cfg, checkpoint_path):
+    """(PanguSigmaModel with the checkpoint's weights, dataset meta), in eval mode, GRAPH mode set."""
+    import mindspore as ms
+    from pangu_sigma import checkpoint
+    from pangu_sigma.build import build_model, dataset_meta, set_device, single_process_topology
+
+    meta = dataset_meta(cfg)
+    set_device(cfg, ms.GRAPH_MODE)
+    net = build_model(cfg, meta, single_process_topology(cfg), with_loss=True)
+    checkpoint.load_into(net, checkpoint_path)
+    net.set_train(False)
+    return net.model, meta
+
+
+def capture_cell(model):
+    """A Cell: (token_ids [B, S], domain_ids [B]) -> per sparse block (router input [B*S, d], expert
+    index [B*S], keep [B*S]); the model's own cells in PanguSigmaModel.construct's order."""
+    import mindspore as ms
+    from mindspore import nn, ops
+    from locmoe.dispatch import assign_slots
+
+    class CaptureNet(nn.Cell):
+        def __init__(self, model):
+            super().__init__(auto_prefix=False)
+            self.model = model
+
+        def route(self, layer, normed, token_ids, domain_ids):
+            """The grouping and capacity of MoELayer.construct, and the layer's own router."""
+            batch, seq, hidden = normed.shape
+            groups = layer.token_groups
+            per_group = batch * seq // groups
+            capacity = expert_capacity(per_group, layer.capacity_factor, layer.num_experts)
+            x_groups = normed.reshape(groups, per_group, hidden).astype(ms.float32)  # [G, T, d]
+            id_groups = token_ids.reshape(groups, per_group)  # [G, T]
+            domains = ops.broadcast_to(domain_ids.expand_dims(1), (batch, seq)).reshape(groups, per_group)  # [G, T]
+            expert_index = layer.router(x_groups, id_groups, domains, layer.local_mask)[0]  # [G, T]
+            _, keep, _ = assign_slots(expert_index, layer.num_experts, capacity)  # [G, T]
+            return expert_index.reshape(-1), keep.reshape(-1)  # [G*T], [G*T]
+
+        def construct(self, token_ids, domain_ids):
+            model = self.model
+            x = model.embedding(token_ids)  # [B, S, d] float32
+            for i in range(model.dense_layer_num):
+                x = model.blocks[i](x)
+            out = ()
+            for i in range(model.dense_layer_num, model.dense_layer_num + model.moe_layer_num):
+                block = model.blocks[i]
+                x = block.self_attention(x)
+                normed = block.ln_ffn(x)  # [B, S, d] float32: what the MoE layer and its router receive
+                expert_index, keep = self.route(block.ffn, normed, token_ids, domain_ids)
+                moe_out, _, _, _ = block.ffn(normed, token_ids, domain_ids)
+                x = block.add_branch(x, moe_out)
+                out = out + ((normed.reshape(-1, normed.shape[-1]), expert_index, keep),)  # [B*S, d], [B*S], [B*S]
+            return out
+
+    return CaptureNet(model)
+
+
+def capture_batch(model, input_ids, domain_ids, cell=None):
+    """One batch: per sparse block (block index, router input [B*S, d], expert index [B*S] int32,
+    keep [B*S] bool). input_ids [B, S] int32, domain_ids [B] int32."""
+    from mindspore import Tensor
+
+    cell = cell or capture_cell(model)
+    outs = cell(Tensor(np.asarray(input_ids, np.int32)), Tensor(np.asarray(domain_ids, np.int32)))
+    first = model.dense_layer_num
+    return [(first + j, normed.asnumpy(), idx.asnumpy().astype(np.int32), keep.asnumpy() > 0.5)
+            for j, (normed, idx, keep) in enumerate(outs)]
+
+
+def capture_routing(cfg, checkpoint_path, split="valid", batch_size=None, max_tokens=DEFAULT_MAX_TOKENS,
+                    model=None):
+    """RoutingCapture of every MoE layer over (the first max_tokens tokens of) a split.
+
+    batch_size defaults to train.batch_size so that capacity, and hence dropping,
+    is that of training; only full batches are used (the split is read in
+    order, no shuffle). model: an already loaded PanguSigmaModel (skips loading).
+    """
+    from pangu_sigma.data.dataset import load_split
+
+    if cfg.model.moe_layer_num == 0:
+        raise ConfigError("model.moe_layer_num", 0, "at least 1 sparse layer to capture routing from")
+    if not (isinstance(max_tokens, int) and max_tokens >= 1):
+        raise ConfigError("--max-tokens", max_tokens, "an integer >= 1")
+    if model is None:
+        model, _ = load_trained_model(cfg, checkpoint_path)
+    input_ids, domain_ids = load_split(cfg.data.dataset_dir, split)  # [N, S+1], [N]
+    batch_size = min(batch_size or cfg.train.batch_size, len(input_ids))
+    if batch_size < 1:
+        raise ConfigError("split", split, "a split with at least one sample")
+    seq = input_ids.shape[1] - 1
+    batches = max(1, min(len(input_ids) // batch_size, math.ceil(max_tokens / (batch_size * seq))))
+    cell = capture_cell(model)
+    pieces, ids_seen = None, []
+    for b in range(batches):
+        rows = slice(b * batch_size, (b + 1) * batch_size)
+        result = capture_batch(model, input_ids[rows, :-1], domain_ids[rows], cell)
+        if pieces is None:
+            pieces = [(blk, [], [], []) for blk, *_ in result]
+        for (_, toks, idx, keep), (_, normed, e, k) in zip(pieces, result):
+            toks.append(normed)
+            idx.append(e)
+            keep.append(k)
+        ids_seen.append(input_ids[rows, :-1].reshape(-1))
+    first_ffn = model.blocks[model.dense_layer_num].ffn
+    per_group = batch_size * seq // first_ffn.token_groups
+    router_name = cfg.moe.router
+    cap = RoutingCapture(router=router_name, num_experts=cfg.num_experts, hidden_size=cfg.model.hidden_size,
+                         capacity=expert_capacity(per_group, first_ffn.capacity_factor, first_ffn.num_experts),
+                         tokens_per_group=per_group, local_mask=first_ffn.local_mask.asnumpy()[0] > 0.5,
+                         token_ids=np.concatenate(ids_seen), split=split)
+    for blk, toks, idx, keep in pieces:
+        layer = model.blocks[blk].ffn
+        weight = (gate_weights(layer.router, router_name, cfg.num_experts, cfg.model.hidden_size)
+                  if router_name in GATED_ROUTERS else None)
+        cap.layers.append(LayerCapture(block=blk, tokens=np.concatenate(toks), expert_index=np.concatenate(idx),
+                                       keep=np.concatenate(keep), gate_weight=weight))
+    return cap
+
+
+def layer_stats(capture_layer, num_experts, local_mask):
+    """Load per expert, drop rate and local fraction of one captured layer."""
+    idx = capture_layer.expert_index
+    load = np.bincount(idx, minlength=num_experts).astype(np.int64)
+    routed = max(1, len(idx))
+    return {"load": load, "drop_rate": float((~capture_layer.keep).sum() / routed),
+            "local_fraction": float(np.asarray(local_mask)[idx].sum() / routed)}

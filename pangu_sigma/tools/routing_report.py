@@ -1,0 +1,298 @@
+"""Routing report of a trained model: plots (the paper's figs. 8, 9, 12) and report.md.
+
+    python -m pangu_sigma.tools.routing_report --config FILE --checkpoint PATH --output DIR
+        [--train-log FILE] [--set a.b=c ...] [--split valid] [--max-tokens T]
+        [--expert E] [--other-expert E] [--grid-experts K] [--quantile Q]
+
+Writes into DIR, per MoE layer (block index b):
+- fig8_pair_cosines_layer<b>.png   grid i, j: histogram of cosine similarities
+                                   between tokens routed to expert i and to
+                                   expert j (router inputs; the diagonal leaves
+                                   out self-pairs). At most --grid-experts
+                                   experts (the most loaded), sampled tokens.
+- fig9_gate_cosines_layer<b>.png   for one expert (--expert, default the most
+                                   loaded): cosine of the tokens routed to it
+                                   with its gate weight (chosen) and with
+                                   another expert's (--other-expert, default
+                                   the next index); LocMoE / Switch only.
+- fig12_expert_load.png            per layer, the share of each expert over
+                                   training steps (training log).
+- drop_locality.png                per layer, drop rate and locality fraction
+                                   over training steps (training log).
+- report.md                        tables: per-layer load, drop rate, locality
+                                   and delta on the captured split; the same
+                                   from the training log; links to the plots.
+The training log is <run>/train_log_rank<r>.jsonl found from the checkpoint
+(a run folder, its checkpoints/rank_<r> folder, or a .ckpt in it), or
+--train-log. matplotlib is an optional dependency (extra `plots`).
+"""
+import os
+import sys
+
+import numpy as np
+
+from locmoe.errors import ConfigError
+from pangu_sigma.tools._cli import OneLineParser, fail
+from pangu_sigma.tools.routing_capture import (DEFAULT_QUANTILE, capture_routing, chosen_cosines, estimate_delta,
+                                               gate_cosines, layer_stats, pair_cosines)
+
+MATPLOTLIB_MISSING = ("the routing report needs matplotlib, which is not installed: "
+                      "pip install matplotlib (or the package's 'plots' extra)")
+DEFAULT_MAX_TOKENS = 8192
+
+
+def import_pyplot():
+    """matplotlib.pyplot on the Agg backend, or ConfigError with a one-line install hint."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError("matplotlib", None, MATPLOTLIB_MISSING) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def find_train_log(checkpoint_path):
+    """train_log_rank<r>.jsonl of the run a checkpoint belongs to, or None."""
+    path = os.path.abspath(checkpoint_path)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    rank = 0
+    for _ in range(4):
+        base = os.path.basename(folder)
+        if base.startswith("rank_") and base[5:].isdigit():
+            rank = int(base[5:])
+        candidate = os.path.join(folder, f"train_log_rank{rank}.jsonl")
+        if os.path.isfile(candidate):
+            return candidate
+        folder = os.path.dirname(folder)
+    return None
+
+
+def log_series(records):
+    """(steps [K], load [K, M, E], dropped [K, M], local [K, M]) of the records that carry expert stats."""
+    rows = [r for r in records if r.get("expert_load")]
+    if not rows:
+        return None
+    steps = np.array([r["step"] for r in rows])
+    load = np.array([r["expert_load"] for r in rows], np.float64)
+    dropped = np.array([r["dropped"] for r in rows], np.float64)
+    local = np.array([r["local"] for r in rows], np.float64)
+    return steps, load, dropped, local
+
+
+def load_summary(load, dropped, local):
+    """Per-layer max/mean load, smallest expert's share, drop rate, local fraction from summed counts."""
+    load = np.asarray(load, np.float64)
+    routed = np.maximum(load.sum(-1), 1e-300)  # [M]
+    share = load / routed[:, None]
+    experts = load.shape[-1]
+    return [{"max_over_mean": float(share[m].max() * experts), "min_share": float(share[m].min()),
+             "drop_rate": float(dropped[m] / routed[m]), "local_fraction": float(local[m] / routed[m]),
+             "shares": share[m].tolist()} for m in range(load.shape[0])]
+
+
+# ---------------------------------------------------------------- plots
+def plot_pair_cosines(plt, layer, experts, path, max_tokens=200, bins=40):
+    k = len(experts)
+    fig, axes = plt.subplots(k, k, figsize=(1.5 * k + 1, 1.2 * k + 1), sharex=True, squeeze=False)
+    rng = np.random.default_rng(0)
+    for a, i in enumerate(experts):
+        for b, j in enumerate(experts):
+            ax = axes[a][b]
+            cos = pair_cosines(layer.tokens, layer.expert_index, i, j, max_tokens, rng)
+            if cos.size:
+                ax.hist(cos, bins=bins, range=(-1, 1), color="tab:orange" if i == j else "tab:blue")
+            ax.set_yticks([])
+            ax.tick_params(labelsize=6)
+            if a == 0:
+                ax.set_title(f"e{j}", fontsize=8)
+            if b == 0:
+                ax.set_ylabel(f"e{i}", fontsize=8)
+    fig.suptitle(f"block {layer.block}: cosine between tokens routed to expert i (row) and j (column)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_gate_cosines(plt, layer, expert, other, path, bins=50):
+    mine = layer.expert_index == expert
+    tokens = layer.tokens[mine]
+    cos = gate_cosines(tokens, layer.gate_weight) if len(tokens) else np.zeros((0, layer.gate_weight.shape[0]))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    lo = float(min(cos[:, expert].min(), cos[:, other].min())) if len(tokens) else -1.0
+    hi = float(max(cos[:, expert].max(), cos[:, other].max())) if len(tokens) else 1.0
+    ax.hist(cos[:, other], bins=bins, range=(lo, hi), alpha=0.7, color="tab:blue",
+            label=f"with expert {other}'s gate weight")
+    ax.hist(cos[:, expert], bins=bins, range=(lo, hi), alpha=0.7, color="tab:orange",
+            label=f"with expert {expert}'s gate weight (chosen)")
+    ax.set_xlabel("cosine similarity")
+    ax.set_ylabel("tokens")
+    ax.set_title(f"block {layer.block}: {len(tokens)} tokens routed to expert {expert}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_expert_load(plt, steps, load, blocks, path):
+    layers, experts = load.shape[1], load.shape[2]
+    fig, axes = plt.subplots(1, layers, figsize=(3.2 * layers + 1, 4), squeeze=False)
+    share = load / np.maximum(load.sum(-1, keepdims=True), 1e-300)  # [K, M, E]
+    for m in range(layers):
+        ax = axes[0][m]
+        image = ax.imshow(share[:, m, :], aspect="auto", origin="lower", interpolation="nearest", cmap="viridis",
+                          extent=(-0.5, experts - 0.5, steps[0] - 0.5, steps[-1] + 0.5))
+        ax.set_xlabel("expert")
+        ax.set_ylabel("step")
+        ax.set_title(f"block {blocks[m]}", fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.05, label="share of tokens")
+    fig.suptitle("expert load over training (fig. 12)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_drop_locality(plt, steps, load, dropped, local, blocks, path):
+    routed = np.maximum(load.sum(-1), 1e-300)  # [K, M]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for m in range(load.shape[1]):
+        axes[0].plot(steps, 100 * dropped[:, m] / routed[:, m], label=f"block {blocks[m]}")
+        axes[1].plot(steps, 100 * local[:, m] / routed[:, m], label=f"block {blocks[m]}")
+    axes[0].set_title("drop rate (%)", fontsize=9)
+    axes[1].set_title("tokens routed to node-local experts (%)", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- report
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def make_report(cfg, checkpoint_path, output, train_log=None, split="valid", max_tokens=DEFAULT_MAX_TOKENS,
+                expert=None, other_expert=None, grid_experts=16, quantile=DEFAULT_QUANTILE, log=print):
+    """Write every plot and report.md into `output`; returns {'plots': [...], 'report': path, 'notes': [...]}."""
+    from pangu_sigma.callbacks import read_jsonl
+
+    plt = import_pyplot()
+    num_experts = cfg.num_experts
+    for name, value in (("--expert", expert), ("--other-expert", other_expert)):
+        if value is not None and not 0 <= value < num_experts:
+            raise ConfigError(name, value, f"an expert index in [0, {num_experts})")
+    if not (isinstance(grid_experts, int) and grid_experts >= 1):
+        raise ConfigError("--grid-experts", grid_experts, "an integer >= 1")
+    log_path = train_log or find_train_log(checkpoint_path)
+    if train_log and not os.path.isfile(train_log):
+        raise ConfigError("--train-log", train_log, "an existing train_log_rank<r>.jsonl")
+    capture = capture_routing(cfg, checkpoint_path, split=split, max_tokens=max_tokens)
+    os.makedirs(output, exist_ok=True)
+    plots, notes = [], []
+    blocks = [layer.block for layer in capture.layers]
+    rows = []
+    for layer in capture.layers:
+        stats = layer_stats(layer, num_experts, capture.local_mask)
+        load = stats["load"]
+        share = load / max(load.sum(), 1)
+        row = [layer.block, len(layer.expert_index), f"{share.max() * num_experts:.3f}", f"{share.min():.4f}",
+               f"{100 * stats['drop_rate']:.2f}", f"{100 * stats['local_fraction']:.2f}"]
+        chosen_e = int(np.argmax(load)) if expert is None else expert
+        grid = sorted(np.argsort(-load, kind="stable")[:min(grid_experts, num_experts)].tolist())
+        path = os.path.join(output, f"fig8_pair_cosines_layer{layer.block}.png")
+        plot_pair_cosines(plt, layer, grid, path)
+        plots.append(path)
+        if capture.has_gate:
+            est = estimate_delta(layer.tokens, layer.gate_weight, layer.expert_index, quantile)
+            cos = gate_cosines(layer.tokens, layer.gate_weight)  # [N, E]
+            chosen = chosen_cosines(layer.tokens, layer.gate_weight, layer.expert_index)  # [N]
+            others = (cos.sum(1) - chosen) / max(1, num_experts - 1)  # [N] mean over the other experts
+            other = (chosen_e + 1) % num_experts if other_expert is None else other_expert
+            row += [f"{est.delta:.4f}", f"{est.mean:.4f}", f"{float(others.mean()):.4f}"]
+            path = os.path.join(output, f"fig9_gate_cosines_layer{layer.block}.png")
+            plot_gate_cosines(plt, layer, chosen_e, other, path)
+            plots.append(path)
+        rows.append(row)
+    if not capture.has_gate:
+        notes.append(f"fig. 9 and delta skipped: the {capture.router} router maps token ids through a table and has "
+                     "no gate weight")
+    series = None
+    if log_path:
+        series = log_series(read_jsonl(log_path))
+    if series is None:
+        notes.append("fig. 12 and the training-log table skipped: no training log with expert statistics found "
+                     "(pass --train-log)")
+    else:
+        steps, load, dropped, local = series
+        path = os.path.join(output, "fig12_expert_load.png")
+        plot_expert_load(plt, steps, load, blocks, path)
+        plots.append(path)
+        path = os.path.join(output, "drop_locality.png")
+        plot_drop_locality(plt, steps, load, dropped, local, blocks, path)
+        plots.append(path)
+    lines = [f"# Routing report: {cfg.moe.router}", "",
+             f"- config: router {cfg.moe.router}, {num_experts} experts, {cfg.model.moe_layer_num} MoE layers, "
+             f"d = {cfg.model.hidden_size}, capacity factor {cfg.moe.capacity_factor}",
+             f"- checkpoint: `{checkpoint_path}`",
+             f"- captured: {len(capture.layers[0].expert_index)} {split} tokens per layer, capacity "
+             f"{capture.capacity} per expert per group of {capture.tokens_per_group} tokens; node-local experts of "
+             f"the (virtual) rank: {np.flatnonzero(capture.local_mask).tolist()}",
+             f"- training log: `{log_path}`" if log_path else "- training log: none", "",
+             f"## Routing on the {split} split", ""]
+    header = ["block", "tokens", "max/mean load", "smallest share", "drop %", "local %"]
+    if capture.has_gate:
+        header += [f"delta (q={quantile:g})", "mean cos chosen", "mean cos others"]
+    lines += _table(header, rows)
+    if capture.has_gate:
+        lines += ["", f"delta = the {quantile:g} quantile of cos(token, gate weight of its chosen expert) "
+                      "(Theorem 1; the paper measured about 0.03); see `python -m pangu_sigma.tools.capacity_bound`."]
+    if series is not None:
+        steps, load, dropped, local = series
+        half = max(1, len(steps) // 2)
+        summary = load_summary(load[-half:].sum(0), dropped[-half:].sum(0), local[-half:].sum(0))
+        lines += ["", f"## Training log, steps {steps[-half]}..{steps[-1]} (the last half)", ""]
+        lines += _table(["block", "max/mean load", "smallest share", "drop %", "local %"],
+                        [[b, f"{s['max_over_mean']:.3f}", f"{s['min_share']:.4f}", f"{100 * s['drop_rate']:.2f}",
+                          f"{100 * s['local_fraction']:.2f}"] for b, s in zip(blocks, summary)])
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    lines += ["", "## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
+    report = os.path.join(output, "report.md")
+    with open(report, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    log(f"[routing_report] wrote {report} and {len(plots)} plots")
+    return {"plots": plots, "report": report, "notes": notes}
+
+
+def main(argv=None):
+    parser = OneLineParser(prog="python -m pangu_sigma.tools.routing_report",
+                           description="Routing plots (figs. 8, 9, 12) and report.md for a trained model.")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--checkpoint", required=True, help=".ckpt file or run folder")
+    parser.add_argument("--output", required=True, help="folder for the plots and report.md")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--train-log", help="training log (default: found from the checkpoint's run folder)")
+    parser.add_argument("--split", default="valid", choices=("valid", "train"))
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
+    parser.add_argument("--expert", type=int, help="expert of fig. 9 (default: the most loaded)")
+    parser.add_argument("--other-expert", type=int, help="the other expert of fig. 9 (default: the next index)")
+    parser.add_argument("--grid-experts", type=int, default=16, help="experts in the fig. 8 grid (most loaded)")
+    parser.add_argument("--quantile", type=float, default=DEFAULT_QUANTILE, help="delta quantile (default 0.01)")
+    args = parser.parse_args(argv)
+    try:
+        import_pyplot()  # fail fast, before loading anything
+        from pangu_sigma.config import load_config
+        cfg = load_config(args.config, args.set)
+        make_report(cfg, args.checkpoint, args.output, args.train_log, args.split, args.max_tokens, args.expert,
+                    args.other_expert, args.grid_experts, args.quantile)
+    except ConfigError as err:
+        return fail(err.valid if err.field == "matplotlib" else err)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny prepared corpus (built once per session) and tiny run configs."""
+import os
+
+os.environ.setdefault("GLOG_v", "3")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A prepared dataset (vocab 512, seq 16) from ~200 kB of the default corpus."""
+    from pangu_sigma.data.default_corpus import build_default_corpus
+    from pangu_sigma.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    build_default_corpus(str(root / "corpus"), max_bytes=200_000)
+    prepare(str(root / "corpus"), str(root / "data"), vocab_size=512, seq_length=16, valid_fraction=0.05,
+            progress_every=0)
+    return str(root / "data")
+
+
+def tiny_run_config(data_dir, output_dir, overrides=()):
+    """A RunConfig small enough to compile and train in seconds on 2 cores."""
+    from pangu_sigma.config import config_from_dict
+
+    raw = {
+        "model": {"seq_length": 16, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "ffn_hidden_size": 64,
+                  "moe_layer_num": 1},
+        "moe": {"router": "locmoe", "expert_num_per_dp_dim": 1, "capacity_factor": 2.0,
+                "locality_loss_coef": 0.001},
+        "parallel": {"expert_parallel": 4, "devices_per_node": 2, "virtual_world_size": 4},
+        "data": {"dataset_dir": data_dir},
+        "train": {"batch_size": 8, "sink_size": 5, "train_steps": 30, "output_dir": output_dir},
+        "optim": {"lr": 0.005, "min_lr": 0.0005, "warmup_steps": 3},
+        "checkpoint": {"save_steps": 10, "keep_last": 5},
+        "logging": {"log_steps": 5, "expert_stats_steps": 15},
+    }
+    return config_from_dict(raw, list(overrides))
+
+
+@pytest.fixture
+def make_config(tiny_data):
+    return lambda output_dir, *overrides: tiny_run_config(tiny_data, str(output_dir), overrides)

@@ -1,0 +1,327 @@
+"""`python -m pangu_sigma.plan` and pangu_sigma.param_count, checked against hand-worked numbers."""
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pangu_sigma import param_count, plan
+from pangu_sigma.config import config_from_dict, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
+SCRIPTS = os.path.join(ROOT, "run_scripts")
+
+# The cluster configs' model, written out by hand (PanGu-alpha 13B dimensions).
+V, S, D, F, BLOCKS, MOE, E = 40000, 1024, 5120, 20480, 39, 8, 16
+
+
+def run_plan(capsys, *argv):
+    """plan.main in-process; returns (exit code, stdout, stderr)."""
+    code = plan.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def plan_json(capsys, *argv):
+    code, out, err = run_plan(capsys, *argv, "--json")
+    assert code == 0, err
+    assert len(out.strip().splitlines()) == 1
+    return json.loads(out)
+
+
+def config_path(name):
+    return os.path.join(CONFIGS, name)
+
+
+# ---- independent parameter formula ------------------------------------------------------
+def linear(n_in, n_out):
+    return n_in * n_out + n_out  # weight + bias
+
+
+def hand_params(vocab, seq, d, f, blocks, moe, experts, router="locmoe"):
+    """Module by module, from pangu_sigma/model and locmoe (not from param_count)."""
+    layernorm = 2 * d
+    attention = linear(d, d) + linear(d, 2 * d) + linear(d, d)   # q_proj, kv_proj, out_proj
+    dense_ffn = linear(d, f) + linear(f, d)
+    expert = d * f + f * d                                       # w_in, w_out: no bias
+    gate = {"locmoe": experts, "switch": experts * d, "hash": 0, "rre": 0}[router]
+    dense_block = 2 * layernorm + attention + dense_ffn
+    sparse_block = 2 * layernorm + attention + experts * expert + gate
+    query_block = dense_block + seq * d                          # + top_query_table
+    total = vocab * d + seq * d + (blocks - moe) * dense_block + moe * sparse_block + query_block + layernorm
+    active = total - moe * (experts - 1) * expert
+    return total, active
+
+
+# ---- the three cluster sizes --------------------------------------------------------------
+# (devices, nodes, tp, dp, ep, experts per rank, node-local experts, expert-dp replicas, batch per DP rank)
+CLUSTERS = [
+    (64, 8, 8, 8, 8, 2, 2, 1, 64),      # EP capped by DP 8: 2 experts per rank keeps 16
+    (128, 16, 8, 16, 16, 1, 1, 1, 32),  # Table 1 as printed
+    (256, 32, 8, 32, 16, 1, 1, 2, 16),  # DP 32 / EP 16 = 2 replicas of every expert
+]
+
+
+@pytest.mark.parametrize("devices,nodes,tp,dp,ep,per_rank,local,edp,batch", CLUSTERS)
+def test_cluster_plans_match_hand_values(capsys, devices, nodes, tp, dp, ep, per_rank, local, edp, batch):
+    p = plan_json(capsys, "--config", config_path(f"locmoe_{devices}n.yaml"), "--world-size", devices)
+    assert (p["world_size"], p["nodes"], p["devices_per_node"]) == (devices, nodes, 8)
+    assert (p["tp"], p["dp"], p["ep"], p["edp"]) == (tp, dp, ep, edp)
+    assert p["num_experts"] == 16 and p["experts_per_rank"] == per_rank
+    assert p["local_experts_per_node"] == local
+    # node n holds experts [n*per_rank, (n+1)*per_rank) of its EP group; replicas repeat every ep nodes
+    for node, experts in enumerate(p["experts_of_node"]):
+        first = (node % ep) * per_rank
+        assert experts == list(range(first, first + per_rank))
+    assert p["global_batch"] == 512 and p["tokens_per_rank"] == batch * 1024
+    total, active = hand_params(V, S, D, F, BLOCKS, MOE, E)
+    assert (p["params_total"], p["params_active"]) == (total, active)
+    assert p["params_non_trainable"] == 0
+    # 16 bytes per parameter on a device: fp32 weight + fp32 grad + 2 fp32 Adam moments
+    mem = p["memory_breakdown_gib"]
+    assert mem["parameters"] * 2 ** 30 == pytest.approx(4 * p["params_per_device"])
+    assert mem["optimizer"] == pytest.approx(2 * mem["gradients"])
+    assert p["memory_per_device_gib"] == pytest.approx(sum(mem.values()))
+    assert set(p["a2a_bytes_per_step"]) == {"intra", "inter"}
+
+
+def test_a2a_bytes_128n_by_hand(capsys):
+    p = plan_json(capsys, "--config", config_path("locmoe_128n.yaml"), "--world-size", 128)
+    tokens = 32 * 1024                          # batch_size 32 x seq 1024 per rank
+    capacity = math.ceil(tokens * 1.25 / 16)    # 2560
+    slice_bytes = 16 * (capacity // 8) * D * 2  # [E, C/TP, d] fp16 = 52,428,800
+    calls = 4 * 8                               # 4 per MoE layer x 8 layers
+    # rank 0's EP group is ranks 0, 8, ..., 120: one per node, so 15 chunks of 1/16 leave the node;
+    # the TP AllGather sends the slice to the 7 other ranks of node 0
+    inter = calls * 15 * slice_bytes // 16
+    intra = calls * 7 * slice_bytes
+    assert p["expert_capacity"] == capacity == 2560
+    assert p["a2a_bytes_per_step"] == {"intra": intra, "inter": inter}
+    assert p["a2a_bytes_per_step_world"] == {"intra": 128 * intra, "inter": 128 * inter}
+
+
+SMALL = {
+    "model": {"vocab_size": 64, "seq_length": 8, "hidden_size": 8, "num_layers": 2, "num_heads": 2,
+              "ffn_hidden_size": 16, "moe_layer_num": 1},
+    "moe": {"router": "locmoe", "expert_num_per_dp_dim": 1, "capacity_factor": 1.0},
+    "parallel": {"op_level_model_parallel_num": 2, "expert_parallel": 4, "devices_per_node": 4},
+    "train": {"batch_size": 2, "sink_size": 1, "precision": "float32"},
+}
+
+
+def write_config(tmp_path, raw, name="cfg.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+@pytest.mark.parametrize("groupwise", [True, False])
+def test_a2a_bytes_small_hand_case(capsys, tmp_path, groupwise):
+    # 8 ranks = 2 nodes x 4; TP 2 -> DP 4 = EP 4; 4 experts, 1 per rank.
+    # rank 0: TP group [0, 1], EP group [0, 2, 4, 6] (2 on node 0; 4, 6 on node 1).
+    # 16 tokens per rank, C = ceil(16 * 1.0 / 4) = 4, buffer [4, 4, 8] fp32 = 512 bytes.
+    raw = json.loads(json.dumps(SMALL))
+    raw["parallel"]["groupwise_a2a"] = groupwise
+    p = plan_json(capsys, "--config", write_config(tmp_path, raw), "--world-size", 8)
+    assert (p["nodes"], p["tp"], p["dp"], p["ep"], p["experts_per_rank"]) == (2, 2, 4, 4, 1)
+    assert p["experts_of_node"] == [[0, 1], [2, 3]] and p["local_experts_per_node"] == 2
+    assert p["expert_capacity"] == 4
+    if groupwise:
+        # slice [4, 2, 8] fp32 = 256 B: A2A 64 B to rank 2 (intra), to 4 and 6 (inter);
+        # AllGather: the 256 B slice to rank 1 (intra). 4 calls (1 MoE layer).
+        per_call = (64 + 256, 2 * 64)
+    else:
+        # the full 512 B buffer: 128 B to each of ranks 2 (intra), 4, 6 (inter)
+        per_call = (128, 2 * 128)
+    assert p["a2a_bytes_per_step"] == {"intra": 4 * per_call[0], "inter": 4 * per_call[1]}
+    assert p["a2a_bytes_per_step_world"] == {"intra": 8 * 4 * per_call[0], "inter": 8 * 4 * per_call[1]}
+
+
+# ---- failures --------------------------------------------------------------------------------
+def test_expert_parallel_not_dividing_dp_names_the_numbers(capsys):
+    code, out, err = run_plan(capsys, "--config", config_path("locmoe_128n.yaml"), "--world-size", 64)
+    assert code == 2 and out == ""
+    line = err.strip()
+    assert len(line.splitlines()) == 1 and line.startswith("error: parallel.expert_parallel=16")
+    assert "dp = world 64 / tp 8 = 8" in line and "8 % 16 = 8" in line and "16 experts" in line
+
+
+def test_expert_count_not_dividing_hidden_names_the_numbers(capsys):
+    code, _, err = run_plan(capsys, "--config", config_path("locmoe_64n.yaml"), "--world-size", 64,
+                            "--set", "moe.expert_num_per_dp_dim=3")  # 3 x 8 = 24 experts; 5120 % 24 = 8
+    assert code == 2
+    assert err.startswith("error: model.hidden_size=5120") and "24" in err and len(err.strip().splitlines()) == 1
+
+
+def test_tp_not_dividing_world_and_missing_world_size(capsys):
+    code, _, err = run_plan(capsys, "--config", config_path("locmoe_128n.yaml"), "--world-size", 100)
+    assert code == 2 and "op_level_model_parallel_num=8" in err and "100 % 8 = 4" in err
+    code, _, err = run_plan(capsys, "--config", config_path("locmoe_128n.yaml"))
+    assert code == 2 and err.startswith("error: --world-size") and "--rank-table" in err
+
+
+def test_cli_subprocess_one_line_error_and_text():
+    bad = subprocess.run([sys.executable, "-m", "pangu_sigma.plan", "--config", config_path("locmoe_256n.yaml"),
+                          "--world-size", "64"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert len(bad.stderr.strip().splitlines()) == 1 and bad.stderr.startswith("error: ")
+    ok = subprocess.run([sys.executable, "-m", "pangu_sigma.plan", "--config", config_path("locmoe_128n.yaml"),
+                         "--world-size", "128"], cwd=ROOT, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    for text in ("128 devices = 16 nodes", "tp 8", "dp 16", "ep 16", "node-local [0]", "inter-node", "params"):
+        assert text in ok.stdout
+
+
+# ---- rank tables ------------------------------------------------------------------------------
+def test_rank_table_from_hccl_tools_drives_world_size_and_nodes(capsys, tmp_path):
+    pieces = []
+    for server in range(4):
+        ips = ",".join(f"{d}:192.{d + 1}.{server}.{10 + d}" for d in range(8))
+        out = tmp_path / f"server{server}.json"
+        subprocess.run([sys.executable, os.path.join(SCRIPTS, "hccl_tools.py"), "--device-range", "[0,8)",
+                        "--server-ip", f"10.0.0.{server + 1}", "--device-ips", ips, "--output", str(out)],
+                       check=True, capture_output=True)
+        pieces.append(str(out))
+    merged = tmp_path / "rank_table_32p.json"
+    subprocess.run([sys.executable, os.path.join(SCRIPTS, "merge_hccl.py"), str(merged), *pieces],
+                   check=True, capture_output=True)
+    # 32 devices, TP 8 -> DP 4; EP 4 x 4 experts per rank keeps 16 experts
+    p = plan_json(capsys, "--config", config_path("locmoe_128n.yaml"), "--rank-table", merged,
+                  "--set", "parallel.expert_parallel=4", "--set", "moe.expert_num_per_dp_dim=4")
+    assert (p["world_size"], p["nodes"], p["devices_per_node"]) == (32, 4, 8)
+    assert (p["dp"], p["ep"], p["experts_per_rank"], p["local_experts_per_node"]) == (4, 4, 4, 4)
+    assert p["source"].startswith("rank table")
+    code, _, err = run_plan(capsys, "--config", config_path("locmoe_128n.yaml"), "--rank-table", merged,
+                            "--world-size", 128)
+    assert code == 2 and "--world-size=128" in err and "32" in err
+
+
+def half_board_table(servers):
+    """Servers with 4 NPUs each (one HCCS group), written by hand."""
+    return {"version": "1.0", "server_count": str(servers), "status": "completed",
+            "server_list": [{"server_id": f"10.0.1.{s + 1}", "host_nic_ip": "reserve",
+                             "device": [{"device_id": str(d), "device_ip": f"192.{d + 1}.1.{s + 1}",
+                                         "rank_id": str(4 * s + d)} for d in range(4)]}
+                            for s in range(servers)]}
+
+
+def test_hand_written_rank_table_with_4_device_servers(capsys, tmp_path):
+    path = tmp_path / "half_boards.json"
+    path.write_text(json.dumps(half_board_table(4)))
+    # TP 8 cannot fit a 4-NPU server
+    code, _, err = run_plan(capsys, "--config", config_path("locmoe_128n.yaml"), "--rank-table", path)
+    assert code == 2 and "op_level_model_parallel_num=8" in err and "at most 4 devices per node" in err
+    # TP 4: 16 devices, DP 4 = EP 4, 16 experts -> 4 per rank, 4 node-local per server
+    p = plan_json(capsys, "--config", config_path("locmoe_128n.yaml"), "--rank-table", path,
+                  "--set", "parallel.op_level_model_parallel_num=4", "--set", "parallel.expert_parallel=4",
+                  "--set", "moe.expert_num_per_dp_dim=4")
+    assert (p["world_size"], p["nodes"], p["devices_per_node"], p["dp"], p["ep"]) == (16, 4, 4, 4, 4)
+    assert p["experts_of_node"] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
+    assert any("devices per server" in n for n in p["notes"])  # the table (4) overrides the config (8)
+
+
+# ---- shipped configs ----------------------------------------------------------------------------
+SHIPPED = sorted(glob.glob(os.path.join(CONFIGS, "*.yaml")))
+
+
+def test_configs_are_shipped():
+    names = {os.path.basename(p) for p in SHIPPED}
+    for router in ("locmoe", "hash", "switch", "rre"):
+        for size in (64, 128, 256):
+            assert f"{router}_{size}n.yaml" in names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=os.path.basename)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    if os.path.basename(path).split("_")[-1] in ("64n.yaml", "128n.yaml", "256n.yaml"):
+        assert cfg.num_experts == 16 and cfg.model.moe_layer_num == 8 and cfg.model.num_heads == 40
+        assert cfg.parallel.op_level_model_parallel_num == 8 and cfg.optim.adam_eps == 1e-6
+        assert cfg.parallel.device_target == "Ascend" and cfg.parallel.devices_per_node == 8
+
+
+def test_table1_values_at_128n():
+    raw = yaml.safe_load(open(config_path("locmoe_128n.yaml")))
+    assert raw["train"]["batch_size"] == 32 and raw["train"]["sink_size"] == 16
+    assert raw["parallel"]["expert_parallel"] == 16 and raw["moe"]["expert_num_per_dp_dim"] == 1
+
+
+@pytest.mark.parametrize("size", [64, 128, 256])
+@pytest.mark.parametrize("router", ["hash", "switch", "rre"])
+def test_router_variants_differ_only_in_routing(router, size):
+    base = yaml.safe_load(open(config_path(f"locmoe_{size}n.yaml")))
+    variant = yaml.safe_load(open(config_path(f"{router}_{size}n.yaml")))
+    assert variant["moe"].pop("router") == router and base["moe"].pop("router") == "locmoe"
+    assert variant["train"].pop("output_dir") == f"output/{router}_{size}n"
+    base["train"].pop("output_dir")
+    if router == "rre":
+        assert variant["moe"].pop("num_domain_groups") == 4
+        base["moe"].pop("num_domain_groups")
+    assert variant == base
+
+
+# ---- param_count ---------------------------------------------------------------------------------
+def test_param_count_imports_no_mindspore():
+    code = "import sys, pangu_sigma.param_count; print('mindspore' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("router", ["locmoe", "switch", "hash", "rre"])
+def test_param_count_formula_by_router(router):
+    cfg = load_config(config_path(f"{router}_128n.yaml"))
+    counts = param_count.count_params(cfg)
+    assert (counts["total"], counts["active"]) == hand_params(V, S, D, F, BLOCKS, MOE, E, router)
+    assert counts["non_trainable"] == (MOE * V if router in ("hash", "rre") else 0)
+
+
+def test_params_per_device_limits():
+    cfg = load_config(config_path("locmoe_128n.yaml"))
+    counts = param_count.count_params(cfg)
+    assert param_count.params_per_device(cfg, 1, 1) == counts["total"]
+    assert param_count.params_per_device(cfg, 1, 16) == counts["active"]  # one expert per layer on each rank
+    # TP 8 splits every weight matrix: what stays whole is LayerNorms, row-parallel biases, tables, router
+    replicated = 2 * S * D + 40 * 5 * D + 32 * D + 2 * D + MOE * E
+    split = counts["active"] - replicated
+    assert param_count.params_per_device(cfg, 8, 16) == split // 8 + replicated
+
+
+def tiny_config(router, tmp_path):
+    return config_from_dict({
+        "model": {"vocab_size": 48, "seq_length": 8, "hidden_size": 16, "num_layers": 3, "num_heads": 2,
+                  "ffn_hidden_size": 24, "moe_layer_num": 2},
+        "moe": {"router": router, "expert_num_per_dp_dim": 4, "num_domain_groups": 2 if router == "rre" else 1},
+        "data": {"dataset_dir": str(tmp_path / "no_data")},
+        "train": {"batch_size": 2, "sink_size": 1},
+    })
+
+
+@pytest.mark.parametrize("router", ["locmoe", "switch", "hash", "rre"])
+def test_param_count_equals_mindspore_model(router, tmp_path):
+    from pangu_sigma.build import build_model
+    from locmoe.topology import single_process
+
+    cfg = tiny_config(router, tmp_path)
+    net = build_model(cfg, {"vocab_size": 48, "seq_length": 8}, single_process(cfg.num_experts), with_loss=False)
+    counts = param_count.count_params(cfg)
+    assert sum(p.size for p in net.trainable_params()) == counts["total"]
+    assert sum(p.size for p in net.untrainable_params()) == counts["non_trainable"]
+    assert counts["total"] == hand_params(48, 8, 16, 24, 3, 2, 4, router)[0]
+
+
+def test_activation_estimate_scales_with_batch_and_tp():
+    cfg = load_config(config_path("locmoe_128n.yaml"))
+    half = load_config(config_path("locmoe_128n.yaml"), ["train.batch_size=16"])
+    full = param_count.activation_bytes(cfg, 8, 16)
+    halved = param_count.activation_bytes(half, 8, 16)
+    for part in ("attention", "dense_ffn", "head"):
+        assert halved[part] * 2 == pytest.approx(full[part], rel=1e-9)
+    # dense FFN of one block, by hand: N*d*(4 + 2 + 1) + 2*N*f*2/8 bytes, 31 dense blocks + the query layer
+    n = 32 * 1024
+    assert full["dense_ffn"] == 32 * (n * D * 7 + 2 * n * F * 2 // 8)
+    assert param_count.activation_bytes(cfg, 1, 16)["attention"] > full["attention"]
