@@ -12,6 +12,7 @@ from mindspore import nn, ops, Tensor
 
 from locmoe.capacity import expert_capacity
 from locmoe.dispatch import assign_slots, dispatch, combine
+from locmoe.exchange import TokenExchange
 from locmoe.experts import BatchedExperts
 from locmoe.routers import build_router
 
@@ -23,11 +24,17 @@ class MoELayer(nn.Cell):
     token_groups: G, the number of groups the B*S tokens are split into (contiguous).
     group_ranks: the rank each group poses as (locality); default: topology.rank for all.
     token_counts: token frequencies for the hash router's balanced table.
+    parallel: a locmoe.parallel_context.ParallelContext; when it is distributed with
+        EP or TP > 1, this rank holds num_experts/ep experts (inner width ffn/tp) and
+        the dispatch buffer goes through the TokenExchange (All-to-All) around them.
+    In group-wise mode capacity is rounded up to a multiple of TP (from the topology,
+    virtual or real, so both runs drop the same tokens); overlap chunks are cut on
+    multiples of it and the overlap degree never changes which tokens are dropped.
     """
 
     def __init__(self, moe_config, hidden_size, ffn_hidden_size, topology, param_init_std=0.02,
                  compute_dtype=ms.float32, token_groups=1, group_ranks=None, token_counts=None,
-                 out_init_std=None):
+                 out_init_std=None, parallel=None):
         super().__init__()
         cfg = moe_config
         self.num_experts = cfg.num_experts
@@ -39,23 +46,44 @@ class MoELayer(nn.Cell):
         local_mask = np.array([topology.local_expert_mask(r) for r in group_ranks], np.float32)  # [G, E]
         self.local_mask = Tensor(local_mask)
         self.router = build_router(cfg, hidden_size, token_counts=token_counts, init_std=param_init_std)
-        self.experts = BatchedExperts(cfg.num_experts, hidden_size, ffn_hidden_size, param_init_std,
-                                      out_init_std, compute_dtype)
+        groupwise = cfg.groupwise_a2a and topology.tp > 1
+        self.capacity_multiple = topology.tp if groupwise else 1
+        self.exchange = None
+        local_experts, local_ffn = cfg.num_experts, ffn_hidden_size
+        if parallel is not None and parallel.distributed and (topology.ep > 1 or topology.tp > 1):
+            if token_groups != 1:
+                raise ValueError("a distributed MoELayer routes one token group per rank (token_groups=1)")
+            if ffn_hidden_size % topology.tp:
+                raise ValueError(f"ffn_hidden_size={ffn_hidden_size} must divide by tp={topology.tp}")
+            self.exchange = TokenExchange(topology, cfg.num_experts, parallel.backend, cfg.groupwise_a2a)
+            local_experts, local_ffn = cfg.num_experts // topology.ep, ffn_hidden_size // topology.tp
+        self.experts = BatchedExperts(local_experts, hidden_size, local_ffn, param_init_std, out_init_std,
+                                      compute_dtype)
+
+    def capacity(self, tokens_per_group):
+        """Slots per (group, expert): eq. ec rounded up to capacity_multiple."""
+        raw = expert_capacity(tokens_per_group, self.capacity_factor, self.num_experts)
+        return (raw + self.capacity_multiple - 1) // self.capacity_multiple * self.capacity_multiple
 
     def _expert_stage(self, buffer):
-        """buffer [G, E, C, d] -> expert outputs, same shape; capacity split into overlap chunks."""
+        """buffer [G, E, C, d] -> expert outputs, same shape; capacity split into overlap chunks
+        (each chunk's exchange can run while another chunk computes)."""
         groups, num_experts, capacity, hidden = buffer.shape
         if self.overlap_degree == 1:
             return self._experts_on(buffer)
-        chunk = (capacity + self.overlap_degree - 1) // self.overlap_degree
+        step = self.capacity_multiple
+        chunk = ((capacity + self.overlap_degree - 1) // self.overlap_degree + step - 1) // step * step
         outputs = []
         for start in range(0, capacity, chunk):
             outputs.append(self._experts_on(buffer[:, :, start:start + chunk]))  # [G, E, c, d]
         return ops.concat(outputs, 2)
 
     def _experts_on(self, part):
-        """[G, E, c, d] -> [G, E, c, d] through each expert's FFN."""
+        """[G, E, c, d] -> [G, E, c, d] through each expert's FFN (across ranks when distributed)."""
         groups, num_experts, width, hidden = part.shape
+        if self.exchange is not None:
+            tokens = self.exchange.to_experts(part.reshape(num_experts, width, hidden))  # [E_local, ep*c, d]
+            return self.exchange.from_experts(self.experts(tokens)).reshape(part.shape)  # [1, E, c, d]
         if groups == 1:
             return self.experts(part.reshape(num_experts, width, hidden)).reshape(part.shape)  # [1, E, c, d]
         tokens = part.transpose(1, 0, 2, 3).reshape(num_experts, groups * width, hidden)  # [E, G*c, d]
@@ -66,7 +94,7 @@ class MoELayer(nn.Cell):
         batch, seq, hidden = x.shape
         groups = self.token_groups
         per_group = batch * seq // groups
-        capacity = expert_capacity(per_group, self.capacity_factor, self.num_experts)
+        capacity = self.capacity(per_group)
         x_groups = x.reshape(groups, per_group, hidden)  # [G, T, d]
         token_groups = token_ids.reshape(groups, per_group)  # [G, T]
         domains = ops.broadcast_to(domain_ids.expand_dims(1), (batch, seq)).reshape(groups, per_group)  # [G, T]

@@ -9,8 +9,10 @@ import os
 import numpy as np
 import mindspore as ms
 
+from locmoe.comm import create_topology_groups, resolve_backend
 from locmoe.errors import ConfigError
 from locmoe.layer import MoELayer
+from locmoe.parallel_context import ParallelContext
 from locmoe.topology import Topology
 from pangu_sigma.data.dataset import read_meta
 from pangu_sigma.model import PanguSigmaModel, PanguSigmaWithLoss
@@ -51,18 +53,56 @@ def single_process_topology(cfg):
     return Topology(world_size=1, tp=1, ep=1, num_experts=cfg.num_experts, devices_per_node=1)
 
 
+def launched_distributed():
+    """True when started by msrun (MS_WORKER_NUM) or a rank table launcher (RANK_TABLE_FILE + RANK_SIZE > 1)."""
+    if "MS_WORKER_NUM" in os.environ or "MS_ROLE" in os.environ:
+        return True
+    return "RANK_TABLE_FILE" in os.environ and int(os.environ.get("RANK_SIZE", "1")) > 1
+
+
+def parallel_context(cfg):
+    """This process's ParallelContext: initialises communication when launched distributed.
+
+    Node membership comes from RANK_TABLE_FILE when set, else from parallel.devices_per_node.
+    """
+    if not launched_distributed():
+        return ParallelContext(single_process_topology(cfg), "emulated", distributed=False)
+    from mindspore.communication import get_group_size, get_rank, init
+
+    init()
+    rank, world = get_rank(), get_group_size()
+    par = cfg.parallel
+    node_of_rank = None
+    if os.environ.get("RANK_TABLE_FILE"):
+        from pangu_sigma.ranktable import load_rank_table
+
+        node_of_rank = load_rank_table(os.environ["RANK_TABLE_FILE"], rank_size=world).node_of_rank
+    topology = Topology(world_size=world, tp=par.op_level_model_parallel_num, ep=par.expert_parallel,
+                        num_experts=cfg.num_experts, devices_per_node=par.devices_per_node, rank=rank,
+                        node_of_rank=node_of_rank)
+    backend = resolve_backend(par.comm_backend, par.device_target)
+    create_topology_groups(topology)
+    return ParallelContext(topology, backend, distributed=True)
+
+
 def token_counts(cfg):
     """Train-split token frequencies for the hash router, or None if the data has none."""
     path = os.path.join(cfg.data.dataset_dir, "token_counts.npy")
     return np.load(path) if os.path.isfile(path) else None
 
 
-def build_model(cfg, meta, topology, with_loss=True):
-    """PanguSigmaModel (wrapped with its loss if with_loss) for this config and dataset."""
+def build_model(cfg, meta, topology, with_loss=True, parallel=None, token_groups=1, group_ranks=None):
+    """PanguSigmaModel (wrapped with its loss if with_loss) for this config and dataset.
+
+    parallel: the ParallelContext of a distributed run (None: single process).
+    token_groups / group_ranks: a single process routing as several ranks (see MoELayer).
+    """
     model_cfg = dataclasses.replace(cfg.model, vocab_size=meta["vocab_size"], compute_dtype=cfg.compute_dtype)
     moe_cfg = cfg.moe_config(vocab_size=meta["vocab_size"]) if model_cfg.moe_layer_num > 0 else None
     counts = token_counts(cfg) if cfg.moe.router == "hash" else None
     out_std = model_cfg.param_init_std / (2.0 * model_cfg.num_layers) ** 0.5
-    factory = functools.partial(MoELayer, token_counts=counts, out_init_std=out_std)
-    model = PanguSigmaModel(model_cfg, moe_cfg, topology, moe_layer_factory=factory)
+    factory = functools.partial(MoELayer, token_counts=counts, out_init_std=out_std, token_groups=token_groups,
+                                group_ranks=group_ranks)
+    extra = {} if parallel is None else {"parallel": parallel}
+    model = PanguSigmaModel(model_cfg, moe_cfg, topology, moe_layer_factory=factory, **extra)
     return PanguSigmaWithLoss(model) if with_loss else model

@@ -20,23 +20,34 @@ import mindspore as ms
 
 from locmoe.errors import ConfigError
 from pangu_sigma import checkpoint
-from pangu_sigma.build import build_model, dataset_meta, set_device, single_process_topology
+from locmoe.comm import AllReduce
+from pangu_sigma.build import build_model, dataset_meta, parallel_context, set_device
 from pangu_sigma.callbacks import JsonlLog, expert_table, step_line
 from pangu_sigma.config import load_config
 from pangu_sigma.data.dataset import create_dataset
 from pangu_sigma.lr_schedule import WarmupCosineLR
+from pangu_sigma.parallel.grad_reduce import GradReducer
+from pangu_sigma.parallel.tp_layers import tp_shard_specs
 from pangu_sigma.train_step import METRIC_NAMES, TrainStep, build_optimizer
 
 
-def build_train_step(cfg, meta, topology):
-    """(TrainStep cell, loss network) for this config."""
-    net = build_model(cfg, meta, topology)
+def build_train_step(cfg, meta, ctx, token_groups=1, group_ranks=None):
+    """(TrainStep cell, loss network) for this config and ParallelContext."""
+    topology = ctx.topology
+    net = build_model(cfg, meta, topology, parallel=ctx if ctx.distributed else None, token_groups=token_groups,
+                      group_ranks=group_ranks)
     decay_steps = cfg.optim.decay_steps or cfg.train.train_steps
     schedule = WarmupCosineLR(cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, decay_steps)
     optimizer = build_optimizer(net, cfg.optim, schedule)
     use_loss_scale = cfg.compute_dtype == "float16"
+    reducer = metrics = None
+    if ctx.distributed and topology.world_size > 1:
+        specs = tp_shard_specs(net)
+        reducer = GradReducer(optimizer.parameters, topology, ctx.backend, lambda p: p.name in specs)
+        metrics = AllReduce(list(range(topology.world_size)), ctx.backend, topology, "metrics_allreduce")
     step = TrainStep(net, optimizer, schedule, cfg.optim.grad_clip, use_loss_scale, cfg.train.loss_scale_init,
-                     cfg.train.loss_scale_window, cfg.train.sink_size, cfg.model.moe_layer_num, cfg.num_experts)
+                     cfg.train.loss_scale_window, cfg.train.sink_size, cfg.model.moe_layer_num, cfg.num_experts,
+                     reducer, metrics, topology.world_size, topology.tp)
     return step, net
 
 
@@ -52,7 +63,7 @@ def _run_sink(cfg, step_cell, dataset, iterator):
         step_cell(ids, domains)
 
 
-def train(cfg, resume=False, log=print, rank=0, dp_size=1, dp_rank=0, topology=None, stop_after=None):
+def train(cfg, resume=False, log=print, stop_after=None):
     """Run training; returns a summary dict (steps, losses per step, tokens/s, wall time).
 
     stop_after: end the run after this step (a multiple of sink_size) as if the
@@ -62,8 +73,11 @@ def train(cfg, resume=False, log=print, rank=0, dp_size=1, dp_rank=0, topology=N
     ms.set_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     meta = dataset_meta(cfg)
-    topology = topology or single_process_topology(cfg)
-    step_cell, net = build_train_step(cfg, meta, topology)
+    ctx = parallel_context(cfg)
+    topology = ctx.topology
+    rank = topology.rank if ctx.distributed else 0
+    dp_size, dp_rank = (topology.dp, topology.dp_rank()) if ctx.distributed else (1, 0)
+    step_cell, net = build_train_step(cfg, meta, ctx)
     output_dir = cfg.train.output_dir
     os.makedirs(output_dir, exist_ok=True)
     ckpt_dir = checkpoint.rank_dir(output_dir, rank)

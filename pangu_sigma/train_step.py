@@ -47,13 +47,16 @@ def build_optimizer(network, optim_cfg, lr_schedule):
 class TrainStep(nn.Cell):
     """net_with_loss(ids, domain_ids) -> (total, ce, aux, loc, expert_load [M,E], dropped [M], local [M]).
 
-    grad_reducer: a cell mapping the gradient tuple to its reduced form
-    (identity in one process; sums over data-parallel groups when distributed),
-    and global_norm_sq a function of the reduced gradients (default: local sum).
+    grad_reducer: None in one process; when distributed a GradReducer
+    (pangu_sigma.parallel.grad_reduce) that sums each gradient over its replicas
+    and gives the global norm. metric_reducer: an AllReduce over the world so the
+    logged losses are the mean over ranks and the expert statistics the sum over
+    data-parallel ranks (tp copies of each are divided out).
     """
 
     def __init__(self, net_with_loss, optimizer, lr_schedule, grad_clip, use_loss_scale, loss_scale_init,
-                 loss_scale_window, sink_size, moe_layers, num_experts, grad_reducer=None):
+                 loss_scale_window, sink_size, moe_layers, num_experts, grad_reducer=None, metric_reducer=None,
+                 world_size=1, tp=1):
         super().__init__(auto_prefix=False)
         self.net = net_with_loss
         self.optimizer = optimizer
@@ -65,6 +68,9 @@ class TrainStep(nn.Cell):
         self.use_loss_scale = use_loss_scale
         self.loss_scale_window = loss_scale_window
         self.grad_reducer = grad_reducer
+        self.metric_reducer = metric_reducer
+        self.world_size = float(world_size)
+        self.tp = float(tp)
         self.sink_size = sink_size
         self.loss_scale = Parameter(Tensor(loss_scale_init if use_loss_scale else 1.0, ms.float32),
                                     name="loss_scale", requires_grad=False)
@@ -97,7 +103,9 @@ class TrainStep(nn.Cell):
         grads = self.hyper_map(ops.partial(_scale_grad, 1.0 / scale), grads)
         if self.grad_reducer is not None:
             grads = self.grad_reducer(grads)
-        norm = ops.sqrt(ops.addn(self.hyper_map(_square_sum, grads)))
+            norm = ops.sqrt(self.grad_reducer.global_norm_sq(grads))
+        else:
+            norm = ops.sqrt(ops.addn(self.hyper_map(_square_sum, grads)))
         finite = ops.isfinite(norm)
         if self.grad_clip > 0:
             factor = ops.minimum(self.grad_clip / (norm + 1e-6), 1.0)
@@ -110,6 +118,12 @@ class TrainStep(nn.Cell):
         else:
             self.optimizer(grads)
         overflow = 1.0 - ops.cast(finite, ms.float32)
+        if self.metric_reducer is not None:
+            losses = self.metric_reducer(ops.stack((total, ce, aux, loc))) / self.world_size  # [4]
+            total, ce, aux, loc = losses[0], losses[1], losses[2], losses[3]
+            load = self.metric_reducer(load) / self.tp
+            dropped = self.metric_reducer(dropped) / self.tp
+            local = self.metric_reducer(local) / self.tp
         row = ops.stack((total, ce, aux, loc, ops.cast(lr, ms.float32).reshape(()), norm, scale.reshape(()),
                          overflow))  # [K]
         index = (self.step % self.sink_size).reshape(1)

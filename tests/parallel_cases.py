@@ -1,0 +1,95 @@
+"""Shared by the equivalence test and its msrun worker: the cases, their configs and runs.
+
+Every case trains the same tiny PanGu-Sigma for 2 optimizer steps on the same
+global batch, once in one process (token groups posing as the ranks) and once
+on msrun CPU workers; nothing is dropped (capacity factor = experts).
+"""
+import numpy as np
+import mindspore as ms
+
+from locmoe.parallel_context import ParallelContext
+from locmoe.topology import Topology
+
+VOCAB, SEQ, EXPERTS, GLOBAL_BATCH, STEPS = 64, 8, 4, 4, 2
+META = {"vocab_size": VOCAB, "seq_length": SEQ}
+
+# name: (workers, tp, ep, router, overlap, groupwise)
+CASES = {
+    "dp2": (2, 1, 1, "locmoe", 1, True),
+    "ep2_locmoe": (2, 1, 2, "locmoe", 1, True),
+    "ep2_switch": (2, 1, 2, "switch", 1, True),
+    "ep2_hash": (2, 1, 2, "hash", 1, True),
+    "ep2_rre": (2, 1, 2, "rre", 1, True),
+    "ep2_overlap2": (2, 1, 2, "locmoe", 2, True),
+    "tp2": (2, 2, 1, "locmoe", 1, True),
+    "tp2_ep2_groupwise": (4, 2, 2, "locmoe", 1, True),
+}
+
+
+def case_config(name, output_dir):
+    from pangu_sigma.config import config_from_dict
+
+    workers, tp, ep, router, overlap, groupwise = CASES[name]
+    raw = {
+        "model": {"seq_length": SEQ, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "ffn_hidden_size": 64,
+                  "moe_layer_num": 1},
+        "moe": {"router": router, "expert_num_per_dp_dim": EXPERTS // ep, "capacity_factor": float(EXPERTS),
+                "locality_loss_coef": 0.01, "num_domain_groups": 2 if router == "rre" else 1},
+        "parallel": {"op_level_model_parallel_num": tp, "expert_parallel": ep, "devices_per_node": 2,
+                     "comm_overlap_degree": overlap, "groupwise_a2a": groupwise, "virtual_world_size": workers},
+        "data": {"dataset_dir": output_dir},
+        "train": {"batch_size": GLOBAL_BATCH // (workers // tp), "sink_size": 1, "train_steps": STEPS,
+                  "output_dir": output_dir},
+        "optim": {"lr": 0.01, "min_lr": 0.001, "warmup_steps": 0, "grad_clip": 1.0, "weight_decay": 0.1,
+                  "adam_eps": 1e-6},
+    }
+    return config_from_dict(raw)
+
+
+def topology_of(name, rank):
+    workers, tp, ep = CASES[name][:3]
+    return Topology(world_size=workers, tp=tp, ep=ep, num_experts=EXPERTS, devices_per_node=2, rank=rank)
+
+
+def global_batch(seed=7):
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1)).astype(np.int32)  # [B, S+1]
+    domains = (np.arange(GLOBAL_BATCH) % 2).astype(np.int32)  # [B]
+    return ids, domains
+
+
+def params_of(net):
+    """Every parameter of the model (the router tables too), by name."""
+    return {p.name: p.asnumpy().copy() for p in net.get_parameters()}
+
+
+def load_params(net, values):
+    for p in net.get_parameters():
+        p.set_data(ms.Tensor(values[p.name]))
+
+
+def run_steps(step_cell, ids, domains):
+    """STEPS optimizer steps on one batch; the logged (world-mean) loss of each."""
+    losses = []
+    for _ in range(STEPS):
+        step_cell(ms.Tensor(ids), ms.Tensor(domains))
+        losses.append(float(step_cell.metrics_scalars.asnumpy()[0, 0]))
+    return losses
+
+
+def build(name, ctx, output_dir, token_groups=1, group_ranks=None):
+    from pangu_sigma.train import build_train_step
+
+    ms.set_seed(11)
+    return build_train_step(case_config(name, output_dir), META, ctx, token_groups, group_ranks)
+
+
+def reference(name, output_dir):
+    """Single process: dp token groups posing as the ranks. -> (initial params, losses, final params)."""
+    workers, tp = CASES[name][:2]
+    dp = workers // tp
+    ctx = ParallelContext(topology_of(name, 0), "emulated", distributed=False)
+    step_cell, net = build(name, ctx, output_dir, token_groups=dp, group_ranks=[d * tp for d in range(dp)])
+    initial = params_of(net)
+    losses = run_steps(step_cell, *global_batch())
+    return initial, losses, params_of(net)

@@ -1,0 +1,46 @@
+"""msrun worker: run the named parallel cases on this rank and save losses and parameters.
+
+argv: OUT_DIR CASE [CASE ...]; expects OUT_DIR/<case>_initial.npz (full initial parameters).
+Writes OUT_DIR/<case>_rank<r>.npz with 'losses', 'param/<name>' arrays (this rank's shards)
+and 'spec/<name>' = [dim, parts] for every TP-sharded parameter.
+"""
+import os
+import sys
+
+import numpy as np
+import mindspore as ms
+from mindspore.communication import get_rank, init
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import parallel_cases as pc  # noqa: E402
+
+from locmoe.comm import create_topology_groups  # noqa: E402
+from locmoe.parallel_context import ParallelContext  # noqa: E402
+from pangu_sigma.parallel.reshard import shard_full_params, tp_shard_specs  # noqa: E402
+
+
+def main():
+    out_dir, names = sys.argv[1], sys.argv[2:]
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_device("CPU")
+    init()
+    rank = get_rank()
+    for name in names:
+        topology = pc.topology_of(name, rank)
+        create_topology_groups(topology)
+        ctx = ParallelContext(topology, "emulated", distributed=True)
+        step_cell, net = pc.build(name, ctx, os.path.join(out_dir, f"{name}_run{rank}"))
+        full = dict(np.load(os.path.join(out_dir, f"{name}_initial.npz")))
+        pc.load_params(net, shard_full_params(full, net, topology))
+        ids, domains = pc.global_batch()
+        per_rank = ids.shape[0] // topology.dp
+        rows = slice(topology.dp_rank() * per_rank, (topology.dp_rank() + 1) * per_rank)
+        losses = pc.run_steps(step_cell, ids[rows], domains[rows])
+        arrays = {f"param/{k}": v for k, v in pc.params_of(net).items()}
+        arrays.update({f"spec/{k}": np.array([v.dim, v.parts]) for k, v in tp_shard_specs(net).items()})
+        np.savez(os.path.join(out_dir, f"{name}_rank{rank}.npz"), losses=np.array(losses), **arrays)
+        print(f"[worker {rank}] {name}: losses {losses}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
