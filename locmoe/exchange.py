@@ -29,6 +29,7 @@ class TokenExchange(nn.Cell):
         self.tp_rank = topology.tp_rank()
         self.local_experts = num_experts // self.ep
         self.groupwise = bool(groupwise) and self.tp > 1
+        self.topology_ref = topology
         ep_group, tp_group = topology.ep_group(), topology.tp_group()
         self.a2a_in = AllToAll(ep_group, 0, 0, backend, topology, f"{name}_a2a_dispatch")
         self.a2a_out = AllToAll(ep_group, 0, 0, backend, topology, f"{name}_a2a_combine")
@@ -68,17 +69,38 @@ class TokenExchange(nn.Cell):
             buffer = self.tp_gather_out(buffer)  # [E, c, d]
         return buffer
 
-    def register_bytes(self, counter, num_experts, capacity, hidden, dtype, calls=1):
-        """Count this layer's collectives per step (forward; backward moves the same bytes again)."""
-        part = capacity // self.tp if self.groupwise else capacity
-        ep_shape = (self.ep, self.local_experts, part, hidden)
-        counter.register_cell(self.a2a_in, ep_shape, dtype, calls * 2)
-        counter.register_cell(self.a2a_out, ep_shape, dtype, calls * 2)
-        if self.groupwise:
-            counter.register_cell(self.tp_gather_in, ep_shape, dtype, calls * 2)
-            counter.register_cell(self.tp_reduce_scatter, (self.ep, self.local_experts, capacity, hidden), dtype,
-                                  calls * 2)
-            counter.register_cell(self.tp_gather_out, (num_experts, part, hidden), dtype, calls * 2)
-        elif self.tp > 1:
-            counter.register_cell(self.tp_all_reduce, (self.ep, self.local_experts, capacity, hidden), dtype,
-                                  calls * 2)
+    def register_bytes(self, counter, num_experts, capacity, hidden, dtype, layers=1):
+        """Count this layer's collectives per step into a locmoe.comm.CommCounter."""
+        register_exchange_bytes(counter, self.topology_ref, num_experts, capacity, hidden, dtype,
+                                self.groupwise, layers)
+
+
+def register_exchange_bytes(counter, topology, num_experts, capacity, hidden, dtype, groupwise, layers=1):
+    """Bytes of one step of `layers` MoE layers, per collective, as TokenExchange moves them.
+
+    Forward: EP All-to-All out and back; group-wise: TP AllGather of the received
+    slices, TP ReduceScatter of the partial expert outputs, TP AllGather of the
+    returned slices; plain TP > 1: one TP AllReduce of the partial outputs. The
+    backward pass moves the same bytes again (the adjoint of an All-to-All is an
+    All-to-All, of an AllGather a ReduceScatter of the same size, and vice versa).
+    capacity: the layer's (rounded) capacity. Pure Python: no communication needed.
+    """
+    ep, tp = topology.ep, topology.tp
+    groupwise = bool(groupwise) and tp > 1
+    local = num_experts // ep
+    part = capacity // tp if groupwise else capacity
+    calls = 2 * layers
+    ep_family, tp_family = topology.all_groups("ep"), topology.all_groups("tp")
+    ep_shape = (ep, local, part, hidden)  # [ep, E_local, c', d]
+    full_shape = (ep, local, capacity, hidden)  # [ep, E_local, c, d]
+    for name in ("a2a_dispatch", "a2a_combine"):
+        counter.register(name, "all_to_all", topology.ep_group(), ep_shape, dtype, calls, ep_family)
+    if groupwise:
+        counter.register("tp_gather_dispatch", "all_gather", topology.tp_group(), ep_shape, dtype, calls, tp_family)
+        counter.register("tp_reduce_scatter", "reduce_scatter", topology.tp_group(), full_shape, dtype, calls,
+                         tp_family)
+        counter.register("tp_gather_combine", "all_gather", topology.tp_group(), (num_experts, part, hidden), dtype,
+                         calls, tp_family)
+    elif tp > 1:
+        counter.register("tp_all_reduce", "all_reduce", topology.tp_group(), full_shape, dtype, calls, tp_family)
+    return counter

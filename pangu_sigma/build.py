@@ -53,6 +53,17 @@ def single_process_topology(cfg):
     return Topology(world_size=1, tp=1, ep=1, num_experts=cfg.num_experts, devices_per_node=1)
 
 
+def single_process_groups(cfg, topology):
+    """(token_groups, group_ranks, batch multiplier) of a single process.
+
+    parallel.virtual_scope=cluster: one token group per data-parallel rank of the
+    virtual cluster (its TP rank 0), and the batch of all of them; else one group.
+    """
+    if cfg.parallel.virtual_world_size and cfg.parallel.virtual_scope == "cluster":
+        return topology.dp, [d * topology.tp for d in range(topology.dp)], topology.dp
+    return 1, None, 1
+
+
 def launched_distributed():
     """True when started by msrun (MS_WORKER_NUM) or a rank table launcher (RANK_TABLE_FILE + RANK_SIZE > 1)."""
     if "MS_WORKER_NUM" in os.environ or "MS_ROLE" in os.environ:

@@ -107,3 +107,35 @@ def load_into(cell, path, strict=True):
                           f"parameters, e.g. {missing[:3]}")
     ms.load_param_into_net(cell, {k: v for k, v in params.items() if k in own}, strict_load=False)
     return path
+
+
+def save_model(net, path):
+    """The model's parameters alone (no optimizer state), atomically."""
+    tmp = os.path.join(os.path.dirname(path) or ".", f".tmp{os.getpid()}_{os.path.basename(path)}")
+    ms.save_checkpoint(net, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_resharded(net, path, topology=None):
+    """Load a model checkpoint written in any TP/EP layout's full form (a single-process
+    run) into net, slicing every parameter to this rank's shard (topology None: as is)."""
+    from pangu_sigma.parallel.reshard import shard_full_params
+
+    path = resolve(path)
+    try:
+        full = {name: p.asnumpy() for name, p in ms.load_checkpoint(path).items()}
+    except (ValueError, RuntimeError, OSError) as err:
+        raise ConfigError("train.init_checkpoint", path, f"a MindSpore checkpoint ({str(err).splitlines()[0]})") \
+            from None
+    wanted = {p.name for p in net.get_parameters()}
+    missing = sorted(wanted - set(full))
+    if missing:
+        raise ConfigError("train.init_checkpoint", path, f"a checkpoint of this model; it lacks {missing[:3]}")
+    full = {k: v for k, v in full.items() if k in wanted}
+    try:
+        values = shard_full_params(full, net, topology) if topology is not None else full
+    except ValueError as err:
+        raise ConfigError("train.init_checkpoint", path, f"a full-layout checkpoint of this model ({err})") from None
+    for param in net.get_parameters():
+        param.set_data(ms.Tensor(values[param.name]))

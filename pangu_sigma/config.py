@@ -64,6 +64,11 @@ class ParallelSection:
     # op_level_model_parallel_num, expert_parallel and devices_per_node above.
     virtual_world_size: int = 0
     virtual_rank: int = 0
+    # rank: the process is rank `virtual_rank` (batch_size sequences, one token group).
+    # cluster: the process is the whole virtual cluster: batch_size * dp sequences
+    # routed as dp token groups, each with its own rank's capacity, aux and locality
+    # loss, which reproduces a multi-process run of that layout exactly.
+    virtual_scope: str = "rank"
 
     def validate(self):
         _need(self.device_target in ("CPU", "Ascend"), "parallel.device_target", self.device_target,
@@ -78,6 +83,8 @@ class ParallelSection:
               self.virtual_world_size, "0 (off) or the device count of the cluster to pose as")
         _need(_is_int(self.virtual_rank) and 0 <= self.virtual_rank < max(1, self.virtual_world_size),
               "parallel.virtual_rank", self.virtual_rank, f"in [0, {max(1, self.virtual_world_size)})")
+        _need(self.virtual_scope in ("rank", "cluster"), "parallel.virtual_scope", self.virtual_scope,
+              "rank or cluster")
 
 
 @dataclass
@@ -103,6 +110,9 @@ class TrainSection:
     loss_scale_window: int = 1000
     seed: int = 1234
     output_dir: str = "output/run"
+    # A model checkpoint of any layout (e.g. <run>/initial_weights.ckpt of a
+    # single-process run) to start from: re-sharded to this rank's TP/EP layout.
+    init_checkpoint: str = ""
 
     def validate(self):
         for name in ("batch_size", "sink_size", "train_steps", "loss_scale_window"):

@@ -28,13 +28,17 @@ locmoe.capacity.expert_capacity(N, moe.capacity_factor, E), buffer [E, C, d].
 Per MoE layer per step there are 4 All-to-Alls: forward dispatch and combine,
 and the same two again in backward (the gradient of an All-to-All is an
 All-to-All of the same size).
-- TP = 1, or EP = 1, or parallel.groupwise_a2a false: each rank sends its
-  whole [E, C, d] buffer through its EP group.
-- group-wise (TP > 1, EP > 1, groupwise_a2a true): each TP rank sends its
-  [E, ceil(C/TP), d] slice through its EP group, then an AllGather over the
-  TP group (inside the node) restores the full buffer; both are counted, for
-  each of the 4 passes. (In backward the AllGather's gradient is a
-  ReduceScatter, which sends the same bytes per rank.)
+The collectives are exactly those of locmoe.exchange.TokenExchange, counted by
+locmoe.exchange.register_exchange_bytes (C rounded up to a multiple of TP in
+group-wise mode, as the layer does):
+- TP = 1, or parallel.groupwise_a2a false: each rank sends its whole
+  [E, C, d] buffer through its EP group (out and back); with TP > 1 the
+  TP-sharded experts' partial outputs are summed by an AllReduce over TP.
+- group-wise (TP > 1, groupwise_a2a true): each TP rank sends its [E, C/TP, d]
+  slice through its EP group, an AllGather over the TP group (inside the
+  node) restores the full buffer, a ReduceScatter over TP sums the partial
+  outputs back into slices, and an AllGather restores the combined buffer.
+Every forward collective moves the same bytes again in backward.
 Reported: `a2a_bytes_per_step` = what one device (rank 0) sends;
 `a2a_bytes_per_step_world` = summed over all devices.
 
@@ -147,32 +151,30 @@ def vocab_size_of(cfg):
 
 # ---- traffic ----------------------------------------------------------------------
 def a2a_traffic(cfg, topology):
-    """All-to-All (+ group-wise AllGather) bytes per step; see the module docstring."""
+    """MoE-layer communication bytes per step; see the module docstring."""
     from locmoe.comm import CommCounter
+    from locmoe.exchange import register_exchange_bytes
     m = cfg.model
-    experts, tp, ep = cfg.num_experts, topology.tp, topology.ep
+    experts, tp = cfg.num_experts, topology.tp
     tokens = param_count.tokens_per_rank(cfg)
-    capacity = expert_capacity(tokens, cfg.moe.capacity_factor, experts)
-    groupwise = bool(cfg.parallel.groupwise_a2a and tp > 1 and ep > 1)
-    rows = math.ceil(capacity / tp) if groupwise else capacity
-    calls = 4 * m.moe_layer_num
+    groupwise = bool(cfg.parallel.groupwise_a2a and tp > 1)
+    multiple = tp if groupwise else 1  # locmoe.layer.MoELayer.capacity rounds the same way
+    capacity = -(-expert_capacity(tokens, cfg.moe.capacity_factor, experts) // multiple) * multiple
+    rows = capacity // tp if groupwise else capacity
     counter = CommCounter(topology)
-    if calls:
-        shape = (experts, rows, m.hidden_size)  # [E, C or ceil(C/TP), d]
-        counter.register("ep_all_to_all", "all_to_all", topology.ep_group(), shape, cfg.compute_dtype,
-                         calls=calls, family=topology.all_groups("ep"))
-        if groupwise:
-            counter.register("tp_all_gather", "all_gather", topology.tp_group(), shape, cfg.compute_dtype,
-                             calls=calls, family=topology.all_groups("tp"))
+    if m.moe_layer_num:
+        register_exchange_bytes(counter, topology, experts, capacity, m.hidden_size, cfg.compute_dtype,
+                                groupwise, m.moe_layer_num)
     by_name = {name: {"intra": a, "inter": e} for name, (a, e) in counter.by_name().items()}
+    itemsize = param_count.ITEMSIZE[cfg.compute_dtype]
     return {
         "tokens_per_rank": tokens,
         "capacity": capacity,
         "groupwise": groupwise,
         "rows_per_rank": rows,
-        "buffer_bytes": experts * capacity * m.hidden_size * param_count.ITEMSIZE[cfg.compute_dtype],
-        "sent_bytes_per_call": experts * rows * m.hidden_size * param_count.ITEMSIZE[cfg.compute_dtype],
-        "calls_per_step": calls,
+        "buffer_bytes": experts * capacity * m.hidden_size * itemsize,
+        "sent_bytes_per_call": experts * rows * m.hidden_size * itemsize,
+        "calls_per_step": 4 * m.moe_layer_num,
         "per_device": counter.totals(),
         "world": counter.world_totals(),
         "by_collective": by_name,

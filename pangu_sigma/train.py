@@ -20,8 +20,10 @@ import mindspore as ms
 
 from locmoe.errors import ConfigError
 from pangu_sigma import checkpoint
-from locmoe.comm import AllReduce
-from pangu_sigma.build import build_model, dataset_meta, parallel_context, set_device
+from locmoe.comm import AllReduce, CommCounter
+from locmoe.exchange import register_exchange_bytes
+from locmoe.layer import MoELayer
+from pangu_sigma.build import build_model, dataset_meta, parallel_context, set_device, single_process_groups
 from pangu_sigma.callbacks import JsonlLog, expert_table, step_line
 from pangu_sigma.config import load_config
 from pangu_sigma.data.dataset import create_dataset
@@ -51,6 +53,21 @@ def build_train_step(cfg, meta, ctx, token_groups=1, group_ranks=None):
     return step, net
 
 
+def comm_summary(cfg, net, topology):
+    """One line: MoE communication bytes per step of this (possibly virtual) rank."""
+    layers = [cell for _, cell in net.cells_and_names() if isinstance(cell, MoELayer)]
+    if not layers or topology.world_size == 1:
+        return "[train] MoE communication per step: none (a single rank holds every expert)"
+    capacity = layers[0].capacity(cfg.train.batch_size * cfg.model.seq_length)
+    counter = register_exchange_bytes(CommCounter(topology), topology, cfg.num_experts, capacity,
+                                      cfg.model.hidden_size, cfg.compute_dtype, cfg.parallel.groupwise_a2a,
+                                      len(layers))
+    totals = counter.totals()
+    return (f"[train] MoE communication per step of rank {topology.rank} (of {topology.world_size}, "
+            f"{topology.nodes} nodes): intra-node {totals['intra'] / 2**20:.2f} MiB, "
+            f"inter-node {totals['inter'] / 2**20:.2f} MiB")
+
+
 def _run_sink(cfg, step_cell, dataset, iterator):
     """Run sink_size steps. Ascend: one data-sink call; CPU: a host loop over the iterator."""
     if cfg.parallel.device_target == "Ascend":
@@ -77,7 +94,9 @@ def train(cfg, resume=False, log=print, stop_after=None):
     topology = ctx.topology
     rank = topology.rank if ctx.distributed else 0
     dp_size, dp_rank = (topology.dp, topology.dp_rank()) if ctx.distributed else (1, 0)
-    step_cell, net = build_train_step(cfg, meta, ctx)
+    groups, group_ranks, batch_multiplier = (1, None, 1) if ctx.distributed else single_process_groups(cfg, topology)
+    batch_size = cfg.train.batch_size * batch_multiplier
+    step_cell, net = build_train_step(cfg, meta, ctx, groups, group_ranks)
     output_dir = cfg.train.output_dir
     os.makedirs(output_dir, exist_ok=True)
     ckpt_dir = checkpoint.rank_dir(output_dir, rank)
@@ -91,14 +110,20 @@ def train(cfg, resume=False, log=print, stop_after=None):
             checkpoint.load_into(step_cell, path)
             start_step = int(ckpt_meta["step"])
             log(f"[train] resumed from {path} at step {start_step}")
+    if start_step == 0 and cfg.train.init_checkpoint:
+        checkpoint.load_resharded(net, cfg.train.init_checkpoint, topology if ctx.distributed else None)
+        log(f"[train] initial weights from {cfg.train.init_checkpoint}")
+    if start_step == 0 and not ctx.distributed:
+        checkpoint.save_model(net, os.path.join(output_dir, "initial_weights.ckpt"))
+    log(comm_summary(cfg, net, topology))
     if start_step >= cfg.train.train_steps:
         log(f"[train] nothing to do: step {start_step} >= train.train_steps={cfg.train.train_steps}")
         return {"steps": start_step, "losses": {}, "tokens_per_s": 0.0, "seconds": 0.0}
 
-    dataset = create_dataset(cfg.data.dataset_dir, "train", cfg.train.batch_size, dp_size, dp_rank,
+    dataset = create_dataset(cfg.data.dataset_dir, "train", batch_size, dp_size, dp_rank,
                              shuffle=cfg.data.shuffle, seed=cfg.data.seed, start_batch=start_step, repeat=True)
     iterator = dataset.create_tuple_iterator(num_epochs=1) if cfg.parallel.device_target != "Ascend" else None
-    tokens_per_step = cfg.train.batch_size * dp_size * cfg.model.seq_length
+    tokens_per_step = batch_size * dp_size * cfg.model.seq_length
     jsonl = JsonlLog(os.path.join(output_dir, f"train_log_rank{rank}.jsonl"), fresh=not resume)
     show_scale = cfg.compute_dtype == "float16"
     sink = cfg.train.sink_size

@@ -24,7 +24,9 @@ def _free_port():
 
 
 def _rel(a, b):
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+    """Relative difference ||a - b|| / ||b|| (Frobenius norm over the whole tensor)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
 
 @pytest.fixture(scope="module")

@@ -95,11 +95,13 @@ def test_a2a_bytes_128n_by_hand(capsys):
     tokens = 32 * 1024                          # batch_size 32 x seq 1024 per rank
     capacity = math.ceil(tokens * 1.25 / 16)    # 2560
     slice_bytes = 16 * (capacity // 8) * D * 2  # [E, C/TP, d] fp16 = 52,428,800
-    calls = 4 * 8                               # 4 per MoE layer x 8 layers
-    # rank 0's EP group is ranks 0, 8, ..., 120: one per node, so 15 chunks of 1/16 leave the node;
-    # the TP AllGather sends the slice to the 7 other ranks of node 0
-    inter = calls * 15 * slice_bytes // 16
-    intra = calls * 7 * slice_bytes
+    passes = 2 * 8                              # forward + backward x 8 MoE layers
+    # rank 0's EP group is ranks 0, 8, ..., 120: one per node, so in each of the two All-to-Alls
+    # 15 chunks of 1/16 leave the node. Inside node 0 (the TP group), per pass: the AllGather of
+    # the received slice to 7 ranks, the ReduceScatter of the [E, C, d] partial outputs (C/8 of
+    # it to each of 7 ranks = 7 slices) and the AllGather of the returned slice to 7 ranks.
+    inter = passes * 2 * 15 * slice_bytes // 16
+    intra = passes * (7 + 7 + 7) * slice_bytes
     assert p["expert_capacity"] == capacity == 2560
     assert p["a2a_bytes_per_step"] == {"intra": intra, "inter": inter}
     assert p["a2a_bytes_per_step_world"] == {"intra": 128 * intra, "inter": 128 * inter}
@@ -131,15 +133,18 @@ def test_a2a_bytes_small_hand_case(capsys, tmp_path, groupwise):
     assert (p["nodes"], p["tp"], p["dp"], p["ep"], p["experts_per_rank"]) == (2, 2, 4, 4, 1)
     assert p["experts_of_node"] == [[0, 1], [2, 3]] and p["local_experts_per_node"] == 2
     assert p["expert_capacity"] == 4
+    # per pass (forward; backward repeats it), 1 MoE layer:
     if groupwise:
-        # slice [4, 2, 8] fp32 = 256 B: A2A 64 B to rank 2 (intra), to 4 and 6 (inter);
-        # AllGather: the 256 B slice to rank 1 (intra). 4 calls (1 MoE layer).
-        per_call = (64 + 256, 2 * 64)
+        # slice [4, 2, 8] fp32 = 256 B, two A2As: 64 B each to rank 2 (intra), to 4 and 6 (inter);
+        # TP [0, 1]: AllGather of the 256 B slice to rank 1, ReduceScatter of the 512 B partial
+        # outputs (256 B to rank 1), AllGather of the 256 B returned slice: all intra.
+        per_pass = (2 * 64 + 256 + 256 + 256, 2 * 2 * 64)
     else:
-        # the full 512 B buffer: 128 B to each of ranks 2 (intra), 4, 6 (inter)
-        per_call = (128, 2 * 128)
-    assert p["a2a_bytes_per_step"] == {"intra": 4 * per_call[0], "inter": 4 * per_call[1]}
-    assert p["a2a_bytes_per_step_world"] == {"intra": 8 * 4 * per_call[0], "inter": 8 * 4 * per_call[1]}
+        # the full 512 B buffer, two A2As: 128 B to each of ranks 2 (intra), 4, 6 (inter);
+        # TP AllReduce of the 512 B partial outputs inside the node: 2 * (2-1)/2 * 512 = 512 B.
+        per_pass = (2 * 128 + 512, 2 * 2 * 128)
+    assert p["a2a_bytes_per_step"] == {"intra": 2 * per_pass[0], "inter": 2 * per_pass[1]}
+    assert p["a2a_bytes_per_step_world"] == {"intra": 8 * 2 * per_pass[0], "inter": 8 * 2 * per_pass[1]}
 
 
 # ---- failures --------------------------------------------------------------------------------

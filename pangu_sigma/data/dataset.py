@@ -7,10 +7,10 @@ started at batch k yields exactly batches k, k+1, ... of an uninterrupted run
 (its per-epoch reshuffle depends on pipeline state, not only on seed and epoch).
 
 Order of epoch e: a numpy permutation of all samples from (seed, e) (identity when
-shuffle=False), cut to a multiple of dp_size; data-parallel rank r takes every
-dp_size-th sample starting at r, so ranks hold disjoint, equal-sized shards. The
-rank's samples are then grouped into batches of batch_size (drop_remainder drops
-the short last batch of each epoch). Batch number b of the stream is batch
+shuffle=False), cut to a multiple of dp_size; global batch k is the k-th run of
+batch_size * dp_size samples and data-parallel rank r takes its r-th block of
+batch_size, so ranks hold disjoint, equal-sized shards and their batches side by
+side are the single-process batch (drop_remainder drops the short last batch). Batch number b of the stream is batch
 b - e * batches_per_epoch of epoch e, so start_batch=k resumes exactly at batch k,
 across epoch boundaries too.
 """
@@ -122,10 +122,19 @@ class BatchStream:
         return ENDLESS_LENGTH if self.repeat else self.per_epoch - self.start_batch
 
     def rank_samples(self, epoch):
-        """This rank's sample indices in epoch order. # [N // dp]"""
+        """This rank's sample indices in epoch order. # [N // dp]
+
+        Global batch k is order[k*B*dp : (k+1)*B*dp] and rank r takes its r-th block
+        of B rows, so the ranks' batches concatenated in rank order are exactly the
+        batch a single process with batch size B*dp reads. A tail shorter than one
+        global batch is dealt round-robin.
+        """
         order = epoch_order(len(self.input_ids), epoch, self.seed, self.shuffle)
-        usable = len(order) - len(order) % self.dp_size
-        return order[:usable][self.dp_rank::self.dp_size]
+        order = order[:len(order) - len(order) % self.dp_size]
+        per_global = self.batch_size * self.dp_size
+        full = len(order) // per_global * per_global
+        blocks = order[:full].reshape(-1, self.dp_size, self.batch_size)[:, self.dp_rank].reshape(-1)  # [n*B]
+        return np.concatenate([blocks, order[full:][self.dp_rank::self.dp_size]])
 
     def __iter__(self):
         epoch, batch = divmod(self.start_batch, self.per_epoch)
