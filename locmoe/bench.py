@@ -19,7 +19,6 @@ import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 from mindspore.common.initializer import initializer, Normal
 
-from locmoe.capacity import expert_capacity
 from locmoe.config import MoEConfig, ROUTERS
 from locmoe.errors import ConfigError
 from locmoe.experts import BatchedExperts
@@ -78,18 +77,19 @@ class _RouterLoss(nn.Cell):
         return prob.sum() + aux + loc
 
 
-def _time_ms(cell, inputs, warmup, steps):
-    for _ in range(warmup):
-        ms.runtime.synchronize() if hasattr(ms, "runtime") else None
-        out = cell(*inputs)
-        out[0].asnumpy()
-    times = []
+def _time_interleaved(cases, warmup, steps):
+    """Median ms per call of each (cell, inputs), timed round-robin so that machine noise
+    hits every case alike (ratios stay meaningful on a busy machine)."""
+    for cell, inputs in cases:
+        for _ in range(warmup):
+            cell(*inputs)[0].asnumpy()
+    times = [[] for _ in cases]
     for _ in range(steps):
-        start = time.perf_counter()
-        out = cell(*inputs)
-        out[0].asnumpy()
-        times.append((time.perf_counter() - start) * 1000.0)
-    return float(np.median(times))
+        for k, (cell, inputs) in enumerate(cases):
+            start = time.perf_counter()
+            cell(*inputs)[0].asnumpy()
+            times[k].append((time.perf_counter() - start) * 1000.0)
+    return [float(np.median(t)) for t in times]
 
 
 def run_case(router, tokens, hidden, ffn, experts, capacity_factor, warmup=3, steps=10, seed=0):
@@ -102,18 +102,19 @@ def run_case(router, tokens, hidden, ffn, experts, capacity_factor, warmup=3, st
     token_ids = Tensor(rng.randint(0, vocab, (1, tokens)).astype(np.int32))
     domain_ids = Tensor(np.zeros(1, np.int32))
     layer = MoELayer(cfg, hidden, ffn, single_process(experts))
-    moe_ms = _time_ms(_FwdBwd(_SumLoss(layer, True)), (x, token_ids, domain_ids), warmup, steps)
-
-    dense_ms = _time_ms(_FwdBwd(_SumLoss(DenseFFN(hidden, ffn), False)), (x.reshape(tokens, hidden),), warmup, steps)
-    capacity = expert_capacity(tokens, capacity_factor, experts)
+    capacity = layer.capacity(tokens)
     buffer = Tensor(rng.randn(experts, capacity, hidden).astype(np.float32))  # [E, C, d]
-    experts_ms = _time_ms(_FwdBwd(_SumLoss(BatchedExperts(experts, hidden, ffn), False)), (buffer,), warmup, steps)
     router_cell = MoELayer(cfg, hidden, ffn, single_process(experts)).router
     if router_cell.trainable_params():
-        gate_loss = _FwdBwd(_RouterLoss(router_cell, layer.local_mask))
+        gate_cell = _FwdBwd(_RouterLoss(router_cell, layer.local_mask))
     else:  # table routers: nothing to differentiate, time the forward lookup
-        gate_loss = _ForwardOnly(_RouterLoss(router_cell, layer.local_mask))
-    gate_ms = _time_ms(gate_loss, (x.reshape(1, tokens, hidden), token_ids, token_ids * 0), warmup, steps)
+        gate_cell = _ForwardOnly(_RouterLoss(router_cell, layer.local_mask))
+    moe_ms, dense_ms, experts_ms, gate_ms = _time_interleaved([
+        (_FwdBwd(_SumLoss(layer, True)), (x, token_ids, domain_ids)),
+        (_FwdBwd(_SumLoss(DenseFFN(hidden, ffn), False)), (x.reshape(tokens, hidden),)),
+        (_FwdBwd(_SumLoss(BatchedExperts(experts, hidden, ffn), False)), (buffer,)),
+        (gate_cell, (x, token_ids, token_ids * 0)),
+    ], warmup, steps)
     return {"router": router, "tokens": tokens, "hidden": hidden, "ffn": ffn, "experts": experts,
             "capacity_factor": capacity_factor, "moe_ms": round(moe_ms, 2), "dense_ms": round(dense_ms, 2),
             "experts_ms": round(experts_ms, 2), "ratio": round(moe_ms / dense_ms, 4),

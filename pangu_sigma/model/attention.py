@@ -19,6 +19,8 @@ import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 from mindspore.common.initializer import Normal, initializer
 
+from pangu_sigma.parallel.tp_layers import ColumnParallelLinear, RowParallelLinear, tp_size
+
 MASKED_SCORE = -1e9  # added to scores of future positions; exp() underflows to exactly 0 in float32
 
 
@@ -61,20 +63,36 @@ class CausalAttention(nn.Cell):
 
     out_proj is initialised with std out_init_std (the caller passes the
     GPT-2 residual scaling init_std / sqrt(2 * num_layers)).
+
+    Tensor parallelism (`parallel` with tp > 1): this rank computes num_heads/tp
+    heads. q_proj and kv_proj are column-parallel (kv_proj's fused k|v axis is
+    split block-wise, so the rank holds its heads' k and v), out_proj is
+    row-parallel (AllReduce over TP). Inputs and output stay replicated.
     """
 
     def __init__(self, hidden_size, num_heads, seq_length, init_std, out_init_std, dropout_rate,
-                 compute_dtype=ms.float32):
+                 compute_dtype=ms.float32, parallel=None):
         super().__init__()
         if hidden_size % num_heads != 0:
             raise ValueError(f"hidden_size={hidden_size} must be a multiple of num_heads={num_heads}")
+        tp = tp_size(parallel)
+        if num_heads % tp != 0:
+            raise ValueError(f"num_heads={num_heads} must be a multiple of tp={tp}")
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
+        self.local_heads = num_heads // tp  # heads computed by this rank
+        self.local_width = self.local_heads * self.head_dim
         self.compute_dtype = compute_dtype
-        self.q_proj = Linear(hidden_size, hidden_size, init_std, compute_dtype)
-        self.kv_proj = Linear(hidden_size, 2 * hidden_size, init_std, compute_dtype)
-        self.out_proj = Linear(hidden_size, hidden_size, out_init_std, compute_dtype)
+        if tp > 1:
+            self.q_proj = ColumnParallelLinear(hidden_size, hidden_size, init_std, compute_dtype, parallel)
+            self.kv_proj = ColumnParallelLinear(hidden_size, 2 * hidden_size, init_std, compute_dtype, parallel,
+                                                parts=2)
+            self.out_proj = RowParallelLinear(hidden_size, hidden_size, out_init_std, compute_dtype, parallel)
+        else:
+            self.q_proj = Linear(hidden_size, hidden_size, init_std, compute_dtype)
+            self.kv_proj = Linear(hidden_size, 2 * hidden_size, init_std, compute_dtype)
+            self.out_proj = Linear(hidden_size, hidden_size, out_init_std, compute_dtype)
         self.prob_dropout = nn.Dropout(p=dropout_rate)
         self.query_scale = 1.0 / math.sqrt(self.head_dim)
         self.mask = causal_mask(seq_length)  # [S_max, S_max], shared across layers
@@ -92,7 +110,7 @@ class CausalAttention(nn.Cell):
 
         query_states, kv_states [B, T, d]; past_key, past_value [B, H, P, dh] with
         P == start_pos (None when P == 0). Returns (out [B, T, d], key, value) where
-        key/value [B, H, P+T, dh] are the cache for the next call.
+        key/value [B, H, P+T, dh] are the cache for the next call (H = this rank's heads).
         """
         seq = query_states.shape[1]
         query = self._split_queries(query_states)  # [B, H, T, dh]
@@ -108,16 +126,16 @@ class CausalAttention(nn.Cell):
 
     def _split_heads(self, x):
         batch, seq, _ = x.shape
-        x = x.reshape(batch, seq, self.num_heads, self.head_dim)  # [B, S, H, dh]
+        x = x.reshape(batch, seq, self.local_heads, self.head_dim)  # [B, S, H, dh]
         return x.transpose(0, 2, 1, 3)  # [B, H, S, dh]
 
     def _split_queries(self, query_states):
-        query = self.q_proj(query_states) * self.query_scale  # [B, S, d], scaled before the matmul
+        query = self.q_proj(query_states) * self.query_scale  # [B, S, d/tp], scaled before the matmul
         return self._split_heads(query)  # [B, H, S, dh]
 
     def _split_keys_values(self, kv_states):
-        key_value = self.kv_proj(kv_states)  # [B, S, 2d]
-        key, value = ops.split(key_value, self.hidden_size, axis=-1)  # [B, S, d] each
+        key_value = self.kv_proj(kv_states)  # [B, S, 2d/tp]: my heads' k | my heads' v
+        key, value = ops.split(key_value, self.local_width, axis=-1)  # [B, S, d/tp] each
         return self._split_heads(key), self._split_heads(value)  # [B, H, S, dh] each
 
     def _attend(self, query, key, value, mask):
@@ -127,5 +145,5 @@ class CausalAttention(nn.Cell):
         probs = self.prob_dropout(probs)
         context = ops.matmul(ops.cast(probs, self.compute_dtype), value)  # [B, H, T, dh]
         batch, _, seq, _ = context.shape
-        context = context.transpose(0, 2, 1, 3).reshape(batch, seq, self.hidden_size)  # [B, T, d]
+        context = context.transpose(0, 2, 1, 3).reshape(batch, seq, self.local_width)  # [B, T, d/tp]
         return self.out_proj(context)  # [B, T, d]

@@ -3,6 +3,10 @@
 Every block: x = x + Attn(LN(x)); x = x + FFN(LN(x)). The residual stream is
 float32; LayerNorm runs in float32; the branches run in compute_dtype and are
 cast back to float32 before the residual add.
+
+`parallel` (a ParallelContext, optional): with tp > 1 attention heads and the
+dense FFN's inner width are split over the TP group (Megatron-style); the
+residual stream, LayerNorms and the top-query table stay replicated.
 """
 import math
 
@@ -11,6 +15,7 @@ from mindspore import nn, ops, Parameter
 from mindspore.common.initializer import Normal, initializer
 
 from pangu_sigma.model.attention import CausalAttention, Linear
+from pangu_sigma.parallel.tp_layers import ColumnParallelLinear, RowParallelLinear, tp_size
 
 
 def layer_norm(hidden_size, eps):
@@ -24,12 +29,21 @@ def residual_init_std(cfg):
 
 
 class DenseFFN(nn.Cell):
-    """w_out(GeLU(w_in(x))): d -> ffn_hidden_size -> d; exact (erf) GeLU as in the paper's eq. 1."""
+    """w_out(GeLU(w_in(x))): d -> ffn_hidden_size -> d; exact (erf) GeLU as in the paper's eq. 1.
 
-    def __init__(self, cfg, compute_dtype):
+    With tp > 1: w_in column-parallel (inner width ffn/tp), w_out row-parallel.
+    """
+
+    def __init__(self, cfg, compute_dtype, parallel=None):
         super().__init__()
-        self.w_in = Linear(cfg.hidden_size, cfg.ffn_hidden_size, cfg.param_init_std, compute_dtype)
-        self.w_out = Linear(cfg.ffn_hidden_size, cfg.hidden_size, residual_init_std(cfg), compute_dtype)
+        if tp_size(parallel) > 1:
+            self.w_in = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, cfg.param_init_std,
+                                             compute_dtype, parallel)
+            self.w_out = RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, residual_init_std(cfg),
+                                           compute_dtype, parallel)
+        else:
+            self.w_in = Linear(cfg.hidden_size, cfg.ffn_hidden_size, cfg.param_init_std, compute_dtype)
+            self.w_out = Linear(cfg.ffn_hidden_size, cfg.hidden_size, residual_init_std(cfg), compute_dtype)
 
     def construct(self, x):
         return self.w_out(ops.gelu(self.w_in(x), approximate="none"))  # [B, S, d]
@@ -38,11 +52,11 @@ class DenseFFN(nn.Cell):
 class _AttentionSublayer(nn.Cell):
     """Holds ln_attn, attn, ln_ffn and the branch dropout shared by every block kind."""
 
-    def __init__(self, cfg, compute_dtype):
+    def __init__(self, cfg, compute_dtype, parallel=None):
         super().__init__()
         self.ln_attn = layer_norm(cfg.hidden_size, cfg.layernorm_eps)
         self.attn = CausalAttention(cfg.hidden_size, cfg.num_heads, cfg.seq_length, cfg.param_init_std,
-                                    residual_init_std(cfg), cfg.dropout_rate, compute_dtype)
+                                    residual_init_std(cfg), cfg.dropout_rate, compute_dtype, parallel)
         self.ln_ffn = layer_norm(cfg.hidden_size, cfg.layernorm_eps)
         self.dropout = nn.Dropout(p=cfg.dropout_rate)
 
@@ -63,9 +77,9 @@ class _AttentionSublayer(nn.Cell):
 class DenseBlock(_AttentionSublayer):
     """Decoder block with a dense GeLU FFN (`ffn.w_in`, `ffn.w_out`)."""
 
-    def __init__(self, cfg, compute_dtype):
-        super().__init__(cfg, compute_dtype)
-        self.ffn = DenseFFN(cfg, compute_dtype)
+    def __init__(self, cfg, compute_dtype, parallel=None):
+        super().__init__(cfg, compute_dtype, parallel)
+        self.ffn = DenseFFN(cfg, compute_dtype, parallel)
 
     def construct(self, x):
         """x [B, S, d] float32 -> [B, S, d] float32."""
@@ -85,8 +99,8 @@ class SparseBlock(_AttentionSublayer):
     float32) with the token ids and the sample domain ids.
     """
 
-    def __init__(self, cfg, compute_dtype, moe_layer):
-        super().__init__(cfg, compute_dtype)
+    def __init__(self, cfg, compute_dtype, moe_layer, parallel=None):
+        super().__init__(cfg, compute_dtype, parallel)
         self.ffn = moe_layer
 
     def construct(self, x, token_ids, domain_ids):
@@ -109,12 +123,12 @@ class TopQueryLayer(_AttentionSublayer):
     keys and values come from LN(x). Causal like every block.
     """
 
-    def __init__(self, cfg, compute_dtype):
-        super().__init__(cfg, compute_dtype)
+    def __init__(self, cfg, compute_dtype, parallel=None):
+        super().__init__(cfg, compute_dtype, parallel)
         self.top_query_table = Parameter(
             initializer(Normal(cfg.param_init_std), [cfg.seq_length, cfg.hidden_size], ms.float32),
-            name="top_query_table")
-        self.ffn = DenseFFN(cfg, compute_dtype)
+            name="top_query_table")  # replicated over TP
+        self.ffn = DenseFFN(cfg, compute_dtype, parallel)
 
     def _queries(self, batch, start_pos, seq):
         queries = self.top_query_table[start_pos:start_pos + seq]  # [T, d]

@@ -5,6 +5,7 @@ from mindspore import nn, ops
 from locmoe.errors import ConfigError
 from pangu_sigma.model.blocks import DenseBlock, SparseBlock, TopQueryLayer, layer_norm
 from pangu_sigma.model.embedding import Embedding
+from pangu_sigma.parallel import tp_layers
 
 COMPUTE_DTYPES = {"float32": ms.float32, "float16": ms.float16}
 
@@ -29,6 +30,14 @@ def _validate(cfg, moe_cfg):
         raise ConfigError("moe", None, f"a MoEConfig (model.moe_layer_num={cfg.moe_layer_num} > 0)")
 
 
+def _validate_tp(cfg, tp):
+    """Tensor parallelism splits heads, the dense FFN width and the vocabulary over tp ranks."""
+    for name in ("num_heads", "vocab_size", "ffn_hidden_size"):
+        if getattr(cfg, name) % tp:
+            raise ConfigError(f"model.{name}", getattr(cfg, name),
+                              f"a multiple of the tensor parallel size tp={tp}")
+
+
 class PanguSigmaModel(nn.Cell):
     """PanGu-Sigma language model.
 
@@ -40,7 +49,7 @@ class PanguSigmaModel(nn.Cell):
     just before the head, as in a standard pre-LN GPT.
 
     construct(input_ids [B, S] int32, domain_ids [B] int32) ->
-        (logits [B, S, V] float32, aux_loss [] float32, loc_loss [] float32,
+        (logits [B, S, V] float32 ([B, S, V/tp] with tensor parallelism), aux_loss [] float32, loc_loss [] float32,
          expert_load [M, E] float32, dropped [M] float32, local [M] float32)
     aux_loss / loc_loss are summed over the sparse layers. With M = 0 the losses
     are 0.0 and the statistics are empty tensors of shape [0, E], [0], [0]
@@ -48,30 +57,52 @@ class PanguSigmaModel(nn.Cell):
     in GRAPH mode.
 
     moe_layer_factory(moe_cfg, hidden_size, ffn_hidden_size, topology,
-    param_init_std=..., compute_dtype=...) builds each MoE layer; default
-    locmoe.layer.MoELayer.
+    param_init_std=..., compute_dtype=...[, parallel=...]) builds each MoE layer;
+    default locmoe.layer.MoELayer. `parallel` is passed only when given here.
+
+    parallel: an optional locmoe.parallel_context.ParallelContext. With
+    parallel.tp > 1 (a distributed run) the dense parts are tensor-parallel
+    (pangu_sigma.parallel.tp_layers): attention heads, the dense FFN width and
+    the vocabulary are split over the TP group, and `logits` are this rank's
+    vocabulary shard [B, S, V/tp] (ids tp_rank*V/tp ..). Position embeddings,
+    LayerNorms and the top-query table are replicated. Parameter names are those
+    of the single-process model; `tp_shard_specs` gives the sharded ones' layouts.
     """
 
-    def __init__(self, model_cfg, moe_cfg, topology, moe_layer_factory=None):
+    def __init__(self, model_cfg, moe_cfg, topology, moe_layer_factory=None, parallel=None):
         super().__init__()
         _validate(model_cfg, moe_cfg)
+        self.tp = tp_layers.tp_size(parallel)
+        _validate_tp(model_cfg, self.tp)
+        self.parallel = parallel
         self.cfg = model_cfg
         compute_dtype = COMPUTE_DTYPES[model_cfg.compute_dtype]
-        self.embedding = Embedding(model_cfg.vocab_size, model_cfg.seq_length, model_cfg.hidden_size,
-                                   model_cfg.param_init_std, model_cfg.dropout_rate, compute_dtype)
+        if self.tp > 1:
+            self.embedding = tp_layers.VocabParallelEmbedding(
+                model_cfg.vocab_size, model_cfg.seq_length, model_cfg.hidden_size, model_cfg.param_init_std,
+                model_cfg.dropout_rate, compute_dtype, parallel)
+        else:
+            self.embedding = Embedding(model_cfg.vocab_size, model_cfg.seq_length, model_cfg.hidden_size,
+                                       model_cfg.param_init_std, model_cfg.dropout_rate, compute_dtype)
         self.dense_layer_num = model_cfg.dense_layer_num
         self.moe_layer_num = model_cfg.moe_layer_num
         self.num_experts = moe_cfg.num_experts if moe_cfg is not None else 0
-        blocks = [DenseBlock(model_cfg, compute_dtype) for _ in range(self.dense_layer_num)]
+        blocks = [DenseBlock(model_cfg, compute_dtype, parallel) for _ in range(self.dense_layer_num)]
         if self.moe_layer_num > 0:
             factory = moe_layer_factory or _default_moe_layer_factory()
+            extra = {} if parallel is None else {"parallel": parallel}
             for _ in range(self.moe_layer_num):
                 moe_layer = factory(moe_cfg, model_cfg.hidden_size, model_cfg.ffn_hidden_size, topology,
-                                    param_init_std=model_cfg.param_init_std, compute_dtype=compute_dtype)
-                blocks.append(SparseBlock(model_cfg, compute_dtype, moe_layer))
+                                    param_init_std=model_cfg.param_init_std, compute_dtype=compute_dtype, **extra)
+                blocks.append(SparseBlock(model_cfg, compute_dtype, moe_layer, parallel))
         self.blocks = nn.CellList(blocks)
-        self.query_layer = TopQueryLayer(model_cfg, compute_dtype)
+        self.query_layer = TopQueryLayer(model_cfg, compute_dtype, parallel)
         self.final_ln = layer_norm(model_cfg.hidden_size, model_cfg.layernorm_eps)
+
+    @property
+    def tp_shard_specs(self):
+        """{parameter name: TPShard} of the tensor-parallel parameters (empty when tp == 1)."""
+        return tp_layers.tp_shard_specs(self)
 
     def construct(self, input_ids, domain_ids):
         x = self.embedding(input_ids)  # [B, S, d] float32
@@ -108,7 +139,11 @@ class PanguSigmaModel(nn.Cell):
         With MoE layers, each call routes only its own T*B tokens, so capacity
         (and hence token dropping) differs from a full forward unless the
         capacity is large enough that nothing is dropped.
+        Only for tp == 1 (NotImplementedError with tensor parallelism).
         """
+        if self.tp > 1:
+            raise NotImplementedError(f"incremental decoding with tensor parallelism (tp={self.tp}) is not "
+                                      "implemented; generate with a tp=1 model")
         if start_pos + input_ids.shape[1] > self.cfg.seq_length:
             raise ValueError(f"positions up to {start_pos + input_ids.shape[1]} exceed "
                              f"seq_length={self.cfg.seq_length}")
@@ -140,22 +175,33 @@ def token_cross_entropy(logits, labels):
     return -picked.mean()
 
 
+class _TokenCrossEntropy(nn.Cell):
+    def construct(self, logits, labels):
+        return token_cross_entropy(logits, labels)
+
+
 class PanguSigmaWithLoss(nn.Cell):
     """Training loss (the paper's eq. 7): total = CE + sum_layers aux + sum_layers loc.
 
     construct(ids [B, S+1] int32, domain_ids [B] int32) ->
         (total_loss, ce_loss, aux_loss, loc_loss, expert_load [M, E], dropped [M], local [M])
     with inputs = ids[:, :-1], labels = ids[:, 1:]; every loss is a float32 scalar.
+    With a tensor-parallel model (model.tp > 1) the CE is the vocab-parallel
+    cross-entropy of the sharded logits: the same value on every TP rank.
     """
 
     def __init__(self, model):
         super().__init__()
         self.model = model
+        if getattr(model, "tp", 1) > 1:
+            self.cross_entropy = tp_layers.VocabParallelCrossEntropy(model.embedding.vocab_start, model.parallel)
+        else:
+            self.cross_entropy = _TokenCrossEntropy()
 
     def construct(self, ids, domain_ids):
         inputs = ids[:, :-1]  # [B, S]
         labels = ids[:, 1:]  # [B, S]
         logits, aux_loss, loc_loss, expert_load, dropped, local = self.model(inputs, domain_ids)
-        ce_loss = token_cross_entropy(logits, labels)
+        ce_loss = self.cross_entropy(logits, labels)
         total_loss = ce_loss + aux_loss + loc_loss
         return total_loss, ce_loss, aux_loss, loc_loss, expert_load, dropped, local

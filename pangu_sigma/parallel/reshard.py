@@ -1,0 +1,181 @@
+"""Full (single-process) parameters <-> one rank's shards of a parallel model.
+
+Layouts are data-driven:
+- TP-sharded parameters: the TPShard recorded by their layer (`tp_shard_specs(net)`).
+- Experts: names containing `experts.w_in` ([E, d, h]) or `experts.w_out` ([E, h, d]):
+  axis 0 is split by ep_rank into E/ep experts (Topology.experts_of_rank), and the
+  inner axis h (axis 2 of w_in, axis 1 of w_out) by tp_rank into h/tp when the
+  parallel model's shape says so.
+- Everything else is replicated (copied).
+Arrays are numpy; names are the parameters' current names (a model wrapped in
+PanguSigmaWithLoss has the prefix "model.", so build both sides alike).
+"""
+import numpy as np
+
+from pangu_sigma.parallel.tp_layers import TPShard, tp_shard_specs
+
+EXPERT_INNER_AXIS = {"experts.w_in": 2, "experts.w_out": 1}
+
+
+def _expert_kind(name):
+    for key, axis in EXPERT_INNER_AXIS.items():
+        if key in name:
+            return key, axis
+    return None, None
+
+
+def _expert_layout(name, local_shape, full_shape, topology):
+    """(ep_split, tp_split) for an expert parameter, checked against the shapes."""
+    _, inner = _expert_kind(name)
+    if tuple(local_shape) == tuple(full_shape) and (len(full_shape) != 3 or topology.ep == 1):
+        return False, False  # nothing split (e.g. a dense stand-in named like the experts)
+    if len(full_shape) != 3 or len(local_shape) != 3:
+        raise ValueError(f"{name}: expert parameters must be [E, d, h] / [E, h, d]; got full shape "
+                         f"{tuple(full_shape)}, parallel shape {tuple(local_shape)}")
+    experts, h = full_shape[0], full_shape[inner]
+    if experts % topology.ep or local_shape[0] != experts // topology.ep:
+        raise ValueError(f"{name}: the parallel model holds {local_shape[0]} experts; expected "
+                         f"num_experts/ep = {experts}/{topology.ep}")
+    if local_shape[inner] == h:
+        tp_split = False
+    elif topology.tp > 1 and h % topology.tp == 0 and local_shape[inner] == h // topology.tp:
+        tp_split = True
+    else:
+        raise ValueError(f"{name}: inner width {local_shape[inner]} of the parallel model is neither "
+                         f"the full {h} nor {h}/tp (tp={topology.tp})")
+    other = [a for a in range(3) if a not in (0, inner)][0]
+    if local_shape[other] != full_shape[other]:
+        raise ValueError(f"{name}: axis {other} differs: parallel {local_shape[other]}, full {full_shape[other]}")
+    return topology.ep > 1, tp_split
+
+
+def _expert_slice(name, full, ep_split, tp_split, topology):
+    _, inner = _expert_kind(name)
+    out = full
+    if ep_split:
+        out = np.split(out, topology.ep, axis=0)[topology.ep_rank()]
+    if tp_split:
+        out = np.split(out, topology.tp, axis=inner)[topology.tp_rank()]
+    return out
+
+
+def _net_shapes(net):
+    return {p.name: tuple(p.shape) for p in net.get_parameters()}
+
+
+def shard_full_params(full, net, topology):
+    """{name: full numpy array} -> {name: numpy array} for rank `topology.rank` of `net`.
+
+    `net` is the parallel model (parameters with shard shapes) built for this
+    topology. Raises ValueError on missing/unexpected names or wrong shapes.
+    """
+    shapes = _net_shapes(net)
+    specs = tp_shard_specs(net)
+    missing, extra = sorted(set(shapes) - set(full)), sorted(set(full) - set(shapes))
+    if missing or extra:
+        raise ValueError(f"parameter names differ: missing from the full dict {missing[:5]}, "
+                         f"not in the parallel model {extra[:5]}")
+    out = {}
+    for name, want in shapes.items():
+        array = np.asarray(full[name])
+        if name in specs:
+            spec = specs[name]
+            expected = spec.local_shape(array.shape, topology.tp)
+            if expected != want:
+                raise ValueError(f"{name}: full shape {array.shape} split by {spec} over tp={topology.tp} "
+                                 f"gives {expected}, but the parallel model has {want}")
+            piece = spec.shard(array, topology.tp, topology.tp_rank())
+        elif _expert_kind(name)[0] is not None:
+            ep_split, tp_split = _expert_layout(name, want, array.shape, topology)
+            piece = _expert_slice(name, array, ep_split, tp_split, topology)
+        else:
+            if array.shape != want:
+                raise ValueError(f"{name}: replicated parameter has full shape {array.shape} but the "
+                                 f"parallel model has {want} (is the model built for tp={topology.tp}?)")
+            piece = array
+        out[name] = np.ascontiguousarray(piece)
+    return out
+
+
+def _specs_of(specs):
+    if isinstance(specs, dict):
+        return specs
+    return tp_shard_specs(specs)  # a Cell
+
+
+def _check_topologies(per_rank, topologies):
+    if len(per_rank) != len(topologies):
+        raise ValueError(f"{len(per_rank)} parameter dicts but {len(topologies)} topologies")
+    if not topologies:
+        raise ValueError("no ranks given")
+    first = topologies[0]
+    for t in topologies:
+        if (t.world_size, t.tp, t.ep, t.num_experts) != (first.world_size, first.tp, first.ep, first.num_experts):
+            raise ValueError(f"topologies disagree: {t} vs {first}")
+    return first
+
+
+def _rank_with(topologies, **coords):
+    """Index of the first topology whose tp_rank/ep_rank match `coords`."""
+    for i, t in enumerate(topologies):
+        if all(getattr(t, f"{k}_rank")() == v for k, v in coords.items()):
+            return i
+    raise ValueError(f"no rank given with {coords}")
+
+
+def gather_full_params(per_rank, topologies, specs, full_shapes=None, replica_atol=None):
+    """Inverse of shard_full_params: per-rank {name: array} dicts -> {name: full array}.
+
+    per_rank[i] belongs to the rank topologies[i].rank (one TP group per EP rank
+    at least must be present). specs: the TP layouts, a dict from tp_shard_specs
+    or the parallel net itself. full_shapes: optional {name: shape}; decides
+    whether expert inner axes are TP-split (default: split iff tp > 1, the
+    MoELayer layout) and checks the result. replica_atol: if given, replicated
+    parameters must agree across ranks within it (else the first rank's copy is used).
+    """
+    topo = _check_topologies(per_rank, topologies)
+    specs = _specs_of(specs)
+    names = list(per_rank[0])
+    for i, d in enumerate(per_rank):
+        if set(d) != set(names):
+            raise ValueError(f"rank {topologies[i].rank} has different parameter names than rank "
+                             f"{topologies[0].rank}")
+    out = {}
+    for name in names:
+        if name in specs:
+            pieces = [per_rank[_rank_with(topologies, tp=t)][name] for t in range(topo.tp)]
+            full = specs[name].unshard([np.asarray(p) for p in pieces])
+        elif _expert_kind(name)[0] is not None:
+            local_shape = np.shape(per_rank[0][name])
+            _, inner = _expert_kind(name)
+            if full_shapes is not None:
+                ep_split, tp_split = _expert_layout(name, local_shape, full_shapes[name], topo)
+            elif len(local_shape) == 3:
+                ep_split, tp_split = topo.ep > 1, topo.tp > 1
+            else:
+                ep_split = tp_split = False
+            tps = range(topo.tp) if tp_split else [None]
+            eps = range(topo.ep) if ep_split else [None]
+            rows = []
+            for e in eps:
+                parts = []
+                for t in tps:
+                    coords = {k: v for k, v in (("ep", e), ("tp", t)) if v is not None}
+                    parts.append(np.asarray(per_rank[_rank_with(topologies, **coords)][name]))
+                rows.append(np.concatenate(parts, axis=inner) if tp_split else parts[0])
+            full = np.concatenate(rows, axis=0) if ep_split else rows[0]
+        else:
+            full = np.asarray(per_rank[0][name])
+            if replica_atol is not None:
+                for i, d in enumerate(per_rank):
+                    if not np.allclose(d[name], full, rtol=0, atol=replica_atol):
+                        diff = np.abs(np.asarray(d[name]) - full).max()
+                        raise ValueError(f"{name}: replica on rank {topologies[i].rank} differs from rank "
+                                         f"{topologies[0].rank} by {diff:.3g} > {replica_atol}")
+        if full_shapes is not None and tuple(full.shape) != tuple(full_shapes[name]):
+            raise ValueError(f"{name}: gathered shape {full.shape} != expected {tuple(full_shapes[name])}")
+        out[name] = full
+    return out
+
+
+__all__ = ["TPShard", "gather_full_params", "shard_full_params", "tp_shard_specs"]
