@@ -9,7 +9,6 @@ prints one JSON line per router:
   gate_ms     the router alone (gate, softmax, top-1, losses), fwd+bwd
   ratio = moe_ms / dense_ms, overhead = moe_ms / experts_ms - 1  (medians after warm-up)
 """
-import argparse
 import json
 import sys
 import time
@@ -20,7 +19,7 @@ from mindspore import nn, ops, Parameter, Tensor
 from mindspore.common.initializer import initializer, Normal
 
 from locmoe.config import MoEConfig, ROUTERS
-from locmoe.errors import ConfigError
+from locmoe.errors import ConfigError, OneLineArgumentParser, run_cli
 from locmoe.experts import BatchedExperts
 from locmoe.layer import MoELayer
 from locmoe.topology import single_process
@@ -131,7 +130,7 @@ class _ForwardOnly(nn.Cell):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--router", default="all", help="one of %s or all" % ", ".join(ROUTERS))
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=512)
@@ -142,7 +141,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)
     routers = list(ROUTERS) if args.router == "all" else [args.router]
-    try:
+    def run():
         for name in routers:
             if name not in ROUTERS:
                 raise ConfigError("--router", name, f"one of {list(ROUTERS)} or all")
@@ -155,10 +154,8 @@ def main(argv=None):
         for name in routers:
             print(json.dumps(run_case(name, args.tokens, args.hidden, args.ffn, args.experts,
                                       args.capacity_factor, args.warmup, args.steps)), flush=True)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":

@@ -3,13 +3,12 @@
 Perplexity = exp(mean token cross-entropy over the whole valid split); every
 valid sample counts (the last short batch too).
 """
-import argparse
 import math
 import sys
 
 import numpy as np
 
-from locmoe.errors import ConfigError
+from locmoe.errors import ConfigError, OneLineArgumentParser, run_cli
 from pangu_sigma import checkpoint
 from pangu_sigma.build import build_model, dataset_meta, set_device, single_process_topology
 from pangu_sigma.callbacks import expert_table
@@ -55,22 +54,20 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Validation perplexity and expert-load table.")
+    parser = OneLineArgumentParser(description="Validation perplexity and expert-load table.")
     parser.add_argument("--config", required=True)
     parser.add_argument("--checkpoint", required=True, help=".ckpt file or a run folder (newest checkpoint)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--split", default="valid", choices=("valid", "train"))
     args = parser.parse_args(argv)
-    try:
+    def run():
         if args.batch_size is not None and args.batch_size < 1:
             raise ConfigError("--batch-size", args.batch_size, "an integer >= 1")
         cfg = load_config(args.config, args.set)
         evaluate(cfg, args.checkpoint, args.batch_size, args.split)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ python -m pangu_sigma.generate --config FILE --checkpoint PATH --prompt TEXT
 PYNATIVE mode: the prompt runs once through the model, then one token per
 step reuses the cached keys and values (PanguSigmaModel.forward_with_cache).
 """
-import argparse
 import os
 import sys
 
@@ -13,7 +12,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
-from locmoe.errors import ConfigError
+from locmoe.errors import ConfigError, OneLineArgumentParser, run_cli
 from pangu_sigma import checkpoint
 from pangu_sigma.build import build_model, dataset_meta, set_device, single_process_topology
 from pangu_sigma.config import load_config
@@ -52,7 +51,7 @@ def generate_ids(model, prompt_ids, domain_id, max_new_tokens, seq_length, top_p
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Continue a prompt with a trained PanGu-Sigma.")
+    parser = OneLineArgumentParser(description="Continue a prompt with a trained PanGu-Sigma.")
     parser.add_argument("--config", required=True)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--prompt", required=True)
@@ -64,7 +63,7 @@ def main(argv=None):
     parser.add_argument("--domain", default=None, help="domain name (default: the first one)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    try:
+    def run():
         import sentencepiece as spm
 
         cfg = load_config(args.config, args.set)
@@ -91,10 +90,8 @@ def main(argv=None):
                                cfg.model.seq_length, args.top_p, args.temperature, args.greedy, args.seed,
                                tokenizer.eos_id())
         print(args.prompt + tokenizer.decode(new_ids))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":

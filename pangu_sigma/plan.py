@@ -44,9 +44,7 @@ Reported: `a2a_bytes_per_step` = what one device (rank 0) sends;
 
 Errors are one line, `error: ...`, exit status 2.
 """
-import argparse
 import json
-import math
 import os
 import sys
 

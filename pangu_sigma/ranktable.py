@@ -15,7 +15,6 @@ its server and device), the bad value and what is valid.
 CLI: python -m pangu_sigma.ranktable FILE [--rank-size N] [--local-ranks START COUNT]
 No MindSpore import here: the launch scripts use this on any machine.
 """
-import argparse
 import ipaddress
 import json
 import os
@@ -23,7 +22,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from locmoe.errors import ConfigError
+from locmoe.errors import ConfigError, OneLineArgumentParser
 
 FORMAT_VERSION = "1.0"
 DEVICES_PER_BOARD = 8  # Ascend 910A: device ids 0..7 on one server
@@ -37,13 +36,6 @@ class RankTable:
     devices_per_node: int      # most devices on any one server
     node_of_rank: tuple        # rank -> index into server_ids (for locmoe Topology)
     device_id_of_rank: tuple   # rank -> device id on its server
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse that reports bad arguments on one line (exit 2)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _require(ok, field, value, valid):

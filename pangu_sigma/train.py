@@ -10,7 +10,6 @@ equal those of an uninterrupted run (bitwise on CPU; stochastic layers,
 dropout and Switch jitter, draw from MindSpore's op RNG, which a checkpoint
 does not hold, so keep them at 0 when that matters).
 """
-import argparse
 import os
 import sys
 import time
@@ -18,7 +17,7 @@ import time
 import numpy as np
 import mindspore as ms
 
-from locmoe.errors import ConfigError
+from locmoe.errors import OneLineArgumentParser, run_cli
 from pangu_sigma import checkpoint
 from locmoe.comm import AllReduce, CommCounter
 from locmoe.exchange import register_exchange_bytes
@@ -127,7 +126,7 @@ def train(cfg, resume=False, log=print, stop_after=None):
     jsonl = JsonlLog(os.path.join(output_dir, f"train_log_rank{rank}.jsonl"), fresh=not resume)
     show_scale = cfg.compute_dtype == "float16"
     sink = cfg.train.sink_size
-    losses, window = {}, []
+    losses = {}
     stats_since = None
     started = time.time()
     timed_tokens, timed_seconds = 0, 0.0
@@ -177,7 +176,7 @@ def train(cfg, resume=False, log=print, stop_after=None):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Train PanGu-Sigma with a LocMoE/Switch/Hash/RRE router.")
+    parser = OneLineArgumentParser(description="Train PanGu-Sigma with a LocMoE/Switch/Hash/RRE router.")
     parser.add_argument("--config", required=True, help="YAML run config")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config field (repeatable)")
@@ -187,13 +186,11 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
+    def run():
         cfg = load_config(args.config, args.set)
         train(cfg, resume=args.resume)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":

@@ -14,28 +14,9 @@ set -euo pipefail
 
 prog=$(basename "$0")
 usage="usage: $prog RANK_TABLE_FILE CONFIG [RANK_START] [LOCAL_DEVICE_NUM] [--dry-run] [-- trainer args]"
-die() { echo "$prog: error: $*" >&2; exit 2; }
-absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/${1#./}" ;; esac; }
-
-repo=$(cd "$(dirname "$0")/.." && pwd)
-if [ -n "${PYTHON:-}" ]; then py=$PYTHON
-elif [ -x "$repo/.venv/bin/python" ]; then py=$repo/.venv/bin/python
-else py=python3; fi
-command -v "$py" > /dev/null || die "PYTHON='$py' is not an executable; set PYTHON to a python3 with this repo's requirements"
-
-dry_run=0
-positional=()
-extra=()
-while [ $# -gt 0 ]; do
-    case $1 in
-        --dry-run) dry_run=1 ;;
-        -h|--help) sed -n '2,12s/^# \{0,1\}//p' "$0"; exit 0 ;;
-        --) shift; extra=("$@"); break ;;
-        -*) die "unknown option '$1'; $usage" ;;
-        *) positional+=("$1") ;;
-    esac
-    shift
-done
+help_lines=2,12
+source "$(dirname "$0")/launch_common.sh"
+parse_launch_args "$@"
 [ ${#positional[@]} -ge 2 ] && [ ${#positional[@]} -le 4 ] || die "expected 2 to 4 positional arguments, got ${#positional[@]}; $usage"
 
 table=${positional[0]}

@@ -10,14 +10,8 @@ set -euo pipefail
 
 prog=$(basename "$0")
 usage="usage: $prog CONFIG CHECKPOINT [--device-target CPU|Ascend] [--dry-run] [-- eval args]"
-die() { echo "$prog: error: $*" >&2; exit 2; }
-absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/${1#./}" ;; esac; }
-
-repo=$(cd "$(dirname "$0")/.." && pwd)
-if [ -n "${PYTHON:-}" ]; then py=$PYTHON
-elif [ -x "$repo/.venv/bin/python" ]; then py=$repo/.venv/bin/python
-else py=python3; fi
-command -v "$py" > /dev/null || die "PYTHON='$py' is not an executable; set PYTHON to a python3 with this repo's requirements"
+help_lines=2,8
+source "$(dirname "$0")/launch_common.sh"
 
 dry_run=0
 target=CPU

@@ -1,42 +1,62 @@
 #!/usr/bin/env bash
-# Multi-process training with msrun (CPU here, Ascend on a cluster).
+# Multi-process training with msrun, on CPU here or on Ascend servers.
 # Usage: run_scripts/run_msrun.sh --workers N --config FILE [--set a.b=c ...] [--log-dir DIR]
-#        [--master-port P] [--resume] [--dry-run]
+#        [--nodes M --node-rank R --master-addr IP] [--master-port P] [--device-target CPU|Ascend]
+#        [--resume] [--dry-run]
+# --workers is the number of processes on this node; with --nodes M, run the same
+# command on every node with its --node-rank (0..M-1) and node 0's --master-addr.
 # One log per worker in the log dir; if a worker fails, its last lines are printed.
+# --dry-run prints the msrun command and starts nothing.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
-workers="" config="" log_dir="output/msrun_logs" port=8118 dry=0
+workers="" config="" log_dir="output/msrun_logs" port=8118 dry=0 nodes=1 node_rank=0 master_addr=127.0.0.1
+target=""
 train_args=()
-die() { echo "run_msrun.sh: $*" >&2; exit 2; }
+die() { echo "run_msrun.sh: error: $*" >&2; exit 2; }
+need_value() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value"; }
 while [ $# -gt 0 ]; do
     case "$1" in
-        --workers) workers=${2:-}; shift 2 ;;
-        --config) config=${2:-}; shift 2 ;;
-        --set) train_args+=(--set "${2:-}"); shift 2 ;;
-        --log-dir) log_dir=${2:-}; shift 2 ;;
-        --master-port) port=${2:-}; shift 2 ;;
+        --workers) need_value "$@"; workers=$2; shift 2 ;;
+        --config) need_value "$@"; config=$2; shift 2 ;;
+        --set) need_value "$@"; train_args+=(--set "$2"); shift 2 ;;
+        --log-dir) need_value "$@"; log_dir=$2; shift 2 ;;
+        --master-port) need_value "$@"; port=$2; shift 2 ;;
+        --master-addr) need_value "$@"; master_addr=$2; shift 2 ;;
+        --nodes) need_value "$@"; nodes=$2; shift 2 ;;
+        --node-rank) need_value "$@"; node_rank=$2; shift 2 ;;
+        --device-target) need_value "$@"; target=$2; shift 2 ;;
         --resume) train_args+=(--resume); shift ;;
         --dry-run) dry=1; shift ;;
-        *) die "unknown argument '$1' (valid: --workers N --config FILE [--set a.b=c] [--log-dir DIR] [--master-port P] [--resume] [--dry-run])" ;;
+        *) die "unknown argument '$1' (valid: --workers --config --set --log-dir --nodes --node-rank --master-addr --master-port --device-target --resume --dry-run)" ;;
     esac
 done
 [[ "$workers" =~ ^[1-9][0-9]*$ ]] || die "--workers='$workers' is invalid: a whole number >= 1"
+[[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes='$nodes' is invalid: a whole number >= 1"
+[[ "$node_rank" =~ ^[0-9]+$ ]] && [ "$node_rank" -lt "$nodes" ] || die "--node-rank='$node_rank' is invalid: 0..$((nodes - 1))"
 [ -n "$config" ] && [ -f "$config" ] || die "--config='$config' is invalid: an existing YAML file"
 [[ "$port" =~ ^[0-9]+$ ]] && [ "$port" -ge 1024 ] && [ "$port" -le 65535 ] || die "--master-port='$port' is invalid: 1024..65535"
+[[ "$master_addr" =~ ^([0-9]{1,3}\.){3}[0-9]{1,3}$ ]] || die "--master-addr='$master_addr' is invalid: an IPv4 address"
+case "$target" in
+    "") ;;
+    CPU|Ascend) train_args+=(--set "parallel.device_target=$target") ;;
+    *) die "--device-target='$target' is invalid: CPU or Ascend" ;;
+esac
 if [ -x "$repo/.venv/bin/python" ]; then export PATH="$repo/.venv/bin:$PATH"; fi
 export GLOG_v=${GLOG_v:-3}
-cmd=(msrun --worker_num="$workers" --local_worker_num="$workers" --master_port="$port" --log_dir="$log_dir"
-     --join=True "$repo/pangu_sigma/train.py" --config "$config" "${train_args[@]}")
+cmd=(msrun --worker_num="$((workers * nodes))" --local_worker_num="$workers" --master_addr="$master_addr"
+     --master_port="$port" --node_rank="$node_rank" --log_dir="$log_dir" --join=True
+     "$repo/pangu_sigma/train.py" --config "$config" "${train_args[@]}")
 if [ "$dry" = 1 ]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
 mkdir -p "$log_dir"
-echo "[msrun] $workers workers, logs in $log_dir/worker_*.log (tail -f $log_dir/worker_0.log)"
+echo "[msrun] node $node_rank/$nodes: $workers workers, logs in $log_dir/worker_*.log (tail -f $log_dir/worker_0.log)"
 status=0
 "${cmd[@]}" || status=$?
 for log in "$log_dir"/worker_*.log; do
-    if grep -qE "Traceback|^error:|Error" "$log"; then
+    [ -f "$log" ] || continue
+    if grep -qE "Traceback|^error:" "$log"; then
         echo "[msrun] $(basename "$log") reports a failure; its last lines:" >&2
-        grep -vE "^\[WARNING\]" "$log" | tail -n 15 >&2
-        status=${status/#0/1}
+        grep -vE "^\[(WARNING|INFO)\]" "$log" | tail -n 15 >&2
+        [ "$status" != 0 ] || status=1
     fi
 done
 exit "$status"
