@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import yaml
 
 import mindspore as ms
 
@@ -111,11 +112,13 @@ def test_train_cli_bad_config_is_one_line(override, expected):
     assert expected in _error_line(proc)
 
 
-def test_cli_bad_yaml_and_missing_checkpoint(tmp_path):
+def test_cli_bad_yaml_and_missing_checkpoint(make_config, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  hidden_size: [1,\n")
     assert "valid YAML (line" in _error_line(_cli("pangu_sigma.train", "--config", str(bad)))
-    missing = _cli("pangu_sigma.eval", "--config", "configs/cpu_tiny.yaml", "--checkpoint", str(tmp_path / "x"))
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(make_config(tmp_path / "run").to_dict()))
+    missing = _cli("pangu_sigma.eval", "--config", str(good), "--checkpoint", str(tmp_path / "x"))
     assert "--checkpoint=" in _error_line(missing)
 
 
