@@ -80,6 +80,9 @@ def render(result):
             lines.append(f"  {row['block']:>5} {est['tokens']:>7} {est['delta']:>8.4f} {est['mean']:>7.4f} "
                          f"{est['median']:>7.4f} {est['minimum']:>8.4f} {_fmt(b['p_delta'], '10.4g'):>10} "
                          f"{_fmt(b['ec_min'], '10.4g'):>10} {_fmt(b['ec_min_erfc'], '11.4g'):>11}")
+    if measured:
+        lines.append(f"  the MoE layers used {measured['layer_capacity']} slots per expert for groups of "
+                     f"{measured['tokens_per_group']} tokens in this forward")
     cap = result.get("config_capacity")
     if cap:
         bounds = []
@@ -137,7 +140,8 @@ def run(args):
             est = estimate_delta(layer.tokens, layer.gate_weight, layer.expert_index, args.quantile)
             layers.append({"block": layer.block, "estimate": est.as_dict(), "bound": bound(hidden, experts, est.delta)})
         result["measured"] = {"router": capture.router, "split": capture.split, "quantile": args.quantile,
-                              "layers": layers}
+                              "layers": layers, "layer_capacity": capture.capacity,
+                              "tokens_per_group": capture.tokens_per_group}
     if cfg is not None:
         result["config_capacity"] = config_capacity(cfg)
     return result

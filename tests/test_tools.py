@@ -1,0 +1,390 @@
+"""pangu_sigma.tools: capacity bound CLI, delta estimation, simulator (comm + FLOPs by hand), routing
+report, routing-stats converter and compare_routers end to end. One tiny trained run is shared."""
+import json
+import math
+import os
+import sys
+
+os.environ.setdefault("GLOG_v", "3")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+from scipy import special  # noqa: E402
+
+import mindspore as ms  # noqa: E402
+
+from locmoe import comm  # noqa: E402
+from locmoe.capacity import expert_capacity  # noqa: E402
+from locmoe.errors import ConfigError  # noqa: E402
+from locmoe.gating import grap_weight  # noqa: E402
+from locmoe.topology import Topology  # noqa: E402
+from pangu_sigma.config import config_from_dict, load_config  # noqa: E402
+from pangu_sigma.tools import capacity_bound, cost_model, routing_stats, simulate  # noqa: E402
+from pangu_sigma.tools.cost_model import Hardware, LinkMap  # noqa: E402
+from pangu_sigma.tools.routing_capture import (chosen_cosines, estimate_delta, gate_weights,  # noqa: E402
+                                               capture_routing)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "configs")
+STEPS = 6
+
+
+def _quiet(*_):
+    pass
+
+
+def _rc(main, argv):
+    """Exit status of a CLI main(), whether it returns it or argparse exits."""
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return exit_.code
+
+
+def tiny_raw(data_dir, output_dir):
+    """4 experts over a virtual cluster of 4 ranks, 2 per node: rank 0's node-local experts are {0, 1}."""
+    return {
+        "model": {"seq_length": 16, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "ffn_hidden_size": 64,
+                  "moe_layer_num": 1},
+        "moe": {"router": "locmoe", "expert_num_per_dp_dim": 1, "capacity_factor": 1.25},
+        "parallel": {"expert_parallel": 4, "devices_per_node": 2, "virtual_world_size": 4},
+        "data": {"dataset_dir": data_dir},
+        "train": {"batch_size": 8, "sink_size": 1, "train_steps": STEPS, "output_dir": output_dir},
+        "optim": {"lr": 0.005, "min_lr": 0.0005, "warmup_steps": 2},
+        "checkpoint": {"save_steps": 0, "keep_last": 1},
+        "logging": {"log_steps": 100, "expert_stats_steps": 100},
+    }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_mode():
+    mode = ms.get_context("mode")
+    yield
+    ms.set_context(mode=mode)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data, tmp_path_factory):
+    """(config path, config, run folder) of a LocMoE model trained STEPS steps; shared by the module."""
+    from pangu_sigma.train import train
+
+    root = tmp_path_factory.mktemp("tools_run")
+    run_dir = str(root / "run")
+    path = str(root / "tiny.yaml")
+    with open(path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(tiny_raw(tiny_data, run_dir), handle)
+    cfg = load_config(path)
+    train(cfg, log=_quiet)
+    return path, cfg, run_dir
+
+
+# ---------------------------------------------------------------- capacity bound
+@pytest.mark.parametrize("d,n,delta", [(128, 8, 0.05), (5120, 16, 0.03), (1024, 64, 0.1)])
+def test_capacity_cli_agrees_with_betainc(capsys, d, n, delta):
+    assert capacity_bound.main(["--hidden-size", str(d), "--experts", str(n), "--delta", str(delta),
+                                "--json"]) == 0
+    given = json.loads(capsys.readouterr().out)["given"]
+    p_ref = 1.0 - special.betainc(0.5, (d - 1) / 2.0, delta * delta)  # eq. 8
+    np.testing.assert_allclose(given["p_delta"], p_ref, rtol=1e-9, atol=1e-14)
+    np.testing.assert_allclose(given["ec_min"], 1.0 / (n * p_ref), rtol=1e-9)  # Theorem 1
+    erfc = special.erfc(math.sqrt(delta * delta * d / (2 - delta * delta)))  # eq. 9
+    np.testing.assert_allclose(given["p_delta_erfc"], erfc, rtol=1e-12)
+    np.testing.assert_allclose(given["ec_min_erfc"], 1.0 / (n * erfc), rtol=1e-12)
+    np.testing.assert_allclose(given["ec_min_exp"], math.exp(delta * delta * d / (2 - delta * delta)) / n,
+                               rtol=1e-12)
+    assert capacity_bound.main(["--hidden-size", str(d), "--experts", str(n), "--delta", str(delta)]) == 0
+    text = capsys.readouterr().out
+    assert f"{given['ec_min']:.6g}" in text and f"{given['p_delta']:.6g}" in text
+
+
+@pytest.mark.parametrize("argv", [
+    ["--hidden-size", "128", "--experts", "8"],                        # neither --delta nor --checkpoint
+    ["--hidden-size", "128", "--experts", "8", "--delta", "1.5"],      # not a cosine
+    ["--hidden-size", "1", "--experts", "8", "--delta", "0.1"],
+    ["--experts", "8", "--delta", "0.1"],                              # d unknown
+    ["--hidden-size", "128", "--experts", "8", "--delta", "x"],
+    ["--checkpoint", "nowhere", "--hidden-size", "8", "--experts", "2"],  # checkpoint without --config
+])
+def test_capacity_cli_bad_args_are_one_line(capsys, argv):
+    assert _rc(capacity_bound.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_capacity_cli_estimates_delta_from_a_checkpoint(tiny_run, capsys):
+    path, cfg, run_dir = tiny_run
+    assert capacity_bound.main(["--checkpoint", run_dir, "--config", path, "--json", "--max-tokens", "512"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    (layer,) = result["measured"]["layers"]
+    est = layer["estimate"]
+    assert est["tokens"] == 512 and result["measured"]["quantile"] == 0.01
+    assert est["minimum"] <= est["delta"] <= est["median"] <= est["maximum"]
+    if 0 < est["delta"] < 1:
+        np.testing.assert_allclose(layer["bound"]["ec_min"],
+                                   1 / (4 * (1 - special.betainc(0.5, 31 / 2, est["delta"] ** 2))), rtol=1e-9)
+    assert result["config_capacity"]["expert_capacity"] == expert_capacity(8 * 16, 1.25, 4) == 40
+    # table routers have no gate to measure against: one line, exit 2
+    assert capacity_bound.main(["--checkpoint", run_dir, "--config", path, "--set", "moe.router=hash"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: moe.router='hash'") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- delta on known angles
+def test_delta_estimation_on_tokens_with_known_cosines():
+    d, n = 64, 4
+    weight = grap_weight(n, d)  # [4, 64], row i = 1/16 on block i
+    unit = weight / np.linalg.norm(weight, axis=1, keepdims=True)  # [4, 64]
+    # a direction orthogonal to every GrAP row: +-1 alternating inside each block (block sums are 0)
+    ortho = np.tile([1.0, -1.0], d // 2) / math.sqrt(d)
+    assert np.allclose(weight @ ortho, 0.0)
+    cosines = np.linspace(0.02, 0.9, 101)  # the known angles
+    rng = np.random.RandomState(0)
+    chosen = rng.randint(0, n, size=cosines.size)
+    scale = rng.uniform(0.5, 5.0, size=(cosines.size, 1))  # norms must not matter
+    tokens = scale * (cosines[:, None] * unit[chosen] + np.sqrt(1 - cosines[:, None] ** 2) * ortho)  # [101, 64]
+
+    # the GrAP gate (eq. 4, no bias) routes each token to the expert it was built for
+    assert (np.argmax(tokens @ weight.T, 1) == chosen).all()
+    np.testing.assert_allclose(chosen_cosines(tokens, weight, chosen), cosines, atol=1e-12)
+    est = estimate_delta(tokens, weight, chosen, quantile=0.01)
+    np.testing.assert_allclose(est.delta, cosines[1], atol=1e-12)  # 1st percentile of 101 = the 2nd smallest
+    np.testing.assert_allclose(est.mean, cosines.mean(), atol=1e-12)
+    np.testing.assert_allclose(est.median, 0.46, atol=1e-12)
+    assert est.minimum == pytest.approx(0.02) and est.tokens == 101 and est.nonpositive_fraction == 0
+    assert estimate_delta(tokens, weight, chosen, quantile=0.0).delta == pytest.approx(0.02)
+    with pytest.raises(ConfigError):
+        estimate_delta(tokens, weight, chosen, quantile=1.0)
+    with pytest.raises(ConfigError, match="no gate weight"):
+        gate_weights(None, "hash", n, d)
+
+
+# ---------------------------------------------------------------- simulator: communication by hand
+HW = Hardware(hccs_gbytes=30.0, hccs_links=3, hccs_latency_us=5.0, pcie_gbytes=32.0, pcie_latency_us=10.0,
+              roce_gbits=100.0, roce_latency_us=10.0)
+
+
+def test_all_to_all_time_and_bytes_by_hand():
+    topo = Topology(world_size=16, tp=1, ep=16, num_experts=16, devices_per_node=8)  # 2 nodes x 8
+    links = LinkMap(topo, HW)
+    group = list(range(16))
+    nbytes = 16 * 3_000_000  # each rank's [E, C, d] input; 3 MB to each peer
+    per_peer = nbytes / 16
+    # rank r: 3 peers in its HCCS group of 4, 4 across PCIe in its node, 8 on the other node (RoCE)
+    hccs = 5e-6 * 1 + per_peer / 30e9                   # 3 peers on 3 dedicated links, in parallel
+    pcie = 10e-6 * 4 + 4 * per_peer / 32e9              # 4 peers through one PCIe port
+    roce = 10e-6 * 8 + 8 * per_peer / (100e9 / 8)       # 8 peers through one 100 Gb/s port
+    time, tiers = cost_model.p2p_collective_time(links, cost_model.uniform_traffic("all_to_all", group, nbytes))
+    assert time == pytest.approx(max(hccs, pcie, roce), rel=1e-12)
+    assert time == pytest.approx(roce)  # 80 us + 1.92 ms
+    # bytes agree with locmoe.comm's accounting (intra = HCCS + PCIe, inter = RoCE)
+    intra, inter = comm.world_collective_bytes("all_to_all", [group], topo, nbytes)
+    assert tiers["hccs"] + tiers["pcie"] == intra and tiers["roce"] == inter
+    assert tiers["hccs"] == 16 * 3 * per_peer
+    # chunked (overlap degree 2): the latency is paid twice, the bandwidth term once
+    time2, _ = cost_model.p2p_collective_time(links, cost_model.uniform_traffic("all_to_all", group, nbytes), 2)
+    assert time2 - time == pytest.approx(10e-6 * 8, rel=1e-9)
+
+
+def test_allreduce_ring_time_by_hand():
+    topo = Topology(world_size=16, tp=1, ep=16, num_experts=16, devices_per_node=8)
+    links = LinkMap(topo, HW)
+    nbytes = 8_000_000
+    time, sent = cost_model.ring_allreduce_time(links, [0, 1, 2, 3], nbytes)  # one HCCS mesh
+    assert sent == 2 * 3 / 4 * nbytes == sum(comm.collective_bytes("all_reduce", [0, 1, 2, 3], topo, nbytes, 0))
+    assert time == pytest.approx(2 * 3 * 5e-6 + 2 * 3 / 4 * nbytes / 30e9)
+    time, _ = cost_model.ring_allreduce_time(links, [0, 8], nbytes)  # across nodes: RoCE paces the ring
+    assert time == pytest.approx(2 * 10e-6 + nbytes / 12.5e9)
+    assert comm.collective_bytes("all_reduce", [0, 8], topo, nbytes, 0) == (0, nbytes)
+
+
+def _sim_config(overrides=(), **model):
+    raw = {"model": dict({"vocab_size": 10, "seq_length": 2, "hidden_size": 4, "num_layers": 1, "num_heads": 1,
+                          "ffn_hidden_size": 8, "moe_layer_num": 0}, **model),
+           "moe": {"router": "locmoe", "expert_num_per_dp_dim": 1, "capacity_factor": 1.25},
+           "parallel": {"device_target": "Ascend", "expert_parallel": 1, "devices_per_node": 8,
+                        "comm_overlap_degree": 1},
+           "train": {"batch_size": 1}}
+    return config_from_dict(raw, list(overrides))
+
+
+def test_compute_time_of_a_hand_counted_model():
+    """d 4, f 8, S 2, 1 sequence (N 2 tokens), V 10, one dense block + the query layer, TP 1.
+
+    per attention sublayer: q 2*4*4 + kv 2*4*8 + out 2*4*4 = 128 MACs; QK^T 2*2*4 + PV 2*2*4 = 32 MACs
+        -> 320 FLOPs, two sublayers 640
+    per dense FFN: 2*4*8 + 2*8*4 = 128 MACs -> 256 FLOPs, two FFNs 512
+    LM head: 2*4*10 = 80 MACs -> 160 FLOPs
+    forward 1312 FLOPs, forward + backward 3 * 1312 = 3936
+    """
+    cfg = _sim_config()
+    hw = Hardware(peak_tflops=1e-9, efficiency=1.0)  # 1000 FLOP/s
+    topo = Topology(world_size=1, tp=1, ep=1, num_experts=1, devices_per_node=1)
+    out = simulate.simulate_step(cfg, topo, hw, 10)
+    c = out["compute"]
+    assert c["attention"] == pytest.approx(3 * 640 / 1000)
+    assert c["dense_ffn"] == pytest.approx(3 * 512 / 1000)
+    assert c["head"] == pytest.approx(3 * 160 / 1000)
+    assert c["router"] == 0 and c["experts_mean"] == 0
+    assert out["step_time"] == pytest.approx(3.936)  # one device: no communication at all
+    assert out["breakdown"]["computation"] == pytest.approx(3.936)
+    assert out["breakdown"]["communication"] == out["breakdown"]["idle"] == 0
+
+
+def test_moe_step_by_hand_two_nodes():
+    """16 devices (2 nodes x 8), TP 1, EP 16, 16 experts; the block is sparse. d 16, f 32, S 4, batch 64
+    (N 256 tokens per device), uniform routing: 16 tokens per expert from every device."""
+    cfg = _sim_config(hidden_size=16, ffn_hidden_size=32, seq_length=4, moe_layer_num=1, num_heads=2,
+                      overrides=["parallel.expert_parallel=16", "train.batch_size=64"])
+    topo = Topology(world_size=16, tp=1, ep=16, num_experts=16, devices_per_node=8)
+    hw = Hardware(peak_tflops=1e-3, efficiency=1.0, act_bytes=2)  # 1e9 FLOP/s
+    out = simulate.simulate_step(cfg, topo, hw, 10)
+    # A2A: 16 rows of 16 fp16 values = 512 bytes to each peer; the RoCE side (8 peers) is the slowest
+    per_peer = 16 * 16 * 2
+    a2a = max(5e-6 + per_peer / 30e9, 4 * 10e-6 + 4 * per_peer / 32e9, 8 * 10e-6 + 8 * per_peer / 12.5e9)
+    assert out["communication"]["moe_all_to_all"] == pytest.approx(4 * a2a)  # dispatch + combine, fwd + bwd
+    assert out["communication"]["tp_allreduce"] == 0 and out["communication"]["moe_tp_collectives"] == 0
+    # experts: every device receives 16 tokens from each of 16 sources for its one expert = 256 rows
+    assert out["compute"]["experts_mean"] == pytest.approx(3 * 256 * 4 * 16 * 32 / 1e9)
+    assert out["compute"]["router"] == pytest.approx(3 * 256 * 16 / 1e9)  # GrAP: N d
+    assert out["breakdown"]["idle"] == pytest.approx(0, abs=1e-12) and out["breakdown"]["overlapped"] == 0
+    total = sum(out["compute"][k] for k in ("attention", "dense_ffn", "head", "router", "experts_mean"))
+    assert out["step_time"] == pytest.approx(total + sum(out["communication"].values()))
+    assert out["a2a_node_local_fraction"] == pytest.approx(8 / 16)  # self + 7 node peers of 16 destinations
+
+    # imbalance: every device sends all its tokens to expert 0 (capacity 20 keeps 20 of 256)
+    counts = np.zeros((1, 16, 16))
+    counts[0, :, 0] = 256
+    skew = simulate.simulate_step(cfg, topo, hw, 10, counts=counts)
+    assert skew["layers"][0]["drop_rate"] == pytest.approx(1 - 20 / 256)
+    assert skew["layers"][0]["expert_rows_max"] == 16 * 20 and skew["layers"][0]["expert_rows_mean"] == 20
+    assert skew["breakdown"]["idle"] == pytest.approx(3 * (320 - 20) * 4 * 16 * 32 / 1e9)
+    padded = simulate.simulate_step(cfg, topo, hw, 10, counts=counts, dispatch="padded")
+    assert padded["layers"][0]["expert_rows_max"] == 16 * 20 and padded["breakdown"]["idle"] == pytest.approx(0)
+
+
+def test_overlap_hides_all_but_one_chunk():
+    cfg = load_config(os.path.join(CONFIGS, "locmoe_128n.yaml"))
+    one = simulate.run(cfg, world_size=128, overlap_degree=1)
+    four = simulate.run(cfg, world_size=128, overlap_degree=4)
+    assert one["breakdown"]["overlapped"] == 0
+    layer = four["layers"][0]
+    a, x = layer["comm_time"], layer["expert_compute_max"]
+    assert four["breakdown"]["overlapped"] == pytest.approx(8 * 0.75 * (min(a, x) + min(a, 2 * x)))
+    for res in (one, four):
+        assert sum(res["breakdown"].values()) == pytest.approx(res["step_time"])
+
+
+def test_simulate_cli(capsys):
+    path = os.path.join(CONFIGS, "locmoe_64n.yaml")
+    assert simulate.main(["--config", path, "--world-size", "64", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["world_size"] == 64 and out["nodes"] == 8 and out["routing"] == "uniform"
+    assert sum(out["breakdown"].values()) == pytest.approx(out["step_time"])
+    assert _rc(simulate.main, ["--config", path]) == 2  # the device count is not in the config
+    err = capsys.readouterr().err
+    assert err.startswith("error: --world-size") and err.count("\n") == 1
+    assert _rc(simulate.main, ["--config", path, "--world-size", "64", "--efficiency", "2"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- routing statistics
+def test_resample_and_relative_placement():
+    p = np.array([0.5, 0.25, 0.125, 0.125])
+    np.testing.assert_allclose(routing_stats.resample(p, 8), np.repeat(p / 2, 2))
+    np.testing.assert_allclose(routing_stats.resample(p, 2), [0.75, 0.25])
+    # measured: experts {0, 1} local, lambda = 0.75 -> odds (0.75/2)/(0.25/2) = 3 per local expert
+    row = routing_stats.relative_row(p, [1, 1, 0, 0], [4], 16)
+    np.testing.assert_allclose(row.sum(), 1.0)
+    np.testing.assert_allclose(row[4], 3 / (3 + 15))  # one local expert of 16 on the target
+
+
+def test_converter_from_the_training_log(tiny_run, tmp_path):
+    path, cfg, run_dir = tiny_run
+    out = str(tmp_path / "stats.json")
+    target = os.path.join(CONFIGS, "locmoe_128n.yaml")
+    assert routing_stats.main(["--train-log", os.path.join(run_dir, "train_log_rank0.jsonl"), "--train-config",
+                               path, "--config", target, "--world-size", "128", "--output", out]) == 0
+    stats = routing_stats.load_stats(out)
+    counts = stats["counts"]
+    assert counts.shape == (8, 128, 16) and stats["source"]["placement"] == "relative"
+    np.testing.assert_allclose(counts.sum(-1), 32 * 1024)
+    res = simulate.run(load_config(target), world_size=128, routing_stats=out)
+    assert res["routing"] == out and res["step_time"] > 0
+
+
+# ---------------------------------------------------------------- routing capture and report
+def test_capture_matches_the_layers_own_statistics(tiny_run):
+    """The captured routing of one batch equals the statistics the model's forward reports for it."""
+    from pangu_sigma.data.dataset import load_split
+    from pangu_sigma.tools.routing_capture import load_trained_model
+    path, cfg, run_dir = tiny_run
+    model, _ = load_trained_model(cfg, run_dir)
+    cap = capture_routing(cfg, None, max_tokens=8 * 16, model=model)  # exactly the first batch
+    (layer,) = cap.layers
+    assert layer.tokens.shape == (128, 32) and cap.capacity == 40 and cap.tokens_per_group == 128
+    assert cap.local_mask.tolist() == [True, True, False, False]
+    ids, domains = load_split(cfg.data.dataset_dir, "valid")
+    _, _, _, load, dropped, local = model(ms.Tensor(ids[:8, :-1]), ms.Tensor(domains[:8]))
+    np.testing.assert_array_equal(np.bincount(layer.expert_index, minlength=4), load.asnumpy()[0])
+    assert (~layer.keep).sum() == dropped.asnumpy()[0]
+    assert cap.local_mask[layer.expert_index].sum() == local.asnumpy()[0]
+    # the LayerNorm output is what the GrAP gate scores: its argmax (+ bias, ReLU) is the chosen expert
+    bias = model.blocks[1].ffn.router.gate.bias.asnumpy()
+    scores = np.maximum(layer.tokens @ grap_weight(4, 32).T + bias, 0)
+    assert (np.argmax(scores, 1) == layer.expert_index).mean() > 0.99
+
+
+def test_routing_report_writes_every_plot(tiny_run, tmp_path):
+    pytest.importorskip("matplotlib", reason="the routing report needs matplotlib (the 'plots' extra)")
+    from pangu_sigma.tools.routing_report import main
+    path, cfg, run_dir = tiny_run
+    out = tmp_path / "report"
+    assert _rc(main, ["--config", path, "--checkpoint", run_dir, "--output", str(out), "--max-tokens", "512"]) == 0
+    block = cfg.model.num_layers - 1
+    expected = [f"fig8_pair_cosines_layer{block}.png", f"fig9_gate_cosines_layer{block}.png",
+                "fig12_expert_load.png", "drop_locality.png"]
+    for name in expected:
+        with open(out / name, "rb") as handle:
+            assert handle.read(8) == b"\x89PNG\r\n\x1a\n", name
+    report = (out / "report.md").read_text()
+    for name in expected:
+        assert f"]({name})" in report
+    assert "| block |" in report and "delta (q=0.01)" in report
+
+
+def test_routing_report_without_matplotlib_is_one_line(tiny_run, tmp_path, capsys, monkeypatch):
+    from pangu_sigma.tools.routing_report import main
+    path, _, run_dir = tiny_run
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert _rc(main, ["--config", path, "--checkpoint", run_dir, "--output", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "matplotlib" in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------- compare_routers end to end
+@pytest.mark.slow
+def test_compare_routers_two_routers_five_steps(tiny_run, tmp_path, capsys):
+    from pangu_sigma.tools.compare_routers import main
+    path, _, _ = tiny_run
+    out = tmp_path / "cmp"
+    assert _rc(main, ["--config", path, "--routers", "locmoe,hash", "--steps", "5", "--output", str(out),
+                      "--cluster-config-dir", CONFIGS, "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert sorted(report["results"]) == ["hash", "locmoe"] and report["meta"]["routers"] == ["locmoe", "hash"]
+    for router, r in report["results"].items():
+        assert math.isfinite(r["valid_perplexity"]) and r["tokens_per_s"] > 0
+        (layer,) = r["valid_layers"]
+        assert layer["max_over_mean"] >= 1 and 0 <= layer["min_share"] <= 0.25
+        assert 0 <= layer["drop_rate"] < 1 and 0 <= layer["local_fraction"] <= 1
+        for size in ("64", "128", "256"):
+            sim = r["simulated"][size]
+            assert sim["routed"]["step_time"] > 0 and sim["uniform"]["step_time"] > 0, sim
+            assert sim["config"].endswith(f"{router}_{size}n.yaml")
+        assert os.path.isfile(os.path.join(r["run_dir"], "train_log_rank0.jsonl"))
+    md = (out / "report.md").read_text()
+    assert "| locmoe |" in md and "| hash |" in md and "step 256N (ms)" in md
+    # a second run into the same folder is refused in one line unless --overwrite
+    assert _rc(main, ["--config", path, "--routers", "locmoe", "--steps", "5", "--output", str(out)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
