@@ -20,7 +20,6 @@ ec = ceil(T * c_f / E) for T = train.batch_size * model.seq_length tokens per
 rank, is printed next to the bound. --config without --checkpoint only adds
 that line (and supplies d and n).
 """
-import math
 import sys
 
 from locmoe.capacity import critical_capacity, critical_capacity_exp_bound, expert_capacity, p_delta, p_delta_erfc
