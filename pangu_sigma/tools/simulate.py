@@ -219,7 +219,8 @@ def simulate_step(cfg, topology, hw, vocab_size, counts=None, dispatch="routed",
     compute_mean = dense_compute + expert_mean
     breakdown = {"computation": compute_mean - hidden_mean, "communication": comm_total - hidden_mean,
                  "overlapped": hidden_mean}
-    breakdown["idle"] = step - sum(breakdown.values())
+    idle = step - sum(breakdown.values())
+    breakdown["idle"] = 0.0 if abs(idle) <= 1e-12 * max(step, 1e-300) else idle  # float noise of a balanced load
     tiers = {t: sum(L["a2a_bytes_by_tier"][t] for L in layers) * 4  # 4 All-to-Alls per layer and step
              for t in cost_model.TIERS + ("self",)}
     return {
