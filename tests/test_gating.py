@@ -10,21 +10,13 @@ from mindspore import Tensor  # noqa: E402
 
 from locmoe.errors import ConfigError  # noqa: E402
 from locmoe.gating import GrAPGate, DenseGate, grap_weight  # noqa: E402
+from np_reference import eq4_weight  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _pynative():
     ms.set_context(mode=ms.PYNATIVE_MODE)
     ms.set_device("CPU")
-
-
-def eq4_weight(n, d):
-    """omega_i = n/d * 1{i d/n <= j < (i+1) d/n}, written literally from eq. 4."""
-    w = np.zeros((n, d), np.float64)
-    j = np.arange(d)
-    for i in range(n):
-        w[i] = (n / d) * ((i * d / n <= j) & (j < (i + 1) * d / n))
-    return w
 
 
 @pytest.mark.parametrize("n,d", [(1, 4), (2, 8), (4, 16), (8, 64), (4, 4)])

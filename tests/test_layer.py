@@ -12,6 +12,7 @@ from mindspore import nn, Tensor  # noqa: E402
 from locmoe.config import MoEConfig  # noqa: E402
 from locmoe.layer import MoELayer  # noqa: E402
 from locmoe.topology import Topology  # noqa: E402
+from np_reference import eq4_weight, np_softmax  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -30,17 +31,6 @@ BIAS = np.array([0.6, 0.25, 0.0, -0.1], np.float32)  # skews LocMoE routing so t
 
 
 # ---------------------------------------------------------------- numpy reference
-def eq4_weight(n, d):
-    w = np.zeros((n, d), np.float64)
-    j = np.arange(d)
-    for i in range(n):
-        w[i] = (n / d) * ((i * d / n <= j) & (j < (i + 1) * d / n))
-    return w
-
-
-def np_softmax(s):
-    e = np.exp(s - s.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
 
 
 def np_gelu_tanh(v):

@@ -12,6 +12,7 @@ from locmoe.config import MoEConfig  # noqa: E402
 from locmoe.routers import (build_router, LocMoERouter, SwitchRouter, HashRouter, RRERouter,  # noqa: E402
                             balanced_hash_table)
 from locmoe.topology import Topology  # noqa: E402
+from np_reference import eq4_weight, np_softmax  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -21,18 +22,6 @@ def _pynative():
 
 
 # ---------------------------------------------------------------- numpy references
-def eq4_weight(n, d):
-    w = np.zeros((n, d), np.float64)
-    j = np.arange(d)
-    for i in range(n):
-        w[i] = (n / d) * ((i * d / n <= j) & (j < (i + 1) * d / n))
-    return w
-
-
-def np_softmax(s):
-    s = s - s.max(-1, keepdims=True)
-    e = np.exp(s)
-    return e / e.sum(-1, keepdims=True)
 
 
 def np_group_allowed(domains, num_experts, num_groups):
