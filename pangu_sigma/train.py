@@ -67,16 +67,18 @@ def comm_summary(cfg, net, topology):
             f"inter-node {totals['inter'] / 2**20:.2f} MiB")
 
 
-def _run_sink(cfg, step_cell, dataset, iterator):
-    """Run sink_size steps. Ascend: one data-sink call; CPU: a host loop over the iterator."""
+def sink_runner(cfg, step_cell, dataset):
+    """A function running sink_size steps per call. Ascend: one data-sink call;
+    CPU (MindSpore has no data sinking there): a host loop over the dataset."""
     if cfg.parallel.device_target == "Ascend":
-        if not hasattr(_run_sink, "sink_fn"):
-            _run_sink.sink_fn = ms.data_sink(step_cell, dataset, sink_size=cfg.train.sink_size)
-        _run_sink.sink_fn()
-        return
-    for _ in range(cfg.train.sink_size):
-        ids, domains = next(iterator)
-        step_cell(ids, domains)
+        return ms.data_sink(step_cell, dataset, sink_size=cfg.train.sink_size)
+    iterator = dataset.create_tuple_iterator(num_epochs=1)
+
+    def run_host_loop():
+        for _ in range(cfg.train.sink_size):
+            ids, domains = next(iterator)
+            step_cell(ids, domains)
+    return run_host_loop
 
 
 def train(cfg, resume=False, log=print, stop_after=None):
@@ -121,7 +123,7 @@ def train(cfg, resume=False, log=print, stop_after=None):
 
     dataset = create_dataset(cfg.data.dataset_dir, "train", batch_size, dp_size, dp_rank,
                              shuffle=cfg.data.shuffle, seed=cfg.data.seed, start_batch=start_step, repeat=True)
-    iterator = dataset.create_tuple_iterator(num_epochs=1) if cfg.parallel.device_target != "Ascend" else None
+    run_sink = sink_runner(cfg, step_cell, dataset)
     tokens_per_step = batch_size * dp_size * cfg.model.seq_length
     jsonl = JsonlLog(os.path.join(output_dir, f"train_log_rank{rank}.jsonl"), fresh=not resume)
     show_scale = cfg.compute_dtype == "float16"
@@ -136,7 +138,7 @@ def train(cfg, resume=False, log=print, stop_after=None):
     end_step = cfg.train.train_steps if stop_after is None else min(stop_after, cfg.train.train_steps)
     for first in range(start_step, end_step, sink):
         tic = time.time()
-        _run_sink(cfg, step_cell, dataset, iterator)
+        run_sink()
         scalars = step_cell.metrics_scalars.asnumpy()  # [sink, K]
         load = step_cell.metrics_load.asnumpy()  # [sink, M, E]
         dropped = step_cell.metrics_dropped.asnumpy()  # [sink, M]
