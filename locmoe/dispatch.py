@@ -57,20 +57,24 @@ class _InjectiveGather(nn.Cell):
 _GATHER = _InjectiveGather()
 
 
-def dispatch(x, slot, num_experts, capacity):
-    """x [G, T, d] -> buffer [G, E, C, d]; empty slots are zero."""
+def dispatch(x, slot, num_experts, capacity, source=None):
+    """x [G, T, d] -> buffer [G, E, C, d]; empty slots are zero.
+
+    source: token_of_slot(slot, ...) if the caller already has it (it is shared with combine)."""
     groups, tokens, hidden = x.shape
     num_slots = groups * num_experts * capacity
-    source = token_of_slot(slot, num_slots, groups * tokens)  # [G*E*C]
+    if source is None:
+        source = token_of_slot(slot, num_slots, groups * tokens)  # [G*E*C]
     buffer = _GATHER(x.reshape(groups * tokens, hidden), source, slot)  # [G*E*C, d]
     return buffer.reshape(groups, num_experts, capacity, hidden)  # [G, E, C, d]
 
 
-def combine(buffer, slot, weight):
+def combine(buffer, slot, weight, source=None):
     """buffer [G, E, C, d], weight [G, T] (gate prob * keep) -> y [G, T, d] = weight * buffer[slot]."""
     groups, num_experts, capacity, hidden = buffer.shape
     tokens = weight.shape[1]
     num_slots = groups * num_experts * capacity
-    source = token_of_slot(slot, num_slots, groups * tokens)  # [G*E*C]
+    if source is None:
+        source = token_of_slot(slot, num_slots, groups * tokens)  # [G*E*C]
     gathered = _GATHER(buffer.reshape(num_slots, hidden), slot, source)  # [G*T, d], dropped -> zeros
     return gathered.reshape(groups, tokens, hidden) * weight.expand_dims(-1).astype(buffer.dtype)  # [G, T, d]

@@ -11,7 +11,7 @@ import mindspore as ms
 from mindspore import nn, ops, Tensor
 
 from locmoe.capacity import expert_capacity
-from locmoe.dispatch import assign_slots, dispatch, combine
+from locmoe.dispatch import assign_slots, combine, dispatch, token_of_slot
 from locmoe.exchange import TokenExchange
 from locmoe.experts import BatchedExperts
 from locmoe.routers import build_router
@@ -102,9 +102,11 @@ class MoELayer(nn.Cell):
         expert_index, expert_prob, _, aux_loss, loc_loss = self.router(
             x_groups.astype(ms.float32), token_groups, domains, self.local_mask)
         slot, keep, onehot = assign_slots(expert_index, self.num_experts, capacity)
-        buffer = dispatch(x_groups.astype(self.compute_dtype), slot, self.num_experts, capacity)  # [G, E, C, d]
+        source = token_of_slot(slot, groups * self.num_experts * capacity, groups * per_group)  # [G*E*C]
+        buffer = dispatch(x_groups.astype(self.compute_dtype), slot, self.num_experts, capacity,
+                          source)  # [G, E, C, d]
         expert_out = self._expert_stage(buffer)  # [G, E, C, d]
-        y = combine(expert_out, slot, expert_prob * keep)  # [G, T, d]
+        y = combine(expert_out, slot, expert_prob * keep, source)  # [G, T, d]
 
         expert_load = onehot.sum(1).sum(0)  # [E]
         dropped = (1.0 - keep).sum()
