@@ -85,7 +85,7 @@ def parallel_context(cfg):
     par = cfg.parallel
     node_of_rank = None
     if os.environ.get("RANK_TABLE_FILE"):
-        from pangu_sigma.ranktable import load_rank_table
+        from pangu_sigma.cluster.ranktable import load_rank_table
 
         node_of_rank = load_rank_table(os.environ["RANK_TABLE_FILE"], rank_size=world).node_of_rank
     topology = Topology(world_size=world, tp=par.op_level_model_parallel_num, ep=par.expert_parallel,

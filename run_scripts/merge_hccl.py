@@ -15,7 +15,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from locmoe.errors import ConfigError  # noqa: E402
-from pangu_sigma.ranktable import (OneLineArgumentParser, read_rank_table_dict,  # noqa: E402
+from pangu_sigma.cluster.ranktable import (OneLineArgumentParser, read_rank_table_dict,  # noqa: E402
                                    validate_rank_table_dict, write_rank_table)
 
 

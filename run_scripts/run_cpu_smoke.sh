@@ -20,6 +20,6 @@ else
 fi
 overrides=()
 for arg in "$@"; do overrides+=(--set "$arg"); done
-"$PY" -m pangu_sigma.train --config "$config" "${overrides[@]}"
-"$PY" -m pangu_sigma.eval --config "$config" "${overrides[@]}" --checkpoint "$out/cpu_tiny"
+"$PY" -m pangu_sigma.training.train --config "$config" "${overrides[@]}"
+"$PY" -m pangu_sigma.evaluation.eval --config "$config" "${overrides[@]}" --checkpoint "$out/cpu_tiny"
 echo "[smoke] done in $(( $(date +%s) - started )) s"

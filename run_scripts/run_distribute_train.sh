@@ -33,7 +33,7 @@ table=$(absolute "$table")
 config=$(absolute "$config")
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 # Prints "RANK_SIZE DEVICE_ID..." for our ranks, or a one-line error (exit 2).
-plan=$("$py" -m pangu_sigma.ranktable "$table" --local-ranks "$rank_start" "$local_device_num") || exit 2
+plan=$("$py" -m pangu_sigma.cluster.ranktable "$table" --local-ranks "$rank_start" "$local_device_num") || exit 2
 read -r rank_size device_ids <<< "$plan"
 read -r -a device_ids <<< "$device_ids"
 
@@ -43,7 +43,7 @@ for ((i = 0; i < local_device_num; i++)); do
     rank_id=$((rank_start + i))
     device_id=${device_ids[$i]}
     work_dir=$output_dir/device$device_id
-    cmd=("$py" -m pangu_sigma.train --config "$config" --set parallel.device_target=Ascend "${extra[@]}")
+    cmd=("$py" -m pangu_sigma.training.train --config "$config" --set parallel.device_target=Ascend "${extra[@]}")
     if [ "$dry_run" = 1 ]; then
         printf 'RANK_ID=%s DEVICE_ID=%s RANK_SIZE=%s RANK_TABLE_FILE=%q cd %q &&' \
             "$rank_id" "$device_id" "$rank_size" "$table" "$work_dir"

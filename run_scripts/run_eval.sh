@@ -42,7 +42,7 @@ esac
 device_id=${DEVICE_ID:-0}
 [[ $device_id =~ ^[0-7]$ ]] || die "DEVICE_ID='$device_id' is invalid: an integer in 0..7"
 
-cmd=("$py" -m pangu_sigma.eval --config "$(absolute "$config")" --checkpoint "$(absolute "$checkpoint")"
+cmd=("$py" -m pangu_sigma.evaluation.eval --config "$(absolute "$config")" --checkpoint "$(absolute "$checkpoint")"
      --set "parallel.device_target=$target" "${extra[@]}")
 if [ "$dry_run" = 1 ]; then
     [ "$target" = Ascend ] && printf 'DEVICE_ID=%s ' "$device_id"

@@ -45,7 +45,7 @@ if [ -x "$repo/.venv/bin/python" ]; then export PATH="$repo/.venv/bin:$PATH"; fi
 export GLOG_v=${GLOG_v:-3}
 cmd=(msrun --worker_num="$((workers * nodes))" --local_worker_num="$workers" --master_addr="$master_addr"
      --master_port="$port" --node_rank="$node_rank" --log_dir="$log_dir" --join=True
-     "$repo/pangu_sigma/train.py" --config "$config" "${train_args[@]}")
+     "$repo/pangu_sigma/training/train.py" --config "$config" "${train_args[@]}")
 if [ "$dry" = 1 ]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
 mkdir -p "$log_dir"
 echo "[msrun] node $node_rank/$nodes: $workers workers, logs in $log_dir/worker_*.log (tail -f $log_dir/worker_0.log)"

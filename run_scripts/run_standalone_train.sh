@@ -22,7 +22,7 @@ device_id=${positional[1]}
 
 config=$(absolute "$config")
 work_dir=$(absolute "${OUTPUT_DIR:-./output}")/standalone_device$device_id
-cmd=("$py" -m pangu_sigma.train --config "$config" --set parallel.device_target=Ascend "${extra[@]}")
+cmd=("$py" -m pangu_sigma.training.train --config "$config" --set parallel.device_target=Ascend "${extra[@]}")
 if [ "$dry_run" = 1 ]; then
     printf 'RANK_ID=0 DEVICE_ID=%s RANK_SIZE=1 cd %q &&' "$device_id" "$work_dir"
     printf ' %q' "${cmd[@]}"

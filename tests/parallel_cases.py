@@ -78,7 +78,7 @@ def run_steps(step_cell, ids, domains):
 
 
 def build(name, ctx, output_dir, token_groups=1, group_ranks=None):
-    from pangu_sigma.train import build_train_step
+    from pangu_sigma.training.train import build_train_step
 
     ms.set_seed(11)
     return build_train_step(case_config(name, output_dir), META, ctx, token_groups, group_ranks)

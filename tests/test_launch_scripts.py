@@ -150,7 +150,7 @@ def test_distribute_dry_run_second_server(workdir):
                         env={"OUTPUT_DIR": "out"})
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert len(lines) == 8 and all("-m pangu_sigma.train" in line for line in lines)
+    assert len(lines) == 8 and all("-m pangu_sigma.training.train" in line for line in lines)
     for i, line in enumerate(lines):
         assert line.startswith(f"RANK_ID={8 + i} DEVICE_ID={i} RANK_SIZE=16 RANK_TABLE_FILE={workdir}/merged.json ")
         assert f"cd {workdir}/out/device{i} &&" in line
@@ -190,7 +190,7 @@ def test_distribute_launches_one_process_per_device(tmp_path, workdir):
     """A stand-in python records each trainer's env and arguments in its log."""
     fake = tmp_path / "fake_python"
     fake.write_text(f"""#!/usr/bin/env bash
-if [ "$2" = pangu_sigma.ranktable ]; then exec {sys.executable} "$@"; fi
+if [ "$2" = pangu_sigma.cluster.ranktable ]; then exec {sys.executable} "$@"; fi
 echo "RANK_ID=$RANK_ID DEVICE_ID=$DEVICE_ID RANK_SIZE=$RANK_SIZE TABLE=$RANK_TABLE_FILE PWD=$PWD ARGS=$*"
 """)
     fake.chmod(0o755)
@@ -206,7 +206,7 @@ echo "RANK_ID=$RANK_ID DEVICE_ID=$DEVICE_ID RANK_SIZE=$RANK_SIZE TABLE=$RANK_TAB
     for i, log in enumerate(logs):
         assert log.read_text() == (
             f"RANK_ID={8 + i} DEVICE_ID={i} RANK_SIZE=16 TABLE={workdir}/merged.json PWD={out}/device{i} "
-            f"ARGS=-m pangu_sigma.train --config {workdir}/config.yaml --set parallel.device_target=Ascend "
+            f"ARGS=-m pangu_sigma.training.train --config {workdir}/config.yaml --set parallel.device_target=Ascend "
             "--seed 1\n")
 
 
@@ -217,7 +217,7 @@ def test_standalone_dry_run(workdir):
     assert result.returncode == 0, result.stderr
     assert result.stdout == (
         f"RANK_ID=0 DEVICE_ID=3 RANK_SIZE=1 cd {workdir}/output/standalone_device3 && {sys.executable} "
-        f"-m pangu_sigma.train --config {workdir}/config.yaml --set parallel.device_target=Ascend "
+        f"-m pangu_sigma.training.train --config {workdir}/config.yaml --set parallel.device_target=Ascend "
         "--x a\\ b > log 2>&1\n")
 
 
@@ -238,7 +238,7 @@ def test_eval_dry_run(workdir, target_args, target, env):
     result = run(["bash", SCRIPTS / "run_eval.sh", "config.yaml", "model.ckpt", *target_args, "--dry-run"], workdir)
     assert result.returncode == 0, result.stderr
     assert result.stdout == (
-        f"{env}{sys.executable} -m pangu_sigma.eval --config {workdir}/config.yaml "
+        f"{env}{sys.executable} -m pangu_sigma.evaluation.eval --config {workdir}/config.yaml "
         f"--checkpoint {workdir}/model.ckpt --set parallel.device_target={target}\n")
 
 

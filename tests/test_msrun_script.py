@@ -22,7 +22,7 @@ def test_multi_node_ascend_dry_run():
     for expected in ("--worker_num=16", "--local_worker_num=8", "--master_addr=10.0.0.1", "--master_port=9000",
                      "--node_rank=1", "--join=True"):
         assert expected in words
-    tail = words[words.index(str(REPO / "pangu_sigma" / "train.py")):]
+    tail = words[words.index(str(REPO / "pangu_sigma" / "training" / "train.py")):]
     assert tail[1:] == ["--config", "configs/locmoe_128n.yaml", "--set", "train.train_steps=32", "--set",
                         "parallel.device_target=Ascend"]
 

@@ -1,4 +1,4 @@
-"""`python -m pangu_sigma.plan` and pangu_sigma.param_count, checked against hand-worked numbers."""
+"""`python -m pangu_sigma.cluster.plan` and pangu_sigma.cluster.param_count, checked against hand-worked numbers."""
 import glob
 import json
 import math
@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from pangu_sigma import param_count, plan
+from pangu_sigma.cluster import param_count, plan
 from pangu_sigma.config import config_from_dict, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,11 +171,11 @@ def test_tp_not_dividing_world_and_missing_world_size(capsys):
 
 
 def test_cli_subprocess_one_line_error_and_text():
-    bad = subprocess.run([sys.executable, "-m", "pangu_sigma.plan", "--config", config_path("locmoe_256n.yaml"),
+    bad = subprocess.run([sys.executable, "-m", "pangu_sigma.cluster.plan", "--config", config_path("locmoe_256n.yaml"),
                           "--world-size", "64"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stdout == ""
     assert len(bad.stderr.strip().splitlines()) == 1 and bad.stderr.startswith("error: ")
-    ok = subprocess.run([sys.executable, "-m", "pangu_sigma.plan", "--config", config_path("locmoe_128n.yaml"),
+    ok = subprocess.run([sys.executable, "-m", "pangu_sigma.cluster.plan", "--config", config_path("locmoe_128n.yaml"),
                          "--world-size", "128"], cwd=ROOT, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     for text in ("128 devices = 16 nodes", "tp 8", "dp 16", "ep 16", "node-local [0]", "inter-node", "params"):
@@ -272,7 +272,7 @@ def test_router_variants_differ_only_in_routing(router, size):
 
 # ---- param_count ---------------------------------------------------------------------------------
 def test_param_count_imports_no_mindspore():
-    code = "import sys, pangu_sigma.param_count; print('mindspore' in sys.modules)"
+    code = "import sys, pangu_sigma.cluster.param_count; print('mindspore' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

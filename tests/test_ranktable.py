@@ -11,7 +11,7 @@ import pytest
 
 from locmoe.errors import ConfigError
 from locmoe.topology import Topology
-from pangu_sigma.ranktable import load_rank_table, validate_rank_table_dict, write_rank_table
+from pangu_sigma.cluster.ranktable import load_rank_table, validate_rank_table_dict, write_rank_table
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "run_scripts"
@@ -212,27 +212,27 @@ def test_rank_size_must_match(tmp_path, rank_size):
 
 
 def test_cli_summary_and_errors(merged_path, tmp_path):
-    ok = run_python("-m", "pangu_sigma.ranktable", merged_path, "--rank-size", "8")
+    ok = run_python("-m", "pangu_sigma.cluster.ranktable", merged_path, "--rank-size", "8")
     assert ok.returncode == 0 and ok.stdout.count("\n") == 1
     assert "8 devices on 2 server(s)" in ok.stdout
 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(edit(lambda t: t.update(status="pending"))))
     for args in ([bad], [merged_path, "--rank-size", "16"], [tmp_path / "none.json"], [merged_path, "--nope"]):
-        result = run_python("-m", "pangu_sigma.ranktable", *args)
+        result = run_python("-m", "pangu_sigma.cluster.ranktable", *args)
         assert result.returncode == 2, args
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
 
 
 def test_cli_local_ranks(merged_path):
-    result = run_python("-m", "pangu_sigma.ranktable", merged_path, "--local-ranks", "4", "4")
+    result = run_python("-m", "pangu_sigma.cluster.ranktable", merged_path, "--local-ranks", "4", "4")
     assert result.stdout.split() == ["8", "0", "1", "2", "3"]
-    spanning = run_python("-m", "pangu_sigma.ranktable", merged_path, "--local-ranks", "2", "4")
+    spanning = run_python("-m", "pangu_sigma.cluster.ranktable", merged_path, "--local-ranks", "2", "4")
     assert spanning.returncode == 2 and "span servers" in spanning.stderr
 
 
 def test_no_mindspore_import():
-    code = "import sys, pangu_sigma.ranktable; print('mindspore' in sys.modules)"
+    code = "import sys, pangu_sigma.cluster.ranktable; print('mindspore' in sys.modules)"
     assert run_python("-c", code).stdout.strip() == "False"
 
 

@@ -67,7 +67,7 @@ def _restore_mode():
 @pytest.fixture(scope="module")
 def tiny_run(tiny_data, tmp_path_factory):
     """(config path, config, run folder) of a LocMoE model trained STEPS steps; shared by the module."""
-    from pangu_sigma.train import train
+    from pangu_sigma.training.train import train
 
     root = tmp_path_factory.mktemp("tools_run")
     run_dir = str(root / "run")

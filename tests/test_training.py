@@ -10,11 +10,11 @@ import yaml
 
 import mindspore as ms
 
-from pangu_sigma import checkpoint
+from pangu_sigma.training import checkpoint
 from pangu_sigma.build import build_model, dataset_meta, single_process_topology
 from pangu_sigma.data.dataset import create_dataset
-from pangu_sigma.eval import evaluate
-from pangu_sigma.train import train
+from pangu_sigma.evaluation.eval import evaluate
+from pangu_sigma.training.train import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -108,17 +108,17 @@ def _error_line(proc):
     ("data.dataset_dir=/nonexistent", "data_dir='/nonexistent' is invalid"),
 ])
 def test_train_cli_bad_config_is_one_line(override, expected):
-    proc = _cli("pangu_sigma.train", "--config", "configs/cpu_tiny.yaml", "--set", override)
+    proc = _cli("pangu_sigma.training.train", "--config", "configs/cpu_tiny.yaml", "--set", override)
     assert expected in _error_line(proc)
 
 
 def test_cli_bad_yaml_and_missing_checkpoint(make_config, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  hidden_size: [1,\n")
-    assert "valid YAML (line" in _error_line(_cli("pangu_sigma.train", "--config", str(bad)))
+    assert "valid YAML (line" in _error_line(_cli("pangu_sigma.training.train", "--config", str(bad)))
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(make_config(tmp_path / "run").to_dict()))
-    missing = _cli("pangu_sigma.eval", "--config", str(good), "--checkpoint", str(tmp_path / "x"))
+    missing = _cli("pangu_sigma.evaluation.eval", "--config", str(good), "--checkpoint", str(tmp_path / "x"))
     assert "--checkpoint=" in _error_line(missing)
 
 

@@ -4,9 +4,9 @@
         --steps N --output DIR [--set a.b=c ...] [--clusters 64,128,256] [--cluster-config-dir configs]
         [--dispatch routed|padded] [--efficiency X] [--overwrite] [--quiet]
 
-For every router R: `pangu_sigma.train.train` with moe.router=R,
+For every router R: `pangu_sigma.training.train.train` with moe.router=R,
 train.output_dir=DIR/R and train.train_steps=N (everything else, data, seed,
-batch and steps, identical), then `pangu_sigma.eval.evaluate` on the valid
+batch and steps, identical), then `pangu_sigma.evaluation.eval.evaluate` on the valid
 split. Then one table, DIR/report.md and DIR/report.json:
 
 - tokens/s: training throughput after compilation (this machine)
@@ -69,7 +69,7 @@ def layer_table(load, dropped, local):
 
 def train_log_table(log_path):
     """layer_table over the last half of the logged steps."""
-    from pangu_sigma.callbacks import read_jsonl
+    from pangu_sigma.training.callbacks import read_jsonl
     rows = [r for r in read_jsonl(log_path) if r.get("expert_load")]
     if not rows:
         return []
@@ -167,8 +167,8 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
             dispatch="routed", hw=None, overwrite=False, log=print):
     """Train, evaluate and simulate every router; write report.md and report.json; return the results dict."""
     from pangu_sigma.config import load_config
-    from pangu_sigma.eval import evaluate
-    from pangu_sigma.train import train
+    from pangu_sigma.evaluation.eval import evaluate
+    from pangu_sigma.training.train import train
 
     hw = (hw or Hardware()).validate()
     config_dir = config_dir or default_config_dir()

@@ -154,7 +154,7 @@ def gate_weights(router_cell, router_name, num_experts, hidden_size):
 def load_trained_model(cfg, checkpoint_path):
     """(PanguSigmaModel with the checkpoint's weights, dataset meta), in eval mode, GRAPH mode set."""
     import mindspore as ms
-    from pangu_sigma import checkpoint
+    from pangu_sigma.training import checkpoint
     from pangu_sigma.build import build_model, dataset_meta, set_device, single_process_topology
 
     meta = dataset_meta(cfg)

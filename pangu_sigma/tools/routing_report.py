@@ -203,7 +203,7 @@ def _table(header, rows):
 def make_report(cfg, checkpoint_path, output, train_log=None, split="valid", max_tokens=DEFAULT_MAX_TOKENS,
                 expert=None, other_expert=None, grid_experts=16, quantile=DEFAULT_QUANTILE, log=print):
     """Write every plot and report.md into `output`; returns {'plots': [...], 'report': path, 'notes': [...]}."""
-    from pangu_sigma.callbacks import read_jsonl
+    from pangu_sigma.training.callbacks import read_jsonl
 
     plt = import_pyplot()
     num_experts = cfg.num_experts

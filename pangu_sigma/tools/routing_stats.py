@@ -193,9 +193,9 @@ def convert(loads, measured_local, target_topology, tokens_per_rank, moe_layers,
 def from_train_log(log_path, train_cfg, target_cfg, world_size=None, rank_table=None, devices_per_node=None,
                    placement="auto", last_steps=None):
     """Routing-stats dict for the target cluster from a single-process training log."""
-    from pangu_sigma import plan
+    from pangu_sigma.cluster import plan
     from pangu_sigma.build import single_process_topology
-    from pangu_sigma.callbacks import read_jsonl
+    from pangu_sigma.training.callbacks import read_jsonl
 
     if not os.path.isfile(log_path):
         raise ConfigError("--train-log", log_path, "an existing train_log_rank<r>.jsonl")

@@ -4,7 +4,7 @@
         [--devices-per-node N] [--routing-stats FILE] [--dispatch routed|padded]
         [--efficiency X] [--peak-tflops X] [--hccs-gbytes X] ... [--json] [--set a.b=c ...]
 
-The cluster comes from `pangu_sigma.plan.resolve_cluster` (--rank-table, else
+The cluster comes from `pangu_sigma.cluster.plan.resolve_cluster` (--rank-table, else
 --world-size with devices_per_node, else parallel.virtual_world_size; the
 config alone does not fix the device count). FLOPs and the link model are in
 `pangu_sigma.tools.cost_model` (every constant is a flag below).
@@ -163,7 +163,7 @@ def simulate_step(cfg, topology, hw, vocab_size, counts=None, dispatch="routed",
     Returns a dict: step_time, breakdown (computation, communication, overlapped, idle),
     compute and communication parts, and per-layer details.
     """
-    from pangu_sigma import param_count
+    from pangu_sigma.cluster import param_count
     from pangu_sigma.tools.routing_stats import uniform_counts
 
     if dispatch not in DISPATCH:
@@ -243,7 +243,7 @@ def simulate_step(cfg, topology, hw, vocab_size, counts=None, dispatch="routed",
 
 def build_cluster(cfg, world_size=None, rank_table=None, devices_per_node=None):
     """(Topology, vocab size) for the config on the given cluster (plan.py's rules and checks)."""
-    from pangu_sigma import plan
+    from pangu_sigma.cluster import plan
     world, node_of_rank, dpn, _ = plan.resolve_cluster(cfg, rank_table, world_size, devices_per_node)
     plan.check_layout(cfg, world, dpn)
     return plan.build_topology(cfg, world, node_of_rank, dpn), plan.vocab_size_of(cfg)

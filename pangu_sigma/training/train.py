@@ -1,4 +1,4 @@
-"""Train PanGu-Sigma: python -m pangu_sigma.train --config FILE [--set a.b=c ...] [--resume].
+"""Train PanGu-Sigma: python -m pangu_sigma.training.train --config FILE [--set a.b=c ...] [--resume].
 
 GRAPH mode; AdamWeightDecay with warm-up + cosine; global-norm clipping;
 float32 on CPU, float16 with dynamic loss scaling on Ascend. sink_size steps
@@ -18,18 +18,18 @@ import numpy as np
 import mindspore as ms
 
 from locmoe.errors import OneLineArgumentParser, run_cli
-from pangu_sigma import checkpoint
+from pangu_sigma.training import checkpoint
 from locmoe.comm import AllReduce, CommCounter
 from locmoe.exchange import register_exchange_bytes
 from locmoe.layer import MoELayer
 from pangu_sigma.build import build_model, dataset_meta, parallel_context, set_device, single_process_groups
-from pangu_sigma.callbacks import JsonlLog, expert_table, step_line
+from pangu_sigma.training.callbacks import JsonlLog, expert_table, step_line
 from pangu_sigma.config import load_config
 from pangu_sigma.data.dataset import create_dataset
-from pangu_sigma.lr_schedule import WarmupCosineLR
+from pangu_sigma.training.lr_schedule import WarmupCosineLR
 from pangu_sigma.parallel.grad_reduce import GradReducer
 from pangu_sigma.parallel.tp_layers import tp_shard_specs
-from pangu_sigma.train_step import METRIC_NAMES, TrainStep, build_optimizer
+from pangu_sigma.training.train_step import METRIC_NAMES, TrainStep, build_optimizer
 
 
 def build_train_step(cfg, meta, ctx, token_groups=1, group_ranks=None):

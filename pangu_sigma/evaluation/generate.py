@@ -1,5 +1,5 @@
 """Text continuation with a key/value cache:
-python -m pangu_sigma.generate --config FILE --checkpoint PATH --prompt TEXT
+python -m pangu_sigma.evaluation.generate --config FILE --checkpoint PATH --prompt TEXT
     [--max-new-tokens N] [--top-p P] [--temperature T] [--greedy] [--domain NAME] [--seed S]
 
 PYNATIVE mode: the prompt runs once through the model, then one token per
@@ -13,7 +13,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from locmoe.errors import ConfigError, OneLineArgumentParser, run_cli
-from pangu_sigma import checkpoint
+from pangu_sigma.training import checkpoint
 from pangu_sigma.build import build_model, dataset_meta, set_device, single_process_topology
 from pangu_sigma.config import load_config
 

@@ -12,7 +12,7 @@ import re
 import mindspore as ms
 
 from locmoe.errors import ConfigError
-from pangu_sigma.train_step import BUFFER_PREFIX
+from pangu_sigma.training.train_step import BUFFER_PREFIX
 
 _NAME = re.compile(r"^step_(\d{8})\.json$")
 

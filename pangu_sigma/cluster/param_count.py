@@ -2,7 +2,7 @@
 
 No MindSpore import: `cfg` is any object shaped like pangu_sigma.config.RunConfig
 (sections .model, .moe, .parallel, .train and the derived .num_experts,
-.compute_dtype), so this runs anywhere, e.g. inside `python -m pangu_sigma.plan`.
+.compute_dtype), so this runs anywhere, e.g. inside `python -m pangu_sigma.cluster.plan`.
 
 Parameters (mirrors pangu_sigma/model and locmoe; d hidden, f ffn, V vocab,
 S seq_length, L num_layers decoder blocks, M moe_layer_num of them sparse,

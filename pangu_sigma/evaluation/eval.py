@@ -1,4 +1,4 @@
-"""Validation perplexity and expert load: python -m pangu_sigma.eval --config FILE --checkpoint PATH.
+"""Validation perplexity and expert load: python -m pangu_sigma.evaluation.eval --config FILE --checkpoint PATH.
 
 Perplexity = exp(mean token cross-entropy over the whole valid split); every
 valid sample counts (the last short batch too).
@@ -9,9 +9,9 @@ import sys
 import numpy as np
 
 from locmoe.errors import ConfigError, OneLineArgumentParser, run_cli
-from pangu_sigma import checkpoint
+from pangu_sigma.training import checkpoint
 from pangu_sigma.build import build_model, dataset_meta, set_device, single_process_topology
-from pangu_sigma.callbacks import expert_table
+from pangu_sigma.training.callbacks import expert_table
 from pangu_sigma.config import load_config
 from pangu_sigma.data.dataset import create_dataset
 

@@ -1,6 +1,6 @@
 """Plan a run: validate a config against a cluster and print its layout, size and traffic.
 
-    python -m pangu_sigma.plan --config FILE [--rank-table FILE]
+    python -m pangu_sigma.cluster.plan --config FILE [--rank-table FILE]
                                [--world-size N] [--devices-per-node N] [--set a.b=c ...] [--json]
 
 Needs no hardware and initialises no communication (MindSpore is imported
@@ -50,7 +50,7 @@ import sys
 
 from locmoe.capacity import expert_capacity
 from locmoe.errors import ConfigError
-from pangu_sigma import param_count
+from pangu_sigma.cluster import param_count
 
 ASCEND_910A_HBM_GIB = 32  # HBM per Ascend 910A NPU
 MAX_LISTED = 6            # groups / nodes printed before abbreviating
@@ -64,7 +64,7 @@ def resolve_cluster(cfg, rank_table=None, world_size=None, devices_per_node=None
     if devices_per_node is not None and (not isinstance(devices_per_node, int) or devices_per_node < 1):
         raise ConfigError("--devices-per-node", devices_per_node, "an integer >= 1")
     if rank_table is not None:
-        from pangu_sigma.ranktable import load_rank_table
+        from pangu_sigma.cluster.ranktable import load_rank_table
         table = load_rank_table(rank_table)
         if world_size is not None and world_size != table.world_size:
             raise ConfigError("--world-size", world_size,
@@ -335,8 +335,8 @@ def format_text(plan, config_path):
 
 # ---- CLI --------------------------------------------------------------------------
 def main(argv=None):
-    from pangu_sigma.ranktable import OneLineArgumentParser
-    parser = OneLineArgumentParser(prog="python -m pangu_sigma.plan",
+    from pangu_sigma.cluster.ranktable import OneLineArgumentParser
+    parser = OneLineArgumentParser(prog="python -m pangu_sigma.cluster.plan",
                                    description="Validate a config against a cluster; print layout, "
                                                "parameters, memory and All-to-All bytes per step.")
     parser.add_argument("--config", required=True, help="run config YAML")

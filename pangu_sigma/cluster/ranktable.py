@@ -12,7 +12,7 @@ All values are strings in this format. Every problem raises
 `locmoe.errors.ConfigError` whose one-line message names the field (with
 its server and device), the bad value and what is valid.
 
-CLI: python -m pangu_sigma.ranktable FILE [--rank-size N] [--local-ranks START COUNT]
+CLI: python -m pangu_sigma.cluster.ranktable FILE [--rank-size N] [--local-ranks START COUNT]
 No MindSpore import here: the launch scripts use this on any machine.
 """
 import ipaddress
@@ -219,7 +219,7 @@ def summary(table, path):
 
 
 def main(argv=None):
-    parser = OneLineArgumentParser(prog="python -m pangu_sigma.ranktable",
+    parser = OneLineArgumentParser(prog="python -m pangu_sigma.cluster.ranktable",
                                    description="Validate a rank table and print a one-line summary.")
     parser.add_argument("file", help="rank table JSON (format 1.0)")
     parser.add_argument("--rank-size", help="RANK_SIZE to check against the table")

@@ -1,0 +1,1 @@
+"""Cluster planning: rank tables, the layout/memory plan, parameter and memory counts."""

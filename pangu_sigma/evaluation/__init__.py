@@ -1,0 +1,1 @@
+"""Evaluation (perplexity, expert load) and text generation."""
