@@ -35,6 +35,9 @@ class MoESection:
     router: str = "locmoe"
     expert_num_per_dp_dim: int = 8
     capacity_factor: float = 1.25
+    # Capacity factor eval routes with (0: capacity_factor, as in training).
+    # Switch Transformer evaluates with a larger one (fewer drops).
+    eval_capacity_factor: float = 0.0
     aux_loss_coef: float = 0.01
     locality_loss_coef: float = 0.01
     locality_smoothing: float = 1e-4
@@ -47,6 +50,8 @@ class MoESection:
         _need(self.router in ROUTERS, "moe.router", self.router, f"one of {list(ROUTERS)}")
         _need(_is_int(self.expert_num_per_dp_dim) and self.expert_num_per_dp_dim >= 1,
               "moe.expert_num_per_dp_dim", self.expert_num_per_dp_dim, "an integer >= 1")
+        _need(_is_num(self.eval_capacity_factor) and self.eval_capacity_factor >= 0, "moe.eval_capacity_factor",
+              self.eval_capacity_factor, "0 (the training moe.capacity_factor) or a number > 0")
 
 
 @dataclass

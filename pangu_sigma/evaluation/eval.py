@@ -1,8 +1,20 @@
-"""Validation perplexity and expert load: python -m pangu_sigma.evaluation.eval --config FILE --checkpoint PATH.
+"""Validation perplexity, drops and expert load, overall and per domain:
 
-Perplexity = exp(mean token cross-entropy over the whole valid split); every
-valid sample counts (the last short batch too).
+    python -m pangu_sigma.evaluation.eval --config FILE --checkpoint PATH [--json FILE] [--set a.b=c ...]
+
+Eval routes as training does:
+- the token-group layout of the training config: with parallel.virtual_scope=cluster
+  the process routes the whole virtual cluster's batch as dp token groups, one per
+  data-parallel rank (pangu_sigma.build.single_process_groups), else one group;
+- batches of training's size (train.batch_size per data-parallel rank) in the order of
+  training's first epoch (data.shuffle, data.seed), every valid sample counted once
+  (the short last batch is filled up to full size with samples that are routed, not
+  counted; `eval_forward.eval_batches`);
+- capacity factor moe.eval_capacity_factor, default (0) the training moe.capacity_factor.
+Perplexity = exp(mean token cross-entropy); per domain the same over that domain's
+tokens; the overall CE is the token-weighted mean of the domains' (`domain_stats`).
 """
+import dataclasses
 import math
 import sys
 
@@ -10,62 +22,145 @@ import numpy as np
 
 from locmoe.errors import ConfigError, OneLineArgumentParser, run_cli
 from pangu_sigma.training import checkpoint
-from pangu_sigma.build import build_model, dataset_meta, set_device, single_process_topology
+from pangu_sigma.build import build_model, dataset_meta, set_device, single_process_groups, single_process_topology
 from pangu_sigma.training.callbacks import expert_table
 from pangu_sigma.config import load_config
-from pangu_sigma.data.dataset import create_dataset
+from pangu_sigma.evaluation.domain_stats import DomainAccumulator, domain_table, token_local
+from pangu_sigma.evaluation.eval_forward import eval_batches, eval_forward_cell
 
 
-def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None, log=print):
-    """Mean CE, perplexity and summed expert statistics over a split.
+def eval_capacity_factor(cfg):
+    """(capacity factor eval routes with, where it comes from)."""
+    if cfg.moe.eval_capacity_factor:
+        return float(cfg.moe.eval_capacity_factor), "moe.eval_capacity_factor"
+    return float(cfg.moe.capacity_factor), "moe.capacity_factor, as in training"
 
-    Either loads checkpoint_path into a freshly built network or uses net as given.
+
+def eval_layout(cfg):
+    """How eval groups tokens: training's layout for this config (a dict; see single_process_groups)."""
+    topology = single_process_topology(cfg)
+    groups, group_ranks, multiplier = single_process_groups(cfg, topology)
+    scope = cfg.parallel.virtual_scope if cfg.parallel.virtual_world_size else "single"
+    return {"scope": scope, "token_groups": groups, "group_ranks": group_ranks or [topology.rank] * groups,
+            "batch_multiplier": multiplier, "world_size": topology.world_size, "topology": topology}
+
+
+def load_weights(net, checkpoint_path):
+    """The one place eval loads a checkpoint into its network."""
+    return checkpoint.load_into(net, checkpoint_path)
+
+
+def build_eval_net(cfg, meta, layout, capacity_factor, checkpoint_path):
+    """PanguSigmaWithLoss with training's token groups and the eval capacity factor, weights loaded."""
+    eval_cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, capacity_factor=capacity_factor))
+    net = build_model(eval_cfg, meta, layout["topology"], token_groups=layout["token_groups"],
+                      group_ranks=layout["group_ranks"] if layout["token_groups"] > 1 else None)
+    load_weights(net, checkpoint_path)
+    return net
+
+
+def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None, log=print, max_batches=None,
+             per_batch=False):
+    """Mean CE, perplexity and routing figures over a split, overall and per domain.
+
+    Either loads checkpoint_path into a freshly built network or uses net (a
+    PanguSigmaWithLoss built with the layout of `eval_layout(cfg)`) as given.
+    batch_size: per data-parallel rank (default train.batch_size). max_batches:
+    only the first batches of the plan. per_batch: also return each batch's
+    routing sums (load [M, E], dropped [M], local [M]) under 'batches'.
     """
+    from mindspore import Tensor
+    from pangu_sigma.data.dataset import load_split
+
     meta = dataset_meta(cfg)
+    layout = eval_layout(cfg)
+    factor, factor_source = eval_capacity_factor(cfg)
     if net is None:
         set_device(cfg)
-        net = build_model(cfg, meta, single_process_topology(cfg))
-        checkpoint.load_into(net, checkpoint_path)
+        net = build_eval_net(cfg, meta, layout, factor, checkpoint_path)
     net.set_train(False)
-    batch_size = batch_size or cfg.train.batch_size
-    batch_size = min(batch_size, meta[f"{split}_samples"])
-    dataset = create_dataset(cfg.data.dataset_dir, split, batch_size, shuffle=False, repeat=False,
-                             drop_remainder=False)
-    ce_sum, tokens = 0.0, 0
-    load = dropped = local = None
-    for ids, domains in dataset.create_tuple_iterator(num_epochs=1):
-        _, ce, _, _, batch_load, batch_dropped, batch_local = net(ids, domains)
-        batch_tokens = ids.shape[0] * (ids.shape[1] - 1)
-        ce_sum += float(ce.asnumpy()) * batch_tokens
-        tokens += batch_tokens
-        if load is None:
-            load, dropped, local = batch_load.asnumpy(), batch_dropped.asnumpy(), batch_local.asnumpy()
-        else:
-            load, dropped, local = (load + batch_load.asnumpy(), dropped + batch_dropped.asnumpy(),
-                                    local + batch_local.asnumpy())
-    mean_ce = ce_sum / tokens
-    result = {"split": split, "tokens": tokens, "ce": mean_ce, "perplexity": math.exp(mean_ce),
-              "expert_load": np.asarray(load).tolist(), "dropped": np.asarray(dropped).tolist(),
-              "local": np.asarray(local).tolist()}
-    log(f"[eval] {split}: {tokens} tokens, mean CE {mean_ce:.4f}, perplexity {result['perplexity']:.3f}")
-    log(expert_table(load, dropped, local, first_layer=cfg.model.num_layers - cfg.model.moe_layer_num,
-                     title=f"expert load on {split}"))
+    per_rank = batch_size or cfg.train.batch_size
+    global_batch = per_rank * layout["batch_multiplier"]
+    input_ids, domain_ids = load_split(cfg.data.dataset_dir, split)  # [N, S+1], [N]
+    if len(input_ids) == 0:
+        raise ConfigError("split", split, "a split with at least one sample")
+    seq = input_ids.shape[1] - 1
+    plan = eval_batches(len(input_ids), global_batch, cfg.data.seed, cfg.data.shuffle)
+    if max_batches is not None:
+        plan = plan[:max_batches]
+    model = net.model
+    moe_layers = [model.blocks[i].ffn for i in range(model.dense_layer_num, model.dense_layer_num
+                                                      + model.moe_layer_num)]
+    if moe_layers and moe_layers[0].token_groups != layout["token_groups"]:
+        raise ValueError(f"net routes {moe_layers[0].token_groups} token groups; the config's layout has "
+                         f"{layout['token_groups']}")
+    local_masks = [layer.local_mask.asnumpy() for layer in moe_layers]  # [G, E] each
+    per_group = global_batch * seq // layout["token_groups"]
+    capacity = int(moe_layers[0].capacity(per_group)) if moe_layers else 0
+    cell = eval_forward_cell(model, global_batch * seq)
+    acc = DomainAccumulator(meta.get("domains", []), len(moe_layers), cfg.num_experts if moe_layers else 0)
+    batches = []
+    for chosen, counted in plan:
+        ids, domains = input_ids[chosen], domain_ids[chosen]  # [B, S+1], [B]
+        nll, routing = cell(Tensor(ids), Tensor(domains))
+        per_token = [(idx.asnumpy().reshape(-1), keep.asnumpy().reshape(-1) > 0.5,
+                      token_local(idx.asnumpy(), mask, per_group))
+                     for (idx, keep), mask in zip(routing, local_masks)]  # [B*S] each
+        sums = acc.add(nll.asnumpy(), domains, per_token, counted)
+        if per_batch:
+            batches.append({"load": sums[0].tolist(), "dropped": sums[1].tolist(), "local": sums[2].tolist(),
+                            "samples": int(counted.sum())})
+    figures = acc.result()
+    overall = figures["overall"]
+    result = {"split": split, "tokens": overall["tokens"], "ce": overall["ce"], "perplexity": overall["perplexity"],
+              "expert_load": overall["expert_load"], "dropped": overall["dropped"], "local": overall["local"],
+              "layers": overall["layers"], "domains": figures["domains"],
+              "routing": {"scope": layout["scope"], "token_groups": layout["token_groups"],
+                          "group_ranks": layout["group_ranks"], "world_size": layout["world_size"],
+                          "tokens_per_group": per_group, "samples_per_batch": global_batch,
+                          "batches": len(plan), "shuffle": cfg.data.shuffle, "seed": cfg.data.seed,
+                          "capacity_factor": factor, "capacity_factor_source": factor_source,
+                          "capacity": capacity}}
+    if per_batch:
+        result["batches"] = batches
+    log(f"[eval] routed as training: {layout['scope']} scope, {layout['token_groups']} token group(s) of "
+        f"{per_group} tokens ({global_batch} samples per batch, order of training's first epoch: "
+        f"shuffle={cfg.data.shuffle}, data.seed={cfg.data.seed}), capacity factor {factor:g} ({factor_source}), "
+        f"{capacity} slots per expert per group")
+    log(f"[eval] {split}: {result['tokens']} tokens, mean CE {result['ce']:.4f}, "
+        f"perplexity {result['perplexity']:.3f}")
+    log(domain_table(figures, title=f"{split} per domain"))
+    if moe_layers:
+        first = cfg.model.num_layers - cfg.model.moe_layer_num
+        log(expert_table(np.asarray(overall["expert_load"]), overall["dropped"], overall["local"],
+                         first_layer=first, title=f"expert load on {split}"))
+        for name, fig in figures["domains"].items():
+            log(expert_table(np.asarray(fig["expert_load"]), fig["dropped"], fig["local"], first_layer=first,
+                             title=f"expert load on {split}, domain {name}"))
     return result
 
 
 def main(argv=None):
-    parser = OneLineArgumentParser(description="Validation perplexity and expert-load table.")
+    parser = OneLineArgumentParser(description="Validation perplexity, drops and expert load, overall and per "
+                                               "domain, routed as in training.")
     parser.add_argument("--config", required=True)
     parser.add_argument("--checkpoint", required=True, help=".ckpt file or a run folder (newest checkpoint)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None, help="per data-parallel rank (default "
+                                                                     "train.batch_size)")
     parser.add_argument("--split", default="valid", choices=("valid", "train"))
+    parser.add_argument("--json", help="also write the figures (overall and per domain) to this JSON file")
     args = parser.parse_args(argv)
+
     def run():
         if args.batch_size is not None and args.batch_size < 1:
             raise ConfigError("--batch-size", args.batch_size, "an integer >= 1")
         cfg = load_config(args.config, args.set)
-        evaluate(cfg, args.checkpoint, args.batch_size, args.split)
+        result = evaluate(cfg, args.checkpoint, args.batch_size, args.split)
+        if args.json:
+            from pangu_sigma.tools._cli import write_json
+            write_json(args.json, result)
+            print(f"[eval] wrote {args.json}")
 
     return run_cli(run)
 

@@ -36,5 +36,10 @@ def dumps(payload):
 
 
 def write_json(path, payload):
-    with open(path, "w", encoding="utf-8") as handle:
+    """Atomic: a temp file next to path, then renamed over it."""
+    import os
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
         handle.write(dumps(payload) + "\n")
+    os.replace(tmp, path)

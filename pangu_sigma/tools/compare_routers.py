@@ -1,20 +1,24 @@
-"""Train and compare routers on the same data, seed and budget; simulate their step time on 64N/128N/256N.
+"""Train and compare routers on the same data and budget over several seeds; simulate their step time on 64N/128N/256N.
 
     python -m pangu_sigma.tools.compare_routers --config FILE --routers locmoe,switch,hash,rre
-        --steps N --output DIR [--set a.b=c ...] [--clusters 64,128,256] [--cluster-config-dir configs]
-        [--dispatch routed|padded] [--efficiency X] [--overwrite] [--quiet]
+        --steps N --output DIR [--seeds K] [--set a.b=c ...] [--clusters 64,128,256]
+        [--cluster-config-dir configs] [--dispatch routed|padded] [--efficiency X] [--overwrite] [--quiet]
 
-For every router R: `pangu_sigma.training.train.train` with moe.router=R,
-train.output_dir=DIR/R and train.train_steps=N (everything else, data, seed,
-batch and steps, identical), then `pangu_sigma.evaluation.eval.evaluate` on the valid
-split. Then one table, DIR/report.md and DIR/report.json:
+For every router R and seed s in train.seed, train.seed + 1, ... (K seeds):
+`pangu_sigma.training.train.train` with moe.router=R, train.seed=s,
+train.output_dir=DIR/R/seed<s> and train.train_steps=N (data, data order, batch
+and steps identical), then `pangu_sigma.evaluation.eval.evaluate` on the valid
+split (routed as in training: token groups, batch order, eval capacity factor).
+Then DIR/report.md and DIR/report.json, every column as mean, sample standard
+deviation, min, max and n (the seeds behind it) over the seeds:
 
 - tokens/s: training throughput after compilation (this machine)
-- valid perplexity of the final checkpoint
+- valid perplexity of the final checkpoint, overall and per domain
 - per MoE layer on the valid split (the final model): max/mean expert load,
   the smallest expert's share of the tokens, drop rate, and the locality
-  fraction (tokens routed to experts on the node of the (virtual) rank the
-  process poses as: parallel.virtual_world_size / devices_per_node)
+  fraction (tokens routed to experts on the node of their token group's
+  (virtual) rank; in cluster scope the mean over the dp token groups)
+- per domain: tokens, perplexity, max/mean load, drop rate, locality
 - the simulator's step time for each cluster size, from that run's routing
   statistics: the training log's expert_load over the last half of the
   steps, scaled to every rank of the cluster by
@@ -22,7 +26,9 @@ split. Then one table, DIR/report.md and DIR/report.json:
   distribution on every rank for the others), with the cluster's config
   configs/<R>_<n>n.yaml, else configs/locmoe_<n>n.yaml with moe.router=R.
   The same with uniform routing is in report.json for reference.
+Columns are named entries of RUN_COLUMNS / DOMAIN_COLUMNS (one line each).
 """
+import math
 import os
 import shutil
 import sys
@@ -57,14 +63,8 @@ def cluster_config(router, size, config_dir):
 
 def layer_table(load, dropped, local):
     """Per-layer statistics from summed counts load [M, E], dropped [M], local [M]."""
-    load = np.asarray(load, np.float64)
-    out = []
-    for m in range(load.shape[0]):
-        routed = max(load[m].sum(), 1e-300)
-        share = load[m] / routed
-        out.append({"max_over_mean": float(share.max() * load.shape[1]), "min_share": float(share.min()),
-                    "drop_rate": float(dropped[m] / routed), "local_fraction": float(local[m] / routed)})
-    return out
+    from pangu_sigma.evaluation.domain_stats import layer_figures
+    return layer_figures(load, dropped, local)
 
 
 def train_log_table(log_path):
@@ -110,45 +110,134 @@ def simulate_router(router, train_cfg, log_path, clusters, config_dir, dispatch,
 
 
 def _mean(values):
+    values = [v for v in values if v is not None and math.isfinite(v)]
     return float(np.mean(values)) if values else float("nan")
 
 
+def _min(values):
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.min(values)) if values else float("nan")
+
+
+# Columns of the router table: (name, format, value of one run). A run is the dict
+# `run_figures` returns; adding a column is one line here (per-domain and step-time
+# columns are added by `columns`).
+RUN_COLUMNS = [
+    ("tokens/s", "{:,.0f}", lambda r: r["tokens_per_s"]),
+    ("valid ppl", "{:.3f}", lambda r: r["valid"]["perplexity"]),
+    ("max/mean load", "{:.3f}", lambda r: _mean([L["max_over_mean"] for L in r["valid"]["layers"]])),
+    ("smallest share", "{:.4f}", lambda r: _min([L["min_share"] for L in r["valid"]["layers"]])),
+    ("drop %", "{:.2f}", lambda r: 100 * _mean([L["drop_rate"] for L in r["valid"]["layers"]])),
+    ("local %", "{:.2f}", lambda r: 100 * _mean([L["local_fraction"] for L in r["valid"]["layers"]])),
+]
+
+# Columns of the per-domain table: (name, format, value of one domain's eval figures).
+DOMAIN_COLUMNS = [
+    ("tokens", "{:,.0f}", lambda d: d["tokens"]),
+    ("ppl", "{:.3f}", lambda d: d["perplexity"]),
+    ("max/mean load", "{:.3f}", lambda d: _mean([L["max_over_mean"] for L in d["layers"]])),
+    ("drop %", "{:.2f}", lambda d: 100 * _mean([L["drop_rate"] for L in d["layers"]])),
+    ("local %", "{:.2f}", lambda d: 100 * _mean([L["local_fraction"] for L in d["layers"]])),
+]
+
+
+def _step_ms(size):
+    def value(run):
+        sim = run["simulated"].get(size, {})
+        return 1e3 * sim["routed"]["step_time"] if "routed" in sim else float("nan")
+    return value
+
+
+def columns(domains, clusters):
+    """The router table's columns: RUN_COLUMNS, then each domain's valid ppl, then simulated step times."""
+    cols = list(RUN_COLUMNS)
+    cols += [(f"ppl {d}", "{:.3f}", lambda r, d=d: r["valid"]["domains"][d]["perplexity"]
+              if d in r["valid"]["domains"] else float("nan")) for d in domains]
+    cols += [(f"step {n}N (ms)", "{:,.1f}", _step_ms(n)) for n in clusters]
+    return cols
+
+
+def spread(values):
+    """Mean, sample standard deviation (0 for one value), min, max and n over the finite values."""
+    values = np.array([v for v in values if v is not None and math.isfinite(v)], np.float64)
+    if not values.size:
+        return {"mean": float("nan"), "sd": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
+    return {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if values.size > 1 else 0.0,
+            "min": float(values.min()), "max": float(values.max()), "n": int(values.size)}
+
+
+def summarize(runs, cols):
+    """{column: spread over the runs} for (name, format, value) columns."""
+    return {name: spread([value(r) for r in runs]) for name, _, value in cols}
+
+
+def _cell(fmt, s, kind):
+    if not s["n"]:
+        return "n/a"
+    if kind == "range":
+        return f"{fmt.format(s['min'])}-{fmt.format(s['max'])}"
+    return f"{fmt.format(s['mean'])} ± {fmt.format(s['sd'])}" if s["n"] > 1 else fmt.format(s["mean"])
+
+
+def _n_label(stats):
+    """The seed count behind a row: one number when every column has it, else min-max."""
+    counts = sorted({s["n"] for s in stats.values()})
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+
+
 def render(results, clusters, meta):
+    seeds = meta["seeds"]
+    routing = meta["eval_routing"]
     lines = ["# Router comparison", "",
              f"Config `{meta['config']}` with {meta['overrides'] or 'no overrides'}; {meta['steps']} steps of "
-             f"{meta['tokens_per_step']:,} tokens for every router (same data, seed and budget). Layer statistics "
-             f"are on the valid split with the final weights; locality = share of tokens routed to experts on the "
-             f"node of the (virtual) rank {meta['virtual_rank']} of {meta['virtual_world_size'] or 1} devices, "
-             f"{meta['devices_per_node']} per node. Step times: `pangu_sigma.tools.simulate` "
+             f"{meta['tokens_per_step']:,} tokens ({meta['samples_per_step']} sequences of {meta['seq_length']}; "
+             f"{meta['scope']} scope, {meta['token_groups']} token group(s)) for every router, same data order "
+             f"(data.seed={meta['data_seed']}), over {len(seeds)} seed(s) train.seed = {seeds} (model "
+             f"initialisation and op RNG). Each cell is the mean ± sample standard deviation over the seeds; the "
+             f"column `seeds` says how many runs stand behind every number of the row (the min-max table below "
+             f"gives the range). Layer statistics are on the valid split with the final weights, routed as in "
+             f"training: {routing['token_groups']} token group(s) of {routing['tokens_per_group']} tokens, "
+             f"batches in training's order, capacity factor {routing['capacity_factor']:g} "
+             f"({routing['capacity_factor_source']}). Locality = share of tokens routed to experts on the node of "
+             f"their token group's (virtual) rank (mean over token groups), {meta['virtual_world_size'] or 1} "
+             f"devices, {meta['devices_per_node']} per node. Step times: `pangu_sigma.tools.simulate` "
              f"({meta['dispatch']} dispatch, efficiency {meta['efficiency']}) with each run's routing statistics "
              f"scaled to the cluster.", ""]
-    header = ["router", "tokens/s", "valid ppl", "max/mean load", "smallest share", "drop %", "local %"]
-    header += [f"step {n}N (ms)" for n in clusters]
+    cols = columns(meta["domains"], clusters)
+    for kind, title in (("mean", "mean ± sd"), ("range", "min-max")):
+        lines += [f"## Routers ({title} over seeds)", ""]
+        header = ["router", "seeds"] + [name for name, _, _ in cols]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for router, r in results.items():
+            row = [router, _n_label(r["summary"])] + [_cell(fmt, r["summary"][name], kind) for name, fmt, _ in cols]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    lines += ["Load columns: mean over MoE layers of max/mean, the smallest share over layers, mean drop and "
+              "locality over layers.", "", "## Per domain (valid split, mean ± sd over seeds)", ""]
+    header = ["router", "domain", "seeds"] + [name for name, _, _ in DOMAIN_COLUMNS]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for router, r in results.items():
-        layers = r["valid_layers"]
-        row = [router, f"{r['tokens_per_s']:,.0f}", f"{r['valid_perplexity']:.3f}",
-               f"{_mean([L['max_over_mean'] for L in layers]):.3f}",
-               f"{min([L['min_share'] for L in layers], default=float('nan')):.4f}",
-               f"{100 * _mean([L['drop_rate'] for L in layers]):.2f}",
-               f"{100 * _mean([L['local_fraction'] for L in layers]):.2f}"]
-        for n in clusters:
-            sim = r["simulated"].get(n, {})
-            row.append(f"{1e3 * sim['routed']['step_time']:,.1f}" if "routed" in sim else "n/a")
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "Load columns: mean over MoE layers of max/mean, the smallest share over layers, mean drop and "
-                  "locality over layers.", "", "## Per layer (valid split)", "",
-              "| router | block | max/mean load | smallest share | drop % | local % |", "|---|---|---|---|---|---|"]
+        for domain, stats in r["domains"].items():
+            lines.append("| " + " | ".join([router, domain, _n_label(stats)] + [
+                _cell(fmt, stats[name], "mean") for name, fmt, _ in DOMAIN_COLUMNS]) + " |")
+    lines += ["", "## Per layer (valid split, mean ± sd over seeds)", "",
+              "| router | block | seeds | max/mean load | smallest share | drop % | local % |",
+              "|---|---|---|---|---|---|---|"]
     for router, r in results.items():
-        for block, L in zip(r["blocks"], r["valid_layers"]):
-            lines.append(f"| {router} | {block} | {L['max_over_mean']:.3f} | {L['min_share']:.4f} | "
-                         f"{100 * L['drop_rate']:.2f} | {100 * L['local_fraction']:.2f} |")
-    lines += ["", "## Simulated step (ms): computation / communication / overlapped / idle; A2A share", "",
+        for m, block in enumerate(r["blocks"]):
+            layers = [run["valid"]["layers"][m] for run in r["runs"]]
+            cells = [_cell(fmt, spread([scale * L[key] for L in layers]), "mean")
+                     for key, fmt, scale in (("max_over_mean", "{:.3f}", 1), ("min_share", "{:.4f}", 1),
+                                             ("drop_rate", "{:.2f}", 100), ("local_fraction", "{:.2f}", 100))]
+            lines.append(f"| {router} | {block} | {len(layers)} | " + " | ".join(cells) + " |")
+    lines += ["", f"## Simulated step (ms) of the seed {seeds[0]} run: computation / communication / overlapped / "
+                  "idle; A2A share", "",
               "| router | cluster | routing | step | computation | communication | overlapped | idle | A2A % "
               "| A2A node-local % |", "|---|---|---|---|---|---|---|---|---|---|"]
     for router, r in results.items():
+        first = r["runs"][0]
         for n in clusters:
-            sim = r["simulated"].get(n, {})
+            sim = first["simulated"].get(n, {})
             if "error" in sim:
                 lines.append(f"| {router} | {n}N | - | {sim['error']} | | | | | | |")
                 continue
@@ -163,12 +252,45 @@ def render(results, clusters, meta):
     return "\n".join(lines) + "\n"
 
 
-def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_CLUSTERS, config_dir=None,
-            dispatch="routed", hw=None, overwrite=False, log=print):
-    """Train, evaluate and simulate every router; write report.md and report.json; return the results dict."""
-    from pangu_sigma.config import load_config
+def tokens_per_step(cfg):
+    """(tokens, sequences) one training step of a single process consumes: the whole virtual cluster's
+    batch in cluster scope (train.batch_size per data-parallel rank times dp)."""
+    from pangu_sigma.build import single_process_groups, single_process_topology
+
+    _, _, multiplier = single_process_groups(cfg, single_process_topology(cfg))
+    samples = cfg.train.batch_size * multiplier
+    return samples * cfg.model.seq_length, samples
+
+
+def run_figures(cfg, router, clusters, config_dir, dispatch, hw, log):
+    """Train one (router, seed) run, evaluate it, simulate it: the run's dict."""
     from pangu_sigma.evaluation.eval import evaluate
     from pangu_sigma.training.train import train
+
+    run_dir = cfg.train.output_dir
+    if os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)
+    log(f"[compare] training {router}, seed {cfg.train.seed}: {cfg.train.train_steps} steps -> {run_dir}")
+    summary = train(cfg, log=log)
+    ev = evaluate(cfg, checkpoint_path=run_dir, log=log)
+    log_path = os.path.join(run_dir, "train_log_rank0.jsonl")
+    valid = {key: ev[key] for key in ("tokens", "ce", "perplexity", "expert_load", "dropped", "local", "layers",
+                                      "domains", "routing")}
+    run = {"run_dir": run_dir, "seed": cfg.train.seed, "tokens_per_s": summary["tokens_per_s"],
+           "final_train_loss": summary["losses"][max(summary["losses"])], "valid": valid,
+           "train_log_layers": train_log_table(log_path),
+           "simulated": simulate_router(router, cfg, log_path, clusters, config_dir, dispatch, hw)}
+    log(f"[compare] {router} seed {cfg.train.seed}: valid ppl {ev['perplexity']:.3f} "
+        + " ".join(f"{d} {f['perplexity']:.3f}" for d, f in ev["domains"].items()))
+    return run
+
+
+def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_CLUSTERS, config_dir=None,
+            dispatch="routed", hw=None, overwrite=False, log=print, seeds=1):
+    """Train, evaluate and simulate every router over `seeds` seeds (train.seed, train.seed + 1, ...);
+    write report.md and report.json; return {'meta': ..., 'results': {router: ...}}."""
+    from pangu_sigma.config import load_config
+    from pangu_sigma.build import dataset_meta
 
     hw = (hw or Hardware()).validate()
     config_dir = config_dir or default_config_dir()
@@ -181,47 +303,52 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
         raise ConfigError("--routers", ",".join(routers), "each router at most once")
     if not (isinstance(steps, int) and steps >= 1):
         raise ConfigError("--steps", steps, "an integer >= 1")
+    if not (isinstance(seeds, int) and seeds >= 1):
+        raise ConfigError("--seeds", seeds, "an integer >= 1")
+    base = load_config(config_path, list(overrides))
+    seed_values = [base.train.seed + k for k in range(seeds)]
     cfgs = {}
     for router in routers:  # validate everything before training anything
-        run_dir = os.path.join(output, router)
-        cfgs[router] = load_config(config_path, list(overrides) + [f"moe.router={router}",
-                                                                    f"train.output_dir={run_dir}",
-                                                                    f"train.train_steps={steps}"])
-        if os.path.isdir(run_dir) and os.listdir(run_dir) and not overwrite:
-            raise ConfigError("--output", output, f"a folder without a previous run in {run_dir} "
+        for seed in seed_values:
+            run_dir = os.path.join(output, router, f"seed{seed}")
+            cfgs[router, seed] = load_config(config_path, list(overrides) + [
+                f"moe.router={router}", f"train.output_dir={run_dir}", f"train.train_steps={steps}",
+                f"train.seed={seed}"])
+        if os.path.isdir(os.path.join(output, router)) and os.listdir(os.path.join(output, router)) \
+                and not overwrite:
+            raise ConfigError("--output", output, f"a folder without a previous run in {os.path.join(output, router)} "
                               "(pass --overwrite to replace it)")
+    cfg0 = cfgs[routers[0], seed_values[0]]
+    domains = list(dataset_meta(cfg0).get("domains", []))
     os.makedirs(output, exist_ok=True)
     results = {}
     for router in routers:
-        cfg = cfgs[router]
-        run_dir = cfg.train.output_dir
-        if os.path.isdir(run_dir):
-            shutil.rmtree(run_dir)
-        log(f"[compare] training {router}: {steps} steps -> {run_dir}")
-        summary = train(cfg, log=log)
-        ev = evaluate(cfg, checkpoint_path=run_dir, log=log)
-        log_path = os.path.join(run_dir, "train_log_rank0.jsonl")
-        first = cfg.model.num_layers - cfg.model.moe_layer_num
+        runs = [run_figures(cfgs[router, seed], router, clusters, config_dir, dispatch, hw, log)
+                for seed in seed_values]
+        first = cfg0.model.num_layers - cfg0.model.moe_layer_num
         results[router] = {
-            "run_dir": run_dir,
-            "tokens_per_s": summary["tokens_per_s"],
-            "final_train_loss": summary["losses"][max(summary["losses"])],
-            "valid_perplexity": ev["perplexity"],
-            "valid_ce": ev["ce"],
-            "blocks": list(range(first, cfg.model.num_layers)),
-            "valid_layers": layer_table(ev["expert_load"], ev["dropped"], ev["local"]),
-            "train_log_layers": train_log_table(log_path),
-            "simulated": simulate_router(router, cfg, log_path, clusters, config_dir, dispatch, hw),
+            "seeds": seed_values, "runs": runs, "blocks": list(range(first, cfg0.model.num_layers)),
+            "summary": summarize(runs, columns(domains, clusters)),
+            "domains": {d: summarize([r["valid"]["domains"][d] for r in runs if d in r["valid"]["domains"]],
+                                     DOMAIN_COLUMNS) for d in domains},
         }
-    cfg0 = cfgs[routers[0]]
+    tokens, samples = tokens_per_step(cfg0)
+    layout = results[routers[0]]["runs"][0]["valid"]["routing"]
     meta = {"config": config_path, "overrides": list(overrides), "steps": steps, "routers": list(routers),
-            "tokens_per_step": cfg0.train.batch_size * cfg0.model.seq_length, "clusters": list(clusters),
+            "seeds": seed_values, "tokens_per_step": tokens, "samples_per_step": samples,
+            "seq_length": cfg0.model.seq_length, "scope": layout["scope"], "token_groups": layout["token_groups"],
+            "eval_routing": layout, "data_seed": cfg0.data.seed, "domains": domains, "clusters": list(clusters),
+            "columns": [name for name, _, _ in columns(domains, clusters)],
+            "domain_columns": [name for name, _, _ in DOMAIN_COLUMNS],
             "dispatch": dispatch, "efficiency": hw.efficiency, "config_dir": config_dir,
             "virtual_world_size": cfg0.parallel.virtual_world_size, "virtual_rank": cfg0.parallel.virtual_rank,
             "devices_per_node": cfg0.parallel.devices_per_node}
     write_json(os.path.join(output, "report.json"), {"meta": meta, "results": results})
-    with open(os.path.join(output, "report.md"), "w", encoding="utf-8") as handle:
-        handle.write(render(results, clusters, meta))
+    text = render(results, clusters, meta)
+    tmp = os.path.join(output, f"report.md.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp, os.path.join(output, "report.md"))
     log(f"[compare] wrote {os.path.join(output, 'report.md')} and report.json")
     return {"meta": meta, "results": results}
 
@@ -241,6 +368,7 @@ def main(argv=None):
     parser.add_argument("--routers", default="locmoe,switch,hash,rre")
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--output", required=True)
+    parser.add_argument("--seeds", type=int, default=1, help="runs per router: train.seed, train.seed + 1, ...")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--clusters", default="64,128,256", help="cluster sizes to simulate (devices)")
     parser.add_argument("--cluster-config-dir", help="folder of <router>_<n>n.yaml (default: configs/)")
@@ -259,7 +387,8 @@ def main(argv=None):
         if any(n < 1 for n in clusters):
             raise ConfigError("--clusters", args.clusters, "positive device counts")
         compare(args.config, parse_list(args.routers, "--routers"), args.steps, args.output, args.set, clusters,
-                args.cluster_config_dir, args.dispatch, Hardware(efficiency=args.efficiency), args.overwrite, log)
+                args.cluster_config_dir, args.dispatch, Hardware(efficiency=args.efficiency), args.overwrite, log,
+                args.seeds)
     except ConfigError as err:
         return fail(err)
     return 0

@@ -1,0 +1,89 @@
+"""The evaluation forward: per-token cross-entropy and every MoE layer's per-token routing.
+
+`EvalForward(model)` walks `model.blocks` in `PanguSigmaModel.construct`'s order
+(embedding, dense blocks, sparse blocks, query layer, final LayerNorm, tied head)
+and, at each sparse block, asks the MoE layer's own router for the decision on the
+LayerNorm output the layer receives, with the layer's token grouping and capacity
+(as `MoELayer.construct` does), before running the layer itself. So the logits and
+the routing are those of the network; the per-token view lets eval split the
+routing counts by domain. `eval_batches` is the batch plan (numpy only).
+"""
+import numpy as np
+
+from pangu_sigma.data.dataset import epoch_order
+
+
+def eval_batches(num_samples, batch_size, seed, shuffle):
+    """[(sample indices [B], counted [B] bool)] covering every sample exactly once.
+
+    Samples in the order of the training split's first epoch for (seed, shuffle)
+    (so on the train split, eval batch k is training batch k of a single process);
+    every batch holds batch_size samples, as in training, so each token group has
+    training's size and capacity: the short last batch is filled up with samples
+    from the start of the order, which are routed but not counted.
+    """
+    order = epoch_order(num_samples, 0, seed, shuffle)
+    plan = []
+    for start in range(0, num_samples, batch_size):
+        chosen = order[start:start + batch_size]
+        counted = np.ones(batch_size, bool)
+        if len(chosen) < batch_size:
+            counted[len(chosen):] = False
+            chosen = np.concatenate([chosen, np.resize(order, batch_size - len(chosen))])
+        plan.append((chosen, counted))
+    return plan
+
+
+def eval_forward_cell(model, tokens_per_batch):
+    """A Cell: (ids [B, S+1] int32, domain_ids [B] int32) -> (nll [B, S] float32, per sparse block
+    (expert_index [G, T] int32, keep [G, T])). tokens_per_batch = B * S fixes each layer's capacity."""
+    import mindspore as ms
+    from mindspore import nn, ops
+    from locmoe.dispatch import assign_slots
+
+    class EvalForward(nn.Cell):
+        def __init__(self, model):
+            super().__init__(auto_prefix=False)
+            self.model = model
+            first = model.dense_layer_num
+            self.capacities = tuple(
+                int(model.blocks[i].ffn.capacity(tokens_per_batch // model.blocks[i].ffn.token_groups))
+                for i in range(first, first + model.moe_layer_num))
+
+        def route(self, layer, capacity, normed, token_ids, domain_ids):
+            """MoELayer.construct's grouping and capacity, the layer's own router."""
+            batch, seq, hidden = normed.shape
+            groups = layer.token_groups
+            per_group = batch * seq // groups
+            x_groups = normed.reshape(groups, per_group, hidden).astype(ms.float32)  # [G, T, d]
+            id_groups = token_ids.reshape(groups, per_group)  # [G, T]
+            domains = ops.broadcast_to(domain_ids.expand_dims(1), (batch, seq)).reshape(groups, per_group)  # [G, T]
+            expert_index = layer.router(x_groups, id_groups, domains, layer.local_mask)[0]  # [G, T]
+            _, keep, _ = assign_slots(expert_index, layer.num_experts, capacity)  # [G, T]
+            return expert_index, keep
+
+        def construct(self, ids, domain_ids):
+            model = self.model
+            inputs = ids[:, :-1]  # [B, S]
+            labels = ids[:, 1:]  # [B, S]
+            x = model.embedding(inputs)  # [B, S, d] float32
+            for i in range(model.dense_layer_num):
+                x = model.blocks[i](x)
+            routing = ()
+            for i in range(model.dense_layer_num, model.dense_layer_num + model.moe_layer_num):
+                block = model.blocks[i]
+                x = block.self_attention(x)
+                normed = block.ln_ffn(x)  # [B, S, d]: what the MoE layer and its router receive
+                routing = routing + (self.route(block.ffn, self.capacities[i - model.dense_layer_num], normed,
+                                                inputs, domain_ids),)
+                moe_out, _, _, _ = block.ffn(normed, inputs, domain_ids)
+                x = block.add_branch(x, moe_out)
+            logits = model.embedding.logits(model.final_ln(model.query_layer(x)))  # [B, S, V] float32
+            batch, seq, vocab = logits.shape
+            flat = ops.cast(logits, ms.float32).reshape(-1, vocab)  # [B*S, V]
+            shifted = flat - flat.max(axis=-1, keepdims=True)  # [B*S, V]
+            log_probs = shifted - ops.log(ops.exp(shifted).sum(axis=-1, keepdims=True))  # [B*S, V]
+            nll = -ops.gather_elements(log_probs, 1, labels.reshape(-1, 1)).reshape(batch, seq)  # [B, S]
+            return nll, routing
+
+    return EvalForward(model)
