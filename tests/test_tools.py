@@ -350,7 +350,10 @@ def test_routing_report_writes_every_plot(tiny_run, tmp_path):
     report = (out / "report.md").read_text()
     for name in expected:
         assert f"]({name})" in report
-    assert "| block |" in report and "delta (q=0.01)" in report
+    assert "| block |" in report and "delta (q=0.01)" in report and "## Per domain on the valid split" in report
+    figures = json.loads((out / "report.json").read_text())
+    assert set(figures["eval"]["domains"]) and figures["eval"]["tokens"] == sum(
+        d["tokens"] for d in figures["eval"]["domains"].values())
 
 
 def test_routing_report_without_matplotlib_is_one_line(tiny_run, tmp_path, capsys, monkeypatch):
@@ -370,21 +373,29 @@ def test_compare_routers_two_routers_five_steps(tiny_run, tmp_path, capsys):
     path, _, _ = tiny_run
     out = tmp_path / "cmp"
     assert _rc(main, ["--config", path, "--routers", "locmoe,hash", "--steps", "5", "--output", str(out),
-                      "--cluster-config-dir", CONFIGS, "--quiet"]) == 0
+                      "--cluster-config-dir", CONFIGS, "--quiet", "--seeds", "2"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert sorted(report["results"]) == ["hash", "locmoe"] and report["meta"]["routers"] == ["locmoe", "hash"]
+    assert report["meta"]["tokens_per_step"] == 8 * 16
     for router, r in report["results"].items():
-        assert math.isfinite(r["valid_perplexity"]) and r["tokens_per_s"] > 0
-        (layer,) = r["valid_layers"]
-        assert layer["max_over_mean"] >= 1 and 0 <= layer["min_share"] <= 0.25
-        assert 0 <= layer["drop_rate"] < 1 and 0 <= layer["local_fraction"] <= 1
-        for size in ("64", "128", "256"):
-            sim = r["simulated"][size]
-            assert sim["routed"]["step_time"] > 0 and sim["uniform"]["step_time"] > 0, sim
-            assert sim["config"].endswith(f"{router}_{size}n.yaml")
-        assert os.path.isfile(os.path.join(r["run_dir"], "train_log_rank0.jsonl"))
+        assert r["seeds"] == [1234, 1235] and len(r["runs"]) == 2
+        ppl = [run["valid"]["perplexity"] for run in r["runs"]]
+        s = r["summary"]["valid ppl"]
+        assert s["n"] == 2 and s["mean"] == pytest.approx(np.mean(ppl)) and s["sd"] == pytest.approx(np.std(ppl, ddof=1))
+        for domain in report["meta"]["domains"]:
+            assert r["summary"][f"ppl {domain}"]["n"] == 2 and r["domains"][domain]["tokens"]["n"] == 2
+        for run in r["runs"]:
+            assert math.isfinite(run["valid"]["perplexity"]) and run["tokens_per_s"] > 0
+            (layer,) = run["valid"]["layers"]
+            assert layer["max_over_mean"] >= 1 and 0 <= layer["min_share"] <= 0.25
+            assert 0 <= layer["drop_rate"] < 1 and 0 <= layer["local_fraction"] <= 1
+            for size in ("64", "128", "256"):
+                sim = run["simulated"][size]
+                assert sim["routed"]["step_time"] > 0 and sim["uniform"]["step_time"] > 0, sim
+                assert sim["config"].endswith(f"{router}_{size}n.yaml")
+            assert os.path.isfile(os.path.join(run["run_dir"], "train_log_rank0.jsonl"))
     md = (out / "report.md").read_text()
-    assert "| locmoe |" in md and "| hash |" in md and "step 256N (ms)" in md
+    assert "| locmoe | 2 |" in md and "| hash | 2 |" in md and "step 256N (ms)" in md and " ± " in md
     # a second run into the same folder is refused in one line unless --overwrite
     assert _rc(main, ["--config", path, "--routers", "locmoe", "--steps", "5", "--output", str(out)]) == 2
     assert capsys.readouterr().err.count("\n") == 1

@@ -21,7 +21,11 @@ Writes into DIR, per MoE layer (block index b):
                                    over training steps (training log).
 - report.md                        tables: per-layer load, drop rate, locality
                                    and delta on the captured split; the same
-                                   from the training log; links to the plots.
+                                   from the training log; per domain and
+                                   overall: tokens, perplexity, load, drops,
+                                   locality (eval, routed as in training);
+                                   links to the plots.
+- report.json                      the captured table and eval's figures.
 The training log is <run>/train_log_rank<r>.jsonl found from the checkpoint
 (a run folder, its checkpoints/rank_<r> folder, or a .ckpt in it), or
 --train-log. matplotlib is an optional dependency (extra `plots`).
@@ -32,7 +36,7 @@ import sys
 import numpy as np
 
 from locmoe.errors import ConfigError
-from pangu_sigma.tools._cli import OneLineParser, fail
+from pangu_sigma.tools._cli import OneLineParser, fail, write_json
 from pangu_sigma.tools.routing_capture import (DEFAULT_QUANTILE, capture_routing, chosen_cosines, estimate_delta,
                                                gate_cosines, layer_stats, pair_cosines)
 
@@ -193,6 +197,42 @@ def plot_drop_locality(plt, steps, load, dropped, local, blocks, path):
     plt.close(fig)
 
 
+# ---------------------------------------------------------------- per domain (eval's figures)
+def domain_figures(cfg, checkpoint_path, split, max_tokens):
+    """`pangu_sigma.evaluation.eval.evaluate` over the whole batches that cover the first max_tokens tokens of
+    the split in training's order, routed as in training: overall and per-domain perplexity, tokens, drops
+    and expert load."""
+    from pangu_sigma.evaluation.eval import eval_layout, evaluate
+
+    per_batch = cfg.train.batch_size * eval_layout(cfg)["batch_multiplier"] * cfg.model.seq_length
+    return evaluate(cfg, checkpoint_path, split=split, max_batches=max(1, -(-max_tokens // per_batch)),
+                    log=lambda *_: None)
+
+
+def domain_section_note(ev):
+    r = ev["routing"]
+    return (f"From `pangu_sigma.evaluation.eval` on {ev['tokens']:,} tokens ({r['batches']} batches of "
+            f"{r['samples_per_batch']} samples in training's order), routed as in training: {r['scope']} scope, "
+            f"{r['token_groups']} token group(s) of {r['tokens_per_group']} tokens, capacity factor "
+            f"{r['capacity_factor']:g} ({r['capacity_factor_source']}). (The captured figures above route one "
+            f"token group of train.batch_size samples in file order, for the cosine plots.)")
+
+
+def domain_rows(ev, blocks):
+    """Table rows: every domain, then 'overall', per MoE layer."""
+    rows = []
+    for name, fig in list(ev["domains"].items()) + [("overall", ev)]:
+        for block, layer in zip(blocks, fig["layers"]):
+            rows.append([name, block, f"{fig['tokens']:,}", f"{fig['perplexity']:.3f}",
+                         f"{layer['max_over_mean']:.3f}", f"{layer['min_share']:.4f}",
+                         f"{100 * layer['drop_rate']:.2f}", f"{100 * layer['local_fraction']:.2f}"])
+    return rows
+
+
+def rows_as_dicts(header, rows):
+    return [dict(zip(header, row)) for row in rows]
+
+
 # ---------------------------------------------------------------- report
 def _table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -216,6 +256,7 @@ def make_report(cfg, checkpoint_path, output, train_log=None, split="valid", max
     if train_log and not os.path.isfile(train_log):
         raise ConfigError("--train-log", train_log, "an existing train_log_rank<r>.jsonl")
     capture = capture_routing(cfg, checkpoint_path, split=split, max_tokens=max_tokens)
+    by_domain = domain_figures(cfg, checkpoint_path, split, max_tokens)
     os.makedirs(output, exist_ok=True)
     plots, notes = [], []
     blocks = [layer.block for layer in capture.layers]
@@ -283,14 +324,20 @@ def make_report(cfg, checkpoint_path, output, train_log=None, split="valid", max
         lines += _table(["block", "max/mean load", "smallest share", "drop %", "local %"],
                         [[b, f"{s['max_over_mean']:.3f}", f"{s['min_share']:.4f}", f"{100 * s['drop_rate']:.2f}",
                           f"{100 * s['local_fraction']:.2f}"] for b, s in zip(blocks, summary)])
+    lines += ["", f"## Per domain on the {split} split", "", domain_section_note(by_domain), ""]
+    lines += _table(["domain", "block", "tokens", "perplexity", "max/mean load", "smallest share", "drop %",
+                     "local %"], domain_rows(by_domain, blocks))
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     lines += ["", "## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
     report = os.path.join(output, "report.md")
     with open(report, "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
-    log(f"[routing_report] wrote {report} and {len(plots)} plots")
-    return {"plots": plots, "report": report, "notes": notes}
+    figures_path = os.path.join(output, "report.json")
+    write_json(figures_path, {"split": split, "blocks": blocks, "captured_layers": rows_as_dicts(header, rows),
+                              "eval": by_domain})
+    log(f"[routing_report] wrote {report}, {figures_path} and {len(plots)} plots")
+    return {"plots": plots, "report": report, "json": figures_path, "notes": notes, "eval": by_domain}
 
 
 def main(argv=None):
