@@ -15,7 +15,6 @@ Perplexity = exp(mean token cross-entropy); per domain the same over that domain
 tokens; the overall CE is the token-weighted mean of the domains' (`domain_stats`).
 """
 import dataclasses
-import math
 import sys
 
 import numpy as np
