@@ -15,15 +15,28 @@ class ConfigError(ValueError):
         super().__init__(f"{field}={value!r} is invalid: {valid}")
 
 
+_interrupt_note = ["nothing was saved"]
+
+
+def note_for_interrupt(text):
+    """What run_cli says if the user presses Ctrl-C from now on, e.g. where the last checkpoint is."""
+    _interrupt_note[0] = text
+
+
 def run_cli(action):
-    """Run a CLI body; a ConfigError becomes one `error: ...` line on stderr and exit status 2."""
+    """Run a CLI body; a ConfigError becomes one `error: ...` line on stderr and exit status 2;
+    Ctrl-C becomes one `interrupted: <note>` line (note_for_interrupt) and exit status 130."""
     import sys
 
+    note_for_interrupt("nothing was saved")
     try:
         action()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: {_interrupt_note[0]}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import mindspore as ms
 
-from locmoe.errors import OneLineArgumentParser, run_cli
+from locmoe.errors import OneLineArgumentParser, note_for_interrupt, run_cli
 from pangu_sigma.training import checkpoint
 from locmoe.comm import AllReduce, CommCounter
 from locmoe.exchange import register_exchange_bytes
@@ -102,6 +102,7 @@ def train(cfg, resume=False, log=print, stop_after=None):
     os.makedirs(output_dir, exist_ok=True)
     ckpt_dir = checkpoint.rank_dir(output_dir, rank)
     start_step = 0
+    note_for_interrupt(f"no checkpoint saved yet (they go to {ckpt_dir})")
     if resume:
         found = checkpoint.latest(ckpt_dir)
         if found is None:
@@ -111,6 +112,7 @@ def train(cfg, resume=False, log=print, stop_after=None):
             checkpoint.load_into(step_cell, path)
             start_step = int(ckpt_meta["step"])
             log(f"[train] resumed from {path} at step {start_step}")
+            note_for_interrupt(f"last checkpoint {path} (step {start_step}); continue with --resume")
     if start_step == 0 and cfg.train.init_checkpoint:
         checkpoint.load_resharded(net, cfg.train.init_checkpoint, topology if ctx.distributed else None)
         log(f"[train] initial weights from {cfg.train.init_checkpoint}")
@@ -170,6 +172,7 @@ def train(cfg, resume=False, log=print, stop_after=None):
             path = checkpoint.save(step_cell, ckpt_dir, last, {"batches_consumed": last,
                                    "router": cfg.moe.router, "config": cfg.to_dict()}, cfg.checkpoint.keep_last)
             log(f"[train] checkpoint {path}")
+            note_for_interrupt(f"last checkpoint {path} (step {last}); continue with --resume")
     seconds = time.time() - started
     rate = timed_tokens / timed_seconds if timed_seconds else tokens_per_step * len(losses) / max(seconds, 1e-9)
     log(f"[train] done: {len(losses)} steps in {seconds:.1f} s, {rate:,.0f} tokens/s after compilation, "
