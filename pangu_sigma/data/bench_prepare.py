@@ -8,9 +8,10 @@ technical text, code, Chinese technical text and Chinese poems over a few thousa
 characters), then measures:
   - prepare with each worker count: total MB/s, the encode-pack-write phase's MB/s (input
     MB over the encode + write stages), tokenizer training seconds, peak resident memory
-    (the sum over prepare's process tree, sampled every 0.1 s);
-  - SentencePiece's raw encoding speed on the same text with the same worker count (each
-    worker encodes its share of the files held in memory; time = the slowest worker);
+    (the sum of PSS over prepare's process tree, sampled every 0.2 s; the RSS sum too);
+  - SentencePiece's raw encoding speed on the same text (every 4th file, a quarter of it) with
+    the same worker count (each worker encodes its share of the files held in memory; time =
+    the slowest worker);
   - today's prepare (prepare.py at --old-ref, run from a temporary copy) and the streaming
     prepare on a --small-mb corpus from the same generator.
 Everything is written under --work and deleted at the end.
@@ -29,6 +30,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DOMAINS = {"en_tech": 0.45, "code": 0.25, "zh_tech": 0.2, "zh_poem": 0.1}  # share of the bytes
 FILE_BYTES = 64 << 10
+RAW_EVERY = 4  # raw SentencePiece speed is measured on every 4th file (a quarter of the text)
 SENTENCES = 20000
 WORDS = ("the of and to in is for that with on as by this are be from it an or at which can data model "
          "training expert router token layer device node rank memory gradient batch sequence parameter loss "
@@ -91,31 +93,37 @@ def generate_corpus(root, total_bytes, seed=2024):
 
 
 def run_measured(command, env=None):
-    """Runs command; returns (seconds, peak RSS in MB of its whole process tree, stdout, stderr)."""
+    """Runs command; returns (seconds, peak RSS sum MB, peak PSS sum MB of its process tree, stdout, stderr).
+
+    RSS counts the shared pages (MindSpore's libraries) once per process; PSS shares them out,
+    so the PSS sum is the memory the tree really holds.
+    """
     import psutil
 
     started = time.time()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                cwd=REPO)
     root = psutil.Process(process.pid)
-    peak = 0
+    peak_rss = peak_pss = 0
     while process.poll() is None:
         try:
             tree = [root] + root.children(recursive=True)
-            rss = 0
-            for member in tree:
-                try:
-                    rss += member.memory_info().rss
-                except psutil.Error:
-                    pass
-            peak = max(peak, rss)
         except psutil.Error:
-            pass
-        time.sleep(0.1)
+            tree = []
+        rss = pss = 0
+        for member in tree:
+            try:
+                info = member.memory_full_info()
+                rss += info.rss
+                pss += info.pss
+            except psutil.Error:
+                pass
+        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+        time.sleep(0.2)
     out, err = process.communicate()
     if process.returncode != 0:
         raise RuntimeError(f"{command} failed ({process.returncode}): {err[-2000:]}")
-    return time.time() - started, peak / 2**20, out, err
+    return time.time() - started, peak_rss / 2**20, peak_pss / 2**20, out, err
 
 
 def corpus_files(root):
@@ -137,9 +145,10 @@ def raw_encode_worker(args):
     return time.perf_counter() - tic, sum(len(t.encode("utf-8")) for t in texts)
 
 
-def raw_encode_speed(model_path, root, workers):
-    """MB/s of SentencePiece encode alone on the corpus held in memory, `workers` processes."""
-    files = corpus_files(root)
+def raw_encode_speed(model_path, root, workers, every=RAW_EVERY):
+    """MB/s of SentencePiece encode alone on every `every`-th file of the corpus held in memory,
+    `workers` processes (a systematic sample of the same text: the speed is per byte)."""
+    files = corpus_files(root)[::every]
     shares = [(model_path, files[i::workers]) for i in range(workers)]
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         results = pool.map(raw_encode_worker, shares)
@@ -152,9 +161,10 @@ def emit(case):
 
 
 def prepare_case(name, command, corpus_bytes, env):
-    seconds, peak, _, _ = run_measured(command, env)
+    seconds, peak_rss, peak_pss, _, _ = run_measured(command, env)
     case = {"case": name, "input_mb": round(corpus_bytes / 1e6, 1), "seconds": round(seconds, 1),
-            "mb_per_s": round(corpus_bytes / 1e6 / seconds, 2), "peak_rss_mb": round(peak)}
+            "mb_per_s": round(corpus_bytes / 1e6 / seconds, 2), "peak_pss_mb": round(peak_pss),
+            "peak_rss_sum_mb": round(peak_rss)}
     return case
 
 
@@ -167,6 +177,7 @@ def main(argv=None):
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--seq-length", type=int, default=1024)
     parser.add_argument("--old-ref", default="5757499", help="git commit holding today's prepare.py")
+    parser.add_argument("--old-file", default=None, help="today's prepare.py as a file (instead of git show)")
     args = parser.parse_args(argv)
     work = os.path.abspath(args.work)
     if os.path.exists(work):
@@ -207,8 +218,12 @@ def main(argv=None):
         small_bytes = generate_corpus(small, int(args.small_mb * 1e6))
         old_dir = os.path.join(work, "old", "pangu_sigma", "data")
         os.makedirs(old_dir)
-        old_source = subprocess.run(["git", "show", f"{args.old_ref}:pangu_sigma/data/prepare.py"], cwd=REPO,
-                                    capture_output=True, text=True, check=True).stdout
+        if args.old_file:
+            with open(args.old_file) as handle:
+                old_source = handle.read()
+        else:
+            old_source = subprocess.run(["git", "show", f"{args.old_ref}:pangu_sigma/data/prepare.py"], cwd=REPO,
+                                        capture_output=True, text=True, check=True).stdout
         with open(os.path.join(old_dir, "prepare_today.py"), "w") as handle:
             handle.write(old_source)
         old_command = [python, os.path.join(old_dir, "prepare_today.py"), "--input", small, "--output",
