@@ -212,3 +212,33 @@ def test_damaged_data_is_one_line_before_training_writes_anything(sharded, tmp_p
     assert not run_dir.exists()
     with pytest.raises(ConfigError, match="data="):
         read_meta(data)
+
+
+def test_real_ctrl_c_with_two_workers_stops_in_one_line(sharded, tmp_path):
+    """SIGINT to a running prepare (2 worker processes) during encoding: exit 130, one line, the previous
+    output unchanged, no temporary folder left."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.test_data import REPO
+
+    text = "".join(PROSE.values()) + "".join(CODE.values()) + "".join(ZH.values())
+    corpus = write_corpus(tmp_path / "corpus", {"en": {f"{i:03d}.txt": text * 100 for i in range(40)}})
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "meta.json").write_text('{"old": true}')
+    before = snapshot(str(output))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pangu_sigma.data.prepare", "--input", corpus, "--output", str(output), "--overwrite",
+         "--tokenizer", os.path.join(sharded[1], "tokenizer.model"), "--seq-length", str(SEQ), "--workers", "2",
+         "--progress-every", "0.01"], stderr=subprocess.PIPE, text=True, cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO))
+    for line in process.stderr:
+        if line.startswith("prepare: encode "):
+            break
+    process.send_signal(signal.SIGINT)
+    rest = process.stderr.read()
+    assert process.wait(timeout=60) == 130
+    assert rest == f"prepare: interrupted; nothing written, {output} is as it was\n"
+    assert snapshot(str(output)) == before and sorted(os.listdir(tmp_path)) == ["corpus", "out"]

@@ -63,10 +63,11 @@ def log(message):
 
 
 class Progress:
-    """A stderr line at most every `seconds`: done/total MB, MB/s and ETA of the current stage."""
+    """A stderr line at most every `seconds`: done/total, rate and ETA of the current stage (MB, or samples)."""
 
-    def __init__(self, seconds, stage, total_bytes):
-        self.seconds, self.stage, self.total = seconds, stage, max(total_bytes, 1)
+    def __init__(self, seconds, stage, total, unit="MB"):
+        self.seconds, self.stage, self.total, self.unit = seconds, stage, max(total, 1), unit
+        self.scale = 1e6 if unit == "MB" else 1
         self.started = self.last = time.time()
         self.done = 0
 
@@ -77,8 +78,9 @@ class Progress:
             self.last = now
             rate = self.done / max(now - self.started, 1e-9)
             eta = (self.total - self.done) / max(rate, 1e-9)
-            log(f"{self.stage} {self.done / 1e6:,.1f}/{self.total / 1e6:,.1f} MB "
-                f"({100 * self.done / self.total:.0f}%), {rate / 1e6:.2f} MB/s, ETA {format_seconds(eta)}")
+            log(f"{self.stage} {self.done / self.scale:,.1f}/{self.total / self.scale:,.1f} {self.unit} "
+                f"({100 * self.done / self.total:.0f}%), {rate / self.scale:,.2f} {self.unit}/s, "
+                f"ETA {format_seconds(eta)}")
 
 
 def format_seconds(seconds):
@@ -265,7 +267,7 @@ def build(temp_dir, input_dir, vocab_size, seq_length, valid_fraction, tokenizer
         tic = time.time()
         rows_of_split, domain_of_row = split_rows(domain_samples, valid_fraction, seed, min_valid_per_domain)
         splits = write_splits(pool, temp_dir, spool_path, rows_of_split, domain_of_row, sample_length, shard_bytes,
-                              window, Progress(progress_seconds, "write (samples, not MB)", sum(domain_samples)))
+                              window, Progress(progress_seconds, "write", sum(domain_samples), "samples"))
         spool = np.memmap(spool_path, dtype=np.int32, mode="r").reshape(-1, sample_length)  # [N, S+1]
         valid_rows = rows_of_split["valid"]
         for first in range(0, len(valid_rows), 65536):
