@@ -52,3 +52,30 @@ def test_routing_report_rejects_a_train_log_that_is_not_json_lines(make_config, 
                                           "--output", str(tmp_path / "report"), "--train-log", str(log)], capsys)
     assert code == 2 and err.count("\n") == 1 and "train.log" in err and "JSON-lines training log" in err, err
     assert "Traceback" not in err
+
+
+def test_ctrl_c_during_training_is_one_line_naming_the_last_checkpoint(make_config, tmp_path):
+    """A real SIGINT after the first checkpoint (MindSpore's own SIGINT handler would end the process with
+    SIGTERM and no message): exit 130 and one line with the checkpoint's path."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = make_config(tmp_path / "run", "train.train_steps=1000", "checkpoint.save_steps=5")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    process = subprocess.Popen([sys.executable, "-m", "pangu_sigma.training.train", "--config", str(config)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=repo,
+                               env=dict(os.environ, PYTHONPATH=repo, GLOG_v="3"))
+    for line in process.stdout:
+        if line.startswith("[train] checkpoint "):
+            saved = line.split()[2]
+            break
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-500:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("interrupted: last checkpoint "), lines
+    assert os.path.isfile(lines[0].split()[3]) and lines[0].split()[3] >= saved
