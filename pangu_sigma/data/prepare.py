@@ -38,8 +38,8 @@ import numpy as np
 
 from locmoe.errors import ConfigError
 from pangu_sigma.data import corpus as corpus_module
-from pangu_sigma.data.shards import (DEFAULT_SHARD_BYTES, FORMAT_VERSION, domain_ids_name, shard_name,
-                                     shard_rows)
+from pangu_sigma.data.shards import (DEFAULT_SHARD_BYTES, FORMAT_VERSION, WRITE_CHUNK, domain_ids_name,
+                                     shard_name, shard_rows)
 from pangu_sigma.data.tokenizer import (DEFAULT_CHARACTER_COVERAGE, SAMPLING, file_sha256, load_tokenizer,
                                         train_tokenizer)
 from pangu_sigma.data.valid_split import DEFAULT_MIN_VALID_PER_DOMAIN, choose_valid
@@ -270,8 +270,8 @@ def build(temp_dir, input_dir, vocab_size, seq_length, valid_fraction, tokenizer
                               window, Progress(progress_seconds, "write", sum(domain_samples), "samples"))
         spool = np.memmap(spool_path, dtype=np.int32, mode="r").reshape(-1, sample_length)  # [N, S+1]
         valid_rows = rows_of_split["valid"]
-        for first in range(0, len(valid_rows), 65536):
-            block = spool[valid_rows[first:first + 65536]]  # [b, S+1]
+        for first in range(0, len(valid_rows), WRITE_CHUNK):
+            block = spool[valid_rows[first:first + WRITE_CHUNK]]  # [b, S+1]
             counts -= np.bincount(block.reshape(-1), minlength=vocab_size)
         del spool
         timings["write"] = time.time() - tic

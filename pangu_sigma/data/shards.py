@@ -42,21 +42,23 @@ def shard_rows(num_rows, sample_length, shard_bytes):
     return [(start, min(num_rows, start + per_shard)) for start in range(0, num_rows, per_shard)]
 
 
-def write_shard(path, input_ids, domain_ids):
-    """input_ids [n, S+1] int32, domain_ids [n] int32 -> one MindRecord file + .db; its meta.json entry."""
+def write_shard(path, num_rows, sample_length, chunks):
+    """One MindRecord file (+ its .db index) of num_rows rows from chunks of
+    (input_ids [b, S+1] int32, domain_ids [b] int32); returns its meta.json entry."""
     from mindspore.mindrecord import FileWriter
 
     writer = FileWriter(path, shard_num=1, overwrite=False)
     writer.set_header_size(HEADER_BYTES)
-    writer.set_page_size(page_bytes(input_ids.nbytes))
-    writer.add_schema({"input_ids": {"type": "int32", "shape": [input_ids.shape[1]]},
+    writer.set_page_size(page_bytes(4 * num_rows * sample_length))
+    writer.add_schema({"input_ids": {"type": "int32", "shape": [sample_length]},
                        "domain_id": {"type": "int32"}}, "pangu_sigma_samples")
-    for start in range(0, len(input_ids), WRITE_CHUNK):
-        rows = [{"input_ids": ids, "domain_id": domain}
-                for ids, domain in zip(input_ids[start:start + WRITE_CHUNK], domain_ids[start:start + WRITE_CHUNK])]
-        writer.write_raw_data(rows)
+    written = 0
+    for input_ids, domain_ids in chunks:
+        writer.write_raw_data([{"input_ids": ids, "domain_id": domain} for ids, domain in zip(input_ids, domain_ids)])
+        written += len(input_ids)
     writer.commit()
-    return {"file": os.path.basename(path), "samples": int(len(input_ids)),
+    assert written == num_rows, (written, num_rows)
+    return {"file": os.path.basename(path), "samples": int(num_rows),
             "bytes": os.path.getsize(path), "sha256": file_sha256(path),
             "db_bytes": os.path.getsize(path + ".db"), "db_sha256": file_sha256(path + ".db")}
 

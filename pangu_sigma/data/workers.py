@@ -46,12 +46,16 @@ def encode_task(task):
 
 
 def write_task(task):
-    """(path, spool path, rows [n] int64, domain ids [n] int32, sample length) -> the shard's meta entry."""
-    from pangu_sigma.data.shards import write_shard
+    """(path, spool path, rows [n] int64, domain ids [n] int32, sample length) -> the shard's meta entry.
+
+    Rows are gathered from the spool WRITE_CHUNK at a time, so a shard never sits in memory whole."""
+    from pangu_sigma.data.shards import WRITE_CHUNK, write_shard
 
     path, spool_path, rows, domain_ids, sample_length = task
     spool = np.memmap(spool_path, dtype=np.int32, mode="r").reshape(-1, sample_length)  # [N, S+1]
-    return write_shard(path, np.ascontiguousarray(spool[rows]), domain_ids)
+    chunks = ((spool[rows[first:first + WRITE_CHUNK]], domain_ids[first:first + WRITE_CHUNK])
+              for first in range(0, len(rows), WRITE_CHUNK))  # ([b, S+1], [b])
+    return write_shard(path, len(rows), sample_length, chunks)
 
 
 class InProcess:
