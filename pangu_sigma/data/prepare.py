@@ -337,6 +337,8 @@ def prepare(input_dir, output_dir, vocab_size=None, seq_length=DEFAULT_SEQ_LENGT
     tokenizer_sampling); all text is tokenized. progress_every: seconds between stderr
     progress lines (0 = quiet). workers: encode/write processes (None: the machine's cores).
     Raises ConfigError for bad input; output_dir is then left as it was (and on Ctrl-C too).
+    workers > 1 starts processes (forkserver): a script calling this needs the usual
+    `if __name__ == "__main__":` guard.
     """
     workers = default_workers() if workers is None else workers
     check_arguments(vocab_size, seq_length, valid_fraction, max_chars, seed, model_type, workers, shard_bytes,
