@@ -8,6 +8,7 @@ fraction * characters-seen has grown by its length), so the sample depends only 
 the corpus and the budget, and memory holds one file piece at a time.
 """
 import hashlib
+import os
 import re
 
 import sentencepiece as spm
@@ -103,8 +104,6 @@ def vocab_error(vocab_size, message, character_coverage, sampling):
 
 
 def load_tokenizer(path, vocab_size):
-    import os
-
     if not os.path.isfile(path):
         raise ConfigError("tokenizer", path, "an existing SentencePiece .model file")
     try:
