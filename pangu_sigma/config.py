@@ -234,12 +234,30 @@ class RunConfig:
         for section in SECTIONS:
             getattr(self, section).validate() if hasattr(getattr(self, section), "validate") else None
         _validate_model(self.model)
+        self._validate_layout()
         m = self.model
         if self.moe.router == "locmoe" and m.moe_layer_num > 0:
             _need(m.hidden_size % self.num_experts == 0, "model.hidden_size", m.hidden_size,
-                  f"a multiple of the expert count {self.num_experts} (GrAP gate, eq. 4)")
+                  f"a multiple of the expert count {self.num_experts} = moe.expert_num_per_dp_dim "
+                  f"{self.moe.expert_num_per_dp_dim} x parallel.expert_parallel {self.parallel.expert_parallel} "
+                  f"(GrAP gate, eq. 4)")
         self.moe_config(vocab_size=max(1, m.vocab_size))
         return self
+
+    def _validate_layout(self):
+        """expert_parallel must divide the data-parallel size when the world size is known here
+        (a virtual cluster, or msrun / rank-table variables), before checks that depend on it."""
+        par = self.parallel
+        world = par.virtual_world_size or int(os.environ.get("MS_WORKER_NUM") or os.environ.get("RANK_SIZE") or 0)
+        if world <= 1:
+            return
+        source = ("parallel.virtual_world_size" if par.virtual_world_size else "the launched worker count")
+        _need(world % par.op_level_model_parallel_num == 0, "parallel.op_level_model_parallel_num",
+              par.op_level_model_parallel_num, f"a divisor of the world size {world} ({source})")
+        dp = world // par.op_level_model_parallel_num
+        _need(dp % par.expert_parallel == 0, "parallel.expert_parallel", par.expert_parallel,
+              f"a divisor of the data-parallel size {dp} (world {world} ({source}) / "
+              f"op_level_model_parallel_num {par.op_level_model_parallel_num})")
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -313,4 +331,7 @@ def load_config(path, overrides=()):
             mark = getattr(err, "problem_mark", None)
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
             raise ConfigError("--config", path, f"valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if raw is None:
+        raise ConfigError("--config", path, f"a YAML mapping with sections {list(SECTIONS)}; the file is empty "
+                          f"(start from a file in configs/)")
     return config_from_dict(raw, overrides)

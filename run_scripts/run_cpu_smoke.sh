@@ -11,10 +11,10 @@ cd "$repo"
 started=$(date +%s)
 config=configs/cpu_tiny.yaml
 out=output
-if [ ! -f "$out/data/default/meta.json" ]; then
+if ! grep -q '"format": 2' "$out/data/default/meta.json" 2>/dev/null; then  # absent, or the unsharded format 1
     [ -d "$out/corpus/default" ] || "$PY" -m pangu_sigma.data.default_corpus --output "$out/corpus/default"
     "$PY" -m pangu_sigma.data.prepare --input "$out/corpus/default" --output "$out/data/default" \
-        --vocab-size 2000 --seq-length 64 --valid-fraction 0.02
+        --vocab-size 2000 --seq-length 64 --valid-fraction 0.02 --overwrite
 else
     echo "[smoke] reusing the prepared corpus in $out/data/default"
 fi

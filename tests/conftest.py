@@ -15,7 +15,7 @@ def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_data")
     build_default_corpus(str(root / "corpus"), max_bytes=200_000)
     prepare(str(root / "corpus"), str(root / "data"), vocab_size=512, seq_length=16, valid_fraction=0.05,
-            progress_every=0)
+            progress_every=0, workers=1)
     return str(root / "data")
 
 

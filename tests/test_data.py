@@ -95,7 +95,8 @@ def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     corpus = write_corpus(root / "corpus", {"en": dict(PROSE, **{"zz_bad.txt": INVALID_UTF8}), "code": CODE})
     output = str(root / "prepared")
-    meta = prepare(corpus, output, vocab_size=VOCAB, seq_length=SEQ, valid_fraction=0.2, progress_every=0)
+    meta = prepare(corpus, output, vocab_size=VOCAB, seq_length=SEQ, valid_fraction=0.2, progress_every=0,
+                   workers=1)
     return corpus, output, meta
 
 
@@ -142,7 +143,9 @@ def test_round_trip_train_and_valid_equal_independent_tokenization(prepared):
     train, valid = read_all(output, "train", shuffle=False), read_all(output, "valid", shuffle=False)
     assert meta["domains"] == ["code", "en"]
     assert (len(train), len(valid)) == (meta["train_samples"], meta["valid_samples"])
-    assert len(valid) == max(1, round(0.2 * len(expected)))
+    for domain_id, name in enumerate(meta["domains"]):  # stratified: round(0.2 n_d), >= 8, <= n_d // 2
+        n = sum(1 for _, d in expected if d == domain_id)
+        assert meta["domain_samples"][name]["valid"] == min(max(8, round(0.2 * n)), n // 2)
     # train and valid are complementary subsequences of the packed stream, in stream order
     pending_train, pending_valid = list(train), list(valid)
     for sample in expected:
@@ -176,11 +179,11 @@ def test_skipped_file_is_counted_and_reported(prepared, tmp_path, capsys):
     corpus, _, meta = prepared
     assert meta["skipped_files"] == 1 and meta["skipped_examples"] == [os.path.join("en", "zz_bad.txt")]
     code = prepare_module.main(["--input", corpus, "--output", str(tmp_path / "out"), "--vocab-size", str(VOCAB),
-                                "--seq-length", str(SEQ), "--progress-every", "2"])
+                                "--seq-length", str(SEQ), "--progress-every", "1e-9", "--workers", "1"])
     captured = capsys.readouterr()
     assert code == 0
     assert "skipped 1 file(s) that are not UTF-8 text" in captured.err
-    assert "prepare: read 2/" in captured.err  # progress lines
+    assert "prepare: encode " in captured.err and " MB/s, ETA " in captured.err  # progress lines
     assert "train +" in captured.out
 
 
@@ -250,7 +253,8 @@ def test_bad_input_is_one_line_and_leaves_output_untouched(prepared, tmp_path, c
     (output / "train.mindrecord").write_bytes(b"old samples")
     before, parent_before = snapshot(str(output)), sorted(os.listdir(tmp_path))
     overwrite = [] if "--no-overwrite" in extra else ["--overwrite"]
-    arguments = ["--input", corpus, "--output", str(output), "--seq-length", str(SEQ), "--progress-every", "0"]
+    arguments = ["--input", corpus, "--output", str(output), "--seq-length", str(SEQ), "--progress-every", "0",
+                 "--workers", "1"]
     code = prepare_module.main(arguments + [a for a in extra if a != "--no-overwrite"] + overwrite)
     err = capsys.readouterr().err
     assert code == 2
@@ -270,7 +274,8 @@ def test_overwrite_replaces_a_finished_output(prepared, tmp_path):
     output = tmp_path / "out"
     output.mkdir()
     (output / "stale.txt").write_text("old")
-    meta = prepare(corpus, str(output), vocab_size=VOCAB, seq_length=SEQ, overwrite=True, progress_every=0)
+    meta = prepare(corpus, str(output), vocab_size=VOCAB, seq_length=SEQ, overwrite=True, progress_every=0,
+                   workers=1)
     assert not (output / "stale.txt").exists() and read_meta(str(output)) == meta
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no temp folders left
 

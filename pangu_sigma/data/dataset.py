@@ -1,18 +1,26 @@
-"""Batches of prepared samples for training and evaluation, with exact resume.
+"""Batches of prepared samples for training and evaluation: sharded reading, exact resume.
 
-Choice: the split's MindRecord file is read once into memory with MindDataset
-(shuffle off) and batches come from a GeneratorDataset whose order this module
-computes itself, because MindDataset's own shuffle cannot promise that a pipeline
-started at batch k yields exactly batches k, k+1, ... of an uninterrupted run
-(its per-epoch reshuffle depends on pipeline state, not only on seed and epoch).
+Choice: every process reads only its own rows, straight from the split's MindRecord
+shards (MindDataset over the shard list with a SubsetSampler of this rank's global row
+indices, a bounded chunk at a time), and the order is computed here, because
+MindDataset's own shuffle cannot promise that a pipeline started at batch k yields
+exactly batches k, k+1, ... of an uninterrupted run (its per-epoch reshuffle depends on
+pipeline state, not only on seed and epoch).
 
-Order of epoch e: a numpy permutation of all samples from (seed, e) (identity when
-shuffle=False), cut to a multiple of dp_size; global batch k is the k-th run of
-batch_size * dp_size samples and data-parallel rank r takes its r-th block of
-batch_size, so ranks hold disjoint, equal-sized shards and their batches side by
-side are the single-process batch (drop_remainder drops the short last batch). Batch number b of the stream is batch
+Order of epoch e (rank_epoch_order, the one function placement code swaps): a numpy
+permutation of all samples from (seed, e) (identity when shuffle=False), cut to a
+multiple of dp_size; global batch k is the k-th run of batch_size * dp_size samples and
+data-parallel rank r takes its r-th block of batch_size, so ranks hold disjoint,
+equal-sized shards and their batches side by side are the single-process batch
+(drop_remainder drops the short last batch). Batch number b of the stream is batch
 b - e * batches_per_epoch of epoch e, so start_batch=k resumes exactly at batch k,
-across epoch boundaries too.
+across epoch and shard boundaries too. Global row i of a split is row i of the shards
+concatenated in meta.json's order, so the batches do not depend on how the split was
+sharded.
+
+read_meta checks the prepared folder before anything runs: every shard and .db index
+present, of the size and sha256 meta.json records, the sample counts adding up, and the
+tokenizer and token counts matching vocab_size; each problem is one ConfigError line.
 """
 import json
 import os
@@ -20,14 +28,15 @@ import os
 import numpy as np
 
 from locmoe.errors import ConfigError
+from pangu_sigma.data.shards import FORMAT_VERSION, verify_split, verify_vocabulary
 
 SPLITS = ("train", "valid")
-READ_BATCH = 4096  # rows per read while loading a split into memory
+READ_ROWS = 16384  # rows per MindDataset reader (a bounded chunk of this rank's read order)
 ENDLESS_LENGTH = 2**31 - 1  # dataset size reported when repeat=True (the stream never ends)
 
 
 def read_meta(data_dir):
-    """meta.json of a folder made by pangu_sigma.data.prepare, as a dict."""
+    """meta.json of a folder made by pangu_sigma.data.prepare, as a dict, after checking the files against it."""
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(path):
         raise ConfigError("data_dir", data_dir,
@@ -37,20 +46,42 @@ def read_meta(data_dir):
             meta = json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ConfigError("data_dir", data_dir, f"a prepared dataset with a readable meta.json ({error})") from None
-    missing = [key for key in ("vocab_size", "seq_length", "domains", "train_samples", "valid_samples")
-               if key not in meta]
+    if not isinstance(meta, dict):
+        raise ConfigError("data_dir", data_dir, "a prepared dataset (its meta.json is not a JSON object)")
+    if meta.get("format") != FORMAT_VERSION:
+        raise ConfigError("data_dir", data_dir, f"a dataset in format {FORMAT_VERSION} (sharded MindRecord); "
+                          f"it has format {meta.get('format', 1)}: prepare it again with python -m "
+                          f"pangu_sigma.data.prepare")
+    missing = [key for key in ("vocab_size", "seq_length", "domains", "train_samples", "valid_samples", "splits",
+                               "tokenizer", "tokenizer_sha256", "token_counts") if key not in meta]
     if missing:
         raise ConfigError("data_dir", data_dir, f"a prepared dataset (meta.json lacks {missing})")
+    try:
+        verify_vocabulary(data_dir, meta)
+        for split in SPLITS:
+            verify_split(data_dir, meta, split)
+    except (KeyError, TypeError) as error:
+        raise ConfigError("data_dir", data_dir, f"a prepared dataset (meta.json malformed: {error!r})") from None
     return meta
 
 
-def split_path(data_dir, split):
+def check_split(split):
     if split not in SPLITS:
         raise ConfigError("split", split, f"one of {list(SPLITS)}")
-    path = os.path.join(data_dir, f"{split}.mindrecord")
-    if not os.path.isfile(path):
-        raise ConfigError("data_dir", data_dir, f"a prepared dataset with {split}.mindrecord")
-    return path
+
+
+def shard_paths(data_dir, split, meta=None):
+    """The split's MindRecord files in row order."""
+    check_split(split)
+    meta = read_meta(data_dir) if meta is None else meta
+    return [os.path.join(data_dir, shard["file"]) for shard in meta["splits"][split]["shards"]]
+
+
+def read_domain_ids(data_dir, split):
+    """Every sample's domain id in split row order, without reading the token rows. # [N] int32"""
+    check_split(split)
+    meta = read_meta(data_dir)
+    return np.load(os.path.join(data_dir, meta["splits"][split]["domain_ids"])).astype(np.int32)
 
 
 def batches_per_epoch(num_samples, batch_size, dp_size, drop_remainder=True):
@@ -68,47 +99,74 @@ def check_integers(**values_and_minimums):
 def num_batches(data_dir, split, batch_size, dp_size=1, drop_remainder=True):
     """Batches per epoch on each data-parallel rank."""
     check_integers(batch_size=(batch_size, 1), dp_size=(dp_size, 1))
+    check_split(split)
     meta = read_meta(data_dir)
-    split_path(data_dir, split)
     return batches_per_epoch(meta[f"{split}_samples"], batch_size, dp_size, drop_remainder)
 
 
-def load_split(data_dir, split):
-    """(input_ids [N, S+1] int32, domain_ids [N] int32) in file order."""
+def read_rows(paths, indices, batch_size):
+    """(input_ids [b, S+1] int32, domain_ids [b] int32) batches of the given global rows, in that order.
+
+    Reads READ_ROWS rows per MindDataset so memory stays bounded whatever the split size.
+    """
     import mindspore.dataset as ds
 
-    path = split_path(data_dir, split)
+    chunk = max(1, READ_ROWS // batch_size) * batch_size
+    for first in range(0, len(indices), chunk):
+        wanted = indices[first:first + chunk]
+        try:
+            reader = ds.MindDataset(paths, columns_list=["input_ids", "domain_id"], num_parallel_workers=1,
+                                    sampler=ds.SubsetSampler([int(i) for i in wanted]))
+            reader = reader.batch(batch_size, drop_remainder=False)
+            for ids, domains in reader.create_tuple_iterator(output_numpy=True, num_epochs=1):
+                yield ids.astype(np.int32, copy=False), domains.astype(np.int32, copy=False)
+        except RuntimeError as error:
+            message = " ".join(str(error).split())[:300]
+            raise ConfigError("data", paths[0] if len(paths) == 1 else os.path.dirname(paths[0]),
+                              f"MindRecord shards MindSpore can read ({message})") from None
+
+
+def load_split(data_dir, split):
+    """(input_ids [N, S+1] int32, domain_ids [N] int32) of a whole split in row order (analysis tools)."""
     meta = read_meta(data_dir)
+    check_split(split)
     count = meta[f"{split}_samples"]
     sample_length = meta["seq_length"] + 1
-    input_ids = np.zeros([0, sample_length], np.int32)  # [N, S+1]
-    domain_ids = np.zeros([0], np.int32)  # [N]
-    if count:
-        reader = ds.MindDataset(path, columns_list=["input_ids", "domain_id"], shuffle=False,
-                                num_parallel_workers=1).batch(READ_BATCH, drop_remainder=False)
-        chunks = list(reader.create_tuple_iterator(output_numpy=True, num_epochs=1))  # [(ids [b, S+1], domains [b])]
-        input_ids = np.concatenate([ids for ids, _ in chunks]).astype(np.int32)
-        domain_ids = np.concatenate([domains for _, domains in chunks]).astype(np.int32)
+    chunks = list(read_rows(shard_paths(data_dir, split, meta), np.arange(count), READ_ROWS))
+    input_ids = np.concatenate([ids for ids, _ in chunks]) if chunks else np.zeros([0, sample_length], np.int32)
+    domain_ids = np.concatenate([d for _, d in chunks]) if chunks else np.zeros([0], np.int32)
     if input_ids.shape != (count, sample_length):
-        raise ConfigError("data_dir", data_dir, f"a {split}.mindrecord of {count} samples x {sample_length} tokens "
-                          f"as meta.json says; it holds {input_ids.shape}")
+        raise ConfigError("data_dir", data_dir, f"{split} shards of {count} samples x {sample_length} tokens "
+                          f"as meta.json says; they hold {input_ids.shape}")
     return input_ids, domain_ids
 
 
-def epoch_order(num_samples, epoch, seed, shuffle):
-    """Sample indices of one epoch, a function of (seed, epoch) only. # [N]"""
-    if not shuffle:
-        return np.arange(num_samples)
-    return np.random.default_rng([seed, epoch]).permutation(num_samples)
+def rank_epoch_order(num_samples, epoch, seed, shuffle, batch_size, dp_size, dp_rank):
+    """Global sample indices this data-parallel rank reads in epoch `epoch`, in read order. # [N // dp]
+
+    The epoch's order is a permutation from (seed, epoch) only (identity without shuffle),
+    cut to a multiple of dp_size. Global batch k is order[k*B*dp : (k+1)*B*dp] and rank r
+    takes its r-th block of B rows, so the ranks' batches concatenated in rank order are
+    exactly the batch a single process with batch size B*dp reads. A tail shorter than
+    one global batch is dealt round-robin. Placement code (e.g. domain-affine data) may
+    replace this function; BatchStream only needs its contract: a function of these
+    arguments alone, disjoint across ranks, the same length on every rank.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(num_samples) if shuffle else np.arange(num_samples)
+    order = order[:len(order) - len(order) % dp_size]
+    per_global = batch_size * dp_size
+    full = len(order) // per_global * per_global
+    blocks = order[:full].reshape(-1, dp_size, batch_size)[:, dp_rank].reshape(-1)  # [n*B]
+    return np.concatenate([blocks, order[full:][dp_rank::dp_size]])
 
 
 class BatchStream:
-    """Iterable of (input_ids [B, S+1], domain_ids [B]) batches for one data-parallel rank."""
+    """Iterable of (input_ids [B, S+1], domain_ids [B]) batches for one data-parallel rank, read from the shards."""
 
-    def __init__(self, input_ids, domain_ids, batch_size, dp_size, dp_rank, shuffle, seed, start_batch,
-                 repeat, drop_remainder):
-        self.input_ids = input_ids
-        self.domain_ids = domain_ids
+    def __init__(self, paths, num_samples, batch_size, dp_size, dp_rank, shuffle, seed, start_batch, repeat,
+                 drop_remainder, order_fn=None):
+        self.paths = paths
+        self.num_samples = num_samples
         self.batch_size = batch_size
         self.dp_size = dp_size
         self.dp_rank = dp_rank
@@ -116,33 +174,23 @@ class BatchStream:
         self.seed = seed
         self.start_batch = start_batch
         self.repeat = repeat
-        self.per_epoch = batches_per_epoch(len(input_ids), batch_size, dp_size, drop_remainder)
+        self.order_fn = order_fn or rank_epoch_order
+        self.per_epoch = batches_per_epoch(num_samples, batch_size, dp_size, drop_remainder)
 
     def __len__(self):
         return ENDLESS_LENGTH if self.repeat else self.per_epoch - self.start_batch
 
     def rank_samples(self, epoch):
-        """This rank's sample indices in epoch order. # [N // dp]
-
-        Global batch k is order[k*B*dp : (k+1)*B*dp] and rank r takes its r-th block
-        of B rows, so the ranks' batches concatenated in rank order are exactly the
-        batch a single process with batch size B*dp reads. A tail shorter than one
-        global batch is dealt round-robin.
-        """
-        order = epoch_order(len(self.input_ids), epoch, self.seed, self.shuffle)
-        order = order[:len(order) - len(order) % self.dp_size]
-        per_global = self.batch_size * self.dp_size
-        full = len(order) // per_global * per_global
-        blocks = order[:full].reshape(-1, self.dp_size, self.batch_size)[:, self.dp_rank].reshape(-1)  # [n*B]
-        return np.concatenate([blocks, order[full:][self.dp_rank::self.dp_size]])
+        """This rank's sample indices in epoch order. # [N // dp]"""
+        return self.order_fn(self.num_samples, epoch, self.seed, self.shuffle, self.batch_size, self.dp_size,
+                             self.dp_rank)
 
     def __iter__(self):
         epoch, batch = divmod(self.start_batch, self.per_epoch)
         while self.repeat or epoch == 0:
             samples = self.rank_samples(epoch)
-            for index in range(batch, self.per_epoch):
-                chosen = samples[index * self.batch_size:(index + 1) * self.batch_size]  # [B]
-                yield self.input_ids[chosen], self.domain_ids[chosen]
+            wanted = samples[batch * self.batch_size:self.per_epoch * self.batch_size]  # [n]
+            yield from read_rows(self.paths, wanted, self.batch_size)
             epoch, batch = epoch + 1, 0
 
 
@@ -153,21 +201,24 @@ def create_dataset(data_dir, split, batch_size, dp_size=1, dp_rank=0, shuffle=Tr
     repeat=True: an endless stream over epochs 0, 1, 2, ... (get_dataset_size() reports
     2**31 - 1; use num_batches() for the epoch length). repeat=False: the rest of epoch 0
     after start_batch. Batch k of the stream is the same for any start_batch <= k.
+    Only this rank's rows are read.
     """
     import mindspore.dataset as ds
 
     check_integers(batch_size=(batch_size, 1), dp_size=(dp_size, 1), start_batch=(start_batch, 0), seed=(seed, 0))
     if not (isinstance(dp_rank, (int, np.integer)) and 0 <= dp_rank < dp_size):
         raise ConfigError("dp_rank", dp_rank, f"an integer in [0, {dp_size}) (dp_size={dp_size})")
-    input_ids, domain_ids = load_split(data_dir, split)
-    stream = BatchStream(input_ids, domain_ids, batch_size, dp_size, dp_rank, shuffle, seed, start_batch,
-                         repeat, drop_remainder)
-    if len(input_ids) < dp_size:
+    check_split(split)
+    meta = read_meta(data_dir)
+    count = meta[f"{split}_samples"]
+    stream = BatchStream(shard_paths(data_dir, split, meta), count, batch_size, dp_size, dp_rank, shuffle, seed,
+                         start_batch, repeat, drop_remainder)
+    if count < dp_size:
         raise ConfigError("split", split, f"a split with >= dp_size={dp_size} samples; {data_dir} has "
-                          f"{len(input_ids)} (prepare more text or a larger --valid-fraction)")
+                          f"{count} (prepare more text or a larger --valid-fraction)")
     if stream.per_epoch == 0:
         raise ConfigError("batch_size", batch_size,
-                          f"at most {len(input_ids) // dp_size} (split {split!r} has {len(input_ids)} samples "
+                          f"at most {count // dp_size} (split {split!r} has {count} samples "
                           f"over {dp_size} data-parallel rank(s))")
     if not repeat and start_batch >= stream.per_epoch:
         raise ConfigError("start_batch", start_batch,

@@ -1,47 +1,60 @@
-"""Corpus folder -> tokenizer + packed MindRecord samples with a domain id each.
+"""Corpus folder -> tokenizer + sharded MindRecord samples with a domain id each, streamed.
 
     python -m pangu_sigma.data.prepare --input CORPUS --output DATA [--vocab-size N]
-        [--seq-length S] [--valid-fraction F] [--tokenizer MODEL] [--model-type bpe|unigram]
-        [--max-chars N] [--seed N] [--overwrite]
+        [--seq-length S] [--valid-fraction F] [--min-valid-per-domain N] [--tokenizer MODEL]
+        [--model-type bpe|unigram] [--max-chars N] [--tokenizer-sampling proportional|equal]
+        [--character-coverage C] [--workers N] [--shard-mb MB] [--seed N] [--overwrite]
 
-CORPUS has one subfolder per domain (domain ids follow the sorted names); a flat
-folder of files is one domain named "default". Every file below a domain folder
-(recursively, hidden ones excluded, sorted by path) is one document: it is read as
-UTF-8 (files that are not are skipped and reported), tokenized, followed by EOS,
-and the token stream of each domain is cut into samples of seq_length + 1 tokens
-(the tail shorter than one sample is dropped). The whole corpus is held in memory.
+CORPUS has one subfolder per domain (domain ids follow the sorted names); a flat folder
+of files is one domain named "default". Every file below a domain folder (recursively,
+hidden ones excluded, sorted by path) is one document: files that are not UTF-8 are
+skipped and reported; the others are tokenized, each followed by EOS, and the token
+stream of each domain is cut into samples of seq_length + 1 tokens (the tail shorter
+than one sample is dropped).
 
-DATA receives tokenizer.model, train.mindrecord, valid.mindrecord (fields
-input_ids int32 [S+1], domain_id int32), token_counts.npy (int64 [vocab], train
-split) and meta.json. It is built in a temporary folder next to DATA and renamed
-into place only when complete.
+Stages (one file each): corpus.py scans the folder (sizes, characters, UTF-8 check);
+tokenizer.py trains SentencePiece on a bounded sample spread over the corpus (or loads
+--tokenizer); worker processes (workers.py) encode line-aligned pieces of about 1 MB,
+which this module packs in document order into a spool of samples on disk; the valid
+split (valid_split.py) is stratified by domain; workers write the MindRecord shards
+(shards.py). Memory holds a bounded number of pieces in flight, not the corpus.
+
+DATA receives tokenizer.model, train-0000i-of-0000K.mindrecord and valid-... shards
+(each with its .db index; fields input_ids int32 [S+1], domain_id int32),
+{train,valid}_domain_ids.npy (int32 [N], every row's domain), token_counts.npy (int64
+[vocab], train split) and meta.json (shard list with sample counts, sizes and sha256,
+the tokenizer's sha256). It is built in a temporary folder next to DATA and renamed into
+place only when complete; Ctrl-C leaves DATA as it was.
 """
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
 import time
 
 import numpy as np
-import sentencepiece as spm
 
 from locmoe.errors import ConfigError
+from pangu_sigma.data import corpus as corpus_module
+from pangu_sigma.data.shards import (DEFAULT_SHARD_BYTES, FORMAT_VERSION, WRITE_CHUNK, domain_ids_name,
+                                     shard_name, shard_rows)
+from pangu_sigma.data.tokenizer import (DEFAULT_CHARACTER_COVERAGE, SAMPLING, file_sha256, load_tokenizer,
+                                        train_tokenizer)
+from pangu_sigma.data.valid_split import DEFAULT_MIN_VALID_PER_DOMAIN, choose_valid
+from pangu_sigma.data.workers import default_workers, encode_task, make_pool, write_task
 
 DEFAULT_VOCAB_SIZE = 2000
 DEFAULT_SEQ_LENGTH = 64
 DEFAULT_VALID_FRACTION = 0.01
 DEFAULT_MAX_CHARS = 10_000_000
-TRAINER_THREADS = 4  # fixed: the unigram trainer's result depends on the thread count
-WRITE_CHUNK = 4096
-HEADER_BYTES = 1 << 17  # MindRecord's defaults (16 MB header, 32 MB pages) make a tiny split 48 MB
-MAX_PAGES = 256  # a 128 KB header holds the metadata of this many pages with room to spare
+DEFAULT_PROGRESS_SECONDS = 5.0
 TOKENIZER_FILE = "tokenizer.model"
-SPLIT_FILES = {"train": "train.mindrecord", "valid": "valid.mindrecord"}
 TOKEN_COUNTS_FILE = "token_counts.npy"
 META_FILE = "meta.json"
+SPOOL_FILE = "samples.spool"  # packed samples of all domains before the split; deleted at the end
+SPLITS = ("train", "valid")
 
 
 def log(message):
@@ -49,10 +62,38 @@ def log(message):
     print(f"prepare: {message}", file=sys.stderr, flush=True)
 
 
+class Progress:
+    """A stderr line at most every `seconds`: done/total, rate and ETA of the current stage (MB, or samples)."""
+
+    def __init__(self, seconds, stage, total, unit="MB"):
+        self.seconds, self.stage, self.total, self.unit = seconds, stage, max(total, 1), unit
+        self.scale = 1e6 if unit == "MB" else 1
+        self.started = self.last = time.time()
+        self.done = 0
+
+    def __call__(self, amount):
+        self.done += amount
+        now = time.time()
+        if self.seconds and now - self.last >= self.seconds:
+            self.last = now
+            rate = self.done / max(now - self.started, 1e-9)
+            eta = (self.total - self.done) / max(rate, 1e-9)
+            log(f"{self.stage} {self.done / self.scale:,.1f}/{self.total / self.scale:,.1f} {self.unit} "
+                f"({100 * self.done / self.total:.0f}%), {rate / self.scale:,.2f} {self.unit}/s, "
+                f"ETA {format_seconds(eta)}")
+
+
+def format_seconds(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 # ---------------------------------------------------------------- arguments
 
 
-def check_arguments(vocab_size, seq_length, valid_fraction, max_chars, seed, model_type):
+def check_arguments(vocab_size, seq_length, valid_fraction, max_chars, seed, model_type, workers=1,
+                    shard_bytes=DEFAULT_SHARD_BYTES, sampling="proportional",
+                    character_coverage=DEFAULT_CHARACTER_COVERAGE, min_valid_per_domain=0):
     def is_int(value):
         return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
@@ -68,7 +109,19 @@ def check_arguments(vocab_size, seq_length, valid_fraction, max_chars, seed, mod
         raise ConfigError("seed", seed, "an integer >= 0")
     if model_type not in ("bpe", "unigram"):
         raise ConfigError("model_type", model_type, "'bpe' or 'unigram'")
+    if not (is_int(workers) and workers >= 1):
+        raise ConfigError("workers", workers, "an integer >= 1")
+    if not (is_int(shard_bytes) and shard_bytes >= 1):
+        raise ConfigError("shard_bytes", shard_bytes, "an integer >= 1")
+    if sampling not in SAMPLING:
+        raise ConfigError("tokenizer_sampling", sampling, f"one of {list(SAMPLING)}")
+    if not (isinstance(character_coverage, (int, float)) and 0.98 <= character_coverage <= 1.0):
+        raise ConfigError("character_coverage", character_coverage, "a number in [0.98, 1] (SentencePiece's range)")
+    if not (is_int(min_valid_per_domain) and min_valid_per_domain >= 0):
+        raise ConfigError("min_valid_per_domain", min_valid_per_domain, "an integer >= 0")
 
+
+# ------------------------------------------------------------------- paths
 
 def check_paths(input_dir, output_dir, overwrite):
     input_dir = os.path.abspath(input_dir)
@@ -84,197 +137,6 @@ def check_paths(input_dir, output_dir, overwrite):
             raise ConfigError("output", output_dir, "a folder to replace (it exists but is not a folder)")
     return input_dir, output_dir
 
-
-# ------------------------------------------------------------------- corpus
-
-
-def list_files(folder):
-    """Non-hidden files below folder, recursively, sorted by relative path parts."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found.extend(os.path.join(root, name) for name in files if not name.startswith("."))
-    return sorted(found, key=lambda path: os.path.relpath(path, folder).split(os.sep))
-
-
-def find_domains(input_dir):
-    """[(domain_name, folder)], sorted by name; a flat folder is the one domain "default"."""
-    entries = sorted(e for e in os.listdir(input_dir) if not e.startswith("."))
-    subdirs = [e for e in entries if os.path.isdir(os.path.join(input_dir, e))]
-    loose = [e for e in entries if not os.path.isdir(os.path.join(input_dir, e))]
-    if subdirs and loose:
-        raise ConfigError("input", input_dir,
-                          f"either only domain subfolders or only files, not both (files {loose[:3]} "
-                          f"next to subfolders {subdirs[:3]})")
-    if not entries:
-        raise ConfigError("input", input_dir, "a folder with text files; it is empty")
-    if not subdirs:
-        return [("default", input_dir)]
-    return [(name, os.path.join(input_dir, name)) for name in subdirs]
-
-
-def read_corpus(input_dir, progress_every):
-    """Returns (domains, texts_per_domain, skipped_paths, file_count)."""
-    domain_dirs = find_domains(input_dir)
-    file_lists = [list_files(folder) for _, folder in domain_dirs]
-    total = sum(len(files) for files in file_lists)
-    if total == 0:
-        raise ConfigError("input", input_dir, "a folder with text files; it holds no files")
-    texts_per_domain, skipped, done = [], [], 0
-    for files in file_lists:
-        texts = []
-        for path in files:
-            with open(path, "rb") as handle:
-                raw = handle.read()
-            try:
-                texts.append(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                skipped.append(os.path.relpath(path, input_dir))
-            done += 1
-            if progress_every and done % progress_every == 0:
-                log(f"read {done}/{total} files")
-        texts_per_domain.append(texts)
-    if not any(text for texts in texts_per_domain for text in texts):
-        raise ConfigError("input", input_dir,
-                          f"at least one non-empty UTF-8 text file; found none ({len(skipped)} of "
-                          f"{total} files skipped as not UTF-8)")
-    return [name for name, _ in domain_dirs], texts_per_domain, skipped, total
-
-
-# ---------------------------------------------------------------- tokenizer
-
-
-def training_lines(texts_per_domain, max_chars):
-    """Non-empty lines for tokenizer training, at most max_chars/num_domains chars per domain."""
-    budget = max(1, max_chars // len(texts_per_domain))
-    for texts in texts_per_domain:
-        yield from domain_lines(texts, budget)
-
-
-def domain_lines(texts, budget):
-    used = 0
-    for text in texts:
-        for line in text.split("\n"):
-            if not line:
-                continue
-            used += len(line)
-            if used > budget:
-                return
-            yield line
-
-
-def sentencepiece_message(error):
-    """The human part of a SentencePiece RuntimeError, on one line."""
-    text = " ".join(str(error).split())
-    return text.rsplit("] ", 1)[-1]
-
-
-def train_tokenizer(texts_per_domain, model_path, vocab_size, model_type, max_chars):
-    """Trains a byte-fallback SentencePiece model that round-trips any text exactly.
-
-    Identity normalization, no dummy prefix and kept whitespace make decode(encode(t)) == t;
-    "\\n" is its own piece (training sees single lines, documents keep their newlines).
-    """
-    try:
-        with open(model_path, "wb") as model_file:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=training_lines(texts_per_domain, max_chars), model_writer=model_file,
-                vocab_size=vocab_size, model_type=model_type, byte_fallback=True,
-                character_coverage=0.9995, normalization_rule_name="identity",
-                remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True,
-                split_digits=True, user_defined_symbols=["\n"], unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-                num_threads=TRAINER_THREADS, minloglevel=2)
-    except RuntimeError as error:
-        message = sentencepiece_message(error)
-        raise vocab_error(vocab_size, message) or ConfigError(
-            "input", "tokenizer training text", f"text SentencePiece can train on ({message})") from None
-    return spm.SentencePieceProcessor(model_file=model_path)
-
-
-def vocab_error(vocab_size, message):
-    """A ConfigError naming vocab_size when SentencePiece rejected the size, else None."""
-    too_small = re.search(r"smaller than required_chars\. \d+ vs (\d+)", message)
-    if too_small:
-        return ConfigError("vocab_size", vocab_size,
-                           f"at least {too_small.group(1)} for this corpus (256 byte pieces + special "
-                           f"pieces + its characters)")
-    too_large = re.search(r"Vocabulary size too high.*<= (\d+)", message)
-    if too_large:
-        return ConfigError("vocab_size", vocab_size, f"at most {too_large.group(1)} for this corpus "
-                           f"(more text allows a larger vocabulary)")
-    return None
-
-
-def load_tokenizer(path, vocab_size):
-    if not os.path.isfile(path):
-        raise ConfigError("tokenizer", path, "an existing SentencePiece .model file")
-    try:
-        processor = spm.SentencePieceProcessor(model_file=path)
-    except (RuntimeError, OSError) as error:
-        raise ConfigError("tokenizer", path, f"a SentencePiece .model file ({sentencepiece_message(error)})") from None
-    if processor.eos_id() < 0:
-        raise ConfigError("tokenizer", path, "a SentencePiece model with an EOS piece (eos_id >= 0)")
-    if vocab_size is not None and vocab_size != processor.vocab_size():
-        raise ConfigError("vocab_size", vocab_size,
-                          f"{processor.vocab_size()} (the vocabulary of --tokenizer {path}), or omit it")
-    return processor
-
-
-# ------------------------------------------------------------ pack and split
-
-
-def tokenize_domain(processor, texts, progress):
-    """One domain's documents -> one token stream, EOS after each document. # [T]"""
-    eos = processor.eos_id()
-    pieces = []
-    for text in texts:
-        if text:
-            pieces.append(np.asarray(processor.encode(text), dtype=np.int32))
-            pieces.append(np.array([eos], dtype=np.int32))
-        progress()
-    return np.concatenate(pieces) if pieces else np.zeros([0], np.int32)
-
-
-def pack(stream, sample_length):
-    """[T] -> [N, S+1]: consecutive non-overlapping samples; the short tail is dropped."""
-    count = len(stream) // sample_length
-    return stream[: count * sample_length].reshape(count, sample_length)
-
-
-def choose_valid(num_samples, valid_fraction, seed):
-    """Sorted sample indices for the valid split; >= 1 when there are >= 2 samples, train keeps >= 1."""
-    if num_samples < 2:
-        return np.zeros([0], np.int64)
-    num_valid = min(num_samples - 1, max(1, int(round(num_samples * valid_fraction))))
-    order = np.random.default_rng(seed).permutation(num_samples)
-    return np.sort(order[:num_valid])
-
-
-# ------------------------------------------------------------------- output
-
-
-def page_bytes(data_bytes):
-    """The smallest power-of-two MindRecord page (32 KB .. 256 MB) that keeps the page count <= MAX_PAGES."""
-    size = 1 << 15
-    while size * MAX_PAGES < data_bytes and size < (1 << 28):
-        size <<= 1
-    return size
-
-
-def write_mindrecord(path, input_ids, domain_ids):
-    """input_ids [N, S+1] int32, domain_ids [N] int32 -> one MindRecord file (+ its .db index)."""
-    from mindspore.mindrecord import FileWriter
-
-    writer = FileWriter(path, shard_num=1, overwrite=False)
-    writer.set_header_size(HEADER_BYTES)
-    writer.set_page_size(page_bytes(input_ids.nbytes))
-    writer.add_schema({"input_ids": {"type": "int32", "shape": [input_ids.shape[1]]},
-                       "domain_id": {"type": "int32"}}, "pangu_sigma_samples")
-    for start in range(0, len(input_ids), WRITE_CHUNK):
-        rows = [{"input_ids": ids, "domain_id": np.int32(domain)}
-                for ids, domain in zip(input_ids[start:start + WRITE_CHUNK], domain_ids[start:start + WRITE_CHUNK])]
-        writer.write_raw_data(rows)
-    writer.commit()
 
 
 def make_temp_dir(output_dir):
@@ -300,74 +162,162 @@ def move_into_place(temp_dir, output_dir):
         shutil.rmtree(old_dir)
 
 
-def build(temp_dir, input_dir, vocab_size, seq_length, valid_fraction, tokenizer, model_type, max_chars,
-          seed, progress_every):
+
+
+# ------------------------------------------------------------------ stages
+
+
+def encode_and_pack(pool, corpus, spool_path, sample_length, vocab_size, eos_id, window, progress):
+    """Encodes every domain in document order and appends its samples to the spool file.
+
+    Returns (samples per domain [D], tokens per domain [D], token counts of all samples [V]).
+    """
+    def tasks():
+        for index, domain in enumerate(corpus.domains):
+            yield from corpus_module.encode_tasks(index, domain)
+
+    samples = [0] * len(corpus.domains)
+    tokens = [0] * len(corpus.domains)
+    counts = np.zeros([vocab_size], np.int64)  # [V]
+    carry = [np.zeros([0], np.int32) for _ in corpus.domains]
+    with open(spool_path, "wb") as spool:
+        for domain, ids, size in pool.imap(encode_task, tasks(), window):
+            tokens[domain] += len(ids)
+            stream = np.concatenate([carry[domain], ids])  # [T]
+            count = len(stream) // sample_length
+            rows = stream[:count * sample_length].reshape(count, sample_length)  # [n, S+1]
+            carry[domain] = stream[count * sample_length:]
+            spool.write(rows.tobytes())
+            counts += np.bincount(rows.reshape(-1), minlength=vocab_size)
+            samples[domain] += count
+            progress(size)
+    for domain, count in zip(corpus.domains, tokens):
+        if count < sample_length:
+            raise ConfigError("input", corpus.root,
+                              f"enough text for one sample of seq_length+1={sample_length} tokens in every "
+                              f"domain; domain {domain.name!r} has {count} tokens")
+    return samples, tokens, counts
+
+
+def split_rows(domain_samples, valid_fraction, seed, min_valid_per_domain):
+    """{split: global spool rows in stream order [N_split]} and the domain of every spool row [N]."""
+    total = sum(domain_samples)
+    domain_of_row = np.repeat(np.arange(len(domain_samples), dtype=np.int32), domain_samples)  # [N]
+    is_valid = np.zeros([total], bool)
+    is_valid[choose_valid(domain_samples, valid_fraction, seed, min_valid_per_domain)] = True
+    return {"train": np.flatnonzero(~is_valid), "valid": np.flatnonzero(is_valid)}, domain_of_row
+
+
+def write_splits(pool, temp_dir, spool_path, rows_of_split, domain_of_row, sample_length, shard_bytes, window,
+                 progress):
+    """Writes every split's shards and domain-id file; returns {split: meta entry}."""
+    tasks, owners = [], []
+    for split in SPLITS:
+        rows = rows_of_split[split]
+        ranges = shard_rows(len(rows), sample_length, shard_bytes)
+        for index, (first, end) in enumerate(ranges):
+            path = os.path.join(temp_dir, shard_name(split, index, len(ranges)))
+            tasks.append((path, spool_path, rows[first:end], domain_of_row[rows[first:end]], sample_length))
+            owners.append(split)
+        np.save(os.path.join(temp_dir, domain_ids_name(split)), domain_of_row[rows])
+    entries = {split: {"shards": [], "domain_ids": domain_ids_name(split)} for split in SPLITS}
+    for owner, shard in zip(owners, pool.imap(write_task, iter(tasks), window)):
+        entries[owner]["shards"].append(shard)
+        progress(shard["samples"])
+    return entries
+
+
+def build(temp_dir, input_dir, vocab_size, seq_length, valid_fraction, tokenizer, model_type, max_chars, seed,
+          progress_seconds, workers, shard_bytes, sampling, character_coverage, min_valid_per_domain):
     """Does all the work inside temp_dir and returns meta."""
     started = time.time()
+    timings = {}
     given_tokenizer = None if tokenizer is None else load_tokenizer(tokenizer, vocab_size)
-    domains, texts_per_domain, skipped, file_count = read_corpus(input_dir, progress_every)
+    sizes = sum(os.path.getsize(p) for _, folder in corpus_module.find_domains(input_dir)
+                for p in corpus_module.list_files(folder))
+    corpus = corpus_module.scan_corpus(input_dir, Progress(progress_seconds, "scan", sizes))
+    timings["scan"] = time.time() - started
+
+    tic = time.time()
     model_path = os.path.join(temp_dir, TOKENIZER_FILE)
+    sample_budget = None
     if given_tokenizer is None:
         vocab_size = DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size
-        if progress_every:
-            log(f"training a {model_type} tokenizer, vocab {vocab_size}")
-        processor = train_tokenizer(texts_per_domain, model_path, vocab_size, model_type, max_chars)
+        if progress_seconds:
+            log(f"training a {model_type} tokenizer, vocab {vocab_size}, on a {sampling} sample of "
+                f"<= {max_chars:,} characters")
+        processor, sample_budget = train_tokenizer(corpus.domains, model_path, vocab_size, model_type, max_chars,
+                                                   sampling, character_coverage)
     else:
         processor = given_tokenizer
         shutil.copyfile(tokenizer, model_path)
     vocab_size = processor.vocab_size()
+    timings["tokenizer"] = time.time() - tic
 
     sample_length = seq_length + 1
-    done = [0]
+    spool_path = os.path.join(temp_dir, SPOOL_FILE)
+    window = 2 * workers + 2
+    pool = make_pool(workers, model_path)
+    try:
+        tic = time.time()
+        domain_samples, domain_tokens, counts = encode_and_pack(
+            pool, corpus, spool_path, sample_length, vocab_size, processor.eos_id(), window,
+            Progress(progress_seconds, "encode", corpus.bytes))
+        timings["encode_pack"] = time.time() - tic
+        tic = time.time()
+        rows_of_split, domain_of_row = split_rows(domain_samples, valid_fraction, seed, min_valid_per_domain)
+        splits = write_splits(pool, temp_dir, spool_path, rows_of_split, domain_of_row, sample_length, shard_bytes,
+                              window, Progress(progress_seconds, "write", sum(domain_samples), "samples"))
+        spool = np.memmap(spool_path, dtype=np.int32, mode="r").reshape(-1, sample_length)  # [N, S+1]
+        valid_rows = rows_of_split["valid"]
+        for first in range(0, len(valid_rows), WRITE_CHUNK):
+            block = spool[valid_rows[first:first + WRITE_CHUNK]]  # [b, S+1]
+            counts -= np.bincount(block.reshape(-1), minlength=vocab_size)
+        del spool
+        timings["write"] = time.time() - tic
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    os.remove(spool_path)
+    np.save(os.path.join(temp_dir, TOKEN_COUNTS_FILE), counts)
 
-    def progress():
-        done[0] += 1
-        if progress_every and done[0] % progress_every == 0:
-            log(f"tokenized {done[0]}/{file_count - len(skipped)} files")
-
-    samples, domain_tokens = [], {}
-    for name, texts in zip(domains, texts_per_domain):
-        stream = tokenize_domain(processor, texts, progress)  # [T]
-        domain_tokens[name] = int(len(stream))
-        if len(stream) < sample_length:
-            raise ConfigError("input", input_dir,
-                              f"enough text for one sample of seq_length+1={sample_length} tokens in every "
-                              f"domain; domain {name!r} has {len(stream)} tokens")
-        samples.append(pack(stream, sample_length))  # [N_d, S+1]
-    input_ids = np.concatenate(samples)  # [N, S+1]
-    domain_ids = np.concatenate([np.full(len(s), d, np.int32) for d, s in enumerate(samples)])  # [N]
-
-    is_valid = np.zeros(len(input_ids), bool)
-    is_valid[choose_valid(len(input_ids), valid_fraction, seed)] = True
-    for split, mask in (("train", ~is_valid), ("valid", is_valid)):
-        write_mindrecord(os.path.join(temp_dir, SPLIT_FILES[split]), input_ids[mask], domain_ids[mask])
-    token_counts = np.bincount(input_ids[~is_valid].reshape(-1), minlength=vocab_size).astype(np.int64)  # [V]
-    np.save(os.path.join(temp_dir, TOKEN_COUNTS_FILE), token_counts)
-
+    domains = [domain.name for domain in corpus.domains]
+    valid_domain = domain_of_row[rows_of_split["valid"]]
+    train_domain = domain_of_row[rows_of_split["train"]]
     meta = {
+        "format": FORMAT_VERSION,
         "vocab_size": int(vocab_size),
         "seq_length": int(seq_length),
         "sample_length": int(sample_length),
         "domains": domains,
-        "train_samples": int((~is_valid).sum()),
-        "valid_samples": int(is_valid.sum()),
-        "domain_samples": {name: {"train": int(((domain_ids == d) & ~is_valid).sum()),
-                                  "valid": int(((domain_ids == d) & is_valid).sum())}
+        "train_samples": int(len(rows_of_split["train"])),
+        "valid_samples": int(len(rows_of_split["valid"])),
+        "domain_samples": {name: {"train": int((train_domain == d).sum()), "valid": int((valid_domain == d).sum())}
                            for d, name in enumerate(domains)},
-        "domain_tokens": domain_tokens,
-        "files": file_count,
-        "skipped_files": len(skipped),
-        "skipped_examples": skipped[:20],
+        "domain_tokens": {name: int(count) for name, count in zip(domains, domain_tokens)},
+        "domain_bytes": {domain.name: int(domain.bytes) for domain in corpus.domains},
+        "files": corpus.file_count,
+        "skipped_files": len(corpus.skipped),
+        "skipped_examples": corpus.skipped[:20],
         "tokenizer": TOKENIZER_FILE,
+        "tokenizer_sha256": file_sha256(model_path),
         "tokenizer_source": "trained" if tokenizer is None else os.path.abspath(tokenizer),
         "model_type": model_type if tokenizer is None else None,
+        "tokenizer_sampling": sampling if tokenizer is None else None,
+        "tokenizer_sample_chars": sample_budget,
+        "character_coverage": character_coverage if tokenizer is None else None,
         "eos_id": int(processor.eos_id()),
         "unk_id": int(processor.unk_id()),
-        "unk_tokens": int((input_ids == processor.unk_id()).sum()),
+        "unk_tokens": int(counts[processor.unk_id()]) if processor.unk_id() >= 0 else 0,
         "valid_fraction": float(valid_fraction),
+        "min_valid_per_domain": int(min_valid_per_domain),
         "seed": int(seed),
-        "split_files": dict(SPLIT_FILES),
+        "splits": splits,
         "token_counts": TOKEN_COUNTS_FILE,
+        "workers": int(workers),
+        "timings": {stage: round(seconds, 3) for stage, seconds in timings.items()},
+        "input_bytes": int(corpus.bytes),
         "seconds": round(time.time() - started, 2),
     }
     with open(os.path.join(temp_dir, META_FILE), "w", encoding="utf-8") as handle:
@@ -377,22 +327,30 @@ def build(temp_dir, input_dir, vocab_size, seq_length, valid_fraction, tokenizer
 
 def prepare(input_dir, output_dir, vocab_size=None, seq_length=DEFAULT_SEQ_LENGTH,
             valid_fraction=DEFAULT_VALID_FRACTION, tokenizer=None, model_type="bpe", overwrite=False,
-            seed=1234, max_chars=DEFAULT_MAX_CHARS, progress_every=200):
+            seed=1234, max_chars=DEFAULT_MAX_CHARS, progress_every=DEFAULT_PROGRESS_SECONDS, workers=None,
+            shard_bytes=DEFAULT_SHARD_BYTES, tokenizer_sampling="proportional",
+            character_coverage=DEFAULT_CHARACTER_COVERAGE, min_valid_per_domain=DEFAULT_MIN_VALID_PER_DOMAIN):
     """Prepares input_dir into output_dir and returns meta (the dict written to meta.json).
 
     vocab_size None means DEFAULT_VOCAB_SIZE when training, the model's own size with tokenizer.
-    max_chars caps the text used to train the tokenizer (split evenly across domains); all text
-    is tokenized. progress_every: a stderr line per that many files (0 = quiet).
-    Raises ConfigError for bad input; output_dir is then left as it was.
+    max_chars caps the text used to train the tokenizer (split over the domains by
+    tokenizer_sampling); all text is tokenized. progress_every: seconds between stderr
+    progress lines (0 = quiet). workers: encode/write processes (None: the machine's cores).
+    Raises ConfigError for bad input; output_dir is then left as it was (and on Ctrl-C too).
+    workers > 1 starts processes (forkserver): a script calling this needs the usual
+    `if __name__ == "__main__":` guard.
     """
-    check_arguments(vocab_size, seq_length, valid_fraction, max_chars, seed, model_type)
-    if not (isinstance(progress_every, int) and progress_every >= 0):
-        raise ConfigError("progress_every", progress_every, "an integer >= 0 (0 = quiet)")
+    workers = default_workers() if workers is None else workers
+    check_arguments(vocab_size, seq_length, valid_fraction, max_chars, seed, model_type, workers, shard_bytes,
+                    tokenizer_sampling, character_coverage, min_valid_per_domain)
+    if not (isinstance(progress_every, (int, float)) and not isinstance(progress_every, bool) and progress_every >= 0):
+        raise ConfigError("progress_every", progress_every, "seconds between progress lines >= 0 (0 = quiet)")
     input_dir, output_dir = check_paths(input_dir, output_dir, overwrite)
     temp_dir = make_temp_dir(output_dir)
     try:
         meta = build(temp_dir, input_dir, vocab_size, seq_length, valid_fraction, tokenizer, model_type,
-                     max_chars, seed, progress_every)
+                     max_chars, seed, progress_every, workers, shard_bytes, tokenizer_sampling, character_coverage,
+                     min_valid_per_domain)
         move_into_place(temp_dir, output_dir)
     finally:
         if os.path.isdir(temp_dir):
@@ -408,29 +366,46 @@ def main(argv=None):
                         help=f"tokenizer vocabulary to train (default {DEFAULT_VOCAB_SIZE})")
     parser.add_argument("--seq-length", type=int, default=DEFAULT_SEQ_LENGTH,
                         help="model sequence length; samples hold seq_length + 1 tokens")
-    parser.add_argument("--valid-fraction", type=float, default=DEFAULT_VALID_FRACTION)
+    parser.add_argument("--valid-fraction", type=float, default=DEFAULT_VALID_FRACTION,
+                        help="share of each domain's samples in the valid split (0: no valid split)")
+    parser.add_argument("--min-valid-per-domain", type=int, default=DEFAULT_MIN_VALID_PER_DOMAIN,
+                        help="valid samples per domain at least (capped at half the domain)")
     parser.add_argument("--tokenizer", default=None, help="existing SentencePiece .model to use instead of training")
     parser.add_argument("--model-type", default="bpe", help="tokenizer to train: bpe or unigram")
     parser.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS,
                         help="characters of text used to train the tokenizer")
+    parser.add_argument("--tokenizer-sampling", default="proportional",
+                        help="split of --max-chars over the domains: proportional (to their size) or equal")
+    parser.add_argument("--character-coverage", type=float, default=DEFAULT_CHARACTER_COVERAGE,
+                        help="share of the sample's characters that get their own piece (rest: byte fallback)")
+    parser.add_argument("--workers", type=int, default=None, help="encode/write processes (default: the cores)")
+    parser.add_argument("--shard-mb", type=float, default=DEFAULT_SHARD_BYTES / 2**20,
+                        help="tokens per MindRecord shard, in MiB")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the train/valid split")
     parser.add_argument("--overwrite", action="store_true", help="replace --output once the new data is complete")
-    parser.add_argument("--progress-every", type=int, default=200, help="a progress line per N files (0 = quiet)")
+    parser.add_argument("--progress-every", type=float, default=DEFAULT_PROGRESS_SECONDS,
+                        help="seconds between progress lines (0 = quiet)")
     args = parser.parse_args(argv)
     try:
         meta = prepare(args.input, args.output, vocab_size=args.vocab_size, seq_length=args.seq_length,
                        valid_fraction=args.valid_fraction, tokenizer=args.tokenizer, model_type=args.model_type,
                        overwrite=args.overwrite, seed=args.seed, max_chars=args.max_chars,
-                       progress_every=args.progress_every)
+                       progress_every=args.progress_every, workers=args.workers,
+                       shard_bytes=max(1, int(args.shard_mb * 2**20)), tokenizer_sampling=args.tokenizer_sampling,
+                       character_coverage=args.character_coverage, min_valid_per_domain=args.min_valid_per_domain)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"prepare: interrupted; nothing written, {os.path.abspath(args.output)} is as it was", file=sys.stderr)
+        return 130
     if meta["skipped_files"]:
         print(f"warning: skipped {meta['skipped_files']} file(s) that are not UTF-8 text, e.g. "
               f"{', '.join(meta['skipped_examples'][:3])}", file=sys.stderr)
     per_domain = ", ".join(f"{name} {counts['train']}+{counts['valid']}" for name, counts in meta["domain_samples"].items())
+    shards = sum(len(entry["shards"]) for entry in meta["splits"].values())
     print(f"wrote {os.path.abspath(args.output)}: {meta['train_samples']} train + {meta['valid_samples']} valid "
-          f"samples of {meta['sample_length']} tokens (vocab {meta['vocab_size']}; {per_domain}) "
+          f"samples of {meta['sample_length']} tokens in {shards} shards (vocab {meta['vocab_size']}; {per_domain}) "
           f"in {meta['seconds']} s")
     return 0
 

@@ -79,13 +79,19 @@ def main(argv=None):
         if domain not in domains:
             raise ConfigError("--domain", domain, f"one of {domains}")
         tokenizer = spm.SentencePieceProcessor(model_file=os.path.join(cfg.data.dataset_dir, meta["tokenizer"]))
+        prompt_ids = tokenizer.encode(args.prompt)
+        if not prompt_ids:
+            raise ConfigError("--prompt", args.prompt, "text that tokenizes to at least one token")
+        room = cfg.model.seq_length - args.max_new_tokens
+        if len(prompt_ids) > room:
+            shown = args.prompt if len(args.prompt) <= 40 else args.prompt[:37] + "..."
+            raise ConfigError("--prompt", shown, f"at most {room} tokens (model.seq_length {cfg.model.seq_length} - "
+                              f"--max-new-tokens {args.max_new_tokens}); it has {len(prompt_ids)}: shorten it or "
+                              f"lower --max-new-tokens")
         set_device(cfg, mode=ms.PYNATIVE_MODE)
         net = build_model(cfg, meta, single_process_topology(cfg))
         checkpoint.load_into(net, args.checkpoint)
         net.set_train(False)
-        prompt_ids = tokenizer.encode(args.prompt)
-        if not prompt_ids:
-            raise ConfigError("--prompt", args.prompt, "text that tokenizes to at least one token")
         new_ids = generate_ids(net.model, prompt_ids, domains.index(domain), args.max_new_tokens,
                                cfg.model.seq_length, args.top_p, args.temperature, args.greedy, args.seed,
                                tokenizer.eos_id())

@@ -30,6 +30,7 @@ The training log is <run>/train_log_rank<r>.jsonl found from the checkpoint
 (a run folder, its checkpoints/rank_<r> folder, or a .ckpt in it), or
 --train-log. matplotlib is an optional dependency (extra `plots`).
 """
+import json
 import os
 import sys
 
@@ -70,6 +71,18 @@ def find_train_log(checkpoint_path):
             return candidate
         folder = os.path.dirname(folder)
     return None
+
+
+def read_train_log(path, read_jsonl):
+    """The records of a JSON-lines training log; one ConfigError line if it is not one."""
+    try:
+        records = read_jsonl(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError("--train-log", path, f"a JSON-lines training log (train_log_rank<r>.jsonl); it is not "
+                          f"one ({type(error).__name__}: {str(error)[:80]})") from None
+    if not all(isinstance(record, dict) for record in records):
+        raise ConfigError("--train-log", path, "a JSON-lines training log of one JSON object per line")
+    return records
 
 
 def log_series(records):
@@ -255,6 +268,7 @@ def make_report(cfg, checkpoint_path, output, train_log=None, split="valid", max
     log_path = train_log or find_train_log(checkpoint_path)
     if train_log and not os.path.isfile(train_log):
         raise ConfigError("--train-log", train_log, "an existing train_log_rank<r>.jsonl")
+    records = read_train_log(log_path, read_jsonl) if log_path else None
     capture = capture_routing(cfg, checkpoint_path, split=split, max_tokens=max_tokens)
     by_domain = domain_figures(cfg, checkpoint_path, split, max_tokens)
     os.makedirs(output, exist_ok=True)
@@ -288,7 +302,7 @@ def make_report(cfg, checkpoint_path, output, train_log=None, split="valid", max
                      "no gate weight")
     series = None
     if log_path:
-        series = log_series(read_jsonl(log_path))
+        series = log_series(records)
     if series is None:
         notes.append("fig. 12 and the training-log table skipped: no training log with expert statistics found "
                      "(pass --train-log)")

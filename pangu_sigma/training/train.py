@@ -17,7 +17,7 @@ import time
 import numpy as np
 import mindspore as ms
 
-from locmoe.errors import OneLineArgumentParser, run_cli
+from locmoe.errors import OneLineArgumentParser, keep_ctrl_c_for_python, note_for_interrupt, run_cli
 from pangu_sigma.training import checkpoint
 from locmoe.comm import AllReduce, CommCounter
 from locmoe.exchange import register_exchange_bytes
@@ -102,6 +102,7 @@ def train(cfg, resume=False, log=print, stop_after=None):
     os.makedirs(output_dir, exist_ok=True)
     ckpt_dir = checkpoint.rank_dir(output_dir, rank)
     start_step = 0
+    note_for_interrupt(f"no checkpoint saved yet (they go to {ckpt_dir})")
     if resume:
         found = checkpoint.latest(ckpt_dir)
         if found is None:
@@ -110,6 +111,7 @@ def train(cfg, resume=False, log=print, stop_after=None):
             path, ckpt_meta = found
             checkpoint.load_into(step_cell, path)
             start_step = int(ckpt_meta["step"])
+            note_for_interrupt(f"last checkpoint {path} (step {start_step}); continue with --resume")
             log(f"[train] resumed from {path} at step {start_step}")
     if start_step == 0 and cfg.train.init_checkpoint:
         checkpoint.load_resharded(net, cfg.train.init_checkpoint, topology if ctx.distributed else None)
@@ -139,6 +141,7 @@ def train(cfg, resume=False, log=print, stop_after=None):
     for first in range(start_step, end_step, sink):
         tic = time.time()
         run_sink()
+        keep_ctrl_c_for_python()
         scalars = step_cell.metrics_scalars.asnumpy()  # [sink, K]
         load = step_cell.metrics_load.asnumpy()  # [sink, M, E]
         dropped = step_cell.metrics_dropped.asnumpy()  # [sink, M]
@@ -169,6 +172,7 @@ def train(cfg, resume=False, log=print, stop_after=None):
         if (cfg.checkpoint.save_steps and last % cfg.checkpoint.save_steps == 0) or last == cfg.train.train_steps:
             path = checkpoint.save(step_cell, ckpt_dir, last, {"batches_consumed": last,
                                    "router": cfg.moe.router, "config": cfg.to_dict()}, cfg.checkpoint.keep_last)
+            note_for_interrupt(f"last checkpoint {path} (step {last}); continue with --resume")
             log(f"[train] checkpoint {path}")
     seconds = time.time() - started
     rate = timed_tokens / timed_seconds if timed_seconds else tokens_per_step * len(losses) / max(seconds, 1e-9)

@@ -1,0 +1,242 @@
+"""Benchmark of prepare (not a test): one JSON line per case on stdout.
+
+    flock /work/wt/heavy.lock python -m pangu_sigma.data.bench_prepare --work /tmp/bench_prepare \\
+        [--mb 1000] [--small-mb 100] [--workers 1,2] [--vocab-size 8000] [--seq-length 1024] [--old-ref REF]
+
+Generates a corpus of about --mb MB from a fixed seed (four domains of unequal size, English
+technical text, code, Chinese technical text and Chinese poems over a few thousand distinct
+characters), then measures:
+  - prepare with each worker count: total MB/s, the encode-pack-write phase's MB/s (input
+    MB over the encode + write stages), tokenizer training seconds, peak resident memory
+    (the sum of PSS over prepare's process tree, sampled every 0.2 s; the RSS sum too);
+  - SentencePiece's raw encoding speed on the same text (every 4th file, a quarter of it) with
+    the same worker count (each worker encodes its share of the files held in memory; time =
+    the slowest worker);
+  - today's prepare (prepare.py at --old-ref, run from a temporary copy) and the streaming
+    prepare on a --small-mb corpus from the same generator.
+Everything is written under --work and deleted at the end.
+"""
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DOMAINS = {"en_tech": 0.45, "code": 0.25, "zh_tech": 0.2, "zh_poem": 0.1}  # share of the bytes
+FILE_BYTES = 64 << 10
+RAW_EVERY = 4  # raw SentencePiece speed is measured on every 4th file (a quarter of the text)
+SENTENCES = 20000
+WORDS = ("the of and to in is for that with on as by this are be from it an or at which can data model "
+         "training expert router token layer device node rank memory gradient batch sequence parameter loss "
+         "network cluster parallel tensor shape value function return compute update capacity load balance "
+         "locality communication bandwidth latency kernel operator graph mode sparse dense attention head "
+         "vector matrix embedding vocabulary sample corpus domain shard index file write read stream").split()
+CODE_WORDS = ("def return self if else for in range import from class None True False while with as "
+              "try except raise lambda yield print len list dict np ms ops x y i j k value result shape").split()
+
+
+def zipf_choice(rng, count, size, exponent=1.1):
+    """Indices in [0, count) with a Zipf-like (rank^-exponent) distribution."""
+    weights = 1.0 / np.arange(1, count + 1) ** exponent
+    return rng.choice(count, size=size, p=weights / weights.sum())
+
+
+def sentence_pool(domain, rng):
+    """SENTENCES sentences in the style of the domain."""
+    hanzi = [chr(0x4E00 + i) for i in range(3500)]
+    pool = []
+    for _ in range(SENTENCES):
+        if domain == "en_tech":
+            words = [WORDS[i] for i in zipf_choice(rng, len(WORDS), rng.integers(6, 30))]
+            text = " ".join(words).capitalize() + (". " if rng.random() < 0.8 else ".\n")
+        elif domain == "code":
+            words = [CODE_WORDS[i] for i in zipf_choice(rng, len(CODE_WORDS), rng.integers(3, 12))]
+            text = " " * int(4 * rng.integers(0, 3)) + " ".join(words) + f"({rng.integers(0, 1000)})\n"
+        elif domain == "zh_tech":
+            chars = [hanzi[i] for i in zipf_choice(rng, len(hanzi), rng.integers(10, 60))]
+            text = "".join(chars) + ("，" if rng.random() < 0.3 else "。") + ("\n" if rng.random() < 0.2 else "")
+        else:
+            line = rng.choice([5, 7])
+            chars = [hanzi[i] for i in zipf_choice(rng, len(hanzi), 2 * line)]
+            text = "".join(chars[:line]) + "，" + "".join(chars[line:]) + "。\n"
+        pool.append(text)
+    return pool
+
+
+def generate_corpus(root, total_bytes, seed=2024):
+    """Writes root/<domain>/NNNNNN.txt files of about FILE_BYTES; returns the bytes written."""
+    rng = np.random.default_rng(seed)
+    written = 0
+    for domain, share in DOMAINS.items():
+        pool = sentence_pool(domain, rng)
+        encoded = [s.encode("utf-8") for s in pool]
+        lengths = np.array([len(e) for e in encoded])
+        folder = os.path.join(root, domain)
+        os.makedirs(folder)
+        budget, number = int(total_bytes * share), 0
+        mean = lengths.mean()
+        while budget > 0:
+            picks = rng.integers(0, SENTENCES, size=int(FILE_BYTES / mean) + 1)
+            data = b"".join(encoded[i] for i in picks)
+            with open(os.path.join(folder, f"{number:06d}.txt"), "wb") as handle:
+                handle.write(data)
+            budget -= len(data)
+            written += len(data)
+            number += 1
+    return written
+
+
+def run_measured(command, env=None):
+    """Runs command; returns (seconds, peak RSS sum MB, peak PSS sum MB of its process tree, stdout, stderr).
+
+    RSS counts the shared pages (MindSpore's libraries) once per process; PSS shares them out,
+    so the PSS sum is the memory the tree really holds.
+    """
+    import psutil
+
+    started = time.time()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               cwd=REPO)
+    root = psutil.Process(process.pid)
+    peak_rss = peak_pss = 0
+    while process.poll() is None:
+        try:
+            tree = [root] + root.children(recursive=True)
+        except psutil.Error:
+            tree = []
+        rss = pss = 0
+        for member in tree:
+            try:
+                info = member.memory_full_info()
+                rss += info.rss
+                pss += info.pss
+            except psutil.Error:
+                pass
+        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+        time.sleep(0.2)
+    out, err = process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"{command} failed ({process.returncode}): {err[-2000:]}")
+    return time.time() - started, peak_rss / 2**20, peak_pss / 2**20, out, err
+
+
+def corpus_files(root):
+    return sorted(os.path.join(d, n) for d, _, names in os.walk(root) for n in names)
+
+
+def raw_encode_worker(args):
+    model_path, paths = args
+    import sentencepiece as spm
+
+    processor = spm.SentencePieceProcessor(model_file=model_path)
+    texts = []
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            texts.append(handle.read())
+    tic = time.perf_counter()
+    for text in texts:
+        processor.encode(text)
+    return time.perf_counter() - tic, sum(len(t.encode("utf-8")) for t in texts)
+
+
+def raw_encode_speed(model_path, root, workers, every=RAW_EVERY):
+    """MB/s of SentencePiece encode alone on every `every`-th file of the corpus held in memory,
+    `workers` processes (a systematic sample of the same text: the speed is per byte)."""
+    files = corpus_files(root)[::every]
+    shares = [(model_path, files[i::workers]) for i in range(workers)]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        results = pool.map(raw_encode_worker, shares)
+    seconds = max(s for s, _ in results)
+    return sum(b for _, b in results) / 1e6 / seconds, seconds
+
+
+def emit(case):
+    print(json.dumps(case), flush=True)
+
+
+def prepare_case(name, command, corpus_bytes, env):
+    seconds, peak_rss, peak_pss, _, _ = run_measured(command, env)
+    case = {"case": name, "input_mb": round(corpus_bytes / 1e6, 1), "seconds": round(seconds, 1),
+            "mb_per_s": round(corpus_bytes / 1e6 / seconds, 2), "peak_pss_mb": round(peak_pss),
+            "peak_rss_sum_mb": round(peak_rss)}
+    return case
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", required=True, help="scratch folder (deleted at the end)")
+    parser.add_argument("--mb", type=float, default=1000)
+    parser.add_argument("--small-mb", type=float, default=100)
+    parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--vocab-size", type=int, default=8000)
+    parser.add_argument("--seq-length", type=int, default=1024)
+    parser.add_argument("--old-ref", default="5757499", help="git commit holding today's prepare.py")
+    parser.add_argument("--old-file", default=None, help="today's prepare.py as a file (instead of git show)")
+    args = parser.parse_args(argv)
+    work = os.path.abspath(args.work)
+    if os.path.exists(work):
+        shutil.rmtree(work)
+    os.makedirs(work)
+    env = dict(os.environ, PYTHONPATH=REPO, GLOG_v="3")
+    python = sys.executable
+    common = ["--vocab-size", str(args.vocab_size), "--seq-length", str(args.seq_length), "--progress-every", "0"]
+    try:
+        tic = time.time()
+        big = os.path.join(work, "corpus_big")
+        big_bytes = generate_corpus(big, int(args.mb * 1e6))
+        emit({"case": "generate corpus", "input_mb": round(big_bytes / 1e6, 1), "seconds": round(time.time() - tic, 1)})
+        tokenizer = None
+        for workers in [int(w) for w in args.workers.split(",")]:
+            output = os.path.join(work, f"data_w{workers}")
+            command = [python, "-m", "pangu_sigma.data.prepare", "--input", big, "--output", output,
+                       "--workers", str(workers)] + common
+            case = prepare_case(f"streaming prepare, {workers} worker(s)", command, big_bytes, env)
+            with open(os.path.join(output, "meta.json")) as handle:
+                meta = json.load(handle)
+            timing = meta["timings"]
+            phase = timing["encode_pack"] + timing["write"]
+            tokenizer = tokenizer or os.path.join(work, "tokenizer.model")
+            if not os.path.exists(tokenizer):
+                shutil.copyfile(os.path.join(output, "tokenizer.model"), tokenizer)
+            raw_mb_s, raw_seconds = raw_encode_speed(tokenizer, big, workers)
+            shards = sum(len(entry["shards"]) for entry in meta["splits"].values())
+            case.update({"scan_s": timing["scan"], "tokenizer_train_s": timing["tokenizer"],
+                         "encode_pack_s": timing["encode_pack"], "write_s": timing["write"],
+                         "encode_pack_write_mb_per_s": round(big_bytes / 1e6 / phase, 2),
+                         "raw_sentencepiece_mb_per_s": round(raw_mb_s, 2),
+                         "phase_vs_raw": round(big_bytes / 1e6 / phase / raw_mb_s, 3),
+                         "samples": meta["train_samples"] + meta["valid_samples"], "shards": shards})
+            emit(case)
+            shutil.rmtree(output)
+        small = os.path.join(work, "corpus_small")
+        small_bytes = generate_corpus(small, int(args.small_mb * 1e6))
+        old_dir = os.path.join(work, "old", "pangu_sigma", "data")
+        os.makedirs(old_dir)
+        if args.old_file:
+            with open(args.old_file) as handle:
+                old_source = handle.read()
+        else:
+            old_source = subprocess.run(["git", "show", f"{args.old_ref}:pangu_sigma/data/prepare.py"], cwd=REPO,
+                                        capture_output=True, text=True, check=True).stdout
+        with open(os.path.join(old_dir, "prepare_today.py"), "w") as handle:
+            handle.write(old_source)
+        old_command = [python, os.path.join(old_dir, "prepare_today.py"), "--input", small, "--output",
+                       os.path.join(work, "data_old"), "--vocab-size", str(args.vocab_size), "--seq-length",
+                       str(args.seq_length), "--progress-every", "0"]
+        emit(prepare_case(f"today's prepare ({args.old_ref})", old_command, small_bytes, env))
+        for workers in [int(w) for w in args.workers.split(",")]:
+            command = [python, "-m", "pangu_sigma.data.prepare", "--input", small, "--output",
+                       os.path.join(work, f"data_small_w{workers}"), "--workers", str(workers)] + common
+            emit(prepare_case(f"streaming prepare, small corpus, {workers} worker(s)", command, small_bytes, env))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

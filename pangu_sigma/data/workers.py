@@ -1,0 +1,116 @@
+"""Worker processes of prepare: encode tasks (text pieces -> tokens) and shard writes.
+
+Workers come from a forkserver (a clean interpreter, safe to fork even when the caller
+has MindSpore's threads running) and ignore SIGINT: Ctrl-C is handled by the main
+process alone, which then terminates them. ordered_map keeps at most `window` tasks in
+flight and yields results in submission order, so memory is bounded whatever the corpus.
+"""
+import collections
+import multiprocessing
+import os
+import signal
+
+import numpy as np
+
+_processor = None  # this worker's SentencePieceProcessor
+
+
+def init_worker(model_path):
+    global _processor
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if model_path:
+        import sentencepiece as spm
+
+        _processor = spm.SentencePieceProcessor(model_file=model_path)
+
+
+def encode_task(task):
+    """(domain, [(path, start, end, ends_document)], bytes) -> (domain, tokens [T] int32, bytes).
+
+    Each piece is a run of whole lines of a document; EOS follows a document's last piece.
+    Encoding a document piece by piece equals encoding it whole: "\\n" is a piece of its
+    own that no merge crosses (tests check this).
+    """
+    from pangu_sigma.data.corpus import read_piece
+
+    domain, pieces, size = task
+    eos = _processor.eos_id()
+    out = []
+    for path, start, end, ends_document in pieces:
+        text = read_piece(path, start, end)
+        if text:
+            out.extend(_processor.encode(text))
+        if ends_document:
+            out.append(eos)
+    return domain, np.asarray(out, dtype=np.int32), size
+
+
+def write_task(task):
+    """(path, spool path, rows [n] int64, domain ids [n] int32, sample length) -> the shard's meta entry.
+
+    Rows are gathered from the spool WRITE_CHUNK at a time, so a shard never sits in memory whole."""
+    from pangu_sigma.data.shards import WRITE_CHUNK, write_shard
+
+    path, spool_path, rows, domain_ids, sample_length = task
+    spool = np.memmap(spool_path, dtype=np.int32, mode="r").reshape(-1, sample_length)  # [N, S+1]
+    chunks = ((spool[rows[first:first + WRITE_CHUNK]], domain_ids[first:first + WRITE_CHUNK])
+              for first in range(0, len(rows), WRITE_CHUNK))  # ([b, S+1], [b])
+    return write_shard(path, len(rows), sample_length, chunks)
+
+
+class InProcess:
+    """The one-worker case: the same functions, run in this process."""
+
+    def __init__(self, model_path):
+        global _processor
+        if model_path:
+            import sentencepiece as spm
+
+            _processor = spm.SentencePieceProcessor(model_file=model_path)
+
+    def imap(self, function, tasks, window):
+        for task in tasks:
+            yield function(task)
+
+    def close(self):
+        pass
+
+    def terminate(self):
+        pass
+
+
+class Pool:
+    """multiprocessing pool of `workers` processes with an ordered, bounded imap."""
+
+    def __init__(self, workers, model_path):
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["numpy", "sentencepiece", "pangu_sigma.data.workers"])
+        self.pool = context.Pool(workers, initializer=init_worker, initargs=(model_path,))
+
+    def imap(self, function, tasks, window):
+        pending = collections.deque()
+        for task in tasks:
+            pending.append(self.pool.apply_async(function, (task,)))
+            if len(pending) >= window:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+    def close(self):
+        self.pool.close()
+        self.pool.join()
+
+    def terminate(self):
+        self.pool.terminate()
+        self.pool.join()
+
+
+def make_pool(workers, model_path):
+    return InProcess(model_path) if workers == 1 else Pool(workers, model_path)
+
+
+def default_workers():
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
