@@ -16,16 +16,18 @@ from pangu_sigma.config import load_config
 from pangu_sigma.data.dataset import create_dataset
 
 
-def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None, log=print):
+def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None, log=print, allow_changes=()):
     """Mean CE, perplexity and summed expert statistics over a split.
 
-    Either loads checkpoint_path into a freshly built network or uses net as given.
+    Either loads checkpoint_path (a .ckpt or a run folder of any layout) into a freshly
+    built network or uses net as given. allow_changes: config/dataset fields allowed to
+    differ from the checkpoint's stored ones.
     """
     meta = dataset_meta(cfg)
     if net is None:
         set_device(cfg)
         net = build_model(cfg, meta, single_process_topology(cfg))
-        checkpoint.load_into(net, checkpoint_path)
+        checkpoint.load_model_for_inference(net, cfg, checkpoint_path, allow_changes)
     net.set_train(False)
     batch_size = batch_size or cfg.train.batch_size
     batch_size = min(batch_size, meta[f"{split}_samples"])
@@ -60,12 +62,15 @@ def main(argv=None):
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--split", default="valid", choices=("valid", "train"))
+    parser.add_argument("--allow-config-change", action="append", default=[], metavar="FIELD[,FIELD]",
+                        help="config or dataset fields allowed to differ from the checkpoint's run")
     args = parser.parse_args(argv)
     def run():
         if args.batch_size is not None and args.batch_size < 1:
             raise ConfigError("--batch-size", args.batch_size, "an integer >= 1")
         cfg = load_config(args.config, args.set)
-        evaluate(cfg, args.checkpoint, args.batch_size, args.split)
+        allowed = tuple(f.strip() for v in args.allow_config_change for f in v.split(",") if f.strip())
+        evaluate(cfg, args.checkpoint, args.batch_size, args.split, allow_changes=allowed)
 
     return run_cli(run)
 
