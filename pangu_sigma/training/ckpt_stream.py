@@ -11,6 +11,7 @@ temporary file and renames it into place on close (never a half-written file
 under the final name).
 """
 import os
+import re
 
 import numpy as np
 from mindspore.train.checkpoint_pb2 import Checkpoint
@@ -159,7 +160,7 @@ class CheckpointWriter:
 
 def is_temporary(name):
     """A file name of an unfinished write (ours, the JSON writer's, or MindSpore's own .tmp)."""
-    return name.startswith(TMP_PREFIX) or ".json.tmp" in name or name.endswith(".tmp")
+    return name.startswith(TMP_PREFIX) or re.search(r"\.tmp\d*$", name) is not None
 
 
 def remove_stale_temporaries(directory):
