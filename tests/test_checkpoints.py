@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 4 experts, 2 heads: splits as TP2 x EP2 on 4 ranks
 LAYOUT_SETS = ("moe.expert_num_per_dp_dim=2", "parallel.expert_parallel=2", "parallel.op_level_model_parallel_num=2",
                "parallel.virtual_world_size=4", "parallel.virtual_scope=cluster", "train.batch_size=4",
-               "train.sink_size=1", "train.train_steps=4", "checkpoint.save_steps=2", "checkpoint.keep_last=1")
+               "train.sink_size=1", "train.train_steps=4", "checkpoint.save_steps=2", "checkpoint.keep_last=2")
 
 
 def _quiet(*_):
@@ -146,7 +146,7 @@ def test_training_into_an_existing_run_refuses_and_overwrite_moves_it_whole(trai
     summary = train(cfg, overwrite=True, log=_quiet)
     assert sorted(summary["losses"]) == [1, 2, 3, 4]
     assert folder_hash(copy + ".old-1") == before  # the old run, whole and untouched
-    assert checkpoint.complete_steps(copy) == [4]
+    assert checkpoint.complete_steps(copy) == [2, 4]
 
 
 @pytest.mark.parametrize("change, expected", [
@@ -254,4 +254,25 @@ def test_leftover_temporaries_are_removed_at_the_next_save(trained, tmp_path):
     assert checkpoint.latest_complete(copy)[0] == 4  # the half-written step does not count
     train(longer, resume=True, log=_quiet)
     assert not any(os.path.exists(p) for p in leftovers)
-    assert checkpoint.complete_steps(copy) == [6]
+    assert checkpoint.complete_steps(copy) == [4, 6]
+
+
+def test_resume_on_another_layout_from_a_converted_checkpoint_matches_the_uninterrupted_run(trained, tmp_path):
+    """Full run to step 2 -> converted to 4 ranks TP2 x EP2 (optimizer state too) -> resumed in one
+    process posing as 2 ranks (DP2, EP2): steps 3-4 equal the uninterrupted run's."""
+    from conftest import tiny_run_config
+
+    cfg, run, summary, _ = trained
+    converted = str(tmp_path / "tp2ep2")
+    assert checkpoint_tool.main(["convert", run, "--step", "2", "--output", converted, "--world-size", "4",
+                                 "--tp", "2", "--ep", "2", "--devices-per-node", "2", "--with-optimizer"],
+                                log=_quiet) == 0
+    assert checkpoint.latest_complete(converted)[1]["layout"]["world_size"] == 4
+    two = LAYOUT_SETS + ("parallel.op_level_model_parallel_num=1", "parallel.virtual_world_size=2",
+                         "parallel.devices_per_node=1")
+    lines = []
+    resumed = train(tiny_run_config(cfg.data.dataset_dir, converted, two), resume=True, log=lines.append)
+    assert any("resharded from tp=2 ep=2 on 4 ranks" in line for line in lines), lines
+    assert sorted(resumed["losses"]) == [3, 4]
+    for step in (3, 4):
+        assert resumed["losses"][step] == pytest.approx(summary["losses"][step], rel=1e-5, abs=0)
