@@ -276,3 +276,18 @@ def test_resume_on_another_layout_from_a_converted_checkpoint_matches_the_uninte
     assert sorted(resumed["losses"]) == [3, 4]
     for step in (3, 4):
         assert resumed["losses"][step] == pytest.approx(summary["losses"][step], rel=1e-5, abs=0)
+
+
+def test_train_cli_into_an_existing_run_is_one_line_and_changes_nothing(trained, tmp_path):
+    cfg, run, _, _ = trained
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    before = folder_hash(run)
+    proc = subprocess.run([sys.executable, "-m", "pangu_sigma.training.train", "--config", str(path)],
+                          capture_output=True, text=True, cwd=str(tmp_path), env=dict(os.environ, GLOG_v="3"),
+                          timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "train.output_dir=" in lines[0] and "--overwrite" in lines[0]
+    assert folder_hash(run) == before
+    assert sorted(os.listdir(tmp_path)) == ["run.yaml"]  # nothing left in the working directory
