@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 
-import numpy as np
 import mindspore as ms
 
 from locmoe.errors import ConfigError
@@ -247,12 +246,6 @@ def open_source(path, field="--checkpoint", step=None):
     return StateSource(files, layout, meta, f"{run} step {step}")
 
 
-def resolve(path, field="--checkpoint"):
-    """A checkpoint given as a .ckpt file or a run folder -> (description, StateSource)."""
-    source = open_source(path, field)
-    return source.where, source
-
-
 # ---- loading into a network ------------------------------------------------------------------
 def load_state(cell, source, layout, rank, field="--checkpoint", strict=True, with_optimizer=True):
     """Copy every (non-buffer) parameter of cell from source, resharded to `rank` of `layout`.
@@ -433,9 +426,3 @@ def write_run_file(output_dir, config, dataset):
 def read_run_file(output_dir):
     path = os.path.join(output_dir, RUN_FILE)
     return read_meta(path, "train.output_dir") if os.path.isfile(path) else None
-
-
-def state_arrays(source, with_optimizer):
-    """(name, full array) pairs of a source, one at a time."""
-    for name in source.names(with_optimizer):
-        yield name, np.asarray(source.full(name))
