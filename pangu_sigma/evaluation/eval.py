@@ -44,22 +44,23 @@ def eval_layout(cfg):
             "batch_multiplier": multiplier, "world_size": topology.world_size, "topology": topology}
 
 
-def load_weights(net, checkpoint_path):
-    """The one place eval loads a checkpoint into its network."""
-    return checkpoint.load_into(net, checkpoint_path)
+def load_weights(net, cfg, checkpoint_path, allow_changes=()):
+    """The one place eval loads a checkpoint (a .ckpt or a run folder of any layout, merged on the
+    fly) into its network, after checking the run's stored config and dataset against cfg."""
+    return checkpoint.load_model_for_inference(net, cfg, checkpoint_path, allow_changes)
 
 
-def build_eval_net(cfg, meta, layout, capacity_factor, checkpoint_path):
+def build_eval_net(cfg, meta, layout, capacity_factor, checkpoint_path, allow_changes=()):
     """PanguSigmaWithLoss with training's token groups and the eval capacity factor, weights loaded."""
     eval_cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, capacity_factor=capacity_factor))
     net = build_model(eval_cfg, meta, layout["topology"], token_groups=layout["token_groups"],
                       group_ranks=layout["group_ranks"] if layout["token_groups"] > 1 else None)
-    load_weights(net, checkpoint_path)
+    load_weights(net, cfg, checkpoint_path, allow_changes)
     return net
 
 
 def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None, log=print, max_batches=None,
-             per_batch=False):
+             per_batch=False, allow_changes=()):
     """Mean CE, perplexity and routing figures over a split, overall and per domain.
 
     Either loads checkpoint_path into a freshly built network or uses net (a
@@ -76,7 +77,7 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
     factor, factor_source = eval_capacity_factor(cfg)
     if net is None:
         set_device(cfg)
-        net = build_eval_net(cfg, meta, layout, factor, checkpoint_path)
+        net = build_eval_net(cfg, meta, layout, factor, checkpoint_path, allow_changes)
     net.set_train(False)
     per_rank = batch_size or cfg.train.batch_size
     global_batch = per_rank * layout["batch_multiplier"]
@@ -149,13 +150,16 @@ def main(argv=None):
                                                                      "train.batch_size)")
     parser.add_argument("--split", default="valid", choices=("valid", "train"))
     parser.add_argument("--json", help="also write the figures (overall and per domain) to this JSON file")
+    parser.add_argument("--allow-config-change", action="append", default=[], metavar="FIELD[,FIELD]",
+                        help="config or dataset fields allowed to differ from the checkpoint's run")
     args = parser.parse_args(argv)
 
     def run():
         if args.batch_size is not None and args.batch_size < 1:
             raise ConfigError("--batch-size", args.batch_size, "an integer >= 1")
         cfg = load_config(args.config, args.set)
-        result = evaluate(cfg, args.checkpoint, args.batch_size, args.split)
+        allowed = tuple(f.strip() for v in args.allow_config_change for f in v.split(",") if f.strip())
+        result = evaluate(cfg, args.checkpoint, args.batch_size, args.split, allow_changes=allowed)
         if args.json:
             from pangu_sigma.tools._cli import write_json
             write_json(args.json, result)

@@ -62,6 +62,8 @@ def main(argv=None):
     parser.add_argument("--greedy", action="store_true")
     parser.add_argument("--domain", default=None, help="domain name (default: the first one)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--allow-config-change", action="append", default=[], metavar="FIELD[,FIELD]",
+                        help="config or dataset fields allowed to differ from the checkpoint's run")
     args = parser.parse_args(argv)
     def run():
         import sentencepiece as spm
@@ -90,7 +92,8 @@ def main(argv=None):
                               f"lower --max-new-tokens")
         set_device(cfg, mode=ms.PYNATIVE_MODE)
         net = build_model(cfg, meta, single_process_topology(cfg))
-        checkpoint.load_into(net, args.checkpoint)
+        allowed = tuple(f.strip() for v in args.allow_config_change for f in v.split(",") if f.strip())
+        checkpoint.load_model_for_inference(net, cfg, args.checkpoint, allowed)
         net.set_train(False)
         new_ids = generate_ids(net.model, prompt_ids, domains.index(domain), args.max_new_tokens,
                                cfg.model.seq_length, args.top_p, args.temperature, args.greedy, args.seed,

@@ -179,3 +179,95 @@ def gather_full_params(per_rank, topologies, specs, full_shapes=None, replica_at
 
 
 __all__ = ["TPShard", "gather_full_params", "shard_full_params", "tp_shard_specs"]
+
+
+# ---- one parameter at a time, by name (checkpoint conversion) ---------------------
+# The TP layers' layouts by parameter name (the TPShard each layer lists in its
+# tp_param_specs; tests/workers/checkpoint_worker.py checks this table against
+# tp_shard_specs of a real TP model). Dense FFN weights end in ".weight"/".bias";
+# the experts' (experts.w_in / experts.w_out) are handled by the expert rule.
+TP_SPECS_BY_SUFFIX = {
+    "embedding.token_table": TPShard(0),
+    "attn.q_proj.weight": TPShard(1), "attn.q_proj.bias": TPShard(0),
+    "attn.kv_proj.weight": TPShard(1, 2), "attn.kv_proj.bias": TPShard(0, 2),
+    "attn.out_proj.weight": TPShard(0),
+    "ffn.w_in.weight": TPShard(1), "ffn.w_in.bias": TPShard(0),
+    "ffn.w_out.weight": TPShard(0),
+}
+OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.")  # AdamWeightDecay moments: laid out like their parameter
+
+
+def model_name_of(name):
+    """The model parameter a state entry follows (a moment's parameter), or name itself."""
+    for prefix in OPTIMIZER_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def tp_spec_of(name):
+    """TPShard of a (model or moment) parameter name under TP > 1, or None (not TP-sharded)."""
+    base = model_name_of(name)
+    for suffix, spec in TP_SPECS_BY_SUFFIX.items():
+        if base.endswith(suffix):
+            return spec
+    return None
+
+
+def _layout_topology(layout, rank):
+    from locmoe.topology import Topology
+
+    return Topology(world_size=layout["world_size"], tp=layout["tp"], ep=layout["ep"],
+                    num_experts=layout["num_experts"], devices_per_node=layout.get("devices_per_node", 1), rank=rank)
+
+
+def _expert_axes(name, layout):
+    """(ep_split, tp_split, inner axis) of an expert tensor (moments too) in layout."""
+    _, inner = _expert_kind(model_name_of(name))
+    return layout["ep"] > 1, layout["tp"] > 1, inner
+
+
+def shard_one(name, full, layout, rank):
+    """The piece of full numpy array `full` that rank `rank` of layout holds."""
+    if layout["world_size"] == 1:
+        return full
+    topology = _layout_topology(layout, rank)
+    spec = tp_spec_of(name) if layout["tp"] > 1 else None
+    if spec is not None:
+        return np.ascontiguousarray(spec.shard(full, layout["tp"], topology.tp_rank()))
+    if _expert_kind(model_name_of(name))[0] is not None and np.ndim(full) == 3:
+        ep_split, tp_split, inner = _expert_axes(name, layout)
+        if full.shape[0] % layout["ep"] or (tp_split and full.shape[inner] % layout["tp"]):
+            raise ValueError(f"{name}: shape {full.shape} does not split over ep={layout['ep']} experts axis "
+                             f"and tp={layout['tp']} inner axis")
+        return np.ascontiguousarray(_expert_slice(model_name_of(name), full, ep_split, tp_split, topology))
+    return full
+
+
+def holders(name, layout):
+    """The ranks whose pieces make the full array, in the order gather_one takes them."""
+    spec = tp_spec_of(name) if layout["tp"] > 1 else None
+    is_expert = _expert_kind(model_name_of(name))[0] is not None
+    topologies = [_layout_topology(layout, r) for r in range(layout["world_size"])]
+    if spec is not None:
+        return [_rank_with(topologies, tp=t) for t in range(layout["tp"])]
+    if is_expert:
+        tps = range(layout["tp"]) if layout["tp"] > 1 else [None]
+        eps = range(layout["ep"]) if layout["ep"] > 1 else [None]
+        return [_rank_with(topologies, **{k: v for k, v in (("ep", e), ("tp", t)) if v is not None})
+                for e in eps for t in tps]
+    return [0]
+
+
+def gather_one(name, pieces, layout):
+    """Inverse of shard_one: pieces[i] is the array of rank holders(name, layout)[i] -> full array."""
+    spec = tp_spec_of(name) if layout["tp"] > 1 else None
+    if spec is not None:
+        return spec.unshard([np.asarray(p) for p in pieces])
+    if _expert_kind(model_name_of(name))[0] is not None and np.ndim(pieces[0]) == 3:
+        ep_split, tp_split, inner = _expert_axes(name, layout)
+        per_ep = layout["tp"] if tp_split else 1
+        rows = [np.concatenate(pieces[i:i + per_ep], axis=inner) if tp_split else pieces[i]
+                for i in range(0, len(pieces), per_ep)]
+        return np.concatenate(rows, axis=0) if ep_split else rows[0]
+    return np.asarray(pieces[0])

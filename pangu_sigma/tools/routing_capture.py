@@ -160,7 +160,7 @@ def load_trained_model(cfg, checkpoint_path):
     meta = dataset_meta(cfg)
     set_device(cfg, ms.GRAPH_MODE)
     net = build_model(cfg, meta, single_process_topology(cfg), with_loss=True)
-    checkpoint.load_into(net, checkpoint_path)
+    checkpoint.load_model_for_inference(net, cfg, checkpoint_path, check=False)  # any layout, merged on the fly
     net.set_train(False)
     return net.model, meta
 

@@ -1,24 +1,59 @@
-"""Checkpoints: atomic per-rank save, keep the last K, find the latest, load with clear errors.
+"""Checkpoints of a run: per-rank atomic saves, completion markers, any-layout loading.
 
-Layout: <output_dir>/checkpoints/rank_<r>/step_<N>.ckpt with a step_<N>.json
-beside it (step, batches consumed, loss scale, config). Both are written to a
-temporary name and renamed, the JSON last, so a checkpoint counts only once
-it is complete; a crash mid-save leaves the previous ones intact.
+Run folder layout:
+  <run>/run.json                                  the run's config and dataset identity
+  <run>/checkpoints/rank_<r>/step_<N>.ckpt (+.json) rank r's parameters and optimizer state
+  <run>/checkpoints/step_<N>.complete             written by rank 0 after every rank saved N
+A step counts only once its marker exists (a crash between ranks' writes leaves
+the previous complete step the latest). Every file is written under a temporary
+name and renamed; temporaries of interrupted saves are removed at the next save.
+
+A "layout" is {world_size, tp, ep, num_experts, devices_per_node}; the single
+process layout (world_size 1) holds full parameters. `StateSource` reads any
+run folder or .ckpt one full parameter at a time (gathering per-rank pieces), so
+eval, generate, the checkpoint tool and a resume on another layout share one path.
 """
+import hashlib
 import json
 import os
 import re
+import shutil
 
 import mindspore as ms
 
 from locmoe.errors import ConfigError
+from pangu_sigma.parallel import reshard
+from pangu_sigma.training.ckpt_stream import CheckpointReader, CheckpointWriter, remove_stale_temporaries
 from pangu_sigma.training.train_step import BUFFER_PREFIX
 
 _NAME = re.compile(r"^step_(\d{8})\.json$")
+_MARKER = re.compile(r"^step_(\d{8})\.complete$")
+RUN_FILE = "run.json"
+FULL_LAYOUT = {"world_size": 1, "tp": 1, "ep": 1, "devices_per_node": 1}
+LAYOUT_KEYS = ("world_size", "tp", "ep", "num_experts", "devices_per_node")
+# State entries that are not the model's parameters (optimizer and training-loop state).
+LOOP_STATE = ("global_step", "train_step", "loss_scale", "loss_scale_good_steps")
+
+
+# ---- names and folders ------------------------------------------------------------
+def checkpoints_dir(output_dir):
+    return os.path.join(output_dir, "checkpoints")
 
 
 def rank_dir(output_dir, rank=0):
-    return os.path.join(output_dir, "checkpoints", f"rank_{rank}")
+    return os.path.join(checkpoints_dir(output_dir), f"rank_{rank}")
+
+
+def step_base(output_dir, rank, step):
+    return os.path.join(rank_dir(output_dir, rank), f"step_{step:08d}")
+
+
+def marker_path(output_dir, step):
+    return os.path.join(checkpoints_dir(output_dir), f"step_{step:08d}.complete")
+
+
+def is_optimizer_state(name):
+    return name.startswith(reshard.OPTIMIZER_PREFIXES) or name in LOOP_STATE
 
 
 def write_json_atomic(path, payload):
@@ -26,27 +61,84 @@ def write_json_atomic(path, payload):
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(payload, handle, indent=2, sort_keys=True)
         handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
-def save(cell, directory, step, meta, keep_last):
-    """Save every non-buffer parameter of cell as step_<step>.ckpt (+ .json); prune to keep_last."""
+def read_meta(path, field="--checkpoint"):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(field, path, f"a readable checkpoint description ({err})") from None
+
+
+def layout_of(topology, distributed):
+    """The layout this process's parameters are stored in."""
+    if not distributed or topology.world_size == 1:
+        return dict(FULL_LAYOUT, num_experts=topology.num_experts)
+    return {"world_size": topology.world_size, "tp": topology.tp, "ep": topology.ep,
+            "num_experts": topology.num_experts, "devices_per_node": topology.devices_per_node}
+
+
+def same_layout(a, b):
+    return all(a.get(k) == b.get(k) for k in ("world_size", "tp", "ep", "num_experts"))
+
+
+# ---- saving (one rank) ----------------------------------------------------------------
+def save_rank(cell, output_dir, rank, step, meta):
+    """Write this rank's state as step_<step>.ckpt + .json (not yet counted: see mark_complete)."""
+    directory = rank_dir(output_dir, rank)
     os.makedirs(directory, exist_ok=True)
-    base = os.path.join(directory, f"step_{step:08d}")
-    tmp_ckpt = os.path.join(directory, f".tmp{os.getpid()}_step_{step:08d}.ckpt")
-    ms.save_checkpoint(cell, tmp_ckpt, choice_func=lambda name: not name.startswith(BUFFER_PREFIX))
-    os.replace(tmp_ckpt, base + ".ckpt")
-    write_json_atomic(base + ".json", dict(meta, step=step, checkpoint=os.path.basename(base + ".ckpt")))
-    for old_step in list_steps(directory)[:-keep_last]:
-        for ext in (".json", ".ckpt"):  # json first: the pair stops counting before the weights go
-            path = os.path.join(directory, f"step_{old_step:08d}{ext}")
-            if os.path.exists(path):
-                os.remove(path)
+    remove_stale_temporaries(directory)
+    base = step_base(output_dir, rank, step)
+    with CheckpointWriter(base + ".ckpt") as writer:
+        for param in cell.get_parameters():
+            if not param.name.startswith(BUFFER_PREFIX):
+                writer.write(param.name, param.asnumpy())
+    write_json_atomic(base + ".json", dict(meta, step=step, rank=rank, checkpoint=os.path.basename(base + ".ckpt")))
     return base + ".ckpt"
 
 
+def mark_complete(output_dir, step, layout, extra=None):
+    """Rank 0, after a barrier following every rank's save_rank: step counts from now on."""
+    remove_stale_temporaries(checkpoints_dir(output_dir))
+    write_json_atomic(marker_path(output_dir, step), dict(extra or {}, step=step, layout=layout))
+
+
+def prune(output_dir, rank, keep_last, world_size):
+    """Keep the newest keep_last complete steps (and anything newer); this rank's older files go.
+
+    Rank 0 also removes the old markers (first: a step stops counting before its files go) and the
+    old files of ranks beyond world_size (left by a run on a larger layout before a resume).
+    """
+    complete = complete_steps(output_dir)
+    if len(complete) <= keep_last:
+        return
+    oldest_kept = complete[-keep_last]
+    ranks = [rank]
+    if rank == 0:
+        for step in complete:
+            if step < oldest_kept:
+                os.remove(marker_path(output_dir, step))
+        extra = 0
+        while os.path.isdir(rank_dir(output_dir, world_size + extra)):
+            ranks.append(world_size + extra)
+            extra += 1
+    for r in ranks:
+        directory = rank_dir(output_dir, r)
+        for step in list_steps(directory):
+            if step < oldest_kept:
+                for ext in (".json", ".ckpt"):
+                    path = os.path.join(directory, f"step_{step:08d}{ext}")
+                    if os.path.exists(path):
+                        os.remove(path)
+
+
+# ---- finding checkpoints -------------------------------------------------------------
 def list_steps(directory):
-    """Steps with a complete checkpoint (json + ckpt), ascending."""
+    """Steps with a json + ckpt pair in one rank folder, ascending."""
     if not os.path.isdir(directory):
         return []
     steps = []
@@ -57,85 +149,280 @@ def list_steps(directory):
     return sorted(steps)
 
 
-def latest(directory):
-    """(ckpt path, meta dict) of the newest complete checkpoint, or None."""
-    steps = list_steps(directory)
-    if not steps:
-        return None
-    base = os.path.join(directory, f"step_{steps[-1]:08d}")
-    return base + ".ckpt", read_meta(base + ".json")
+def complete_steps(output_dir):
+    """Steps with a completion marker, ascending."""
+    folder = checkpoints_dir(output_dir)
+    if not os.path.isdir(folder):
+        return []
+    return sorted(int(m.group(1)) for m in map(_MARKER.match, os.listdir(folder)) if m)
 
 
-def read_meta(path):
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError("checkpoint", path, f"a readable checkpoint description ({err})") from None
+def latest_complete(output_dir):
+    """(step, marker dict) of the newest step every rank finished, or None.
+
+    A folder of an earlier version (rank_0 pairs, no markers) counts as single-process.
+    """
+    for step in reversed(complete_steps(output_dir)):
+        marker = read_meta(marker_path(output_dir, step))
+        ranks = range(marker["layout"]["world_size"])
+        if all(os.path.isfile(step_base(output_dir, r, step) + ".ckpt") for r in ranks):
+            return step, marker
+    if not complete_steps(output_dir) and not os.path.isdir(rank_dir(output_dir, 1)):
+        steps = list_steps(rank_dir(output_dir, 0))
+        if steps:
+            meta = read_meta(step_base(output_dir, 0, steps[-1]) + ".json")
+            layout = dict(FULL_LAYOUT, num_experts=None)
+            return steps[-1], {"step": steps[-1], "layout": layout, "batches_consumed": meta.get("batches_consumed")}
+    return None
 
 
-def resolve(path):
-    """A checkpoint given as a .ckpt file or a run/checkpoint folder -> .ckpt path."""
-    if os.path.isdir(path):
-        for candidate in (path, rank_dir(path, 0)):
-            found = latest(candidate)
-            if found:
-                return found[0]
-        raise ConfigError("--checkpoint", path, "a .ckpt file or a folder holding step_<N>.ckpt/.json pairs")
-    if not os.path.isfile(path):
-        raise ConfigError("--checkpoint", path, "an existing .ckpt file or checkpoint folder")
-    return path
+def is_run_folder(path):
+    return os.path.isdir(path) and (os.path.isfile(os.path.join(path, RUN_FILE))
+                                    or os.path.isdir(checkpoints_dir(path)))
 
 
-def load_into(cell, path, strict=True):
-    """Load a checkpoint into cell. strict: every parameter of cell except buffers must be present."""
-    path = resolve(path)
-    try:
-        params = ms.load_checkpoint(path)
-    except (ValueError, RuntimeError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError("--checkpoint", path, f"a MindSpore checkpoint this build can read ({first})") from None
-    own = {p.name: p for p in cell.get_parameters() if not p.name.startswith(BUFFER_PREFIX)}
-    for name, param in params.items():
-        if name in own and tuple(own[name].shape) != tuple(param.shape):
-            raise ConfigError("--checkpoint", path,
-                              f"parameter {name} of shape {tuple(own[name].shape)} (the file has "
-                              f"{tuple(param.shape)}): the config does not match the checkpoint")
-    missing = sorted(set(own) - set(params))
+# ---- reading any layout one parameter at a time ----------------------------------------
+class StateSource:
+    """Full parameters (and optimizer state) of a checkpoint in any layout, one at a time.
+
+    files: {rank: .ckpt path}; layout: how they are split; meta: the step's description.
+    """
+
+    def __init__(self, files, layout, meta, where):
+        self.layout = layout
+        self.meta = meta
+        self.where = where
+        self.readers = {rank: CheckpointReader(path) for rank, path in files.items()}
+        self._names = self.readers[0].names()
+
+    def names(self, with_optimizer=True):
+        return [n for n in self._names if with_optimizer or not is_optimizer_state(n)]
+
+    def __contains__(self, name):
+        return name in self.readers[0]
+
+    def full(self, name):
+        """The full (single-process) array of one state entry."""
+        if self.layout["world_size"] == 1:
+            return self.readers[0].read(name)
+        ranks = reshard.holders(name, self.layout)
+        return reshard.gather_one(name, [self.readers[r].read(name) for r in ranks], self.layout)
+
+    def full_shape(self, name):
+        return self.full(name).shape
+
+
+def open_source(path, field="--checkpoint", step=None):
+    """A .ckpt file, a run folder, or its checkpoints/ or rank_<r>/ folder -> StateSource of the newest
+    complete step (or `step`)."""
+    if not os.path.exists(path):
+        raise ConfigError(field, path, "an existing .ckpt file or run folder")
+    if os.path.isfile(path):
+        sidecar = path[:-5] + ".json" if path.endswith(".ckpt") else None
+        meta = read_meta(sidecar, field) if sidecar and os.path.isfile(sidecar) else {}
+        layout = meta.get("layout") or dict(FULL_LAYOUT, num_experts=None)
+        if layout["world_size"] > 1:  # one rank's file of a distributed run: its folder has the rest
+            return open_source(os.path.dirname(os.path.dirname(os.path.dirname(path))), field, meta["step"])
+        return StateSource({0: path}, layout, meta, path)
+    run = path
+    if os.path.basename(os.path.normpath(path)).startswith("rank_"):
+        run = os.path.dirname(os.path.dirname(os.path.normpath(path)))
+    elif os.path.basename(os.path.normpath(path)) == "checkpoints":
+        run = os.path.dirname(os.path.normpath(path))
+    if step is None:
+        found = latest_complete(run)
+        if found is None:
+            raise ConfigError(field, path, "a .ckpt file or a run folder with a complete checkpoint "
+                                           "(checkpoints/step_<N>.complete)")
+        step, marker = found
+    else:
+        marker = read_meta(marker_path(run, step), field) if os.path.isfile(marker_path(run, step)) else None
+        if marker is None:
+            raise ConfigError(field, path, f"a run whose step {step} is complete (no {marker_path(run, step)})")
+    layout = marker["layout"]
+    files = {r: step_base(run, r, step) + ".ckpt" for r in range(layout["world_size"])}
+    meta = read_meta(step_base(run, 0, step) + ".json", field)
+    meta.update({k: v for k, v in marker.items() if k != "layout"})
+    return StateSource(files, layout, meta, f"{run} step {step}")
+
+
+# ---- loading into a network ------------------------------------------------------------------
+def load_state(cell, source, layout, rank, field="--checkpoint", strict=True, with_optimizer=True):
+    """Copy every (non-buffer) parameter of cell from source, resharded to `rank` of `layout`.
+
+    Shapes are checked for every parameter before any is set (one-line ConfigError).
+    strict: every parameter of cell must be in the source (optimizer state only if with_optimizer).
+    """
+    own = [p for p in cell.get_parameters() if not p.name.startswith(BUFFER_PREFIX)
+           and (with_optimizer or not is_optimizer_state(p.name))]
+    missing = [p.name for p in own if p.name not in source]
     if strict and missing:
-        raise ConfigError("--checkpoint", path, f"a checkpoint of this model; it lacks {len(missing)} "
-                          f"parameters, e.g. {missing[:3]}")
-    ms.load_param_into_net(cell, {k: v for k, v in params.items() if k in own}, strict_load=False)
-    return path
+        raise ConfigError(field, source.where, f"a checkpoint of this model; it lacks {len(missing)} "
+                                               f"parameters, e.g. {missing[:3]}")
+    values = {}
+    for param in own:
+        if param.name not in source:
+            continue
+        try:
+            piece = reshard.shard_one(param.name, source.full(param.name), layout, rank)
+        except ValueError as err:
+            raise ConfigError(field, source.where, f"a checkpoint of this model ({err})") from None
+        if tuple(piece.shape) != tuple(param.shape):
+            raise ConfigError(field, source.where, f"a checkpoint of this model: parameter {param.name} has shape "
+                                                   f"{tuple(param.shape)} here but the checkpoint gives "
+                                                   f"{tuple(piece.shape)}; the config does not match the checkpoint")
+        values[param.name] = piece
+    for param in own:
+        if param.name in values:
+            param.set_data(ms.Tensor(values[param.name].astype(ms.dtype_to_nptype(param.dtype), copy=False)))
+    return source.where
+
+
+def load_into(cell, path, strict=True, field="--checkpoint"):
+    """Load a .ckpt file or a run folder (any layout, merged on the fly) into a single-process cell."""
+    source = open_source(path, field)
+    load_state(cell, source, dict(FULL_LAYOUT, num_experts=None), 0, field, strict)
+    return source.where
+
+
+def load_model_for_inference(net, cfg, path, overrides=(), field="--checkpoint", check=True):
+    """eval / generate / routing_report: check the stored config and dataset against cfg (unless
+    check is False), then load the model's parameters from a .ckpt or a (distributed) run folder,
+    merged on the fly, into the single-process net. overrides: fields allowed to differ."""
+    source = open_source(path, field)
+    stored = source.meta.get("config")
+    if stored is not None and check:
+        check_compatible(stored, cfg.to_dict(), source.meta.get("dataset"), dataset_identity(cfg),
+                         INFERENCE_FIELDS, overrides, what=f"the checkpoint {source.where}")
+    load_state(net, source, dict(FULL_LAYOUT, num_experts=None), 0, field, strict=True, with_optimizer=False)
+    return source.where
 
 
 def save_model(net, path):
     """The model's parameters alone (no optimizer state), atomically."""
-    tmp = os.path.join(os.path.dirname(path) or ".", f".tmp{os.getpid()}_{os.path.basename(path)}")
-    ms.save_checkpoint(net, tmp)
-    os.replace(tmp, path)
+    with CheckpointWriter(path) as writer:
+        for param in net.get_parameters():
+            writer.write(param.name, param.asnumpy())
     return path
 
 
 def load_resharded(net, path, topology=None):
-    """Load a model checkpoint written in any TP/EP layout's full form (a single-process
-    run) into net, slicing every parameter to this rank's shard (topology None: as is)."""
-    from pangu_sigma.parallel.reshard import shard_full_params
+    """train.init_checkpoint: a model checkpoint of any layout -> this rank's shards of net.
 
-    path = resolve(path)
+    Every shape is checked before the first step (one-line ConfigError naming train.init_checkpoint).
+    """
+    source = open_source(path, "train.init_checkpoint")
+    if topology is None or topology.world_size == 1:
+        layout, rank = dict(FULL_LAYOUT, num_experts=None), 0
+    else:
+        layout, rank = layout_of(topology, True), topology.rank
+    load_state(net, source, layout, rank, "train.init_checkpoint", strict=True, with_optimizer=False)
+    return source.where
+
+
+# ---- run identity: stored config and dataset ------------------------------------------------
+# Fields that may differ between a run and its resume without changing results: the
+# layout (resharded), the run length and bookkeeping. The global batch is checked apart.
+LAYOUT_FIELDS = ("parallel.", "train.output_dir", "train.train_steps", "train.init_checkpoint", "train.sink_size",
+                 "train.batch_size", "checkpoint.", "logging.", "data.dataset_dir", "moe.expert_num_per_dp_dim")
+# eval / generate: only what shapes the model and its tokens matters.
+INFERENCE_FIELDS = ("model.", "moe.router", "moe.num_domain_groups", "moe.gate_bias", "moe.table_seed",
+                    "moe.capacity_factor", "num_experts")
+
+
+def dataset_identity(cfg):
+    """The dataset's tokenizer hash and the meta fields that define its samples."""
+    from pangu_sigma.data.dataset import read_meta as read_data_meta
+
+    meta = read_data_meta(cfg.data.dataset_dir)
+    identity = {k: meta.get(k) for k in ("vocab_size", "seq_length", "domains", "train_samples", "valid_samples")}
+    tokenizer = os.path.join(cfg.data.dataset_dir, meta.get("tokenizer") or "tokenizer.model")
+    if os.path.isfile(tokenizer):
+        with open(tokenizer, "rb") as handle:
+            identity["tokenizer_sha256"] = hashlib.sha256(handle.read()).hexdigest()
+    return identity
+
+
+def _flatten(config):
+    flat = {f"{section}.{key}": value for section, fields in config.items() if isinstance(fields, dict)
+            for key, value in fields.items()}
+    moe, par = config.get("moe", {}), config.get("parallel", {})
+    if "expert_num_per_dp_dim" in moe and "expert_parallel" in par:
+        flat["num_experts"] = moe["expert_num_per_dp_dim"] * par["expert_parallel"]
+    return flat
+
+
+def config_differences(stored, current, stored_data, current_data, fields=None, ignore=LAYOUT_FIELDS):
+    """Names (section.key / data.<identity key>) whose values differ and change results."""
+    a, b = _flatten(stored), _flatten(current)
+    names = []
+    for key in sorted(set(a) | set(b)):
+        if fields is not None:
+            if not any(key == f or (f.endswith(".") and key.startswith(f)) for f in fields):
+                continue
+        elif any(key == f or (f.endswith(".") and key.startswith(f)) for f in ignore):
+            continue
+        if a.get(key) != b.get(key):
+            names.append(key)
+    if stored_data is not None and current_data is not None:
+        for key in sorted(set(stored_data) | set(current_data)):
+            if stored_data.get(key) != current_data.get(key):
+                names.append(f"data.{key}")
+    return names
+
+
+def check_compatible(stored, current, stored_data, current_data, fields=None, allowed=(), what="the run"):
+    """Raise one ConfigError naming every result-changing difference not listed in `allowed`."""
+    diffs = config_differences(stored, current, stored_data, current_data, fields)
+    refused = [d for d in diffs if not any(d == a or d.startswith(a.rstrip(".") + ".") for a in allowed)
+               and "all" not in allowed]
+    if refused:
+        a, b = _flatten(stored), _flatten(current)
+        shown = ", ".join(f"{d} ({a.get(d, (stored_data or {}).get(d[5:]))!r} -> "
+                          f"{b.get(d, (current_data or {}).get(d[5:]))!r})" for d in refused[:6])
+        raise ConfigError("--allow-config-change", ",".join(allowed) or "(none)",
+                          f"the names of deliberate changes: the config or dataset differs from {what} in "
+                          f"{shown}")
+    return diffs
+
+
+# ---- run folder protection and start-up checks ------------------------------------------
+def holds_run(output_dir):
+    """True when output_dir already holds a run (its run.json, logs or checkpoints)."""
+    if not os.path.isdir(output_dir):
+        return False
+    return any(name == RUN_FILE or name == "checkpoints" or name.startswith("train_log_rank")
+               or name == "initial_weights.ckpt" for name in os.listdir(output_dir))
+
+
+def check_writable(path, field):
+    """Create folder path (and parents) and prove a file can be written there; one-line errors."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(field, path, "a folder (a file of that name exists)")
     try:
-        full = {name: p.asnumpy() for name, p in ms.load_checkpoint(path).items()}
-    except (ValueError, RuntimeError, OSError) as err:
-        raise ConfigError("train.init_checkpoint", path, f"a MindSpore checkpoint ({str(err).splitlines()[0]})") \
-            from None
-    wanted = {p.name for p in net.get_parameters()}
-    missing = sorted(wanted - set(full))
-    if missing:
-        raise ConfigError("train.init_checkpoint", path, f"a checkpoint of this model; it lacks {missing[:3]}")
-    full = {k: v for k, v in full.items() if k in wanted}
-    try:
-        values = shard_full_params(full, net, topology) if topology is not None else full
-    except ValueError as err:
-        raise ConfigError("train.init_checkpoint", path, f"a full-layout checkpoint of this model ({err})") from None
-    for param in net.get_parameters():
-        param.set_data(ms.Tensor(values[param.name]))
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".tmp{os.getpid()}_write_test")
+        with open(probe, "w", encoding="utf-8") as handle:
+            handle.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise ConfigError(field, path, f"a writable folder ({err.strerror or err})") from None
+
+
+def move_aside(output_dir):
+    """--overwrite: move an earlier run as a whole to <output_dir>.old-<N> (nothing mixed, nothing lost)."""
+    index = 1
+    while os.path.exists(f"{output_dir}.old-{index}"):
+        index += 1
+    target = f"{output_dir}.old-{index}"
+    shutil.move(output_dir, target)
+    return target
+
+
+def write_run_file(output_dir, config, dataset):
+    write_json_atomic(os.path.join(output_dir, RUN_FILE), {"config": config, "dataset": dataset})
+
+
+def read_run_file(output_dir):
+    path = os.path.join(output_dir, RUN_FILE)
+    return read_meta(path, "train.output_dir") if os.path.isfile(path) else None

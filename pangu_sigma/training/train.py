@@ -4,11 +4,16 @@ GRAPH mode; AdamWeightDecay with warm-up + cosine; global-norm clipping;
 float32 on CPU, float16 with dynamic loss scaling on Ascend. sink_size steps
 run per device loop (data sinking on Ascend, a host loop on CPU, where
 MindSpore has no data sinking); each step is logged from the metrics buffers.
---resume continues from the newest checkpoint with the data position,
+--resume continues from the newest complete checkpoint with the data position,
 optimizer state and loss scale restored: the losses logged after a resume
 equal those of an uninterrupted run (bitwise on CPU; stochastic layers,
 dropout and Switch jitter, draw from MindSpore's op RNG, which a checkpoint
-does not hold, so keep them at 0 when that matters).
+does not hold, so keep them at 0 when that matters). The parallel settings
+may change between runs (weights and optimizer state are resharded); the
+global batch may change only with --allow-batch-change, any other
+result-changing config or dataset field only when named in --allow-config-change.
+An existing run folder is never trained into without --resume or --overwrite
+(which moves the old run aside as a whole).
 """
 import os
 import sys
@@ -17,7 +22,9 @@ import time
 import numpy as np
 import mindspore as ms
 
-from locmoe.errors import OneLineArgumentParser, keep_ctrl_c_for_python, note_for_interrupt, run_cli
+from mindspore import nn
+
+from locmoe.errors import ConfigError, OneLineArgumentParser, keep_ctrl_c_for_python, note_for_interrupt, run_cli
 from pangu_sigma.training import checkpoint
 from locmoe.comm import AllReduce, CommCounter
 from locmoe.exchange import register_exchange_bytes
@@ -81,38 +88,110 @@ def sink_runner(cfg, step_cell, dataset):
     return run_host_loop
 
 
-def train(cfg, resume=False, log=print, stop_after=None):
+class Barrier(nn.Cell):
+    """Every rank waits here until all have arrived (an AllReduce over the world group)."""
+
+    def __init__(self, topology, backend):
+        super().__init__()
+        self.reduce = AllReduce(list(range(topology.world_size)), backend, topology, "checkpoint_barrier")
+
+    def construct(self, x):
+        return self.reduce(x)
+
+
+def make_barrier(ctx):
+    """A function that blocks until every rank called it (nothing to wait for in one process)."""
+    if not ctx.distributed or ctx.topology.world_size == 1:
+        return lambda: None
+    cell = Barrier(ctx.topology, ctx.backend)
+    one = ms.Tensor(np.ones(1, np.float32))
+    return lambda: cell(one).asnumpy()
+
+
+def prepare_run_folder(cfg, identity, resume, overwrite, allow_changes, rank, barrier, log):
+    """Refuse to train into an existing run unless --resume / --overwrite; check the stored config
+    and dataset on --resume; create and test the output folders. Before any model is built."""
+    output_dir = cfg.train.output_dir
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ConfigError("train.output_dir", output_dir, "a folder (a file of that name exists)")
+    exists = checkpoint.holds_run(output_dir)
+    if exists and not resume and not overwrite:
+        raise ConfigError("train.output_dir", output_dir, "a folder without an earlier run: it holds one; pass "
+                                                          "--resume to continue it or --overwrite to move it aside")
+    if resume and overwrite:
+        raise ConfigError("--overwrite", True, "not together with --resume")
+    stored = checkpoint.read_run_file(output_dir) if resume else None
+    if stored is not None:
+        checkpoint.check_compatible(stored["config"], cfg.to_dict(), stored.get("dataset"), identity,
+                                    allowed=allow_changes, what=f"the run in {output_dir}")
+    barrier()  # every rank has looked at the folder before rank 0 changes it
+    if rank == 0:
+        if exists and overwrite:
+            log(f"[train] --overwrite: the earlier run moved to {checkpoint.move_aside(output_dir)}")
+        checkpoint.check_writable(output_dir, "train.output_dir")
+        if stored is None or allow_changes:
+            checkpoint.write_run_file(output_dir, cfg.to_dict(), identity)
+    barrier()
+    checkpoint.check_writable(checkpoint.rank_dir(output_dir, rank), "train.output_dir")
+
+
+def resume_state(cfg, step_cell, ctx, rank, global_batch, allow_batch_change, log):
+    """Load the newest complete checkpoint (any layout) into step_cell -> (step, samples consumed)."""
+    output_dir = cfg.train.output_dir
+    found = checkpoint.latest_complete(output_dir)
+    if found is None:
+        log(f"[train] --resume: no complete checkpoint in {checkpoint.checkpoints_dir(output_dir)}; "
+            "starting from step 0")
+        return 0, 0
+    step, marker = found
+    stored_batch = marker.get("global_batch")
+    if stored_batch is not None and stored_batch != global_batch and not allow_batch_change:
+        raise ConfigError("train.batch_size", cfg.train.batch_size,
+                          f"a per-rank batch giving the run's global batch {stored_batch} (now {global_batch}); "
+                          "pass --allow-batch-change to change it deliberately")
+    source = checkpoint.open_source(output_dir, "--resume", step)
+    layout = checkpoint.layout_of(ctx.topology, ctx.distributed)
+    checkpoint.load_state(step_cell, source, layout, rank, "--resume")
+    samples = marker.get("samples_consumed", step * global_batch if stored_batch is None else step * stored_batch)
+    moved = "" if checkpoint.same_layout(source.layout, layout) else \
+        f" (resharded from tp={source.layout['tp']} ep={source.layout['ep']} on {source.layout['world_size']} ranks)"
+    log(f"[train] resumed from {source.where} at step {step}{moved}")
+    return step, samples
+
+
+def train(cfg, resume=False, log=print, stop_after=None, overwrite=False, allow_changes=(),
+          allow_batch_change=False):
     """Run training; returns a summary dict (steps, losses per step, tokens/s, wall time).
 
     stop_after: end the run after this step (a multiple of sink_size) as if the
     job were killed there, without touching the schedule (tests, preemption drills).
+    overwrite: move an earlier run in train.output_dir aside first. allow_changes:
+    config/dataset fields (section.key, data.<key>, 'all') that may differ from the
+    run's on --resume. allow_batch_change: the global batch may differ on --resume.
     """
     set_device(cfg)
     ms.set_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     meta = dataset_meta(cfg)
+    identity = checkpoint.dataset_identity(cfg)
     ctx = parallel_context(cfg)
     topology = ctx.topology
     rank = topology.rank if ctx.distributed else 0
+    barrier = make_barrier(ctx)
+    prepare_run_folder(cfg, identity, resume, overwrite, allow_changes, rank, barrier, log)
+    output_dir = cfg.train.output_dir
     dp_size, dp_rank = (topology.dp, topology.dp_rank()) if ctx.distributed else (1, 0)
     groups, group_ranks, batch_multiplier = (1, None, 1) if ctx.distributed else single_process_groups(cfg, topology)
     batch_size = cfg.train.batch_size * batch_multiplier
+    global_batch = batch_size * dp_size
     step_cell, net = build_train_step(cfg, meta, ctx, groups, group_ranks)
-    output_dir = cfg.train.output_dir
-    os.makedirs(output_dir, exist_ok=True)
-    ckpt_dir = checkpoint.rank_dir(output_dir, rank)
-    start_step = 0
-    note_for_interrupt(f"no checkpoint saved yet (they go to {ckpt_dir})")
+    layout = checkpoint.layout_of(topology, ctx.distributed)
+    start_step = samples = 0
+    note_for_interrupt(f"no checkpoint saved yet (they go to {checkpoint.rank_dir(cfg.train.output_dir, rank)})")
     if resume:
-        found = checkpoint.latest(ckpt_dir)
-        if found is None:
-            log(f"[train] --resume: no checkpoint in {ckpt_dir}; starting from step 0")
-        else:
-            path, ckpt_meta = found
-            checkpoint.load_into(step_cell, path)
-            start_step = int(ckpt_meta["step"])
-            note_for_interrupt(f"last checkpoint {path} (step {start_step}); continue with --resume")
-            log(f"[train] resumed from {path} at step {start_step}")
+        start_step, samples = resume_state(cfg, step_cell, ctx, rank, global_batch, allow_batch_change, log)
+        if start_step:
+            note_for_interrupt(f"last checkpoint: step {start_step} in {cfg.train.output_dir}; continue with --resume")
     if start_step == 0 and cfg.train.init_checkpoint:
         checkpoint.load_resharded(net, cfg.train.init_checkpoint, topology if ctx.distributed else None)
         log(f"[train] initial weights from {cfg.train.init_checkpoint}")
@@ -123,8 +202,12 @@ def train(cfg, resume=False, log=print, stop_after=None):
         log(f"[train] nothing to do: step {start_step} >= train.train_steps={cfg.train.train_steps}")
         return {"steps": start_step, "losses": {}, "tokens_per_s": 0.0, "seconds": 0.0}
 
+    start_batch = samples // global_batch  # = start_step while the global batch is unchanged
+    if samples % global_batch:
+        log(f"[train] the global batch changed: {samples} samples were consumed; continuing at batch "
+            f"{start_batch} of {global_batch} samples")
     dataset = create_dataset(cfg.data.dataset_dir, "train", batch_size, dp_size, dp_rank,
-                             shuffle=cfg.data.shuffle, seed=cfg.data.seed, start_batch=start_step, repeat=True)
+                             shuffle=cfg.data.shuffle, seed=cfg.data.seed, start_batch=start_batch, repeat=True)
     run_sink = sink_runner(cfg, step_cell, dataset)
     tokens_per_step = batch_size * dp_size * cfg.model.seq_length
     jsonl = JsonlLog(os.path.join(output_dir, f"train_log_rank{rank}.jsonl"), fresh=not resume)
@@ -170,8 +253,16 @@ def train(cfg, resume=False, log=print, stop_after=None):
                 stats_since = None
         last = first + sink
         if (cfg.checkpoint.save_steps and last % cfg.checkpoint.save_steps == 0) or last == cfg.train.train_steps:
-            path = checkpoint.save(step_cell, ckpt_dir, last, {"batches_consumed": last,
-                                   "router": cfg.moe.router, "config": cfg.to_dict()}, cfg.checkpoint.keep_last)
+            consumed = samples + (last - start_step) * global_batch
+            path = checkpoint.save_rank(step_cell, output_dir, rank, last, {
+                "batches_consumed": last, "router": cfg.moe.router, "config": cfg.to_dict(), "dataset": identity,
+                "layout": layout})
+            barrier()  # every rank's files are written
+            if rank == 0:
+                checkpoint.mark_complete(output_dir, last, layout, {"global_batch": global_batch,
+                                                                    "samples_consumed": consumed})
+            barrier()  # the marker exists before anyone prunes
+            checkpoint.prune(output_dir, rank, cfg.checkpoint.keep_last, layout["world_size"])
             note_for_interrupt(f"last checkpoint {path} (step {last}); continue with --resume")
             log(f"[train] checkpoint {path}")
     seconds = time.time() - started
@@ -186,15 +277,28 @@ def parse_args(argv):
     parser.add_argument("--config", required=True, help="YAML run config")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config field (repeatable)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint "
+                        "(the parallel layout may differ: weights and optimizer state are resharded)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train.output_dir holds a run: move it aside as a whole (to <dir>.old-<N>) first")
+    parser.add_argument("--allow-config-change", action="append", default=[], metavar="FIELD[,FIELD]",
+                        help="with --resume: config or dataset fields allowed to differ from the run's "
+                             "(e.g. optim.lr; data.tokenizer_sha256; 'all')")
+    parser.add_argument("--allow-batch-change", action="store_true",
+                        help="with --resume: the global batch (batch_size x dp) may differ from the run's")
     return parser.parse_args(argv)
+
+
+def split_fields(values):
+    return tuple(f.strip() for value in values for f in value.split(",") if f.strip())
 
 
 def main(argv=None):
     args = parse_args(argv)
     def run():
         cfg = load_config(args.config, args.set)
-        train(cfg, resume=args.resume)
+        train(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=split_fields(args.allow_config_change),
+              allow_batch_change=args.allow_batch_change)
 
     return run_cli(run)
 

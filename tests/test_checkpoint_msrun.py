@@ -1,0 +1,170 @@
+"""Checkpoints across layouts under msrun (tests/workers/checkpoint_worker.py), four launches:
+
+1. 4 workers (TP2 x DP2, EP2): run A, 8 steps uninterrupted; run K SIGKILLed after a random step.
+2. 4 workers: K resumed, SIGKILLed while writing its next checkpoint (rank 2 halfway through its file).
+3. 4 workers: K resumed to step 8.            4. 2 workers (DP2, EP2): A resumed from step 4.
+Checked here against single-process runs of the same config (the virtual TP2 x EP2 cluster):
+resume on 2 workers and on 1 process matches the uninterrupted run (<= 1e-5); K's losses equal
+A's bitwise; no partially written step is used; the merged 4-rank checkpoint equals the
+single-process run's parameters; eval of A's folder = eval of its merge.
+"""
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import tiny_run_config
+from pangu_sigma.training import checkpoint, checkpoint_tool
+from pangu_sigma.training.ckpt_stream import CheckpointReader
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "workers"))
+import checkpoint_worker as cw  # noqa: E402
+
+VIRTUAL4 = ("parallel.virtual_world_size=4", "parallel.virtual_scope=cluster")
+VIRTUAL2 = ("parallel.virtual_world_size=2", "parallel.virtual_scope=cluster")
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _msrun(out, data, workers, scenario, *extra):
+    bindir = os.path.dirname(sys.executable)
+    env = dict(os.environ, GLOG_v="3", PATH=bindir + os.pathsep + os.environ.get("PATH", ""),
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    log_dir = out / f"logs_{scenario}"
+    cmd = [os.path.join(bindir, "msrun"), f"--worker_num={workers}", f"--local_worker_num={workers}",
+           f"--master_port={_free_port()}", f"--log_dir={log_dir}", "--join=True",
+           str(REPO / "tests" / "workers" / "checkpoint_worker.py"), str(out), data, scenario, *extra]
+    proc = subprocess.Popen(cmd, env=env, cwd=str(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    tails = "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-15:])
+                      for p in sorted(Path(log_dir).glob("worker_*.log")))
+    return proc.returncode, tails
+
+
+def _losses(run):
+    """{step: loss} from rank 0's log (the last record of a step counts: a resumed run re-logs it)."""
+    out = {}
+    with open(os.path.join(run, "train_log_rank0.jsonl"), encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)
+            out[record["step"]] = record["loss"]
+    return out
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data, tmp_path_factory):
+    from pangu_sigma.training.train import train
+
+    out = tmp_path_factory.mktemp("ckpt_msrun")
+    kill_step = random.Random().choice([3, 5])
+    status = {"kill_step": kill_step}
+    status["first"] = _msrun(out, tiny_data, 4, "first", str(kill_step))
+    status["after_kill"] = {"complete": checkpoint.complete_steps(str(out / "k")),
+                            "logged": sorted(_losses(str(out / "k")))}
+    status["killwrite"] = _msrun(out, tiny_data, 4, "killwrite")
+    k = str(out / "k")
+    status["after_killwrite"] = {
+        "complete": checkpoint.complete_steps(k),
+        "files": {r: sorted(os.listdir(checkpoint.rank_dir(k, r))) for r in range(4)}}
+    status["finish"] = _msrun(out, tiny_data, 4, "finish")
+    shutil.copytree(out / "a", out / "a2")
+    shutil.copytree(out / "a", out / "a1")
+    for copy in ("a2", "a1"):  # the step-8 checkpoint never completed: resume from step 4
+        os.remove(checkpoint.marker_path(str(out / copy), 8))
+    status["two"] = _msrun(out, tiny_data, 2, "two")
+    lines = []
+    reference = tiny_run_config(tiny_data, str(out / "single"), cw.FOUR + VIRTUAL4 + ("checkpoint.save_steps=4",))
+    status["single"] = train(reference, log=lines.append)["losses"]
+    one = tiny_run_config(tiny_data, str(out / "a1"), cw.TWO + VIRTUAL2 + ("checkpoint.save_steps=4",))
+    status["one"] = train(one, resume=True, log=lines.append)["losses"]
+    status["one_log"] = [line for line in lines if "resumed from" in line]
+    return out, status
+
+
+@pytest.mark.distributed
+def test_resume_on_2_workers_and_on_1_process_matches_the_uninterrupted_run(runs):
+    out, status = runs
+    assert status["first"][0] is not None and os.path.isfile(checkpoint.marker_path(str(out / "a"), 8)), \
+        status["first"][1]
+    assert status["two"][0] == 0, status["two"][1]
+    single, four = status["single"], _losses(str(out / "a"))
+    assert sorted(single) == list(range(1, 9))
+    for step in range(1, 9):  # the 4-worker run itself equals the single-process run
+        assert _rel(four[step], single[step]) <= 1e-5, (step, four[step], single[step])
+    two = _losses(str(out / "a2"))
+    for step in range(5, 9):
+        assert _rel(two[step], single[step]) <= 1e-5, ("2 workers", step, two[step], single[step])
+        assert _rel(status["one"][step], single[step]) <= 1e-5, ("1 process", step, status["one"][step])
+    assert sorted(status["one"]) == [5, 6, 7, 8]
+    assert "resharded from tp=2 ep=2 on 4 ranks" in status["one_log"][0]
+    # the run resumed on 2 workers is complete in its new layout
+    assert checkpoint.latest_complete(str(out / "a2"))[1]["layout"]["world_size"] == 2
+
+
+@pytest.mark.distributed
+def test_kill_at_a_step_and_during_a_save_then_resume_reproduces_the_losses_bitwise(runs):
+    out, status = runs
+    kill = status["kill_step"]
+    assert status["first"][0] != 0  # the workers were SIGKILLed
+    assert status["after_kill"]["complete"][-1] == kill - 1
+    # killed while saving step kill+1: rank 2's file half written (a temporary), no marker
+    after = status["after_killwrite"]
+    assert after["complete"][-1] == kill - 1, (after, status["killwrite"][1])
+    assert any(name.startswith(".tmp") for name in after["files"][2]), after["files"]
+    assert f"step_{kill + 1:08d}.ckpt" in after["files"][0]
+    assert status["finish"][0] == 0, status["finish"][1]
+    finish_log = (out / "logs_finish" / "worker_0.log").read_text(errors="replace")
+    assert f"at step {kill - 1}" in finish_log  # resumed from the last complete step, not the partial one
+    a, k = _losses(str(out / "a")), _losses(str(out / "k"))
+    assert sorted(k) == list(range(1, 9))
+    assert all(k[s] == a[s] for s in range(1, 9)), [(s, k[s], a[s]) for s in range(1, 9)]
+    k_dir = str(out / "k")
+    assert checkpoint.complete_steps(k_dir) == [6, 8]
+    assert not any(name.startswith(".tmp") for r in range(4) for name in os.listdir(checkpoint.rank_dir(k_dir, r)))
+
+
+@pytest.mark.distributed
+def test_merged_4_rank_checkpoint_equals_the_single_process_run_and_eval_agrees(runs, tmp_path):
+    from pangu_sigma.evaluation.eval import evaluate
+    from pangu_sigma.parallel.reshard import tp_spec_of
+
+    out, _ = runs
+    specs = json.loads((out / "spec.json").read_text())
+    assert specs and all(tp_spec_of(name) is not None and [tp_spec_of(name).dim, tp_spec_of(name).parts] == v
+                         for name, v in specs.items())
+    merged = str(tmp_path / "a.ckpt")
+    checkpoint_tool.main(["merge", str(out / "a"), "--output", merged, "--with-optimizer"], log=lambda *_: None)
+    ours = CheckpointReader(merged)
+    ref = checkpoint.open_source(str(out / "single"))
+    assert sorted(ours.names()) == sorted(ref.names())
+    worst = max((_rel(ours.read(n), ref.full(n)), n) for n in ref.names() if ref.full(n).dtype.kind == "f")
+    assert worst[0] <= 1e-5, worst
+    cfg = tiny_run_config(ref.meta["config"]["data"]["dataset_dir"], str(out / "a"),
+                          cw.FOUR + VIRTUAL4 + ("checkpoint.save_steps=4",))
+    by_folder = evaluate(cfg, str(out / "a"), batch_size=4, log=lambda *_: None)
+    by_merged = evaluate(cfg, merged, batch_size=4, log=lambda *_: None)
+    print(f"eval perplexity: run folder {by_folder['perplexity']!r}, merged {by_merged['perplexity']!r}")
+    assert by_folder["perplexity"] == by_merged["perplexity"]

@@ -1,0 +1,293 @@
+"""Checkpoints across layouts and runs (single process): the .ckpt stream format, full -> TP2 x EP2 ->
+full round trip, merged run folders in eval, and every run-folder mistake ending in one line with the
+earlier run's files unchanged. The msrun scenarios are in test_checkpoint_msrun.py."""
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+import mindspore as ms
+
+from locmoe.errors import ConfigError
+from pangu_sigma.training import checkpoint, checkpoint_tool
+from pangu_sigma.training.ckpt_stream import CheckpointReader, CheckpointWriter
+from pangu_sigma.training.train import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 4 experts, 2 heads: splits as TP2 x EP2 on 4 ranks
+LAYOUT_SETS = ("moe.expert_num_per_dp_dim=2", "parallel.expert_parallel=2", "parallel.op_level_model_parallel_num=2",
+               "parallel.virtual_world_size=4", "parallel.virtual_scope=cluster", "train.batch_size=4",
+               "train.sink_size=1", "train.train_steps=4", "checkpoint.save_steps=2", "checkpoint.keep_last=2")
+
+
+def _quiet(*_):
+    pass
+
+
+def folder_hash(path):
+    """sha256 over every file's relative name and bytes under path."""
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            digest.update(os.path.relpath(full, path).encode())
+            with open(full, "rb") as handle:
+                digest.update(handle.read())
+    return digest.hexdigest()
+
+
+def one_line(err):
+    text = str(err.value)
+    assert "\n" not in text and isinstance(err.value, ConfigError), text
+    return text
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """One tiny 4-step run (virtual TP2 x EP2 cluster, one process) shared by the tests below."""
+    from conftest import tiny_run_config
+
+    out = tmp_path_factory.mktemp("ckpt_run")
+    cfg = tiny_run_config(tiny_data, str(out / "run"), LAYOUT_SETS)
+    summary = train(cfg, log=_quiet)
+    return cfg, str(out / "run"), summary, out
+
+
+def test_stream_writer_is_byte_identical_to_mindspore_and_reader_reads_mindspore(tmp_path):
+    arrays = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "step": np.array(7, np.int32),
+              "scale": np.array(2.5, np.float32), "half": np.ones((2, 2), np.float16)}
+    ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in arrays.items()], str(tmp_path / "ms.ckpt"))
+    with CheckpointWriter(str(tmp_path / "ours.ckpt")) as writer:
+        for name, value in arrays.items():
+            writer.write(name, value)
+    assert (tmp_path / "ours.ckpt").read_bytes() == (tmp_path / "ms.ckpt").read_bytes()
+    reader = CheckpointReader(str(tmp_path / "ms.ckpt"))
+    for name, value in arrays.items():
+        got = reader.read(name)
+        assert got.dtype == value.dtype and got.shape == value.shape and np.array_equal(got, value)
+    with pytest.raises(RuntimeError):
+        with CheckpointWriter(str(tmp_path / "failed.ckpt")) as writer:
+            writer.write("w", arrays["w"])
+            raise RuntimeError("killed")
+    assert sorted(os.listdir(tmp_path)) == ["ms.ckpt", "ours.ckpt"]  # no half file, no temporary
+
+
+def test_round_trip_full_to_tp2_ep2_and_back_is_bitwise(trained, tmp_path):
+    cfg, run, _, _ = trained
+    source = checkpoint.open_source(run)
+    assert source.layout["world_size"] == 1
+    layout = checkpoint_tool.target_layout(4, 2, 2, None, 2, 4)
+    checkpoint_tool.convert(source, str(tmp_path / "tp2ep2"), layout, with_optimizer=True, log=_quiet)
+    # the pieces are the independent numpy slices of the full arrays
+    rank3 = CheckpointReader(str(tmp_path / "tp2ep2/checkpoints/rank_3/step_00000004.ckpt"))
+    experts = [n for n in source.names() if n.endswith("experts.w_in")]
+    kv = [n for n in source.names() if n.endswith("attn.kv_proj.weight")]
+    assert experts and kv and any(n.startswith("adam_m.") for n in experts)
+    for name in experts:  # rank 3: ep_rank 1 (experts 2, 3), tp_rank 1 (second half of the ffn width)
+        full = source.full(name)  # [E, d, h]
+        assert np.array_equal(rank3.read(name), full[2:4, :, full.shape[2] // 2:])
+    for name in kv:  # fused k|v blocks: tp_rank 1 holds the second half of each
+        full = source.full(name)  # [d, 2d]
+        half = full.shape[1] // 4
+        assert np.array_equal(rank3.read(name), np.concatenate([full[:, half:2 * half], full[:, 3 * half:]], 1))
+    merged = str(tmp_path / "merged.ckpt")
+    checkpoint_tool.main(["merge", str(tmp_path / "tp2ep2"), "--output", merged, "--with-optimizer"], log=_quiet)
+    back = CheckpointReader(merged)
+    assert sorted(back.names()) == sorted(source.names())
+    for name in source.names():
+        a, b = back.read(name), source.full(name)
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), name
+    # without optimizer state: the model's parameters only
+    checkpoint_tool.main(["merge", run, "--output", str(tmp_path / "model.ckpt")], log=_quiet)
+    names = CheckpointReader(str(tmp_path / "model.ckpt")).names()
+    assert names and not any(checkpoint.is_optimizer_state(n) for n in names)
+
+
+def test_tool_bad_layouts_are_one_line(trained, tmp_path, capsys):
+    _, run, _, _ = trained
+    for args, expected in [(["--world-size", "4", "--tp", "3", "--ep", "1"], "--tp=3"),
+                           (["--world-size", "4", "--tp", "2", "--ep", "3"], "--ep=3"),
+                           (["--world-size", "2", "--experts-per-rank", "3"], "--experts-per-rank=3")]:
+        assert checkpoint_tool.main(["convert", run, "--output", str(tmp_path / "x"), *args], log=_quiet) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and expected in err, err
+    assert checkpoint_tool.main(["merge", str(tmp_path / "nothing"), "--output", str(tmp_path / "m.ckpt")]) == 2
+    assert "source=" in capsys.readouterr().err
+
+
+def test_eval_of_run_folder_equals_eval_of_merged_checkpoint(trained, tmp_path):
+    from pangu_sigma.evaluation.eval import evaluate
+
+    cfg, run, _, _ = trained
+    merged = str(tmp_path / "merged.ckpt")
+    checkpoint_tool.main(["merge", run, "--output", merged], log=_quiet)
+    a = evaluate(cfg, run, batch_size=4, log=_quiet)
+    b = evaluate(cfg, merged, batch_size=4, log=_quiet)
+    assert a["perplexity"] == b["perplexity"] and a["tokens"] == b["tokens"]
+
+
+def test_training_into_an_existing_run_refuses_and_overwrite_moves_it_whole(trained, tmp_path):
+    from conftest import tiny_run_config
+
+    cfg, run, _, _ = trained
+    copy = str(tmp_path / "run")
+    shutil.copytree(run, copy)
+    cfg = tiny_run_config(cfg.data.dataset_dir, copy, LAYOUT_SETS)
+    before = folder_hash(copy)
+    with pytest.raises(ConfigError) as err:
+        train(cfg, log=_quiet)
+    assert "train.output_dir=" in one_line(err) and "--resume" in str(err.value) and "--overwrite" in str(err.value)
+    assert folder_hash(copy) == before
+    summary = train(cfg, overwrite=True, log=_quiet)
+    assert sorted(summary["losses"]) == [1, 2, 3, 4]
+    assert folder_hash(copy + ".old-1") == before  # the old run, whole and untouched
+    assert checkpoint.complete_steps(copy) == [2, 4]
+
+
+@pytest.mark.parametrize("change, expected", [
+    (("train.batch_size=2",), "train.batch_size=2 is invalid: a per-rank batch giving the run's global batch 8"),
+    (("optim.lr=0.01",), "optim.lr (0.005 -> 0.01)"),
+    (("moe.router=switch",), "moe.router ('locmoe' -> 'switch')"),
+])
+def test_resume_with_a_result_changing_config_refuses_naming_the_field(trained, tmp_path, change, expected):
+    from conftest import tiny_run_config
+
+    cfg, run, _, _ = trained
+    copy = str(tmp_path / "run")
+    shutil.copytree(run, copy)
+    before = folder_hash(copy)
+    bad = tiny_run_config(cfg.data.dataset_dir, copy, LAYOUT_SETS + ("train.train_steps=6",) + change)
+    with pytest.raises(ConfigError) as err:
+        train(bad, resume=True, log=_quiet)
+    assert expected in one_line(err)
+    assert folder_hash(copy) == before
+
+
+def test_resume_with_another_tokenizer_refuses_unless_allowed(trained, tmp_path):
+    from conftest import tiny_run_config
+
+    cfg, run, _, _ = trained
+    data = str(tmp_path / "data")
+    shutil.copytree(cfg.data.dataset_dir, data)
+    with open(os.path.join(data, "tokenizer.model"), "ab") as handle:
+        handle.write(b"\0")  # same vocabulary size, another tokenizer
+    copy = str(tmp_path / "run")
+    shutil.copytree(run, copy)
+    before = folder_hash(copy)
+    other = tiny_run_config(data, copy, LAYOUT_SETS + ("train.train_steps=6",))
+    with pytest.raises(ConfigError) as err:
+        train(other, resume=True, log=_quiet)
+    assert "data.tokenizer_sha256" in one_line(err)
+    assert folder_hash(copy) == before
+    resumed = train(other, resume=True, allow_changes=("data.tokenizer_sha256",), log=_quiet)
+    assert sorted(resumed["losses"]) == [5, 6]
+
+
+def test_eval_and_generate_refuse_a_mismatch_naming_the_field(trained, tmp_path):
+    from pangu_sigma.evaluation.eval import evaluate
+    from conftest import tiny_run_config
+
+    cfg, run, _, _ = trained
+    before = folder_hash(run)
+    other = tiny_run_config(cfg.data.dataset_dir, run, LAYOUT_SETS + ("moe.capacity_factor=1.0",))
+    with pytest.raises(ConfigError) as err:
+        evaluate(other, run, batch_size=4, log=_quiet)
+    assert "moe.capacity_factor (2.0 -> 1.0)" in one_line(err)
+    assert evaluate(other, run, batch_size=4, log=_quiet, allow_changes=("moe.capacity_factor",))["tokens"] > 0
+    path = tmp_path / "other.yaml"
+    path.write_text(yaml.safe_dump(other.to_dict()))
+    proc = subprocess.run([sys.executable, "-m", "pangu_sigma.evaluation.generate", "--config", str(path),
+                           "--checkpoint", run, "--prompt", "the", "--greedy", "--max-new-tokens", "2"],
+                          capture_output=True, text=True, cwd=REPO, env=dict(os.environ, GLOG_v="3"), timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "moe.capacity_factor" in lines[0]
+    assert folder_hash(run) == before
+
+
+def test_init_checkpoint_of_another_size_fails_before_training_in_one_line(trained, tmp_path):
+    from conftest import tiny_run_config
+
+    cfg, run, _, _ = trained
+    before = folder_hash(run)
+    bigger = tiny_run_config(cfg.data.dataset_dir, str(tmp_path / "new"),
+                             LAYOUT_SETS + ("model.ffn_hidden_size=128", f"train.init_checkpoint={run}"))
+    with pytest.raises(ConfigError) as err:
+        train(bigger, log=_quiet)
+    text = one_line(err)
+    assert text.startswith("train.init_checkpoint=") and "--checkpoint" not in text and "shape" in text
+    assert not os.path.exists(tmp_path / "new" / "train_log_rank0.jsonl")  # failed before the first step
+    assert folder_hash(run) == before
+
+
+def test_output_paths_are_checked_at_start_up(trained, tmp_path):
+    from conftest import tiny_run_config
+
+    cfg, _, _, _ = trained
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for output in (str(afile), str(afile / "sub")):
+        bad = tiny_run_config(cfg.data.dataset_dir, output, LAYOUT_SETS)
+        with pytest.raises(ConfigError) as err:
+            train(bad, log=_quiet)
+        assert one_line(err).startswith("train.output_dir=")
+    assert afile.read_text() == "keep me"
+
+
+def test_leftover_temporaries_are_removed_at_the_next_save(trained, tmp_path):
+    from conftest import tiny_run_config
+
+    cfg, run, _, _ = trained
+    copy = str(tmp_path / "run")
+    shutil.copytree(run, copy)
+    leftovers = [os.path.join(checkpoint.rank_dir(copy, 0), ".tmp99999_step_00000006.ckpt"),
+                 os.path.join(checkpoint.checkpoints_dir(copy), "step_00000006.complete.tmp99999")]
+    for path in leftovers:
+        with open(path, "wb") as handle:
+            handle.write(b"half")
+    longer = tiny_run_config(cfg.data.dataset_dir, copy, LAYOUT_SETS + ("train.train_steps=6",))
+    assert checkpoint.latest_complete(copy)[0] == 4  # the half-written step does not count
+    train(longer, resume=True, log=_quiet)
+    assert not any(os.path.exists(p) for p in leftovers)
+    assert checkpoint.complete_steps(copy) == [4, 6]
+
+
+def test_resume_on_another_layout_from_a_converted_checkpoint_matches_the_uninterrupted_run(trained, tmp_path):
+    """Full run to step 2 -> converted to 4 ranks TP2 x EP2 (optimizer state too) -> resumed in one
+    process posing as 2 ranks (DP2, EP2): steps 3-4 equal the uninterrupted run's."""
+    from conftest import tiny_run_config
+
+    cfg, run, summary, _ = trained
+    converted = str(tmp_path / "tp2ep2")
+    assert checkpoint_tool.main(["convert", run, "--step", "2", "--output", converted, "--world-size", "4",
+                                 "--tp", "2", "--ep", "2", "--devices-per-node", "2", "--with-optimizer"],
+                                log=_quiet) == 0
+    assert checkpoint.latest_complete(converted)[1]["layout"]["world_size"] == 4
+    two = LAYOUT_SETS + ("parallel.op_level_model_parallel_num=1", "parallel.virtual_world_size=2",
+                         "parallel.devices_per_node=1")
+    lines = []
+    resumed = train(tiny_run_config(cfg.data.dataset_dir, converted, two), resume=True, log=lines.append)
+    assert any("resharded from tp=2 ep=2 on 4 ranks" in line for line in lines), lines
+    assert sorted(resumed["losses"]) == [3, 4]
+    for step in (3, 4):
+        assert resumed["losses"][step] == pytest.approx(summary["losses"][step], rel=1e-5, abs=0)
+
+
+def test_train_cli_into_an_existing_run_is_one_line_and_changes_nothing(trained, tmp_path):
+    cfg, run, _, _ = trained
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    before = folder_hash(run)
+    proc = subprocess.run([sys.executable, "-m", "pangu_sigma.training.train", "--config", str(path)],
+                          capture_output=True, text=True, cwd=str(tmp_path), env=dict(os.environ, GLOG_v="3"),
+                          timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "train.output_dir=" in lines[0] and "--overwrite" in lines[0]
+    assert folder_hash(run) == before
+    assert sorted(os.listdir(tmp_path)) == ["run.yaml"]  # nothing left in the working directory
