@@ -2,6 +2,7 @@
 full round trip, merged run folders in eval, and every run-folder mistake ending in one line with the
 earlier run's files unchanged. The msrun scenarios are in test_checkpoint_msrun.py."""
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -174,8 +175,19 @@ def test_resume_with_another_tokenizer_refuses_unless_allowed(trained, tmp_path)
     cfg, run, _, _ = trained
     data = str(tmp_path / "data")
     shutil.copytree(cfg.data.dataset_dir, data)
-    with open(os.path.join(data, "tokenizer.model"), "ab") as handle:
-        handle.write(b"\0")  # same vocabulary size, another tokenizer
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(os.path.join(data, "tokenizer.model"), "rb") as handle:
+        proto.ParseFromString(handle.read())
+    proto.pieces[-1].score -= 1.0  # same vocabulary size, another tokenizer: the data prepared again with it
+    with open(os.path.join(data, "tokenizer.model"), "wb") as handle:
+        handle.write(proto.SerializeToString())
+    with open(os.path.join(data, "meta.json"), encoding="utf-8") as handle:
+        meta = json.load(handle)
+    meta["tokenizer_sha256"] = hashlib.sha256(open(os.path.join(data, "tokenizer.model"), "rb").read()).hexdigest()
+    with open(os.path.join(data, "meta.json"), "w", encoding="utf-8") as handle:
+        json.dump(meta, handle)
     copy = str(tmp_path / "run")
     shutil.copytree(run, copy)
     before = folder_hash(copy)

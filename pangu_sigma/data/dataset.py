@@ -141,6 +141,11 @@ def load_split(data_dir, split):
     return input_ids, domain_ids
 
 
+def epoch_order(num_samples, epoch, seed, shuffle):
+    """Sample indices of one epoch, a function of (seed, epoch) only (identity without shuffle). # [N]"""
+    return np.random.default_rng([seed, epoch]).permutation(num_samples) if shuffle else np.arange(num_samples)
+
+
 def rank_epoch_order(num_samples, epoch, seed, shuffle, batch_size, dp_size, dp_rank):
     """Global sample indices this data-parallel rank reads in epoch `epoch`, in read order. # [N // dp]
 
@@ -152,7 +157,7 @@ def rank_epoch_order(num_samples, epoch, seed, shuffle, batch_size, dp_size, dp_
     replace this function; BatchStream only needs its contract: a function of these
     arguments alone, disjoint across ranks, the same length on every rank.
     """
-    order = np.random.default_rng([seed, epoch]).permutation(num_samples) if shuffle else np.arange(num_samples)
+    order = epoch_order(num_samples, epoch, seed, shuffle)
     order = order[:len(order) - len(order) % dp_size]
     per_global = batch_size * dp_size
     full = len(order) // per_global * per_global

@@ -337,7 +337,9 @@ def dataset_identity(cfg):
     meta = read_data_meta(cfg.data.dataset_dir)
     identity = {k: meta.get(k) for k in ("vocab_size", "seq_length", "domains", "train_samples", "valid_samples")}
     tokenizer = os.path.join(cfg.data.dataset_dir, meta.get("tokenizer") or "tokenizer.model")
-    if os.path.isfile(tokenizer):
+    if meta.get("tokenizer_sha256"):  # prepare records it (and the data checks hold the file to it)
+        identity["tokenizer_sha256"] = meta["tokenizer_sha256"]
+    elif os.path.isfile(tokenizer):
         with open(tokenizer, "rb") as handle:
             identity["tokenizer_sha256"] = hashlib.sha256(handle.read()).hexdigest()
     return identity
