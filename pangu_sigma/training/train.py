@@ -29,6 +29,7 @@ from pangu_sigma.data.dataset import create_dataset
 from pangu_sigma.training.lr_schedule import WarmupCosineLR
 from pangu_sigma.parallel.grad_reduce import GradReducer
 from pangu_sigma.parallel.tp_layers import tp_shard_specs
+from pangu_sigma.training.run_paths import resolve_paths
 from pangu_sigma.training.overflow import OverflowCheck, overflow_check_mode
 from pangu_sigma.training.train_step import METRIC_NAMES, TrainStep, build_optimizer
 
@@ -204,6 +205,9 @@ def parse_args(argv):
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config field (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    parser.add_argument("--paths-from", metavar="DIR",
+                        help="resolve relative data/output/checkpoint paths of the config against DIR "
+                             "(the launch scripts pass the folder they were started from)")
     return parser.parse_args(argv)
 
 
@@ -211,6 +215,8 @@ def main(argv=None):
     args = parse_args(argv)
     def run():
         cfg = load_config(args.config, args.set)
+        if args.paths_from:
+            cfg = resolve_paths(cfg, args.paths_from)
         train(cfg, resume=args.resume)
 
     return run_cli(run)
