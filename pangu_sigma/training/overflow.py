@@ -29,9 +29,10 @@ def _soc_supports(feature):
     return MSContext.get_instance().ascend_soc_supports_feature(feature)
 
 
-def overflow_check_mode(device_target, soc_supports=_soc_supports, environ=None):
+def overflow_check_mode(device_target, soc_supports=None, environ=None):
     """'npu_float_status' where fp16 saturates (Ascend 910A; 910B in SATURATION_MODE), else 'isfinite'."""
     environ = os.environ if environ is None else environ
+    soc_supports = _soc_supports if soc_supports is None else soc_supports
     if device_target != "Ascend":
         return "isfinite"
     if soc_supports(FEATURE_910A):

@@ -28,6 +28,7 @@ from pangu_sigma.config import load_config
 from pangu_sigma.data.dataset import create_dataset
 from pangu_sigma.training.lr_schedule import WarmupCosineLR
 from pangu_sigma.parallel.grad_reduce import GradReducer
+from pangu_sigma.parallel.init_weights import initialise as initialise_weights
 from pangu_sigma.parallel.tp_layers import tp_shard_specs
 from pangu_sigma.training.run_paths import resolve_paths
 from pangu_sigma.training.overflow import OverflowCheck, overflow_check_mode
@@ -133,6 +134,8 @@ def train(cfg, resume=False, log=print, stop_after=None):
             checkpoint.load_into(step_cell, path)
             start_step = int(ckpt_meta["step"])
             log(f"[train] resumed from {path} at step {start_step}")
+    if start_step == 0:  # the same full model from the seed whatever the layout (DESIGN.md section 8)
+        initialise_weights(net, cfg.train.seed, cfg.model, topology if ctx.distributed else None)
     if start_step == 0 and cfg.train.init_checkpoint:
         checkpoint.load_resharded(net, cfg.train.init_checkpoint, topology if ctx.distributed else None)
         log(f"[train] initial weights from {cfg.train.init_checkpoint}")
