@@ -63,7 +63,7 @@ check=$(cd "$repo" && python -m pangu_sigma.cluster.launch_check --config "$conf
         "${set_args[@]}" 2>&1) || { echo "run_msrun.sh: $check" >&2; exit 2; }
 # msrun runs `python ARGS...` as given when the task is "python" (mindspore/parallel/cluster/
 # process_entity/_utils.py, _generate_cmd_args_list): the trainer runs as a module.
-cmd=(msrun --worker_num="$((workers * nodes))" --local_worker_num="$workers" --master_addr="$master_addr"
+cmd=("${MSRUN:-msrun}" --worker_num="$((workers * nodes))" --local_worker_num="$workers" --master_addr="$master_addr"
      --master_port="$port" --node_rank="$node_rank" --log_dir="$log_dir" --join=True
      python -m pangu_sigma.training.train --paths-from "$launch_dir" --config "$config" "${train_args[@]}")
 if [ "$dry" = 1 ]; then printf 'cd %q && ' "$repo"; printf '%q ' "${cmd[@]}"; echo; exit 0; fi

@@ -224,3 +224,20 @@ def test_ascend_on_a_cpu_build_is_one_line():
     text = str(err.value)
     assert "\n" not in text and "parallel.device_target" in text and "no usable Ascend backend" in text
     assert "CANN" in text
+
+
+# ---- item 3: config paths against the launch folder ---------------------------------------------------
+def test_config_paths_resolve_against_the_launch_folder(tmp_path):
+    from pangu_sigma.config import load_config
+    from pangu_sigma.training.run_paths import resolve_paths
+    cfg = load_config("configs/cpu_tiny.yaml", ["train.init_checkpoint=ckpt/init.ckpt"])
+    cfg.data.dataset_dir = "output/data/default"
+    resolved = resolve_paths(cfg, str(tmp_path))
+    assert resolved.data.dataset_dir == str(tmp_path / "output/data/default")
+    assert resolved.train.output_dir == str(tmp_path / cfg.train.output_dir)
+    assert resolved.train.init_checkpoint == str(tmp_path / "ckpt/init.ckpt")
+    assert cfg.data.dataset_dir == "output/data/default"  # the original is untouched
+    kept = resolve_paths(load_config("configs/cpu_tiny.yaml", ["data.dataset_dir=/abs/data"]), str(tmp_path))
+    assert kept.data.dataset_dir == "/abs/data" and kept.train.init_checkpoint == ""
+    with pytest.raises(ConfigError, match="--paths-from"):
+        resolve_paths(cfg, "relative/dir")
