@@ -123,6 +123,9 @@ def parallel_context(cfg):
 
     init()
     rank, world = get_rank(), get_group_size()
+    if os.environ.get("RANK_ID", str(rank)) != str(rank):  # the rank table's rank must be the communicator's
+        raise ConfigError("RANK_ID", os.environ["RANK_ID"],
+                          f"the rank the communicator gave this process ({rank} of {world})")
     par = cfg.parallel
     node_of_rank = device_of_rank = None
     if os.environ.get("RANK_TABLE_FILE"):
