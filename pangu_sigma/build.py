@@ -123,7 +123,8 @@ def parallel_context(cfg):
 
     init()
     rank, world = get_rank(), get_group_size()
-    if os.environ.get("RANK_ID", str(rank)) != str(rank):  # the rank table's rank must be the communicator's
+    if os.environ.get("RANK_TABLE_FILE") and os.environ.get("RANK_ID", str(rank)) != str(rank):
+        # a rank-table launch: the table's rank (RANK_ID) must be the communicator's rank
         raise ConfigError("RANK_ID", os.environ["RANK_ID"],
                           f"the rank the communicator gave this process ({rank} of {world})")
     par = cfg.parallel
