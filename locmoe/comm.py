@@ -107,8 +107,15 @@ class GroupRegistry:
 GROUPS = GroupRegistry()
 
 
-def create_topology_groups(topology):
-    """Create every TP/DP/EP/EDP group (size > 1) containing this rank, in a fixed order."""
+def create_topology_groups(topology, device_of_rank=None):
+    """Create every TP/DP/EP/EDP group (size > 1) containing this rank, in a fixed order.
+
+    Under HCCL every group of the topology is first checked against the Ascend 910A
+    rules (locmoe/hccl_rules.py; device ids from the rank table, else the position on
+    the node): a bad layout is one ConfigError naming the group, before any HCCL call.
+    """
+    if GlobalComm.INITED and GlobalComm.BACKEND == "hccl":
+        topology.check_hccl(device_of_rank)
     ws = _world_size(topology)
     for kind in ("tp", "dp", "ep", "edp"):
         ranks = {"tp": topology.tp_group, "dp": topology.dp_group,

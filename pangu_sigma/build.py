@@ -137,10 +137,8 @@ def parallel_context(cfg):
     topology = Topology(world_size=world, tp=par.op_level_model_parallel_num, ep=par.expert_parallel,
                         num_experts=cfg.num_experts, devices_per_node=par.devices_per_node, rank=rank,
                         node_of_rank=node_of_rank)
-    if par.device_target == "Ascend":
-        topology.check_hccl(device_of_rank)  # before any HCCL group is created (locmoe/hccl_rules.py)
     backend = resolve_backend(par.comm_backend, par.device_target)
-    create_topology_groups(topology)
+    create_topology_groups(topology, device_of_rank)  # under HCCL: the 910A group rules first
     return ParallelContext(topology, backend, distributed=True)
 
 

@@ -241,3 +241,16 @@ def test_config_paths_resolve_against_the_launch_folder(tmp_path):
     assert kept.data.dataset_dir == "/abs/data" and kept.train.init_checkpoint == ""
     with pytest.raises(ConfigError, match="--paths-from"):
         resolve_paths(cfg, "relative/dir")
+
+
+def test_group_creation_checks_the_hccl_rules_first(monkeypatch, no_groups):
+    """Where groups are built (locmoe.comm.create_topology_groups): under HCCL a bad layout stops before
+    any group is created."""
+    monkeypatch.setattr(comm.GlobalComm, "INITED", True)
+    monkeypatch.setattr(comm.GlobalComm, "BACKEND", "hccl")
+    monkeypatch.setattr(comm, "get_group_size", lambda: 16)
+    with pytest.raises(ConfigError, match="dp group .*HCCS half"):
+        comm.create_topology_groups(Topology(world_size=16, tp=4, num_experts=2, devices_per_node=8))
+    assert no_groups.calls == []
+    comm.create_topology_groups(Topology(world_size=16, tp=8, num_experts=2, devices_per_node=8))
+    assert [ranks for _, ranks in no_groups.calls] == [list(range(8)), [0, 8]]  # TP 8, DP over 2 servers
