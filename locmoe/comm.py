@@ -10,8 +10,8 @@ Backends (`resolve_backend`):
               that works (with autodiff) on CPU under msrun. Values and gradients
               are exact; the wire traffic is larger (a g-times bigger buffer).
 
-Groups: named from their members ("g_0_2"; the whole world uses the world
-group) and created at most once per process (`GROUPS`). Rule: every rank must
+Groups: named by a hash of their members ("g2_<16 hex>", short for HCCL's
+128-byte limit; the whole world uses the world group) and created at most once per process (`GROUPS`). Rule: every rank must
 create every group it belongs to, and never a group it is not in; members must
 create shared groups in the same order. Building the same cells in the same
 order on every rank satisfies this; `create_topology_groups(topology)` at
@@ -27,6 +27,7 @@ Bytes: `collective_bytes` counts what the *logical* collective puts on the wire
                   (a ring over several nodes is paced by its inter-node links).
 `nbytes` is always the size of this rank's *input* tensor.
 """
+import hashlib
 import math
 
 import numpy as np
@@ -35,6 +36,7 @@ from mindspore.communication import GlobalComm, create_group, get_group_size, ge
 from mindspore.ops import ReduceOp
 
 from locmoe.errors import ConfigError
+from locmoe.hccl_rules import check_group_name
 
 KINDS = ("all_to_all", "all_gather", "all_reduce", "reduce_scatter")
 BACKENDS = ("native", "emulated")
@@ -60,11 +62,18 @@ def _world_size(topology):
 
 
 def group_name(group_ranks, world_size=None):
-    """Deterministic name from the members; the world group keeps MindSpore's name."""
-    ranks = list(group_ranks)
+    """Short stable name from the members: "g<size>_<16 hex digits of sha1 of the member list>".
+
+    The same on every process (hashlib, not Python's salted hash). HCCL limits a
+    group name to 128 bytes with the NUL (locmoe/hccl_rules.py); a name spelling
+    out the members passes that beyond ~30 ranks (a 256-rank DP group at 512
+    devices). The world group keeps MindSpore's name.
+    """
+    ranks = [int(r) for r in group_ranks]
     if world_size is not None and ranks == list(range(world_size)):
         return GlobalComm.WORLD_COMM_GROUP
-    return "g_" + "_".join(str(r) for r in ranks)
+    digest = hashlib.sha1(",".join(map(str, ranks)).encode("ascii")).hexdigest()[:16]
+    return f"g{len(ranks)}_{digest}"
 
 
 class GroupRegistry:
@@ -75,9 +84,17 @@ class GroupRegistry:
 
     def ensure(self, group_ranks, world_size=None):
         name = group_name(group_ranks, world_size)
-        if name != GlobalComm.WORLD_COMM_GROUP and name not in self.created:
-            self._create(name, list(group_ranks))
-            self.created[name] = tuple(group_ranks)
+        if name == GlobalComm.WORLD_COMM_GROUP:
+            return name
+        ranks = tuple(int(r) for r in group_ranks)
+        if name in self.created:
+            if self.created[name] != ranks:  # a 64-bit hash collision: refuse rather than mix groups
+                raise RuntimeError(f"group name {name} is taken by ranks {list(self.created[name])[:8]}...; "
+                                   f"cannot reuse it for {list(ranks)[:8]}...")
+            return name
+        check_group_name(name)
+        self._create(name, list(ranks))
+        self.created[name] = ranks
         return name
 
     def _create(self, name, ranks):
@@ -90,8 +107,15 @@ class GroupRegistry:
 GROUPS = GroupRegistry()
 
 
-def create_topology_groups(topology):
-    """Create every TP/DP/EP/EDP group (size > 1) containing this rank, in a fixed order."""
+def create_topology_groups(topology, device_of_rank=None):
+    """Create every TP/DP/EP/EDP group (size > 1) containing this rank, in a fixed order.
+
+    Under HCCL every group of the topology is first checked against the Ascend 910A
+    rules (locmoe/hccl_rules.py; device ids from the rank table, else the position on
+    the node): a bad layout is one ConfigError naming the group, before any HCCL call.
+    """
+    if GlobalComm.INITED and GlobalComm.BACKEND == "hccl":
+        topology.check_hccl(device_of_rank)
     ws = _world_size(topology)
     for kind in ("tp", "dp", "ep", "edp"):
         ranks = {"tp": topology.tp_group, "dp": topology.dp_group,

@@ -129,6 +129,11 @@ class Topology:
     def is_intra_node(self, src, dst):
         return self.node_of_rank[src] == self.node_of_rank[dst]
 
+    def check_hccl(self, device_of_rank=None):
+        """ConfigError naming the first group that breaks HCCL's Ascend 910A rules (locmoe.hccl_rules)."""
+        from locmoe.hccl_rules import check_topology
+        check_topology(self, device_of_rank)
+
 
 def single_process(num_experts):
     """The trivial topology: one rank holding every expert."""

@@ -18,11 +18,52 @@ from pangu_sigma.data.dataset import read_meta
 from pangu_sigma.model import PanguSigmaModel, PanguSigmaWithLoss
 
 
-def set_device(cfg, mode=ms.GRAPH_MODE):
-    """Execution mode and device; Ascend reads DEVICE_ID from the environment."""
+def ascend_backend_error():
+    """None if this MindSpore can load its Ascend backend, else the loader's first error line.
+
+    mindspore/device_context/ascend/device.py (is_available): plugins are loaded at
+    `import mindspore`; MSContext.is_pkg_support_device("Ascend") says whether the
+    Ascend one loaded and load_plugin_error() why not (e.g. libge_runner.so missing
+    when CANN is not installed or its set_env.sh not sourced).
+    """
+    from mindspore._c_expression import MSContext
+    context = MSContext.get_instance()
+    if context.is_pkg_support_device("Ascend"):
+        return None
+    lines = [line for line in context.load_plugin_error().splitlines() if line.strip()]
+    return lines[0] if lines else "no Ascend plugin in this package"
+
+
+def device_id_from_env(environ=None):
+    """DEVICE_ID: the *logical* NPU index this process may use (0..visible NPUs - 1).
+
+    CANN's aclrtSetDevice (AscendCL API reference, "set_device") takes an index in
+    [0, number of available devices - 1]: inside a container that sees NPUs 4-7
+    those are 0-3. The launchers export the logical index (run_distribute_train.sh
+    maps the rank table's physical device_id through ASCEND_VISIBLE_DEVICES).
+    """
+    environ = os.environ if environ is None else environ
+    text = environ.get("DEVICE_ID", "0")
+    if not text.isdigit() or int(text) > 7:
+        raise ConfigError("DEVICE_ID", text, "the logical NPU index of this process, an integer in 0..7")
+    return int(text)
+
+
+def set_device(cfg, mode=ms.GRAPH_MODE, backend_error=ascend_backend_error):
+    """Execution mode and device; Ascend reads DEVICE_ID (logical index) from the environment.
+
+    On a MindSpore installation without a usable Ascend backend, device_target
+    Ascend is a one-line ConfigError (instead of MindSpore's stack trace).
+    """
     ms.set_context(mode=mode)
     if cfg.parallel.device_target == "Ascend":
-        ms.set_device("Ascend", int(os.environ.get("DEVICE_ID", "0")))
+        error = backend_error()
+        if error is not None:
+            raise ConfigError("parallel.device_target", "Ascend",
+                              f"CPU: this MindSpore {ms.__version__} installation has no usable Ascend backend "
+                              f"({error}); for Ascend install CANN and the matching MindSpore Ascend wheel and "
+                              f"source CANN's set_env.sh")
+        ms.set_device("Ascend", device_id_from_env())
     else:
         ms.set_device("CPU")
 
@@ -82,17 +123,22 @@ def parallel_context(cfg):
 
     init()
     rank, world = get_rank(), get_group_size()
+    if os.environ.get("RANK_TABLE_FILE") and os.environ.get("RANK_ID", str(rank)) != str(rank):
+        # a rank-table launch: the table's rank (RANK_ID) must be the communicator's rank
+        raise ConfigError("RANK_ID", os.environ["RANK_ID"],
+                          f"the rank the communicator gave this process ({rank} of {world})")
     par = cfg.parallel
-    node_of_rank = None
+    node_of_rank = device_of_rank = None
     if os.environ.get("RANK_TABLE_FILE"):
         from pangu_sigma.cluster.ranktable import load_rank_table
 
-        node_of_rank = load_rank_table(os.environ["RANK_TABLE_FILE"], rank_size=world).node_of_rank
+        table = load_rank_table(os.environ["RANK_TABLE_FILE"], rank_size=world)
+        node_of_rank, device_of_rank = table.node_of_rank, table.device_id_of_rank
     topology = Topology(world_size=world, tp=par.op_level_model_parallel_num, ep=par.expert_parallel,
                         num_experts=cfg.num_experts, devices_per_node=par.devices_per_node, rank=rank,
                         node_of_rank=node_of_rank)
     backend = resolve_backend(par.comm_backend, par.device_target)
-    create_topology_groups(topology)
+    create_topology_groups(topology, device_of_rank)  # under HCCL: the 910A group rules first
     return ParallelContext(topology, backend, distributed=True)
 
 

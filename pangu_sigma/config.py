@@ -63,6 +63,10 @@ class ParallelSection:
     comm_backend: str = "auto"
     comm_overlap_degree: int = 1
     groupwise_a2a: bool = True
+    # Gradient AllReduce: gradients of one replica group are packed into flat
+    # buckets of at most this many MiB (one AllReduce each; a bigger gradient goes
+    # alone, unpacked), so the extra copies stay ~2 buckets, not the whole model.
+    grad_bucket_mb: float = 256.0
     # A single CPU process may pose as rank `virtual_rank` of a cluster of
     # `virtual_world_size` devices (0 = off): locality loss and byte counts
     # then behave as on that rank. The virtual cluster uses
@@ -84,6 +88,8 @@ class ParallelSection:
         _need(self.comm_backend in COMM_BACKENDS, "parallel.comm_backend", self.comm_backend,
               f"one of {list(COMM_BACKENDS)}")
         _need(isinstance(self.groupwise_a2a, bool), "parallel.groupwise_a2a", self.groupwise_a2a, "true or false")
+        _need(_is_num(self.grad_bucket_mb) and self.grad_bucket_mb > 0, "parallel.grad_bucket_mb",
+              self.grad_bucket_mb, "a size in MiB > 0 (e.g. 256)")
         _need(_is_int(self.virtual_world_size) and self.virtual_world_size >= 0, "parallel.virtual_world_size",
               self.virtual_world_size, "0 (off) or the device count of the cluster to pose as")
         _need(_is_int(self.virtual_rank) and 0 <= self.virtual_rank < max(1, self.virtual_world_size),

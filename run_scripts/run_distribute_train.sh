@@ -4,17 +4,21 @@
 #   run_distribute_train.sh RANK_TABLE_FILE CONFIG [RANK_START] [LOCAL_DEVICE_NUM] [--dry-run] [-- trainer args]
 #
 # Run it on every server with RANK_START = the first rank of that server in
-# the rank table (0, 8, 16, ...). Device i gets RANK_ID=RANK_START+i and the
-# DEVICE_ID the rank table gives that rank; it runs in
-# ${OUTPUT_DIR:-./output}/device$DEVICE_ID with its own `log` file (relative
-# paths in trainer args are resolved from that folder). --dry-run prints the
-# env and command of every device and starts nothing.
+# the rank table (0, 8, 16, ...); LOCAL_DEVICE_NUM is 1, 2, 4 or 8 (HCCL on 910A).
+# Rank RANK_START+i gets the rank table's physical device id, exported as
+# DEVICE_ID = its logical index among $ASCEND_VISIBLE_DEVICES (e.g. 4-7 in a
+# container: device 6 -> 2; unset: all devices, logical = physical). Each process
+# runs in ${OUTPUT_DIR:-./output}/device<physical id> with its own `log` file;
+# relative paths (arguments and the config's data/output/checkpoint paths) are
+# resolved from the folder this script was started from. HCCL_CONNECT_TIMEOUT
+# defaults to 600 s. DEVICE_TARGET=CPU runs the same path on CPU (one server,
+# MindSpore's dynamic cluster instead of HCCL). --dry-run prints each command.
 # Python: $PYTHON if set, else the repo's .venv/bin/python if present, else python3.
 set -euo pipefail
 
 prog=$(basename "$0")
 usage="usage: $prog RANK_TABLE_FILE CONFIG [RANK_START] [LOCAL_DEVICE_NUM] [--dry-run] [-- trainer args]"
-help_lines=2,12
+help_lines=2,17
 source "$(dirname "$0")/launch_common.sh"
 parse_launch_args "$@"
 [ ${#positional[@]} -ge 2 ] && [ ${#positional[@]} -le 4 ] || die "expected 2 to 4 positional arguments, got ${#positional[@]}; $usage"
@@ -27,26 +31,56 @@ local_device_num=${positional[3]:-8}
 [ -f "$config" ] || die "CONFIG='$config' is not a file"
 [[ $rank_start =~ ^[0-9]+$ ]] || die "RANK_START='$rank_start' is invalid: a non-negative integer"
 [[ $local_device_num =~ ^[1-8]$ ]] || die "LOCAL_DEVICE_NUM='$local_device_num' is invalid: an integer in 1..8"
+check_devices_per_server LOCAL_DEVICE_NUM "$local_device_num"
 rank_start=$((10#$rank_start))
 
 table=$(absolute "$table")
 config=$(absolute "$config")
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-# Prints "RANK_SIZE DEVICE_ID..." for our ranks, or a one-line error (exit 2).
-plan=$("$py" -m pangu_sigma.cluster.ranktable "$table" --local-ranks "$rank_start" "$local_device_num") || exit 2
-read -r rank_size device_ids <<< "$plan"
-read -r -a device_ids <<< "$device_ids"
+# Prints "RANK_SIZE LOGICAL_ID... PHYSICAL_ID..." for our ranks, or a one-line error (exit 2).
+visible=${ASCEND_VISIBLE_DEVICES:-0-7}
+plan=$("$py" -m pangu_sigma.cluster.ranktable "$table" --local-ranks "$rank_start" "$local_device_num" \
+       --visible-devices "$visible") || exit 2
+read -r -a fields <<< "$plan"
+rank_size=${fields[0]}
+logical_ids=("${fields[@]:1:$local_device_num}")
+physical_ids=("${fields[@]:$((1 + local_device_num))}")
 
 output_dir=$(absolute "${OUTPUT_DIR:-./output}")
+cluster_env=()
+if [ "$device_target" = CPU ]; then
+    # No HCCL on CPU: MindSpore's dynamic cluster (a scheduler process + MS_* variables, what msrun does).
+    [ "$rank_start" = 0 ] && [ "$local_device_num" = "$rank_size" ] \
+        || die "DEVICE_TARGET=CPU runs one server: RANK_START 0 and LOCAL_DEVICE_NUM = RANK_SIZE ($rank_size)"
+    sched_port=${MS_SCHED_PORT:-8119}
+    [[ $sched_port =~ ^[0-9]+$ ]] && [ "$sched_port" -ge 1024 ] && [ "$sched_port" -le 65535 ] \
+        || die "MS_SCHED_PORT='$sched_port' is invalid: 1024..65535"
+    cluster_env=(MS_SCHED_HOST=127.0.0.1 MS_SCHED_PORT="$sched_port" MS_WORKER_NUM="$rank_size")
+fi
+
+pids=()
+if [ "$device_target" = CPU ] && [ "$dry_run" = 0 ]; then
+    mkdir -p "$output_dir" || die "cannot create the output folder $output_dir"
+    env "${cluster_env[@]}" MS_ROLE=MS_SCHED "$py" -c \
+        "import mindspore as ms; ms.set_device('CPU'); from mindspore.communication import init; init()" \
+        < /dev/null > "$output_dir/scheduler.log" 2>&1 &
+    echo "scheduler: pid $!, log $output_dir/scheduler.log"
+fi
 
 for ((i = 0; i < local_device_num; i++)); do
     rank_id=$((rank_start + i))
-    device_id=${device_ids[$i]}
-    work_dir=$output_dir/device$device_id
-    cmd=("$py" -m pangu_sigma.training.train --config "$config" --set parallel.device_target=Ascend "${extra[@]}")
+    device_id=${logical_ids[$i]}
+    physical_id=${physical_ids[$i]}
+    work_dir=$output_dir/device$physical_id
+    cmd=("$py" -m pangu_sigma.training.train --paths-from "$launch_dir" --config "$config"
+         --set "parallel.device_target=$device_target" "${extra[@]}")
+    worker_env=()
+    [ "$device_target" = CPU ] && worker_env=("${cluster_env[@]}" MS_ROLE=MS_WORKER MS_NODE_ID="$rank_id")
     if [ "$dry_run" = 1 ]; then
-        printf 'RANK_ID=%s DEVICE_ID=%s RANK_SIZE=%s RANK_TABLE_FILE=%q cd %q &&' \
-            "$rank_id" "$device_id" "$rank_size" "$table" "$work_dir"
+        printf 'RANK_ID=%s DEVICE_ID=%s RANK_SIZE=%s RANK_TABLE_FILE=%q PHYSICAL_DEVICE_ID=%s HCCL_CONNECT_TIMEOUT=%s' \
+            "$rank_id" "$device_id" "$rank_size" "$table" "$physical_id" "$HCCL_CONNECT_TIMEOUT"
+        [ ${#worker_env[@]} -eq 0 ] || printf ' %s' "${worker_env[@]}"
+        printf ' cd %q &&' "$work_dir"
         printf ' %q' "${cmd[@]}"
         printf ' > log 2>&1\n'
         continue
@@ -56,12 +90,21 @@ for ((i = 0; i < local_device_num; i++)); do
         cd "$work_dir"
         trap '' HUP  # keep training when the launching shell's terminal closes
         export RANK_TABLE_FILE=$table RANK_SIZE=$rank_size RANK_ID=$rank_id DEVICE_ID=$device_id
+        export PHYSICAL_DEVICE_ID=$physical_id
+        [ ${#worker_env[@]} -eq 0 ] || export "${worker_env[@]}"
         exec "${cmd[@]}" < /dev/null > log 2>&1
     ) &
-    echo "rank $rank_id on device $device_id: pid $!, log $work_dir/log"
+    pids+=($!)
+    echo "rank $rank_id on device $physical_id (DEVICE_ID $device_id): pid $!, log $work_dir/log"
 done
 
 if [ "$dry_run" = 0 ]; then
     echo "started $local_device_num processes (ranks $rank_start..$((rank_start + local_device_num - 1)) of $rank_size)"
-    echo "follow with: tail -f $output_dir/device${device_ids[0]}/log"
+    echo "follow with: tail -f $output_dir/device${physical_ids[0]}/log"
+    if [ "${WAIT:-0}" = 1 ]; then  # WAIT=1: stay in the foreground and return the first failure
+        status=0
+        for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+        echo "all processes ended (exit status $status)"
+        exit "$status"
+    fi
 fi

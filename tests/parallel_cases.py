@@ -2,7 +2,9 @@
 
 Every case trains the same tiny PanGu-Sigma for 2 optimizer steps on the same
 global batch, once in one process (token groups posing as the ranks) and once
-on msrun CPU workers; nothing is dropped (capacity factor = experts).
+on msrun CPU workers; nothing is dropped (capacity factor = experts). The
+workers load the single process's initial weights, except in SEED_CASES, where
+every process initialises itself from the seed (no initial checkpoint).
 """
 import numpy as np
 import mindspore as ms
@@ -23,7 +25,11 @@ CASES = {
     "ep2_overlap2": (2, 1, 2, "locmoe", 2, True),
     "tp2": (2, 2, 1, "locmoe", 1, True),
     "tp2_ep2_groupwise": (4, 2, 2, "locmoe", 1, True),
+    "tp2_seed": (2, 2, 1, "locmoe", 1, True),
+    "tp2_ep2_seed": (4, 2, 2, "locmoe", 1, True),
 }
+# Started from the seed (pangu_sigma.parallel.init_weights) instead of a shared full initial checkpoint.
+SEED_CASES = {"tp2_seed": 4321, "tp2_ep2_seed": 4321}
 
 
 def case_config(name, output_dir):
@@ -36,7 +42,10 @@ def case_config(name, output_dir):
         "moe": {"router": router, "expert_num_per_dp_dim": EXPERTS // ep, "capacity_factor": float(EXPERTS),
                 "locality_loss_coef": 0.01, "num_domain_groups": 2 if router == "rre" else 1},
         "parallel": {"op_level_model_parallel_num": tp, "expert_parallel": ep, "devices_per_node": 2,
-                     "comm_overlap_degree": overlap, "groupwise_a2a": groupwise, "virtual_world_size": workers},
+                     "comm_overlap_degree": overlap, "groupwise_a2a": groupwise, "virtual_world_size": workers,
+                     # seed cases: 4 KiB gradient buckets, so the reduction runs in many buckets (some of one
+                     # gradient, unpacked); the others: the default, one bucket per replica group
+                     "grad_bucket_mb": 4 / 1024 if name in SEED_CASES else 256.0},
         "data": {"dataset_dir": output_dir},
         "train": {"batch_size": GLOBAL_BATCH // (workers // tp), "sink_size": 1, "train_steps": STEPS,
                   "output_dir": output_dir},
@@ -90,6 +99,9 @@ def reference(name, output_dir):
     dp = workers // tp
     ctx = ParallelContext(topology_of(name, 0), "emulated", distributed=False)
     step_cell, net = build(name, ctx, output_dir, token_groups=dp, group_ranks=[d * tp for d in range(dp)])
+    if name in SEED_CASES:
+        from pangu_sigma.parallel.init_weights import initialise
+        initialise(net, SEED_CASES[name], case_config(name, output_dir).model)
     initial = params_of(net)
     losses = run_steps(step_cell, *global_batch())
     return initial, losses, params_of(net)

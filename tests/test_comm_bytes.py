@@ -88,12 +88,14 @@ def test_native_primitives_and_groups(registry):
     ag = comm.AllGather(t2.tp_group(), dim=1, backend="native", topology=t2)
     ar = comm.AllReduce(t2.ep_group(), backend="native", topology=t2)
     rs = comm.ReduceScatter(t2.tp_group(), dim=0, backend="native", topology=t2)
-    assert sub.op.attrs["group"] == "g_0_2" and sub.op.attrs["split_count"] == 2
-    assert isinstance(ag.op, ops.AllGather) and ag.op.attrs["group"] == "g_2_3"
-    assert isinstance(ar.op, ops.AllReduce) and ar.op.attrs["group"] == "g_0_2" and ar.op.attrs["op"] == "sum"
-    assert isinstance(rs.op, ops.ReduceScatter) and rs.op.attrs["group"] == "g_2_3"
+    g02, g23 = comm.group_name([0, 2]), comm.group_name([2, 3])
+    assert g02 != g23
+    assert sub.op.attrs["group"] == g02 and sub.op.attrs["split_count"] == 2
+    assert isinstance(ag.op, ops.AllGather) and ag.op.attrs["group"] == g23
+    assert isinstance(ar.op, ops.AllReduce) and ar.op.attrs["group"] == g02 and ar.op.attrs["op"] == "sum"
+    assert isinstance(rs.op, ops.ReduceScatter) and rs.op.attrs["group"] == g23
     assert rs.op.attrs["op"] == "sum"
-    assert registry.calls == [("g_0_2", [0, 2]), ("g_2_3", [2, 3])]  # each once, none for the world
+    assert registry.calls == [(g02, [0, 2]), (g23, [2, 3])]  # each once, none for the world
 
 
 def test_emulated_uses_subgroup_allreduce(registry):
@@ -101,9 +103,9 @@ def test_emulated_uses_subgroup_allreduce(registry):
     for cell in (comm.AllToAll([1, 3], backend="emulated", topology=t),
                  comm.AllGather([1, 3], backend="emulated", topology=t),
                  comm.ReduceScatter([1, 3], backend="emulated", topology=t)):
-        assert isinstance(cell.op, ops.AllReduce) and cell.op.attrs["group"] == "g_1_3"
+        assert isinstance(cell.op, ops.AllReduce) and cell.op.attrs["group"] == comm.group_name([1, 3])
         assert cell.index == 1
-    assert registry.calls == [("g_1_3", [1, 3])]
+    assert registry.calls == [(comm.group_name([1, 3]), [1, 3])]
 
 
 def test_size_one_group_is_identity_without_group(registry):

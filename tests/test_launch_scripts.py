@@ -86,7 +86,8 @@ def test_hccl_tools_accepts_ranges_inside_an_hccs_group(call, tmp_path, device_r
     assert (tmp_path / f"hccl_{end - start}p_{devices}_10.0.0.1.json").is_file()
 
 
-@pytest.mark.parametrize("device_range", ["[2,6)", "[3,5)", "[0,5)", "[1,8)", "[6,9)", "[4,4)", "0-8"])
+@pytest.mark.parametrize("device_range", ["[2,6)", "[3,5)", "[0,5)", "[1,8)", "[6,9)", "[4,4)", "0-8",
+                                          "[0,3)", "[4,7)", "[0,6)", "[1,8)"])
 def test_hccl_tools_refuses_bad_ranges(call, tmp_path, device_range):
     out = tmp_path / "table.json"
     out.write_text("keep me\n")
@@ -94,6 +95,17 @@ def test_hccl_tools_refuses_bad_ranges(call, tmp_path, device_range):
                            "--device-ips", ALL_IPS, "--output", out, cwd=tmp_path)
     assert_one_line_error(result, "--device-range", repr(device_range))
     assert out.read_text() == "keep me\n"
+
+
+def test_hccl_tools_only_uses_visible_devices(call, tmp_path):
+    """Inside a container that sees NPUs 4-7 (issue 10 item 6): the range must be visible; ids stay physical."""
+    result = call("hccl_tools", "--device-range", "[0,4)", "--server-ip", "10.0.0.1", "--device-ips", ALL_IPS,
+                  "--visible-devices", "4-7", cwd=tmp_path)
+    assert_one_line_error(result, "--device-range", "4-7", "[0, 1, 2, 3]")
+    result = call("hccl_tools", "--device-range", "[4,8)", "--server-ip", "10.0.0.1", "--device-ips", ALL_IPS,
+                  "--visible-devices", "4-7", "--output", "t.json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert '"device_id": "6"' in (tmp_path / "t.json").read_text()
 
 
 def test_hccl_tools_reads_hccn_conf(call, tmp_path):
@@ -127,6 +139,16 @@ def test_merge_refuses_duplicate_servers_and_keeps_output(call, workdir, tmp_pat
     assert out.read_text() == "keep me\n"
 
 
+def test_merge_refuses_unequal_device_counts(call, tmp_path):
+    """HCCL on 910A: the same device count on every server (issue 10 item 5)."""
+    for server, device_range in (("10.0.0.1", "[0,4)"), ("10.0.0.2", "[0,2)")):
+        assert call("hccl_tools", "--device-range", device_range, "--server-ip", server, "--device-ips", ALL_IPS,
+                    "--output", f"{server}.json", cwd=tmp_path).returncode == 0
+    result = call("merge_hccl", "m.json", "10.0.0.1.json", "10.0.0.2.json", cwd=tmp_path)
+    assert_one_line_error(result, "same device count")
+    assert not (tmp_path / "m.json").exists()
+
+
 def test_merge_names_the_bad_input(call, workdir, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text((workdir / "10.0.0.1.json").read_text().replace("completed", "pending"))
@@ -152,10 +174,11 @@ def test_distribute_dry_run_second_server(workdir):
     lines = result.stdout.splitlines()
     assert len(lines) == 8 and all("-m pangu_sigma.training.train" in line for line in lines)
     for i, line in enumerate(lines):
-        assert line.startswith(f"RANK_ID={8 + i} DEVICE_ID={i} RANK_SIZE=16 RANK_TABLE_FILE={workdir}/merged.json ")
+        assert line.startswith(f"RANK_ID={8 + i} DEVICE_ID={i} RANK_SIZE=16 RANK_TABLE_FILE={workdir}/merged.json "
+                               f"PHYSICAL_DEVICE_ID={i} HCCL_CONNECT_TIMEOUT=600 ")
         assert f"cd {workdir}/out/device{i} &&" in line
-        assert line.endswith(f"--config {workdir}/config.yaml --set parallel.device_target=Ascend "
-                             "--set train.steps=3 > log 2>&1")
+        assert line.endswith(f"-m pangu_sigma.training.train --paths-from {workdir} --config {workdir}/config.yaml "
+                             "--set parallel.device_target=Ascend --set train.steps=3 > log 2>&1")
     assert not (workdir / "out").exists()
 
 
@@ -165,7 +188,44 @@ def test_distribute_uses_device_ids_from_the_table(call, tmp_path):
     assert result.returncode == 0
     (tmp_path / "c.yaml").write_text("")
     result = distribute(tmp_path, "t.json", "c.yaml", "0", "4", "--dry-run")
-    assert re.findall(r"DEVICE_ID=(\d)", result.stdout) == ["4", "5", "6", "7"]
+    assert re.findall(r"\bDEVICE_ID=(\d)", result.stdout) == ["4", "5", "6", "7"]
+    # a container seeing NPUs 4-7: set_device takes the logical index 0-3 (issue 10 item 6)
+    result = distribute(tmp_path, "t.json", "c.yaml", "0", "4", "--dry-run", env={"ASCEND_VISIBLE_DEVICES": "4-7"})
+    assert re.findall(r"\bDEVICE_ID=(\d)", result.stdout) == ["0", "1", "2", "3"]
+    assert re.findall(r"PHYSICAL_DEVICE_ID=(\d)", result.stdout) == ["4", "5", "6", "7"]
+    assert re.findall(r"cd \S+/device(\d) ", result.stdout) == ["4", "5", "6", "7"]
+    result = distribute(tmp_path, "t.json", "c.yaml", "0", "4", "--dry-run", env={"ASCEND_VISIBLE_DEVICES": "0-3"})
+    assert_one_line_error(result, "--visible-devices", "device 4")
+
+
+def test_distribute_on_cpu_uses_the_dynamic_cluster(call, tmp_path):
+    """DEVICE_TARGET=CPU: the same launch path with MindSpore's scheduler + MS_* variables instead of HCCL."""
+    assert call("hccl_tools", "--device-range", "[0,2)", "--server-ip", "127.0.0.1", "--device-ips", ALL_IPS,
+                "--output", "t2.json", cwd=tmp_path).returncode == 0
+    (tmp_path / "c.yaml").write_text("")
+    result = distribute(tmp_path, "t2.json", "c.yaml", "0", "2", "--dry-run", env={"DEVICE_TARGET": "CPU"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2
+    for rank, line in enumerate(lines):
+        assert (f"MS_SCHED_HOST=127.0.0.1 MS_SCHED_PORT=8119 MS_WORKER_NUM=2 MS_ROLE=MS_WORKER MS_NODE_ID={rank} "
+                in line) and "--set parallel.device_target=CPU" in line
+    result = distribute(tmp_path, "t2.json", "c.yaml", "0", "1", "--dry-run", env={"DEVICE_TARGET": "CPU"})
+    assert_one_line_error(result, "DEVICE_TARGET=CPU runs one server")
+
+
+@pytest.mark.parametrize("value, ok", [(None, "600"), ("900", "900"), ("60", None), ("abc", None)])
+def test_distribute_sets_the_hccl_connect_timeout(workdir, value, ok):
+    """Issue 10 item 11: 600 s unless overridden; CANN accepts whole seconds in [120, 7200]."""
+    env = {} if value is None else {"HCCL_CONNECT_TIMEOUT": value}
+    if value is None:
+        env["HCCL_CONNECT_TIMEOUT"] = ""
+    result = distribute(workdir, "merged.json", "config.yaml", "0", "--dry-run", env=env)
+    if ok is None:
+        assert_one_line_error(result, "HCCL_CONNECT_TIMEOUT", repr(value))
+    else:
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.count(f"HCCL_CONNECT_TIMEOUT={ok} ") == 8
 
 
 @pytest.mark.parametrize("args,texts", [
@@ -175,6 +235,8 @@ def test_distribute_uses_device_ids_from_the_table(call, tmp_path):
     (["merged.json", "config.yaml", "x"], ["RANK_START", "'x'"]),
     (["merged.json", "config.yaml", "0", "9"], ["LOCAL_DEVICE_NUM", "'9'"]),
     (["merged.json", "config.yaml", "0", "0"], ["LOCAL_DEVICE_NUM", "'0'"]),
+    (["merged.json", "config.yaml", "0", "3"], ["LOCAL_DEVICE_NUM", "'3'", "1, 2, 4 or 8"]),
+    (["merged.json", "config.yaml", "0", "6"], ["LOCAL_DEVICE_NUM", "'6'", "1, 2, 4 or 8"]),
     (["merged.json", "config.yaml", "12"], ["RANK_START", "12 + 8", "16"]),
     (["merged.json", "config.yaml", "4"], ["RANK_START", "span servers"]),
     (["merged.json"], ["usage"]),
@@ -191,7 +253,7 @@ def test_distribute_launches_one_process_per_device(tmp_path, workdir):
     fake = tmp_path / "fake_python"
     fake.write_text(f"""#!/usr/bin/env bash
 if [ "$2" = pangu_sigma.cluster.ranktable ]; then exec {sys.executable} "$@"; fi
-echo "RANK_ID=$RANK_ID DEVICE_ID=$DEVICE_ID RANK_SIZE=$RANK_SIZE TABLE=$RANK_TABLE_FILE PWD=$PWD ARGS=$*"
+echo "RANK_ID=$RANK_ID DEVICE_ID=$DEVICE_ID RANK_SIZE=$RANK_SIZE TABLE=$RANK_TABLE_FILE PWD=$PWD HCCL=$HCCL_CONNECT_TIMEOUT ARGS=$*"
 """)
     fake.chmod(0o755)
     out = tmp_path / "out"
@@ -205,9 +267,9 @@ echo "RANK_ID=$RANK_ID DEVICE_ID=$DEVICE_ID RANK_SIZE=$RANK_SIZE TABLE=$RANK_TAB
         time.sleep(0.05)
     for i, log in enumerate(logs):
         assert log.read_text() == (
-            f"RANK_ID={8 + i} DEVICE_ID={i} RANK_SIZE=16 TABLE={workdir}/merged.json PWD={out}/device{i} "
-            f"ARGS=-m pangu_sigma.training.train --config {workdir}/config.yaml --set parallel.device_target=Ascend "
-            "--seed 1\n")
+            f"RANK_ID={8 + i} DEVICE_ID={i} RANK_SIZE=16 TABLE={workdir}/merged.json PWD={out}/device{i} HCCL=600 "
+            f"ARGS=-m pangu_sigma.training.train --paths-from {workdir} --config {workdir}/config.yaml "
+            "--set parallel.device_target=Ascend --seed 1\n")
 
 
 # ---- run_standalone_train.sh and run_eval.sh ----------------------------------------
@@ -217,8 +279,8 @@ def test_standalone_dry_run(workdir):
     assert result.returncode == 0, result.stderr
     assert result.stdout == (
         f"RANK_ID=0 DEVICE_ID=3 RANK_SIZE=1 cd {workdir}/output/standalone_device3 && {sys.executable} "
-        f"-m pangu_sigma.training.train --config {workdir}/config.yaml --set parallel.device_target=Ascend "
-        "--x a\\ b > log 2>&1\n")
+        f"-m pangu_sigma.training.train --paths-from {workdir} --config {workdir}/config.yaml "
+        "--set parallel.device_target=Ascend --x a\\ b > log 2>&1\n")
 
 
 @pytest.mark.parametrize("args,texts", [

@@ -46,6 +46,11 @@ optimizer sharding, no pipeline parallelism:
     optimizer    8 B/param: AdamWeightDecay's two float32 moments (m, v).
     activations  what the backward pass keeps, summed over all layers (see
                  `activation_bytes`).
+    grad_buckets the gradient AllReduce's packed buckets
+                 (pangu_sigma.parallel.grad_reduce): packed input + reduced
+                 output of one bucket, 2 * min(parallel.grad_bucket_mb MiB,
+                 the device's gradient bytes); an upper bound (a gradient
+                 bigger than a bucket is reduced unpacked, with no copy).
 """
 import math
 
@@ -186,11 +191,18 @@ def activation_bytes(cfg, tp, ep, vocab_size=None):
     return {k: int(math.ceil(v)) for k, v in out.items()}
 
 
+def grad_bucket_bytes(cfg, params_on_device):
+    """Bytes of the gradient AllReduce buckets in flight: 2 * min(bucket, all gradients of the device)."""
+    bucket = int(cfg.parallel.grad_bucket_mb * 2 ** 20)
+    return 2 * min(bucket, params_on_device * GRAD_BYTES)
+
+
 def memory_per_device(cfg, tp, ep, vocab_size=None):
-    """{'parameters', 'gradients', 'optimizer', 'activations', 'total'} in GiB for one device."""
+    """{'parameters', 'gradients', 'optimizer', 'activations', 'grad_buckets', 'total'} in GiB for one device."""
     params = params_per_device(cfg, tp, ep, vocab_size)
     acts = sum(activation_bytes(cfg, tp, ep, vocab_size).values())
     out = {"parameters": params * PARAM_BYTES / GIB, "gradients": params * GRAD_BYTES / GIB,
-           "optimizer": params * OPTIMIZER_BYTES / GIB, "activations": acts / GIB}
+           "optimizer": params * OPTIMIZER_BYTES / GIB, "activations": acts / GIB,
+           "grad_buckets": grad_bucket_bytes(cfg, params) / GIB}
     out["total"] = sum(out.values())
     return out

@@ -147,6 +147,29 @@ def vocab_size_of(cfg):
                           f"the vocabulary size: 0 takes it from {path}, which is missing or unreadable") from None
 
 
+def hccl_check(cfg, topology, rank_table=None):
+    """On Ascend: every group against HCCL's 910A rules (locmoe.hccl_rules) and the longest group name.
+
+    Device ids come from the rank table when given, else a rank's position on its node.
+    Returns {"checked", "groups", "max_name_bytes"}; raises ConfigError naming the first bad group.
+    """
+    from locmoe.comm import group_name
+    from locmoe.hccl_rules import MAX_GROUP_NAME_BYTES, check_group_name
+    groups = [g for kind in ("tp", "dp", "ep", "edp") for g in topology.all_groups(kind) if len(g) > 1]
+    names = {group_name(g, topology.world_size) for g in groups}
+    longest = max((len(n.encode("utf-8")) for n in names), default=0)
+    if cfg.parallel.device_target != "Ascend":
+        return {"checked": False, "groups": len(names), "max_name_bytes": longest}
+    devices = None
+    if rank_table is not None:
+        from pangu_sigma.cluster.ranktable import load_rank_table
+        devices = load_rank_table(rank_table).device_id_of_rank
+    topology.check_hccl(devices)
+    for name in names:
+        check_group_name(name)
+    return {"checked": True, "groups": len(names), "max_name_bytes": longest, "limit": MAX_GROUP_NAME_BYTES}
+
+
 # ---- traffic ----------------------------------------------------------------------
 def a2a_traffic(cfg, topology):
     """MoE-layer communication bytes per step; see the module docstring."""
@@ -185,6 +208,7 @@ def make_plan(cfg, rank_table=None, world_size=None, devices_per_node=None):
     world, node_of_rank, dpn, source = resolve_cluster(cfg, rank_table, world_size, devices_per_node)
     check_layout(cfg, world, dpn)
     topo = build_topology(cfg, world, node_of_rank, dpn)
+    hccl = hccl_check(cfg, topo, rank_table)
     vocab = vocab_size_of(cfg)
     nodes = sorted(set(topo.node_of_rank))
     experts_of_node = [topo.experts_of_node(n) for n in nodes]
@@ -237,6 +261,7 @@ def make_plan(cfg, rank_table=None, world_size=None, devices_per_node=None):
         "a2a_detail": {k: traffic[k] for k in ("groupwise", "rows_per_rank", "buffer_bytes", "sent_bytes_per_call",
                                                "calls_per_step",
                                                "by_collective")},
+        "hccl": hccl,
         "notes": notes,
     }
 
@@ -310,7 +335,8 @@ def format_text(plan, config_path):
         + (f"; + {p['params_non_trainable']:,} fixed table entries" if p["params_non_trainable"] else ""),
         f"memory     {p['memory_per_device_gib']:.2f} GiB per device = parameters {mem['parameters']:.2f} "
         f"+ gradients {mem['gradients']:.2f} + Adam moments {mem['optimizer']:.2f} "
-        f"+ activations {mem['activations']:.2f} (fp32 weights, {p['compute_dtype']} compute, no recompute)",
+        f"+ activations {mem['activations']:.2f} + gradient buckets {mem['grad_buckets']:.2f} "
+        f"(fp32 weights, {p['compute_dtype']} compute, no recompute)",
         f"batch      {p['tokens_per_rank']:,} tokens per rank, global batch {p['global_batch']} sequences; "
         f"expert capacity {p['expert_capacity']}",
     ]
@@ -329,6 +355,10 @@ def format_text(plan, config_path):
     ]
     for name, b in d["by_collective"].items():
         lines.append(f"  {name:<13} per device intra {_gib(b['intra'])}, inter {_gib(b['inter'])}")
+    h = p["hccl"]
+    lines.append(f"hccl       {h['groups']} groups, names up to {h['max_name_bytes']} bytes; "
+                 + ("910A group rules and the 127-byte name limit hold" if h["checked"]
+                    else "910A rules not checked (parallel.device_target is not Ascend)"))
     lines += [f"note       {n}" for n in p["notes"]]
     return "\n".join(lines)
 

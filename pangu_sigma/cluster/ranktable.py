@@ -23,6 +23,7 @@ import tempfile
 from dataclasses import dataclass
 
 from locmoe.errors import ConfigError, OneLineArgumentParser
+from locmoe.hccl_rules import check_server_devices
 
 FORMAT_VERSION = "1.0"
 DEVICES_PER_BOARD = 8  # Ascend 910A: device ids 0..7 on one server
@@ -120,6 +121,13 @@ def validate_rank_table_dict(table):
             node_and_device[rank] = (index, device_id)
         server_ids.append(server["server_id"])
 
+    # HCCL on Ascend 910A (locmoe/hccl_rules.py, from CANN's create_group reference): the job uses
+    # 1, 2, 4 or 8 devices per server, the same count on every server, 2/4 inside one HCCS half.
+    by_server = {}
+    for node, device_id in node_and_device.values():
+        by_server.setdefault(server_ids[node], []).append(device_id)
+    check_server_devices("rank table", by_server)
+
     world_size = len(node_and_device)
     stray = sorted(r for r in node_and_device if r >= world_size)
     if stray:
@@ -190,6 +198,39 @@ def local_device_ids(table, rank_start, count):
     return [table.device_id_of_rank[r] for r in ranks]
 
 
+def parse_visible_devices(text, field="ASCEND_VISIBLE_DEVICES"):
+    """'4,5,6,7' or '4-7' (or a mix) -> [4, 5, 6, 7]: the physical NPUs this container sees, in order."""
+    devices = []
+    for part in filter(None, (p.strip() for p in str(text).split(","))):
+        bounds = part.split("-")
+        if not all(b.strip().isdigit() for b in bounds) or len(bounds) > 2:
+            raise ConfigError(field, text, "physical device ids like 0,1,2,3 or 4-7")
+        first, last = int(bounds[0]), int(bounds[-1])
+        if first > last or last >= DEVICES_PER_BOARD:
+            raise ConfigError(field, text, f"ids or ranges a-b with a <= b in 0..{DEVICES_PER_BOARD - 1}")
+        devices.extend(range(first, last + 1))
+    if not devices or len(set(devices)) != len(devices):
+        raise ConfigError(field, text, "a non-empty list of distinct physical device ids")
+    return devices
+
+
+def logical_device_ids(physical_ids, visible=None, field="ASCEND_VISIBLE_DEVICES"):
+    """Physical device ids (from the rank table) -> the logical indices set_device needs.
+
+    visible: the physical ids the process can see, in order (None: all, logical = physical).
+    CANN's aclrtSetDevice takes an index in [0, visible devices - 1] (AscendCL API
+    reference, "set_device"), so inside a container with NPUs 4-7, device 6 is index 2.
+    """
+    if visible is None:
+        return list(physical_ids)
+    out = []
+    for device in physical_ids:
+        _require(device in visible, field, ",".join(map(str, visible)),
+                 f"a list containing device {device}, which the rank table assigns to this server")
+        out.append(visible.index(device))
+    return out
+
+
 def write_rank_table(path, table):
     """Validate `table` and write it atomically (temp file, then os.replace).
 
@@ -226,12 +267,19 @@ def main(argv=None):
     parser.add_argument("--local-ranks", nargs=2, type=int, metavar=("START", "COUNT"),
                         help="instead of the summary print 'RANK_SIZE DEVICE_ID...' for ranks "
                              "START..START+COUNT-1 (checked to lie on one server)")
+    parser.add_argument("--visible-devices", metavar="LIST",
+                        help="with --local-ranks: the physical NPUs visible here (e.g. 4-7); print "
+                             "'RANK_SIZE LOGICAL_ID... PHYSICAL_ID...' instead")
     args = parser.parse_args(argv)
     try:
         table = load_rank_table(args.file, args.rank_size)
         if args.local_ranks:
             devices = local_device_ids(table, *args.local_ranks)
-            print(table.world_size, *devices)
+            if args.visible_devices:
+                visible = parse_visible_devices(args.visible_devices, "--visible-devices")
+                print(table.world_size, *logical_device_ids(devices, visible, "--visible-devices"), *devices)
+            else:
+                print(table.world_size, *devices)
         else:
             print(summary(table, args.file))
     except ConfigError as e:

@@ -9,8 +9,9 @@ class Embedding(nn.Cell):
 
     Parameters: `token_table` [V, d] (shared with the LM head, see `logits`),
     `position_table` [S_max, d], both fp32 masters initialised N(0, init_std).
-    The lookup runs in compute_dtype; the result is returned in float32 (the
-    residual stream of the model is kept in float32).
+    The lookup gathers float32 rows and casts them to compute_dtype (so the
+    table's gradient is accumulated in float32); the result is returned in
+    float32 (the residual stream of the model is kept in float32).
     """
 
     def __init__(self, vocab_size, seq_length, hidden_size, init_std, dropout_rate,
@@ -31,7 +32,9 @@ class Embedding(nn.Cell):
     def embed(self, input_ids, start_pos):
         """input_ids [B, T] int32 at positions start_pos..start_pos+T-1 -> [B, T, d] float32."""
         seq = input_ids.shape[1]
-        tokens = ops.gather(ops.cast(self.token_table, self.compute_dtype), input_ids, 0)  # [B, T, d]
+        # Gather from the fp32 table, then cast the rows: the backward scatter-adds into an fp32
+        # gradient (a table cast first would scatter-add in fp16, where frequent tokens saturate).
+        tokens = ops.cast(ops.gather(self.token_table, input_ids, 0), self.compute_dtype)  # [B, T, d]
         positions = ops.cast(self.position_table[start_pos:start_pos + seq], self.compute_dtype)  # [T, d]
         x = ops.cast(tokens + positions, ms.float32)  # [B, T, d]
         return self.dropout(x)

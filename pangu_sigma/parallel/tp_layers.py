@@ -183,7 +183,7 @@ class VocabParallelEmbedding(nn.Cell):
         local_ids = input_ids - self.vocab_start  # [B, T]
         mine = ops.logical_and(local_ids >= 0, local_ids < self.vocab_per_rank)  # [B, T]
         local_ids = ops.where(mine, local_ids, ops.zeros_like(local_ids))
-        rows = ops.gather(ops.cast(self.token_table, self.compute_dtype), local_ids, 0)  # [B, T, d]
+        rows = ops.cast(ops.gather(self.token_table, local_ids, 0), self.compute_dtype)  # [B, T, d], fp32 gather
         rows = rows * ops.cast(mine, self.compute_dtype).expand_dims(-1)  # zero rows for other shards' ids
         tokens = self.all_reduce(rows)  # [B, T, d]: exactly one rank contributed each row
         positions = ops.cast(self.position_table[start_pos:start_pos + seq], self.compute_dtype)  # [T, d]

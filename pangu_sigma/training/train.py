@@ -35,7 +35,10 @@ from pangu_sigma.config import load_config
 from pangu_sigma.data.dataset import create_dataset
 from pangu_sigma.training.lr_schedule import WarmupCosineLR
 from pangu_sigma.parallel.grad_reduce import GradReducer
+from pangu_sigma.parallel.init_weights import initialise as initialise_weights
 from pangu_sigma.parallel.tp_layers import tp_shard_specs
+from pangu_sigma.training.run_paths import resolve_paths
+from pangu_sigma.training.overflow import OverflowCheck, overflow_check_mode
 from pangu_sigma.training.train_step import METRIC_NAMES, TrainStep, build_optimizer
 
 
@@ -51,11 +54,16 @@ def build_train_step(cfg, meta, ctx, token_groups=1, group_ranks=None):
     reducer = metrics = None
     if ctx.distributed and topology.world_size > 1:
         specs = tp_shard_specs(net)
-        reducer = GradReducer(optimizer.parameters, topology, ctx.backend, lambda p: p.name in specs)
+        reducer = GradReducer(optimizer.parameters, topology, ctx.backend, lambda p: p.name in specs,
+                              cfg.parallel.grad_bucket_mb)
         metrics = AllReduce(list(range(topology.world_size)), ctx.backend, topology, "metrics_allreduce")
+    mode = overflow_check_mode(cfg.parallel.device_target) if use_loss_scale else "isfinite"
+    overflow_reduce = None
+    if mode == "npu_float_status" and ctx.distributed and topology.world_size > 1:
+        overflow_reduce = AllReduce(list(range(topology.world_size)), ctx.backend, topology, "overflow_allreduce")
     step = TrainStep(net, optimizer, schedule, cfg.optim.grad_clip, use_loss_scale, cfg.train.loss_scale_init,
                      cfg.train.loss_scale_window, cfg.train.sink_size, cfg.model.moe_layer_num, cfg.num_experts,
-                     reducer, metrics, topology.world_size, topology.tp)
+                     reducer, metrics, topology.world_size, topology.tp, OverflowCheck(mode, overflow_reduce))
     return step, net
 
 
@@ -74,11 +82,26 @@ def comm_summary(cfg, net, topology):
             f"inter-node {totals['inter'] / 2**20:.2f} MiB")
 
 
+def sink_jit_config():
+    """The jit_config that makes ms.data_sink one device loop of sink_size steps on Ascend 910A.
+
+    mindspore/train/data_sink.py (data_sink): without a jit_config the dataset is
+    sent with loop 1 and the returned function launches the step sink_size times
+    from the host; with one, the queue is built for sink_size steps and, in
+    GRAPH mode on 910A with jit_level "" (or with jit_level "O2"), one call runs
+    all sink_size steps on the device. On 910B with jit_level "" the jitted step
+    is still called sink_size times from the host. exc_mode "sink" loads the
+    whole graph on the device (mindspore/graph/jit_config.py).
+    """
+    return ms.JitConfig(jit_level="", exc_mode="sink")
+
+
 def sink_runner(cfg, step_cell, dataset):
-    """A function running sink_size steps per call. Ascend: one data-sink call;
-    CPU (MindSpore has no data sinking there): a host loop over the dataset."""
+    """A function running sink_size steps per call. Ascend: one data-sink call (see
+    sink_jit_config); CPU (MindSpore has no data sinking there): a host loop over the
+    dataset. Either way every step's metrics land in the step cell's ring buffers."""
     if cfg.parallel.device_target == "Ascend":
-        return ms.data_sink(step_cell, dataset, sink_size=cfg.train.sink_size)
+        return ms.data_sink(step_cell, dataset, sink_size=cfg.train.sink_size, jit_config=sink_jit_config())
     iterator = dataset.create_tuple_iterator(num_epochs=1)
 
     def run_host_loop():
@@ -192,6 +215,8 @@ def train(cfg, resume=False, log=print, stop_after=None, overwrite=False, allow_
         start_step, samples = resume_state(cfg, step_cell, ctx, rank, global_batch, allow_batch_change, log)
         if start_step:
             note_for_interrupt(f"last checkpoint: step {start_step} in {cfg.train.output_dir}; continue with --resume")
+    if start_step == 0:  # the same full model from the seed whatever the layout (DESIGN.md section 8)
+        initialise_weights(net, cfg.train.seed, cfg.model, topology if ctx.distributed else None)
     if start_step == 0 and cfg.train.init_checkpoint:
         checkpoint.load_resharded(net, cfg.train.init_checkpoint, topology if ctx.distributed else None)
         log(f"[train] initial weights from {cfg.train.init_checkpoint}")
@@ -286,6 +311,9 @@ def parse_args(argv):
                              "(e.g. optim.lr; data.tokenizer_sha256; 'all')")
     parser.add_argument("--allow-batch-change", action="store_true",
                         help="with --resume: the global batch (batch_size x dp) may differ from the run's")
+    parser.add_argument("--paths-from", metavar="DIR",
+                        help="resolve relative data/output/checkpoint paths of the config against DIR "
+                             "(the launch scripts pass the folder they were started from)")
     return parser.parse_args(argv)
 
 
@@ -297,6 +325,8 @@ def main(argv=None):
     args = parse_args(argv)
     def run():
         cfg = load_config(args.config, args.set)
+        if args.paths_from:
+            cfg = resolve_paths(cfg, args.paths_from)
         train(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=split_fields(args.allow_config_change),
               allow_batch_change=args.allow_batch_change)
 

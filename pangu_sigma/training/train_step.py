@@ -8,6 +8,8 @@ import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 from mindspore.ops import composite as C
 
+from pangu_sigma.training.overflow import OverflowCheck
+
 METRIC_NAMES = ("loss", "ce", "aux", "loc", "lr", "grad_norm", "loss_scale", "overflow")
 BUFFER_PREFIX = "metrics_"  # parameters that are logging buffers, not state (not checkpointed)
 
@@ -51,12 +53,14 @@ class TrainStep(nn.Cell):
     (pangu_sigma.parallel.grad_reduce) that sums each gradient over its replicas
     and gives the global norm. metric_reducer: an AllReduce over the world so the
     logged losses are the mean over ranks and the expert statistics the sum over
-    data-parallel ranks (tp copies of each are divided out).
+    data-parallel ranks (tp copies of each are divided out). overflow_check: an
+    OverflowCheck (pangu_sigma.training.overflow; default isfinite of the norm),
+    the NPU float status on Ascend 910A where fp16 saturates instead of giving inf.
     """
 
     def __init__(self, net_with_loss, optimizer, lr_schedule, grad_clip, use_loss_scale, loss_scale_init,
                  loss_scale_window, sink_size, moe_layers, num_experts, grad_reducer=None, metric_reducer=None,
-                 world_size=1, tp=1):
+                 world_size=1, tp=1, overflow_check=None):
         super().__init__(auto_prefix=False)
         self.net = net_with_loss
         self.optimizer = optimizer
@@ -72,6 +76,7 @@ class TrainStep(nn.Cell):
         self.world_size = float(world_size)
         self.tp = float(tp)
         self.sink_size = sink_size
+        self.overflow_check = overflow_check if overflow_check is not None else OverflowCheck("isfinite")
         self.loss_scale = Parameter(Tensor(loss_scale_init if use_loss_scale else 1.0, ms.float32),
                                     name="loss_scale", requires_grad=False)
         self.good_steps = Parameter(Tensor(0, ms.int32), name="loss_scale_good_steps", requires_grad=False)
@@ -95,6 +100,7 @@ class TrainStep(nn.Cell):
         return scale
 
     def construct(self, ids, domain_ids):
+        ids = self.overflow_check.start(ids)  # Ascend 910A: clear the NPU overflow register
         total, ce, aux, loc, load, dropped, local = self.net(ids, domain_ids)
         scale = self.loss_scale * 1.0
         sens = (ops.cast(scale, total.dtype), ops.zeros_like(ce), ops.zeros_like(aux), ops.zeros_like(loc),
@@ -106,7 +112,7 @@ class TrainStep(nn.Cell):
             norm = ops.sqrt(self.grad_reducer.global_norm_sq(grads))
         else:
             norm = ops.sqrt(ops.addn(self.hyper_map(_square_sum, grads)))
-        finite = ops.isfinite(norm)
+        finite = self.overflow_check.finite(norm, norm)  # see pangu_sigma/training/overflow.py
         if self.grad_clip > 0:
             factor = ops.minimum(self.grad_clip / (norm + 1e-6), 1.0)
             grads = self.hyper_map(ops.partial(_scale_grad, factor), grads)

@@ -1,6 +1,7 @@
 """msrun worker: run the named parallel cases on this rank and save losses and parameters.
 
-argv: OUT_DIR CASE [CASE ...]; expects OUT_DIR/<case>_initial.npz (full initial parameters).
+argv: OUT_DIR CASE [CASE ...]; expects OUT_DIR/<case>_initial.npz (full initial parameters), except for
+the seed cases (pc.SEED_CASES), which initialise from the seed and also save 'init/<name>' (initial shards).
 Writes OUT_DIR/<case>_rank<r>.npz with 'losses', 'param/<name>' arrays (this rank's shards)
 and 'spec/<name>' = [dim, parts] for every TP-sharded parameter.
 """
@@ -16,6 +17,7 @@ import parallel_cases as pc  # noqa: E402
 
 from locmoe.comm import create_topology_groups  # noqa: E402
 from locmoe.parallel_context import ParallelContext  # noqa: E402
+from pangu_sigma.parallel.init_weights import initialise  # noqa: E402
 from pangu_sigma.parallel.reshard import shard_full_params, tp_shard_specs  # noqa: E402
 
 
@@ -30,13 +32,18 @@ def main():
         create_topology_groups(topology)
         ctx = ParallelContext(topology, "emulated", distributed=True)
         step_cell, net = pc.build(name, ctx, os.path.join(out_dir, f"{name}_run{rank}"))
-        full = dict(np.load(os.path.join(out_dir, f"{name}_initial.npz")))
-        pc.load_params(net, shard_full_params(full, net, topology))
+        arrays = {}
+        if name in pc.SEED_CASES:  # from the seed alone: each rank draws its own slices
+            initialise(net, pc.SEED_CASES[name], pc.case_config(name, out_dir).model, topology)
+            arrays.update({f"init/{k}": v for k, v in pc.params_of(net).items()})
+        else:
+            full = dict(np.load(os.path.join(out_dir, f"{name}_initial.npz")))
+            pc.load_params(net, shard_full_params(full, net, topology))
         ids, domains = pc.global_batch()
         per_rank = ids.shape[0] // topology.dp
         rows = slice(topology.dp_rank() * per_rank, (topology.dp_rank() + 1) * per_rank)
         losses = pc.run_steps(step_cell, ids[rows], domains[rows])
-        arrays = {f"param/{k}": v for k, v in pc.params_of(net).items()}
+        arrays.update({f"param/{k}": v for k, v in pc.params_of(net).items()})
         arrays.update({f"spec/{k}": np.array([v.dim, v.parts]) for k, v in tp_shard_specs(net).items()})
         np.savez(os.path.join(out_dir, f"{name}_rank{rank}.npz"), losses=np.array(losses), **arrays)
         print(f"[worker {rank}] {name}: losses {losses}", flush=True)
