@@ -7,8 +7,9 @@ Then A is also resumed from step 4 in one process (posing as DP2, EP2). Checked:
 workers and on 1 process give A's uninterrupted losses for steps 5-8 (<= 1e-5) and A's final
 parameters (merged from its 4 ranks); K's losses equal A's bitwise; no partially written step is
 used; eval of A's folder = eval of its merge; reshard's TP table = the TP layers' own specs.
-(Until initialisation is layout-independent, a multi-worker run starts from other weights than a
-single-process run of the same seed, so the reference is the 4-worker run itself.)
+Initialisation is layout-independent (the same seed gives the same full model on any layout), so
+an uninterrupted 8-step single-process run of the same seed, posing as the 4-worker cluster, is the
+reference for every run's losses.
 """
 import json
 import os
@@ -106,6 +107,8 @@ def launch(out, data):
     one = tiny_run_config(data, str(out / "a1"), cw.TWO + VIRTUAL2 + ("checkpoint.save_steps=4",))
     train(one, resume=True, log=lines.append)
     status["one_log"] = [line for line in lines if "resumed from" in line]
+    single = tiny_run_config(data, str(out / "single"), cw.FOUR + VIRTUAL4 + ("checkpoint.save_steps=4",))
+    status["single"] = train(single, log=lambda *_: None)["losses"]
     return status
 
 
@@ -122,7 +125,12 @@ def test_resume_on_2_workers_and_on_1_process_continues_the_4_worker_run(runs):
     assert _done(out, "two", 2), status["two"][1]
     four, two, one = _losses(str(out / "a")), _losses(str(out / "a2")), _losses(str(out / "a1"))
     assert sorted(four) == list(range(1, 9))
+    single = status["single"]  # the uninterrupted single-process run from the same seed
+    for step in range(1, 9):
+        assert _rel(four[step], single[step]) <= 1e-5, ("4 workers vs 1 process", step, four[step], single[step])
     for step in range(5, 9):
+        assert _rel(two[step], single[step]) <= 1e-5, ("2 workers vs 1 process", step, two[step], single[step])
+        assert _rel(one[step], single[step]) <= 1e-5, ("1 process resumed", step, one[step], single[step])
         assert _rel(two[step], four[step]) <= 1e-5, ("2 workers", step, two[step], four[step])
         assert _rel(one[step], four[step]) <= 1e-5, ("1 process", step, one[step], four[step])
     assert "resharded from tp=2 ep=2 on 4 ranks" in status["one_log"][0]
