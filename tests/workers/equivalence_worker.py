@@ -51,8 +51,3 @@ def main():
 
 if __name__ == "__main__":
     main()
-    # Every output is written and closed by now. Skip interpreter teardown: MindSpore's CPU
-    # communication finalizer sometimes segfaults at exit on a loaded machine (seen as
-    # exit code -11 after "done"), which would fail the launch for no reason of ours.
-    sys.stdout.flush()
-    os._exit(0)
