@@ -100,5 +100,3 @@ def main():
 
 if __name__ == "__main__":
     main()
-    sys.stdout.flush()
-    os._exit(0)  # skip MindSpore's CPU communication finalizer (can segfault at exit under load)
