@@ -17,7 +17,11 @@ class MoEConfig:
     aux_loss_coef: alpha of eq. 5 (0.01 in the paper).
     locality_loss_coef: mu of eq. 6.
     locality_smoothing: epsilon mixed into D_l so that KL(D_c || D_l) is finite.
-    num_domain_groups: level-1 groups (RRE; optional for LocMoE). 1 disables it.
+    num_domain_groups: level-1 groups (RRE; LocMoE keeps level 1 as in the paper). 1 disables it.
+    domain_to_group: explicit level-1 map, entry d = the expert group of domain d (groups are
+        contiguous blocks of num_experts / num_domain_groups experts). Empty: domain % groups.
+        A domain-affine placement (locmoe.placement) replaces it by the experts on the nodes
+        serving each domain.
     gate_bias: learned bias epsilon_i of the GrAP gate.
     switch_jitter: multiplicative uniform jitter of the Switch router input in training.
     vocab_size: token-id range of the hash and RRE tables.
@@ -35,6 +39,7 @@ class MoEConfig:
     locality_loss_coef: float = 0.01
     locality_smoothing: float = 1e-4
     num_domain_groups: int = 1
+    domain_to_group: tuple = ()
     gate_bias: bool = True
     switch_jitter: float = 0.0
     vocab_size: int = 0
@@ -77,6 +82,12 @@ class MoEConfig:
         need(is_int(self.num_domain_groups) and self.num_domain_groups >= 1, "num_domain_groups", "an integer >= 1")
         need(self.num_experts % self.num_domain_groups == 0, "num_domain_groups",
              f"a divisor of num_experts={self.num_experts}")
+        if isinstance(self.domain_to_group, list):
+            self.domain_to_group = tuple(self.domain_to_group)
+        need(isinstance(self.domain_to_group, tuple)
+             and all(is_int(g) and 0 <= g < self.num_domain_groups for g in self.domain_to_group),
+             "domain_to_group", f"a list of group indices in [0, num_domain_groups={self.num_domain_groups}), "
+             "one per domain (empty: domain % num_domain_groups)")
         need(isinstance(self.gate_bias, bool), "gate_bias", "true or false")
         need(is_num(self.switch_jitter) and 0 <= self.switch_jitter < 1, "switch_jitter", "a number in [0, 1)")
         need(is_int(self.vocab_size) and self.vocab_size >= 0, "vocab_size", "an integer >= 0")

@@ -24,6 +24,8 @@ class MoELayer(nn.Cell):
     token_groups: G, the number of groups the B*S tokens are split into (contiguous).
     group_ranks: the rank each group poses as (locality); default: topology.rank for all.
     token_counts: token frequencies for the hash router's balanced table.
+    domain_experts: [D, E] level-1 mask from a domain-affine placement (locmoe.placement);
+        None: level 1 from the config (domain_to_group / num_domain_groups).
     parallel: a locmoe.parallel_context.ParallelContext; when it is distributed with
         EP or TP > 1, this rank holds num_experts/ep experts (inner width ffn/tp) and
         the dispatch buffer goes through the TokenExchange (All-to-All) around them.
@@ -34,7 +36,7 @@ class MoELayer(nn.Cell):
 
     def __init__(self, moe_config, hidden_size, ffn_hidden_size, topology, param_init_std=0.02,
                  compute_dtype=ms.float32, token_groups=1, group_ranks=None, token_counts=None,
-                 out_init_std=None, parallel=None):
+                 out_init_std=None, parallel=None, domain_experts=None):
         super().__init__()
         cfg = moe_config
         self.num_experts = cfg.num_experts
@@ -45,7 +47,8 @@ class MoELayer(nn.Cell):
         group_ranks = [topology.rank] * token_groups if group_ranks is None else list(group_ranks)
         local_mask = np.array([topology.local_expert_mask(r) for r in group_ranks], np.float32)  # [G, E]
         self.local_mask = Tensor(local_mask)
-        self.router = build_router(cfg, hidden_size, token_counts=token_counts, init_std=param_init_std)
+        self.router = build_router(cfg, hidden_size, token_counts=token_counts, init_std=param_init_std,
+                                   domain_experts=domain_experts)
         groupwise = cfg.groupwise_a2a and topology.tp > 1
         self.capacity_multiple = topology.tp if groupwise else 1
         self.exchange = None

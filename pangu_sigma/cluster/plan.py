@@ -42,6 +42,11 @@ Every forward collective moves the same bytes again in backward.
 Reported: `a2a_bytes_per_step` = what one device (rank 0) sends;
 `a2a_bytes_per_step_world` = summed over all devices.
 
+Data placement (data.placement): iid, or domain_affine (locmoe.placement): the
+map domain -> the nodes whose ranks read it and the level-1 experts serving it,
+computed from the domain sizes (samples per domain of the train split, from
+data.dataset_dir/meta.json, or --domain-sizes N,N,... without a dataset).
+
 Errors are one line, `error: ...`, exit status 2.
 """
 import json
@@ -179,8 +184,32 @@ def a2a_traffic(cfg, topology):
     }
 
 
+# ---- data placement ---------------------------------------------------------------
+def domain_map(cfg, topology, domain_sizes=None):
+    """The domain-affine map as text lines (None under i.i.d. placement); see locmoe.placement."""
+    if cfg.data.placement != "domain_affine":
+        return None
+    from locmoe.placement import plan_placement
+
+    names = None
+    if domain_sizes is None:
+        path = os.path.join(cfg.data.dataset_dir, "meta.json")
+        try:
+            with open(path, encoding="utf-8") as handle:
+                meta = json.load(handle)
+            names = list(meta["domains"])
+            domain_sizes = [int(meta["domain_samples"][n]["train"]) for n in names]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ConfigError("data.placement", "domain_affine",
+                              f"domain sizes: from {path} (missing or unreadable) or --domain-sizes N,N,...") from None
+    placement = plan_placement(domain_sizes, topology, cfg.train.batch_size)
+    imposed = placement.expected_expert_load()
+    return placement.lines(names) + [f"placement-imposed expert load (even split over each domain's level-1 "
+                                     f"experts): max/mean {imposed.max():.2f}, min/mean {imposed.min():.2f}"]
+
+
 # ---- the plan ---------------------------------------------------------------------
-def make_plan(cfg, rank_table=None, world_size=None, devices_per_node=None):
+def make_plan(cfg, rank_table=None, world_size=None, devices_per_node=None, domain_sizes=None):
     """Everything `plan` prints, as a dict with stable keys (raises ConfigError)."""
     world, node_of_rank, dpn, source = resolve_cluster(cfg, rank_table, world_size, devices_per_node)
     check_layout(cfg, world, dpn)
@@ -237,6 +266,8 @@ def make_plan(cfg, rank_table=None, world_size=None, devices_per_node=None):
         "a2a_detail": {k: traffic[k] for k in ("groupwise", "rows_per_rank", "buffer_bytes", "sent_bytes_per_call",
                                                "calls_per_step",
                                                "by_collective")},
+        "placement": cfg.data.placement,
+        "domain_map": domain_map(cfg, topo, domain_sizes),
         "notes": notes,
     }
 
@@ -302,6 +333,9 @@ def format_text(plan, config_path):
         rows.append(f"  node {node:<3} ranks {'; '.join(runs)}; node-local {local}")
     shown, hidden = _abbreviated(rows)
     lines += shown[:-1] + ([f"  ... ({hidden} more nodes)"] if hidden else []) + shown[-1:]
+    lines.append(f"data       placement {p['placement']}"
+                 + (" (every rank reads blocks of one permutation of all domains)" if not p["domain_map"] else ""))
+    lines += [f"  {line}" for line in p["domain_map"] or []]
     mem = p["memory_breakdown_gib"]
     lines += [
         f"params     total {p['params_total']:,} ({_human(p['params_total'])}), active per token "
@@ -346,12 +380,20 @@ def main(argv=None):
                         help="devices per node without a rank table (default: parallel.devices_per_node)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config field (repeatable)")
+    parser.add_argument("--domain-sizes", help="train samples per domain, comma-separated, for "
+                        "data.placement=domain_affine without a prepared dataset")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:
         from pangu_sigma.config import load_config
         cfg = load_config(args.config, args.set)
-        plan = make_plan(cfg, args.rank_table, args.world_size, args.devices_per_node)
+        sizes = None
+        if args.domain_sizes:
+            try:
+                sizes = [int(v) for v in args.domain_sizes.split(",")]
+            except ValueError:
+                raise ConfigError("--domain-sizes", args.domain_sizes, "comma-separated integers, e.g. 500,300,200")
+        plan = make_plan(cfg, args.rank_table, args.world_size, args.devices_per_node, sizes)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -106,7 +106,7 @@ class BatchStream:
     """Iterable of (input_ids [B, S+1], domain_ids [B]) batches for one data-parallel rank."""
 
     def __init__(self, input_ids, domain_ids, batch_size, dp_size, dp_rank, shuffle, seed, start_batch,
-                 repeat, drop_remainder):
+                 repeat, drop_remainder, sample_order=None):
         self.input_ids = input_ids
         self.domain_ids = domain_ids
         self.batch_size = batch_size
@@ -116,7 +116,13 @@ class BatchStream:
         self.seed = seed
         self.start_batch = start_batch
         self.repeat = repeat
-        self.per_epoch = batches_per_epoch(len(input_ids), batch_size, dp_size, drop_remainder)
+        # sample_order(domain_ids, epoch) -> this reader's sample indices in read order
+        # (e.g. a domain-affine placement, pangu_sigma.data.placement_order); None: i.i.d. blocks.
+        self.sample_order = sample_order
+        if sample_order is None:
+            self.per_epoch = batches_per_epoch(len(input_ids), batch_size, dp_size, drop_remainder)
+        else:
+            self.per_epoch = len(sample_order(domain_ids, 0)) // batch_size
 
     def __len__(self):
         return ENDLESS_LENGTH if self.repeat else self.per_epoch - self.start_batch
@@ -129,6 +135,8 @@ class BatchStream:
         batch a single process with batch size B*dp reads. A tail shorter than one
         global batch is dealt round-robin.
         """
+        if self.sample_order is not None:
+            return self.sample_order(self.domain_ids, epoch)
         order = epoch_order(len(self.input_ids), epoch, self.seed, self.shuffle)
         order = order[:len(order) - len(order) % self.dp_size]
         per_global = self.batch_size * self.dp_size
@@ -147,12 +155,13 @@ class BatchStream:
 
 
 def create_dataset(data_dir, split, batch_size, dp_size=1, dp_rank=0, shuffle=True, seed=1234, start_batch=0,
-                   repeat=True, drop_remainder=True):
+                   repeat=True, drop_remainder=True, sample_order=None):
     """A MindSpore dataset of batches: input_ids int32 [B, S+1], domain_id int32 [B].
 
     repeat=True: an endless stream over epochs 0, 1, 2, ... (get_dataset_size() reports
     2**31 - 1; use num_batches() for the epoch length). repeat=False: the rest of epoch 0
     after start_batch. Batch k of the stream is the same for any start_batch <= k.
+    sample_order: see BatchStream (a domain-affine placement's read order).
     """
     import mindspore.dataset as ds
 
@@ -161,7 +170,7 @@ def create_dataset(data_dir, split, batch_size, dp_size=1, dp_rank=0, shuffle=Tr
         raise ConfigError("dp_rank", dp_rank, f"an integer in [0, {dp_size}) (dp_size={dp_size})")
     input_ids, domain_ids = load_split(data_dir, split)
     stream = BatchStream(input_ids, domain_ids, batch_size, dp_size, dp_rank, shuffle, seed, start_batch,
-                         repeat, drop_remainder)
+                         repeat, drop_remainder, sample_order)
     if len(input_ids) < dp_size:
         raise ConfigError("split", split, f"a split with >= dp_size={dp_size} samples; {data_dir} has "
                           f"{len(input_ids)} (prepare more text or a larger --valid-fraction)")

@@ -22,7 +22,8 @@ from pangu_sigma.training import checkpoint
 from locmoe.comm import AllReduce, CommCounter
 from locmoe.exchange import register_exchange_bytes
 from locmoe.layer import MoELayer
-from pangu_sigma.build import build_model, dataset_meta, parallel_context, set_device, single_process_groups
+from pangu_sigma.build import (build_model, dataset_meta, domain_placement, parallel_context,
+                               placement_sample_order, set_device, single_process_groups)
 from pangu_sigma.training.callbacks import JsonlLog, expert_table, step_line
 from pangu_sigma.config import load_config
 from pangu_sigma.data.dataset import create_dataset
@@ -121,8 +122,14 @@ def train(cfg, resume=False, log=print, stop_after=None):
         log(f"[train] nothing to do: step {start_step} >= train.train_steps={cfg.train.train_steps}")
         return {"steps": start_step, "losses": {}, "tokens_per_s": 0.0, "seconds": 0.0}
 
+    if ctx.distributed:
+        read_ranks = [dp_rank]
+    else:
+        read_ranks = list(range(topology.dp)) if groups > 1 else [topology.dp_rank()]
+    sample_order = placement_sample_order(cfg, domain_placement(cfg, meta, topology), read_ranks)
     dataset = create_dataset(cfg.data.dataset_dir, "train", batch_size, dp_size, dp_rank,
-                             shuffle=cfg.data.shuffle, seed=cfg.data.seed, start_batch=start_step, repeat=True)
+                             shuffle=cfg.data.shuffle, seed=cfg.data.seed, start_batch=start_step, repeat=True,
+                             sample_order=sample_order)
     run_sink = sink_runner(cfg, step_cell, dataset)
     tokens_per_step = batch_size * dp_size * cfg.model.seq_length
     jsonl = JsonlLog(os.path.join(output_dir, f"train_log_rank{rank}.jsonl"), fresh=not resume)
