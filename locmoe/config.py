@@ -12,7 +12,11 @@ class MoEConfig:
     """Configuration of one MoE layer (shared by all sparse layers of a model).
 
     num_experts: total experts n (= expert_num_per_dp_dim * expert_parallel).
-    capacity_factor: c_f of ec = ceil(tokens * c_f / (ep * n_local)).
+    capacity_factor: c_f of ec = ceil(tokens * c_f / (ep * n_local)); with two tiers, the
+        capacity of each (source, node-local expert) pair.
+    remote_capacity_factor: 0 = one tier (every (source, expert) pair gets the capacity_factor
+        slots). > 0 = two-tier exchange (locmoe.exchange): a (source, expert on another node)
+        pair gets ceil(tokens * this / n) slots, and only those rows cross nodes.
     router: one of ROUTERS.
     aux_loss_coef: alpha of eq. 5 (0.01 in the paper).
     locality_loss_coef: mu of eq. 6.
@@ -34,6 +38,7 @@ class MoEConfig:
 
     num_experts: int = 8
     capacity_factor: float = 1.0
+    remote_capacity_factor: float = 0.0
     router: str = "locmoe"
     aux_loss_coef: float = 0.01
     locality_loss_coef: float = 0.01
@@ -74,6 +79,8 @@ class MoEConfig:
 
         need(is_int(self.num_experts) and self.num_experts >= 1, "num_experts", "an integer >= 1")
         need(is_num(self.capacity_factor) and self.capacity_factor > 0, "capacity_factor", "a number > 0")
+        need(is_num(self.remote_capacity_factor) and self.remote_capacity_factor >= 0, "remote_capacity_factor",
+             "a number >= 0 (0: one tier, every pair at capacity_factor)")
         need(self.router in ROUTERS, "router", f"one of {list(ROUTERS)}")
         need(is_num(self.aux_loss_coef) and self.aux_loss_coef >= 0, "aux_loss_coef", "a number >= 0")
         need(is_num(self.locality_loss_coef) and self.locality_loss_coef >= 0, "locality_loss_coef", "a number >= 0")
@@ -99,6 +106,9 @@ class MoEConfig:
              f"a divisor of num_experts={self.num_experts}")
         need(is_int(self.comm_overlap_degree) and self.comm_overlap_degree >= 1, "comm_overlap_degree",
              "an integer >= 1")
+        need(self.remote_capacity_factor == 0 or self.comm_overlap_degree == 1, "comm_overlap_degree",
+             "1 when remote_capacity_factor > 0 (the two-tier exchange does not split capacity into overlap "
+             "chunks yet)")
         need(isinstance(self.groupwise_a2a, bool), "groupwise_a2a", "true or false")
         need(self.comm_backend in COMM_BACKENDS, "comm_backend", f"one of {list(COMM_BACKENDS)}")
 

@@ -11,8 +11,9 @@ import mindspore as ms
 from mindspore import nn, ops, Tensor
 
 from locmoe.capacity import expert_capacity
-from locmoe.dispatch import assign_slots, combine, dispatch, token_of_slot
-from locmoe.exchange import TokenExchange
+from locmoe.dispatch import (assign_slots, assign_tiered_slots, combine, dispatch, expert_rows_index, gather_rows,
+                             tier_layout, token_of_slot)
+from locmoe.exchange import TieredExchange, TokenExchange
 from locmoe.experts import BatchedExperts
 from locmoe.routers import build_router
 
@@ -32,6 +33,11 @@ class MoELayer(nn.Cell):
     In group-wise mode capacity is rounded up to a multiple of TP (from the topology,
     virtual or real, so both runs drop the same tokens); overlap chunks are cut on
     multiples of it and the overlap degree never changes which tokens are dropped.
+    Two tiers (moe remote_capacity_factor > 0): each group's buffer holds its node's
+    experts at capacity C_l (capacity_factor) and the other experts at C_r
+    (remote_capacity_factor); drops are counted per tier; distributed, the
+    TieredExchange sends only the C_r rows across nodes. The stats tuple then ends
+    with the remote-tier drops (dropped = both tiers).
     """
 
     def __init__(self, moe_config, hidden_size, ffn_hidden_size, topology, param_init_std=0.02,
@@ -47,6 +53,11 @@ class MoELayer(nn.Cell):
         group_ranks = [topology.rank] * token_groups if group_ranks is None else list(group_ranks)
         local_mask = np.array([topology.local_expert_mask(r) for r in group_ranks], np.float32)  # [G, E]
         self.local_mask = Tensor(local_mask)
+        self.two_tier = cfg.remote_capacity_factor > 0
+        self.remote_capacity_factor = cfg.remote_capacity_factor
+        self.num_local = int(local_mask[0].sum())
+        if self.two_tier and not (local_mask.sum(1) == self.num_local).all():
+            raise ValueError("two-tier capacity needs the same number of node-local experts for every group")
         self.router = build_router(cfg, hidden_size, token_counts=token_counts, init_std=param_init_std,
                                    domain_experts=domain_experts)
         groupwise = cfg.groupwise_a2a and topology.tp > 1
@@ -58,7 +69,8 @@ class MoELayer(nn.Cell):
                 raise ValueError("a distributed MoELayer routes one token group per rank (token_groups=1)")
             if ffn_hidden_size % topology.tp:
                 raise ValueError(f"ffn_hidden_size={ffn_hidden_size} must divide by tp={topology.tp}")
-            self.exchange = TokenExchange(topology, cfg.num_experts, parallel.backend, cfg.groupwise_a2a)
+            exchange = TieredExchange if self.two_tier else TokenExchange
+            self.exchange = exchange(topology, cfg.num_experts, parallel.backend, cfg.groupwise_a2a)
             local_experts, local_ffn = cfg.num_experts // topology.ep, ffn_hidden_size // topology.tp
         self.experts = BatchedExperts(local_experts, hidden_size, local_ffn, param_init_std, out_init_std,
                                       compute_dtype)
@@ -67,6 +79,48 @@ class MoELayer(nn.Cell):
         """Slots per (group, expert): eq. ec rounded up to capacity_multiple."""
         raw = expert_capacity(tokens_per_group, self.capacity_factor, self.num_experts)
         return (raw + self.capacity_multiple - 1) // self.capacity_multiple * self.capacity_multiple
+
+    def remote_capacity(self, tokens_per_group):
+        """Slots per (group, expert on another node) in two-tier mode, rounded like capacity()."""
+        raw = expert_capacity(tokens_per_group, self.remote_capacity_factor, self.num_experts)
+        return (raw + self.capacity_multiple - 1) // self.capacity_multiple * self.capacity_multiple
+
+    def _tiered_expert_stage(self, flat, capacity, offset, slots, local_capacity, remote_capacity):
+        """flat [G*S, d] two-tier buffer -> expert outputs, same layout."""
+        groups = self.token_groups
+        hidden = flat.shape[-1]
+        if self.exchange is not None:  # one group: [n_l*C_l | (E-n_l)*C_r] rows
+            split = self.num_local * local_capacity
+            local = flat[:split].reshape(self.num_local, local_capacity, hidden)  # [n_l, C_l, d]
+            remote = None
+            if split < flat.shape[0]:
+                remote = flat[split:].reshape(self.num_experts - self.num_local, remote_capacity, hidden)
+            back_l, back_r = self.exchange.from_experts(self.experts(self.exchange.to_experts(local, remote)),
+                                                        local_capacity, remote_capacity)
+            if back_r is None:
+                return back_l.reshape(-1, hidden)
+            return ops.concat((back_l.reshape(-1, hidden), back_r.reshape(-1, hidden)), 0)  # [S, d]
+        widest = max(local_capacity, remote_capacity)
+        index = expert_rows_index(capacity, offset, slots, widest)  # [E*G*Cm]
+        inverse = token_of_slot(index, groups * slots, index.shape[0])  # [G*S]
+        rows = gather_rows(flat, index, inverse).reshape(self.num_experts, groups * widest, hidden)  # [E, G*Cm, d]
+        out = self.experts(rows).reshape(-1, hidden)  # [E*G*Cm, d]
+        return gather_rows(out, inverse, index)  # [G*S, d]
+
+    def _tiered(self, x_groups, expert_index, expert_prob, per_group):
+        """Two-tier dispatch -> experts -> combine. -> (y [G, T, d], keep, onehot, remote drops)."""
+        groups, _, hidden = x_groups.shape
+        local_capacity, remote_capacity = self.capacity(per_group), self.remote_capacity(per_group)
+        capacity, offset = tier_layout(self.local_mask, local_capacity, remote_capacity)  # [G, E] each
+        slots = self.num_local * local_capacity + (self.num_experts - self.num_local) * remote_capacity
+        slot, keep, onehot = assign_tiered_slots(expert_index, capacity, offset, slots)
+        source = token_of_slot(slot, groups * slots, groups * per_group)  # [G*S]
+        flat = gather_rows(x_groups.astype(self.compute_dtype).reshape(-1, hidden), source, slot)  # [G*S, d]
+        out = self._tiered_expert_stage(flat, capacity, offset, slots, local_capacity, remote_capacity)
+        weight = (expert_prob * keep).reshape(-1, 1).astype(out.dtype)  # [G*T, 1]
+        y = (gather_rows(out, slot, source) * weight).reshape(groups, per_group, hidden)  # [G, T, d]
+        remote_tokens = (onehot * (1.0 - self.local_mask).expand_dims(1)).sum(-1)  # [G, T]
+        return y, keep, onehot, ((1.0 - keep) * remote_tokens).sum()
 
     def _expert_stage(self, buffer):
         """buffer [G, E, C, d] -> expert outputs, same shape; capacity split into overlap chunks
@@ -104,6 +158,12 @@ class MoELayer(nn.Cell):
 
         expert_index, expert_prob, _, aux_loss, loc_loss = self.router(
             x_groups.astype(ms.float32), token_groups, domains, self.local_mask)
+        if self.two_tier:
+            y, keep, onehot, dropped_remote = self._tiered(x_groups, expert_index, expert_prob, per_group)
+            expert_load = onehot.sum(1).sum(0)  # [E]
+            local = (onehot * self.local_mask.expand_dims(1)).sum()
+            return (y.reshape(batch, seq, hidden).astype(x.dtype), aux_loss, loc_loss,
+                    (expert_load, (1.0 - keep).sum(), local, dropped_remote))
         slot, keep, onehot = assign_slots(expert_index, self.num_experts, capacity)
         source = token_of_slot(slot, groups * self.num_experts * capacity, groups * per_group)  # [G*E*C]
         buffer = dispatch(x_groups.astype(self.compute_dtype), slot, self.num_experts, capacity,

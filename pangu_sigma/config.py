@@ -36,6 +36,9 @@ class MoESection:
     router: str = "locmoe"
     expert_num_per_dp_dim: int = 8
     capacity_factor: float = 1.25
+    # > 0: two-tier exchange; capacity of each (rank, expert on another node) pair; the
+    # (rank, node-local expert) pairs keep capacity_factor. 0: one tier.
+    remote_capacity_factor: float = 0.0
     aux_loss_coef: float = 0.01
     locality_loss_coef: float = 0.01
     locality_smoothing: float = 1e-4
@@ -220,7 +223,8 @@ class RunConfig:
         """The locmoe.MoEConfig of every sparse layer."""
         m = self.moe
         try:
-            return MoEConfig(num_experts=self.num_experts, capacity_factor=m.capacity_factor, router=m.router,
+            return MoEConfig(num_experts=self.num_experts, capacity_factor=m.capacity_factor,
+                             remote_capacity_factor=m.remote_capacity_factor, router=m.router,
                              aux_loss_coef=m.aux_loss_coef, locality_loss_coef=m.locality_loss_coef,
                              locality_smoothing=m.locality_smoothing, num_domain_groups=m.num_domain_groups,
                              domain_to_group=tuple(m.domain_to_group) if isinstance(m.domain_to_group, (list, tuple))
