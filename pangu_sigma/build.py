@@ -139,6 +139,10 @@ def build_model(cfg, meta, topology, with_loss=True, parallel=None, token_groups
     moe_cfg = cfg.moe_config(vocab_size=meta["vocab_size"]) if model_cfg.moe_layer_num > 0 else None
     counts = token_counts(cfg) if cfg.moe.router == "hash" else None
     out_std = model_cfg.param_init_std / (2.0 * model_cfg.num_layers) ** 0.5
+    domains = len(meta.get("domains", []))
+    if moe_cfg is not None and cfg.moe.domain_to_group and len(cfg.moe.domain_to_group) < domains:
+        raise ConfigError("moe.domain_to_group", cfg.moe.domain_to_group,
+                          f"one group per domain of {cfg.data.dataset_dir} ({domains} domains)")
     placement = domain_placement(cfg, meta, topology) if moe_cfg is not None else None
     factory = functools.partial(MoELayer, token_counts=counts, out_init_std=out_std, token_groups=token_groups,
                                 group_ranks=group_ranks,

@@ -156,7 +156,7 @@ def vocab_size_of(cfg):
 def a2a_traffic(cfg, topology):
     """MoE-layer communication bytes per step; see the module docstring."""
     from locmoe.comm import CommCounter
-    from locmoe.exchange import register_exchange_bytes
+    from locmoe.exchange import register_exchange_bytes, register_tiered_exchange_bytes
     m = cfg.model
     experts, tp = cfg.num_experts, topology.tp
     tokens = param_count.tokens_per_rank(cfg)
@@ -164,8 +164,14 @@ def a2a_traffic(cfg, topology):
     multiple = tp if groupwise else 1  # locmoe.layer.MoELayer.capacity rounds the same way
     capacity = -(-expert_capacity(tokens, cfg.moe.capacity_factor, experts) // multiple) * multiple
     rows = capacity // tp if groupwise else capacity
+    two_tier = cfg.moe.remote_capacity_factor > 0
+    remote = (-(-expert_capacity(tokens, cfg.moe.remote_capacity_factor, experts) // multiple) * multiple
+              if two_tier else capacity)
     counter = CommCounter(topology)
-    if m.moe_layer_num:
+    if m.moe_layer_num and two_tier:
+        register_tiered_exchange_bytes(counter, topology, experts, capacity, remote, m.hidden_size,
+                                       cfg.compute_dtype, groupwise, m.moe_layer_num)
+    elif m.moe_layer_num:
         register_exchange_bytes(counter, topology, experts, capacity, m.hidden_size, cfg.compute_dtype,
                                 groupwise, m.moe_layer_num)
     by_name = {name: {"intra": a, "inter": e} for name, (a, e) in counter.by_name().items()}
@@ -173,6 +179,8 @@ def a2a_traffic(cfg, topology):
     return {
         "tokens_per_rank": tokens,
         "capacity": capacity,
+        "remote_capacity": remote,
+        "two_tier": two_tier,
         "groupwise": groupwise,
         "rows_per_rank": rows,
         "buffer_bytes": experts * capacity * m.hidden_size * itemsize,
@@ -186,7 +194,8 @@ def a2a_traffic(cfg, topology):
 
 # ---- data placement ---------------------------------------------------------------
 def domain_map(cfg, topology, domain_sizes=None):
-    """The domain-affine map as text lines (None under i.i.d. placement); see locmoe.placement."""
+    """The domain-affine map as text lines (None under i.i.d. placement, or a one-line
+    request for the domain sizes when there is no dataset); see locmoe.placement."""
     if cfg.data.placement != "domain_affine":
         return None
     from locmoe.placement import plan_placement
@@ -200,8 +209,8 @@ def domain_map(cfg, topology, domain_sizes=None):
             names = list(meta["domains"])
             domain_sizes = [int(meta["domain_samples"][n]["train"]) for n in names]
         except (OSError, ValueError, KeyError, TypeError):
-            raise ConfigError("data.placement", "domain_affine",
-                              f"domain sizes: from {path} (missing or unreadable) or --domain-sizes N,N,...") from None
+            return [f"map not computed: it needs the domain sizes, from {path} (missing or unreadable) "
+                    "or --domain-sizes N,N,..."]
     placement = plan_placement(domain_sizes, topology, cfg.train.batch_size)
     imposed = placement.expected_expert_load()
     return placement.lines(names) + [f"placement-imposed expert load (even split over each domain's level-1 "
@@ -261,9 +270,10 @@ def make_plan(cfg, rank_table=None, world_size=None, devices_per_node=None, doma
         "tokens_per_rank": traffic["tokens_per_rank"],
         "global_batch": cfg.train.batch_size * topo.dp,
         "expert_capacity": traffic["capacity"],
+        "remote_capacity": traffic["remote_capacity"],
         "a2a_bytes_per_step": traffic["per_device"],
         "a2a_bytes_per_step_world": traffic["world"],
-        "a2a_detail": {k: traffic[k] for k in ("groupwise", "rows_per_rank", "buffer_bytes", "sent_bytes_per_call",
+        "a2a_detail": {k: traffic[k] for k in ("groupwise", "two_tier", "rows_per_rank", "buffer_bytes", "sent_bytes_per_call",
                                                "calls_per_step",
                                                "by_collective")},
         "placement": cfg.data.placement,
@@ -346,13 +356,19 @@ def format_text(plan, config_path):
         f"+ gradients {mem['gradients']:.2f} + Adam moments {mem['optimizer']:.2f} "
         f"+ activations {mem['activations']:.2f} (fp32 weights, {p['compute_dtype']} compute, no recompute)",
         f"batch      {p['tokens_per_rank']:,} tokens per rank, global batch {p['global_batch']} sequences; "
-        f"expert capacity {p['expert_capacity']}",
+        f"expert capacity {p['expert_capacity']}"
+        + (f" per (rank, node-local expert), {p['remote_capacity']} per (rank, expert on another node) "
+           f"(two-tier exchange)" if p["a2a_detail"]["two_tier"] else ""),
     ]
     d, per, world = p["a2a_detail"], p["a2a_bytes_per_step"], p["a2a_bytes_per_step_world"]
     buffer = f"[E {p['num_experts']}, C {p['expert_capacity']}, d] = {_gib(d['buffer_bytes'])}"
     how = (f"group-wise: each TP rank sends its [E, {d['rows_per_rank']}, d] slice "
            f"({_gib(d['sent_bytes_per_call'])}) through EP, then a TP AllGather"
            if d["groupwise"] else "each rank sends all of it through EP")
+    if d["two_tier"]:
+        buffer = (f"node-local experts x C {p['expert_capacity']} (intra-node All-to-All) + the others x "
+                  f"C_r {p['remote_capacity']} (EP All-to-All, the only rows leaving the node)")
+        how = "group-wise TP slices per tier" if d["groupwise"] else "whole tiers"
     lines += [
         f"all-to-all {d['calls_per_step']} per step (4 per MoE layer: fwd dispatch + combine, bwd both); "
         f"buffer {buffer}; {how}",
