@@ -20,7 +20,7 @@ import mindspore as ms
 from locmoe.errors import OneLineArgumentParser, run_cli
 from pangu_sigma.training import checkpoint
 from locmoe.comm import AllReduce, CommCounter
-from locmoe.exchange import register_exchange_bytes
+from locmoe.exchange import register_exchange_bytes, register_tiered_exchange_bytes
 from locmoe.layer import MoELayer
 from pangu_sigma.build import (build_model, dataset_meta, domain_placement, parallel_context,
                                placement_sample_order, set_device, single_process_groups)
@@ -58,10 +58,16 @@ def comm_summary(cfg, net, topology):
     layers = [cell for _, cell in net.cells_and_names() if isinstance(cell, MoELayer)]
     if not layers or topology.world_size == 1:
         return "[train] MoE communication per step: none (a single rank holds every expert)"
-    capacity = layers[0].capacity(cfg.train.batch_size * cfg.model.seq_length)
-    counter = register_exchange_bytes(CommCounter(topology), topology, cfg.num_experts, capacity,
-                                      cfg.model.hidden_size, cfg.compute_dtype, cfg.parallel.groupwise_a2a,
-                                      len(layers))
+    tokens = cfg.train.batch_size * cfg.model.seq_length
+    capacity = layers[0].capacity(tokens)
+    if layers[0].two_tier:  # the shapes the two-tier exchange sends
+        counter = register_tiered_exchange_bytes(CommCounter(topology), topology, cfg.num_experts, capacity,
+                                                 layers[0].remote_capacity(tokens), cfg.model.hidden_size,
+                                                 cfg.compute_dtype, cfg.parallel.groupwise_a2a, len(layers))
+    else:
+        counter = register_exchange_bytes(CommCounter(topology), topology, cfg.num_experts, capacity,
+                                          cfg.model.hidden_size, cfg.compute_dtype, cfg.parallel.groupwise_a2a,
+                                          len(layers))
     totals = counter.totals()
     return (f"[train] MoE communication per step of rank {topology.rank} (of {topology.world_size}, "
             f"{topology.nodes} nodes): intra-node {totals['intra'] / 2**20:.2f} MiB, "
