@@ -2,7 +2,7 @@
 
     python -m pangu_sigma.tools.compare_routers --config FILE --routers locmoe,switch,hash,rre
         --steps N --output DIR [--set a.b=c ...] [--clusters 64,128,256] [--cluster-config-dir configs]
-        [--dispatch routed|padded] [--efficiency X] [--overwrite] [--quiet]
+        [--dispatch padded|routed] [--efficiency X] [--overwrite] [--quiet]
 
 For every router R: `pangu_sigma.training.train.train` with moe.router=R,
 train.output_dir=DIR/R and train.train_steps=N (everything else, data, seed,
@@ -18,8 +18,7 @@ split. Then one table, DIR/report.md and DIR/report.json:
 - the simulator's step time for each cluster size, from that run's routing
   statistics: the training log's expert_load over the last half of the
   steps, scaled to every rank of the cluster by
-  `pangu_sigma.tools.routing_stats` (node-relative for LocMoE, the same
-  distribution on every rank for the others), with the cluster's config
+  `pangu_sigma.tools.routing_stats` (the same distribution on every rank), with the cluster's config
   configs/<R>_<n>n.yaml, else configs/locmoe_<n>n.yaml with moe.router=R.
   The same with uniform routing is in report.json for reference.
 """
@@ -164,7 +163,7 @@ def render(results, clusters, meta):
 
 
 def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_CLUSTERS, config_dir=None,
-            dispatch="routed", hw=None, overwrite=False, log=print):
+            dispatch="padded", hw=None, overwrite=False, log=print):
     """Train, evaluate and simulate every router; write report.md and report.json; return the results dict."""
     from pangu_sigma.config import load_config
     from pangu_sigma.evaluation.eval import evaluate
@@ -244,7 +243,8 @@ def main(argv=None):
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--clusters", default="64,128,256", help="cluster sizes to simulate (devices)")
     parser.add_argument("--cluster-config-dir", help="folder of <router>_<n>n.yaml (default: configs/)")
-    parser.add_argument("--dispatch", default="routed", choices=("routed", "padded"))
+    parser.add_argument("--dispatch", default="padded", choices=("padded", "routed"),
+                        help="padded: the shapes MoELayer sends (default); routed: an All-to-AllV what-if")
     parser.add_argument("--efficiency", type=float, default=Hardware.efficiency)
     parser.add_argument("--overwrite", action="store_true", help="replace previous runs in --output")
     parser.add_argument("--quiet", action="store_true", help="only the [compare] lines")
