@@ -2,6 +2,12 @@
 
 Perplexity = exp(mean token cross-entropy over the whole valid split); every
 valid sample counts (the last short batch too).
+
+Exception: a config that trains as the image of a cluster (virtual_scope: cluster)
+with data.placement=domain_affine is evaluated the same way (one token group per
+data-parallel rank, each reading its node's domains, so the routing and the
+capacities of each tier see what they see in training); the split is then read
+in whole global batches of the placement (samples beyond the last one are left out).
 """
 import math
 import sys
@@ -10,7 +16,8 @@ import numpy as np
 
 from locmoe.errors import ConfigError, OneLineArgumentParser, run_cli
 from pangu_sigma.training import checkpoint
-from pangu_sigma.build import build_model, dataset_meta, set_device, single_process_topology
+from pangu_sigma.build import (build_model, dataset_meta, domain_placement, placement_sample_order, set_device,
+                               single_process_groups, single_process_topology)
 from pangu_sigma.training.callbacks import expert_table
 from pangu_sigma.config import load_config
 from pangu_sigma.data.dataset import create_dataset
@@ -22,15 +29,25 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
     Either loads checkpoint_path into a freshly built network or uses net as given.
     """
     meta = dataset_meta(cfg)
+    topology = single_process_topology(cfg)
+    groups, group_ranks, batch_multiplier = single_process_groups(cfg, topology)
+    placed = net is None and groups > 1 and cfg.data.placement == "domain_affine"
     if net is None:
         set_device(cfg)
-        net = build_model(cfg, meta, single_process_topology(cfg))
+        net = build_model(cfg, meta, topology, token_groups=groups if placed else 1,
+                          group_ranks=group_ranks if placed else None)
         checkpoint.load_into(net, checkpoint_path)
     net.set_train(False)
-    batch_size = batch_size or cfg.train.batch_size
-    batch_size = min(batch_size, meta[f"{split}_samples"])
-    dataset = create_dataset(cfg.data.dataset_dir, split, batch_size, shuffle=False, repeat=False,
-                             drop_remainder=False)
+    if placed:  # the cluster image, reading as the placement's ranks do
+        batch_size = cfg.train.batch_size * batch_multiplier
+        order = placement_sample_order(cfg, domain_placement(cfg, meta, topology), range(topology.dp))
+        dataset = create_dataset(cfg.data.dataset_dir, split, batch_size, shuffle=False, repeat=False,
+                                 sample_order=lambda ids, epoch: order(ids, 0))
+    else:
+        batch_size = batch_size or cfg.train.batch_size
+        batch_size = min(batch_size, meta[f"{split}_samples"])
+        dataset = create_dataset(cfg.data.dataset_dir, split, batch_size, shuffle=False, repeat=False,
+                                 drop_remainder=False)
     ce_sum, tokens = 0.0, 0
     load = dropped = local = None
     for ids, domains in dataset.create_tuple_iterator(num_epochs=1):
