@@ -1,6 +1,8 @@
-"""TieredExchange in one process: every rank of a 2-node EP group runs against a shared
-board standing in for the All-to-All (record every rank's send buffer, then replay
-each rank's receive), checked against the tier layout written out here."""
+"""TieredExchange in one process: every rank of a 2-node layout runs against a shared
+board standing in for the collectives (each round records every rank's send buffer and
+answers from the previous round's; chained collectives settle after a few rounds),
+checked against the tier layout written out here in numpy: EP only (4 ranks) and
+TP 2 x EP in group-wise mode (each TP rank sends 1/TP of each tier's capacity)."""
 import numpy as np
 import pytest
 import mindspore as ms
@@ -10,90 +12,146 @@ import locmoe.exchange as exchange
 from locmoe.comm import CommCounter
 from locmoe.topology import Topology
 
-E, CL, CR, D = 8, 3, 2, 4
-# 4 ranks, 2 per node, EP 4, 2 experts per rank: node 0 = ranks 0, 1 (experts 0-3), node 1 = ranks 2, 3
+E, CL, CR, D = 8, 4, 2, 4
+ROUNDS = 5  # >= the longest chain of collectives (reduce-scatter -> All-to-All -> all-gather) + 1
 
 
 class Board:
     def __init__(self):
-        self.sent, self.replay = {}, False
+        self.sent, self.prev = {}, {}
 
 
 BOARD = Board()
 
 
-class FakeAllToAll(nn.Cell):
-    """All-to-All over `group` (split and concat on dim 0) through BOARD."""
+class _Fake(nn.Cell):
+    """A collective over `group` answered from BOARD.prev (zeros until every member has sent)."""
 
-    def __init__(self, group, split_dim=0, concat_dim=0, backend=None, topology=None, name=None):
+    def __init__(self, group, *args):  # the locmoe.comm signatures: (group, [dims], backend, topology, name)
         super().__init__()
-        self.group, self.name, self.me = list(group), name, topology.rank
+        topology, name = args[-2:]
+        self.group, self.name, self.me = sorted(group), name, topology.rank
+        self.dim = args[0] if isinstance(args[0], int) else None
 
     def construct(self, x):
         BOARD.sent[(self.name, self.me)] = x.asnumpy()
-        if not BOARD.replay:
-            return ops.zeros_like(x)
-        mine = self.group.index(self.me)
-        return Tensor(np.stack([BOARD.sent[(self.name, src)][mine] for src in self.group]))  # [g(src), ...]
+        sent = [BOARD.prev.get((self.name, src)) for src in self.group]
+        if any(s is None or s.shape != x.shape for s in sent):
+            return self.empty(x)
+        return Tensor(self.answer(sent, self.group.index(self.me)))
+
+    def empty(self, x):
+        return ops.zeros_like(x)
 
 
-class Identity(nn.Cell):
-    def __init__(self, *args, **kwargs):
-        super().__init__()
+class FakeAllToAll(_Fake):
+    def answer(self, sent, mine):  # split and concat on dim 0
+        return np.concatenate([np.array_split(s, len(sent))[mine] for s in sent])
 
-    def construct(self, x):
-        return x
+
+class FakeAllGather(_Fake):
+    def answer(self, sent, mine):
+        return np.concatenate(sent, self.dim)
+
+    def empty(self, x):
+        shape = list(x.shape)
+        shape[self.dim] *= len(self.group)
+        return ops.zeros(tuple(shape), x.dtype)
+
+
+class FakeReduceScatter(_Fake):
+    def answer(self, sent, mine):
+        return np.array_split(np.sum(sent, 0), len(sent), self.dim)[mine]
+
+    def empty(self, x):
+        shape = list(x.shape)
+        shape[self.dim] //= len(self.group)
+        return ops.zeros(tuple(shape), x.dtype)
+
+
+class FakeAllReduce(_Fake):
+    def answer(self, sent, mine):
+        return np.sum(sent, 0)
 
 
 @pytest.fixture
 def fake_collectives(monkeypatch):
     ms.set_context(mode=ms.PYNATIVE_MODE)
-    monkeypatch.setattr(exchange, "AllToAll", FakeAllToAll)
-    for name in ("AllGather", "ReduceScatter", "AllReduce"):
-        monkeypatch.setattr(exchange, name, Identity)
-    BOARD.sent, BOARD.replay = {}, False
+    for name, fake in (("AllToAll", FakeAllToAll), ("AllGather", FakeAllGather),
+                       ("ReduceScatter", FakeReduceScatter), ("AllReduce", FakeAllReduce)):
+        monkeypatch.setattr(exchange, name, fake)
+    BOARD.sent, BOARD.prev = {}, {}
 
 
-def _two_phase(run, ranks):
-    BOARD.replay = False
+def _rounds(run, ranks):
+    """Run every rank ROUNDS times, each round answered from the last; the answer must have settled."""
+    BOARD.sent, BOARD.prev = {}, {}
+    results = []
+    for _ in range(ROUNDS):
+        results.append({r: run(r) for r in ranks})
+        BOARD.prev, BOARD.sent = BOARD.sent, {}
     for r in ranks:
-        run(r)
-    BOARD.replay = True
-    return {r: run(r) for r in ranks}
+        for a, b in zip(results[-1][r], results[-2][r]):
+            np.testing.assert_array_equal(a, b)
+    return results[-1]
 
 
-def test_tiers_reach_the_right_experts_and_come_back(fake_collectives):
-    topos = {r: Topology(world_size=4, tp=1, ep=4, num_experts=E, devices_per_node=2, rank=r) for r in range(4)}
-    cells = {r: exchange.TieredExchange(topos[r], E, "emulated", True) for r in range(4)}
+LAYOUTS = {  # name: (world, tp, ep, devices_per_node); 2 nodes each
+    "ep4": (4, 1, 4, 2),  # node 0 = ranks 0, 1 (experts 0-3), node 1 = ranks 2, 3
+    "tp2_ep4": (8, 2, 4, 4),  # node 0 = ranks 0-3 (dp 0, 1: experts 0-3); EP groups {0,2,4,6}, {1,3,5,7}
+    "tp2_ep2": (4, 2, 2, 2),  # node = one TP group (one EP member per node, as the 64N-256N configs)
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_tiers_reach_the_right_experts_and_come_back(fake_collectives, layout):
+    world, tp, ep, per_node = LAYOUTS[layout]
+    topos = {r: Topology(world_size=world, tp=tp, ep=ep, num_experts=E, devices_per_node=per_node, rank=r)
+             for r in range(world)}
+    cells = {r: exchange.TieredExchange(topos[r], E, "emulated", True) for r in range(world)}
+    node_of = lambda r: r // per_node
+    local_ids = {r: [e for e in range(E) if e // (E // 2) == node_of(r)] for r in range(world)}  # node's experts
+    remote_ids = {r: [e for e in range(E) if e // (E // 2) != node_of(r)] for r in range(world)}
     rng = np.random.default_rng(0)
-    local = {r: rng.normal(size=(4, CL, D)).astype(np.float32) for r in range(4)}  # the node's 4 experts
-    remote = {r: rng.normal(size=(4, CR, D)).astype(np.float32) for r in range(4)}  # the other node's 4
-    got = _two_phase(lambda r: cells[r].to_experts(Tensor(local[r]), Tensor(remote[r])).asnumpy(), range(4))
-    for r in range(4):
-        node = r // 2
+    dp = world // tp
+    local_by_dp = [rng.normal(size=(E // 2, CL, D)).astype(np.float32) for _ in range(dp)]
+    remote_by_dp = [rng.normal(size=(E // 2, CR, D)).astype(np.float32) for _ in range(dp)]
+    local = {r: local_by_dp[r // tp] for r in range(world)}  # the TP ranks of a group hold the same tokens
+    remote = {r: remote_by_dp[r // tp] for r in range(world)}
+    got = _rounds(lambda r: [cells[r].to_experts(Tensor(local[r]), Tensor(remote[r])).asnumpy()], range(world))
+    per_rank = E // ep
+    for r in range(world):
+        group = [(r // tp // ep * ep + i) * tp + r % tp for i in range(ep)]  # my EP group
+        members = [s for s in group if node_of(s) == node_of(r)]
+        mine = [(r // tp % ep) * per_rank + k for k in range(per_rank)]
         expected = []
-        for k in range(2):  # my 2 experts
-            e = 2 * r + k
-            rows_l = [local[s][e - 4 * node] for s in (2 * node, 2 * node + 1)]  # tier 1: my node's sources
-            rows_r = [remote[s][e - 4 * node] if s // 2 != node else np.zeros((CR, D), np.float32)
-                      for s in range(4)]  # tier 2: every EP source; same-node blocks are the zero hole
-            expected.append(np.concatenate(rows_l + rows_r))  # [2*CL + 4*CR, d]
-        np.testing.assert_array_equal(got[r], np.stack(expected))
-    # the way back: expert e multiplies its rows by (e + 1); every source gets its own rows back
-    back = _two_phase(lambda r: [None if t is None else t.asnumpy() for t in cells[r].from_experts(
-        Tensor(got[r] * (np.arange(2 * r, 2 * r + 2, dtype=np.float32) + 1)[:, None, None]), CL, CR)], range(4))
-    for r in range(4):
-        node = r // 2
-        scale_l = (np.arange(4 * node, 4 * node + 4) + 1)[:, None, None]
-        scale_r = (np.arange(4 * (1 - node), 4 * (1 - node) + 4) + 1)[:, None, None]
-        np.testing.assert_allclose(back[r][0], local[r] * scale_l, rtol=1e-6)
-        np.testing.assert_allclose(back[r][1], remote[r] * scale_r, rtol=1e-6)
+        for e in mine:
+            rows_l = [local[s][local_ids[s].index(e)] for s in members]  # tier 1: my node's sources
+            rows_r = [np.zeros((CR, D), np.float32) if node_of(s) == node_of(r) else remote[s][remote_ids[s].index(e)]
+                      for s in group]  # tier 2: every EP source; same-node blocks are the zero hole
+            expected.append(np.concatenate(rows_l + rows_r))  # [m*CL + ep*CR, d]
+        np.testing.assert_array_equal(got[r][0], np.stack(expected))
+    # the way back: expert e multiplies its rows by (e + 1), split over the TP ranks as partial sums
+    # (TP rank t contributes the share w[t]); every source gets its own rows back, summed over TP
+    share = np.arange(1, tp + 1, dtype=np.float32) / (tp * (tp + 1) / 2)  # [tp], sums to 1
+
+    def back_of(r):
+        mine = np.arange((r // tp % ep) * per_rank, (r // tp % ep + 1) * per_rank, dtype=np.float32)
+        partial = got[r][0] * ((mine + 1) * share[r % tp])[:, None, None]
+        return [t.asnumpy() for t in cells[r].from_experts(Tensor(partial), CL, CR)]
+
+    back = _rounds(back_of, range(world))
+    for r in range(world):
+        scale_l = (np.array(local_ids[r]) + 1)[:, None, None]
+        scale_r = (np.array(remote_ids[r]) + 1)[:, None, None]
+        np.testing.assert_allclose(back[r][0], local[r] * scale_l, rtol=1e-5)
+        np.testing.assert_allclose(back[r][1], remote[r] * scale_r, rtol=1e-5)
 
 
 def test_tiered_bytes_follow_the_remote_capacity():
     topo = Topology(world_size=4, tp=1, ep=4, num_experts=E, devices_per_node=2, rank=0)
-    totals = exchange.register_tiered_exchange_bytes(CommCounter(topo), topo, E, CL, CR, D, "float32", True).totals()
+    totals = exchange.register_tiered_exchange_bytes(CommCounter(topo), topo, E, 3, 2, D, "float32", True).totals()
     # per call: tier 2 sends [4, 2, CR, D] fp32 blocks, 2 of them to node 1; tier 1 [2, 2, CL, D], 1 block to rank 1;
     # the tier-2 zero hole to rank 1 stays in the node. 4 calls of each (dispatch + combine, fwd + bwd).
-    block_r, block_l = 2 * CR * D * 4, 2 * CL * D * 4
+    block_r, block_l = 2 * 2 * D * 4, 2 * 3 * D * 4
     assert totals == {"inter": 4 * 2 * block_r, "intra": 4 * (block_l + block_r)}
