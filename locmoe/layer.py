@@ -20,7 +20,13 @@ from locmoe.routers import build_router
 
 class MoELayer(nn.Cell):
     """Sparse FFN. construct(x [B,S,d], token_ids [B,S], domain_ids [B]) ->
-    (y [B,S,d] MoE branch only, aux_loss, loc_loss, (expert_load [E], dropped, local)).
+    (y [B,S,d] MoE branch only, aux_loss, loc_loss,
+     (expert_load [E], dropped, local, dropped_remote, local_by_rank [P])).
+    dropped_remote: the dropped tokens that were bound for experts on another node (the
+    remote tier in two-tier mode). local_by_rank: node-local tokens of each token group,
+    by the data-parallel rank it is (distributed: P = dp, this rank's slot filled, the
+    others summed in by the metrics AllReduce) or poses as (one process: P = G, in group
+    order); every group routes the same number of tokens.
 
     token_groups: G, the number of groups the B*S tokens are split into (contiguous).
     group_ranks: the rank each group poses as (locality); default: topology.rank for all.
@@ -36,8 +42,7 @@ class MoELayer(nn.Cell):
     Two tiers (moe remote_capacity_factor > 0): each group's buffer holds its node's
     experts at capacity C_l (capacity_factor) and the other experts at C_r
     (remote_capacity_factor); drops are counted per tier; distributed, the
-    TieredExchange sends only the C_r rows across nodes. The stats tuple then ends
-    with the remote-tier drops (dropped = both tiers).
+    TieredExchange sends only the C_r rows across nodes (dropped = both tiers).
     """
 
     def __init__(self, moe_config, hidden_size, ffn_hidden_size, topology, param_init_std=0.02,
@@ -53,6 +58,13 @@ class MoELayer(nn.Cell):
         group_ranks = [topology.rank] * token_groups if group_ranks is None else list(group_ranks)
         local_mask = np.array([topology.local_expert_mask(r) for r in group_ranks], np.float32)  # [G, E]
         self.local_mask = Tensor(local_mask)
+        distributed = parallel is not None and parallel.distributed
+        if distributed and token_groups == 1:  # one slot per DP rank, mine filled
+            slots = np.eye(topology.dp, dtype=np.float32)[topology.dp_rank():topology.dp_rank() + 1]  # [1, dp]
+        else:
+            slots = np.eye(token_groups, dtype=np.float32)  # [G, G]
+        self.rank_slots = Tensor(slots)  # [G, P]
+        self.num_rank_slots = slots.shape[1]
         self.two_tier = cfg.remote_capacity_factor > 0
         self.remote_capacity_factor = cfg.remote_capacity_factor
         self.num_local = int(local_mask[0].sum())
@@ -161,9 +173,10 @@ class MoELayer(nn.Cell):
         if self.two_tier:
             y, keep, onehot, dropped_remote = self._tiered(x_groups, expert_index, expert_prob, per_group)
             expert_load = onehot.sum(1).sum(0)  # [E]
-            local = (onehot * self.local_mask.expand_dims(1)).sum()
+            local_groups = (onehot * self.local_mask.expand_dims(1)).sum(-1).sum(-1)  # [G]
             return (y.reshape(batch, seq, hidden).astype(x.dtype), aux_loss, loc_loss,
-                    (expert_load, (1.0 - keep).sum(), local, dropped_remote))
+                    (expert_load, (1.0 - keep).sum(), local_groups.sum(), dropped_remote,
+                     self._by_rank(local_groups)))
         slot, keep, onehot = assign_slots(expert_index, self.num_experts, capacity)
         source = token_of_slot(slot, groups * self.num_experts * capacity, groups * per_group)  # [G*E*C]
         buffer = dispatch(x_groups.astype(self.compute_dtype), slot, self.num_experts, capacity,
@@ -173,5 +186,12 @@ class MoELayer(nn.Cell):
 
         expert_load = onehot.sum(1).sum(0)  # [E]
         dropped = (1.0 - keep).sum()
-        local = (onehot * self.local_mask.expand_dims(1)).sum()
-        return y.reshape(batch, seq, hidden).astype(x.dtype), aux_loss, loc_loss, (expert_load, dropped, local)
+        local_groups = (onehot * self.local_mask.expand_dims(1)).sum(-1).sum(-1)  # [G]
+        remote_tokens = (onehot * (1.0 - self.local_mask).expand_dims(1)).sum(-1)  # [G, T]
+        dropped_remote = ((1.0 - keep) * remote_tokens).sum()
+        return (y.reshape(batch, seq, hidden).astype(x.dtype), aux_loss, loc_loss,
+                (expert_load, dropped, local_groups.sum(), dropped_remote, self._by_rank(local_groups)))
+
+    def _by_rank(self, per_group):
+        """[G] per token group -> [P] per (posed) data-parallel rank slot."""
+        return (per_group.expand_dims(1) * self.rank_slots).sum(0)  # [P]

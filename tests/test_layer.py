@@ -82,6 +82,7 @@ def np_layer(layer, router, x, groups, local_mask, cf, alpha, mu, eps, remote_cf
         loc = mu * np.mean(kls)
     load = np.bincount(idx.ravel(), minlength=E)
     local = sum(local_mask[g][idx[g]].sum() for g in range(groups))
+    np_layer.local_by_group = [local_mask[g][idx[g]].sum() for g in range(groups)]
     return y.reshape(batch, seq, d), aux, loc, (load, dropped, local), capacity
 
 
@@ -111,7 +112,9 @@ def inputs(seed=0):
 
 
 def run(layer, x, token_ids, domain_ids):
-    y, aux, loc, (load, dropped, local) = layer(Tensor(x), Tensor(token_ids), Tensor(domain_ids))
+    y, aux, loc, stats = layer(Tensor(x), Tensor(token_ids), Tensor(domain_ids))
+    load, dropped, local, dropped_remote, local_by_rank = stats
+    run.dropped_remote, run.local_by_rank = float(dropped_remote.asnumpy()), local_by_rank.asnumpy()
     return y.asnumpy(), float(aux.asnumpy()), float(loc.asnumpy()), (load.asnumpy(), float(dropped.asnumpy()),
                                                                       float(local.asnumpy()))
 
@@ -137,6 +140,8 @@ def test_layer_matches_numpy(router, groups):
     np.testing.assert_allclose(loc, ref_loc, rtol=1e-4, atol=1e-8)
     np.testing.assert_array_equal(load, ref_load)
     assert dropped == ref_drop and local == ref_local
+    assert run.dropped_remote == np_layer.dropped_remote  # one tier: drops of tokens bound for other nodes
+    np.testing.assert_array_equal(run.local_by_rank, np_layer.local_by_group)
     assert load.sum() == B * S
 
 
@@ -218,10 +223,11 @@ def test_two_tier_layer_matches_numpy(groups):
     ref_remote = np_layer.dropped_remote
     assert ref_remote > 0 and ref_drop > ref_remote, "the case should drop in both tiers"
     y, aux, loc, stats = layer(Tensor(x), Tensor(tok), Tensor(dom))
-    load, dropped, local, dropped_remote = (v.asnumpy() for v in stats)
+    load, dropped, local, dropped_remote, local_by_rank = (v.asnumpy() for v in stats)
     np.testing.assert_allclose(y.asnumpy(), ref_y, rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(load, ref_load)
     assert float(dropped) == ref_drop and float(dropped_remote) == ref_remote and float(local) == ref_local
+    np.testing.assert_array_equal(local_by_rank, np_layer.local_by_group)  # one slot per group (posed rank)
 
 
 def test_two_tier_gradients_equal_one_tier_when_nothing_drops():

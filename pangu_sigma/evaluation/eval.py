@@ -62,8 +62,9 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
                                     local + batch_local.asnumpy())
     mean_ce = ce_sum / tokens
     result = {"split": split, "tokens": tokens, "ce": mean_ce, "perplexity": math.exp(mean_ce),
-              "expert_load": np.asarray(load).tolist(), "dropped": np.asarray(dropped).tolist(),
-              "local": np.asarray(local).tolist()}
+              "expert_load": np.asarray(load).tolist(), "dropped": np.asarray(dropped).sum(-1).tolist(),
+              "local": np.asarray(local).sum(-1).tolist(),  # [M] totals; by tier and by rank:
+              "dropped_remote": np.asarray(dropped)[:, 1].tolist(), "local_by_rank": np.asarray(local).tolist()}
     log(f"[eval] {split}: {tokens} tokens, mean CE {mean_ce:.4f}, perplexity {result['perplexity']:.3f}")
     log(expert_table(load, dropped, local, first_layer=cfg.model.num_layers - cfg.model.moe_layer_num,
                      title=f"expert load on {split}"))
