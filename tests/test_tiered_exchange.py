@@ -155,3 +155,17 @@ def test_tiered_bytes_follow_the_remote_capacity():
     # the tier-2 zero hole to rank 1 stays in the node. 4 calls of each (dispatch + combine, fwd + bwd).
     block_r, block_l = 2 * 2 * D * 4, 2 * 3 * D * 4
     assert totals == {"inter": 4 * 2 * block_r, "intra": 4 * (block_l + block_r)}
+
+
+def test_tiered_bytes_group_wise_tp_by_hand():
+    # TP 2 x EP 2 on 2 nodes (one EP member per node, as the 64N-256N configs): rank 0, 4 experts per rank,
+    # C_l = 4, C_r = 2, d = 4, fp32, 2 calls per collective (fwd + bwd). Tier 1 is a group of one: no bytes.
+    topo = Topology(world_size=4, tp=2, ep=2, num_experts=E, devices_per_node=2, rank=0)
+    totals = exchange.register_tiered_exchange_bytes(CommCounter(topo), topo, E, 4, 2, D, "float32", True).totals()
+    # tier 2: [2, 4, C_r/2 = 1, 4] fp32 = 128 B, half of it to rank 2 on node 1; dispatch + combine
+    inter = 2 * 2 * 64
+    # over TP (rank 1, same node), each x 2 calls: gather [1, 4, 2, 4] 128 B, reduce-scatter [1, 4, 4, 4] half of
+    # 256 B, gather back [4, 2, 4] 128 B; remote: gather [2, 4, 1, 4] 128 B, reduce-scatter half of [2, 4, 2, 4]
+    # 256 B, gather back [4, 1, 4] 64 B
+    intra = 2 * (128 + 128 + 128) + 2 * (128 + 128 + 64)
+    assert totals == {"inter": inter, "intra": intra}
