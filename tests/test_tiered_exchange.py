@@ -13,7 +13,7 @@ from locmoe.comm import CommCounter
 from locmoe.topology import Topology
 
 E, CL, CR, D = 8, 4, 2, 4
-ROUNDS = 5  # >= the longest chain of collectives (reduce-scatter -> All-to-All -> all-gather) + 1
+MAX_ROUNDS = 10  # > the longest chain of collectives (5 in a layer: A2A, gather, reduce-scatter, A2A, gather)
 
 
 class Board:
@@ -84,16 +84,17 @@ def fake_collectives(monkeypatch):
 
 
 def _rounds(run, ranks):
-    """Run every rank ROUNDS times, each round answered from the last; the answer must have settled."""
+    """Run every rank, round after round, each round answered from the last, until every collective
+    receives what it received the round before (a fixed point: every answer is the true one)."""
     BOARD.sent, BOARD.prev = {}, {}
-    results = []
-    for _ in range(ROUNDS):
-        results.append({r: run(r) for r in ranks})
+    for _ in range(MAX_ROUNDS):
+        results = {r: run(r) for r in ranks}
+        settled = BOARD.prev.keys() == BOARD.sent.keys() and all(
+            np.array_equal(BOARD.prev[k], v) for k, v in BOARD.sent.items())
         BOARD.prev, BOARD.sent = BOARD.sent, {}
-    for r in ranks:
-        for a, b in zip(results[-1][r], results[-2][r]):
-            np.testing.assert_array_equal(a, b)
-    return results[-1]
+        if settled:
+            return results
+    raise AssertionError(f"the collectives did not settle in {MAX_ROUNDS} rounds")
 
 
 LAYOUTS = {  # name: (world, tp, ep, devices_per_node); 2 nodes each
@@ -169,3 +170,57 @@ def test_tiered_bytes_group_wise_tp_by_hand():
     # 256 B, gather back [4, 1, 4] 64 B
     intra = 2 * (128 + 128 + 128) + 2 * (128 + 128 + 64)
     assert totals == {"inter": inter, "intra": intra}
+
+
+@pytest.mark.parametrize("layout", ["tp2_ep4", "tp2_ep2"])
+def test_two_tier_layer_on_every_rank_equals_the_single_process(fake_collectives, layout):
+    """The whole MoELayer, distributed over a TP2 x EP layout (group-wise, TP-sharded experts) with
+    every rank against the recorded collectives, gives each rank's token group the output and the
+    counts of the single-process layer whose token groups pose as the ranks (drops in both tiers)."""
+    from locmoe.config import MoEConfig
+    from locmoe.layer import MoELayer
+    from locmoe.parallel_context import ParallelContext
+
+    world, tp, ep, per_node = LAYOUTS[layout]
+    dp, seq, hidden, ffn = world // tp, 32, 8, 16
+    cfg = MoEConfig(num_experts=E, router="switch", capacity_factor=1.0, remote_capacity_factor=0.25,
+                    expert_parallel=ep, groupwise_a2a=True)
+    topo = lambda r: Topology(world_size=world, tp=tp, ep=ep, num_experts=E, devices_per_node=per_node, rank=r)
+    ms.set_seed(3)
+    ref = MoELayer(cfg, hidden, ffn, topo(0), param_init_std=0.5, token_groups=dp,
+                   group_ranks=[d * tp for d in range(dp)])
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(dp, seq, hidden)).astype(np.float32)  # one sample per DP rank
+    tok = rng.integers(0, 50, size=(dp, seq)).astype(np.int32)
+    dom = np.zeros(dp, np.int32)
+    ref_y, _, _, ref_stats = ref(Tensor(x), Tensor(tok), Tensor(dom))
+    ref_stats = [s.asnumpy() for s in ref_stats]
+    assert ref_stats[3] > 0 and ref_stats[1] > ref_stats[3], "the case should drop in both tiers"
+    params = {k: p.asnumpy() for k, p in ref.parameters_dict().items()}
+    layers = {}
+    for r in range(world):
+        t = topo(r)
+        layer = MoELayer(cfg, hidden, ffn, t, param_init_std=0.5, parallel=ParallelContext(t, "emulated", True))
+        mine = slice(t.ep_rank() * (E // ep), (t.ep_rank() + 1) * (E // ep))
+        inner = slice(t.tp_rank() * ffn // tp, (t.tp_rank() + 1) * ffn // tp)
+        for k, p in layer.parameters_dict().items():
+            full = params[k]
+            if k.endswith("w_in"):
+                full = full[mine][:, :, inner]  # [E/ep, d, ffn/tp]
+            elif k.endswith("w_out"):
+                full = full[mine][:, inner]  # [E/ep, ffn/tp, d]
+            p.set_data(Tensor(full))
+        layers[r] = layer
+
+    def run(r):
+        d = r // tp
+        y, _, _, stats = layers[r](Tensor(x[d:d + 1]), Tensor(tok[d:d + 1]), Tensor(dom[d:d + 1]))
+        return [y.asnumpy()] + [s.asnumpy() for s in stats]
+
+    got = _rounds(run, range(world))
+    for r in range(world):
+        np.testing.assert_allclose(got[r][0][0], ref_y.asnumpy()[r // tp], rtol=1e-5, atol=1e-6)
+    # counts: the metrics AllReduce sums the ranks and divides out the TP copies
+    summed = [sum(got[r][i] for r in range(world)) / tp for i in range(1, 6)]
+    for i, name in enumerate(["load", "dropped", "local", "dropped_remote", "local_by_rank"]):
+        np.testing.assert_array_equal(summed[i], ref_stats[i], err_msg=name)
