@@ -397,6 +397,8 @@ def test_compare_routers_two_routers_five_steps(tiny_run, tmp_path, capsys):
             assert sim["routed"]["step_time"] > 0 and sim["uniform"]["step_time"] > 0, sim
             assert sim["config"].endswith(f"{router}_{size}n.yaml")
         assert os.path.isfile(os.path.join(r["run_dir"], "train_log_rank0.jsonl"))
+        assert r["moe_inter_node_bytes_per_step"] >= 0 and len(r["valid_dropped_remote"]) == 1
+        assert len(r["valid_local_by_rank"]) == 1 and min(r["valid_local_by_rank"][0]) >= 0
     md = (out / "report.md").read_text()
     assert "| locmoe |" in md and "| hash |" in md and "step 256N (ms)" in md
     # a second run into the same folder is refused in one line unless --overwrite

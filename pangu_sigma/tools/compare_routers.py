@@ -77,6 +77,13 @@ def train_log_table(log_path):
                        np.sum([r["local"] for r in rows], 0))
 
 
+def _last_logged(log_path, key):
+    """The last value of `key` in a training log (None if absent)."""
+    from pangu_sigma.training.callbacks import read_jsonl
+    values = [r[key] for r in read_jsonl(log_path) if key in r]
+    return values[-1] if values else None
+
+
 def simulate_router(router, train_cfg, log_path, clusters, config_dir, dispatch, hw):
     """{size: {...}} step time with the run's routing statistics and with uniform routing."""
     from pangu_sigma.config import load_config
@@ -210,6 +217,9 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
             "blocks": list(range(first, cfg.model.num_layers)),
             "valid_layers": layer_table(ev["expert_load"], ev["dropped"], ev["local"]),
             "train_log_layers": train_log_table(log_path),
+            # by tier and by rank (valid split), and the MoE bytes per step as the exchange sends them
+            "valid_dropped_remote": ev.get("dropped_remote"), "valid_local_by_rank": ev.get("local_by_rank"),
+            "moe_inter_node_bytes_per_step": _last_logged(log_path, "moe_inter_node_bytes_cluster"),
             "simulated": simulate_router(router, cfg, log_path, clusters, config_dir, dispatch, hw),
         }
     cfg0 = cfgs[routers[0]]
