@@ -12,12 +12,20 @@ class MoEConfig:
     """Configuration of one MoE layer (shared by all sparse layers of a model).
 
     num_experts: total experts n (= expert_num_per_dp_dim * expert_parallel).
-    capacity_factor: c_f of ec = ceil(tokens * c_f / (ep * n_local)).
+    capacity_factor: c_f of ec = ceil(tokens * c_f / (ep * n_local)); with two tiers, the
+        capacity of each (source, node-local expert) pair.
+    remote_capacity_factor: 0 = one tier (every (source, expert) pair gets the capacity_factor
+        slots). > 0 = two-tier exchange (locmoe.exchange): a (source, expert on another node)
+        pair gets ceil(tokens * this / n) slots, and only those rows cross nodes.
     router: one of ROUTERS.
     aux_loss_coef: alpha of eq. 5 (0.01 in the paper).
     locality_loss_coef: mu of eq. 6.
     locality_smoothing: epsilon mixed into D_l so that KL(D_c || D_l) is finite.
-    num_domain_groups: level-1 groups (RRE; optional for LocMoE). 1 disables it.
+    num_domain_groups: level-1 groups (RRE; LocMoE keeps level 1 as in the paper). 1 disables it.
+    domain_to_group: explicit level-1 map, entry d = the expert group of domain d (groups are
+        contiguous blocks of num_experts / num_domain_groups experts). Empty: domain % groups.
+        A domain-affine placement (locmoe.placement) replaces it by the experts on the nodes
+        serving each domain.
     gate_bias: learned bias epsilon_i of the GrAP gate.
     switch_jitter: multiplicative uniform jitter of the Switch router input in training.
     vocab_size: token-id range of the hash and RRE tables.
@@ -30,11 +38,13 @@ class MoEConfig:
 
     num_experts: int = 8
     capacity_factor: float = 1.0
+    remote_capacity_factor: float = 0.0
     router: str = "locmoe"
     aux_loss_coef: float = 0.01
     locality_loss_coef: float = 0.01
     locality_smoothing: float = 1e-4
     num_domain_groups: int = 1
+    domain_to_group: tuple = ()
     gate_bias: bool = True
     switch_jitter: float = 0.0
     vocab_size: int = 0
@@ -69,6 +79,8 @@ class MoEConfig:
 
         need(is_int(self.num_experts) and self.num_experts >= 1, "num_experts", "an integer >= 1")
         need(is_num(self.capacity_factor) and self.capacity_factor > 0, "capacity_factor", "a number > 0")
+        need(is_num(self.remote_capacity_factor) and self.remote_capacity_factor >= 0, "remote_capacity_factor",
+             "a number >= 0 (0: one tier, every pair at capacity_factor)")
         need(self.router in ROUTERS, "router", f"one of {list(ROUTERS)}")
         need(is_num(self.aux_loss_coef) and self.aux_loss_coef >= 0, "aux_loss_coef", "a number >= 0")
         need(is_num(self.locality_loss_coef) and self.locality_loss_coef >= 0, "locality_loss_coef", "a number >= 0")
@@ -77,6 +89,12 @@ class MoEConfig:
         need(is_int(self.num_domain_groups) and self.num_domain_groups >= 1, "num_domain_groups", "an integer >= 1")
         need(self.num_experts % self.num_domain_groups == 0, "num_domain_groups",
              f"a divisor of num_experts={self.num_experts}")
+        if isinstance(self.domain_to_group, list):
+            self.domain_to_group = tuple(self.domain_to_group)
+        need(isinstance(self.domain_to_group, tuple)
+             and all(is_int(g) and 0 <= g < self.num_domain_groups for g in self.domain_to_group),
+             "domain_to_group", f"a list of group indices in [0, num_domain_groups={self.num_domain_groups}), "
+             "one per domain (empty: domain % num_domain_groups)")
         need(isinstance(self.gate_bias, bool), "gate_bias", "true or false")
         need(is_num(self.switch_jitter) and 0 <= self.switch_jitter < 1, "switch_jitter", "a number in [0, 1)")
         need(is_int(self.vocab_size) and self.vocab_size >= 0, "vocab_size", "an integer >= 0")
@@ -88,6 +106,9 @@ class MoEConfig:
              f"a divisor of num_experts={self.num_experts}")
         need(is_int(self.comm_overlap_degree) and self.comm_overlap_degree >= 1, "comm_overlap_degree",
              "an integer >= 1")
+        need(self.remote_capacity_factor == 0 or self.comm_overlap_degree == 1, "comm_overlap_degree",
+             "1 when remote_capacity_factor > 0 (the two-tier exchange does not split capacity into overlap "
+             "chunks yet)")
         need(isinstance(self.groupwise_a2a, bool), "groupwise_a2a", "true or false")
         need(self.comm_backend in COMM_BACKENDS, "comm_backend", f"one of {list(COMM_BACKENDS)}")
 

@@ -78,3 +78,58 @@ def combine(buffer, slot, weight, source=None):
         source = token_of_slot(slot, num_slots, groups * tokens)  # [G*E*C]
     gathered = _GATHER(buffer.reshape(num_slots, hidden), slot, source)  # [G*T, d], dropped -> zeros
     return gathered.reshape(groups, tokens, hidden) * weight.expand_dims(-1).astype(buffer.dtype)  # [G, T, d]
+
+
+# ---- two tiers (node-local experts, remote experts) ---------------------------------
+def gather_rows(src, index, inverse):
+    """[src; 0][index] with the exact inverse-map gradient (index reads each row at most once)."""
+    return _GATHER(src, index, inverse)
+
+
+def tier_layout(local_mask, local_capacity, remote_capacity):
+    """Capacity and offset of every (group, expert) pair in the group's flat buffer.
+
+    local_mask [G, E] (1 = expert on the group's node). A group's buffer holds its
+    node-local experts first (by id, local_capacity rows each), then the others (by id,
+    remote_capacity rows each). -> (capacity [G, E], offset [G, E]) float32.
+    """
+    remote = 1.0 - local_mask
+    capacity = local_mask * local_capacity + remote * remote_capacity  # [G, E]
+    local_before = ops.cumsum(local_mask, 1) - local_mask  # [G, E] local experts with a lower id
+    remote_before = ops.cumsum(remote, 1) - remote  # [G, E]
+    num_local = local_mask.sum(1, keepdims=True)  # [G, 1]
+    offset = local_mask * local_before * local_capacity + remote * (num_local * local_capacity
+                                                                    + remote_before * remote_capacity)
+    return capacity, offset
+
+
+def assign_tiered_slots(expert_index, capacity, offset, slots_per_group):
+    """Like assign_slots, with a capacity and buffer offset per (group, expert) pair.
+
+    expert_index [G, T]; capacity, offset [G, E] (tier_layout) -> (slot [G*T] into the
+    flattened [G, S] buffer, or G*S for a dropped token; keep [G, T]; onehot [G, T, E]).
+    """
+    groups, tokens = expert_index.shape
+    num_experts = capacity.shape[1]
+    onehot = ops.one_hot(expert_index, num_experts, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))  # [G, T, E]
+    position = ((ops.cumsum(onehot, 1) - 1.0) * onehot).sum(-1)  # [G, T]
+    token_capacity = (onehot * capacity.expand_dims(1)).sum(-1)  # [G, T]
+    token_offset = (onehot * offset.expand_dims(1)).sum(-1)  # [G, T]
+    keep = (position < token_capacity).astype(ms.float32)  # [G, T]
+    group_base = (ops.arange(groups, dtype=ms.int32) * slots_per_group).expand_dims(1)  # [G, 1]
+    slot = group_base + (token_offset + position).astype(ms.int32)  # [G, T]
+    slot = ops.select(keep > 0, slot, ops.full_like(slot, groups * slots_per_group))
+    return slot.reshape(-1), keep, onehot
+
+
+def expert_rows_index(capacity, offset, slots_per_group, max_capacity):
+    """For the single-process expert stage: row r of expert e's [G * max_capacity] input is
+    flat slot g * S + offset[g, e] + j (r = g * max_capacity + j) when j < capacity[g, e],
+    else the zero row G * S. -> index [E * G * max_capacity] int32."""
+    groups, num_experts = capacity.shape
+    j = ops.arange(max_capacity, dtype=ms.float32).reshape(1, 1, max_capacity)  # [1, 1, Cm]
+    base = (ops.arange(groups, dtype=ms.float32) * slots_per_group).reshape(groups, 1, 1)  # [G, 1, 1]
+    index = base + offset.expand_dims(-1) + j  # [G, E, Cm]
+    valid = j < capacity.expand_dims(-1)  # [G, E, Cm]
+    index = ops.select(valid, index, ops.full_like(index, groups * slots_per_group))
+    return index.transpose(1, 0, 2).reshape(-1).astype(ms.int32)  # [E*G*Cm]

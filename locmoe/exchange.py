@@ -14,7 +14,7 @@ the capacity dimension through the (inter-node) EP All-to-All, and an
 ReduceScatter over TP sums the partial outputs and leaves each TP rank its
 slice, which goes back through the EP All-to-All and is AllGathered over TP.
 """
-from mindspore import nn
+from mindspore import nn, ops
 
 from locmoe.comm import AllGather, AllReduce, AllToAll, ReduceScatter
 
@@ -103,4 +103,173 @@ def register_exchange_bytes(counter, topology, num_experts, capacity, hidden, dt
                          calls, tp_family)
     elif tp > 1:
         counter.register("tp_all_reduce", "all_reduce", topology.tp_group(), full_shape, dtype, calls, tp_family)
+    return counter
+
+
+# ---- two tiers: node-local rows never enter the inter-node exchange ------------------
+def node_members(topology, rank=None):
+    """The members of rank's EP group on rank's node, sorted (the intra-node tier's group)."""
+    me = topology.rank if rank is None else rank
+    return [r for r in topology.ep_group(me) if topology.node(r) == topology.node(me)]
+
+
+def check_tiers(topology):
+    """Two tiers need a node's local experts to be exactly those its EP-group members hold
+    (true when EP groups lie within a node or each node holds ranks of one EP group only)."""
+    for r in range(topology.world_size):
+        members = node_members(topology, r)
+        held = sorted(e for m in members for e in topology.experts_of_rank(m))
+        if held != topology.local_experts(r):
+            raise ValueError(f"two-tier exchange: rank {r}'s node-local experts {topology.local_experts(r)} are not "
+                             f"those of its EP-group members on the node {held}; use remote_capacity_factor=0")
+
+
+class TieredExchange(nn.Cell):
+    """The two-tier exchange (DESIGN: locality saves bytes only if fewer rows cross nodes).
+
+    A rank's flat dispatch buffer holds its node's n_l local experts (C_l rows each) then
+    the E - n_l others (C_r rows each); locmoe.dispatch.tier_layout.
+    Tier 1 (intra-node): All-to-All over the EP-group members on this node (m ranks),
+      [m, E/ep, C_l, d]; never leaves the node.
+    Tier 2 (inter-node): All-to-All over the whole EP group, [ep, E/ep, C_r, d], in which
+      the m blocks addressed to this node's members are zeros (their experts are served
+      by tier 1): the inter-node rows are (ep - m) * E/ep * C_r, set by the remote
+      capacity; the zero blocks travel intra-node only. Uniform shapes (GRAPH mode, plain
+      AlltoAll on HCCL); both backends (native, emulated) send the same shapes.
+    With TP > 1 and group-wise mode each TP rank sends 1/TP of each tier's capacity and
+    an AllGather over TP restores it (C_l, C_r are multiples of TP), as TokenExchange.
+    The expert sees [E/ep, m * C_l + ep * C_r, d] rows.
+    """
+
+    def __init__(self, topology, num_experts, backend, groupwise, name="moe"):
+        super().__init__()
+        check_tiers(topology)
+        self.ep, self.tp, self.tp_rank = topology.ep, topology.tp, topology.tp_rank()
+        self.rank_experts = num_experts // self.ep
+        self.groupwise = bool(groupwise) and self.tp > 1
+        self.topology_ref = topology
+        ep_group, tp_group = topology.ep_group(), topology.tp_group()
+        members = node_members(topology)
+        self.members = len(members)
+        self.num_local = self.members * self.rank_experts
+        self.node_first = ep_group.index(members[0]) * self.rank_experts  # id of the first local expert
+        self.has_remote = self.members < self.ep  # else the whole EP group is on this node: tier 1 only
+        self.a2a_local_in = AllToAll(members, 0, 0, backend, topology, f"{name}_a2a_local_dispatch")
+        self.a2a_local_out = AllToAll(members, 0, 0, backend, topology, f"{name}_a2a_local_combine")
+        self.a2a_remote_in = AllToAll(ep_group, 0, 0, backend, topology, f"{name}_a2a_remote_dispatch")
+        self.a2a_remote_out = AllToAll(ep_group, 0, 0, backend, topology, f"{name}_a2a_remote_combine")
+        self.gather_local_in = AllGather(tp_group, 2, backend, topology, f"{name}_tp_gather_local_dispatch")
+        self.gather_remote_in = AllGather(tp_group, 2, backend, topology, f"{name}_tp_gather_remote_dispatch")
+        self.gather_local_out = AllGather(tp_group, 1, backend, topology, f"{name}_tp_gather_local_combine")
+        self.gather_remote_out = AllGather(tp_group, 1, backend, topology, f"{name}_tp_gather_remote_combine")
+        self.rs_local = ReduceScatter(tp_group, 2, backend, topology, f"{name}_tp_reduce_scatter_local")
+        self.rs_remote = ReduceScatter(tp_group, 2, backend, topology, f"{name}_tp_reduce_scatter_remote")
+        self.ar_local = AllReduce(tp_group, backend, topology, f"{name}_tp_all_reduce_local")
+        self.ar_remote = AllReduce(tp_group, backend, topology, f"{name}_tp_all_reduce_remote")
+
+    def _slice(self, rows):
+        if not self.groupwise:
+            return rows
+        width = rows.shape[1] // self.tp
+        return rows[:, self.tp_rank * width:(self.tp_rank + 1) * width]  # [n, c/tp, d]
+
+    def to_experts(self, local, remote):
+        """local [n_l, C_l, d], remote [E - n_l, C_r, d] -> [E/ep, m * C_l + ep * C_r, d]."""
+        hidden = local.shape[-1]
+        local = self._slice(local)
+        part_l = local.shape[1]
+        got_l = self.a2a_local_in(local.reshape(self.members, self.rank_experts, part_l, hidden))  # [m, E/ep, c_l', d]
+        if self.groupwise:
+            got_l = self.gather_local_in(got_l)  # [m, E/ep, C_l, d]
+        rows_l = got_l.transpose(1, 0, 2, 3).reshape(self.rank_experts, -1, hidden)  # [E/ep, m*C_l, d]
+        if not self.has_remote:
+            return rows_l
+        remote = self._slice(remote)
+        part_r = remote.shape[1]
+        hole = ops.zeros((self.num_local, part_r, hidden), remote.dtype)  # this node's experts: tier 1
+        pieces = ([remote[:self.node_first]] if self.node_first else []) + [hole]
+        if self.node_first < remote.shape[0]:
+            pieces.append(remote[self.node_first:])
+        remote_all = ops.concat(pieces, 0) if len(pieces) > 1 else hole  # [E, c_r', d]
+        got_r = self.a2a_remote_in(remote_all.reshape(self.ep, self.rank_experts, part_r, hidden))  # [ep, E/ep, c_r', d]
+        if self.groupwise:
+            got_r = self.gather_remote_in(got_r)  # [ep, E/ep, C_r, d]
+        rows_r = got_r.transpose(1, 0, 2, 3).reshape(self.rank_experts, -1, hidden)  # [E/ep, ep*C_r, d]
+        return ops.concat((rows_l, rows_r), 1)  # [E/ep, m*C_l + ep*C_r, d]
+
+    def from_experts(self, outputs, local_capacity, remote_capacity):
+        """[E/ep, m * C_l + ep * C_r, d] partial outputs -> (local [n_l, C_l, d], remote [E - n_l, C_r, d])."""
+        hidden = outputs.shape[-1]
+        split = self.members * local_capacity
+        out_l = outputs[:, :split].reshape(self.rank_experts, self.members, local_capacity, hidden)
+        out_l = out_l.transpose(1, 0, 2, 3)  # [m, E/ep, C_l, d]
+        out_l = self.rs_local(out_l) if self.groupwise else self.ar_local(out_l)  # summed over TP
+        back_l = self.a2a_local_out(out_l)  # [m, E/ep, c_l', d]
+        back_l = back_l.reshape(self.num_local, back_l.shape[2], hidden)  # [n_l, c_l', d]
+        if self.groupwise:
+            back_l = self.gather_local_out(back_l)  # [n_l, C_l, d]
+        if not self.has_remote:
+            return back_l, None
+        out_r = outputs[:, split:].reshape(self.rank_experts, self.ep, remote_capacity, hidden)
+        out_r = out_r.transpose(1, 0, 2, 3)  # [ep, E/ep, C_r, d]
+        out_r = self.rs_remote(out_r) if self.groupwise else self.ar_remote(out_r)  # summed over TP
+        back_r = self.a2a_remote_out(out_r)  # [ep, E/ep, c_r', d]
+        back_r = back_r.reshape(self.ep * self.rank_experts, back_r.shape[2], hidden)  # [E, c_r', d]
+        after = self.node_first + self.num_local
+        pieces = ([back_r[:self.node_first]] if self.node_first else []) + (
+            [back_r[after:]] if after < back_r.shape[0] else [])
+        back_r = ops.concat(pieces, 0) if len(pieces) > 1 else pieces[0]  # [E-n_l, c_r', d]
+        if self.groupwise:
+            back_r = self.gather_remote_out(back_r)  # [E-n_l, C_r, d]
+        return back_l, back_r
+
+    def register_bytes(self, counter, num_experts, local_capacity, remote_capacity, hidden, dtype, layers=1):
+        register_tiered_exchange_bytes(counter, self.topology_ref, num_experts, local_capacity, remote_capacity,
+                                       hidden, dtype, self.groupwise, layers)
+
+
+def _family(topology, group_of):
+    seen = []
+    for r in range(topology.world_size):
+        g = group_of(r)
+        if g not in seen:
+            seen.append(g)
+    return seen
+
+
+def register_tiered_exchange_bytes(counter, topology, num_experts, local_capacity, remote_capacity, hidden, dtype,
+                                   groupwise, layers=1):
+    """Bytes of one step of `layers` MoE layers as TieredExchange moves them (forward and
+    backward alike): tier 1 over this node's EP members, tier 2 over the EP group."""
+    ep, tp = topology.ep, topology.tp
+    groupwise = bool(groupwise) and tp > 1
+    rank_experts = num_experts // ep
+    members = node_members(topology)
+    part_l = local_capacity // tp if groupwise else local_capacity
+    part_r = remote_capacity // tp if groupwise else remote_capacity
+    calls = 2 * layers
+    node_family = _family(topology, lambda r: node_members(topology, r))
+    ep_family, tp_family = topology.all_groups("ep"), topology.all_groups("tp")
+    local_shape = (len(members), rank_experts, part_l, hidden)  # [m, E/ep, c_l', d]
+    remote_shape = (ep, rank_experts, part_r, hidden)  # [ep, E/ep, c_r', d]
+    for name in ("a2a_local_dispatch", "a2a_local_combine"):
+        counter.register(name, "all_to_all", members, local_shape, dtype, calls, node_family)
+    has_remote = len(members) < ep
+    if has_remote:
+        for name in ("a2a_remote_dispatch", "a2a_remote_combine"):
+            counter.register(name, "all_to_all", topology.ep_group(), remote_shape, dtype, calls, ep_family)
+    tp_group = topology.tp_group()
+    num_local = len(members) * rank_experts
+    tiers = [("local", local_shape, part_l, local_capacity, num_local)]
+    if has_remote:
+        tiers.append(("remote", remote_shape, part_r, remote_capacity, num_experts - num_local))
+    for tier, shape, part, capacity, experts in tiers:
+        full = shape[:2] + (capacity, hidden)
+        if groupwise:
+            counter.register(f"tp_gather_{tier}_dispatch", "all_gather", tp_group, shape, dtype, calls, tp_family)
+            counter.register(f"tp_reduce_scatter_{tier}", "reduce_scatter", tp_group, full, dtype, calls, tp_family)
+            counter.register(f"tp_gather_{tier}_combine", "all_gather", tp_group, (experts, part, hidden), dtype,
+                             calls, tp_family)
+        elif tp > 1:
+            counter.register(f"tp_all_reduce_{tier}", "all_reduce", tp_group, full, dtype, calls, tp_family)
     return counter

@@ -11,30 +11,43 @@ import mindspore as ms
 from mindspore import nn, ops, Tensor
 
 from locmoe.capacity import expert_capacity
-from locmoe.dispatch import assign_slots, combine, dispatch, token_of_slot
-from locmoe.exchange import TokenExchange
+from locmoe.dispatch import (assign_slots, assign_tiered_slots, combine, dispatch, expert_rows_index, gather_rows,
+                             tier_layout, token_of_slot)
+from locmoe.exchange import TieredExchange, TokenExchange
 from locmoe.experts import BatchedExperts
 from locmoe.routers import build_router
 
 
 class MoELayer(nn.Cell):
     """Sparse FFN. construct(x [B,S,d], token_ids [B,S], domain_ids [B]) ->
-    (y [B,S,d] MoE branch only, aux_loss, loc_loss, (expert_load [E], dropped, local)).
+    (y [B,S,d] MoE branch only, aux_loss, loc_loss,
+     (expert_load [E], dropped, local, dropped_remote, local_by_rank [P])).
+    dropped_remote: the dropped tokens that were bound for experts on another node (the
+    remote tier in two-tier mode). local_by_rank: node-local tokens of each token group,
+    by the data-parallel rank it is (distributed: P = dp, this rank's slot filled, the
+    others summed in by the metrics AllReduce) or poses as (one process: P = G, in group
+    order); every group routes the same number of tokens.
 
     token_groups: G, the number of groups the B*S tokens are split into (contiguous).
     group_ranks: the rank each group poses as (locality); default: topology.rank for all.
     token_counts: token frequencies for the hash router's balanced table.
+    domain_experts: [D, E] level-1 mask from a domain-affine placement (locmoe.placement);
+        None: level 1 from the config (domain_to_group / num_domain_groups).
     parallel: a locmoe.parallel_context.ParallelContext; when it is distributed with
         EP or TP > 1, this rank holds num_experts/ep experts (inner width ffn/tp) and
         the dispatch buffer goes through the TokenExchange (All-to-All) around them.
     In group-wise mode capacity is rounded up to a multiple of TP (from the topology,
     virtual or real, so both runs drop the same tokens); overlap chunks are cut on
     multiples of it and the overlap degree never changes which tokens are dropped.
+    Two tiers (moe remote_capacity_factor > 0): each group's buffer holds its node's
+    experts at capacity C_l (capacity_factor) and the other experts at C_r
+    (remote_capacity_factor); drops are counted per tier; distributed, the
+    TieredExchange sends only the C_r rows across nodes (dropped = both tiers).
     """
 
     def __init__(self, moe_config, hidden_size, ffn_hidden_size, topology, param_init_std=0.02,
                  compute_dtype=ms.float32, token_groups=1, group_ranks=None, token_counts=None,
-                 out_init_std=None, parallel=None):
+                 out_init_std=None, parallel=None, domain_experts=None):
         super().__init__()
         cfg = moe_config
         self.num_experts = cfg.num_experts
@@ -45,7 +58,20 @@ class MoELayer(nn.Cell):
         group_ranks = [topology.rank] * token_groups if group_ranks is None else list(group_ranks)
         local_mask = np.array([topology.local_expert_mask(r) for r in group_ranks], np.float32)  # [G, E]
         self.local_mask = Tensor(local_mask)
-        self.router = build_router(cfg, hidden_size, token_counts=token_counts, init_std=param_init_std)
+        distributed = parallel is not None and parallel.distributed
+        if distributed and token_groups == 1:  # one slot per DP rank, mine filled
+            slots = np.eye(topology.dp, dtype=np.float32)[topology.dp_rank():topology.dp_rank() + 1]  # [1, dp]
+        else:
+            slots = np.eye(token_groups, dtype=np.float32)  # [G, G]
+        self.rank_slots = Tensor(slots)  # [G, P]
+        self.num_rank_slots = slots.shape[1]
+        self.two_tier = cfg.remote_capacity_factor > 0
+        self.remote_capacity_factor = cfg.remote_capacity_factor
+        self.num_local = int(local_mask[0].sum())
+        if self.two_tier and not (local_mask.sum(1) == self.num_local).all():
+            raise ValueError("two-tier capacity needs the same number of node-local experts for every group")
+        self.router = build_router(cfg, hidden_size, token_counts=token_counts, init_std=param_init_std,
+                                   domain_experts=domain_experts)
         groupwise = cfg.groupwise_a2a and topology.tp > 1
         self.capacity_multiple = topology.tp if groupwise else 1
         self.exchange = None
@@ -55,7 +81,8 @@ class MoELayer(nn.Cell):
                 raise ValueError("a distributed MoELayer routes one token group per rank (token_groups=1)")
             if ffn_hidden_size % topology.tp:
                 raise ValueError(f"ffn_hidden_size={ffn_hidden_size} must divide by tp={topology.tp}")
-            self.exchange = TokenExchange(topology, cfg.num_experts, parallel.backend, cfg.groupwise_a2a)
+            exchange = TieredExchange if self.two_tier else TokenExchange
+            self.exchange = exchange(topology, cfg.num_experts, parallel.backend, cfg.groupwise_a2a)
             local_experts, local_ffn = cfg.num_experts // topology.ep, ffn_hidden_size // topology.tp
         self.experts = BatchedExperts(local_experts, hidden_size, local_ffn, param_init_std, out_init_std,
                                       compute_dtype)
@@ -64,6 +91,58 @@ class MoELayer(nn.Cell):
         """Slots per (group, expert): eq. ec rounded up to capacity_multiple."""
         raw = expert_capacity(tokens_per_group, self.capacity_factor, self.num_experts)
         return (raw + self.capacity_multiple - 1) // self.capacity_multiple * self.capacity_multiple
+
+    def remote_capacity(self, tokens_per_group):
+        """Slots per (group, expert on another node) in two-tier mode, rounded like capacity()."""
+        raw = expert_capacity(tokens_per_group, self.remote_capacity_factor, self.num_experts)
+        return (raw + self.capacity_multiple - 1) // self.capacity_multiple * self.capacity_multiple
+
+    def kept(self, expert_index, per_group):
+        """expert_index [G, T] -> keep [G, T] (1: the token got a slot), exactly as construct assigns
+        slots (one tier, or two tiers with their own capacities); for eval's per-token view."""
+        if self.two_tier:
+            local_capacity, remote_capacity = self.capacity(per_group), self.remote_capacity(per_group)
+            capacity, offset = tier_layout(self.local_mask, local_capacity, remote_capacity)  # [G, E] each
+            slots = self.num_local * local_capacity + (self.num_experts - self.num_local) * remote_capacity
+            return assign_tiered_slots(expert_index, capacity, offset, slots)[1]
+        return assign_slots(expert_index, self.num_experts, self.capacity(per_group))[1]
+
+    def _tiered_expert_stage(self, flat, capacity, offset, slots, local_capacity, remote_capacity):
+        """flat [G*S, d] two-tier buffer -> expert outputs, same layout."""
+        groups = self.token_groups
+        hidden = flat.shape[-1]
+        if self.exchange is not None:  # one group: [n_l*C_l | (E-n_l)*C_r] rows
+            split = self.num_local * local_capacity
+            local = flat[:split].reshape(self.num_local, local_capacity, hidden)  # [n_l, C_l, d]
+            remote = None
+            if split < flat.shape[0]:
+                remote = flat[split:].reshape(self.num_experts - self.num_local, remote_capacity, hidden)
+            back_l, back_r = self.exchange.from_experts(self.experts(self.exchange.to_experts(local, remote)),
+                                                        local_capacity, remote_capacity)
+            if back_r is None:
+                return back_l.reshape(-1, hidden)
+            return ops.concat((back_l.reshape(-1, hidden), back_r.reshape(-1, hidden)), 0)  # [S, d]
+        widest = max(local_capacity, remote_capacity)
+        index = expert_rows_index(capacity, offset, slots, widest)  # [E*G*Cm]
+        inverse = token_of_slot(index, groups * slots, index.shape[0])  # [G*S]
+        rows = gather_rows(flat, index, inverse).reshape(self.num_experts, groups * widest, hidden)  # [E, G*Cm, d]
+        out = self.experts(rows).reshape(-1, hidden)  # [E*G*Cm, d]
+        return gather_rows(out, inverse, index)  # [G*S, d]
+
+    def _tiered(self, x_groups, expert_index, expert_prob, per_group):
+        """Two-tier dispatch -> experts -> combine. -> (y [G, T, d], keep, onehot, remote drops)."""
+        groups, _, hidden = x_groups.shape
+        local_capacity, remote_capacity = self.capacity(per_group), self.remote_capacity(per_group)
+        capacity, offset = tier_layout(self.local_mask, local_capacity, remote_capacity)  # [G, E] each
+        slots = self.num_local * local_capacity + (self.num_experts - self.num_local) * remote_capacity
+        slot, keep, onehot = assign_tiered_slots(expert_index, capacity, offset, slots)
+        source = token_of_slot(slot, groups * slots, groups * per_group)  # [G*S]
+        flat = gather_rows(x_groups.astype(self.compute_dtype).reshape(-1, hidden), source, slot)  # [G*S, d]
+        out = self._tiered_expert_stage(flat, capacity, offset, slots, local_capacity, remote_capacity)
+        weight = (expert_prob * keep).reshape(-1, 1).astype(out.dtype)  # [G*T, 1]
+        y = (gather_rows(out, slot, source) * weight).reshape(groups, per_group, hidden)  # [G, T, d]
+        remote_tokens = (onehot * (1.0 - self.local_mask).expand_dims(1)).sum(-1)  # [G, T]
+        return y, keep, onehot, ((1.0 - keep) * remote_tokens).sum()
 
     def _expert_stage(self, buffer):
         """buffer [G, E, C, d] -> expert outputs, same shape; capacity split into overlap chunks
@@ -101,6 +180,13 @@ class MoELayer(nn.Cell):
 
         expert_index, expert_prob, _, aux_loss, loc_loss = self.router(
             x_groups.astype(ms.float32), token_groups, domains, self.local_mask)
+        if self.two_tier:
+            y, keep, onehot, dropped_remote = self._tiered(x_groups, expert_index, expert_prob, per_group)
+            expert_load = onehot.sum(1).sum(0)  # [E]
+            local_groups = (onehot * self.local_mask.expand_dims(1)).sum(-1).sum(-1)  # [G]
+            return (y.reshape(batch, seq, hidden).astype(x.dtype), aux_loss, loc_loss,
+                    (expert_load, (1.0 - keep).sum(), local_groups.sum(), dropped_remote,
+                     self._by_rank(local_groups)))
         slot, keep, onehot = assign_slots(expert_index, self.num_experts, capacity)
         source = token_of_slot(slot, groups * self.num_experts * capacity, groups * per_group)  # [G*E*C]
         buffer = dispatch(x_groups.astype(self.compute_dtype), slot, self.num_experts, capacity,
@@ -110,5 +196,12 @@ class MoELayer(nn.Cell):
 
         expert_load = onehot.sum(1).sum(0)  # [E]
         dropped = (1.0 - keep).sum()
-        local = (onehot * self.local_mask.expand_dims(1)).sum()
-        return y.reshape(batch, seq, hidden).astype(x.dtype), aux_loss, loc_loss, (expert_load, dropped, local)
+        local_groups = (onehot * self.local_mask.expand_dims(1)).sum(-1).sum(-1)  # [G]
+        remote_tokens = (onehot * (1.0 - self.local_mask).expand_dims(1)).sum(-1)  # [G, T]
+        dropped_remote = ((1.0 - keep) * remote_tokens).sum()
+        return (y.reshape(batch, seq, hidden).astype(x.dtype), aux_loss, loc_loss,
+                (expert_load, dropped, local_groups.sum(), dropped_remote, self._by_rank(local_groups)))
+
+    def _by_rank(self, per_group):
+        """[G] per token group -> [P] per (posed) data-parallel rank slot."""
+        return (per_group.expand_dims(1) * self.rank_slots).sum(0)  # [P]

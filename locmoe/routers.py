@@ -36,6 +36,28 @@ def domain_group_mask(num_experts, num_groups):
     return mask
 
 
+def level1_domain_experts(cfg, domain_experts=None):
+    """Level-1 routing as a [D, E] float32 mask (row d: experts domain d may use), or None (no level 1).
+
+    domain_experts: a mask from a placement (locmoe.placement), used as given.
+    Else cfg.domain_to_group maps domain d to a contiguous block of experts_per_group
+    experts; with an empty map, domain d uses group d % num_domain_groups.
+    Routers index the mask with domain % D, so a full map is the identity.
+    """
+    if domain_experts is not None:
+        mask = np.asarray(domain_experts, np.float32)
+        if mask.ndim != 2 or mask.shape[1] != cfg.num_experts or (mask.sum(1) < 1).any():
+            raise ConfigError("domain_experts", mask.shape,
+                              f"a [domains, {cfg.num_experts}] 0/1 mask with at least one expert per domain")
+        return mask
+    if cfg.num_domain_groups == 1:
+        return None
+    groups = domain_group_mask(cfg.num_experts, cfg.num_domain_groups)  # [groups, E]
+    if not cfg.domain_to_group:
+        return groups
+    return groups[np.asarray(cfg.domain_to_group, np.int64)]  # [D, E]
+
+
 def balanced_hash_table(token_counts, num_experts):
     """Hash layer table (Roller et al. 2021): token id -> expert with near-equal token load.
 
@@ -80,16 +102,18 @@ def _top1(router_probs):
 class _LearnedRouter(nn.Cell):
     """Shared tail of the learned routers: softmax over (masked) scores, top-1, losses."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, domain_experts=None):
         super().__init__()
         self.num_experts = cfg.num_experts
         self.aux_coef = cfg.aux_loss_coef
-        self.num_domain_groups = cfg.num_domain_groups
-        self.group_mask = Tensor(domain_group_mask(cfg.num_experts, cfg.num_domain_groups))
+        mask = level1_domain_experts(cfg, domain_experts)
+        self.level1 = mask is not None
+        self.num_level1_rows = 1 if mask is None else len(mask)
+        self.group_mask = Tensor(np.ones((1, cfg.num_experts), np.float32) if mask is None else mask)  # [D, E]
 
     def _route(self, scores, domain_ids):
-        if self.num_domain_groups > 1:
-            allowed = ops.gather(self.group_mask, domain_ids % self.num_domain_groups, 0)  # [G, T, E]
+        if self.level1:
+            allowed = ops.gather(self.group_mask, domain_ids % self.num_level1_rows, 0)  # [G, T, E]
             scores = scores + (1.0 - allowed) * _MASKED
         router_probs = ops.softmax(scores, -1)  # [G, T, E]
         expert_index, expert_prob = _top1(router_probs)
@@ -101,8 +125,8 @@ class _LearnedRouter(nn.Cell):
 class LocMoERouter(_LearnedRouter):
     """LocMoE: G = ReLU(GrAP(x) + eps) (eq. 4), softmax, top-1; aux (eq. 5) + locality (eq. 6) losses."""
 
-    def __init__(self, cfg, hidden_size):
-        super().__init__(cfg)
+    def __init__(self, cfg, hidden_size, domain_experts=None):
+        super().__init__(cfg, domain_experts)
         self.gate = GrAPGate(hidden_size, cfg.num_experts, cfg.gate_bias)
         self.loc_coef = cfg.locality_loss_coef
         self.smoothing = cfg.locality_smoothing
@@ -117,8 +141,8 @@ class LocMoERouter(_LearnedRouter):
 class SwitchRouter(_LearnedRouter):
     """Switch Transformer: softmax(W x), top-1, aux loss; optional multiplicative jitter in training."""
 
-    def __init__(self, cfg, hidden_size, init_std=0.02):
-        super().__init__(cfg)
+    def __init__(self, cfg, hidden_size, init_std=0.02, domain_experts=None):
+        super().__init__(cfg, domain_experts)
         self.gate = DenseGate(hidden_size, cfg.num_experts, init_std)
         self.jitter = cfg.switch_jitter
 
@@ -160,26 +184,48 @@ class HashRouter(_TableRouter):
 
 
 class RRERouter(_TableRouter):
-    """PanGu-Sigma RRE: level 1 domain -> expert group, level 2 fixed random token id -> expert in the group."""
+    """PanGu-Sigma RRE: level 1 domain -> expert group, level 2 fixed random token id -> expert in the group.
 
-    def __init__(self, cfg):
-        self.num_domain_groups = cfg.num_domain_groups
-        self.per_group = cfg.experts_per_group
-        super().__init__(cfg.num_experts, random_table(cfg.vocab_size, cfg.experts_per_group, cfg.table_seed))
+    Groups are rows of the level-1 mask (level1_domain_experts); with groups of unequal
+    size (a placement) the level-2 table draws in [0, L), L = lcm of the group sizes, and
+    a token goes to member (table[token] mod size) of its domain's group, which for equal
+    blocks is PanGu-Sigma's table[token] in [0, experts_per_group).
+    """
+
+    def __init__(self, cfg, domain_experts=None):
+        mask = level1_domain_experts(cfg, domain_experts)
+        mask = np.ones((1, cfg.num_experts), np.float32) if mask is None else mask  # [D, E]
+        sizes = mask.sum(1).astype(np.int64)  # [D]
+        width = int(sizes.max())
+        members = np.zeros((len(mask), width), np.int32)  # [D, K] experts of each group, padded
+        for d, row in enumerate(mask):
+            experts = np.nonzero(row)[0]
+            members[d, :len(experts)] = experts
+        span = int(np.lcm.reduce(sizes))
+        super().__init__(cfg.num_experts, random_table(cfg.vocab_size, span, cfg.table_seed))
+        self.rows = len(mask)
+        self.width = width
+        self.members = Tensor(members.reshape(-1))  # [D*K]
+        self.sizes = Tensor(sizes.astype(np.int32))  # [D]
 
     def construct(self, x, token_ids, domain_ids, local_mask):
-        group = domain_ids % self.num_domain_groups  # [G, T]
-        return self._finish(group * self.per_group + ops.gather(self.table, token_ids, 0))
+        domain = domain_ids % self.rows  # [G, T]
+        member = ops.gather(self.table, token_ids, 0) % ops.gather(self.sizes, domain, 0)  # [G, T]
+        return self._finish(ops.gather(self.members, domain * self.width + member, 0))
 
 
-def build_router(cfg, hidden_size, token_counts=None, init_std=0.02):
-    """The router named by cfg.router. token_counts feeds the hash table (uniform if None)."""
+def build_router(cfg, hidden_size, token_counts=None, init_std=0.02, domain_experts=None):
+    """The router named by cfg.router. token_counts feeds the hash table (uniform if None).
+
+    domain_experts: a [D, E] level-1 mask from a placement for the routers with level 1
+    (LocMoE and Switch when num_domain_groups > 1, RRE always); the hash router has none.
+    """
     if cfg.router == "locmoe":
-        return LocMoERouter(cfg, hidden_size)
+        return LocMoERouter(cfg, hidden_size, domain_experts if cfg.num_domain_groups > 1 else None)
     if cfg.router == "switch":
-        return SwitchRouter(cfg, hidden_size, init_std)
+        return SwitchRouter(cfg, hidden_size, init_std, domain_experts if cfg.num_domain_groups > 1 else None)
     if cfg.router == "hash":
         return HashRouter(cfg, token_counts)
     if cfg.router == "rre":
-        return RRERouter(cfg)
+        return RRERouter(cfg, domain_experts)
     raise ConfigError("moe.router", cfg.router, "one of locmoe, switch, hash, rre")

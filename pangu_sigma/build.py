@@ -13,6 +13,7 @@ from locmoe.comm import create_topology_groups, resolve_backend
 from locmoe.errors import ConfigError
 from locmoe.layer import MoELayer
 from locmoe.parallel_context import ParallelContext
+from locmoe.placement import plan_placement
 from locmoe.topology import Topology
 from pangu_sigma.data.dataset import read_meta
 from pangu_sigma.model import PanguSigmaModel, PanguSigmaWithLoss
@@ -148,6 +149,32 @@ def token_counts(cfg):
     return np.load(path) if os.path.isfile(path) else None
 
 
+def domain_sizes(meta, split="train"):
+    """Samples per domain of a prepared split, in domain-id order. # [D]"""
+    return [int(meta["domain_samples"][name][split]) for name in meta["domains"]]
+
+
+def domain_placement(cfg, meta, topology):
+    """The locmoe.placement.DomainPlacement of data.placement=domain_affine on `topology`, else None."""
+    if cfg.data.placement != "domain_affine":
+        return None
+    return plan_placement(domain_sizes(meta), topology, cfg.train.batch_size)
+
+
+def placement_sample_order(cfg, placement, dp_ranks):
+    """BatchStream's sample_order for the reader of `dp_ranks` under `placement` (None: i.i.d.)."""
+    if placement is None:
+        return None
+    from pangu_sigma.data.placement_order import read_order
+
+    ranks, seed, shuffle = list(dp_ranks), cfg.data.seed, cfg.data.shuffle
+
+    def sample_order(domain_ids, epoch):
+        return read_order(domain_ids, placement.slot_domain, ranks, seed, epoch, shuffle)
+
+    return sample_order
+
+
 def build_model(cfg, meta, topology, with_loss=True, parallel=None, token_groups=1, group_ranks=None):
     """PanguSigmaModel (wrapped with its loss if with_loss) for this config and dataset.
 
@@ -158,8 +185,14 @@ def build_model(cfg, meta, topology, with_loss=True, parallel=None, token_groups
     moe_cfg = cfg.moe_config(vocab_size=meta["vocab_size"]) if model_cfg.moe_layer_num > 0 else None
     counts = token_counts(cfg) if cfg.moe.router == "hash" else None
     out_std = model_cfg.param_init_std / (2.0 * model_cfg.num_layers) ** 0.5
+    domains = len(meta.get("domains", []))
+    if moe_cfg is not None and cfg.moe.domain_to_group and len(cfg.moe.domain_to_group) < domains:
+        raise ConfigError("moe.domain_to_group", cfg.moe.domain_to_group,
+                          f"one group per domain of {cfg.data.dataset_dir} ({domains} domains)")
+    placement = domain_placement(cfg, meta, topology) if moe_cfg is not None else None
     factory = functools.partial(MoELayer, token_counts=counts, out_init_std=out_std, token_groups=token_groups,
-                                group_ranks=group_ranks)
+                                group_ranks=group_ranks,
+                                domain_experts=None if placement is None else placement.domain_experts)
     extra = {} if parallel is None else {"parallel": parallel}
     model = PanguSigmaModel(model_cfg, moe_cfg, topology, moe_layer_factory=factory, **extra)
     return PanguSigmaWithLoss(model) if with_loss else model

@@ -14,6 +14,7 @@ import yaml
 
 from locmoe.config import MoEConfig, ROUTERS, COMM_BACKENDS
 from locmoe.errors import ConfigError
+from locmoe.placement import PLACEMENTS
 from pangu_sigma.model.model_config import ModelConfig
 
 
@@ -38,10 +39,16 @@ class MoESection:
     # Capacity factor eval routes with (0: capacity_factor, as in training).
     # Switch Transformer evaluates with a larger one (fewer drops).
     eval_capacity_factor: float = 0.0
+    # > 0: two-tier exchange; capacity of each (rank, expert on another node) pair; the
+    # (rank, node-local expert) pairs keep capacity_factor. 0: one tier.
+    remote_capacity_factor: float = 0.0
     aux_loss_coef: float = 0.01
     locality_loss_coef: float = 0.01
     locality_smoothing: float = 1e-4
     num_domain_groups: int = 1
+    # Level-1 map: entry d = the expert group of domain d (empty: domain % num_domain_groups).
+    # Under data.placement=domain_affine the placement sets each domain's experts instead.
+    domain_to_group: list = field(default_factory=list)
     gate_bias: bool = True
     switch_jitter: float = 0.0
     table_seed: int = 1234
@@ -103,8 +110,13 @@ class DataSection:
     dataset_dir: str = "output/data"
     shuffle: bool = True
     seed: int = 1234
+    # iid: every data-parallel rank reads a block of one permutation of all samples.
+    # domain_affine: the ranks of a node read that node's domains (locmoe.placement);
+    # every global batch still holds the domains in proportion to their sizes.
+    placement: str = "iid"
 
     def validate(self):
+        _need(self.placement in PLACEMENTS, "data.placement", self.placement, f"one of {list(PLACEMENTS)}")
         _need(isinstance(self.dataset_dir, str) and self.dataset_dir, "data.dataset_dir", self.dataset_dir,
               "a folder written by python -m pangu_sigma.data.prepare")
         _need(isinstance(self.shuffle, bool), "data.shuffle", self.shuffle, "true or false")
@@ -222,9 +234,12 @@ class RunConfig:
         """The locmoe.MoEConfig of every sparse layer."""
         m = self.moe
         try:
-            return MoEConfig(num_experts=self.num_experts, capacity_factor=m.capacity_factor, router=m.router,
+            return MoEConfig(num_experts=self.num_experts, capacity_factor=m.capacity_factor,
+                             remote_capacity_factor=m.remote_capacity_factor, router=m.router,
                              aux_loss_coef=m.aux_loss_coef, locality_loss_coef=m.locality_loss_coef,
                              locality_smoothing=m.locality_smoothing, num_domain_groups=m.num_domain_groups,
+                             domain_to_group=tuple(m.domain_to_group) if isinstance(m.domain_to_group, (list, tuple))
+                             else m.domain_to_group,
                              gate_bias=m.gate_bias, switch_jitter=m.switch_jitter,
                              vocab_size=self.model.vocab_size if vocab_size is None else vocab_size,
                              table_seed=m.table_seed, expert_parallel=self.parallel.expert_parallel,

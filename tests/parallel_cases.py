@@ -13,7 +13,8 @@ from locmoe.parallel_context import ParallelContext
 from locmoe.topology import Topology
 
 VOCAB, SEQ, EXPERTS, GLOBAL_BATCH, STEPS = 64, 8, 4, 4, 2
-META = {"vocab_size": VOCAB, "seq_length": SEQ}
+META = {"vocab_size": VOCAB, "seq_length": SEQ, "domains": ["a", "b"],
+        "domain_samples": {"a": {"train": 10, "valid": 1}, "b": {"train": 10, "valid": 1}}}
 
 # name: (workers, tp, ep, router, overlap, groupwise)
 CASES = {
@@ -27,9 +28,18 @@ CASES = {
     "tp2_ep2_groupwise": (4, 2, 2, "locmoe", 1, True),
     "tp2_seed": (2, 2, 1, "locmoe", 1, True),
     "tp2_ep2_seed": (4, 2, 2, "locmoe", 1, True),
+    # two-tier exchange + domain-affine placement: nodes {0, 1} and {2, 3}
+    "ep4_2tier_locmoe": (4, 1, 4, "locmoe", 1, True),
+    "ep4_2tier_switch": (4, 1, 4, "switch", 1, True),
+    "ep4_2tier_hash": (4, 1, 4, "hash", 1, True),
+    "ep4_2tier_rre": (4, 1, 4, "rre", 1, True),
+    "tp2_ep2_2tier": (4, 2, 2, "locmoe", 1, True),
 }
 # Started from the seed (pangu_sigma.parallel.init_weights) instead of a shared full initial checkpoint.
 SEED_CASES = {"tp2_seed": 4321, "tp2_ep2_seed": 4321}
+# extra fields of a case: the two-tier cases drop in the remote tier (C_r = 2 of 8 tokens)
+TWO_TIER = {"moe": {"remote_capacity_factor": 1.0}, "data": {"placement": "domain_affine"}}
+EXTRA = {name: TWO_TIER for name in CASES if "2tier" in name}
 
 
 def case_config(name, output_dir):
@@ -40,7 +50,8 @@ def case_config(name, output_dir):
         "model": {"seq_length": SEQ, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "ffn_hidden_size": 64,
                   "moe_layer_num": 1},
         "moe": {"router": router, "expert_num_per_dp_dim": EXPERTS // ep, "capacity_factor": float(EXPERTS),
-                "locality_loss_coef": 0.01, "num_domain_groups": 2 if router == "rre" else 1},
+                "locality_loss_coef": 0.01,
+                "num_domain_groups": 2 if router == "rre" or (router == "locmoe" and name in EXTRA) else 1},
         "parallel": {"op_level_model_parallel_num": tp, "expert_parallel": ep, "devices_per_node": 2,
                      "comm_overlap_degree": overlap, "groupwise_a2a": groupwise, "virtual_world_size": workers,
                      # seed cases: 4 KiB gradient buckets, so the reduction runs in many buckets (some of one
@@ -52,6 +63,8 @@ def case_config(name, output_dir):
         "optim": {"lr": 0.01, "min_lr": 0.001, "warmup_steps": 0, "grad_clip": 1.0, "weight_decay": 0.1,
                   "adam_eps": 1e-6},
     }
+    for section, values in EXTRA.get(name, {}).items():
+        raw[section].update(values)
     return config_from_dict(raw)
 
 
@@ -63,7 +76,7 @@ def topology_of(name, rank):
 def global_batch(seed=7):
     rng = np.random.RandomState(seed)
     ids = rng.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1)).astype(np.int32)  # [B, S+1]
-    domains = (np.arange(GLOBAL_BATCH) % 2).astype(np.int32)  # [B]
+    domains = (np.arange(GLOBAL_BATCH) * 2 // GLOBAL_BATCH).astype(np.int32)  # [B]: as a domain-affine placement reads
     return ids, domains
 
 
@@ -78,12 +91,15 @@ def load_params(net, values):
 
 
 def run_steps(step_cell, ids, domains):
-    """STEPS optimizer steps on one batch; the logged (world-mean) loss of each."""
-    losses = []
+    """STEPS optimizer steps on one batch -> (the logged (world-mean) loss of each step,
+    the logged routing counts {'dropped': [STEPS, M, 2] by tier, 'local': [STEPS, M, dp] by rank})."""
+    losses, dropped, local = [], [], []
     for _ in range(STEPS):
         step_cell(ms.Tensor(ids), ms.Tensor(domains))
         losses.append(float(step_cell.metrics_scalars.asnumpy()[0, 0]))
-    return losses
+        dropped.append(step_cell.metrics_dropped.asnumpy()[0])
+        local.append(step_cell.metrics_local.asnumpy()[0])
+    return losses, {"dropped": np.stack(dropped), "local": np.stack(local)}
 
 
 def build(name, ctx, output_dir, token_groups=1, group_ranks=None):
@@ -94,7 +110,7 @@ def build(name, ctx, output_dir, token_groups=1, group_ranks=None):
 
 
 def reference(name, output_dir):
-    """Single process: dp token groups posing as the ranks. -> (initial params, losses, final params)."""
+    """Single process: dp token groups posing as the ranks. -> (initial params, losses, final params, stats)."""
     workers, tp = CASES[name][:2]
     dp = workers // tp
     ctx = ParallelContext(topology_of(name, 0), "emulated", distributed=False)
@@ -103,5 +119,5 @@ def reference(name, output_dir):
         from pangu_sigma.parallel.init_weights import initialise
         initialise(net, SEED_CASES[name], case_config(name, output_dir).model)
     initial = params_of(net)
-    losses = run_steps(step_cell, *global_batch())
-    return initial, losses, params_of(net)
+    losses, stats = run_steps(step_cell, *global_batch())
+    return initial, losses, params_of(net), stats

@@ -37,12 +37,14 @@ def np_gelu_tanh(v):
     return 0.5 * v * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))
 
 
-def np_layer(layer, router, x, groups, local_mask, cf, alpha, mu, eps):
-    """Route, capacity, first-come-first-served drop, expert FFN, combine; plus losses and stats."""
+def np_layer(layer, router, x, groups, local_mask, cf, alpha, mu, eps, remote_cf=0.0):
+    """Route, capacity, first-come-first-served drop, expert FFN, combine; plus losses and stats.
+    remote_cf > 0: two tiers, experts off the group's node get ceil(tokens * remote_cf / E) slots."""
     x = x.astype(np.float64)
     batch, seq, d = x.shape
     tokens = batch * seq // groups
     capacity = max(1, math.ceil(tokens * cf / E))
+    remote_capacity = max(1, math.ceil(tokens * remote_cf / E)) if remote_cf else capacity
     xg = x.reshape(groups, tokens, d)
     if router == "locmoe":
         scores = np.maximum(xg @ eq4_weight(E, d).T + layer.router.gate.bias.asnumpy(), 0.0)
@@ -57,14 +59,16 @@ def np_layer(layer, router, x, groups, local_mask, cf, alpha, mu, eps):
     w_out = layer.experts.w_out.asnumpy().astype(np.float64)
     y = np.zeros_like(xg)
     dropped = 0
+    np_layer.dropped_remote = 0
     for g in range(groups):
         fill = np.zeros(E, int)
         for t in range(tokens):
             e = idx[g, t]
-            if fill[e] < capacity:
+            if fill[e] < (capacity if local_mask[g][e] else remote_capacity):
                 y[g, t] = probs[g, t, e] * (np_gelu_tanh(xg[g, t] @ w_in[e]) @ w_out[e])
             else:
                 dropped += 1
+                np_layer.dropped_remote += int(not local_mask[g][e])
             fill[e] += 1
     aux = np.mean([alpha * E * np.sum(np.bincount(idx[g], minlength=E) / tokens * probs[g].mean(0))
                    for g in range(groups)])
@@ -78,13 +82,14 @@ def np_layer(layer, router, x, groups, local_mask, cf, alpha, mu, eps):
         loc = mu * np.mean(kls)
     load = np.bincount(idx.ravel(), minlength=E)
     local = sum(local_mask[g][idx[g]].sum() for g in range(groups))
+    np_layer.local_by_group = [local_mask[g][idx[g]].sum() for g in range(groups)]
     return y.reshape(batch, seq, d), aux, loc, (load, dropped, local), capacity
 
 
-def make_layer(router, groups, overlap=1, cf=1.0, seed=0):
+def make_layer(router, groups, overlap=1, cf=1.0, seed=0, remote_cf=0.0):
     cfg = MoEConfig(num_experts=E, router=router, capacity_factor=cf, aux_loss_coef=0.01,
                     locality_loss_coef=0.05, locality_smoothing=1e-3, expert_parallel=1,
-                    comm_overlap_degree=overlap)
+                    comm_overlap_degree=overlap, remote_capacity_factor=remote_cf)
     ms.set_seed(seed)
     layer = MoELayer(cfg, D, H, TOPO, param_init_std=0.5 if router == "switch" else 0.2,
                      token_groups=groups, group_ranks=GROUP_RANKS[groups])
@@ -107,7 +112,9 @@ def inputs(seed=0):
 
 
 def run(layer, x, token_ids, domain_ids):
-    y, aux, loc, (load, dropped, local) = layer(Tensor(x), Tensor(token_ids), Tensor(domain_ids))
+    y, aux, loc, stats = layer(Tensor(x), Tensor(token_ids), Tensor(domain_ids))
+    load, dropped, local, dropped_remote, local_by_rank = stats
+    run.dropped_remote, run.local_by_rank = float(dropped_remote.asnumpy()), local_by_rank.asnumpy()
     return y.asnumpy(), float(aux.asnumpy()), float(loc.asnumpy()), (load.asnumpy(), float(dropped.asnumpy()),
                                                                       float(local.asnumpy()))
 
@@ -133,6 +140,8 @@ def test_layer_matches_numpy(router, groups):
     np.testing.assert_allclose(loc, ref_loc, rtol=1e-4, atol=1e-8)
     np.testing.assert_array_equal(load, ref_load)
     assert dropped == ref_drop and local == ref_local
+    assert run.dropped_remote == np_layer.dropped_remote  # one tier: drops of tokens bound for other nodes
+    np.testing.assert_array_equal(run.local_by_rank, np_layer.local_by_group)
     assert load.sum() == B * S
 
 
@@ -200,3 +209,49 @@ def test_graph_mode_matches_pynative():
     for name, a, b in zip(names, gw_g, gw_p):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
     assert np.abs(gx_p).max() > 0 and all(np.abs(g).max() > 0 for g in gw_p)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_two_tier_layer_matches_numpy(groups):
+    """Node-local experts at capacity_factor, the others at remote_capacity_factor; drops per tier."""
+    layer, cfg = make_layer("locmoe", groups, cf=1.5, remote_cf=0.5)
+    x, tok, dom = inputs(seed=groups + 5)
+    local_mask = np.array([TOPO.local_expert_mask(r) for r in GROUP_RANKS[groups]], np.float64)
+    ref_y, _, _, (ref_load, ref_drop, ref_local), _ = np_layer(
+        layer, "locmoe", x, groups, local_mask, cfg.capacity_factor, cfg.aux_loss_coef,
+        cfg.locality_loss_coef, cfg.locality_smoothing, remote_cf=0.5)
+    ref_remote = np_layer.dropped_remote
+    assert ref_remote > 0 and ref_drop > ref_remote, "the case should drop in both tiers"
+    y, aux, loc, stats = layer(Tensor(x), Tensor(tok), Tensor(dom))
+    load, dropped, local, dropped_remote, local_by_rank = (v.asnumpy() for v in stats)
+    np.testing.assert_allclose(y.asnumpy(), ref_y, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(load, ref_load)
+    assert float(dropped) == ref_drop and float(dropped_remote) == ref_remote and float(local) == ref_local
+    np.testing.assert_array_equal(local_by_rank, np_layer.local_by_group)  # one slot per group (posed rank)
+
+
+def test_two_tier_gradients_equal_one_tier_when_nothing_drops():
+    """With capacities that drop nothing, two tiers change only the buffer layout: same y and gradients."""
+    x, tok, dom = inputs(seed=3)
+    one, _ = make_layer("switch", 2, cf=4.0)
+    two, _ = make_layer("switch", 2, cf=4.0, remote_cf=4.0)
+    copy_params(two, one)
+    grads = []
+    for layer in (one, two):
+        net = nn.ForwardValueAndGrad(_Sum(layer), weights=layer.trainable_params(), get_all=True, get_by_list=True)
+        value, (dx, dw) = net(Tensor(x), Tensor(tok), Tensor(dom))
+        grads.append((value.asnumpy(), dx[0].asnumpy(), [g.asnumpy() for g in dw]))
+    np.testing.assert_allclose(grads[1][0], grads[0][0], rtol=1e-6)
+    np.testing.assert_allclose(grads[1][1], grads[0][1], rtol=1e-5, atol=1e-7)
+    for a, b in zip(grads[1][2], grads[0][2]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # other row batching in the bmm
+
+
+class _Sum(nn.Cell):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def construct(self, x, tok, dom):
+        y, aux, loc, _ = self.layer(x, tok, dom)
+        return (y * y).sum() + aux + loc

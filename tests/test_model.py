@@ -79,7 +79,7 @@ def test_output_shapes_and_parameter_names():
         logits, aux, loc, load, dropped, local = model(random_ids(0, (BATCH, SEQ)), DOMAINS)
         assert logits.shape == (BATCH, SEQ, VOCAB) and logits.dtype == ms.float32
         assert aux.shape == () and loc.shape == ()
-        assert load.shape == (moe_layers, EXPERTS) and dropped.shape == (moe_layers,) and local.shape == (moe_layers,)
+        assert load.shape == (moe_layers, EXPERTS) and dropped.shape == (moe_layers, 2) and local.shape == (moe_layers, 1)
         if moe_layers == 0:
             assert float(aux) == 0.0 and float(loc) == 0.0
     names = [p.name for p in model.get_parameters()]
@@ -146,7 +146,7 @@ def test_cross_entropy_and_total_loss():
     assert float(aux) > 0 and float(loc) > 0
     assert abs(float(total) - (float(ce) + float(aux) + float(loc))) < 1e-6
     assert abs(float(aux) - float(model_aux)) < 1e-7 and abs(float(loc) - float(model_loc)) < 1e-7
-    assert load.shape == (2, EXPERTS) and dropped.shape == (2,) and local.shape == (2,)
+    assert load.shape == (2, EXPERTS) and dropped.shape == (2, 2) and local.shape == (2, 1)
 
 
 def test_tied_head_shares_one_parameter():
@@ -280,7 +280,7 @@ def test_real_moe_layer_forward_backward_and_cache():
     loss, grads = loss_and_grads(net, ids)
     total, ce, aux, loc, load, dropped, local = net(ids, DOMAINS)
     assert math.isfinite(loss) and abs(float(total) - (float(ce) + float(aux) + float(loc))) < 1e-6
-    assert load.shape == (1, EXPERTS) and float(load.sum()) == BATCH * SEQ and float(dropped[0]) == 0.0
+    assert load.shape == (1, EXPERTS) and float(load.sum()) == BATCH * SEQ and float(dropped.asnumpy()[0].sum()) == 0.0
     assert all(np.isfinite(g).all() for g in grads.values())
     model.set_train(False)
     prompt = ids.asnumpy()[:, :4]

@@ -1,7 +1,9 @@
 """The same model, weights and global batch as 1 process and as msrun CPU workers
 (DP2, EP2 for all four routers, EP2 with overlap 2, TP2, TP2 x EP2 group-wise; TP2 and TP2 x EP2
-started from the seed with no initial checkpoint): same losses and same parameters after 2 optimizer
-steps (relative difference <= 1e-5); from the seed the initial TP shards of a matrix also differ."""
+started from the seed with no initial checkpoint; the two-tier exchange with domain-affine placement
+for all four routers and TP2 x EP2): same losses and same parameters after 2 optimizer steps
+(relative difference <= 1e-5), the same logged drops per tier and node-local tokens per data-parallel
+rank (exact counts); from the seed the initial TP shards of a matrix also differ."""
 import os
 import socket
 import subprocess
@@ -38,9 +40,9 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("equivalence")
     refs = {}
     for name in SELECTED:
-        initial, losses, final = pc.reference(name, str(out / f"{name}_ref"))
+        initial, losses, final, stats = pc.reference(name, str(out / f"{name}_ref"))
         np.savez(out / f"{name}_initial.npz", **initial)
-        refs[name] = (losses, final)
+        refs[name] = (losses, final, stats)
     bindir = os.path.dirname(sys.executable)
     env = dict(os.environ, GLOG_v="3", PATH=bindir + os.pathsep + os.environ.get("PATH", ""),
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -69,11 +71,13 @@ def test_parallel_run_equals_single_process(runs, name):
     workers = pc.CASES[name][0]
     if workers in failures:
         pytest.fail(failures[workers])
-    ref_losses, ref_params = refs[name]
+    ref_losses, ref_params, ref_stats = refs[name]
     per_rank, topologies = [], []
     for rank in range(workers):
         data = np.load(out / f"{name}_rank{rank}.npz")
         assert _rel(data["losses"], np.array(ref_losses)) <= 1e-5, (rank, data["losses"], ref_losses)
+        for key in ("dropped", "local"):  # counts by tier and by DP rank, summed over the world by the metrics
+            np.testing.assert_array_equal(data[f"stats/{key}"], ref_stats[key], err_msg=f"{key} of rank {rank}")
         per_rank.append({k[len("param/"):]: data[k] for k in data.files if k.startswith("param/")})
         topologies.append(pc.topology_of(name, rank))
     specs = {k[len("spec/"):]: TPShard(int(data[k][0]), int(data[k][1])) for k in data.files

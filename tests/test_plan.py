@@ -91,7 +91,8 @@ def test_cluster_plans_match_hand_values(capsys, devices, nodes, tp, dp, ep, per
 
 
 def test_a2a_bytes_128n_by_hand(capsys):
-    p = plan_json(capsys, "--config", config_path("locmoe_128n.yaml"), "--world-size", 128)
+    p = plan_json(capsys, "--config", config_path("locmoe_128n.yaml"), "--world-size", 128,
+                  "--set", "moe.remote_capacity_factor=0", "--set", "moe.capacity_factor=1.25")  # one tier
     tokens = 32 * 1024                          # batch_size 32 x seq 1024 per rank
     capacity = math.ceil(tokens * 1.25 / 16)    # 2560
     slice_bytes = 16 * (capacity // 8) * D * 2  # [E, C/TP, d] fp16 = 52,428,800
@@ -105,6 +106,26 @@ def test_a2a_bytes_128n_by_hand(capsys):
     assert p["expert_capacity"] == capacity == 2560
     assert p["a2a_bytes_per_step"] == {"intra": intra, "inter": inter}
     assert p["a2a_bytes_per_step_world"] == {"intra": 128 * intra, "inter": 128 * inter}
+
+
+
+def test_two_tier_bytes_128n_by_hand(capsys):
+    """LocMoE's config: the node-local expert at C = ceil(32768 * 12 / 16) = 24576, the others at
+    C_r = ceil(32768 * 0.5 / 16) = 1024."""
+    p = plan_json(capsys, "--config", config_path("locmoe_128n.yaml"), "--world-size", 128)
+    assert (p["expert_capacity"], p["remote_capacity"]) == (24576, 1024)
+    block_r = (1024 // 8) * D * 2   # one expert's TP slice of the remote tier, fp16
+    block_l = (24576 // 8) * D * 2  # the node's one local expert, TP slice
+    passes = 2 * 8
+    # tier 2: [16 EP ranks, 1 expert, C_r/8, d] out and back; 15 blocks leave the node (the block
+    # addressed to node 0 itself is the zero hole). Tier 1 is a group of one rank: no bytes.
+    inter = passes * 2 * 15 * block_r
+    # inside the node (TP 8): per tier the AllGather of the received slices, the ReduceScatter of
+    # the partial outputs, the AllGather of the returned slices, each to 7 ranks
+    intra = passes * 7 * (16 * block_r + 16 * block_r + 15 * block_r + 3 * block_l)
+    assert p["a2a_bytes_per_step"] == {"intra": intra, "inter": inter}
+    one_tier = plan_json(capsys, "--config", config_path("switch_128n.yaml"), "--world-size", 128)
+    assert inter / one_tier["a2a_bytes_per_step"]["inter"] == pytest.approx(1024 / 2560)
 
 
 SMALL = {
@@ -264,9 +285,14 @@ def test_router_variants_differ_only_in_routing(router, size):
     assert variant["moe"].pop("router") == router and base["moe"].pop("router") == "locmoe"
     assert variant["train"].pop("output_dir") == f"output/{router}_{size}n"
     base["train"].pop("output_dir")
-    if router == "rre":
-        assert variant["moe"].pop("num_domain_groups") == 4
-        base["moe"].pop("num_domain_groups")
+    # LocMoE keeps level 1 with an explicit map and the reduced remote capacity of the two-tier
+    # exchange, which has no overlap chunks yet
+    assert base["moe"].pop("num_domain_groups") == 4 and base["moe"].pop("domain_to_group") == [0, 1, 2, 3]
+    assert base["moe"].pop("remote_capacity_factor") == 0.5 < variant["moe"].pop("capacity_factor") == 1.25
+    base["moe"].pop("capacity_factor")
+    assert base["parallel"].pop("comm_overlap_degree") == 1 and variant["parallel"].pop("comm_overlap_degree") == 2
+    assert variant["moe"].pop("num_domain_groups") == (4 if router == "rre" else 1)
+    assert variant["data"]["placement"] == base["data"]["placement"] == "domain_affine"
     assert variant == base
 
 

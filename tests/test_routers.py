@@ -371,3 +371,37 @@ def test_rre_stays_in_domain_group_and_uses_all_experts():
     same = call(r, np.zeros((1, 2, 1), np.float32), token_ids=np.array([[5, 5]]), domains=np.array([[1, 5]]))[0]
     assert same[0, 0] == same[0, 1]
     assert len(r.trainable_params()) == 0 and "table" in r.parameters_dict()
+
+
+# ---------------------------------------------------------------- level 1: explicit map and placement masks
+def test_level1_explicit_map_and_placement_mask():
+    from locmoe.routers import level1_domain_experts, random_table
+
+    n, vocab = 8, 300
+    cfg = MoEConfig(num_experts=n, router="rre", num_domain_groups=4, domain_to_group=(2, 0, 3), vocab_size=vocab,
+                    table_seed=5)
+    mask = level1_domain_experts(cfg)
+    assert mask.shape == (3, n) and np.nonzero(mask[0])[0].tolist() == [4, 5]  # domain 0 -> group 2
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, vocab, size=(2, 200)).astype(np.int32)
+    domains = rng.integers(0, 3, size=(2, 200)).astype(np.int32)
+    idx = call(build_router(cfg, 4), np.zeros((2, 200, 1), np.float32), token_ids=tokens, domains=domains)[0]
+    raw = random_table(vocab, 2, 5)
+    np.testing.assert_array_equal(idx, np.array([2, 0, 3])[domains] * 2 + raw[tokens])
+    # a placement's unequal, overlapping groups: member (table mod size) of the domain's experts
+    placed = np.zeros((2, n), np.float32)
+    placed[0, [0, 1, 2]] = 1
+    placed[1, [2, 6]] = 1
+    idx = call(build_router(cfg, 4, domain_experts=placed), np.zeros((2, 200, 1), np.float32), token_ids=tokens,
+               domains=domains % 2)[0]
+    raw = random_table(vocab, 6, 5)  # lcm(3, 2)
+    members = [[0, 1, 2], [2, 6]]
+    expected = np.array([[members[d][raw[t] % len(members[d])] for t, d in zip(rt, rd)]
+                         for rt, rd in zip(tokens, domains % 2)])
+    np.testing.assert_array_equal(idx, expected)
+    # learned routers stay inside the mask
+    lcfg = MoEConfig(num_experts=n, router="locmoe", num_domain_groups=2)
+    x = rng.normal(size=(2, 200, 16)).astype(np.float32)
+    idx = call(build_router(lcfg, 16, domain_experts=placed), x, token_ids=tokens, domains=domains % 2)[0]
+    for d in range(2):
+        assert set(idx[domains % 2 == d].tolist()) <= set(members[d])

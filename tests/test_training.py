@@ -35,6 +35,20 @@ def test_loss_falls_for_every_router(make_config, tmp_path, router):
     assert last < first - 0.5, (router, first, last)
 
 
+def test_expert_table_by_tier_and_rank_by_hand():
+    from pangu_sigma.training.callbacks import expert_table
+
+    # one layer, 4 experts, 2 ranks of 40 tokens: 80 routed; dropped 4 node-local + 6 remote;
+    # local tokens 30 on rank 0 (75%) and 10 on rank 1 (25%): mean 50%
+    table = expert_table([[20, 20, 20, 20]], [[4, 6]], [[30, 10]])
+    row = table.splitlines()[2].split()
+    assert row[0] == "0" and row[5:10] == ["1.000", "12.50", "7.50", "50.00", "(25.00..75.00)"], row
+    assert table.splitlines()[3] == "local% by rank: layer 0: 75.0 25.0"
+    # the old [M] forms still read: all drops in the first column, one rank
+    assert expert_table([[20, 20, 20, 20]], [10], [40]).splitlines()[2].split()[5:10] == [
+        "1.000", "12.50", "0.00", "50.00", "(50.00..50.00)"]
+
+
 def test_fp16_dynamic_loss_scale_path_runs(make_config, tmp_path):
     """The Ascend precision path (fp16 compute, dynamic loss scale) on CPU at tiny size."""
     cfg = make_config(tmp_path, "train.precision=float16", "train.train_steps=10", "checkpoint.save_steps=0",

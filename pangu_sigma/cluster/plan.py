@@ -42,6 +42,11 @@ Every forward collective moves the same bytes again in backward.
 Reported: `a2a_bytes_per_step` = what one device (rank 0) sends;
 `a2a_bytes_per_step_world` = summed over all devices.
 
+Data placement (data.placement): iid, or domain_affine (locmoe.placement): the
+map domain -> the nodes whose ranks read it and the level-1 experts serving it,
+computed from the domain sizes (samples per domain of the train split, from
+data.dataset_dir/meta.json, or --domain-sizes N,N,... without a dataset).
+
 Errors are one line, `error: ...`, exit status 2.
 """
 import json
@@ -174,7 +179,7 @@ def hccl_check(cfg, topology, rank_table=None):
 def a2a_traffic(cfg, topology):
     """MoE-layer communication bytes per step; see the module docstring."""
     from locmoe.comm import CommCounter
-    from locmoe.exchange import register_exchange_bytes
+    from locmoe.exchange import register_exchange_bytes, register_tiered_exchange_bytes
     m = cfg.model
     experts, tp = cfg.num_experts, topology.tp
     tokens = param_count.tokens_per_rank(cfg)
@@ -182,8 +187,14 @@ def a2a_traffic(cfg, topology):
     multiple = tp if groupwise else 1  # locmoe.layer.MoELayer.capacity rounds the same way
     capacity = -(-expert_capacity(tokens, cfg.moe.capacity_factor, experts) // multiple) * multiple
     rows = capacity // tp if groupwise else capacity
+    two_tier = cfg.moe.remote_capacity_factor > 0
+    remote = (-(-expert_capacity(tokens, cfg.moe.remote_capacity_factor, experts) // multiple) * multiple
+              if two_tier else capacity)
     counter = CommCounter(topology)
-    if m.moe_layer_num:
+    if m.moe_layer_num and two_tier:
+        register_tiered_exchange_bytes(counter, topology, experts, capacity, remote, m.hidden_size,
+                                       cfg.compute_dtype, groupwise, m.moe_layer_num)
+    elif m.moe_layer_num:
         register_exchange_bytes(counter, topology, experts, capacity, m.hidden_size, cfg.compute_dtype,
                                 groupwise, m.moe_layer_num)
     by_name = {name: {"intra": a, "inter": e} for name, (a, e) in counter.by_name().items()}
@@ -191,6 +202,8 @@ def a2a_traffic(cfg, topology):
     return {
         "tokens_per_rank": tokens,
         "capacity": capacity,
+        "remote_capacity": remote,
+        "two_tier": two_tier,
         "groupwise": groupwise,
         "rows_per_rank": rows,
         "buffer_bytes": experts * capacity * m.hidden_size * itemsize,
@@ -202,8 +215,33 @@ def a2a_traffic(cfg, topology):
     }
 
 
+# ---- data placement ---------------------------------------------------------------
+def domain_map(cfg, topology, domain_sizes=None):
+    """The domain-affine map as text lines (None under i.i.d. placement, or a one-line
+    request for the domain sizes when there is no dataset); see locmoe.placement."""
+    if cfg.data.placement != "domain_affine":
+        return None
+    from locmoe.placement import plan_placement
+
+    names = None
+    if domain_sizes is None:
+        path = os.path.join(cfg.data.dataset_dir, "meta.json")
+        try:
+            with open(path, encoding="utf-8") as handle:
+                meta = json.load(handle)
+            names = list(meta["domains"])
+            domain_sizes = [int(meta["domain_samples"][n]["train"]) for n in names]
+        except (OSError, ValueError, KeyError, TypeError):
+            return [f"map not computed: it needs the domain sizes, from {path} (missing or unreadable) "
+                    "or --domain-sizes N,N,..."]
+    placement = plan_placement(domain_sizes, topology, cfg.train.batch_size)
+    imposed = placement.expected_expert_load()
+    return placement.lines(names) + [f"placement-imposed expert load (even split over each domain's level-1 "
+                                     f"experts): max/mean {imposed.max():.2f}, min/mean {imposed.min():.2f}"]
+
+
 # ---- the plan ---------------------------------------------------------------------
-def make_plan(cfg, rank_table=None, world_size=None, devices_per_node=None):
+def make_plan(cfg, rank_table=None, world_size=None, devices_per_node=None, domain_sizes=None):
     """Everything `plan` prints, as a dict with stable keys (raises ConfigError)."""
     world, node_of_rank, dpn, source = resolve_cluster(cfg, rank_table, world_size, devices_per_node)
     check_layout(cfg, world, dpn)
@@ -256,12 +294,15 @@ def make_plan(cfg, rank_table=None, world_size=None, devices_per_node=None):
         "tokens_per_rank": traffic["tokens_per_rank"],
         "global_batch": cfg.train.batch_size * topo.dp,
         "expert_capacity": traffic["capacity"],
+        "remote_capacity": traffic["remote_capacity"],
         "a2a_bytes_per_step": traffic["per_device"],
         "a2a_bytes_per_step_world": traffic["world"],
-        "a2a_detail": {k: traffic[k] for k in ("groupwise", "rows_per_rank", "buffer_bytes", "sent_bytes_per_call",
+        "a2a_detail": {k: traffic[k] for k in ("groupwise", "two_tier", "rows_per_rank", "buffer_bytes", "sent_bytes_per_call",
                                                "calls_per_step",
                                                "by_collective")},
         "hccl": hccl,
+        "placement": cfg.data.placement,
+        "domain_map": domain_map(cfg, topo, domain_sizes),
         "notes": notes,
     }
 
@@ -327,6 +368,9 @@ def format_text(plan, config_path):
         rows.append(f"  node {node:<3} ranks {'; '.join(runs)}; node-local {local}")
     shown, hidden = _abbreviated(rows)
     lines += shown[:-1] + ([f"  ... ({hidden} more nodes)"] if hidden else []) + shown[-1:]
+    lines.append(f"data       placement {p['placement']}"
+                 + (" (every rank reads blocks of one permutation of all domains)" if not p["domain_map"] else ""))
+    lines += [f"  {line}" for line in p["domain_map"] or []]
     mem = p["memory_breakdown_gib"]
     lines += [
         f"params     total {p['params_total']:,} ({_human(p['params_total'])}), active per token "
@@ -338,13 +382,19 @@ def format_text(plan, config_path):
         f"+ activations {mem['activations']:.2f} + gradient buckets {mem['grad_buckets']:.2f} "
         f"(fp32 weights, {p['compute_dtype']} compute, no recompute)",
         f"batch      {p['tokens_per_rank']:,} tokens per rank, global batch {p['global_batch']} sequences; "
-        f"expert capacity {p['expert_capacity']}",
+        f"expert capacity {p['expert_capacity']}"
+        + (f" per (rank, node-local expert), {p['remote_capacity']} per (rank, expert on another node) "
+           f"(two-tier exchange)" if p["a2a_detail"]["two_tier"] else ""),
     ]
     d, per, world = p["a2a_detail"], p["a2a_bytes_per_step"], p["a2a_bytes_per_step_world"]
     buffer = f"[E {p['num_experts']}, C {p['expert_capacity']}, d] = {_gib(d['buffer_bytes'])}"
     how = (f"group-wise: each TP rank sends its [E, {d['rows_per_rank']}, d] slice "
            f"({_gib(d['sent_bytes_per_call'])}) through EP, then a TP AllGather"
            if d["groupwise"] else "each rank sends all of it through EP")
+    if d["two_tier"]:
+        buffer = (f"node-local experts x C {p['expert_capacity']} (intra-node All-to-All) + the others x "
+                  f"C_r {p['remote_capacity']} (EP All-to-All, the only rows leaving the node)")
+        how = "group-wise TP slices per tier" if d["groupwise"] else "whole tiers"
     lines += [
         f"all-to-all {d['calls_per_step']} per step (4 per MoE layer: fwd dispatch + combine, bwd both); "
         f"buffer {buffer}; {how}",
@@ -376,12 +426,20 @@ def main(argv=None):
                         help="devices per node without a rank table (default: parallel.devices_per_node)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config field (repeatable)")
+    parser.add_argument("--domain-sizes", help="train samples per domain, comma-separated, for "
+                        "data.placement=domain_affine without a prepared dataset")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:
         from pangu_sigma.config import load_config
         cfg = load_config(args.config, args.set)
-        plan = make_plan(cfg, args.rank_table, args.world_size, args.devices_per_node)
+        sizes = None
+        if args.domain_sizes:
+            try:
+                sizes = [int(v) for v in args.domain_sizes.split(",")]
+            except ValueError:
+                raise ConfigError("--domain-sizes", args.domain_sizes, "comma-separated integers, e.g. 500,300,200")
+        plan = make_plan(cfg, args.rank_table, args.world_size, args.devices_per_node, sizes)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

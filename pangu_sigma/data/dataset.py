@@ -168,9 +168,9 @@ def rank_epoch_order(num_samples, epoch, seed, shuffle, batch_size, dp_size, dp_
 class BatchStream:
     """Iterable of (input_ids [B, S+1], domain_ids [B]) batches for one data-parallel rank, read from the shards."""
 
-    def __init__(self, paths, num_samples, batch_size, dp_size, dp_rank, shuffle, seed, start_batch, repeat,
+    def __init__(self, read_batches, num_samples, batch_size, dp_size, dp_rank, shuffle, seed, start_batch, repeat,
                  drop_remainder, order_fn=None):
-        self.paths = paths
+        self.read_batches = read_batches  # (global row indices [n], batch size) -> iterator of batches
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.dp_size = dp_size
@@ -179,8 +179,14 @@ class BatchStream:
         self.seed = seed
         self.start_batch = start_batch
         self.repeat = repeat
+        # order_fn: (num_samples, epoch, seed, shuffle, batch_size, dp_size, dp_rank) -> this reader's
+        # global sample indices in read order (default: i.i.d. blocks, rank_epoch_order; a domain-affine
+        # placement passes its own, see create_dataset's sample_order)
         self.order_fn = order_fn or rank_epoch_order
-        self.per_epoch = batches_per_epoch(num_samples, batch_size, dp_size, drop_remainder)
+        if order_fn is None:
+            self.per_epoch = batches_per_epoch(num_samples, batch_size, dp_size, drop_remainder)
+        else:
+            self.per_epoch = len(self.rank_samples(0)) // batch_size
 
     def __len__(self):
         return ENDLESS_LENGTH if self.repeat else self.per_epoch - self.start_batch
@@ -195,18 +201,21 @@ class BatchStream:
         while self.repeat or epoch == 0:
             samples = self.rank_samples(epoch)
             wanted = samples[batch * self.batch_size:self.per_epoch * self.batch_size]  # [n]
-            yield from read_rows(self.paths, wanted, self.batch_size)
+            yield from self.read_batches(wanted, self.batch_size)
             epoch, batch = epoch + 1, 0
 
 
 def create_dataset(data_dir, split, batch_size, dp_size=1, dp_rank=0, shuffle=True, seed=1234, start_batch=0,
-                   repeat=True, drop_remainder=True):
+                   repeat=True, drop_remainder=True, sample_order=None):
     """A MindSpore dataset of batches: input_ids int32 [B, S+1], domain_id int32 [B].
 
     repeat=True: an endless stream over epochs 0, 1, 2, ... (get_dataset_size() reports
     2**31 - 1; use num_batches() for the epoch length). repeat=False: the rest of epoch 0
     after start_batch. Batch k of the stream is the same for any start_batch <= k.
-    Only this rank's rows are read.
+    Only this rank's rows are read. sample_order: None (i.i.d. blocks) or a function
+    (domain_ids [N], epoch) -> this reader's sample indices in read order (a domain-affine
+    placement, pangu_sigma.build.placement_sample_order); the domain ids come from
+    read_domain_ids, without reading the token rows.
     """
     import mindspore.dataset as ds
 
@@ -216,8 +225,15 @@ def create_dataset(data_dir, split, batch_size, dp_size=1, dp_rank=0, shuffle=Tr
     check_split(split)
     meta = read_meta(data_dir)
     count = meta[f"{split}_samples"]
-    stream = BatchStream(shard_paths(data_dir, split, meta), count, batch_size, dp_size, dp_rank, shuffle, seed,
-                         start_batch, repeat, drop_remainder)
+    paths = shard_paths(data_dir, split, meta)
+    order_fn = None
+    if sample_order is not None:
+        domain_ids = read_domain_ids(data_dir, split)  # [N]
+
+        def order_fn(num_samples, epoch, *_):
+            return sample_order(domain_ids, epoch)
+    stream = BatchStream(lambda rows, size: read_rows(paths, rows, size), count, batch_size, dp_size, dp_rank,
+                         shuffle, seed, start_batch, repeat, drop_remainder, order_fn)
     if count < dp_size:
         raise ConfigError("split", split, f"a split with >= dp_size={dp_size} samples; {data_dir} has "
                           f"{count} (prepare more text or a larger --valid-fraction)")

@@ -21,7 +21,8 @@ import numpy as np
 
 from locmoe.errors import ConfigError, OneLineArgumentParser, run_cli
 from pangu_sigma.training import checkpoint
-from pangu_sigma.build import build_model, dataset_meta, set_device, single_process_groups, single_process_topology
+from pangu_sigma.build import (build_model, dataset_meta, domain_placement, placement_sample_order, set_device,
+                               single_process_groups, single_process_topology)
 from pangu_sigma.training.callbacks import expert_table
 from pangu_sigma.config import load_config
 from pangu_sigma.evaluation.domain_stats import DomainAccumulator, domain_table, token_local
@@ -85,7 +86,14 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
     if len(input_ids) == 0:
         raise ConfigError("split", split, "a split with at least one sample")
     seq = input_ids.shape[1] - 1
-    plan = eval_batches(len(input_ids), global_batch, cfg.data.seed, cfg.data.shuffle)
+    placement = domain_placement(cfg, meta, layout["topology"]) if layout["scope"] == "cluster" else None
+    if placement is not None:  # each token group reads its rank's domains, as in training
+        global_batch = placement.slot_domain.size  # the placement's global batch (train.batch_size x dp)
+        order = placement_sample_order(cfg, placement, range(layout["topology"].dp))(domain_ids, 0)
+        plan = [(order[k:k + global_batch], np.ones(global_batch, bool))
+                for k in range(0, len(order) - global_batch + 1, global_batch)]
+    else:
+        plan = eval_batches(len(input_ids), global_batch, cfg.data.seed, cfg.data.shuffle)
     if max_batches is not None:
         plan = plan[:max_batches]
     model = net.model
@@ -100,6 +108,8 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
     cell = eval_forward_cell(model, global_batch * seq)
     acc = DomainAccumulator(meta.get("domains", []), len(moe_layers), cfg.num_experts if moe_layers else 0)
     batches = []
+    dropped_remote = np.zeros(len(moe_layers), np.int64)  # [M] drops of tokens bound for other nodes
+    local_by_rank = np.zeros((len(moe_layers), layout["token_groups"]), np.int64)  # [M, G]
     for chosen, counted in plan:
         ids, domains = input_ids[chosen], domain_ids[chosen]  # [B, S+1], [B]
         nll, routing = cell(Tensor(ids), Tensor(domains))
@@ -107,6 +117,10 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
                       token_local(idx.asnumpy(), mask, per_group))
                      for (idx, keep), mask in zip(routing, local_masks)]  # [B*S] each
         sums = acc.add(nll.asnumpy(), domains, per_token, counted)
+        counted_tokens = np.repeat(counted, seq)  # [B*S]
+        for m, (_, keep, near) in enumerate(per_token):
+            dropped_remote[m] += int((counted_tokens & ~keep & ~near).sum())
+            local_by_rank[m] += (counted_tokens & near).reshape(layout["token_groups"], -1).sum(1)
         if per_batch:
             batches.append({"load": sums[0].tolist(), "dropped": sums[1].tolist(), "local": sums[2].tolist(),
                             "samples": int(counted.sum())})
@@ -115,17 +129,22 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
     result = {"split": split, "tokens": overall["tokens"], "ce": overall["ce"], "perplexity": overall["perplexity"],
               "expert_load": overall["expert_load"], "dropped": overall["dropped"], "local": overall["local"],
               "layers": overall["layers"], "domains": figures["domains"],
+              "dropped_remote": dropped_remote.tolist(), "local_by_rank": local_by_rank.tolist(),
               "routing": {"scope": layout["scope"], "token_groups": layout["token_groups"],
                           "group_ranks": layout["group_ranks"], "world_size": layout["world_size"],
                           "tokens_per_group": per_group, "samples_per_batch": global_batch,
                           "batches": len(plan), "shuffle": cfg.data.shuffle, "seed": cfg.data.seed,
+                          "placement": cfg.data.placement if placement is not None else "iid",
                           "capacity_factor": factor, "capacity_factor_source": factor_source,
                           "capacity": capacity}}
     if per_batch:
         result["batches"] = batches
     log(f"[eval] routed as training: {layout['scope']} scope, {layout['token_groups']} token group(s) of "
         f"{per_group} tokens ({global_batch} samples per batch, order of training's first epoch: "
-        f"shuffle={cfg.data.shuffle}, data.seed={cfg.data.seed}), capacity factor {factor:g} ({factor_source}), "
+        f"shuffle={cfg.data.shuffle}, data.seed={cfg.data.seed}"
+        + (", domain-affine placement: whole global batches, the samples past the last one left out"
+           if placement is not None else "")
+        + f"), capacity factor {factor:g} ({factor_source}), "
         f"{capacity} slots per expert per group")
     log(f"[eval] {split}: {result['tokens']} tokens, mean CE {result['ce']:.4f}, "
         f"perplexity {result['perplexity']:.3f}")

@@ -39,7 +39,6 @@ def eval_forward_cell(model, tokens_per_batch):
     (expert_index [G, T] int32, keep [G, T])). tokens_per_batch = B * S fixes each layer's capacity."""
     import mindspore as ms
     from mindspore import nn, ops
-    from locmoe.dispatch import assign_slots
 
     class EvalForward(nn.Cell):
         def __init__(self, model):
@@ -59,8 +58,7 @@ def eval_forward_cell(model, tokens_per_batch):
             id_groups = token_ids.reshape(groups, per_group)  # [G, T]
             domains = ops.broadcast_to(domain_ids.expand_dims(1), (batch, seq)).reshape(groups, per_group)  # [G, T]
             expert_index = layer.router(x_groups, id_groups, domains, layer.local_mask)[0]  # [G, T]
-            _, keep, _ = assign_slots(expert_index, layer.num_experts, capacity)  # [G, T]
-            return expert_index, keep
+            return expert_index, layer.kept(expert_index, per_group)  # [G, T] each
 
         def construct(self, ids, domain_ids):
             model = self.model

@@ -45,8 +45,12 @@ def bound(hidden_size, num_experts, delta):
 def config_capacity(cfg):
     """The capacity the config uses: slots per expert for the tokens one rank routes per step."""
     tokens = cfg.train.batch_size * cfg.model.seq_length
-    return {"tokens_per_rank": tokens, "capacity_factor": cfg.moe.capacity_factor, "experts": cfg.num_experts,
-            "expert_capacity": expert_capacity(tokens, cfg.moe.capacity_factor, cfg.num_experts)}
+    out = {"tokens_per_rank": tokens, "capacity_factor": cfg.moe.capacity_factor, "experts": cfg.num_experts,
+           "expert_capacity": expert_capacity(tokens, cfg.moe.capacity_factor, cfg.num_experts)}
+    if cfg.moe.remote_capacity_factor > 0:  # two tiers: the reduced capacity of the pairs that cross nodes
+        out.update(remote_capacity_factor=cfg.moe.remote_capacity_factor,
+                   remote_capacity=expert_capacity(tokens, cfg.moe.remote_capacity_factor, cfg.num_experts))
+    return out
 
 
 def _fmt(value, spec=".6g"):
@@ -97,6 +101,14 @@ def render(result):
         lines.append(f"  config capacity: ec = ceil(T * c_f / E) = ceil({cap['tokens_per_rank']} * "
                      f"{cap['capacity_factor']:g} / {cap['experts']}) = {cap['expert_capacity']} slots per expert "
                      f"(T = batch_size * seq_length tokens per rank){verdict}")
+        if "remote_capacity" in cap:
+            remote_verdict = ""
+            if bounds:
+                remote_verdict = (f"; {'above' if cap['remote_capacity'] >= worst else 'BELOW'} the largest bound "
+                                  f"{worst:.4g}")
+            lines.append(f"  config remote capacity (two tiers, experts on other nodes): ceil({cap['tokens_per_rank']} "
+                         f"* {cap['remote_capacity_factor']:g} / {cap['experts']}) = {cap['remote_capacity']} slots "
+                         f"per expert{remote_verdict}")
     return "\n".join(lines)
 
 

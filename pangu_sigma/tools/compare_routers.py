@@ -2,7 +2,7 @@
 
     python -m pangu_sigma.tools.compare_routers --config FILE --routers locmoe,switch,hash,rre
         --steps N --output DIR [--seeds K] [--set a.b=c ...] [--clusters 64,128,256]
-        [--cluster-config-dir configs] [--dispatch routed|padded] [--efficiency X] [--overwrite] [--quiet]
+        [--cluster-config-dir configs] [--dispatch padded|routed] [--efficiency X] [--overwrite] [--quiet]
 
 For every router R and seed s in train.seed, train.seed + 1, ... (K seeds):
 `pangu_sigma.training.train.train` with moe.router=R, train.seed=s,
@@ -22,8 +22,7 @@ deviation, min, max and n (the seeds behind it) over the seeds:
 - the simulator's step time for each cluster size, from that run's routing
   statistics: the training log's expert_load over the last half of the
   steps, scaled to every rank of the cluster by
-  `pangu_sigma.tools.routing_stats` (node-relative for LocMoE, the same
-  distribution on every rank for the others), with the cluster's config
+  `pangu_sigma.tools.routing_stats` (the same distribution on every rank), with the cluster's config
   configs/<R>_<n>n.yaml, else configs/locmoe_<n>n.yaml with moe.router=R.
   The same with uniform routing is in report.json for reference.
 Columns are named entries of RUN_COLUMNS / DOMAIN_COLUMNS (one line each).
@@ -78,6 +77,13 @@ def train_log_table(log_path):
                        np.sum([r["local"] for r in rows], 0))
 
 
+def _last_logged(log_path, key):
+    """The last value of `key` in a training log (None if absent)."""
+    from pangu_sigma.training.callbacks import read_jsonl
+    values = [r[key] for r in read_jsonl(log_path) if key in r]
+    return values[-1] if values else None
+
+
 def simulate_router(router, train_cfg, log_path, clusters, config_dir, dispatch, hw):
     """{size: {...}} step time with the run's routing statistics and with uniform routing."""
     from pangu_sigma.config import load_config
@@ -129,6 +135,8 @@ RUN_COLUMNS = [
     ("smallest share", "{:.4f}", lambda r: _min([L["min_share"] for L in r["valid"]["layers"]])),
     ("drop %", "{:.2f}", lambda r: 100 * _mean([L["drop_rate"] for L in r["valid"]["layers"]])),
     ("local %", "{:.2f}", lambda r: 100 * _mean([L["local_fraction"] for L in r["valid"]["layers"]])),
+    ("remote-tier drop %", "{:.2f}", lambda r: 100 * _mean(r["valid"]["dropped_remote"]) / r["valid"]["tokens"]),
+    ("inter-node MoE MiB/step", "{:.2f}", lambda r: (r["moe_inter_node_bytes_per_step"] or 0) / 2**20),
 ]
 
 # Columns of the per-domain table: (name, format, value of one domain's eval figures).
@@ -275,10 +283,12 @@ def run_figures(cfg, router, clusters, config_dir, dispatch, hw, log):
     ev = evaluate(cfg, checkpoint_path=run_dir, log=log)
     log_path = os.path.join(run_dir, "train_log_rank0.jsonl")
     valid = {key: ev[key] for key in ("tokens", "ce", "perplexity", "expert_load", "dropped", "local", "layers",
-                                      "domains", "routing")}
+                                      "domains", "routing", "dropped_remote", "local_by_rank")}
     run = {"run_dir": run_dir, "seed": cfg.train.seed, "tokens_per_s": summary["tokens_per_s"],
            "final_train_loss": summary["losses"][max(summary["losses"])], "valid": valid,
            "train_log_layers": train_log_table(log_path),
+           # the cluster's MoE bytes per step across nodes, as the exchange sends them (training log)
+           "moe_inter_node_bytes_per_step": _last_logged(log_path, "moe_inter_node_bytes_cluster"),
            "simulated": simulate_router(router, cfg, log_path, clusters, config_dir, dispatch, hw)}
     log(f"[compare] {router} seed {cfg.train.seed}: valid ppl {ev['perplexity']:.3f} "
         + " ".join(f"{d} {f['perplexity']:.3f}" for d, f in ev["domains"].items()))
@@ -286,7 +296,7 @@ def run_figures(cfg, router, clusters, config_dir, dispatch, hw, log):
 
 
 def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_CLUSTERS, config_dir=None,
-            dispatch="routed", hw=None, overwrite=False, log=print, seeds=1):
+            dispatch="padded", hw=None, overwrite=False, log=print, seeds=1):
     """Train, evaluate and simulate every router over `seeds` seeds (train.seed, train.seed + 1, ...);
     write report.md and report.json; return {'meta': ..., 'results': {router: ...}}."""
     from pangu_sigma.config import load_config
@@ -372,7 +382,8 @@ def main(argv=None):
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--clusters", default="64,128,256", help="cluster sizes to simulate (devices)")
     parser.add_argument("--cluster-config-dir", help="folder of <router>_<n>n.yaml (default: configs/)")
-    parser.add_argument("--dispatch", default="routed", choices=("routed", "padded"))
+    parser.add_argument("--dispatch", default="padded", choices=("padded", "routed"),
+                        help="padded: the shapes MoELayer sends (default); routed: an All-to-AllV what-if")
     parser.add_argument("--efficiency", type=float, default=Hardware.efficiency)
     parser.add_argument("--overwrite", action="store_true", help="replace previous runs in --output")
     parser.add_argument("--quiet", action="store_true", help="only the [compare] lines")

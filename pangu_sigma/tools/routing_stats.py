@@ -43,7 +43,11 @@ rank of the target cluster in one of two ways:
   remote experts the measured profile is kept (resampled; remote experts are
   taken cyclically from the one after the node's block, so different nodes'
   hot remote experts differ).
-- auto (default): relative for locmoe, same for the others.
+  This is an extrapolation from one rank's pose (rank scope), which overstates
+  locality: with i.i.d. data the cluster-wide local fraction of a router that
+  decides from the token alone is the placement baseline (DESIGN section 7).
+  Use it only as a labelled what-if.
+- auto (default): same for every router.
 
 Resampling p from E_m to E experts keeps the order and the mass: the
 cumulative distribution is interpolated linearly at e / E (so with E a
@@ -170,7 +174,7 @@ def convert(loads, measured_local, target_topology, tokens_per_rank, moe_layers,
     """counts [M, W, E] for the target from measured loads [M_m, E_m] and the virtual rank's local mask."""
     if placement not in PLACEMENTS:
         raise ConfigError("--placement", placement, f"one of {list(PLACEMENTS)}")
-    mode = ("relative" if router == "locmoe" else "same") if placement == "auto" else placement
+    mode = "same" if placement == "auto" else placement  # relative: an explicit, labelled extrapolation
     loads = np.asarray(loads, np.float64)
     layers_m = loads.shape[0]
     world, experts = target_topology.world_size, target_topology.num_experts

@@ -1,7 +1,7 @@
 """Estimate one training step of a config on an Ascend 910A cluster: compute, communication, overlap, idle.
 
     python -m pangu_sigma.tools.simulate --config FILE (--world-size N | --rank-table F)
-        [--devices-per-node N] [--routing-stats FILE] [--dispatch routed|padded]
+        [--devices-per-node N] [--routing-stats FILE] [--dispatch padded|routed]
         [--efficiency X] [--peak-tflops X] [--hccs-gbytes X] ... [--json] [--set a.b=c ...]
 
 The cluster comes from `pangu_sigma.cluster.plan.resolve_cluster` (--rank-table, else
@@ -32,14 +32,17 @@ ceil(N c_f / E); L blocks, M of them sparse; t = TP):
   not overlapped with the backward (exposed).
 
 Dispatch (--dispatch):
-- routed (default): only the tokens actually routed to an expert and kept
-  within capacity are sent and computed: min(count[src, e], C) rows, as an
-  All-to-AllV / dynamic-shape implementation would. This is what makes the
-  routing matter: load imbalance raises the slowest device's expert rows and
-  the volume sent to its destination; locality moves bytes from RoCE to HCCS.
-- padded: every (source, expert) sends and computes C rows, whatever the
-  routing (this repository's MoELayer pads to capacity, so its on-device cost
-  is this one and does not depend on the router except for the gate FLOPs).
+- padded (default; what MoELayer really sends): every (source, expert) pair
+  sends and computes its capacity in rows, whatever the routing. One tier: C
+  rows for every pair. Two tiers (moe.remote_capacity_factor > 0, locmoe.exchange
+  TieredExchange): C rows for the experts on the source's node (an intra-node
+  All-to-All) and C_r rows for the others (the EP All-to-All, which also carries a
+  zero block of C_r rows to every same-node EP member over an intra-node link).
+  The router changes the bytes only through the capacities of the config; the
+  routing counts set the drop rates (per tier).
+- routed: NOT an exchange this repository performs. Only the tokens routed to an
+  expert and kept within capacity, min(count[src, e], capacity), are sent and
+  computed, as an All-to-AllV would; a what-if, labelled as such in the output.
 
 Routing: uniform (N / E tokens per expert from every rank) unless
 --routing-stats gives per-rank counts (format in
@@ -85,18 +88,30 @@ def _layer_moe(cfg, topo, links, hw, counts_layer, dispatch, chunks, flops):
     tp, ep, experts = topo.tp, topo.ep, topo.num_experts
     world = topo.world_size
     n = cfg.train.batch_size * cfg.model.seq_length
-    capacity = expert_capacity(n, cfg.moe.capacity_factor, experts)
     groupwise = bool(cfg.parallel.groupwise_a2a and tp > 1 and ep > 1)
+    # capacities as MoELayer sets them: rounded up to a multiple of TP in group-wise mode; with
+    # two tiers (moe.remote_capacity_factor > 0) experts off the rank's node get C_r
+    multiple = tp if (cfg.parallel.groupwise_a2a and tp > 1) else 1
+    capacity = -(-expert_capacity(n, cfg.moe.capacity_factor, experts) // multiple) * multiple
+    two_tier = cfg.moe.remote_capacity_factor > 0
+    remote_capacity = (-(-expert_capacity(n, cfg.moe.remote_capacity_factor, experts) // multiple) * multiple
+                       if two_tier else capacity)
+    local = np.array([[e in topo.local_experts(dp * tp) for e in range(experts)] for dp in range(topo.dp)])  # [DP, E]
+    pair_capacity = np.where(local, float(capacity), float(remote_capacity))  # [DP, E]
     # per data-parallel rank: tokens routed to each expert (TP ranks of a DP group hold the same tokens)
     routed = counts_layer.reshape(topo.dp, tp, experts).mean(1)  # [DP, E]
     if dispatch == "padded":
-        kept = np.full_like(routed, float(capacity))
-        rows_split = float(-(-capacity // tp)) if groupwise else float(capacity)  # plan.py's ceil(C/TP)
-        slice_rows = np.full_like(routed, rows_split)
+        kept = pair_capacity
+        slice_rows = pair_capacity / tp if groupwise else pair_capacity
     else:
-        kept = np.minimum(routed, capacity)  # [DP, E]
+        kept = np.minimum(routed, pair_capacity)  # [DP, E]
         slice_rows = kept / tp if groupwise else kept
-    dropped = float((routed - np.minimum(routed, capacity)).sum() / max(routed.sum(), 1e-300))
+    over = routed - np.minimum(routed, pair_capacity)  # [DP, E]
+    dropped = float(over.sum() / max(routed.sum(), 1e-300))
+    dropped_remote = float((over * ~local).sum() / max(routed.sum(), 1e-300))
+    # two tiers, padded: the inter-node All-to-All also carries the zero block addressed to each
+    # same-node EP member (its experts are served by tier 1), over an intra-node link
+    hole_rows = (remote_capacity / tp if groupwise else remote_capacity) * topo.experts_per_rank
     experts_of = [topo.experts_of_rank(r) for r in range(world)]
     row_bytes = d * hw.act_bytes
     dispatch_traffic = {}
@@ -107,6 +122,8 @@ def _layer_moe(cfg, topo, links, hw, counts_layer, dispatch, chunks, flops):
         sends = {}
         for r in topo.ep_group(s):
             rows = float(slice_rows[ds, experts_of[r]].sum())
+            if dispatch == "padded" and two_tier and r != s and topo.node(r) == topo.node(s) and ep > 1:
+                rows += hole_rows
             recv_rows[r] += rows
             if r != s:
                 sends[r] = rows * row_bytes
@@ -144,6 +161,8 @@ def _layer_moe(cfg, topo, links, hw, counts_layer, dispatch, chunks, flops):
     local_bytes = sum(v for k, v in a2a_bytes.items() if k != "roce")
     return {
         "capacity": capacity,
+        "remote_capacity": remote_capacity,
+        "drop_rate_remote": dropped_remote,
         "comm": parts,
         "comm_time": sum(parts.values()),
         "a2a_time": parts["a2a_dispatch"] + parts["a2a_combine"],
@@ -157,7 +176,7 @@ def _layer_moe(cfg, topo, links, hw, counts_layer, dispatch, chunks, flops):
     }
 
 
-def simulate_step(cfg, topology, hw, vocab_size, counts=None, dispatch="routed", overlap_degree=None):
+def simulate_step(cfg, topology, hw, vocab_size, counts=None, dispatch="padded", overlap_degree=None):
     """One training step; see the module docstring. counts: [M, W, E] tokens per step, or None (uniform).
 
     Returns a dict: step_time, breakdown (computation, communication, overlapped, idle),
@@ -249,7 +268,7 @@ def build_cluster(cfg, world_size=None, rank_table=None, devices_per_node=None):
     return plan.build_topology(cfg, world, node_of_rank, dpn), plan.vocab_size_of(cfg)
 
 
-def run(cfg, world_size=None, rank_table=None, devices_per_node=None, routing_stats=None, dispatch="routed",
+def run(cfg, world_size=None, rank_table=None, devices_per_node=None, routing_stats=None, dispatch="padded",
         hw=None, overlap_degree=None, vocab_size=None):
     """simulate_step for a config and a cluster; routing_stats: a path, a loaded dict, or None."""
     from pangu_sigma.tools.routing_stats import load_stats
@@ -276,7 +295,10 @@ def render(result):
     r = result
     lines = [f"simulated step: {r['router']} router, {r['world_size']} devices = {r['nodes']} nodes; tp {r['tp']}, "
              f"dp {r['dp']}, ep {r['ep']}, {r['experts']} experts; {r['tokens_per_rank']:,} tokens per rank; "
-             f"routing {r['routing']}, {r['dispatch']} dispatch, overlap degree {r['overlap_degree']}",
+             f"routing {r['routing']}, {r['dispatch']} dispatch"
+             + (" (WHAT-IF: an All-to-AllV exchange MoELayer does not perform)" if r["dispatch"] == "routed" else
+                " (the shapes MoELayer sends)")
+             + f", overlap degree {r['overlap_degree']}",
              f"step time {_ms(r['step_time'])}   ({r['tokens_per_s']:,.0f} tokens/s over the cluster)"]
     step = r["step_time"]
     for name, value in r["breakdown"].items():
@@ -297,7 +319,7 @@ def render(result):
         for j, L in enumerate(r["layers"]):
             lines.append(f"  layer {j}: {L['expert_rows_max']:,.0f} / {L['expert_rows_mean']:,.0f} "
                          f"(x{L['expert_rows_max'] / max(L['expert_rows_mean'], 1e-9):.2f}), drop "
-                         f"{100 * L['drop_rate']:.1f} %, node-local {100 * L['a2a_node_local_fraction']:.1f} %")
+                         f"{100 * L['drop_rate']:.1f} % (remote tier {100 * L['drop_rate_remote']:.1f} %), node-local {100 * L['a2a_node_local_fraction']:.1f} %")
     return "\n".join(lines)
 
 
@@ -337,7 +359,8 @@ def main(argv=None):
     parser.add_argument("--rank-table", help="HCCL rank table: world size and nodes")
     parser.add_argument("--devices-per-node", type=int, help="default: parallel.devices_per_node")
     parser.add_argument("--routing-stats", help="per-rank routing counts (pangu_sigma.tools.routing_stats format)")
-    parser.add_argument("--dispatch", default="routed", choices=DISPATCH)
+    parser.add_argument("--dispatch", default="padded", choices=DISPATCH,
+                        help="padded: the exchange MoELayer performs (default); routed: an All-to-AllV what-if")
     parser.add_argument("--overlap-degree", type=int, help="default: parallel.comm_overlap_degree")
     parser.add_argument("--vocab-size", type=int, help="default: model.vocab_size or the dataset's")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

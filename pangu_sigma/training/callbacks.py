@@ -16,23 +16,37 @@ def step_line(step, total_steps, metrics, tokens_per_s, show_scale):
 
 
 def expert_table(load, dropped, local, first_layer=0, title="expert load"):
-    """Per-layer table: share of routed tokens per expert, max/mean load, drop rate, local fraction.
+    """Per-layer table: share of routed tokens per expert, max/mean load, drop rate (all, and of
+    the tokens bound for other nodes: the remote tier), node-local fraction (mean over the
+    data-parallel ranks, and the lowest and highest rank); then the local fraction by rank.
 
-    load [M, E] token counts; dropped [M] and local [M] token counts (same token total as load).
+    load [M, E] token counts; dropped [M] or [M, 2] (node-local, remote) and local [M] or
+    [M, P] (per rank; every rank routes the same number of tokens) token counts.
     """
     load = np.asarray(load, np.float64)
     if load.size == 0:
         return f"{title}: the model has no MoE layers"
+    dropped, local = np.asarray(dropped, np.float64), np.asarray(local, np.float64)
+    dropped = dropped if dropped.ndim == 2 else np.stack([dropped, np.zeros_like(dropped)], 1)  # [M, 2]
+    local = local if local.ndim == 2 else local[:, None]  # [M, P]
     layers, experts = load.shape
+    ranks = local.shape[1]
     routed = np.maximum(load.sum(1), 1.0)  # [M]
     share = load / routed[:, None]
-    head = "layer " + " ".join(f"{f'e{e}':>6}" for e in range(experts)) + "  max/mean   drop%  local%"
-    rows = [f"{title} (share of routed tokens per expert):", head]
+    by_rank = local / (routed[:, None] / ranks)  # [M, P] local fraction of each rank
+    head = ("layer " + " ".join(f"{f'e{e}':>6}" for e in range(experts))
+            + "  max/mean   drop%  dropR%  local%  (min..max over ranks)")
+    rows = [f"{title} (share of routed tokens per expert; dropR: dropped tokens bound for other nodes; "
+            f"local: routed to its rank's node, {ranks} rank(s)):", head]
     for m in range(layers):
         cells = " ".join(f"{s:6.3f}" for s in share[m])
         max_over_mean = share[m].max() * experts
-        rows.append(f"{first_layer + m:>5} {cells}  {max_over_mean:8.3f}  {100 * dropped[m] / routed[m]:6.2f}"
-                    f"  {100 * local[m] / routed[m]:6.2f}")
+        rows.append(f"{first_layer + m:>5} {cells}  {max_over_mean:8.3f}  {100 * dropped[m].sum() / routed[m]:6.2f}"
+                    f"  {100 * dropped[m, 1] / routed[m]:6.2f}  {100 * local[m].sum() / routed[m]:6.2f}"
+                    f"  ({100 * by_rank[m].min():.2f}..{100 * by_rank[m].max():.2f})")
+    if ranks > 1:
+        rows.append("local% by rank: " + "; ".join(
+            f"layer {first_layer + m}: " + " ".join(f"{100 * f:.1f}" for f in by_rank[m]) for m in range(layers)))
     return "\n".join(rows)
 
 

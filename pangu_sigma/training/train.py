@@ -27,9 +27,10 @@ from mindspore import nn
 from locmoe.errors import ConfigError, OneLineArgumentParser, keep_ctrl_c_for_python, note_for_interrupt, run_cli
 from pangu_sigma.training import checkpoint
 from locmoe.comm import AllReduce, CommCounter
-from locmoe.exchange import register_exchange_bytes
+from locmoe.exchange import register_exchange_bytes, register_tiered_exchange_bytes
 from locmoe.layer import MoELayer
-from pangu_sigma.build import build_model, dataset_meta, parallel_context, set_device, single_process_groups
+from pangu_sigma.build import (build_model, dataset_meta, domain_placement, parallel_context,
+                               placement_sample_order, set_device, single_process_groups)
 from pangu_sigma.training.callbacks import JsonlLog, expert_table, step_line
 from pangu_sigma.config import load_config
 from pangu_sigma.data.dataset import create_dataset
@@ -61,25 +62,41 @@ def build_train_step(cfg, meta, ctx, token_groups=1, group_ranks=None):
     overflow_reduce = None
     if mode == "npu_float_status" and ctx.distributed and topology.world_size > 1:
         overflow_reduce = AllReduce(list(range(topology.world_size)), ctx.backend, topology, "overflow_allreduce")
+    moe_layers = [cell for _, cell in net.cells_and_names() if isinstance(cell, MoELayer)]
     step = TrainStep(net, optimizer, schedule, cfg.optim.grad_clip, use_loss_scale, cfg.train.loss_scale_init,
                      cfg.train.loss_scale_window, cfg.train.sink_size, cfg.model.moe_layer_num, cfg.num_experts,
-                     reducer, metrics, topology.world_size, topology.tp, OverflowCheck(mode, overflow_reduce))
+                     reducer, metrics, topology.world_size, topology.tp, OverflowCheck(mode, overflow_reduce),
+                     rank_slots=moe_layers[0].num_rank_slots if moe_layers else 1)
     return step, net
 
 
-def comm_summary(cfg, net, topology):
-    """One line: MoE communication bytes per step of this (possibly virtual) rank."""
+def moe_bytes(cfg, net, topology):
+    """CommCounter of one step's MoE exchange as the layers send it (None: no exchange)."""
     layers = [cell for _, cell in net.cells_and_names() if isinstance(cell, MoELayer)]
     if not layers or topology.world_size == 1:
+        return None
+    tokens = cfg.train.batch_size * cfg.model.seq_length
+    capacity = layers[0].capacity(tokens)
+    if layers[0].two_tier:  # the shapes the two-tier exchange sends
+        counter = register_tiered_exchange_bytes(CommCounter(topology), topology, cfg.num_experts, capacity,
+                                                 layers[0].remote_capacity(tokens), cfg.model.hidden_size,
+                                                 cfg.compute_dtype, cfg.parallel.groupwise_a2a, len(layers))
+    else:
+        counter = register_exchange_bytes(CommCounter(topology), topology, cfg.num_experts, capacity,
+                                          cfg.model.hidden_size, cfg.compute_dtype, cfg.parallel.groupwise_a2a,
+                                          len(layers))
+    return counter
+
+
+def comm_summary(cfg, net, topology):
+    """One line: MoE communication bytes per step of this (possibly virtual) rank and of the cluster."""
+    counter = moe_bytes(cfg, net, topology)
+    if counter is None:
         return "[train] MoE communication per step: none (a single rank holds every expert)"
-    capacity = layers[0].capacity(cfg.train.batch_size * cfg.model.seq_length)
-    counter = register_exchange_bytes(CommCounter(topology), topology, cfg.num_experts, capacity,
-                                      cfg.model.hidden_size, cfg.compute_dtype, cfg.parallel.groupwise_a2a,
-                                      len(layers))
-    totals = counter.totals()
+    totals, world = counter.totals(), counter.world_totals()
     return (f"[train] MoE communication per step of rank {topology.rank} (of {topology.world_size}, "
             f"{topology.nodes} nodes): intra-node {totals['intra'] / 2**20:.2f} MiB, "
-            f"inter-node {totals['inter'] / 2**20:.2f} MiB")
+            f"inter-node {totals['inter'] / 2**20:.2f} MiB; all ranks: inter-node {world['inter'] / 2**20:.2f} MiB")
 
 
 def sink_jit_config():
@@ -223,6 +240,9 @@ def train(cfg, resume=False, log=print, stop_after=None, overwrite=False, allow_
     if start_step == 0 and not ctx.distributed:
         checkpoint.save_model(net, os.path.join(output_dir, "initial_weights.ckpt"))
     log(comm_summary(cfg, net, topology))
+    counter = moe_bytes(cfg, net, topology)
+    inter_bytes = {"rank": counter.totals()["inter"], "cluster": counter.world_totals()["inter"]} \
+        if counter is not None else {"rank": 0, "cluster": 0}  # per step, as the exchange sends them
     if start_step >= cfg.train.train_steps:
         log(f"[train] nothing to do: step {start_step} >= train.train_steps={cfg.train.train_steps}")
         return {"steps": start_step, "losses": {}, "tokens_per_s": 0.0, "seconds": 0.0}
@@ -231,8 +251,14 @@ def train(cfg, resume=False, log=print, stop_after=None, overwrite=False, allow_
     if samples % global_batch:
         log(f"[train] the global batch changed: {samples} samples were consumed; continuing at batch "
             f"{start_batch} of {global_batch} samples")
+    if ctx.distributed:
+        read_ranks = [dp_rank]
+    else:
+        read_ranks = list(range(topology.dp)) if groups > 1 else [topology.dp_rank()]
+    sample_order = placement_sample_order(cfg, domain_placement(cfg, meta, topology), read_ranks)
     dataset = create_dataset(cfg.data.dataset_dir, "train", batch_size, dp_size, dp_rank,
-                             shuffle=cfg.data.shuffle, seed=cfg.data.seed, start_batch=start_batch, repeat=True)
+                             shuffle=cfg.data.shuffle, seed=cfg.data.seed, start_batch=start_batch, repeat=True,
+                             sample_order=sample_order)
     run_sink = sink_runner(cfg, step_cell, dataset)
     tokens_per_step = batch_size * dp_size * cfg.model.seq_length
     jsonl = JsonlLog(os.path.join(output_dir, f"train_log_rank{rank}.jsonl"), fresh=not resume)
@@ -252,8 +278,8 @@ def train(cfg, resume=False, log=print, stop_after=None, overwrite=False, allow_
         keep_ctrl_c_for_python()
         scalars = step_cell.metrics_scalars.asnumpy()  # [sink, K]
         load = step_cell.metrics_load.asnumpy()  # [sink, M, E]
-        dropped = step_cell.metrics_dropped.asnumpy()  # [sink, M]
-        local = step_cell.metrics_local.asnumpy()  # [sink, M]
+        dropped = step_cell.metrics_dropped.asnumpy()  # [sink, M, 2]: (node-local, remote) tier
+        local = step_cell.metrics_local.asnumpy()  # [sink, M, P]: per data-parallel rank
         elapsed = time.time() - tic
         if first > start_step:  # the first sink includes graph compilation
             timed_tokens += tokens_per_step * sink
@@ -271,7 +297,10 @@ def train(cfg, resume=False, log=print, stop_after=None, overwrite=False, allow_
             if step % cfg.logging.log_steps == 0 or step == cfg.train.train_steps:
                 log(step_line(step, cfg.train.train_steps, metrics, tokens_per_s, show_scale))
             jsonl.write(dict(metrics, step=step, tokens_per_s=tokens_per_s, expert_load=load[i].tolist(),
-                             dropped=dropped[i].tolist(), local=local[i].tolist()))
+                             dropped=dropped[i].sum(-1).tolist(), local=local[i].sum(-1).tolist(),
+                             dropped_remote=dropped[i][:, 1].tolist(), local_by_rank=local[i].tolist(),
+                             moe_inter_node_bytes=inter_bytes["rank"],
+                             moe_inter_node_bytes_cluster=inter_bytes["cluster"]))
             if step % cfg.logging.expert_stats_steps == 0 or step == cfg.train.train_steps:
                 log(expert_table(*stats_since, first_layer=cfg.model.num_layers - cfg.model.moe_layer_num,
                                  title=f"expert load, steps up to {step}"))

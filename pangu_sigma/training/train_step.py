@@ -47,7 +47,10 @@ def build_optimizer(network, optim_cfg, lr_schedule):
 
 
 class TrainStep(nn.Cell):
-    """net_with_loss(ids, domain_ids) -> (total, ce, aux, loc, expert_load [M,E], dropped [M], local [M]).
+    """net_with_loss(ids, domain_ids) -> (total, ce, aux, loc, expert_load [M,E], dropped [M,2], local [M,P]).
+
+    dropped: per layer, tokens dropped that were bound for (node-local, other-node) experts;
+    local: per layer, node-local tokens of each data-parallel rank (P = rank_slots).
 
     grad_reducer: None in one process; when distributed a GradReducer
     (pangu_sigma.parallel.grad_reduce) that sums each gradient over its replicas
@@ -60,7 +63,7 @@ class TrainStep(nn.Cell):
 
     def __init__(self, net_with_loss, optimizer, lr_schedule, grad_clip, use_loss_scale, loss_scale_init,
                  loss_scale_window, sink_size, moe_layers, num_experts, grad_reducer=None, metric_reducer=None,
-                 world_size=1, tp=1, overflow_check=None):
+                 world_size=1, tp=1, overflow_check=None, rank_slots=1):
         super().__init__(auto_prefix=False)
         self.net = net_with_loss
         self.optimizer = optimizer
@@ -85,9 +88,9 @@ class TrainStep(nn.Cell):
                                          name=BUFFER_PREFIX + "scalars", requires_grad=False)
         self.metrics_load = Parameter(ops.zeros((sink_size, moe_layers, num_experts), ms.float32),
                                       name=BUFFER_PREFIX + "load", requires_grad=False)
-        self.metrics_dropped = Parameter(ops.zeros((sink_size, moe_layers), ms.float32),
+        self.metrics_dropped = Parameter(ops.zeros((sink_size, moe_layers, 2), ms.float32),
                                          name=BUFFER_PREFIX + "dropped", requires_grad=False)
-        self.metrics_local = Parameter(ops.zeros((sink_size, moe_layers), ms.float32),
+        self.metrics_local = Parameter(ops.zeros((sink_size, moe_layers, rank_slots), ms.float32),
                                        name=BUFFER_PREFIX + "local", requires_grad=False)
 
     def _update_loss_scale(self, finite):

@@ -42,8 +42,9 @@ def main():
         ids, domains = pc.global_batch()
         per_rank = ids.shape[0] // topology.dp
         rows = slice(topology.dp_rank() * per_rank, (topology.dp_rank() + 1) * per_rank)
-        losses = pc.run_steps(step_cell, ids[rows], domains[rows])
+        losses, stats = pc.run_steps(step_cell, ids[rows], domains[rows])
         arrays.update({f"param/{k}": v for k, v in pc.params_of(net).items()})
+        arrays.update({f"stats/{k}": v for k, v in stats.items()})
         arrays.update({f"spec/{k}": np.array([v.dim, v.parts]) for k, v in tp_shard_specs(net).items()})
         np.savez(os.path.join(out_dir, f"{name}_rank{rank}.npz"), losses=np.array(losses), **arrays)
         print(f"[worker {rank}] {name}: losses {losses}", flush=True)

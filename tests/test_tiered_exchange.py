@@ -1,0 +1,226 @@
+"""TieredExchange in one process: every rank of a 2-node layout runs against a shared
+board standing in for the collectives (each round records every rank's send buffer and
+answers from the previous round's; chained collectives settle after a few rounds),
+checked against the tier layout written out here in numpy: EP only (4 ranks) and
+TP 2 x EP in group-wise mode (each TP rank sends 1/TP of each tier's capacity)."""
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import nn, ops, Tensor
+
+import locmoe.exchange as exchange
+from locmoe.comm import CommCounter
+from locmoe.topology import Topology
+
+E, CL, CR, D = 8, 4, 2, 4
+MAX_ROUNDS = 10  # > the longest chain of collectives (5 in a layer: A2A, gather, reduce-scatter, A2A, gather)
+
+
+class Board:
+    def __init__(self):
+        self.sent, self.prev = {}, {}
+
+
+BOARD = Board()
+
+
+class _Fake(nn.Cell):
+    """A collective over `group` answered from BOARD.prev (zeros until every member has sent)."""
+
+    def __init__(self, group, *args):  # the locmoe.comm signatures: (group, [dims], backend, topology, name)
+        super().__init__()
+        topology, name = args[-2:]
+        self.group, self.name, self.me = sorted(group), name, topology.rank
+        self.dim = args[0] if isinstance(args[0], int) else None
+
+    def construct(self, x):
+        BOARD.sent[(self.name, self.me)] = x.asnumpy()
+        sent = [BOARD.prev.get((self.name, src)) for src in self.group]
+        if any(s is None or s.shape != x.shape for s in sent):
+            return self.empty(x)
+        return Tensor(self.answer(sent, self.group.index(self.me)))
+
+    def empty(self, x):
+        return ops.zeros_like(x)
+
+
+class FakeAllToAll(_Fake):
+    def answer(self, sent, mine):  # split and concat on dim 0
+        return np.concatenate([np.array_split(s, len(sent))[mine] for s in sent])
+
+
+class FakeAllGather(_Fake):
+    def answer(self, sent, mine):
+        return np.concatenate(sent, self.dim)
+
+    def empty(self, x):
+        shape = list(x.shape)
+        shape[self.dim] *= len(self.group)
+        return ops.zeros(tuple(shape), x.dtype)
+
+
+class FakeReduceScatter(_Fake):
+    def answer(self, sent, mine):
+        return np.array_split(np.sum(sent, 0), len(sent), self.dim)[mine]
+
+    def empty(self, x):
+        shape = list(x.shape)
+        shape[self.dim] //= len(self.group)
+        return ops.zeros(tuple(shape), x.dtype)
+
+
+class FakeAllReduce(_Fake):
+    def answer(self, sent, mine):
+        return np.sum(sent, 0)
+
+
+@pytest.fixture
+def fake_collectives(monkeypatch):
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    for name, fake in (("AllToAll", FakeAllToAll), ("AllGather", FakeAllGather),
+                       ("ReduceScatter", FakeReduceScatter), ("AllReduce", FakeAllReduce)):
+        monkeypatch.setattr(exchange, name, fake)
+    BOARD.sent, BOARD.prev = {}, {}
+
+
+def _rounds(run, ranks):
+    """Run every rank, round after round, each round answered from the last, until every collective
+    receives what it received the round before (a fixed point: every answer is the true one)."""
+    BOARD.sent, BOARD.prev = {}, {}
+    for _ in range(MAX_ROUNDS):
+        results = {r: run(r) for r in ranks}
+        settled = BOARD.prev.keys() == BOARD.sent.keys() and all(
+            np.array_equal(BOARD.prev[k], v) for k, v in BOARD.sent.items())
+        BOARD.prev, BOARD.sent = BOARD.sent, {}
+        if settled:
+            return results
+    raise AssertionError(f"the collectives did not settle in {MAX_ROUNDS} rounds")
+
+
+LAYOUTS = {  # name: (world, tp, ep, devices_per_node); 2 nodes each
+    "ep4": (4, 1, 4, 2),  # node 0 = ranks 0, 1 (experts 0-3), node 1 = ranks 2, 3
+    "tp2_ep4": (8, 2, 4, 4),  # node 0 = ranks 0-3 (dp 0, 1: experts 0-3); EP groups {0,2,4,6}, {1,3,5,7}
+    "tp2_ep2": (4, 2, 2, 2),  # node = one TP group (one EP member per node, as the 64N-256N configs)
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_tiers_reach_the_right_experts_and_come_back(fake_collectives, layout):
+    world, tp, ep, per_node = LAYOUTS[layout]
+    topos = {r: Topology(world_size=world, tp=tp, ep=ep, num_experts=E, devices_per_node=per_node, rank=r)
+             for r in range(world)}
+    cells = {r: exchange.TieredExchange(topos[r], E, "emulated", True) for r in range(world)}
+    node_of = lambda r: r // per_node
+    local_ids = {r: [e for e in range(E) if e // (E // 2) == node_of(r)] for r in range(world)}  # node's experts
+    remote_ids = {r: [e for e in range(E) if e // (E // 2) != node_of(r)] for r in range(world)}
+    rng = np.random.default_rng(0)
+    dp = world // tp
+    local_by_dp = [rng.normal(size=(E // 2, CL, D)).astype(np.float32) for _ in range(dp)]
+    remote_by_dp = [rng.normal(size=(E // 2, CR, D)).astype(np.float32) for _ in range(dp)]
+    local = {r: local_by_dp[r // tp] for r in range(world)}  # the TP ranks of a group hold the same tokens
+    remote = {r: remote_by_dp[r // tp] for r in range(world)}
+    got = _rounds(lambda r: [cells[r].to_experts(Tensor(local[r]), Tensor(remote[r])).asnumpy()], range(world))
+    per_rank = E // ep
+    for r in range(world):
+        group = [(r // tp // ep * ep + i) * tp + r % tp for i in range(ep)]  # my EP group
+        members = [s for s in group if node_of(s) == node_of(r)]
+        mine = [(r // tp % ep) * per_rank + k for k in range(per_rank)]
+        expected = []
+        for e in mine:
+            rows_l = [local[s][local_ids[s].index(e)] for s in members]  # tier 1: my node's sources
+            rows_r = [np.zeros((CR, D), np.float32) if node_of(s) == node_of(r) else remote[s][remote_ids[s].index(e)]
+                      for s in group]  # tier 2: every EP source; same-node blocks are the zero hole
+            expected.append(np.concatenate(rows_l + rows_r))  # [m*CL + ep*CR, d]
+        np.testing.assert_array_equal(got[r][0], np.stack(expected))
+    # the way back: expert e multiplies its rows by (e + 1), split over the TP ranks as partial sums
+    # (TP rank t contributes the share w[t]); every source gets its own rows back, summed over TP
+    share = np.arange(1, tp + 1, dtype=np.float32) / (tp * (tp + 1) / 2)  # [tp], sums to 1
+
+    def back_of(r):
+        mine = np.arange((r // tp % ep) * per_rank, (r // tp % ep + 1) * per_rank, dtype=np.float32)
+        partial = got[r][0] * ((mine + 1) * share[r % tp])[:, None, None]
+        return [t.asnumpy() for t in cells[r].from_experts(Tensor(partial), CL, CR)]
+
+    back = _rounds(back_of, range(world))
+    for r in range(world):
+        scale_l = (np.array(local_ids[r]) + 1)[:, None, None]
+        scale_r = (np.array(remote_ids[r]) + 1)[:, None, None]
+        np.testing.assert_allclose(back[r][0], local[r] * scale_l, rtol=1e-5)
+        np.testing.assert_allclose(back[r][1], remote[r] * scale_r, rtol=1e-5)
+
+
+def test_tiered_bytes_follow_the_remote_capacity():
+    topo = Topology(world_size=4, tp=1, ep=4, num_experts=E, devices_per_node=2, rank=0)
+    totals = exchange.register_tiered_exchange_bytes(CommCounter(topo), topo, E, 3, 2, D, "float32", True).totals()
+    # per call: tier 2 sends [4, 2, CR, D] fp32 blocks, 2 of them to node 1; tier 1 [2, 2, CL, D], 1 block to rank 1;
+    # the tier-2 zero hole to rank 1 stays in the node. 4 calls of each (dispatch + combine, fwd + bwd).
+    block_r, block_l = 2 * 2 * D * 4, 2 * 3 * D * 4
+    assert totals == {"inter": 4 * 2 * block_r, "intra": 4 * (block_l + block_r)}
+
+
+def test_tiered_bytes_group_wise_tp_by_hand():
+    # TP 2 x EP 2 on 2 nodes (one EP member per node, as the 64N-256N configs): rank 0, 4 experts per rank,
+    # C_l = 4, C_r = 2, d = 4, fp32, 2 calls per collective (fwd + bwd). Tier 1 is a group of one: no bytes.
+    topo = Topology(world_size=4, tp=2, ep=2, num_experts=E, devices_per_node=2, rank=0)
+    totals = exchange.register_tiered_exchange_bytes(CommCounter(topo), topo, E, 4, 2, D, "float32", True).totals()
+    # tier 2: [2, 4, C_r/2 = 1, 4] fp32 = 128 B, half of it to rank 2 on node 1; dispatch + combine
+    inter = 2 * 2 * 64
+    # over TP (rank 1, same node), each x 2 calls: gather [1, 4, 2, 4] 128 B, reduce-scatter [1, 4, 4, 4] half of
+    # 256 B, gather back [4, 2, 4] 128 B; remote: gather [2, 4, 1, 4] 128 B, reduce-scatter half of [2, 4, 2, 4]
+    # 256 B, gather back [4, 1, 4] 64 B
+    intra = 2 * (128 + 128 + 128) + 2 * (128 + 128 + 64)
+    assert totals == {"inter": inter, "intra": intra}
+
+
+@pytest.mark.parametrize("layout", ["tp2_ep4", "tp2_ep2"])
+def test_two_tier_layer_on_every_rank_equals_the_single_process(fake_collectives, layout):
+    """The whole MoELayer, distributed over a TP2 x EP layout (group-wise, TP-sharded experts) with
+    every rank against the recorded collectives, gives each rank's token group the output and the
+    counts of the single-process layer whose token groups pose as the ranks (drops in both tiers)."""
+    from locmoe.config import MoEConfig
+    from locmoe.layer import MoELayer
+    from locmoe.parallel_context import ParallelContext
+
+    world, tp, ep, per_node = LAYOUTS[layout]
+    dp, seq, hidden, ffn = world // tp, 32, 8, 16
+    cfg = MoEConfig(num_experts=E, router="switch", capacity_factor=1.0, remote_capacity_factor=0.25,
+                    expert_parallel=ep, groupwise_a2a=True)
+    topo = lambda r: Topology(world_size=world, tp=tp, ep=ep, num_experts=E, devices_per_node=per_node, rank=r)
+    ms.set_seed(3)
+    ref = MoELayer(cfg, hidden, ffn, topo(0), param_init_std=0.5, token_groups=dp,
+                   group_ranks=[d * tp for d in range(dp)])
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(dp, seq, hidden)).astype(np.float32)  # one sample per DP rank
+    tok = rng.integers(0, 50, size=(dp, seq)).astype(np.int32)
+    dom = np.zeros(dp, np.int32)
+    ref_y, _, _, ref_stats = ref(Tensor(x), Tensor(tok), Tensor(dom))
+    ref_stats = [s.asnumpy() for s in ref_stats]
+    assert ref_stats[3] > 0 and ref_stats[1] > ref_stats[3], "the case should drop in both tiers"
+    params = {k: p.asnumpy() for k, p in ref.parameters_dict().items()}
+    layers = {}
+    for r in range(world):
+        t = topo(r)
+        layer = MoELayer(cfg, hidden, ffn, t, param_init_std=0.5, parallel=ParallelContext(t, "emulated", True))
+        mine = slice(t.ep_rank() * (E // ep), (t.ep_rank() + 1) * (E // ep))
+        inner = slice(t.tp_rank() * ffn // tp, (t.tp_rank() + 1) * ffn // tp)
+        for k, p in layer.parameters_dict().items():
+            full = params[k]
+            if k.endswith("w_in"):
+                full = full[mine][:, :, inner]  # [E/ep, d, ffn/tp]
+            elif k.endswith("w_out"):
+                full = full[mine][:, inner]  # [E/ep, ffn/tp, d]
+            p.set_data(Tensor(full))
+        layers[r] = layer
+
+    def run(r):
+        d = r // tp
+        y, _, _, stats = layers[r](Tensor(x[d:d + 1]), Tensor(tok[d:d + 1]), Tensor(dom[d:d + 1]))
+        return [y.asnumpy()] + [s.asnumpy() for s in stats]
+
+    got = _rounds(run, range(world))
+    for r in range(world):
+        np.testing.assert_allclose(got[r][0][0], ref_y.asnumpy()[r // tp], rtol=1e-5, atol=1e-6)
+    # counts: the metrics AllReduce sums the ranks and divides out the TP copies
+    summed = [sum(got[r][i] for r in range(world)) / tp for i in range(1, 6)]
+    for i, name in enumerate(["load", "dropped", "local", "dropped_remote", "local_by_rank"]):
+        np.testing.assert_array_equal(summed[i], ref_stats[i], err_msg=name)
