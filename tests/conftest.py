@@ -3,7 +3,13 @@ import os
 
 os.environ.setdefault("GLOG_v", "3")
 
+import mindspore as ms  # noqa: E402
 import pytest  # noqa: E402
+
+# The whole session runs on the CPU device, chosen before any test runs a kernel: MindSpore
+# refuses set_device once its runtime has started (mindspore/device_manager.py), and the
+# training entry point calls it with the same target, which is then a no-op.
+ms.set_device("CPU")
 
 
 @pytest.fixture(scope="session")

@@ -120,6 +120,17 @@ def _mean(values):
     return float(np.mean(values)) if values else float("nan")
 
 
+def _remote_drop_percent(valid):
+    """Tokens bound for experts on other nodes that were dropped, % of tokens (mean over MoE layers)."""
+    if "dropped_remote" not in valid:
+        return float("nan")
+    return 100 * _mean(valid["dropped_remote"]) / max(valid["tokens"], 1)
+
+
+def _mib(count):
+    return float("nan") if count is None else count / 2**20
+
+
 def _min(values):
     values = [v for v in values if v is not None and math.isfinite(v)]
     return float(np.min(values)) if values else float("nan")
@@ -135,8 +146,8 @@ RUN_COLUMNS = [
     ("smallest share", "{:.4f}", lambda r: _min([L["min_share"] for L in r["valid"]["layers"]])),
     ("drop %", "{:.2f}", lambda r: 100 * _mean([L["drop_rate"] for L in r["valid"]["layers"]])),
     ("local %", "{:.2f}", lambda r: 100 * _mean([L["local_fraction"] for L in r["valid"]["layers"]])),
-    ("remote-tier drop %", "{:.2f}", lambda r: 100 * _mean(r["valid"]["dropped_remote"]) / r["valid"]["tokens"]),
-    ("inter-node MoE MiB/step", "{:.2f}", lambda r: (r["moe_inter_node_bytes_per_step"] or 0) / 2**20),
+    ("remote-tier drop %", "{:.2f}", lambda r: _remote_drop_percent(r["valid"])),
+    ("inter-node MoE MiB/step", "{:.2f}", lambda r: _mib(r.get("moe_inter_node_bytes_per_step"))),
 ]
 
 # Columns of the per-domain table: (name, format, value of one domain's eval figures).
@@ -188,8 +199,9 @@ def _cell(fmt, s, kind):
 
 
 def _n_label(stats):
-    """The seed count behind a row: one number when every column has it, else min-max."""
-    counts = sorted({s["n"] for s in stats.values()})
+    """The seed count behind a row: one number when every measured column has it, else min-max
+    (a column no run measured, shown n/a, does not count)."""
+    counts = sorted({s["n"] for s in stats.values() if s["n"]}) or [0]
     return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
 
 
