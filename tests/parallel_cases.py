@@ -23,6 +23,14 @@ CASES = {
     "ep2_overlap2": (2, 1, 2, "locmoe", 2, True),
     "tp2": (2, 2, 1, "locmoe", 1, True),
     "tp2_ep2_groupwise": (4, 2, 2, "locmoe", 1, True),
+    "dp2_zero": (2, 1, 1, "locmoe", 1, True),
+    "tp2_ep2_zero": (4, 2, 2, "locmoe", 1, True),
+}
+# Extra config fields of a case (the single-process reference ignores optimizer_shard: it is the
+# unsharded run the sharded msrun run must equal).
+OPTIONS = {
+    "dp2_zero": {"parallel": {"optimizer_shard": True}},
+    "tp2_ep2_zero": {"parallel": {"optimizer_shard": True}},
 }
 
 
@@ -43,6 +51,8 @@ def case_config(name, output_dir):
         "optim": {"lr": 0.01, "min_lr": 0.001, "warmup_steps": 0, "grad_clip": 1.0, "weight_decay": 0.1,
                   "adam_eps": 1e-6},
     }
+    for section, values in OPTIONS.get(name, {}).items():
+        raw[section].update(values)
     return config_from_dict(raw)
 
 

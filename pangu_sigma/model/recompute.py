@@ -16,7 +16,8 @@ cell's intermediates from its inputs instead of keeping them. Levels:
                (All-to-All, TP AllGather / ReduceScatter / AllReduce) are kept,
                not recomputed, so the backward pass sends no extra tokens
                (their outputs, the expert buffers, stay in memory; param_count
-               counts them).
+               counts them). The TP AllReduces of the row-parallel linears are
+               recomputed with the block (intra-node, N*d per call), as Megatron does.
 Losses and gradients are unchanged (deterministic ops; dropout draws differ
 between the forward and the recomputation, so keep dropout_rate 0 when bitwise
 equality matters).
@@ -47,5 +48,7 @@ def apply_recompute(model, level):
             layer.attn.recompute()
         else:
             layer.recompute()
-            _keep_communication(layer)
+            moe = getattr(layer, "ffn", None)
+            if moe is not None and hasattr(moe, "exchange"):  # a sparse block's MoELayer
+                _keep_communication(moe)
     return model

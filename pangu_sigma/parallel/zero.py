@@ -14,10 +14,12 @@ parameter, then the updated slices are gathered over R:
     p <- p - lr * (m / (eps + sqrt(v)) + wd * p)     (MindSpore's AdamWeightDecay,
                                                      nn/optim/adam.py _update_run_op:
                                                      no bias correction)
-    gather: the slices of all parameters of one group are concatenated ([sum c]) and
-    gathered in one collective (locmoe.comm.AllGather: HCCL AllGather on the group
-    when native; a zero [R, sum c] buffer with my row filled + sub-group AllReduce
-    when emulated, as on CPU), then cut back into the parameters.
+    gather: the slices of the parameters of one group are concatenated ([sum c]) in
+    buckets of at most `bucket_bytes` of gathered float32 (R * sum c * 4; a larger
+    parameter is a bucket of its own) and each bucket is gathered in one collective
+    (locmoe.comm.AllGather: HCCL AllGather on the group when native; a zero
+    [R, sum c] buffer with my row filled + sub-group AllReduce when emulated, as on
+    CPU), then cut back into the parameters.
 The padding stays zero (zero gradient, zero moments, zero update).
 
 The gradient norm and the overflow flag are computed by TrainStep on the full
@@ -41,6 +43,7 @@ from locmoe.comm import AllGather
 from pangu_sigma.parallel.grad_reduce import replica_group
 
 MOMENT_PREFIXES = ("zero_m.", "zero_v.")
+GATHER_BUCKET_BYTES = 256 * 2 ** 20  # = param_count.GRAD_BUCKET_MIB (wire both to parallel.grad_bucket_mb)
 
 
 def slice_layout(size, group_size, index):
@@ -72,7 +75,8 @@ class ShardedAdamWeightDecay(nn.Cell):
     decay: {parameter name: weight decay} (0 for the undecayed group).
     """
 
-    def __init__(self, params, decay, lr_schedule, optim_cfg, topology, backend, is_tp_sharded=lambda p: False):
+    def __init__(self, params, decay, lr_schedule, optim_cfg, topology, backend, is_tp_sharded=lambda p: False,
+                 bucket_bytes=GATHER_BUCKET_BYTES):
         super().__init__(auto_prefix=False)
         self.parameters = ms.ParameterTuple(params)
         self.lr_schedule = lr_schedule
@@ -87,12 +91,24 @@ class ShardedAdamWeightDecay(nn.Cell):
                 groups.append(group)
                 members.append([])
             members[groups.index(group)].append(index)
-        self.groups = groups
-        self.members = members
-        self.group_sizes = [len(g) for g in groups]
-        self.group_index = [g.index(topology.rank) for g in groups]
-        layout, m_list, v_list = [], [], []
+        # buckets: (group, [param indices]) with at most bucket_bytes gathered per bucket
+        buckets = []
         for k, indices in enumerate(members):
+            current, size = [], 0
+            for i in indices:
+                gathered = slice_layout(params[i].size, len(groups[k]), 0)[0] * len(groups[k]) * 4
+                if current and size + gathered > bucket_bytes:
+                    buckets.append((k, current))
+                    current, size = [], 0
+                current.append(i)
+                size += gathered
+            buckets.append((k, current))
+        self.groups = groups
+        self.members = [indices for _, indices in buckets]
+        self.group_sizes = [len(groups[k]) for k, _ in buckets]
+        self.group_index = [groups[k].index(topology.rank) for k, _ in buckets]
+        layout, m_list, v_list = [], [], []
+        for k, indices in enumerate(self.members):
             for i in indices:
                 param = params[i]
                 length, start, stop = slice_layout(param.size, self.group_sizes[k], self.group_index[k])
@@ -103,8 +119,8 @@ class ShardedAdamWeightDecay(nn.Cell):
         self.moments1 = ms.ParameterTuple(m_list)
         self.moments2 = ms.ParameterTuple(v_list)
         self.weight_decay = [float(decay.get(p.name, 0.0)) for p in params]
-        self.gathers = nn.CellList([AllGather(g, 0, backend, topology, f"zero_allgather_{k}")
-                                    for k, g in enumerate(groups)])
+        self.gathers = nn.CellList([AllGather(groups[k], 0, backend, topology, f"zero_allgather_{b}")
+                                    for b, (k, _) in enumerate(buckets)])
 
     def _my_slice(self, x, length, start, stop, group_size):
         flat = x.reshape(-1)  # [size]

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import mindspore as ms
+from mindspore import ops
 from mindspore.communication import get_rank, init
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -17,6 +18,30 @@ import parallel_cases as pc  # noqa: E402
 from locmoe.comm import create_topology_groups  # noqa: E402
 from locmoe.parallel_context import ParallelContext  # noqa: E402
 from pangu_sigma.parallel.reshard import shard_full_params, tp_shard_specs  # noqa: E402
+
+
+def resume_check(name, step_cell, out_dir, rank, ids, domains):
+    """Save the sharded state after the steps, run one more step; then a fresh cell loads the
+    checkpoint and runs the same step. -> arrays for the test (both runs' loss and parameters,
+    and this rank's moment slices)."""
+    from pangu_sigma.training import checkpoint
+
+    ckpt_dir = os.path.join(out_dir, f"{name}_ckpt{rank}")
+    path = checkpoint.save(step_cell, ckpt_dir, pc.STEPS, {"case": name}, keep_last=1)
+    arrays = {f"moment/{p.name}": p.asnumpy() for p in step_cell.get_parameters() if p.name.startswith("zero_")}
+    step_cell(ms.Tensor(ids), ms.Tensor(domains))
+    arrays["continued_loss"] = step_cell.metrics_scalars.asnumpy()[0, 0]
+    arrays.update({f"continued/{p.name}": p.asnumpy() for p in step_cell.get_parameters()
+                   if not p.name.startswith("metrics_")})
+    topology = pc.topology_of(name, rank)
+    fresh, _ = pc.build(name, ParallelContext(topology, "emulated", distributed=True),
+                        os.path.join(out_dir, f"{name}_resumed{rank}"))
+    checkpoint.load_into(fresh, path)
+    fresh(ms.Tensor(ids), ms.Tensor(domains))
+    arrays["resumed_loss"] = fresh.metrics_scalars.asnumpy()[0, 0]
+    arrays.update({f"resumed/{p.name}": p.asnumpy() for p in fresh.get_parameters()
+                   if not p.name.startswith("metrics_")})
+    return arrays
 
 
 def main():
@@ -38,8 +63,13 @@ def main():
         losses = pc.run_steps(step_cell, ids[rows], domains[rows])
         arrays = {f"param/{k}": v for k, v in pc.params_of(net).items()}
         arrays.update({f"spec/{k}": np.array([v.dim, v.parts]) for k, v in tp_shard_specs(net).items()})
+        if pc.OPTIONS.get(name, {}).get("parallel", {}).get("optimizer_shard"):
+            arrays.update(resume_check(name, step_cell, out_dir, rank, ids[rows], domains[rows]))
         np.savez(os.path.join(out_dir, f"{name}_rank{rank}.npz"), losses=np.array(losses), **arrays)
         print(f"[worker {rank}] {name}: losses {losses}", flush=True)
+    # Leave together: a rank that exits while another still computes is reported as timed out
+    # by msrun's scheduler (seen when the ranks' last cases end a few seconds apart).
+    ops.AllReduce()(ms.Tensor(np.ones(1, np.float32))).asnumpy()
 
 
 if __name__ == "__main__":
