@@ -23,7 +23,7 @@ def test_slices_cover_the_tensor_once_with_zero_padding(size, group):
     assert np.array_equal(unshard_moment(slices, full.shape), full)
 
 
-def _steps(sharded):
+def _steps(sharded, bucket_bytes=None):
     from pangu_sigma.build import build_model, single_process_topology
     from pangu_sigma.config import config_from_dict
     from pangu_sigma.parallel.zero import sharded_optimizer
@@ -47,6 +47,15 @@ def _steps(sharded):
         optimizer = sharded_optimizer(net, cfg.optim, schedule,
                                       Topology(world_size=1, tp=1, ep=1, num_experts=4, devices_per_node=1),
                                       "emulated")
+        if bucket_bytes is not None:  # many small gather buckets instead of one per replica group
+            from pangu_sigma.parallel.zero import ShardedAdamWeightDecay
+            from pangu_sigma.training.train_step import no_weight_decay
+            params = net.trainable_params()
+            decay = {p.name: 0.0 if no_weight_decay(p.name) else 0.1 for p in params}
+            optimizer = ShardedAdamWeightDecay(params, decay, schedule, cfg.optim,
+                                               Topology(world_size=1, tp=1, ep=1, num_experts=4, devices_per_node=1),
+                                               "emulated", bucket_bytes=bucket_bytes)
+            assert len(optimizer.members) > 5
     else:
         optimizer = build_optimizer(net, cfg.optim, schedule)
     step = TrainStep(net, optimizer, schedule, cfg.optim.grad_clip, False, 1.0, 1000, 1, 1, 4)
@@ -62,9 +71,15 @@ def _steps(sharded):
     return np.array(losses), params, moments
 
 
-def test_sharded_update_equals_adamweightdecay():
-    ref_losses, ref_params, ref_moments = _steps(False)
-    losses, params, moments = _steps(True)
+@pytest.fixture(scope="module")
+def reference():
+    return _steps(False)
+
+
+@pytest.mark.parametrize("bucket_bytes", [None, 4096])
+def test_sharded_update_equals_adamweightdecay(reference, bucket_bytes):
+    ref_losses, ref_params, ref_moments = reference
+    losses, params, moments = _steps(True, bucket_bytes)
     assert np.allclose(losses, ref_losses, rtol=1e-6, atol=0)
     # relative Frobenius difference per tensor (the key bias has a zero true gradient: its
     # float-noise gradient, normalised by Adam, differs elementwise between any two kernels)
