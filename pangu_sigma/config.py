@@ -16,6 +16,7 @@ from locmoe.config import MoEConfig, ROUTERS, COMM_BACKENDS
 from locmoe.errors import ConfigError
 from locmoe.placement import PLACEMENTS
 from pangu_sigma.model.model_config import ModelConfig
+from pangu_sigma.model.recompute import RECOMPUTE_LEVELS
 
 
 def _is_int(v):
@@ -85,6 +86,10 @@ class ParallelSection:
     # routed as dp token groups, each with its own rank's capacity, aux and locality
     # loss, which reproduces a multi-process run of that layout exactly.
     virtual_scope: str = "rank"
+    # ZeRO stage 1 (pangu_sigma/parallel/zero.py): each rank keeps and updates
+    # only its 1/R slice of the Adam moments of every parameter, R = the size of
+    # the parameter's replica group; the updated slices are gathered over it.
+    optimizer_shard: bool = False
 
     def validate(self):
         _need(self.device_target in ("CPU", "Ascend"), "parallel.device_target", self.device_target,
@@ -103,6 +108,8 @@ class ParallelSection:
               "parallel.virtual_rank", self.virtual_rank, f"in [0, {max(1, self.virtual_world_size)})")
         _need(self.virtual_scope in ("rank", "cluster"), "parallel.virtual_scope", self.virtual_scope,
               "rank or cluster")
+        _need(isinstance(self.optimizer_shard, bool), "parallel.optimizer_shard", self.optimizer_shard,
+              "true or false")
 
 
 @dataclass
@@ -136,6 +143,8 @@ class TrainSection:
     # A model checkpoint of any layout (e.g. <run>/initial_weights.ckpt of a
     # single-process run) to start from: re-sharded to this rank's TP/EP layout.
     init_checkpoint: str = ""
+    # Activation recomputation (pangu_sigma/model/recompute.py): none | attention | block.
+    recompute: str = "none"
 
     def validate(self):
         for name in ("batch_size", "sink_size", "train_steps", "loss_scale_window"):
@@ -148,6 +157,8 @@ class TrainSection:
         _need(_is_num(self.loss_scale_init) and self.loss_scale_init >= 1, "train.loss_scale_init",
               self.loss_scale_init, "a number >= 1")
         _need(_is_int(self.seed), "train.seed", self.seed, "an integer")
+        _need(self.recompute in RECOMPUTE_LEVELS, "train.recompute", self.recompute,
+              f"one of {list(RECOMPUTE_LEVELS)}")
 
 
 @dataclass

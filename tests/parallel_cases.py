@@ -34,12 +34,21 @@ CASES = {
     "ep4_2tier_hash": (4, 1, 4, "hash", 1, True),
     "ep4_2tier_rre": (4, 1, 4, "rre", 1, True),
     "tp2_ep2_2tier": (4, 2, 2, "locmoe", 1, True),
+    # optimizer-state sharding (ZeRO-1)
+    "dp2_zero": (2, 1, 1, "locmoe", 1, True),
+    "tp2_ep2_zero": (4, 2, 2, "locmoe", 1, True),
+}
+# Extra config fields of a case. The two-tier cases drop in the remote tier (C_r = 2 of 8 tokens).
+# The single-process reference ignores optimizer_shard: it is the unsharded run the sharded msrun
+# run must equal.
+TWO_TIER = {"moe": {"remote_capacity_factor": 1.0}, "data": {"placement": "domain_affine"}}
+OPTIONS = {
+    **{name: TWO_TIER for name in CASES if "2tier" in name},
+    "dp2_zero": {"parallel": {"optimizer_shard": True}},
+    "tp2_ep2_zero": {"parallel": {"optimizer_shard": True}},
 }
 # Started from the seed (pangu_sigma.parallel.init_weights) instead of a shared full initial checkpoint.
 SEED_CASES = {"tp2_seed": 4321, "tp2_ep2_seed": 4321}
-# extra fields of a case: the two-tier cases drop in the remote tier (C_r = 2 of 8 tokens)
-TWO_TIER = {"moe": {"remote_capacity_factor": 1.0}, "data": {"placement": "domain_affine"}}
-EXTRA = {name: TWO_TIER for name in CASES if "2tier" in name}
 
 
 def case_config(name, output_dir):
@@ -51,7 +60,7 @@ def case_config(name, output_dir):
                   "moe_layer_num": 1},
         "moe": {"router": router, "expert_num_per_dp_dim": EXPERTS // ep, "capacity_factor": float(EXPERTS),
                 "locality_loss_coef": 0.01,
-                "num_domain_groups": 2 if router == "rre" or (router == "locmoe" and name in EXTRA) else 1},
+                "num_domain_groups": 2 if router == "rre" or (router == "locmoe" and "2tier" in name) else 1},
         "parallel": {"op_level_model_parallel_num": tp, "expert_parallel": ep, "devices_per_node": 2,
                      "comm_overlap_degree": overlap, "groupwise_a2a": groupwise, "virtual_world_size": workers,
                      # seed cases: 4 KiB gradient buckets, so the reduction runs in many buckets (some of one
@@ -63,7 +72,7 @@ def case_config(name, output_dir):
         "optim": {"lr": 0.01, "min_lr": 0.001, "warmup_steps": 0, "grad_clip": 1.0, "weight_decay": 0.1,
                   "adam_eps": 1e-6},
     }
-    for section, values in EXTRA.get(name, {}).items():
+    for section, values in OPTIONS.get(name, {}).items():
         raw[section].update(values)
     return config_from_dict(raw)
 

@@ -61,9 +61,9 @@ def hand_params(vocab, seq, d, f, blocks, moe, experts, router="locmoe"):
 # ---- the three cluster sizes --------------------------------------------------------------
 # (devices, nodes, tp, dp, ep, experts per rank, node-local experts, expert-dp replicas, batch per DP rank)
 CLUSTERS = [
-    (64, 8, 8, 8, 8, 2, 2, 1, 64),      # EP capped by DP 8: 2 experts per rank keeps 16
-    (128, 16, 8, 16, 16, 1, 1, 1, 32),  # Table 1 as printed
-    (256, 32, 8, 32, 16, 1, 1, 2, 16),  # DP 32 / EP 16 = 2 replicas of every expert
+    (64, 8, 8, 8, 8, 2, 2, 1, 4),       # EP capped by DP 8: 2 experts per rank keeps 16
+    (128, 16, 8, 16, 16, 1, 1, 1, 2),   # Table 1 as printed (its batch_size 32 read as the global batch)
+    (256, 32, 8, 32, 16, 1, 1, 2, 1),   # DP 32 / EP 16 = 2 replicas of every expert
 ]
 
 
@@ -78,24 +78,33 @@ def test_cluster_plans_match_hand_values(capsys, devices, nodes, tp, dp, ep, per
     for node, experts in enumerate(p["experts_of_node"]):
         first = (node % ep) * per_rank
         assert experts == list(range(first, first + per_rank))
-    assert p["global_batch"] == 512 and p["tokens_per_rank"] == batch * 1024
+    assert p["global_batch"] == 32 and p["tokens_per_rank"] == batch * 1024
     total, active = hand_params(V, S, D, F, BLOCKS, MOE, E)
     assert (p["params_total"], p["params_active"]) == (total, active)
     assert p["params_non_trainable"] == 0
-    # 16 bytes per parameter on a device: fp32 weight + fp32 grad + 2 fp32 Adam moments
+    # fp32 weight + fp32 grad per parameter; the 2 fp32 Adam moments split over each replica group
     mem = p["memory_breakdown_gib"]
     assert mem["parameters"] * 2 ** 30 == pytest.approx(4 * p["params_per_device"])
-    assert mem["optimizer"] == pytest.approx(2 * mem["gradients"])
-    assert p["memory_per_device_gib"] == pytest.approx(sum(mem.values()))
+    assert mem["gradients"] == pytest.approx(mem["parameters"])
+    assert p["optimizer_shard"] and p["memory_fits"] and p["memory_per_device_gib"] <= 28
+    split = ((V * D + (BLOCKS + 1) * (4 * D * D + 3 * D) + (BLOCKS - MOE + 1) * (D * F + F + F * D)) // 8)
+    experts = MOE * (16 // ep) * 2 * D * (F // 8)
+    replicated = p["params_per_device"] - split - experts
+    moments = 8 * (split / dp + replicated / devices + experts / edp)
+    assert mem["optimizer"] * 2 ** 30 == pytest.approx(moments, rel=1e-6)
+    persistent = mem["parameters"] + mem["gradients"] + mem["optimizer"] + mem["hccl_workspace"]
+    phases = max(mem["activations"] + mem["a2a_buffers"] + mem["grad_bucket"], mem["zero_gather"])
+    assert p["memory_per_device_gib"] == pytest.approx(persistent + phases)
+    assert p["activation_parts_gib"] and sum(p["activation_parts_gib"].values()) == pytest.approx(mem["activations"])
     assert set(p["a2a_bytes_per_step"]) == {"intra", "inter"}
 
 
 def test_a2a_bytes_128n_by_hand(capsys):
     p = plan_json(capsys, "--config", config_path("locmoe_128n.yaml"), "--world-size", 128,
                   "--set", "moe.remote_capacity_factor=0", "--set", "moe.capacity_factor=1.25")  # one tier
-    tokens = 32 * 1024                          # batch_size 32 x seq 1024 per rank
-    capacity = math.ceil(tokens * 1.25 / 16)    # 2560
-    slice_bytes = 16 * (capacity // 8) * D * 2  # [E, C/TP, d] fp16 = 52,428,800
+    tokens = 2 * 1024                           # batch_size 2 x seq 1024 per rank
+    capacity = math.ceil(tokens * 1.25 / 16)    # 160
+    slice_bytes = 16 * (capacity // 8) * D * 2  # [E, C/TP, d] fp16 = 3,276,800
     passes = 2 * 8                              # forward + backward x 8 MoE layers
     # rank 0's EP group is ranks 0, 8, ..., 120: one per node, so in each of the two All-to-Alls
     # 15 chunks of 1/16 leave the node. Inside node 0 (the TP group), per pass: the AllGather of
@@ -103,7 +112,7 @@ def test_a2a_bytes_128n_by_hand(capsys):
     # it to each of 7 ranks = 7 slices) and the AllGather of the returned slice to 7 ranks.
     inter = passes * 2 * 15 * slice_bytes // 16
     intra = passes * (7 + 7 + 7) * slice_bytes
-    assert p["expert_capacity"] == capacity == 2560
+    assert p["expert_capacity"] == capacity == 160
     assert p["a2a_bytes_per_step"] == {"intra": intra, "inter": inter}
     assert p["a2a_bytes_per_step_world"] == {"intra": 128 * intra, "inter": 128 * inter}
 
@@ -273,7 +282,8 @@ def test_every_shipped_config_loads(path):
 
 def test_table1_values_at_128n():
     raw = yaml.safe_load(open(config_path("locmoe_128n.yaml")))
-    assert raw["train"]["batch_size"] == 32 and raw["train"]["sink_size"] == 16
+    # Table 1's batch_size 32 is read as the global batch (PanGu-alpha): 2 per DP rank x DP 16
+    assert raw["train"]["batch_size"] * 16 == 32 and raw["train"]["sink_size"] == 16
     assert raw["parallel"]["expert_parallel"] == 16 and raw["moe"]["expert_num_per_dp_dim"] == 1
 
 
@@ -346,7 +356,7 @@ def test_param_count_equals_mindspore_model(router, tmp_path):
 
 
 def test_activation_estimate_scales_with_batch_and_tp():
-    cfg = load_config(config_path("locmoe_128n.yaml"))
+    cfg = load_config(config_path("locmoe_128n.yaml"), ["train.batch_size=32"])
     half = load_config(config_path("locmoe_128n.yaml"), ["train.batch_size=16"])
     full = param_count.activation_bytes(cfg, 8, 16)
     halved = param_count.activation_bytes(half, 8, 16)
@@ -356,3 +366,59 @@ def test_activation_estimate_scales_with_batch_and_tp():
     n = 32 * 1024
     assert full["dense_ffn"] == 32 * (n * D * 7 + 2 * n * F * 2 // 8)
     assert param_count.activation_bytes(cfg, 1, 16)["attention"] > full["attention"]
+
+
+# ---- recomputation, optimizer sharding, buffers (issue: fit a 910A) ------------------------
+CLUSTER_CONFIGS = [(r, n) for r in ("locmoe", "switch", "hash", "rre") for n in (64, 128, 256)]
+
+
+@pytest.mark.parametrize("router,size", CLUSTER_CONFIGS)
+def test_every_cluster_config_fits_a_910a(capsys, router, size):
+    p = plan_json(capsys, "--config", config_path(f"{router}_{size}n.yaml"), "--world-size", size)
+    assert p["memory_fits"] and p["memory_per_device_gib"] <= 28, p["memory_breakdown_gib"]
+    assert set(p["memory_breakdown_gib"]) == {"parameters", "gradients", "optimizer", "activations", "a2a_buffers",
+                                              "grad_bucket", "zero_gather", "hccl_workspace"}
+    assert p["global_batch"] == p["batch_per_dp_rank"] * p["dp"]
+
+
+def test_recompute_levels_by_hand():
+    """Block recompute keeps each block's float32 input + the sparse blocks' expert buffers + one
+    layer's activations + the head; attention recompute drops the q/k/v/context and softmax terms."""
+    cfg = load_config(config_path("locmoe_128n.yaml"), ["train.batch_size=4"])
+    n, p, t, a = 4 * 1024, 2, 8, 40
+    cap = math.ceil(n * 1.25 / 16)
+    rows = 16 * cap
+    attention = n * D * (4 + p + 1) + n * D * 4 * p / t + n * a * S * (4 + p + 1) / t
+    dense = n * D * (4 + p + 1) + 2 * n * F * p / t
+    sparse = n * D * (8 + 1) + 4 * n * 16 + 2 * rows * D * p + 2 * rows * F * p / t
+    head = n * D * 4 + 2 * 4 * n * V / t
+    block = param_count.activation_bytes_recompute(cfg, t, 16, "block")
+    expect = 40 * n * D * 4 + MOE * 2 * rows * D * p + head + attention + max(dense, sparse)
+    assert sum(block.values()) == pytest.approx(expect, rel=1e-9)
+    attn = param_count.activation_bytes_recompute(cfg, t, 16, "attention")
+    expect = 40 * n * D * (8 + 1) + 32 * dense + MOE * sparse + head + attention
+    assert sum(attn.values()) == pytest.approx(expect, rel=1e-9)
+    none = sum(param_count.activation_bytes_recompute(cfg, t, 16, "none").values())
+    assert sum(block.values()) < sum(attn.values()) < none
+
+
+def test_optimizer_sharding_and_hccl_constants():
+    cfg = load_config(config_path("locmoe_256n.yaml"))
+    plain = param_count.memory_breakdown(cfg, 8, 16, 32, optimizer_shard=False, comm_groups=5)
+    shard = param_count.memory_breakdown(cfg, 8, 16, 32, optimizer_shard=True, comm_groups=5)
+    parts = param_count.params_per_device_parts(cfg, 8, 16)
+    assert plain["optimizer"] * 2 ** 30 == pytest.approx(8 * sum(parts.values()))
+    by_hand = 8 * (parts["tp_split"] / 32 + parts["replicated"] / 256 + parts["experts"] / 2)
+    assert shard["optimizer"] * 2 ** 30 == pytest.approx(by_hand)
+    assert plain["zero_gather"] == 0 and shard["zero_gather"] > 0
+    assert shard["hccl_workspace"] * 2 ** 30 == 5 * 2 * 200 * 2 ** 20  # 2 x HCCL_BUFFSIZE per group
+    cpu = load_config(config_path("cpu_tiny.yaml"))
+    assert param_count.memory_breakdown(cpu, 1, 8, 1, 1000)["hccl_workspace"] == 0
+
+
+def test_plan_text_prints_breakdown_and_global_batch(capsys):
+    code, out, _ = run_plan(capsys, "--config", config_path("locmoe_128n.yaml"), "--world-size", 128)
+    assert code == 0
+    assert "recompute attention, optimizer_shard true" in out and "fits" in out
+    assert "HCCL workspace" in out and "grad bucket" in out and "all-to-all buffers" in out
+    assert "2 sequences per data-parallel rank (train.batch_size) x dp 16 = global batch 32 sequences" in out

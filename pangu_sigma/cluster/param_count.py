@@ -36,8 +36,8 @@ TP layers, stated here):
     experts          E/EP experts per rank, each with its f dimension split by TP
 Non-divisible splits round up (the largest shard).
 
-Memory per device (GiB = 2^30 bytes), no activation recomputation, no
-optimizer sharding, no pipeline parallelism:
+Memory per device (GiB = 2^30 bytes), no pipeline parallelism (`memory_breakdown`
+adds activation recomputation, optimizer sharding and the communication buffers):
     parameters   4 B/param: the model keeps float32 Parameters (the "master
                  weights") and casts them to the compute dtype on use
                  (pangu_sigma/model/attention.py Linear), so fp16 training
@@ -117,6 +117,13 @@ def count_params(cfg, vocab_size=None):
 
 def params_per_device(cfg, tp, ep, vocab_size=None):
     """Trainable parameters held by one device under TP (dense and experts) and EP (experts)."""
+    return sum(params_per_device_parts(cfg, tp, ep, vocab_size).values())
+
+
+def params_per_device_parts(cfg, tp, ep, vocab_size=None):
+    """{'tp_split', 'replicated', 'experts'}: one device's parameters by replica group
+    (pangu_sigma.parallel.grad_reduce.replica_group: the data-parallel group, every rank,
+    the expert-data-parallel group)."""
     vocab, seq, d, f, layers, moe = _dims(cfg, vocab_size)
     experts = cfg.num_experts if moe > 0 else 0
     blocks = layers + 1
@@ -130,7 +137,9 @@ def params_per_device(cfg, tp, ep, vocab_size=None):
                   + 2 * d                                               # final_ln
                   + moe * router_params(cfg.moe.router, d, experts, cfg.moe.gate_bias))
     experts_here = moe * _ceil_div(experts, ep) * 2 * d * _ceil_div(f, tp)
-    return split + replicated + experts_here
+    if tp == 1:  # nothing is TP-split: those parameters are replicated on every rank
+        return {"tp_split": 0, "replicated": split + replicated, "experts": experts_here}
+    return {"tp_split": split, "replicated": replicated, "experts": experts_here}
 
 
 def tokens_per_rank(cfg):
@@ -191,18 +200,138 @@ def activation_bytes(cfg, tp, ep, vocab_size=None):
     return {k: int(math.ceil(v)) for k, v in out.items()}
 
 
-def grad_bucket_bytes(cfg, params_on_device):
-    """Bytes of the gradient AllReduce buckets in flight: 2 * min(bucket, all gradients of the device)."""
-    bucket = int(cfg.parallel.grad_bucket_mb * 2 ** 20)
-    return 2 * min(bucket, params_on_device * GRAD_BYTES)
+def _layer_activations(cfg, tp, vocab_size=None):
+    """Per-layer activation bytes without recomputation: {'attention', 'dense_ffn', 'sparse_ffn', 'head'}
+    of ONE layer (see activation_bytes for the terms), plus the pieces recomputation keeps."""
+    vocab, seq, d, f, layers, moe = _dims(cfg, vocab_size)
+    p = ITEMSIZE[cfg.compute_dtype]
+    drop = 1 if cfg.model.dropout_rate > 0 else 0
+    n = tokens_per_rank(cfg)
+    heads = cfg.model.num_heads
+    experts = cfg.num_experts if moe > 0 else 0
+    rows = experts * expert_capacity(n, cfg.moe.capacity_factor, experts) if moe > 0 else 0
+    return {
+        "attention": n * d * (4 + p + drop) + n * d * 4 * p / tp + n * heads * seq * (4 + p + drop) / tp,
+        # attention recomputed: its float32 input (the LayerNorm output) is kept instead of its insides
+        "attention_recomputed": n * d * (4 + 4 + drop),
+        "dense_ffn": n * d * (4 + p + drop) + 2 * n * f * p / tp,
+        "sparse_ffn": (n * d * (8 + drop) + 4 * n * experts + 2 * rows * d * p + 2 * rows * f * p / tp) if moe else 0,
+        "expert_buffers": 2 * rows * d * p,   # the All-to-All outputs a recomputed sparse block keeps
+        "head": n * d * 4 + 2 * 4 * n * vocab / tp,
+        "block_input": n * d * 4,             # the float32 residual stream entering a block
+    }
 
 
-def memory_per_device(cfg, tp, ep, vocab_size=None):
-    """{'parameters', 'gradients', 'optimizer', 'activations', 'grad_buckets', 'total'} in GiB for one device."""
-    params = params_per_device(cfg, tp, ep, vocab_size)
-    acts = sum(activation_bytes(cfg, tp, ep, vocab_size).values())
-    out = {"parameters": params * PARAM_BYTES / GIB, "gradients": params * GRAD_BYTES / GIB,
-           "optimizer": params * OPTIMIZER_BYTES / GIB, "activations": acts / GIB,
-           "grad_buckets": grad_bucket_bytes(cfg, params) / GIB}
-    out["total"] = sum(out.values())
+def activation_bytes_recompute(cfg, tp, ep, level, vocab_size=None):
+    """Activation bytes kept for the backward pass at a train.recompute level -> {part: bytes}.
+
+    none       activation_bytes (every layer keeps everything).
+    attention  every attention keeps only its float32 input (N*d*4 on top of the
+               LayerNorm input and the dropout mask) instead of q, k, v, context
+               and the softmax terms; +1 layer's attention insides while its
+               backward runs (`recompute_peak`).
+    block      every block (and the query layer) keeps its float32 input N*d*4,
+               sparse blocks also the expert buffers (their All-to-All outputs are
+               not recomputed; TP AllReduces are recomputed); +1 layer's
+               full activations while its backward runs (`recompute_peak`).
+    The head (final LayerNorm input, logits, log-probabilities) is never recomputed.
+    """
+    if level == "none":
+        return activation_bytes(cfg, tp, ep, vocab_size)
+    _, _, _, _, layers, moe = _dims(cfg, vocab_size)
+    one = _layer_activations(cfg, tp, vocab_size)
+    blocks = layers + 1
+    if level == "attention":
+        out = {
+            "attention": blocks * one["attention_recomputed"],
+            "dense_ffn": (layers - moe + 1) * one["dense_ffn"],
+            "sparse_ffn": moe * one["sparse_ffn"],
+            "head": one["head"],
+            "recompute_peak": one["attention"],
+        }
+    elif level == "block":
+        out = {
+            "attention": 0,
+            "dense_ffn": 0,
+            "sparse_ffn": 0,
+            "block_inputs": blocks * one["block_input"] + moe * one["expert_buffers"],
+            "head": one["head"],
+            "recompute_peak": one["attention"] + max(one["dense_ffn"], one["sparse_ffn"]),
+        }
+    else:
+        raise ValueError(f"recompute level {level!r}")
+    return {k: int(math.ceil(v)) for k, v in out.items()}
+
+
+# ---- the per-device memory model ----------------------------------------------------------
+# Stated constants (not measured here):
+HCCL_BUFFSIZE_MIB = 200            # HCCL_BUFFSIZE default (CANN env var docs): every communication group
+HCCL_BUFFERS_PER_GROUP = 2         # holds 2 x HCCL_BUFFSIZE (send + receive), exclusive to HCCL
+RUNTIME_RESERVE_GIB = 4            # left to the runtime / framework on a 32 GiB 910A: budget 28 GiB
+BUDGET_GIB = 28
+
+
+def optimizer_replicas(tp, dp, ep):
+    """Replica-group size of each parameter kind (the optimizer-state sharding factor)."""
+    return {"tp_split": dp, "replicated": tp * dp, "experts": max(dp // ep, 1)}
+
+
+def memory_breakdown(cfg, tp, ep, dp, vocab_size=None, comm_groups=5, recompute=None, optimizer_shard=None,
+                     grad_bucket_mib=None):
+    """Per-device memory {item: GiB} of a run config, and 'total'.
+
+    Persistent: parameters (float32 masters), gradients (float32, one buffer per
+    parameter, kept until the update), Adam moments (8 B/param, divided by the
+    replica-group size R of each parameter kind when parallel.optimizer_shard).
+    Step peak = persistent + the larger of two phases:
+      forward/backward  activations (at train.recompute) + the MoE All-to-All
+                        buffers in flight (send + receive of one layer's
+                        [E, C, d] buffer, compute dtype) + the gradient-reduction
+                        bucket (the flat concat and its reduced copy, 2 x bucket)
+      optimizer step    with sharding: one gather bucket (pangu_sigma.parallel.zero:
+                        the [R, sum c] float32 buffer, at most the bucket size,
+                        plus my concatenated slices, 1/R of it; no single
+                        parameter of the shipped configs exceeds the bucket)
+    HCCL workspace: comm_groups x 2 x HCCL_BUFFSIZE (Ascend only; 0 on CPU).
+    """
+    recompute = cfg.train.recompute if recompute is None else recompute
+    shard = cfg.parallel.optimizer_shard if optimizer_shard is None else optimizer_shard
+    grad_bucket_mib = cfg.parallel.grad_bucket_mb if grad_bucket_mib is None else grad_bucket_mib
+    parts = params_per_device_parts(cfg, tp, ep, vocab_size)
+    params = sum(parts.values())
+    replicas = optimizer_replicas(tp, dp, ep)
+    moments = sum(count * OPTIMIZER_BYTES / (replicas[kind] if shard else 1) for kind, count in parts.items())
+    acts = activation_bytes_recompute(cfg, tp, ep, recompute, vocab_size)
+    _, _, d, _, _, moe = _dims(cfg, vocab_size)
+    n = tokens_per_rank(cfg)
+    experts = cfg.num_experts if moe > 0 else 0
+    a2a = 2 * experts * expert_capacity(n, cfg.moe.capacity_factor, experts) * d * ITEMSIZE[cfg.compute_dtype] \
+        if moe else 0
+    largest_group = max(parts.values()) * PARAM_BYTES
+    bucket = 2 * min(grad_bucket_mib * 2 ** 20, largest_group)
+    gather_bucket = min(grad_bucket_mib * 2 ** 20, largest_group)
+    gather = gather_bucket * (1 + 1 / max(replicas[max(parts, key=parts.get)], 1)) if shard else 0
+    ascend = cfg.parallel.device_target == "Ascend"
+    hccl = comm_groups * HCCL_BUFFERS_PER_GROUP * HCCL_BUFFSIZE_MIB * 2 ** 20 if ascend else 0
+    out = {
+        "parameters": params * PARAM_BYTES,
+        "gradients": params * GRAD_BYTES,
+        "optimizer": moments,
+        "activations": sum(acts.values()),
+        "a2a_buffers": a2a,
+        "grad_bucket": bucket,
+        "zero_gather": gather,
+        "hccl_workspace": hccl,
+    }
+    out = {k: v / GIB for k, v in out.items()}
+    persistent = out["parameters"] + out["gradients"] + out["optimizer"] + out["hccl_workspace"]
+    backward = out["activations"] + out["a2a_buffers"] + out["grad_bucket"]
+    out["total"] = persistent + max(backward, out["zero_gather"])
+    out["activation_parts"] = {k: v / GIB for k, v in acts.items()}
     return out
+
+
+def memory_per_device(cfg, tp, ep, vocab_size=None, dp=1):
+    """{'parameters', 'gradients', 'optimizer', 'activations', 'total'} in GiB (memory_breakdown, summarised)."""
+    full = memory_breakdown(cfg, tp, ep, dp, vocab_size)
+    return {k: full[k] for k in ("parameters", "gradients", "optimizer", "activations", "total")}

@@ -251,7 +251,9 @@ def make_plan(cfg, rank_table=None, world_size=None, devices_per_node=None, doma
     nodes = sorted(set(topo.node_of_rank))
     experts_of_node = [topo.experts_of_node(n) for n in nodes]
     counts = param_count.count_params(cfg, vocab)
-    memory = param_count.memory_per_device(cfg, topo.tp, topo.ep, vocab)
+    comm_groups = len({tuple(g) for g in (list(range(world)), topo.tp_group(), topo.dp_group(), topo.ep_group(),
+                                           topo.expert_dp_group()) if len(g) > 1})
+    memory = param_count.memory_breakdown(cfg, topo.tp, topo.ep, topo.dp, vocab, comm_groups=comm_groups)
     traffic = a2a_traffic(cfg, topo)
     notes = []
     if node_of_rank is not None and dpn != cfg.parallel.devices_per_node:
@@ -261,10 +263,16 @@ def make_plan(cfg, rank_table=None, world_size=None, devices_per_node=None, doma
     if cfg.model.moe_layer_num and replicas > 1:
         notes.append(f"each expert is held by {replicas} data-parallel replicas (expert-data-parallel groups "
                      f"of {replicas}); {len(nodes)} nodes share {cfg.num_experts} experts")
-    if cfg.parallel.device_target == "Ascend" and memory["total"] > ASCEND_910A_HBM_GIB:
-        notes.append(f"{memory['total']:.1f} GiB per device exceeds the {ASCEND_910A_HBM_GIB} GiB HBM of an "
-                     f"Ascend 910A: lower train.batch_size (activations grow with it); activation recomputation "
-                     f"and optimizer sharding are not modelled")
+    if cfg.parallel.device_target == "Ascend" and memory["total"] > param_count.BUDGET_GIB:
+        hints = []
+        if cfg.train.recompute != "block":
+            hints.append("train.recompute: block")
+        if not cfg.parallel.optimizer_shard:
+            hints.append("parallel.optimizer_shard: true")
+        hints.append("a lower train.batch_size (activations grow with it)")
+        notes.append(f"{memory['total']:.1f} GiB per device exceeds the {param_count.BUDGET_GIB} GiB budget of an "
+                     f"Ascend 910A ({ASCEND_910A_HBM_GIB} GiB HBM less {param_count.RUNTIME_RESERVE_GIB} GiB for the "
+                     f"runtime): try {', '.join(hints)}")
     return {
         "source": source,
         "world_size": world,
@@ -290,7 +298,14 @@ def make_plan(cfg, rank_table=None, world_size=None, devices_per_node=None, doma
         "params_non_trainable": counts["non_trainable"],
         "params_per_device": param_count.params_per_device(cfg, topo.tp, topo.ep, vocab),
         "memory_per_device_gib": memory["total"],
-        "memory_breakdown_gib": {k: v for k, v in memory.items() if k != "total"},
+        "memory_breakdown_gib": {k: v for k, v in memory.items() if k not in ("total", "activation_parts")},
+        "activation_parts_gib": memory["activation_parts"],
+        "memory_budget_gib": param_count.BUDGET_GIB,
+        "memory_fits": memory["total"] <= param_count.BUDGET_GIB,
+        "recompute": cfg.train.recompute,
+        "optimizer_shard": cfg.parallel.optimizer_shard,
+        "hccl_groups": comm_groups,
+        "batch_per_dp_rank": cfg.train.batch_size,
         "tokens_per_rank": traffic["tokens_per_rank"],
         "global_batch": cfg.train.batch_size * topo.dp,
         "expert_capacity": traffic["capacity"],
@@ -377,12 +392,20 @@ def format_text(plan, config_path):
         f"{p['params_active']:,} ({_human(p['params_active'])}), per device {p['params_per_device']:,} "
         f"({_human(p['params_per_device'])})"
         + (f"; + {p['params_non_trainable']:,} fixed table entries" if p["params_non_trainable"] else ""),
-        f"memory     {p['memory_per_device_gib']:.2f} GiB per device = parameters {mem['parameters']:.2f} "
-        f"+ gradients {mem['gradients']:.2f} + Adam moments {mem['optimizer']:.2f} "
-        f"+ activations {mem['activations']:.2f} + gradient buckets {mem['grad_buckets']:.2f} "
-        f"(fp32 weights, {p['compute_dtype']} compute, no recompute)",
-        f"batch      {p['tokens_per_rank']:,} tokens per rank, global batch {p['global_batch']} sequences; "
-        f"expert capacity {p['expert_capacity']}"
+        f"memory     {p['memory_per_device_gib']:.2f} GiB per device (budget {p['memory_budget_gib']} GiB: "
+        f"{'fits' if p['memory_fits'] else 'DOES NOT FIT'}); fp32 weights, {p['compute_dtype']} compute, "
+        f"recompute {p['recompute']}, optimizer_shard {str(p['optimizer_shard']).lower()}",
+        f"  persistent  parameters {mem['parameters']:.2f} + gradients {mem['gradients']:.2f} "
+        f"+ Adam moments {mem['optimizer']:.2f} + HCCL workspace {mem['hccl_workspace']:.2f} "
+        f"({p['hccl_groups']} groups x 2 x {param_count.HCCL_BUFFSIZE_MIB} MiB)",
+        f"  fwd/bwd     activations {mem['activations']:.2f} ("
+        + ", ".join(f"{k} {v:.2f}" for k, v in p["activation_parts_gib"].items())
+        + f") + all-to-all buffers {mem['a2a_buffers']:.2f} + gradient buckets {mem['grad_bucket']:.2f} "
+        f"(2 x parallel.grad_bucket_mb)",
+        f"  optimizer   sharded-update gather buffer {mem['zero_gather']:.2f} (peak = persistent + the larger phase)",
+        f"batch      {p['batch_per_dp_rank']} sequences per data-parallel rank (train.batch_size) x dp {p['dp']} "
+        f"= global batch {p['global_batch']} sequences ({p['global_batch'] * p['tokens_per_rank'] // max(p['batch_per_dp_rank'], 1):,} tokens); "
+        f"{p['tokens_per_rank']:,} tokens per rank; expert capacity {p['expert_capacity']}"
         + (f" per (rank, node-local expert), {p['remote_capacity']} per (rank, expert on another node) "
            f"(two-tier exchange)" if p["a2a_detail"]["two_tier"] else ""),
     ]

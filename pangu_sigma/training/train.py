@@ -35,8 +35,10 @@ from pangu_sigma.training.callbacks import JsonlLog, expert_table, step_line
 from pangu_sigma.config import load_config
 from pangu_sigma.data.dataset import create_dataset
 from pangu_sigma.training.lr_schedule import WarmupCosineLR
+from pangu_sigma.model.recompute import apply_recompute
 from pangu_sigma.parallel.grad_reduce import GradReducer
 from pangu_sigma.parallel.init_weights import initialise as initialise_weights
+from pangu_sigma.parallel.zero import sharded_optimizer
 from pangu_sigma.parallel.tp_layers import tp_shard_specs
 from pangu_sigma.training.run_paths import resolve_paths
 from pangu_sigma.training.overflow import OverflowCheck, overflow_check_mode
@@ -50,11 +52,14 @@ def build_train_step(cfg, meta, ctx, token_groups=1, group_ranks=None):
                       group_ranks=group_ranks)
     decay_steps = cfg.optim.decay_steps or cfg.train.train_steps
     schedule = WarmupCosineLR(cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, decay_steps)
+    apply_recompute(net.model, cfg.train.recompute)
     optimizer = build_optimizer(net, cfg.optim, schedule)
     use_loss_scale = cfg.compute_dtype == "float16"
     reducer = metrics = None
     if ctx.distributed and topology.world_size > 1:
         specs = tp_shard_specs(net)
+        if cfg.parallel.optimizer_shard:
+            optimizer = sharded_optimizer(net, cfg.optim, schedule, topology, ctx.backend, lambda p: p.name in specs)
         reducer = GradReducer(optimizer.parameters, topology, ctx.backend, lambda p: p.name in specs,
                               cfg.parallel.grad_bucket_mb)
         metrics = AllReduce(list(range(topology.world_size)), ctx.backend, topology, "metrics_allreduce")

@@ -21,6 +21,30 @@ from pangu_sigma.parallel.init_weights import initialise  # noqa: E402
 from pangu_sigma.parallel.reshard import shard_full_params, tp_shard_specs  # noqa: E402
 
 
+def resume_check(name, step_cell, out_dir, rank, ids, domains):
+    """Save the sharded state after the steps, run one more step; then a fresh cell loads the
+    checkpoint and runs the same step. -> arrays for the test (both runs' loss and parameters,
+    and this rank's moment slices)."""
+    from pangu_sigma.training import checkpoint
+
+    ckpt_dir = os.path.join(out_dir, f"{name}_ckpt{rank}")
+    path = checkpoint.save(step_cell, ckpt_dir, pc.STEPS, {"case": name}, keep_last=1)
+    arrays = {f"moment/{p.name}": p.asnumpy() for p in step_cell.get_parameters() if p.name.startswith("zero_")}
+    step_cell(ms.Tensor(ids), ms.Tensor(domains))
+    arrays["continued_loss"] = step_cell.metrics_scalars.asnumpy()[0, 0]
+    arrays.update({f"continued/{p.name}": p.asnumpy() for p in step_cell.get_parameters()
+                   if not p.name.startswith("metrics_")})
+    topology = pc.topology_of(name, rank)
+    fresh, _ = pc.build(name, ParallelContext(topology, "emulated", distributed=True),
+                        os.path.join(out_dir, f"{name}_resumed{rank}"))
+    checkpoint.load_into(fresh, path)
+    fresh(ms.Tensor(ids), ms.Tensor(domains))
+    arrays["resumed_loss"] = fresh.metrics_scalars.asnumpy()[0, 0]
+    arrays.update({f"resumed/{p.name}": p.asnumpy() for p in fresh.get_parameters()
+                   if not p.name.startswith("metrics_")})
+    return arrays
+
+
 def main():
     out_dir, names = sys.argv[1], sys.argv[2:]
     ms.set_context(mode=ms.GRAPH_MODE)
@@ -46,6 +70,8 @@ def main():
         arrays.update({f"param/{k}": v for k, v in pc.params_of(net).items()})
         arrays.update({f"stats/{k}": v for k, v in stats.items()})
         arrays.update({f"spec/{k}": np.array([v.dim, v.parts]) for k, v in tp_shard_specs(net).items()})
+        if pc.OPTIONS.get(name, {}).get("parallel", {}).get("optimizer_shard"):
+            arrays.update(resume_check(name, step_cell, out_dir, rank, ids[rows], domains[rows]))
         np.savez(os.path.join(out_dir, f"{name}_rank{rank}.npz"), losses=np.array(losses), **arrays)
         print(f"[worker {rank}] {name}: losses {losses}", flush=True)
 
