@@ -119,12 +119,12 @@ def test_a2a_bytes_128n_by_hand(capsys):
 
 
 def test_two_tier_bytes_128n_by_hand(capsys):
-    """LocMoE's config: the node-local expert at C = ceil(32768 * 12 / 16) = 24576, the others at
-    C_r = ceil(32768 * 0.5 / 16) = 1024."""
+    """LocMoE's config (2 sequences of 1024 per rank): the node-local expert at
+    C = ceil(2048 * 12 / 16) = 1536, the others at C_r = ceil(2048 * 0.5 / 16) = 64."""
     p = plan_json(capsys, "--config", config_path("locmoe_128n.yaml"), "--world-size", 128)
-    assert (p["expert_capacity"], p["remote_capacity"]) == (24576, 1024)
-    block_r = (1024 // 8) * D * 2   # one expert's TP slice of the remote tier, fp16
-    block_l = (24576 // 8) * D * 2  # the node's one local expert, TP slice
+    assert (p["expert_capacity"], p["remote_capacity"]) == (1536, 64)
+    block_r = (64 // 8) * D * 2     # one expert's TP slice of the remote tier, fp16
+    block_l = (1536 // 8) * D * 2   # the node's one local expert, TP slice
     passes = 2 * 8
     # tier 2: [16 EP ranks, 1 expert, C_r/8, d] out and back; 15 blocks leave the node (the block
     # addressed to node 0 itself is the zero hole). Tier 1 is a group of one rank: no bytes.
@@ -134,7 +134,7 @@ def test_two_tier_bytes_128n_by_hand(capsys):
     intra = passes * 7 * (16 * block_r + 16 * block_r + 15 * block_r + 3 * block_l)
     assert p["a2a_bytes_per_step"] == {"intra": intra, "inter": inter}
     one_tier = plan_json(capsys, "--config", config_path("switch_128n.yaml"), "--world-size", 128)
-    assert inter / one_tier["a2a_bytes_per_step"]["inter"] == pytest.approx(1024 / 2560)
+    assert inter / one_tier["a2a_bytes_per_step"]["inter"] == pytest.approx(64 / 160)
 
 
 SMALL = {
@@ -384,7 +384,8 @@ def test_every_cluster_config_fits_a_910a(capsys, router, size):
 def test_recompute_levels_by_hand():
     """Block recompute keeps each block's float32 input + the sparse blocks' expert buffers + one
     layer's activations + the head; attention recompute drops the q/k/v/context and softmax terms."""
-    cfg = load_config(config_path("locmoe_128n.yaml"), ["train.batch_size=4"])
+    cfg = load_config(config_path("locmoe_128n.yaml"), ["train.batch_size=4", "moe.remote_capacity_factor=0",
+                                                        "moe.capacity_factor=1.25"])  # one tier
     n, p, t, a = 4 * 1024, 2, 8, 40
     cap = math.ceil(n * 1.25 / 16)
     rows = 16 * cap
@@ -400,6 +401,10 @@ def test_recompute_levels_by_hand():
     assert sum(attn.values()) == pytest.approx(expect, rel=1e-9)
     none = sum(param_count.activation_bytes_recompute(cfg, t, 16, "none").values())
     assert sum(block.values()) < sum(attn.values()) < none
+    # two tiers (the shipped LocMoE config): one node-local expert per node (TP 8 fills the node)
+    # at C = ceil(n * 12 / 16), the 15 others at C_r = ceil(n * 0.5 / 16)
+    two = load_config(config_path("locmoe_128n.yaml"), ["train.batch_size=4"])
+    assert param_count.buffer_rows(two, n, t, 16) == math.ceil(n * 12 / 16) + 15 * math.ceil(n * 0.5 / 16)
 
 
 def test_optimizer_sharding_and_hccl_constants():

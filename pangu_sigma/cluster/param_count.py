@@ -147,6 +147,18 @@ def tokens_per_rank(cfg):
     return cfg.train.batch_size * cfg.model.seq_length
 
 
+def buffer_rows(cfg, tokens, tp, ep):
+    """Rows of one rank's dispatch buffer: E * C with one tier; with two tiers (moe.remote_capacity_factor
+    > 0) the node-local experts get C rows each and the others C_r (locmoe.layer.MoELayer._tiered).
+    Node-local experts: E/EP per EP rank on the node (devices_per_node / TP data-parallel ranks, at most EP)."""
+    experts = cfg.num_experts
+    capacity = expert_capacity(tokens, cfg.moe.capacity_factor, experts)
+    if not cfg.moe.remote_capacity_factor:
+        return experts * capacity
+    local = experts // ep * max(1, min(ep, cfg.parallel.devices_per_node // tp))
+    return local * capacity + (experts - local) * expert_capacity(tokens, cfg.moe.remote_capacity_factor, experts)
+
+
 def activation_bytes(cfg, tp, ep, vocab_size=None):
     """Activation bytes one device keeps for the backward pass of one step.
 
@@ -194,13 +206,13 @@ def activation_bytes(cfg, tp, ep, vocab_size=None):
         "head": n * d * 4 + 2 * 4 * n * vocab / tp,
     }
     if moe > 0:
-        rows = experts * expert_capacity(n, cfg.moe.capacity_factor, experts)
+        rows = buffer_rows(cfg, n, tp, ep)
         sparse = n * d * (8 + drop) + 4 * n * experts + 2 * rows * d * p + 2 * rows * f * p / tp
         out["sparse_ffn"] = moe * sparse
     return {k: int(math.ceil(v)) for k, v in out.items()}
 
 
-def _layer_activations(cfg, tp, vocab_size=None):
+def _layer_activations(cfg, tp, ep, vocab_size=None):
     """Per-layer activation bytes without recomputation: {'attention', 'dense_ffn', 'sparse_ffn', 'head'}
     of ONE layer (see activation_bytes for the terms), plus the pieces recomputation keeps."""
     vocab, seq, d, f, layers, moe = _dims(cfg, vocab_size)
@@ -209,7 +221,7 @@ def _layer_activations(cfg, tp, vocab_size=None):
     n = tokens_per_rank(cfg)
     heads = cfg.model.num_heads
     experts = cfg.num_experts if moe > 0 else 0
-    rows = experts * expert_capacity(n, cfg.moe.capacity_factor, experts) if moe > 0 else 0
+    rows = buffer_rows(cfg, n, tp, ep) if moe > 0 else 0
     return {
         "attention": n * d * (4 + p + drop) + n * d * 4 * p / tp + n * heads * seq * (4 + p + drop) / tp,
         # attention recomputed: its float32 input (the LayerNorm output) is kept instead of its insides
@@ -239,7 +251,7 @@ def activation_bytes_recompute(cfg, tp, ep, level, vocab_size=None):
     if level == "none":
         return activation_bytes(cfg, tp, ep, vocab_size)
     _, _, _, _, layers, moe = _dims(cfg, vocab_size)
-    one = _layer_activations(cfg, tp, vocab_size)
+    one = _layer_activations(cfg, tp, ep, vocab_size)
     blocks = layers + 1
     if level == "attention":
         out = {
@@ -305,8 +317,7 @@ def memory_breakdown(cfg, tp, ep, dp, vocab_size=None, comm_groups=5, recompute=
     _, _, d, _, _, moe = _dims(cfg, vocab_size)
     n = tokens_per_rank(cfg)
     experts = cfg.num_experts if moe > 0 else 0
-    a2a = 2 * experts * expert_capacity(n, cfg.moe.capacity_factor, experts) * d * ITEMSIZE[cfg.compute_dtype] \
-        if moe else 0
+    a2a = 2 * buffer_rows(cfg, n, tp, ep) * d * ITEMSIZE[cfg.compute_dtype] if moe else 0
     largest_group = max(parts.values()) * PARAM_BYTES
     bucket = 2 * min(grad_bucket_mib * 2 ** 20, largest_group)
     gather_bucket = min(grad_bucket_mib * 2 ** 20, largest_group)

@@ -400,7 +400,7 @@ def format_text(plan, config_path):
         f"({p['hccl_groups']} groups x 2 x {param_count.HCCL_BUFFSIZE_MIB} MiB)",
         f"  fwd/bwd     activations {mem['activations']:.2f} ("
         + ", ".join(f"{k} {v:.2f}" for k, v in p["activation_parts_gib"].items())
-        + f") + all-to-all buffers {mem['a2a_buffers']:.2f} + gradient buckets {mem['grad_bucket']:.2f} "
+        + f") + all-to-all buffers {mem['a2a_buffers']:.2f} + grad bucket {mem['grad_bucket']:.2f} "
         f"(2 x parallel.grad_bucket_mb)",
         f"  optimizer   sharded-update gather buffer {mem['zero_gather']:.2f} (peak = persistent + the larger phase)",
         f"batch      {p['batch_per_dp_rank']} sequences per data-parallel rank (train.batch_size) x dp {p['dp']} "
