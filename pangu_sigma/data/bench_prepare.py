@@ -172,7 +172,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", required=True, help="scratch folder (deleted at the end)")
     parser.add_argument("--mb", type=float, default=1000)
-    parser.add_argument("--small-mb", type=float, default=100)
+    parser.add_argument("--small-mb", type=float, default=100, help="0: skip the small-corpus cases")
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--seq-length", type=int, default=1024)
@@ -214,6 +214,8 @@ def main(argv=None):
                          "samples": meta["train_samples"] + meta["valid_samples"], "shards": shards})
             emit(case)
             shutil.rmtree(output)
+        if not args.small_mb:
+            return
         small = os.path.join(work, "corpus_small")
         small_bytes = generate_corpus(small, int(args.small_mb * 1e6))
         old_dir = os.path.join(work, "old", "pangu_sigma", "data")

@@ -16,8 +16,8 @@ Stages (one file each): corpus.py scans the folder (sizes, characters, UTF-8 che
 tokenizer.py trains SentencePiece on a bounded sample spread over the corpus (or loads
 --tokenizer); worker processes (workers.py) encode line-aligned pieces of about 1 MB,
 which this module packs in document order into a spool of samples on disk; the valid
-split (valid_split.py) is stratified by domain; workers write the MindRecord shards
-(shards.py). Memory holds a bounded number of pieces in flight, not the corpus.
+split (valid_split.py) is stratified by domain; the MindRecord shards are written
+(shards.py) from this process. Memory holds a bounded number of pieces in flight, not the corpus.
 
 DATA receives tokenizer.model, train-0000i-of-0000K.mindrecord and valid-... shards
 (each with its .db index; fields input_ids int32 [S+1], domain_id int32),
@@ -43,7 +43,7 @@ from pangu_sigma.data.shards import (DEFAULT_SHARD_BYTES, FORMAT_VERSION, WRITE_
 from pangu_sigma.data.tokenizer import (DEFAULT_CHARACTER_COVERAGE, SAMPLING, file_sha256, load_tokenizer,
                                         train_tokenizer)
 from pangu_sigma.data.valid_split import DEFAULT_MIN_VALID_PER_DOMAIN, choose_valid
-from pangu_sigma.data.workers import default_workers, encode_task, make_pool, write_task
+from pangu_sigma.data.workers import default_workers, encode_task, make_pool, read_spool_rows, write_task
 
 DEFAULT_VOCAB_SIZE = 2000
 DEFAULT_SEQ_LENGTH = 64
@@ -264,21 +264,22 @@ def build(temp_dir, input_dir, vocab_size, seq_length, valid_fraction, tokenizer
             pool, corpus, spool_path, sample_length, vocab_size, processor.eos_id(), window,
             Progress(progress_seconds, "encode", corpus.bytes))
         timings["encode_pack"] = time.time() - tic
-        tic = time.time()
-        rows_of_split, domain_of_row = split_rows(domain_samples, valid_fraction, seed, min_valid_per_domain)
-        splits = write_splits(pool, temp_dir, spool_path, rows_of_split, domain_of_row, sample_length, shard_bytes,
-                              window, Progress(progress_seconds, "write", sum(domain_samples), "samples"))
-        spool = np.memmap(spool_path, dtype=np.int32, mode="r").reshape(-1, sample_length)  # [N, S+1]
-        valid_rows = rows_of_split["valid"]
-        for first in range(0, len(valid_rows), WRITE_CHUNK):
-            block = spool[valid_rows[first:first + WRITE_CHUNK]]  # [b, S+1]
-            counts -= np.bincount(block.reshape(-1), minlength=vocab_size)
-        del spool
-        timings["write"] = time.time() - tic
         pool.close()
     except BaseException:
         pool.terminate()
         raise
+    # Shards are written by this process: MindRecord's writer imports MindSpore (~0.4 GB per process),
+    # which the encode workers then never load; writing is a small share of the time.
+    tic = time.time()
+    rows_of_split, domain_of_row = split_rows(domain_samples, valid_fraction, seed, min_valid_per_domain)
+    splits = write_splits(make_pool(1, None), temp_dir, spool_path, rows_of_split, domain_of_row, sample_length,
+                          shard_bytes, window, Progress(progress_seconds, "write", sum(domain_samples), "samples"))
+    valid_rows = rows_of_split["valid"]
+    with open(spool_path, "rb") as spool:
+        for first in range(0, len(valid_rows), WRITE_CHUNK):
+            block = read_spool_rows(spool, valid_rows[first:first + WRITE_CHUNK], sample_length)  # [b, S+1]
+            counts -= np.bincount(block.reshape(-1), minlength=vocab_size)
+    timings["write"] = time.time() - tic
     os.remove(spool_path)
     np.save(os.path.join(temp_dir, TOKEN_COUNTS_FILE), counts)
 

@@ -45,17 +45,31 @@ def encode_task(task):
     return domain, np.asarray(out, dtype=np.int32), size
 
 
+def read_spool_rows(handle, rows, sample_length):
+    """Rows of the spool file (int32 [N, S+1]) with pread, one read per run of consecutive rows. # [n, S+1]
+
+    Plain reads, not a memory map: mapped pages of a 1 GB spool would count as this process's memory.
+    """
+    row_bytes = 4 * sample_length
+    out = np.empty([len(rows), sample_length], np.int32)
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    for start, end in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(rows)]])):
+        data = os.pread(handle.fileno(), int(end - start) * row_bytes, int(rows[start]) * row_bytes)
+        out[start:end] = np.frombuffer(data, np.int32).reshape(-1, sample_length)
+    return out
+
+
 def write_task(task):
     """(path, spool path, rows [n] int64, domain ids [n] int32, sample length) -> the shard's meta entry.
 
-    Rows are gathered from the spool WRITE_CHUNK at a time, so a shard never sits in memory whole."""
+    Rows are read from the spool WRITE_CHUNK at a time, so a shard never sits in memory whole."""
     from pangu_sigma.data.shards import WRITE_CHUNK, write_shard
 
     path, spool_path, rows, domain_ids, sample_length = task
-    spool = np.memmap(spool_path, dtype=np.int32, mode="r").reshape(-1, sample_length)  # [N, S+1]
-    chunks = ((spool[rows[first:first + WRITE_CHUNK]], domain_ids[first:first + WRITE_CHUNK])
-              for first in range(0, len(rows), WRITE_CHUNK))  # ([b, S+1], [b])
-    return write_shard(path, len(rows), sample_length, chunks)
+    with open(spool_path, "rb") as spool:
+        chunks = ((read_spool_rows(spool, rows[first:first + WRITE_CHUNK], sample_length),
+                   domain_ids[first:first + WRITE_CHUNK]) for first in range(0, len(rows), WRITE_CHUNK))
+        return write_shard(path, len(rows), sample_length, chunks)  # chunks: ([b, S+1], [b])
 
 
 class InProcess:
