@@ -20,6 +20,7 @@ else
 fi
 overrides=()
 for arg in "$@"; do overrides+=(--set "$arg"); done
-"$PY" -m pangu_sigma.training.train --config "$config" "${overrides[@]}"
+# --overwrite: an earlier smoke run in output/cpu_tiny is moved aside whole (output/cpu_tiny.old-N), not mixed
+"$PY" -m pangu_sigma.training.train --config "$config" "${overrides[@]}" --overwrite
 "$PY" -m pangu_sigma.evaluation.eval --config "$config" "${overrides[@]}" --checkpoint "$out/cpu_tiny"
 echo "[smoke] done in $(( $(date +%s) - started )) s"
