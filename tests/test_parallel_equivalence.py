@@ -56,7 +56,9 @@ def runs(tmp_path_factory):
         if proc.returncode != 0:
             tails = [f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-25:])
                      for p in sorted(Path(log_dir).glob("worker_*.log"))]
-            failures[workers] = f"msrun exited {proc.returncode}\n" + "\n".join(tails)
+            tails += [f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-10:])
+                      for p in sorted(Path(log_dir).glob("scheduler*.log"))]
+            failures[workers] = (f"msrun exited {proc.returncode}\n{proc.stderr[-1500:]}\n" + "\n".join(tails))
     return out, refs, failures
 
 
