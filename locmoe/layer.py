@@ -97,6 +97,18 @@ class MoELayer(nn.Cell):
         raw = expert_capacity(tokens_per_group, self.remote_capacity_factor, self.num_experts)
         return (raw + self.capacity_multiple - 1) // self.capacity_multiple * self.capacity_multiple
 
+    def route(self, x, token_ids, domain_ids):
+        """x [B, S, d] -> (expert_index [G, T], keep [G, T]): construct's token grouping, router and slot
+        assignment, without the experts (the per-token view of eval and the routing report)."""
+        batch, seq, hidden = x.shape
+        groups = self.token_groups
+        per_group = batch * seq // groups
+        x_groups = x.reshape(groups, per_group, hidden).astype(ms.float32)  # [G, T, d]
+        id_groups = token_ids.reshape(groups, per_group)  # [G, T]
+        domains = ops.broadcast_to(domain_ids.expand_dims(1), (batch, seq)).reshape(groups, per_group)  # [G, T]
+        expert_index = self.router(x_groups, id_groups, domains, self.local_mask)[0]  # [G, T]
+        return expert_index, self.kept(expert_index, per_group)
+
     def kept(self, expert_index, per_group):
         """expert_index [G, T] -> keep [G, T] (1: the token got a slot), exactly as construct assigns
         slots (one tier, or two tiers with their own capacities); for eval's per-token view."""

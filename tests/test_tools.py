@@ -322,7 +322,7 @@ def test_converter_from_the_training_log(tiny_run, tmp_path):
     stats = routing_stats.load_stats(out)
     counts = stats["counts"]
     assert counts.shape == (8, 128, 16) and stats["source"]["placement"] == "same"  # auto: no extrapolated locality
-    np.testing.assert_allclose(counts.sum(-1), 32 * 1024)
+    np.testing.assert_allclose(counts.sum(-1), 2 * 1024)  # the 128N config's tokens per rank: batch 2 x seq 1024
     res = simulate.run(load_config(target), world_size=128, routing_stats=out)
     assert res["routing"] == out and res["step_time"] > 0
 

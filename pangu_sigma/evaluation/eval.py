@@ -105,7 +105,7 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
     local_masks = [layer.local_mask.asnumpy() for layer in moe_layers]  # [G, E] each
     per_group = global_batch * seq // layout["token_groups"]
     capacity = int(moe_layers[0].capacity(per_group)) if moe_layers else 0
-    cell = eval_forward_cell(model, global_batch * seq)
+    cell = eval_forward_cell(model)
     acc = DomainAccumulator(meta.get("domains", []), len(moe_layers), cfg.num_experts if moe_layers else 0)
     batches = []
     dropped_remote = np.zeros(len(moe_layers), np.int64)  # [M] drops of tokens bound for other nodes

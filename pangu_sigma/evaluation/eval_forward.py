@@ -34,9 +34,10 @@ def eval_batches(num_samples, batch_size, seed, shuffle):
     return plan
 
 
-def eval_forward_cell(model, tokens_per_batch):
+def eval_forward_cell(model):
     """A Cell: (ids [B, S+1] int32, domain_ids [B] int32) -> (nll [B, S] float32, per sparse block
-    (expert_index [G, T] int32, keep [G, T])). tokens_per_batch = B * S fixes each layer's capacity."""
+    (expert_index [G, T] int32, keep [G, T])); each layer's capacity follows from B * S as in training
+    (MoELayer.route)."""
     import mindspore as ms
     from mindspore import nn, ops
 
@@ -44,21 +45,6 @@ def eval_forward_cell(model, tokens_per_batch):
         def __init__(self, model):
             super().__init__(auto_prefix=False)
             self.model = model
-            first = model.dense_layer_num
-            self.capacities = tuple(
-                int(model.blocks[i].ffn.capacity(tokens_per_batch // model.blocks[i].ffn.token_groups))
-                for i in range(first, first + model.moe_layer_num))
-
-        def route(self, layer, capacity, normed, token_ids, domain_ids):
-            """MoELayer.construct's grouping and capacity, the layer's own router."""
-            batch, seq, hidden = normed.shape
-            groups = layer.token_groups
-            per_group = batch * seq // groups
-            x_groups = normed.reshape(groups, per_group, hidden).astype(ms.float32)  # [G, T, d]
-            id_groups = token_ids.reshape(groups, per_group)  # [G, T]
-            domains = ops.broadcast_to(domain_ids.expand_dims(1), (batch, seq)).reshape(groups, per_group)  # [G, T]
-            expert_index = layer.router(x_groups, id_groups, domains, layer.local_mask)[0]  # [G, T]
-            return expert_index, layer.kept(expert_index, per_group)  # [G, T] each
 
         def construct(self, ids, domain_ids):
             model = self.model
@@ -72,8 +58,7 @@ def eval_forward_cell(model, tokens_per_batch):
                 block = model.blocks[i]
                 x = block.self_attention(x)
                 normed = block.ln_ffn(x)  # [B, S, d]: what the MoE layer and its router receive
-                routing = routing + (self.route(block.ffn, self.capacities[i - model.dense_layer_num], normed,
-                                                inputs, domain_ids),)
+                routing = routing + (block.ffn.route(normed, inputs, domain_ids),)  # ([G, T], [G, T])
                 moe_out, _, _, _ = block.ffn(normed, inputs, domain_ids)
                 x = block.add_branch(x, moe_out)
             logits = model.embedding.logits(model.final_ln(model.query_layer(x)))  # [B, S, V] float32

@@ -174,34 +174,16 @@ def layer_capacity(layer, tokens_per_group):
     return expert_capacity(tokens_per_group, layer.capacity_factor, layer.num_experts)
 
 
-def capture_cell(model, tokens_per_batch):
+def capture_cell(model):
     """A Cell: (token_ids [B, S], domain_ids [B]) -> per sparse block (router input [B*S, d], expert
-    index [B*S], keep [B*S]); the model's own cells in PanguSigmaModel.construct's order.
-    tokens_per_batch = B * S fixes each layer's capacity (computed here, outside the graph)."""
-    import mindspore as ms
-    from mindspore import nn, ops
-    from locmoe.dispatch import assign_slots
+    index [B*S], keep [B*S]); the model's own cells in PanguSigmaModel.construct's order, each MoE
+    layer's own grouping, router and slot assignment (MoELayer.route)."""
+    from mindspore import nn
 
     class CaptureNet(nn.Cell):
         def __init__(self, model):
             super().__init__(auto_prefix=False)
             self.model = model
-            first = model.dense_layer_num
-            self.capacities = tuple(
-                layer_capacity(model.blocks[i].ffn, tokens_per_batch // model.blocks[i].ffn.token_groups)
-                for i in range(first, first + model.moe_layer_num))
-
-        def route(self, layer, capacity, normed, token_ids, domain_ids):
-            """The grouping of MoELayer.construct, its capacity, and the layer's own router."""
-            batch, seq, hidden = normed.shape
-            groups = layer.token_groups
-            per_group = batch * seq // groups
-            x_groups = normed.reshape(groups, per_group, hidden).astype(ms.float32)  # [G, T, d]
-            id_groups = token_ids.reshape(groups, per_group)  # [G, T]
-            domains = ops.broadcast_to(domain_ids.expand_dims(1), (batch, seq)).reshape(groups, per_group)  # [G, T]
-            expert_index = layer.router(x_groups, id_groups, domains, layer.local_mask)[0]  # [G, T]
-            _, keep, _ = assign_slots(expert_index, layer.num_experts, capacity)  # [G, T]
-            return expert_index.reshape(-1), keep.reshape(-1)  # [G*T], [G*T]
 
         def construct(self, token_ids, domain_ids):
             model = self.model
@@ -213,8 +195,8 @@ def capture_cell(model, tokens_per_batch):
                 block = model.blocks[i]
                 x = block.self_attention(x)
                 normed = block.ln_ffn(x)  # [B, S, d] float32: what the MoE layer and its router receive
-                expert_index, keep = self.route(block.ffn, self.capacities[i - model.dense_layer_num], normed,
-                                                token_ids, domain_ids)
+                expert_index, keep = block.ffn.route(normed, token_ids, domain_ids)  # [G, T] each
+                expert_index, keep = expert_index.reshape(-1), keep.reshape(-1)  # [G*T] each
                 moe_out, _, _, _ = block.ffn(normed, token_ids, domain_ids)
                 x = block.add_branch(x, moe_out)
                 out = out + ((normed.reshape(-1, normed.shape[-1]), expert_index, keep),)  # [B*S, d], [B*S], [B*S]
@@ -228,7 +210,7 @@ def capture_batch(model, input_ids, domain_ids, cell=None):
     keep [B*S] bool). input_ids [B, S] int32, domain_ids [B] int32."""
     from mindspore import Tensor
 
-    cell = cell or capture_cell(model, int(np.size(input_ids)))
+    cell = cell or capture_cell(model)
     outs = cell(Tensor(np.asarray(input_ids, np.int32)), Tensor(np.asarray(domain_ids, np.int32)))
     first = model.dense_layer_num
     return [(first + j, normed.asnumpy(), idx.asnumpy().astype(np.int32), keep.asnumpy() > 0.5)
@@ -257,7 +239,7 @@ def capture_routing(cfg, checkpoint_path, split="valid", batch_size=None, max_to
         raise ConfigError("split", split, "a split with at least one sample")
     seq = input_ids.shape[1] - 1
     batches = max(1, min(len(input_ids) // batch_size, math.ceil(max_tokens / (batch_size * seq))))
-    cell = capture_cell(model, batch_size * seq)
+    cell = capture_cell(model)
     pieces, ids_seen = None, []
     for b in range(batches):
         rows = slice(b * batch_size, (b + 1) * batch_size)
