@@ -39,7 +39,10 @@ from locmoe.errors import OneLineArgumentParser, run_cli
 
 BASE = ["model.vocab_size=1000", "model.seq_length=256", "model.hidden_size=256", "model.num_heads=8",
         "model.ffn_hidden_size=1024", "model.num_layers=4", "model.moe_layer_num=2", "model.dropout_rate=0.0",
-        "parallel.virtual_world_size=0", "parallel.expert_parallel=1", "moe.expert_num_per_dp_dim=4"]
+        "parallel.virtual_world_size=0", "parallel.expert_parallel=1", "moe.expert_num_per_dp_dim=4",
+        # one token group, one tier, i.i.d. data: the memory of the model itself, not of the locality settings
+        "moe.capacity_factor=1.25", "moe.remote_capacity_factor=0", "moe.num_domain_groups=1",
+        "moe.domain_to_group=[]", "data.placement=iid"]
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                       "configs", "cpu_tiny.yaml")
 
