@@ -303,3 +303,35 @@ def test_train_cli_into_an_existing_run_is_one_line_and_changes_nothing(trained,
     assert "train.output_dir=" in lines[0] and "--overwrite" in lines[0]
     assert folder_hash(run) == before
     assert sorted(os.listdir(tmp_path)) == ["run.yaml"]  # nothing left in the working directory
+
+
+def test_sharded_optimizer_slices_load_on_their_layout_and_are_refused_elsewhere(tmp_path):
+    """ZeRO-1 moments (zero_m./zero_v.) are a rank's flat slice: the rank that wrote them loads them as
+    written; merging them into a full tensor or moving them to another layout is a one-line error."""
+    layout = {"world_size": 2, "tp": 1, "ep": 1, "num_experts": 4, "devices_per_node": 2}
+    files = {}
+    for rank in range(2):
+        files[rank] = str(tmp_path / f"rank{rank}.ckpt")
+        with CheckpointWriter(files[rank]) as writer:
+            writer.write("w", np.full((2, 3), 1.0, np.float32))
+            writer.write("zero_m.w", np.full(3, rank + 1.0, np.float32))  # ceil(6 / 2) elements
+    source = checkpoint.StateSource(files, layout, {}, "two ranks")
+    assert checkpoint.is_optimizer_state("zero_m.w") and checkpoint.is_optimizer_state("zero_v.w")
+
+    class Cell:  # the parameters of rank 1's train step, as load_state sees them
+        def __init__(self):
+            self.params = [ms.Parameter(ms.Tensor(np.zeros((2, 3), np.float32)), name="w"),
+                           ms.Parameter(ms.Tensor(np.zeros(3, np.float32)), name="zero_m.w")]
+
+        def get_parameters(self):
+            return iter(self.params)
+
+    cell = Cell()
+    checkpoint.load_state(cell, source, layout, 1)
+    assert np.array_equal(cell.params[1].asnumpy(), np.full(3, 2.0, np.float32))  # rank 1's own slice
+    with pytest.raises(ConfigError) as err:
+        source.full("zero_m.w")
+    assert "ZeRO-1 slice" in str(err.value) and "\n" not in str(err.value)
+    other = dict(layout, world_size=1)
+    with pytest.raises(ConfigError):
+        checkpoint.load_state(Cell(), source, other, 0)

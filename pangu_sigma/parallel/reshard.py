@@ -195,6 +195,8 @@ TP_SPECS_BY_SUFFIX = {
     "ffn.w_out.weight": TPShard(0),
 }
 OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.")  # AdamWeightDecay moments: laid out like their parameter
+# ZeRO-1 moments (pangu_sigma.parallel.zero): each rank's flat 1/R slice of its shard's moment
+SHARDED_MOMENT_PREFIXES = ("zero_m.", "zero_v.")
 
 
 def model_name_of(name):

@@ -53,7 +53,7 @@ def marker_path(output_dir, step):
 
 
 def is_optimizer_state(name):
-    return name.startswith(reshard.OPTIMIZER_PREFIXES) or name in LOOP_STATE
+    return name.startswith(reshard.OPTIMIZER_PREFIXES + reshard.SHARDED_MOMENT_PREFIXES) or name in LOOP_STATE
 
 
 def write_json_atomic(path, payload):
@@ -193,16 +193,23 @@ class StateSource:
         self.meta = meta
         self.where = where
         self.readers = {rank: CheckpointReader(path) for rank, path in files.items()}
-        self._names = self.readers[0].names()
+        self._first = self.readers[min(self.readers)]
+        self._names = self._first.names()
 
     def names(self, with_optimizer=True):
         return [n for n in self._names if with_optimizer or not is_optimizer_state(n)]
 
     def __contains__(self, name):
-        return name in self.readers[0]
+        return name in self._first
 
     def full(self, name):
         """The full (single-process) array of one state entry."""
+        if name.startswith(reshard.SHARDED_MOMENT_PREFIXES):
+            raise ConfigError("checkpoint", self.where,
+                              f"a checkpoint without sharded optimizer state for this operation: {name} is a rank's "
+                              "ZeRO-1 slice (parallel.optimizer_shard), which is only resumed on the layout that "
+                              "wrote it; merging or moving it to another layout is not implemented yet (convert "
+                              "without optimizer state, or resume with the same parallel settings)")
         if self.layout["world_size"] == 1:
             return self.readers[0].read(name)
         ranks = reshard.holders(name, self.layout)
@@ -260,11 +267,13 @@ def load_state(cell, source, layout, rank, field="--checkpoint", strict=True, wi
         raise ConfigError(field, source.where, f"a checkpoint of this model; it lacks {len(missing)} "
                                                f"parameters, e.g. {missing[:3]}")
     values = {}
+    direct = same_layout(source.layout, layout) and rank in source.readers  # this rank's own file, as written
     for param in own:
         if param.name not in source:
             continue
         try:
-            piece = reshard.shard_one(param.name, source.full(param.name), layout, rank)
+            piece = (source.readers[rank].read(param.name) if direct
+                     else reshard.shard_one(param.name, source.full(param.name), layout, rank))
         except ValueError as err:
             raise ConfigError(field, source.where, f"a checkpoint of this model ({err})") from None
         if tuple(piece.shape) != tuple(param.shape):
