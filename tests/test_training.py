@@ -46,7 +46,7 @@ def test_expert_table_by_tier_and_rank_by_hand():
     assert table.splitlines()[3] == "local% by rank: layer 0: 75.0 25.0"
     # the old [M] forms still read: all drops in the first column, one rank
     assert expert_table([[20, 20, 20, 20]], [10], [40]).splitlines()[2].split()[5:10] == [
-        "1.000", "12.50", "0.00", "50.00", "(50.00..50.00)"]
+        "1.000", "12.50", "n/a", "50.00", "(50.00..50.00)"]  # no tier split given: the remote column is n/a
 
 
 def test_fp16_dynamic_loss_scale_path_runs(make_config, tmp_path):

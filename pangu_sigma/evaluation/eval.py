@@ -151,7 +151,8 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
     log(domain_table(figures, title=f"{split} per domain"))
     if moe_layers:
         first = cfg.model.num_layers - cfg.model.moe_layer_num
-        log(expert_table(np.asarray(overall["expert_load"]), overall["dropped"], overall["local"],
+        by_tier = np.stack([np.asarray(overall["dropped"]) - dropped_remote, dropped_remote], 1)  # [M, 2]
+        log(expert_table(np.asarray(overall["expert_load"]), by_tier, local_by_rank,
                          first_layer=first, title=f"expert load on {split}"))
         for name, fig in figures["domains"].items():
             log(expert_table(np.asarray(fig["expert_load"]), fig["dropped"], fig["local"], first_layer=first,

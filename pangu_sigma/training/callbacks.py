@@ -27,7 +27,8 @@ def expert_table(load, dropped, local, first_layer=0, title="expert load"):
     if load.size == 0:
         return f"{title}: the model has no MoE layers"
     dropped, local = np.asarray(dropped, np.float64), np.asarray(local, np.float64)
-    dropped = dropped if dropped.ndim == 2 else np.stack([dropped, np.zeros_like(dropped)], 1)  # [M, 2]
+    tiers = dropped.ndim == 2  # without the split by tier the remote-tier column is n/a
+    dropped = dropped if tiers else np.stack([dropped, np.zeros_like(dropped)], 1)  # [M, 2]
     local = local if local.ndim == 2 else local[:, None]  # [M, P]
     layers, experts = load.shape
     ranks = local.shape[1]
@@ -42,7 +43,8 @@ def expert_table(load, dropped, local, first_layer=0, title="expert load"):
         cells = " ".join(f"{s:6.3f}" for s in share[m])
         max_over_mean = share[m].max() * experts
         rows.append(f"{first_layer + m:>5} {cells}  {max_over_mean:8.3f}  {100 * dropped[m].sum() / routed[m]:6.2f}"
-                    f"  {100 * dropped[m, 1] / routed[m]:6.2f}  {100 * local[m].sum() / routed[m]:6.2f}"
+                    f"  {f'{100 * dropped[m, 1] / routed[m]:6.2f}' if tiers else '   n/a'}"
+                    f"  {100 * local[m].sum() / routed[m]:6.2f}"
                     f"  ({100 * by_rank[m].min():.2f}..{100 * by_rank[m].max():.2f})")
     if ranks > 1:
         rows.append("local% by rank: " + "; ".join(
