@@ -178,7 +178,7 @@ def main(argv=None):
         if args.batch_size is not None and args.batch_size < 1:
             raise ConfigError("--batch-size", args.batch_size, "an integer >= 1")
         cfg = load_config(args.config, args.set)
-        allowed = tuple(f.strip() for v in args.allow_config_change for f in v.split(",") if f.strip())
+        allowed = checkpoint.split_fields(args.allow_config_change)
         result = evaluate(cfg, args.checkpoint, args.batch_size, args.split, allow_changes=allowed)
         if args.json:
             from pangu_sigma.tools._cli import write_json

@@ -92,7 +92,7 @@ def main(argv=None):
                               f"lower --max-new-tokens")
         set_device(cfg, mode=ms.PYNATIVE_MODE)
         net = build_model(cfg, meta, single_process_topology(cfg))
-        allowed = tuple(f.strip() for v in args.allow_config_change for f in v.split(",") if f.strip())
+        allowed = checkpoint.split_fields(args.allow_config_change)
         checkpoint.load_model_for_inference(net, cfg, args.checkpoint, allowed)
         net.set_train(False)
         new_ids = generate_ids(net.model, prompt_ids, domains.index(domain), args.max_new_tokens,

@@ -382,6 +382,11 @@ def config_differences(stored, current, stored_data, current_data, fields=None, 
     return names
 
 
+def split_fields(values):
+    """--allow-config-change values (repeatable, comma-separated) -> a tuple of field names."""
+    return tuple(f.strip() for value in values for f in value.split(",") if f.strip())
+
+
 def check_compatible(stored, current, stored_data, current_data, fields=None, allowed=(), what="the run"):
     """Raise one ConfigError naming every result-changing difference not listed in `allowed`."""
     diffs = config_differences(stored, current, stored_data, current_data, fields)

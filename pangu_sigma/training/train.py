@@ -351,17 +351,14 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def split_fields(values):
-    return tuple(f.strip() for value in values for f in value.split(",") if f.strip())
-
-
 def main(argv=None):
     args = parse_args(argv)
     def run():
         cfg = load_config(args.config, args.set)
         if args.paths_from:
             cfg = resolve_paths(cfg, args.paths_from)
-        train(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=split_fields(args.allow_config_change),
+        train(cfg, resume=args.resume, overwrite=args.overwrite,
+              allow_changes=checkpoint.split_fields(args.allow_config_change),
               allow_batch_change=args.allow_batch_change)
 
     return run_cli(run)
