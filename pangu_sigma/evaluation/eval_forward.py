@@ -50,17 +50,10 @@ def eval_forward_cell(model):
             model = self.model
             inputs = ids[:, :-1]  # [B, S]
             labels = ids[:, 1:]  # [B, S]
-            x = model.embedding(inputs)  # [B, S, d] float32
-            for i in range(model.dense_layer_num):
-                x = model.blocks[i](x)
+            x, routes = model.forward_routes(inputs, domain_ids)
             routing = ()
-            for i in range(model.dense_layer_num, model.dense_layer_num + model.moe_layer_num):
-                block = model.blocks[i]
-                x = block.self_attention(x)
-                normed = block.ln_ffn(x)  # [B, S, d]: what the MoE layer and its router receive
-                routing = routing + (block.ffn.route(normed, inputs, domain_ids),)  # ([G, T], [G, T])
-                moe_out, _, _, _ = block.ffn(normed, inputs, domain_ids)
-                x = block.add_branch(x, moe_out)
+            for _, expert_index, keep in routes:
+                routing = routing + ((expert_index, keep),)  # ([G, T], [G, T])
             logits = model.embedding.logits(model.final_ln(model.query_layer(x)))  # [B, S, V] float32
             batch, seq, vocab = logits.shape
             flat = ops.cast(logits, ms.float32).reshape(-1, vocab)  # [B*S, V]

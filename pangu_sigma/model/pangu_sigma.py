@@ -132,6 +132,25 @@ class PanguSigmaModel(nn.Cell):
         expert_load, dropped, local = self._stack_stats(loads, drops, locals_)
         return logits, aux_loss, loc_loss, expert_load, dropped, local
 
+    def forward_routes(self, input_ids, domain_ids):
+        """construct's blocks, keeping each sparse block's routing instead of its statistics:
+        (x [B, S, d] after the last block, per sparse block (router input [B, S, d],
+        expert_index [G, T] int32, keep [G, T])), the routing from MoELayer.route (the layer's own
+        grouping, router and slot assignment). For evaluation and the routing capture."""
+        x = self.embedding(input_ids)  # [B, S, d] float32
+        for i in range(self.dense_layer_num):
+            x = self.blocks[i](x)
+        routes = ()
+        for i in range(self.dense_layer_num, self.dense_layer_num + self.moe_layer_num):
+            block = self.blocks[i]
+            x = block.self_attention(x)
+            normed = block.ln_ffn(x)  # [B, S, d]: what the MoE layer and its router receive
+            expert_index, keep = block.ffn.route(normed, input_ids, domain_ids)  # [G, T] each
+            moe_out, _, _, _ = block.ffn(normed, input_ids, domain_ids)
+            x = block.add_branch(x, moe_out)
+            routes = routes + ((normed, expert_index, keep),)
+        return x, routes
+
     def _stack_stats(self, loads, drops, locals_):
         if self.moe_layer_num == 0:
             return (ops.zeros((0, self.num_experts), ms.float32), ops.zeros((0, 2), ms.float32),

@@ -186,20 +186,11 @@ def capture_cell(model):
             self.model = model
 
         def construct(self, token_ids, domain_ids):
-            model = self.model
-            x = model.embedding(token_ids)  # [B, S, d] float32
-            for i in range(model.dense_layer_num):
-                x = model.blocks[i](x)
+            _, routes = self.model.forward_routes(token_ids, domain_ids)
             out = ()
-            for i in range(model.dense_layer_num, model.dense_layer_num + model.moe_layer_num):
-                block = model.blocks[i]
-                x = block.self_attention(x)
-                normed = block.ln_ffn(x)  # [B, S, d] float32: what the MoE layer and its router receive
-                expert_index, keep = block.ffn.route(normed, token_ids, domain_ids)  # [G, T] each
-                expert_index, keep = expert_index.reshape(-1), keep.reshape(-1)  # [G*T] each
-                moe_out, _, _, _ = block.ffn(normed, token_ids, domain_ids)
-                x = block.add_branch(x, moe_out)
-                out = out + ((normed.reshape(-1, normed.shape[-1]), expert_index, keep),)  # [B*S, d], [B*S], [B*S]
+            for normed, expert_index, keep in routes:
+                out = out + ((normed.reshape(-1, normed.shape[-1]), expert_index.reshape(-1),
+                              keep.reshape(-1)),)  # [B*S, d], [G*T], [G*T]
             return out
 
     return CaptureNet(model)
