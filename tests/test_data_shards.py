@@ -127,7 +127,7 @@ def test_ctrl_c_during_prepare_is_one_line_and_keeps_the_previous_output(sharded
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare_module, "write_splits", interrupted)
+    monkeypatch.setattr(prepare_module.ShardStream, "finish", interrupted)
     code = prepare_module.main(["--input", corpus, "--output", str(output), "--vocab-size", str(VOCAB),
                                 "--seq-length", str(SEQ), "--progress-every", "0", "--workers", "1", "--overwrite"])
     err = capsys.readouterr().err
