@@ -16,8 +16,12 @@ Stages (one file each): corpus.py scans the folder (sizes, characters, UTF-8 che
 tokenizer.py trains SentencePiece on a bounded sample spread over the corpus (or loads
 --tokenizer); worker processes (workers.py) encode line-aligned pieces of about 1 MB,
 which this module packs in document order into a spool of samples on disk; the valid
-split (valid_split.py) is stratified by domain; the MindRecord shards are written
-(shards.py) from this process. Memory holds a bounded number of pieces in flight, not the corpus.
+split (valid_split.py) is stratified by domain, so a domain's split is final when the
+domain ends: its full train shards (shards.py) are then written by a writer process while
+later domains are encoded (ShardStream); the last train shard and the valid shards follow
+the encoding. Memory holds a bounded number of pieces in flight, not the corpus.
+meta.json's timings: encode_pack runs to the end of encoding (shard writes overlap it),
+write from there to the last shard named.
 
 DATA receives tokenizer.model, train-0000i-of-0000K.mindrecord and valid-... shards
 (each with its .db index; fields input_ids int32 [S+1], domain_id int32),
