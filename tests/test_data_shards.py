@@ -73,6 +73,76 @@ def test_ranks_side_by_side_equal_the_single_process_batch(sharded):
         assert np.array_equal(np.concatenate([ranks[0][step][0], ranks[1][step][0]]), single[step][0])
 
 
+def test_shard_written_under_a_temp_name_and_renamed_equals_filewriters_own(tmp_path):
+    """write_shard (rows straight to ShardWriter) + rename_shard (the shard count patched into the name
+    inside the files) gives the bytes MindRecord's public FileWriter.write_raw_data writes under the final name."""
+    from mindspore.mindrecord import FileWriter
+
+    from pangu_sigma.data.shards import HEADER_BYTES, page_bytes, rename_shard, temp_shard_name, write_shard
+
+    rng = np.random.default_rng(3)
+    sample_length, count = 9, 5000
+    ids = rng.integers(0, 400, size=[count, sample_length]).astype(np.int32)  # [n, S+1]
+    domains = rng.integers(0, 3, size=[count]).astype(np.int32)  # [n]
+    chunks = [(ids[i:i + 4096], domains[i:i + 4096]) for i in range(0, count, 4096)]
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "theirs").mkdir()
+    final = "train-00002-of-00011.mindrecord"
+    reference = FileWriter(str(tmp_path / "theirs" / final), shard_num=1, overwrite=False)
+    reference.set_header_size(HEADER_BYTES)
+    reference.set_page_size(page_bytes(4 * count * sample_length))
+    reference.add_schema({"input_ids": {"type": "int32", "shape": [sample_length]},
+                          "domain_id": {"type": "int32"}}, "pangu_sigma_samples")
+    for block, block_domains in chunks:
+        reference.write_raw_data([{"input_ids": row, "domain_id": d} for row, d in zip(block, block_domains)])
+    reference.commit()
+    temp = str(tmp_path / "ours" / temp_shard_name("train", 2))
+    write_shard(temp, count, sample_length, iter(chunks))
+    assert rename_shard(temp, str(tmp_path / "ours" / final))
+    assert snapshot(str(tmp_path / "ours")) == snapshot(str(tmp_path / "theirs"))
+    assert not rename_shard(str(tmp_path / "ours" / final), str(tmp_path / "ours" / "train-00002-of-123456.mindrecord"))
+
+
+def test_shards_named_after_encoding_when_the_count_outgrows_the_temp_name(sharded, tmp_path, monkeypatch):
+    """A temp name of another length than the final one (a shard count of 6+ digits) cannot be patched:
+    the shard is written again under its final name. One worker, in this process, gives the files of
+    the two-worker run (shards streamed by the writer process, renamed by the encode workers)."""
+    corpus, _, _, many, meta_many = sharded
+    monkeypatch.setattr(prepare_module, "temp_shard_name", lambda split, index: f"{split}-{index:05d}-of-t.mindrecord")
+    meta = prepare(corpus, str(tmp_path / "out"), vocab_size=VOCAB, seq_length=SEQ, valid_fraction=0.1,
+                   progress_every=0, workers=1, shard_bytes=4 * (SEQ + 1) * 7)
+    assert meta["splits"] == meta_many["splits"] and len(meta["splits"]["train"]["shards"]) > 3
+    ours, theirs = snapshot(str(tmp_path / "out")), snapshot(many)
+    del ours["meta.json"], theirs["meta.json"]
+    assert ours == theirs
+
+
+def test_a_file_that_vanishes_while_workers_encode_is_one_line_and_nothing_written(sharded, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """An encode worker (2 worker processes) cannot read a file the scan listed: exit 2, one line naming
+    the file, no output and no temporary folder."""
+    corpus = sharded[0]
+    real_scan = prepare_module.corpus_module.scan_corpus
+    gone = os.path.join(corpus, "code", "vanished.txt")  # domains sorted: code is domain 0
+
+    def scan_then_vanish(*args, **kwargs):
+        found = real_scan(*args, **kwargs)
+        found.domains[0].files.append(gone)
+        found.domains[0].sizes.append(100)
+        return found
+
+    monkeypatch.setattr(prepare_module.corpus_module, "scan_corpus", scan_then_vanish)
+    output = tmp_path / "out"
+    code = prepare_module.main(["--input", corpus, "--output", str(output), "--tokenizer",
+                                os.path.join(sharded[1], "tokenizer.model"), "--seq-length", str(SEQ),
+                                "--progress-every", "0", "--workers", "2", "--shard-mb", "0.001"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: input={gone!r} is invalid: a file that stays as the scan found it") and \
+        "FileNotFoundError" in err, err
+    assert os.listdir(tmp_path) == []
+
+
 def test_encoding_line_aligned_pieces_equals_encoding_the_document(sharded, tmp_path):
     _, one, _, _, _ = sharded
     processor = spm.SentencePieceProcessor(model_file=os.path.join(one, "tokenizer.model"))
@@ -127,7 +197,7 @@ def test_ctrl_c_during_prepare_is_one_line_and_keeps_the_previous_output(sharded
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare_module, "write_splits", interrupted)
+    monkeypatch.setattr(prepare_module.ShardStream, "finish", interrupted)
     code = prepare_module.main(["--input", corpus, "--output", str(output), "--vocab-size", str(VOCAB),
                                 "--seq-length", str(SEQ), "--progress-every", "0", "--workers", "1", "--overwrite"])
     err = capsys.readouterr().err

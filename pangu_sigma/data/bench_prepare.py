@@ -2,16 +2,19 @@
 
     flock /work/wt/heavy.lock python -m pangu_sigma.data.bench_prepare --work /tmp/bench_prepare \\
         [--mb 1000] [--small-mb 100] [--workers 1,2] [--vocab-size 8000] [--seq-length 1024] [--old-ref REF]
+        [--raw-every 1]
 
 Generates a corpus of about --mb MB from a fixed seed (four domains of unequal size, English
 technical text, code, Chinese technical text and Chinese poems over a few thousand distinct
 characters), then measures:
   - prepare with each worker count: total MB/s, the encode-pack-write phase's MB/s (input
-    MB over the encode + write stages), tokenizer training seconds, peak resident memory
-    (the sum of PSS over prepare's process tree, sampled every 0.2 s; the RSS sum too);
-  - SentencePiece's raw encoding speed on the same text (every 4th file, a quarter of it) with
-    the same worker count (each worker encodes its share of the files held in memory; time =
-    the slowest worker);
+    MB over the encode + write stages: from the first encode task to the last shard named),
+    tokenizer training seconds, peak resident memory (the sum of PSS over prepare's process
+    tree, sampled every 0.2 s; the RSS sum too);
+  - right after it (the same machine load), SentencePiece's raw encoding speed on the same text
+    (every file; --raw-every N: every Nth) with as many processes as prepare has encode workers:
+    process i takes files i, i+W, ...; it reads a file, then times processor.encode(text) alone;
+    time = the slowest process's summed encode time, speed = all files' bytes / that time;
   - today's prepare (prepare.py at --old-ref, run from a temporary copy) and the streaming
     prepare on a --small-mb corpus from the same generator.
 Everything is written under --work and deleted at the end.
@@ -30,7 +33,6 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DOMAINS = {"en_tech": 0.45, "code": 0.25, "zh_tech": 0.2, "zh_poem": 0.1}  # share of the bytes
 FILE_BYTES = 64 << 10
-RAW_EVERY = 4  # raw SentencePiece speed is measured on every 4th file (a quarter of the text)
 SENTENCES = 20000
 WORDS = ("the of and to in is for that with on as by this are be from it an or at which can data model "
          "training expert router token layer device node rank memory gradient batch sequence parameter loss "
@@ -135,19 +137,20 @@ def raw_encode_worker(args):
     import sentencepiece as spm
 
     processor = spm.SentencePieceProcessor(model_file=model_path)
-    texts = []
+    seconds = size = 0
     for path in paths:
         with open(path, encoding="utf-8") as handle:
-            texts.append(handle.read())
-    tic = time.perf_counter()
-    for text in texts:
+            text = handle.read()
+        tic = time.perf_counter()
         processor.encode(text)
-    return time.perf_counter() - tic, sum(len(t.encode("utf-8")) for t in texts)
+        seconds += time.perf_counter() - tic
+        size += len(text.encode("utf-8"))
+    return seconds, size
 
 
-def raw_encode_speed(model_path, root, workers, every=RAW_EVERY):
-    """MB/s of SentencePiece encode alone on every `every`-th file of the corpus held in memory,
-    `workers` processes (a systematic sample of the same text: the speed is per byte)."""
+def raw_encode_speed(model_path, root, workers, every=1):
+    """MB/s of SentencePiece encode alone on every `every`-th file of the corpus, `workers` processes
+    (each times only its encode calls; the slowest one sets the time)."""
     files = corpus_files(root)[::every]
     shares = [(model_path, files[i::workers]) for i in range(workers)]
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
@@ -178,6 +181,8 @@ def main(argv=None):
     parser.add_argument("--seq-length", type=int, default=1024)
     parser.add_argument("--old-ref", default="5757499", help="git commit holding today's prepare.py")
     parser.add_argument("--old-file", default=None, help="today's prepare.py as a file (instead of git show)")
+    parser.add_argument("--raw-every", type=int, default=1,
+                        help="raw SentencePiece speed on every Nth file (1: all the text prepare encodes)")
     args = parser.parse_args(argv)
     work = os.path.abspath(args.work)
     if os.path.exists(work):
@@ -204,12 +209,12 @@ def main(argv=None):
             tokenizer = tokenizer or os.path.join(work, "tokenizer.model")
             if not os.path.exists(tokenizer):
                 shutil.copyfile(os.path.join(output, "tokenizer.model"), tokenizer)
-            raw_mb_s, raw_seconds = raw_encode_speed(tokenizer, big, workers)
+            raw_mb_s, raw_seconds = raw_encode_speed(tokenizer, big, workers, args.raw_every)
             shards = sum(len(entry["shards"]) for entry in meta["splits"].values())
             case.update({"scan_s": timing["scan"], "tokenizer_train_s": timing["tokenizer"],
                          "encode_pack_s": timing["encode_pack"], "write_s": timing["write"],
                          "encode_pack_write_mb_per_s": round(big_bytes / 1e6 / phase, 2),
-                         "raw_sentencepiece_mb_per_s": round(raw_mb_s, 2),
+                         "raw_sentencepiece_mb_per_s": round(raw_mb_s, 2), "raw_every": args.raw_every,
                          "phase_vs_raw": round(big_bytes / 1e6 / phase / raw_mb_s, 3),
                          "samples": meta["train_samples"] + meta["valid_samples"], "shards": shards})
             emit(case)

@@ -16,8 +16,12 @@ Stages (one file each): corpus.py scans the folder (sizes, characters, UTF-8 che
 tokenizer.py trains SentencePiece on a bounded sample spread over the corpus (or loads
 --tokenizer); worker processes (workers.py) encode line-aligned pieces of about 1 MB,
 which this module packs in document order into a spool of samples on disk; the valid
-split (valid_split.py) is stratified by domain; the MindRecord shards are written
-(shards.py) from this process. Memory holds a bounded number of pieces in flight, not the corpus.
+split (valid_split.py) is stratified by domain, so a domain's split is final when the
+domain ends: its full train shards (shards.py) are then written by a writer process while
+later domains are encoded (ShardStream); the last train shard and the valid shards follow
+the encoding. Memory holds a bounded number of pieces in flight, not the corpus.
+meta.json's timings: encode_pack runs to the end of encoding (shard writes overlap it),
+write from there to the last shard named.
 
 DATA receives tokenizer.model, train-0000i-of-0000K.mindrecord and valid-... shards
 (each with its .db index; fields input_ids int32 [S+1], domain_id int32),
@@ -39,11 +43,12 @@ import numpy as np
 from locmoe.errors import ConfigError
 from pangu_sigma.data import corpus as corpus_module
 from pangu_sigma.data.shards import (DEFAULT_SHARD_BYTES, FORMAT_VERSION, WRITE_CHUNK, domain_ids_name,
-                                     shard_name, shard_rows)
+                                     rows_per_shard, shard_name, shard_rows, temp_shard_name)
 from pangu_sigma.data.tokenizer import (DEFAULT_CHARACTER_COVERAGE, SAMPLING, file_sha256, load_tokenizer,
                                         train_tokenizer)
-from pangu_sigma.data.valid_split import DEFAULT_MIN_VALID_PER_DOMAIN, choose_valid
-from pangu_sigma.data.workers import default_workers, encode_task, make_pool, read_spool_rows, write_task
+from pangu_sigma.data.valid_split import DEFAULT_MIN_VALID_PER_DOMAIN, choose_valid_of_domain
+from pangu_sigma.data.workers import (InputChanged, default_workers, encode_task, make_pool, read_spool_rows,
+                                      rename_task, write_task)
 
 DEFAULT_VOCAB_SIZE = 2000
 DEFAULT_SEQ_LENGTH = 64
@@ -167,8 +172,94 @@ def move_into_place(temp_dir, output_dir):
 # ------------------------------------------------------------------ stages
 
 
-def encode_and_pack(pool, corpus, spool_path, sample_length, vocab_size, eos_id, window, progress):
-    """Encodes every domain in document order and appends its samples to the spool file.
+class ShardStream:
+    """Packed rows -> sharded splits, written while later text is still being encoded.
+
+    A domain's valid rows are known once its sample count is (valid_split.choose_valid_of_domain), so
+    when a domain ends its train rows are final; every full train shard (rows_per_shard rows, in split
+    order) then goes to the writer process at once, under temp_shard_name since the shard count is not
+    known yet. finish() writes the last train shard and the valid shards under their final names and
+    renames the others (rename_shard patches the name MindRecord keeps inside the files): the files and
+    meta.json equal those written after encoding.
+    """
+
+    def __init__(self, writer, renamer, temp_dir, spool_path, sample_length, shard_bytes, valid_fraction, seed,
+                 min_valid_per_domain):
+        self.writer, self.renamer = writer, renamer
+        self.temp_dir, self.spool_path, self.sample_length = temp_dir, spool_path, sample_length
+        self.shard_bytes = shard_bytes
+        self.per_shard = rows_per_shard(sample_length, shard_bytes)
+        self.valid_fraction, self.seed, self.min_valid = valid_fraction, seed, min_valid_per_domain
+        self.domain_samples = []          # [D] samples of every finished domain
+        self.train_counts = []            # [D] its train samples
+        self.valid_rows = []              # per finished domain: its valid rows (global spool rows) [v_d]
+        self.pending_rows = np.zeros([0], np.int64)   # train rows not yet in a shard [p]
+        self.pending_domains = np.zeros([0], np.int32)  # their domains [p]
+        self.started = []                 # (temp path, write task, result) of the full train shards
+
+    def finish_domain(self, samples):
+        """The next domain ended with `samples` packed rows: its split is decided, full shards start."""
+        domain, offset = len(self.domain_samples), sum(self.domain_samples)
+        valid = choose_valid_of_domain(domain, samples, self.valid_fraction, self.seed, self.min_valid)  # [v]
+        is_valid = np.zeros([samples], bool)
+        is_valid[valid] = True
+        train = offset + np.flatnonzero(~is_valid)  # [t]
+        self.domain_samples.append(samples)
+        self.train_counts.append(len(train))
+        self.valid_rows.append(offset + valid)
+        self.pending_rows = np.concatenate([self.pending_rows, train])
+        self.pending_domains = np.concatenate([self.pending_domains, np.full([len(train)], domain, np.int32)])
+        while len(self.pending_rows) >= self.per_shard:
+            path = os.path.join(self.temp_dir, temp_shard_name("train", len(self.started)))
+            task = (path, self.spool_path, self.pending_rows[:self.per_shard],
+                    self.pending_domains[:self.per_shard], self.sample_length, False)
+            self.started.append((path, task, self.writer.submit(write_task, task)))
+            self.pending_rows = self.pending_rows[self.per_shard:]
+            self.pending_domains = self.pending_domains[self.per_shard:]
+
+    def finish(self, progress):
+        """Writes what is left, names every shard; returns ({split: meta entry}, {split: domain ids [N]})."""
+        valid_rows = np.concatenate(self.valid_rows) if self.valid_rows else np.zeros([0], np.int64)  # [V]
+        valid_domains = np.repeat(np.arange(len(self.domain_samples), dtype=np.int32),
+                                  [len(rows) for rows in self.valid_rows])  # [V]
+        train_count = len(self.started) + (1 if len(self.pending_rows) else 0)
+        valid_ranges = shard_rows(len(valid_rows), self.sample_length, self.shard_bytes)
+        final_tasks = []  # (split, index, write task): written under their final names now
+        if len(self.pending_rows):
+            final_tasks.append(("train", train_count - 1, (
+                os.path.join(self.temp_dir, shard_name("train", train_count - 1, train_count)), self.spool_path,
+                self.pending_rows, self.pending_domains, self.sample_length, True)))
+        for index, (first, end) in enumerate(valid_ranges):
+            final_tasks.append(("valid", index, (
+                os.path.join(self.temp_dir, shard_name("valid", index, len(valid_ranges))), self.spool_path,
+                valid_rows[first:end], valid_domains[first:end], self.sample_length, True)))
+        finals = [(split, index, self.writer.submit(write_task, task)) for split, index, task in final_tasks]
+        renames = []
+        for index, (temp_path, task, result) in enumerate(self.started):
+            result.get()
+            final_path = os.path.join(self.temp_dir, shard_name("train", index, train_count))
+            renames.append((index, temp_path, final_path, task,
+                            self.renamer.submit(rename_task, (temp_path, final_path, len(task[2])))))
+        entries = {"train": [None] * train_count, "valid": [None] * len(valid_ranges)}
+        for index, temp_path, final_path, task, result in renames:
+            entry = result.get()
+            if entry is None:  # a count of more than 5 digits: write it again under its final name
+                for suffix in ("", ".db"):
+                    os.remove(temp_path + suffix)
+                entry = self.writer.submit(write_task, (final_path,) + task[1:5] + (True,)).get()
+            entries["train"][index] = entry
+            progress(entry["samples"])
+        for split, index, result in finals:
+            entries[split][index] = result.get()
+            progress(entries[split][index]["samples"])
+        train_domains = np.repeat(np.arange(len(self.domain_samples), dtype=np.int32), self.train_counts)  # [N_t]
+        splits = {split: {"shards": entries[split], "domain_ids": domain_ids_name(split)} for split in SPLITS}
+        return splits, {"train": train_domains, "valid": valid_domains}, valid_rows
+
+
+def encode_pack_write(pool, corpus, spool_path, sample_length, vocab_size, window, progress, stream):
+    """Encodes every domain in document order, appends its samples to the spool file and hands every
+    finished domain to stream (which writes its full train shards in the background).
 
     Returns (samples per domain [D], tokens per domain [D], token counts of all samples [V]).
     """
@@ -182,49 +273,27 @@ def encode_and_pack(pool, corpus, spool_path, sample_length, vocab_size, eos_id,
     carry = [np.zeros([0], np.int32) for _ in corpus.domains]
     with open(spool_path, "wb") as spool:
         for domain, ids, size in pool.imap(encode_task, tasks(), window):
+            while len(stream.domain_samples) < domain:  # the domains before this one have ended
+                spool.flush()
+                stream.finish_domain(samples[len(stream.domain_samples)])
             tokens[domain] += len(ids)
-            stream = np.concatenate([carry[domain], ids])  # [T]
-            count = len(stream) // sample_length
-            rows = stream[:count * sample_length].reshape(count, sample_length)  # [n, S+1]
-            carry[domain] = stream[count * sample_length:]
+            stream_ids = np.concatenate([carry[domain], ids])  # [T]
+            count = len(stream_ids) // sample_length
+            rows = stream_ids[:count * sample_length].reshape(count, sample_length)  # [n, S+1]
+            carry[domain] = stream_ids[count * sample_length:]
             spool.write(rows.tobytes())
             counts += np.bincount(rows.reshape(-1), minlength=vocab_size)
             samples[domain] += count
             progress(size)
-    for domain, count in zip(corpus.domains, tokens):
-        if count < sample_length:
-            raise ConfigError("input", corpus.root,
-                              f"enough text for one sample of seq_length+1={sample_length} tokens in every "
-                              f"domain; domain {domain.name!r} has {count} tokens")
+        for domain, count in zip(corpus.domains, tokens):
+            if count < sample_length:
+                raise ConfigError("input", corpus.root,
+                                  f"enough text for one sample of seq_length+1={sample_length} tokens in every "
+                                  f"domain; domain {domain.name!r} has {count} tokens")
+        spool.flush()
+        while len(stream.domain_samples) < len(corpus.domains):
+            stream.finish_domain(samples[len(stream.domain_samples)])
     return samples, tokens, counts
-
-
-def split_rows(domain_samples, valid_fraction, seed, min_valid_per_domain):
-    """{split: global spool rows in stream order [N_split]} and the domain of every spool row [N]."""
-    total = sum(domain_samples)
-    domain_of_row = np.repeat(np.arange(len(domain_samples), dtype=np.int32), domain_samples)  # [N]
-    is_valid = np.zeros([total], bool)
-    is_valid[choose_valid(domain_samples, valid_fraction, seed, min_valid_per_domain)] = True
-    return {"train": np.flatnonzero(~is_valid), "valid": np.flatnonzero(is_valid)}, domain_of_row
-
-
-def write_splits(pool, temp_dir, spool_path, rows_of_split, domain_of_row, sample_length, shard_bytes, window,
-                 progress):
-    """Writes every split's shards and domain-id file; returns {split: meta entry}."""
-    tasks, owners = [], []
-    for split in SPLITS:
-        rows = rows_of_split[split]
-        ranges = shard_rows(len(rows), sample_length, shard_bytes)
-        for index, (first, end) in enumerate(ranges):
-            path = os.path.join(temp_dir, shard_name(split, index, len(ranges)))
-            tasks.append((path, spool_path, rows[first:end], domain_of_row[rows[first:end]], sample_length))
-            owners.append(split)
-        np.save(os.path.join(temp_dir, domain_ids_name(split)), domain_of_row[rows])
-    entries = {split: {"shards": [], "domain_ids": domain_ids_name(split)} for split in SPLITS}
-    for owner, shard in zip(owners, pool.imap(write_task, iter(tasks), window)):
-        entries[owner]["shards"].append(shard)
-        progress(shard["samples"])
-    return entries
 
 
 def build(temp_dir, input_dir, vocab_size, seq_length, valid_fraction, tokenizer, model_type, max_chars, seed,
@@ -257,24 +326,29 @@ def build(temp_dir, input_dir, vocab_size, seq_length, valid_fraction, tokenizer
     sample_length = seq_length + 1
     spool_path = os.path.join(temp_dir, SPOOL_FILE)
     window = 2 * workers + 2
+    # Shards are written by one process of their own (the caller's with --workers 1), which alone imports
+    # MindSpore's MindRecord writer (~0.2 GB per process); the encode workers rename and checksum them.
     pool = make_pool(workers, model_path)
+    writer = pool if workers == 1 else make_pool(1, None)
     try:
         tic = time.time()
-        domain_samples, domain_tokens, counts = encode_and_pack(
-            pool, corpus, spool_path, sample_length, vocab_size, processor.eos_id(), window,
-            Progress(progress_seconds, "encode", corpus.bytes))
+        stream = ShardStream(writer, pool, temp_dir, spool_path, sample_length, shard_bytes, valid_fraction, seed,
+                             min_valid_per_domain)
+        domain_samples, domain_tokens, counts = encode_pack_write(
+            pool, corpus, spool_path, sample_length, vocab_size, window,
+            Progress(progress_seconds, "encode", corpus.bytes), stream)
         timings["encode_pack"] = time.time() - tic
+        tic = time.time()
+        splits, split_domains, valid_rows = stream.finish(
+            Progress(progress_seconds, "write", sum(domain_samples), "samples"))
+        for split in SPLITS:
+            np.save(os.path.join(temp_dir, domain_ids_name(split)), split_domains[split])
         pool.close()
+        writer.close()
     except BaseException:
         pool.terminate()
+        writer.terminate()
         raise
-    # Shards are written by this process: MindRecord's writer imports MindSpore (~0.4 GB per process),
-    # which the encode workers then never load; writing is a small share of the time.
-    tic = time.time()
-    rows_of_split, domain_of_row = split_rows(domain_samples, valid_fraction, seed, min_valid_per_domain)
-    splits = write_splits(make_pool(1, None), temp_dir, spool_path, rows_of_split, domain_of_row, sample_length,
-                          shard_bytes, window, Progress(progress_seconds, "write", sum(domain_samples), "samples"))
-    valid_rows = rows_of_split["valid"]
     with open(spool_path, "rb") as spool:
         for first in range(0, len(valid_rows), WRITE_CHUNK):
             block = read_spool_rows(spool, valid_rows[first:first + WRITE_CHUNK], sample_length)  # [b, S+1]
@@ -284,16 +358,15 @@ def build(temp_dir, input_dir, vocab_size, seq_length, valid_fraction, tokenizer
     np.save(os.path.join(temp_dir, TOKEN_COUNTS_FILE), counts)
 
     domains = [domain.name for domain in corpus.domains]
-    valid_domain = domain_of_row[rows_of_split["valid"]]
-    train_domain = domain_of_row[rows_of_split["train"]]
+    valid_domain, train_domain = split_domains["valid"], split_domains["train"]
     meta = {
         "format": FORMAT_VERSION,
         "vocab_size": int(vocab_size),
         "seq_length": int(seq_length),
         "sample_length": int(sample_length),
         "domains": domains,
-        "train_samples": int(len(rows_of_split["train"])),
-        "valid_samples": int(len(rows_of_split["valid"])),
+        "train_samples": int(len(train_domain)),
+        "valid_samples": int(len(valid_domain)),
         "domain_samples": {name: {"train": int((train_domain == d).sum()), "valid": int((valid_domain == d).sum())}
                            for d, name in enumerate(domains)},
         "domain_tokens": {name: int(count) for name, count in zip(domains, domain_tokens)},
@@ -353,6 +426,9 @@ def prepare(input_dir, output_dir, vocab_size=None, seq_length=DEFAULT_SEQ_LENGT
                      max_chars, seed, progress_every, workers, shard_bytes, tokenizer_sampling, character_coverage,
                      min_valid_per_domain)
         move_into_place(temp_dir, output_dir)
+    except InputChanged as error:
+        raise ConfigError("input", error.path, f"a file that stays as the scan found it until prepare ends; it "
+                                               f"changed or vanished meanwhile ({error.reason})") from None
     finally:
         if os.path.isdir(temp_dir):
             shutil.rmtree(temp_dir)

@@ -36,15 +36,35 @@ def page_bytes(data_bytes):
     return size
 
 
+def rows_per_shard(sample_length, shard_bytes):
+    """Rows of every shard of a split but its last: as many as fit in shard_bytes of tokens (at least 1)."""
+    return max(1, shard_bytes // (4 * sample_length))
+
+
 def shard_rows(num_rows, sample_length, shard_bytes):
     """[(first, end)] row ranges of the shards of a split: at most shard_bytes of tokens each (none if empty)."""
-    per_shard = max(1, shard_bytes // (4 * sample_length))
+    per_shard = rows_per_shard(sample_length, shard_bytes)
     return [(start, min(num_rows, start + per_shard)) for start in range(0, num_rows, per_shard)]
+
+
+def temp_shard_name(split, index):
+    """The name shard `index` is written under before the split's shard count is known: the final
+    name's length while the count has 5 digits, so the name inside the files can be patched in place."""
+    return f"{split}-{index:05d}-of-xxxxx.mindrecord"
 
 
 def write_shard(path, num_rows, sample_length, chunks):
     """One MindRecord file (+ its .db index) of num_rows rows from chunks of
-    (input_ids [b, S+1] int32, domain_ids [b] int32); returns its meta.json entry."""
+    (input_ids [b, S+1] int32, domain_ids [b] int32).
+
+    FileWriter sets up the file (schema, header and page size); the rows then go straight to its
+    ShardWriter with the arguments FileWriter.write_raw_data would pass after its per-row Python
+    checks (mindspore/mindrecord/filewriter.py write_raw_data -> core/shardwriter.py write_raw_data:
+    blob = bytes(ndarray) for the one blob field, raw = {0: [{"domain_id": int}]}): the same bytes on
+    disk (tests compare with FileWriter.write_raw_data) at about two thirds of the time. The C++
+    schema check is off (validate=False): the rows are built here with the schema's exact types.
+    """
+    from mindspore import _c_mindrecord
     from mindspore.mindrecord import FileWriter
 
     writer = FileWriter(path, shard_num=1, overwrite=False)
@@ -52,15 +72,52 @@ def write_shard(path, num_rows, sample_length, chunks):
     writer.set_page_size(page_bytes(4 * num_rows * sample_length))
     writer.add_schema({"input_ids": {"type": "int32", "shape": [sample_length]},
                        "domain_id": {"type": "int32"}}, "pangu_sigma_samples")
+    shard_writer = writer._writer  # pylint: disable=protected-access
+    if not shard_writer.is_open:  # what FileWriter.write_raw_data does on its first call
+        shard_writer.open(writer._paths, writer._overwrite)  # pylint: disable=protected-access
+    if not shard_writer.get_shard_header():
+        shard_writer.set_shard_header(writer._header)  # pylint: disable=protected-access
     written = 0
     for input_ids, domain_ids in chunks:
-        writer.write_raw_data([{"input_ids": ids, "domain_id": domain} for ids, domain in zip(input_ids, domain_ids)])
+        input_ids = np.ascontiguousarray(input_ids, np.int32)  # [b, S+1]
+        assert input_ids.shape == (len(domain_ids), sample_length), (input_ids.shape, len(domain_ids))
+        status = shard_writer._writer.write_raw_data(  # pylint: disable=protected-access
+            {0: [{"domain_id": int(domain)} for domain in domain_ids]}, [row.tobytes() for row in input_ids],
+            False, False)
+        if status != _c_mindrecord.MSRStatus.SUCCESS:
+            raise RuntimeError(f"{path}: MindRecord could not write {len(input_ids)} rows")
         written += len(input_ids)
     writer.commit()
     assert written == num_rows, (written, num_rows)
+
+
+def shard_entry(path, num_rows):
+    """The meta.json entry of a written shard: sample count, sizes and sha256 of the file and its index."""
     return {"file": os.path.basename(path), "samples": int(num_rows),
             "bytes": os.path.getsize(path), "sha256": file_sha256(path),
             "db_bytes": os.path.getsize(path + ".db"), "db_sha256": file_sha256(path + ".db")}
+
+
+def rename_shard(temp_path, final_path):
+    """Renames a shard written under temp_shard_name (and its .db) to final_path, patching the file name
+    MindRecord stores in both files (the header's shard_addresses, the index's SHARD_NAME row): exactly
+    one occurrence in each, replaced by a name of the same length, so the files equal those written under
+    final_path. Returns False (nothing changed) when the names differ in length."""
+    old, new = os.path.basename(temp_path).encode(), os.path.basename(final_path).encode()
+    if len(old) != len(new):
+        return False
+    for suffix, limit in (("", HEADER_BYTES), (".db", None)):
+        with open(temp_path + suffix, "r+b") as handle:
+            data = handle.read(limit) if limit else handle.read()
+            where = data.find(old)
+            if where < 0 or data.find(old, where + 1) >= 0:
+                raise RuntimeError(f"{temp_path + suffix}: expected its file name once, found it "
+                                   f"{data.count(old)} times (MindRecord format changed?)")
+            handle.seek(where)
+            handle.write(new)
+    os.rename(temp_path + ".db", final_path + ".db")
+    os.rename(temp_path, final_path)
+    return True
 
 
 # ------------------------------------------------------------------ checks

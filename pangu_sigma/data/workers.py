@@ -1,10 +1,12 @@
-"""Worker processes of prepare: encode tasks (text pieces -> tokens) and shard writes.
+"""Worker processes of prepare: encode tasks (text pieces -> tokens), shard writes and shard renames.
 
 Workers come from a forkserver (a clean interpreter, safe to fork even when the caller
 has MindSpore's threads running) and ignore SIGINT: Ctrl-C is handled by the main
-process alone, which then terminates them. ordered_map keeps at most `window` tasks in
-flight and yields results in submission order, so memory is bounded whatever the corpus.
+process alone, which then terminates them. Pool.imap keeps at most `window` tasks in
+flight and yields results in submission order, so memory is bounded whatever the corpus;
+Pool.submit runs one task in the background (the shard writer).
 """
+import array
 import collections
 import multiprocessing
 import os
@@ -35,14 +37,26 @@ def encode_task(task):
 
     domain, pieces, size = task
     eos = _processor.eos_id()
-    out = []
+    out = array.array("i")  # C int32: extending it from encode's list is cheaper than numpy's list conversion
     for path, start, end, ends_document in pieces:
-        text = read_piece(path, start, end)
+        try:
+            text = read_piece(path, start, end)
+        except (OSError, UnicodeDecodeError) as error:
+            raise InputChanged(path, f"{type(error).__name__}: {error}") from None
         if text:
             out.extend(_processor.encode(text))
         if ends_document:
             out.append(eos)
-    return domain, np.asarray(out, dtype=np.int32), size
+    return domain, np.frombuffer(out, np.int32), size
+
+
+class InputChanged(Exception):
+    """A corpus file that passed the scan could not be read or decoded when encoded (changed or removed
+    meanwhile); picklable, so it crosses from a worker to prepare, which reports it in one line."""
+
+    def __init__(self, path, reason):
+        super().__init__(path, reason)
+        self.path, self.reason = path, reason
 
 
 def read_spool_rows(handle, rows, sample_length):
@@ -60,16 +74,37 @@ def read_spool_rows(handle, rows, sample_length):
 
 
 def write_task(task):
-    """(path, spool path, rows [n] int64, domain ids [n] int32, sample length) -> the shard's meta entry.
+    """(path, spool path, rows [n] int64, domain ids [n] int32, sample length, final) -> the shard's meta
+    entry if final (its name is the final one), else None (rename_task names it and takes its checksums).
 
     Rows are read from the spool WRITE_CHUNK at a time, so a shard never sits in memory whole."""
-    from pangu_sigma.data.shards import WRITE_CHUNK, write_shard
+    from pangu_sigma.data.shards import WRITE_CHUNK, shard_entry, write_shard
 
-    path, spool_path, rows, domain_ids, sample_length = task
+    path, spool_path, rows, domain_ids, sample_length, final = task
     with open(spool_path, "rb") as spool:
         chunks = ((read_spool_rows(spool, rows[first:first + WRITE_CHUNK], sample_length),
                    domain_ids[first:first + WRITE_CHUNK]) for first in range(0, len(rows), WRITE_CHUNK))
-        return write_shard(path, len(rows), sample_length, chunks)  # chunks: ([b, S+1], [b])
+        write_shard(path, len(rows), sample_length, chunks)  # chunks: ([b, S+1], [b])
+    return shard_entry(path, len(rows)) if final else None
+
+
+def rename_task(task):
+    """(temp path, final path, rows) -> the meta entry of the shard under its final name, or None when
+    the names differ in length (the shard must then be written again under its final name)."""
+    from pangu_sigma.data.shards import rename_shard, shard_entry
+
+    temp_path, final_path, num_rows = task
+    return shard_entry(final_path, num_rows) if rename_shard(temp_path, final_path) else None
+
+
+class Done:
+    """The result of a task run in this process, with the interface of multiprocessing's AsyncResult."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def get(self):
+        return self.value
 
 
 class InProcess:
@@ -85,6 +120,9 @@ class InProcess:
     def imap(self, function, tasks, window):
         for task in tasks:
             yield function(task)
+
+    def submit(self, function, task):
+        return Done(function(task))
 
     def close(self):
         pass
@@ -110,6 +148,9 @@ class Pool:
         while pending:
             yield pending.popleft().get()
 
+    def submit(self, function, task):
+        return self.pool.apply_async(function, (task,))
+
     def close(self):
         self.pool.close()
         self.pool.join()
@@ -120,6 +161,7 @@ class Pool:
 
 
 def make_pool(workers, model_path):
+    """`workers` processes (the caller's own process for 1) that load the tokenizer model_path (None: none)."""
     return InProcess(model_path) if workers == 1 else Pool(workers, model_path)
 
 
