@@ -44,8 +44,13 @@ adds activation recomputation, optimizer sharding and the communication buffers)
                  adds no persistent fp16 weight copy and no separate master copy.
     gradients    4 B/param: gradients of float32 Parameters are float32.
     optimizer    8 B/param: AdamWeightDecay's two float32 moments (m, v).
-    activations  what the backward pass keeps, summed over all layers (see
-                 `activation_bytes`).
+    activations  what is live at the step's peak: what the backward pass keeps,
+                 summed over all layers, plus the loss's backward (see
+                 `activation_bytes`). This assumes freed memory is reused within
+                 the step, as Ascend's GRAPH-mode runtime does (SOMAS); the CPU
+                 runtime's default keeps every intermediate of the step instead
+                 (pangu_sigma.tools.memory_check measures both: the model is
+                 checked against MindSpore's live-set peak, SOMAS's lower bound).
     grad_buckets the gradient AllReduce's packed buckets
                  (pangu_sigma.parallel.grad_reduce): packed input + reduced
                  output of one bucket, 2 * min(parallel.grad_bucket_mb MiB,
