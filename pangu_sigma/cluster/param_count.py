@@ -44,8 +44,13 @@ adds activation recomputation, optimizer sharding and the communication buffers)
                  adds no persistent fp16 weight copy and no separate master copy.
     gradients    4 B/param: gradients of float32 Parameters are float32.
     optimizer    8 B/param: AdamWeightDecay's two float32 moments (m, v).
-    activations  what the backward pass keeps, summed over all layers (see
-                 `activation_bytes`).
+    activations  what is live at the step's peak: what the backward pass keeps,
+                 summed over all layers, plus the loss's backward (see
+                 `activation_bytes`). This assumes freed memory is reused within
+                 the step, as Ascend's GRAPH-mode runtime does (SOMAS); the CPU
+                 runtime's default keeps every intermediate of the step instead
+                 (pangu_sigma.tools.memory_check measures both: the model is
+                 checked against MindSpore's live-set peak, SOMAS's lower bound).
     grad_buckets the gradient AllReduce's packed buckets
                  (pangu_sigma.parallel.grad_reduce): packed input + reduced
                  output of one bucket, 2 * min(parallel.grad_bucket_mb MiB,
@@ -160,7 +165,8 @@ def buffer_rows(cfg, tokens, tp, ep):
 
 
 def activation_bytes(cfg, tp, ep, vocab_size=None):
-    """Activation bytes one device keeps for the backward pass of one step.
+    """Activation bytes live at the peak of one step (no recomputation): what the backward
+    pass keeps, summed over all layers, plus the loss's backward, where the step peaks.
 
     N = batch_size * seq_length tokens per rank (every TP rank of a data-parallel
     group holds the same N tokens), s = seq_length, a = num_heads, t = TP,
@@ -172,44 +178,54 @@ def activation_bytes(cfg, tp, ep, vocab_size=None):
     pangu_sigma/model. Per layer:
 
         attention (L blocks + query layer)
-            N*d*(4 + p + D)         LN input fp32, its compute-dtype cast (q/kv input), branch dropout mask
+            N*d*(4 + p + D) + 8*N   LN input fp32, its compute-dtype cast (q/kv input), branch dropout
+                                    mask; the LN's mean and 1/std per token (float32)
           + N*d*4p / t              q, k, v, context (out_proj input)
           + N*a*s*(4 + p + D) / t   softmax output fp32, its cast (PV matmul input), dropout mask
         dense FFN (L-M blocks + query layer)
-            N*d*(4 + p + D)         LN input, cast, branch dropout mask
+            N*d*(4 + p + D) + 8*N   LN input, cast, branch dropout mask; LN mean and 1/std
           + 2*N*f*p / t             w_in output (GeLU input), GeLU output (w_out input)
         sparse FFN (M blocks)
-            N*d*(4 + 4 + D) + 4*N*E LN input, router input fp32, dropout mask; router probabilities
+            N*d*(4 + 4 + D) + 8*N   LN input, router input fp32, dropout mask; LN mean and 1/std
+          + 4*N*E                   router probabilities
           + 2*K*d*p                 expert input buffer, expert output buffer
           + 2*K*f*p / t             expert hidden (GeLU input and output)
-        head (once)
-            N*d*4 + 2*4*N*V / t     final LN input; fp32 logits and log-probabilities (vocab-parallel)
+        head (once, at the loss's backward: the step's peak)
+            N*d*4 + 8*N             final LN input, its mean and 1/std
+          + 4 * 4*N*V / t           four float32 [N, V/t] tensors live at once in the backward of the
+                                    cross-entropy (pangu_sigma/model/pangu_sigma.py token_cross_entropy,
+                                    tp_layers.vocab_parallel_cross_entropy): exp(z - max z) kept from
+                                    the forward, the gradient of the gathered log-probabilities
+                                    (scattered to [N, V/t]), the broadcast gradient of sum(exp), and
+                                    their product (the gradient through exp)
+
+    Measured against MindSpore's live-set peak of the compiled CPU train step
+    (pangu_sigma.tools.memory_check, SOMAS lower bound and its tensor list): a
+    larger vocabulary adds exactly 16 B per token per vocabulary entry (the four
+    [N, V] float32 tensors above; the first version counted two, logits and
+    log-probabilities, which are not what the backward holds), more heads exactly
+    (4 + p) B per N*a*s per layer (p = 4 there), and the LayerNorm statistics
+    8 B per token per LayerNorm.
 
     Check: with t = 1, p = 2, D = 1 and f = 4d a dense block keeps
-    38*N*d + 7*N*a*s bytes; Korthikanti et al. 2022 ("Reducing Activation
+    38*N*d + 7*N*a*s bytes (+16*N); Korthikanti et al. 2022 ("Reducing Activation
     Recomputation in Large Transformer Models", fp16 softmax and LayerNorm
     inputs) give 34*N*d + 5*N*a*s for the same block: the float32 LayerNorm
     inputs and softmax here cost a little more. Returns {part: bytes}.
     """
-    vocab, seq, d, f, layers, moe = _dims(cfg, vocab_size)
-    p = ITEMSIZE[cfg.compute_dtype]
-    drop = 1 if cfg.model.dropout_rate > 0 else 0
-    heads = cfg.model.num_heads
-    n = tokens_per_rank(cfg)
-    experts = cfg.num_experts if moe > 0 else 0
-    attention = n * d * (4 + p + drop) + n * d * 4 * p / tp + n * heads * seq * (4 + p + drop) / tp
-    dense_ffn = n * d * (4 + p + drop) + 2 * n * f * p / tp
+    _, _, _, _, layers, moe = _dims(cfg, vocab_size)
+    one = _layer_activations(cfg, tp, ep, vocab_size)
     out = {
-        "attention": (layers + 1) * attention,
-        "dense_ffn": (layers - moe + 1) * dense_ffn,
-        "sparse_ffn": 0.0,
-        "head": n * d * 4 + 2 * 4 * n * vocab / tp,
+        "attention": (layers + 1) * one["attention"],
+        "dense_ffn": (layers - moe + 1) * one["dense_ffn"],
+        "sparse_ffn": moe * one["sparse_ffn"],
+        "head": one["head"],
     }
-    if moe > 0:
-        rows = buffer_rows(cfg, n, tp, ep)
-        sparse = n * d * (8 + drop) + 4 * n * experts + 2 * rows * d * p + 2 * rows * f * p / tp
-        out["sparse_ffn"] = moe * sparse
     return {k: int(math.ceil(v)) for k, v in out.items()}
+
+
+LN_STATS_BYTES = 8    # a LayerNorm keeps its mean and 1/std per token, float32, for the backward
+LOSS_BACKWARD_VOCAB_TENSORS = 4   # float32 [N, V/t] tensors live at once in the cross-entropy's backward
 
 
 def _layer_activations(cfg, tp, ep, vocab_size=None):
@@ -222,14 +238,18 @@ def _layer_activations(cfg, tp, ep, vocab_size=None):
     heads = cfg.model.num_heads
     experts = cfg.num_experts if moe > 0 else 0
     rows = buffer_rows(cfg, n, tp, ep) if moe > 0 else 0
+    ln = n * LN_STATS_BYTES
     return {
-        "attention": n * d * (4 + p + drop) + n * d * 4 * p / tp + n * heads * seq * (4 + p + drop) / tp,
+        "attention": (n * d * (4 + p + drop) + ln + n * d * 4 * p / tp
+                      + n * heads * seq * (4 + p + drop) / tp),
         # attention recomputed: its float32 input (the LayerNorm output) is kept instead of its insides
-        "attention_recomputed": n * d * (4 + 4 + drop),
-        "dense_ffn": n * d * (4 + p + drop) + 2 * n * f * p / tp,
-        "sparse_ffn": (n * d * (8 + drop) + 4 * n * experts + 2 * rows * d * p + 2 * rows * f * p / tp) if moe else 0,
+        # (the LayerNorm is outside the recomputed cell: its input and statistics stay too)
+        "attention_recomputed": n * d * (4 + 4 + drop) + ln,
+        "dense_ffn": n * d * (4 + p + drop) + ln + 2 * n * f * p / tp,
+        "sparse_ffn": (n * d * (8 + drop) + ln + 4 * n * experts + 2 * rows * d * p + 2 * rows * f * p / tp)
+        if moe else 0,
         "expert_buffers": 2 * rows * d * p,   # the All-to-All outputs a recomputed sparse block keeps
-        "head": n * d * 4 + 2 * 4 * n * vocab / tp,
+        "head": n * d * 4 + ln + LOSS_BACKWARD_VOCAB_TENSORS * 4 * n * vocab / tp,
         "block_input": n * d * 4,             # the float32 residual stream entering a block
     }
 
@@ -241,12 +261,18 @@ def activation_bytes_recompute(cfg, tp, ep, level, vocab_size=None):
     attention  every attention keeps only its float32 input (N*d*4 on top of the
                LayerNorm input and the dropout mask) instead of q, k, v, context
                and the softmax terms; +1 layer's attention insides while its
-               backward runs (`recompute_peak`).
+               backward runs.
     block      every block (and the query layer) keeps its float32 input N*d*4,
                sparse blocks also the expert buffers (their All-to-All outputs are
                not recomputed; TP AllReduces are recomputed); +1 layer's
-               full activations while its backward runs (`recompute_peak`).
-    The head (final LayerNorm input, logits, log-probabilities) is never recomputed.
+               full activations while its backward runs.
+    The head (final LayerNorm input, logits, log-probabilities) is never recomputed,
+    but its tensors are consumed by the head's backward, which runs before any layer
+    is recomputed: the head and the recomputed layer are never live together, so
+    the step peaks at the kept set plus the larger of the two (`backward_peak` =
+    max(head, one recomputed layer)).
+    Measured against MindSpore's live-set peak on CPU (pangu_sigma.tools.memory_check):
+    summing both over-predicted block recomputation by 23%.
     """
     if level == "none":
         return activation_bytes(cfg, tp, ep, vocab_size)
@@ -258,8 +284,7 @@ def activation_bytes_recompute(cfg, tp, ep, level, vocab_size=None):
             "attention": blocks * one["attention_recomputed"],
             "dense_ffn": (layers - moe + 1) * one["dense_ffn"],
             "sparse_ffn": moe * one["sparse_ffn"],
-            "head": one["head"],
-            "recompute_peak": one["attention"],
+            "backward_peak": max(one["head"], one["attention"]),
         }
     elif level == "block":
         out = {
@@ -267,8 +292,7 @@ def activation_bytes_recompute(cfg, tp, ep, level, vocab_size=None):
             "dense_ffn": 0,
             "sparse_ffn": 0,
             "block_inputs": blocks * one["block_input"] + moe * one["expert_buffers"],
-            "head": one["head"],
-            "recompute_peak": one["attention"] + max(one["dense_ffn"], one["sparse_ffn"]),
+            "backward_peak": max(one["head"], one["attention"] + max(one["dense_ffn"], one["sparse_ffn"])),
         }
     else:
         raise ValueError(f"recompute level {level!r}")

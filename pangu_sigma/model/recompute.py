@@ -9,6 +9,14 @@ cell's intermediates from its inputs instead of keeping them. Levels:
                softmax, context): Korthikanti et al. 2022's "selective"
                recomputation, which drops the N*a*s softmax terms that grow
                with the sequence length, for about one extra attention forward.
+               Measured on MindSpore 2.10 CPU (pangu_sigma.tools.memory_check
+               --levels none attention): the step's live peak is unchanged to
+               the byte, because the kernel graph's execution order runs the
+               recomputed copies during the forward (SOMAS's tensor list: block
+               0's recomputed softmax at node 187 of 1289, live until its
+               backward use at node 821), so they live as long as the originals
+               would; block recomputation's copies run in the backward. Whether
+               Ascend's execution order delays them is not checked here.
     block      recompute every decoder block and the top query layer: only each
                block's input (the float32 residual stream, N*d*4 bytes) is kept,
                and one block's activations live at a time in the backward pass.
