@@ -24,7 +24,7 @@ import mindspore as ms
 from locmoe.errors import ConfigError
 from pangu_sigma.parallel import reshard
 from pangu_sigma.training.ckpt_stream import CheckpointReader, CheckpointWriter, remove_stale_temporaries
-from pangu_sigma.training.train_step import BUFFER_PREFIX
+from pangu_sigma.training.train_step import TRANSIENT_PREFIXES
 
 _NAME = re.compile(r"^step_(\d{8})\.json$")
 _MARKER = re.compile(r"^step_(\d{8})\.complete$")
@@ -95,7 +95,7 @@ def save_rank(cell, output_dir, rank, step, meta):
     base = step_base(output_dir, rank, step)
     with CheckpointWriter(base + ".ckpt") as writer:
         for param in cell.get_parameters():
-            if not param.name.startswith(BUFFER_PREFIX):
+            if not param.name.startswith(TRANSIENT_PREFIXES):
                 writer.write(param.name, param.asnumpy())
     write_json_atomic(base + ".json", dict(meta, step=step, rank=rank, checkpoint=os.path.basename(base + ".ckpt")))
     return base + ".ckpt"
@@ -260,7 +260,7 @@ def load_state(cell, source, layout, rank, field="--checkpoint", strict=True, wi
     Shapes are checked for every parameter before any is set (one-line ConfigError).
     strict: every parameter of cell must be in the source (optimizer state only if with_optimizer).
     """
-    own = [p for p in cell.get_parameters() if not p.name.startswith(BUFFER_PREFIX)
+    own = [p for p in cell.get_parameters() if not p.name.startswith(TRANSIENT_PREFIXES)
            and (with_optimizer or not is_optimizer_state(p.name))]
     missing = [p.name for p in own if p.name not in source]
     if strict and missing:
