@@ -164,6 +164,26 @@ def test_micro_batches_with_drops_equal_numpy_adam_of_the_mean_of_separate_gradi
     assert max(_rel(after[n], expected[n]) for n in names) <= 1e-6
 
 
+def test_overflow_in_the_micro_batches_skips_the_step_and_clears_the_buffers():
+    """float16 with a loss scale of 1e30: the scaled gradients overflow in every micro-batch; the step
+    must leave every parameter as it was (bitwise), halve the scale, log the overflow, and leave the
+    accumulation buffers at zero for the next step."""
+    from pangu_sigma.config import config_from_dict
+
+    cfg = config_from_dict(_config(2).to_dict(), ["train.precision=float16", "train.loss_scale_init=1.0e+30"])
+    step, net = _build(cfg)
+    before = _params(net)
+    ids, domains = _batch()
+    step.run_step(_micro(ids, domains, 2))
+    row = step.metrics_scalars.asnumpy()[0]
+    assert row[7] == 1.0 and row[6] == np.float32(1e30), row  # overflow logged, at the scale it was run with
+    assert float(step.base.loss_scale.asnumpy()) == np.float32(1e30) * 0.5
+    for name, value in _params(net).items():
+        assert np.array_equal(value, before[name]), name
+    for buffer in list(step.sums.grad_sums) + [step.sums.loss_sums, step.sums.overflow_sum]:
+        assert not buffer.asnumpy().any(), buffer.name
+
+
 def test_split_micro_batches_by_hand():
     from pangu_sigma.data.dataset import split_micro_batches
 
