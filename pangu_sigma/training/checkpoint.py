@@ -334,6 +334,9 @@ def load_resharded(net, path, topology=None):
 # layout (resharded), the run length and bookkeeping. The global batch is checked apart.
 LAYOUT_FIELDS = ("parallel.", "train.output_dir", "train.train_steps", "train.init_checkpoint", "train.sink_size",
                  "train.batch_size", "checkpoint.", "logging.", "data.dataset_dir", "moe.expert_num_per_dp_dim")
+# Fields added after runs were written, with the value that gives those runs' behaviour: a stored config
+# without the field is read with it (a run from before gradient accumulation resumes without a change).
+ADDED_FIELDS = {"train.gradient_accumulation_steps": 1}
 # eval / generate: only what shapes the model and its tokens matters.
 INFERENCE_FIELDS = ("model.", "moe.router", "moe.num_domain_groups", "moe.gate_bias", "moe.table_seed",
                     "moe.capacity_factor", "num_experts")
@@ -363,9 +366,18 @@ def _flatten(config):
     return flat
 
 
+def _flatten_stored(stored, current):
+    """_flatten of a stored config, with ADDED_FIELDS it lacks (and the current config has) filled in."""
+    flat, now = _flatten(stored), _flatten(current)
+    for key, value in ADDED_FIELDS.items():
+        if key in now and key.split(".")[0] in stored:
+            flat.setdefault(key, value)
+    return flat
+
+
 def config_differences(stored, current, stored_data, current_data, fields=None, ignore=LAYOUT_FIELDS):
     """Names (section.key / data.<identity key>) whose values differ and change results."""
-    a, b = _flatten(stored), _flatten(current)
+    a, b = _flatten_stored(stored, current), _flatten(current)
     names = []
     for key in sorted(set(a) | set(b)):
         if fields is not None:
@@ -393,7 +405,7 @@ def check_compatible(stored, current, stored_data, current_data, fields=None, al
     refused = [d for d in diffs if not any(d == a or d.startswith(a.rstrip(".") + ".") for a in allowed)
                and "all" not in allowed]
     if refused:
-        a, b = _flatten(stored), _flatten(current)
+        a, b = _flatten_stored(stored, current), _flatten(current)
         shown = ", ".join(f"{d} ({a.get(d, (stored_data or {}).get(d[5:]))!r} -> "
                           f"{b.get(d, (current_data or {}).get(d[5:]))!r})" for d in refused[:6])
         raise ConfigError("--allow-config-change", ",".join(allowed) or "(none)",
