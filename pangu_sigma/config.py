@@ -132,7 +132,11 @@ class DataSection:
 
 @dataclass
 class TrainSection:
-    batch_size: int = 8          # per data-parallel rank; global batch = batch_size * dp
+    batch_size: int = 8          # per data-parallel rank per optimizer step; global batch = batch_size * dp
+    # Gradient accumulation (MindFormers' gradient_accumulation_steps): each step's batch_size
+    # sequences run as this many micro-batches of batch_size / steps, gradients summed in float32,
+    # then one optimizer update (pangu_sigma/training/train_step.py AccumulatingTrainStep).
+    gradient_accumulation_steps: int = 1
     sink_size: int = 1           # steps per device loop (data sinking on Ascend); logs flush per sink
     train_steps: int = 100
     precision: str = "auto"      # auto: float32 on CPU, float16 (dynamic loss scale) on Ascend
@@ -146,10 +150,18 @@ class TrainSection:
     # Activation recomputation (pangu_sigma/model/recompute.py): none | attention | block.
     recompute: str = "none"
 
+    @property
+    def micro_batch_size(self):
+        """Sequences per data-parallel rank in one micro-batch (one forward/backward, one routing)."""
+        return self.batch_size // self.gradient_accumulation_steps
+
     def validate(self):
-        for name in ("batch_size", "sink_size", "train_steps", "loss_scale_window"):
+        for name in ("batch_size", "sink_size", "train_steps", "loss_scale_window", "gradient_accumulation_steps"):
             value = getattr(self, name)
             _need(_is_int(value) and value >= 1, f"train.{name}", value, "an integer >= 1")
+        _need(self.batch_size % self.gradient_accumulation_steps == 0, "train.gradient_accumulation_steps",
+              self.gradient_accumulation_steps, f"a divisor of train.batch_size={self.batch_size} (micro-batches "
+              f"of batch_size / gradient_accumulation_steps sequences)")
         _need(self.train_steps % self.sink_size == 0, "train.train_steps", self.train_steps,
               f"a multiple of train.sink_size={self.sink_size}")
         _need(self.precision in ("auto", "float32", "float16"), "train.precision", self.precision,

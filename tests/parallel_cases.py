@@ -37,6 +37,8 @@ CASES = {
     # optimizer-state sharding (ZeRO-1)
     "dp2_zero": (2, 1, 1, "locmoe", 1, True),
     "tp2_ep2_zero": (4, 2, 2, "locmoe", 1, True),
+    # gradient accumulation (2 micro-batches of 1 sequence per rank) with EP2 exchanges and ZeRO-1
+    "ep2_zero_accum": (2, 1, 2, "locmoe", 1, True),
 }
 # Extra config fields of a case. The two-tier cases drop in the remote tier (C_r = 2 of 8 tokens).
 # The single-process reference ignores optimizer_shard: it is the unsharded run the sharded msrun
@@ -46,6 +48,7 @@ OPTIONS = {
     **{name: TWO_TIER for name in CASES if "2tier" in name},
     "dp2_zero": {"parallel": {"optimizer_shard": True}},
     "tp2_ep2_zero": {"parallel": {"optimizer_shard": True}},
+    "ep2_zero_accum": {"parallel": {"optimizer_shard": True}, "train": {"gradient_accumulation_steps": 2}},
 }
 # Started from the seed (pangu_sigma.parallel.init_weights) instead of a shared full initial checkpoint.
 SEED_CASES = {"tp2_seed": 4321, "tp2_ep2_seed": 4321}
@@ -99,12 +102,24 @@ def load_params(net, values):
         p.set_data(ms.Tensor(values[p.name]))
 
 
-def run_steps(step_cell, ids, domains):
+def run_one(step_cell, ids, domains, groups=1):
+    """One optimizer step on a batch of `groups` token groups (as the accumulating step's micro-batches
+    when the cell accumulates gradients: each group's rows cut in order, pangu_sigma.data.dataset)."""
+    k = getattr(step_cell, "accumulation_steps", 1)
+    if k == 1:
+        step_cell(ms.Tensor(ids), ms.Tensor(domains))
+        return
+    from pangu_sigma.data.dataset import split_micro_batches
+    step_cell.run_step([(ms.Tensor(i), ms.Tensor(d)) for i, d in zip(split_micro_batches(ids, k, groups),
+                                                                       split_micro_batches(domains, k, groups))])
+
+
+def run_steps(step_cell, ids, domains, groups=1):
     """STEPS optimizer steps on one batch -> (the logged (world-mean) loss of each step,
     the logged routing counts {'dropped': [STEPS, M, 2] by tier, 'local': [STEPS, M, dp] by rank})."""
     losses, dropped, local = [], [], []
     for _ in range(STEPS):
-        step_cell(ms.Tensor(ids), ms.Tensor(domains))
+        run_one(step_cell, ids, domains, groups)
         losses.append(float(step_cell.metrics_scalars.asnumpy()[0, 0]))
         dropped.append(step_cell.metrics_dropped.asnumpy()[0])
         local.append(step_cell.metrics_local.asnumpy()[0])
@@ -128,5 +143,5 @@ def reference(name, output_dir):
         from pangu_sigma.parallel.init_weights import initialise
         initialise(net, SEED_CASES[name], case_config(name, output_dir).model)
     initial = params_of(net)
-    losses, stats = run_steps(step_cell, *global_batch())
+    losses, stats = run_steps(step_cell, *global_batch(), groups=dp)
     return initial, losses, params_of(net), stats

@@ -189,3 +189,29 @@ def test_compare_routers_spread_and_the_cluster_scope_tokens_per_step(tiny_data,
     assert cr._n_label(summary) == "2"
     assert cr._cell("{:.3f}", summary["valid ppl"], "mean") == f"12.000 ± {np.std([10, 14], ddof=1):.3f}"
     assert cr._cell("{:.3f}", summary["valid ppl"], "range") == "10.000-14.000"
+
+
+@pytest.mark.parametrize("placement", ["iid", "domain_affine"])
+def test_eval_routes_trainings_micro_batches_with_accumulation(tiny_data, tmp_path, placement):
+    """train.gradient_accumulation_steps=2: step 2 routes train batch 1 as two micro-batches of 4 sequences
+    per rank (drops at capacity factor 1); eval of the step-1 checkpoint on the train split routes the same
+    micro-batches (its batches 2 and 3), so their load, drops and locality add up to step 2's."""
+    from conftest import tiny_run_config
+    from pangu_sigma.training import checkpoint
+    from pangu_sigma.training.callbacks import read_jsonl
+    from pangu_sigma.evaluation.eval import evaluate
+    from pangu_sigma.training.train import train
+
+    cfg = tiny_run_config(tiny_data, str(tmp_path), ["parallel.virtual_scope=cluster", "train.train_steps=2",
+                                                     "train.sink_size=1", "checkpoint.save_steps=1",
+                                                     "moe.capacity_factor=1.0", "train.gradient_accumulation_steps=2",
+                                                     f"data.placement={placement}"])
+    train(cfg, log=_quiet)
+    step2 = [r for r in read_jsonl(os.path.join(str(tmp_path), "train_log_rank0.jsonl")) if r["step"] == 2][0]
+    assert sum(step2["dropped"]) > 0
+    ckpt1 = os.path.join(checkpoint.rank_dir(str(tmp_path)), "step_00000001.ckpt")
+    ev = evaluate(cfg, ckpt1, split="train", max_batches=4, per_batch=True, log=_quiet)
+    assert ev["routing"]["samples_per_batch"] == 16 and ev["routing"]["tokens_per_group"] == 4 * 16
+    for key in ("load", "dropped", "local"):
+        np.testing.assert_array_equal(np.add(ev["batches"][2][key], ev["batches"][3][key]), step2[key if key != "load"
+                                                                                                   else "expert_load"])

@@ -59,16 +59,17 @@ def hand_params(vocab, seq, d, f, blocks, moe, experts, router="locmoe"):
 
 
 # ---- the three cluster sizes --------------------------------------------------------------
-# (devices, nodes, tp, dp, ep, experts per rank, node-local experts, expert-dp replicas, batch per DP rank)
+# (devices, nodes, tp, dp, ep, experts per rank, node-local experts, expert-dp replicas, batch per DP rank,
+#  micro-batch): the global batch is Table 1's 32 per DP rank x DP 16 = 512 at every size
 CLUSTERS = [
-    (64, 8, 8, 8, 8, 2, 2, 1, 4),       # EP capped by DP 8: 2 experts per rank keeps 16
-    (128, 16, 8, 16, 16, 1, 1, 1, 2),   # Table 1 as printed (its batch_size 32 read as the global batch)
-    (256, 32, 8, 32, 16, 1, 1, 2, 1),   # DP 32 / EP 16 = 2 replicas of every expert
+    (64, 8, 8, 8, 8, 2, 2, 1, 64, 1),       # EP capped by DP 8: 2 experts per rank keeps 16
+    (128, 16, 8, 16, 16, 1, 1, 1, 32, 4),   # Table 1 as printed
+    (256, 32, 8, 32, 16, 1, 1, 2, 16, 4),   # DP 32 / EP 16 = 2 replicas of every expert
 ]
 
 
-@pytest.mark.parametrize("devices,nodes,tp,dp,ep,per_rank,local,edp,batch", CLUSTERS)
-def test_cluster_plans_match_hand_values(capsys, devices, nodes, tp, dp, ep, per_rank, local, edp, batch):
+@pytest.mark.parametrize("devices,nodes,tp,dp,ep,per_rank,local,edp,batch,micro", CLUSTERS)
+def test_cluster_plans_match_hand_values(capsys, devices, nodes, tp, dp, ep, per_rank, local, edp, batch, micro):
     p = plan_json(capsys, "--config", config_path(f"locmoe_{devices}n.yaml"), "--world-size", devices)
     assert (p["world_size"], p["nodes"], p["devices_per_node"]) == (devices, nodes, 8)
     assert (p["tp"], p["dp"], p["ep"], p["edp"]) == (tp, dp, ep, edp)
@@ -78,7 +79,9 @@ def test_cluster_plans_match_hand_values(capsys, devices, nodes, tp, dp, ep, per
     for node, experts in enumerate(p["experts_of_node"]):
         first = (node % ep) * per_rank
         assert experts == list(range(first, first + per_rank))
-    assert p["global_batch"] == 32 and p["tokens_per_rank"] == batch * 1024
+    assert p["global_batch"] == 512 == batch * dp and p["batch_per_dp_rank"] == batch
+    assert p["micro_batch_per_dp_rank"] * p["gradient_accumulation_steps"] == batch
+    assert p["micro_batch_per_dp_rank"] == micro and p["tokens_per_rank"] == micro * 1024  # routed at once
     total, active = hand_params(V, S, D, F, BLOCKS, MOE, E)
     assert (p["params_total"], p["params_active"]) == (total, active)
     assert p["params_non_trainable"] == 0
@@ -92,7 +95,9 @@ def test_cluster_plans_match_hand_values(capsys, devices, nodes, tp, dp, ep, per
     replicated = p["params_per_device"] - split - experts
     moments = 8 * (split / dp + replicated / devices + experts / edp)
     assert mem["optimizer"] * 2 ** 30 == pytest.approx(moments, rel=1e-6)
-    persistent = mem["parameters"] + mem["gradients"] + mem["optimizer"] + mem["hccl_workspace"]
+    assert mem["grad_accumulation"] == pytest.approx(mem["gradients"])  # the float32 accumulation buffer
+    persistent = (mem["parameters"] + mem["gradients"] + mem["grad_accumulation"] + mem["optimizer"]
+                  + mem["hccl_workspace"])
     phases = max(mem["activations"] + mem["a2a_buffers"] + mem["grad_bucket"], mem["zero_gather"])
     assert p["memory_per_device_gib"] == pytest.approx(persistent + phases)
     assert p["activation_parts_gib"] and sum(p["activation_parts_gib"].values()) == pytest.approx(mem["activations"])
@@ -102,30 +107,30 @@ def test_cluster_plans_match_hand_values(capsys, devices, nodes, tp, dp, ep, per
 def test_a2a_bytes_128n_by_hand(capsys):
     p = plan_json(capsys, "--config", config_path("locmoe_128n.yaml"), "--world-size", 128,
                   "--set", "moe.remote_capacity_factor=0", "--set", "moe.capacity_factor=1.25")  # one tier
-    tokens = 2 * 1024                           # batch_size 2 x seq 1024 per rank
-    capacity = math.ceil(tokens * 1.25 / 16)    # 160
-    slice_bytes = 16 * (capacity // 8) * D * 2  # [E, C/TP, d] fp16 = 3,276,800
-    passes = 2 * 8                              # forward + backward x 8 MoE layers
+    tokens = 4 * 1024                           # micro-batch 4 x seq 1024 per rank (batch 32 in 8 micro-batches)
+    capacity = math.ceil(tokens * 1.25 / 16)    # 320
+    slice_bytes = 16 * (capacity // 8) * D * 2  # [E, C/TP, d] fp16 = 6,553,600
+    passes = 8 * 2 * 8                          # 8 micro-batches x (forward + backward) x 8 MoE layers
     # rank 0's EP group is ranks 0, 8, ..., 120: one per node, so in each of the two All-to-Alls
     # 15 chunks of 1/16 leave the node. Inside node 0 (the TP group), per pass: the AllGather of
     # the received slice to 7 ranks, the ReduceScatter of the [E, C, d] partial outputs (C/8 of
     # it to each of 7 ranks = 7 slices) and the AllGather of the returned slice to 7 ranks.
     inter = passes * 2 * 15 * slice_bytes // 16
     intra = passes * (7 + 7 + 7) * slice_bytes
-    assert p["expert_capacity"] == capacity == 160
+    assert p["expert_capacity"] == capacity == 320
     assert p["a2a_bytes_per_step"] == {"intra": intra, "inter": inter}
     assert p["a2a_bytes_per_step_world"] == {"intra": 128 * intra, "inter": 128 * inter}
 
 
 
 def test_two_tier_bytes_128n_by_hand(capsys):
-    """LocMoE's config (2 sequences of 1024 per rank): the node-local expert at
-    C = ceil(2048 * 12 / 16) = 1536, the others at C_r = ceil(2048 * 0.5 / 16) = 64."""
+    """LocMoE's config (micro-batches of 4 sequences of 1024 per rank, 8 per step): the node-local expert
+    at C = ceil(4096 * 12 / 16) = 3072, the others at C_r = ceil(4096 * 0.5 / 16) = 128."""
     p = plan_json(capsys, "--config", config_path("locmoe_128n.yaml"), "--world-size", 128)
-    assert (p["expert_capacity"], p["remote_capacity"]) == (1536, 64)
-    block_r = (64 // 8) * D * 2     # one expert's TP slice of the remote tier, fp16
-    block_l = (1536 // 8) * D * 2   # the node's one local expert, TP slice
-    passes = 2 * 8
+    assert (p["expert_capacity"], p["remote_capacity"]) == (3072, 128)
+    block_r = (128 // 8) * D * 2    # one expert's TP slice of the remote tier, fp16
+    block_l = (3072 // 8) * D * 2   # the node's one local expert, TP slice
+    passes = 8 * 2 * 8              # 8 micro-batches x (forward + backward) x 8 MoE layers
     # tier 2: [16 EP ranks, 1 expert, C_r/8, d] out and back; 15 blocks leave the node (the block
     # addressed to node 0 itself is the zero hole). Tier 1 is a group of one rank: no bytes.
     inter = passes * 2 * 15 * block_r
@@ -282,8 +287,8 @@ def test_every_shipped_config_loads(path):
 
 def test_table1_values_at_128n():
     raw = yaml.safe_load(open(config_path("locmoe_128n.yaml")))
-    # Table 1's batch_size 32 is read as the global batch (PanGu-alpha): 2 per DP rank x DP 16
-    assert raw["train"]["batch_size"] * 16 == 32 and raw["train"]["sink_size"] == 16
+    # Table 1's batch_size 32 per DP rank (MindFormers) x DP 16 = 512 sequences, PanGu-Sigma's global batch
+    assert raw["train"]["batch_size"] == 32 and raw["train"]["sink_size"] == 16
     assert raw["parallel"]["expert_parallel"] == 16 and raw["moe"]["expert_num_per_dp_dim"] == 1
 
 
@@ -356,8 +361,8 @@ def test_param_count_equals_mindspore_model(router, tmp_path):
 
 
 def test_activation_estimate_scales_with_batch_and_tp():
-    cfg = load_config(config_path("locmoe_128n.yaml"), ["train.batch_size=32"])
-    half = load_config(config_path("locmoe_128n.yaml"), ["train.batch_size=16"])
+    cfg = load_config(config_path("locmoe_128n.yaml"), ["train.batch_size=32", "train.gradient_accumulation_steps=1"])
+    half = load_config(config_path("locmoe_128n.yaml"), ["train.batch_size=16", "train.gradient_accumulation_steps=1"])
     full = param_count.activation_bytes(cfg, 8, 16)
     halved = param_count.activation_bytes(half, 8, 16)
     for part in ("attention", "dense_ffn", "head"):
@@ -378,15 +383,16 @@ def test_every_cluster_config_fits_a_910a(capsys, router, size):
     p = plan_json(capsys, "--config", config_path(f"{router}_{size}n.yaml"), "--world-size", size)
     assert p["memory_fits"] and p["memory_per_device_gib"] <= 28, p["memory_breakdown_gib"]
     assert set(p["memory_breakdown_gib"]) == {"parameters", "gradients", "optimizer", "activations", "a2a_buffers",
-                                              "grad_bucket", "zero_gather", "hccl_workspace"}
-    assert p["global_batch"] == p["batch_per_dp_rank"] * p["dp"]
+                                              "grad_bucket", "zero_gather", "hccl_workspace", "grad_accumulation"}
+    assert p["global_batch"] == p["batch_per_dp_rank"] * p["dp"] == 512  # Table 1: 32 per DP rank x DP 16
 
 
 def test_recompute_levels_by_hand():
     """Block recompute keeps each block's float32 input + the sparse blocks' expert buffers, and then
     the larger of the head and one layer's activations (the head's backward has run before any layer
     is recomputed); attention recompute drops the q/k/v/context and softmax terms."""
-    cfg = load_config(config_path("locmoe_128n.yaml"), ["train.batch_size=4", "moe.remote_capacity_factor=0",
+    cfg = load_config(config_path("locmoe_128n.yaml"), ["train.batch_size=4", "train.gradient_accumulation_steps=1",
+                                                        "moe.remote_capacity_factor=0",
                                                         "moe.capacity_factor=1.25"])  # one tier
     n, p, t, a = 4 * 1024, 2, 8, 40
     cap = math.ceil(n * 1.25 / 16)
@@ -405,7 +411,7 @@ def test_recompute_levels_by_hand():
     assert sum(block.values()) < sum(attn.values()) < none
     # two tiers (the shipped LocMoE config): one node-local expert per node (TP 8 fills the node)
     # at C = ceil(n * 12 / 16), the 15 others at C_r = ceil(n * 0.5 / 16)
-    two = load_config(config_path("locmoe_128n.yaml"), ["train.batch_size=4"])
+    two = load_config(config_path("locmoe_128n.yaml"), ["train.batch_size=4", "train.gradient_accumulation_steps=1"])
     assert param_count.buffer_rows(two, n, t, 16) == math.ceil(n * 12 / 16) + 15 * math.ceil(n * 0.5 / 16)
 
 
@@ -426,6 +432,22 @@ def test_optimizer_sharding_and_hccl_constants():
 def test_plan_text_prints_breakdown_and_global_batch(capsys):
     code, out, _ = run_plan(capsys, "--config", config_path("locmoe_128n.yaml"), "--world-size", 128)
     assert code == 0
-    assert "recompute attention, optimizer_shard true" in out and "fits" in out
+    assert "recompute block, optimizer_shard true" in out and "fits" in out
     assert "HCCL workspace" in out and "grad bucket" in out and "all-to-all buffers" in out
-    assert "2 sequences per data-parallel rank (train.batch_size) x dp 16 = global batch 32 sequences" in out
+    assert "gradient accumulation buffer" in out
+    assert ("global batch 512 sequences (524,288 tokens) = 32 per data-parallel rank (train.batch_size) x dp 16; "
+            "micro-batch 4 x 8 accumulation steps (train.gradient_accumulation_steps)") in out
+
+
+def test_accumulation_counts_one_micro_batch_of_activations_plus_the_buffer():
+    """batch 32 in 8 micro-batches: the activations and All-to-All buffers of a batch of 4, plus a float32
+    accumulation buffer of the device's gradient size; without accumulation no buffer."""
+    acc = load_config(config_path("locmoe_128n.yaml"), ["train.batch_size=32", "train.gradient_accumulation_steps=8"])
+    four = load_config(config_path("locmoe_128n.yaml"), ["train.batch_size=4", "train.gradient_accumulation_steps=1"])
+    a = param_count.memory_breakdown(acc, 8, 16, 16)
+    b = param_count.memory_breakdown(four, 8, 16, 16)
+    for item in ("activations", "a2a_buffers", "parameters", "gradients", "optimizer"):
+        assert a[item] == pytest.approx(b[item], rel=1e-12), item
+    assert b["grad_accumulation"] == 0
+    assert a["grad_accumulation"] * 2 ** 30 == pytest.approx(4 * param_count.params_per_device(acc, 8, 16))
+    assert a["total"] == pytest.approx(b["total"] + a["grad_accumulation"])

@@ -284,7 +284,8 @@ def test_overlap_hides_all_but_one_chunk():
     assert one["breakdown"]["overlapped"] == 0
     layer = four["layers"][0]
     a, x = layer["comm_time"], layer["expert_compute_max"]
-    assert four["breakdown"]["overlapped"] == pytest.approx(8 * 0.75 * (min(a, x) + min(a, 2 * x)))
+    assert four["micro_batches"] == 8  # the config's batch of 32 per rank in micro-batches of 4
+    assert four["breakdown"]["overlapped"] == pytest.approx(8 * 8 * 0.75 * (min(a, x) + min(a, 2 * x)))
     for res in (one, four):
         assert sum(res["breakdown"].values()) == pytest.approx(res["step_time"])
 
@@ -322,7 +323,7 @@ def test_converter_from_the_training_log(tiny_run, tmp_path):
     stats = routing_stats.load_stats(out)
     counts = stats["counts"]
     assert counts.shape == (8, 128, 16) and stats["source"]["placement"] == "same"  # auto: no extrapolated locality
-    np.testing.assert_allclose(counts.sum(-1), 2 * 1024)  # the 128N config's tokens per rank: batch 2 x seq 1024
+    np.testing.assert_allclose(counts.sum(-1), 32 * 1024)  # the 128N config's tokens per rank and step: 32 x 1024
     res = simulate.run(load_config(target), world_size=128, routing_stats=out)
     assert res["routing"] == out and res["step_time"] > 0
 
@@ -416,3 +417,20 @@ def test_compare_routers_two_routers_five_steps(tiny_run, tmp_path, capsys):
     # a second run into the same folder is refused in one line unless --overwrite
     assert _rc(main, ["--config", path, "--routers", "locmoe", "--steps", "5", "--output", str(out)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_simulated_step_with_accumulation_is_k_micro_batches_and_one_gradient_reduction():
+    """batch 32 per rank in 8 micro-batches = 8 x the step of a batch of 4 routed at once, except the
+    gradient AllReduces, which happen once per step."""
+    path = os.path.join(CONFIGS, "locmoe_128n.yaml")
+    acc = simulate.run(load_config(path, ["train.batch_size=32", "train.gradient_accumulation_steps=8"]),
+                       world_size=128)
+    one = simulate.run(load_config(path, ["train.batch_size=4", "train.gradient_accumulation_steps=1"]),
+                       world_size=128)
+    grads = ("grad_allreduce_dense", "grad_allreduce_experts")
+    for name in grads:
+        assert acc["communication"][name] == pytest.approx(one["communication"][name])
+    once = sum(one["communication"][n] for n in grads)
+    assert acc["step_time"] - once == pytest.approx(8 * (one["step_time"] - once), rel=1e-12)
+    assert acc["tokens_per_rank"] == one["tokens_per_rank"] == 4 * 1024 and acc["micro_batches"] == 8
+    assert acc["a2a_bytes_per_step_world"]["roce"] == pytest.approx(8 * one["a2a_bytes_per_step_world"]["roce"])

@@ -51,6 +51,10 @@ adds activation recomputation, optimizer sharding and the communication buffers)
                  runtime's default keeps every intermediate of the step instead
                  (pangu_sigma.tools.memory_check measures both: the model is
                  checked against MindSpore's live-set peak, SOMAS's lower bound).
+    grad_accumulation  with train.gradient_accumulation_steps > 1: the float32
+                 buffer the micro-batches' gradients are summed into, 4 B/param
+                 (pangu_sigma/training/train_step.py AccumulatingTrainStep);
+                 activations are then those of one micro-batch.
     grad_buckets the gradient AllReduce's packed buckets
                  (pangu_sigma.parallel.grad_reduce): packed input + reduced
                  output of one bucket, 2 * min(parallel.grad_bucket_mb MiB,
@@ -148,8 +152,20 @@ def params_per_device_parts(cfg, tp, ep, vocab_size=None):
 
 
 def tokens_per_rank(cfg):
-    """Tokens one rank routes per step: its data-parallel batch (replicated over TP)."""
-    return cfg.train.batch_size * cfg.model.seq_length
+    """Tokens one rank routes at once: one micro-batch of its data-parallel batch (replicated over TP),
+    train.batch_size / train.gradient_accumulation_steps sequences. Activations and the All-to-All
+    buffers are those of one micro-batch; a step runs gradient_accumulation_steps of them."""
+    return micro_batch_size(cfg) * cfg.model.seq_length
+
+
+def micro_batch_size(cfg):
+    """Sequences per data-parallel rank in one micro-batch (train.batch_size without accumulation)."""
+    return cfg.train.batch_size // accumulation_steps(cfg)
+
+
+def accumulation_steps(cfg):
+    """train.gradient_accumulation_steps (1 for config objects without it)."""
+    return getattr(cfg.train, "gradient_accumulation_steps", 1)
 
 
 def buffer_rows(cfg, tokens, tp, ep):
@@ -329,6 +345,8 @@ def memory_breakdown(cfg, tp, ep, dp, vocab_size=None, comm_groups=5, recompute=
                         plus my concatenated slices, 1/R of it; no single
                         parameter of the shipped configs exceeds the bucket)
     HCCL workspace: comm_groups x 2 x HCCL_BUFFSIZE (Ascend only; 0 on CPU).
+    Gradient accumulation: activations and All-to-All buffers of one micro-batch
+    (tokens_per_rank); the float32 accumulation buffer (4 B/param) is persistent.
     """
     recompute = cfg.train.recompute if recompute is None else recompute
     shard = cfg.parallel.optimizer_shard if optimizer_shard is None else optimizer_shard
@@ -351,6 +369,7 @@ def memory_breakdown(cfg, tp, ep, dp, vocab_size=None, comm_groups=5, recompute=
     out = {
         "parameters": params * PARAM_BYTES,
         "gradients": params * GRAD_BYTES,
+        "grad_accumulation": params * GRAD_BYTES if accumulation_steps(cfg) > 1 else 0,
         "optimizer": moments,
         "activations": sum(acts.values()),
         "a2a_buffers": a2a,
@@ -359,7 +378,8 @@ def memory_breakdown(cfg, tp, ep, dp, vocab_size=None, comm_groups=5, recompute=
         "hccl_workspace": hccl,
     }
     out = {k: v / GIB for k, v in out.items()}
-    persistent = out["parameters"] + out["gradients"] + out["optimizer"] + out["hccl_workspace"]
+    persistent = (out["parameters"] + out["gradients"] + out["grad_accumulation"] + out["optimizer"]
+                  + out["hccl_workspace"])
     backward = out["activations"] + out["a2a_buffers"] + out["grad_bucket"]
     out["total"] = persistent + max(backward, out["zero_gather"])
     out["activation_parts"] = {k: v / GIB for k, v in acts.items()}

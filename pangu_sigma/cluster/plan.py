@@ -21,13 +21,17 @@ Layout (locmoe.topology): rank = dp_rank * tp + tp_rank; ep_rank = dp_rank % ep;
 expert e lives on every rank with ep_rank == e // (E / ep), split over its TP
 group on the ffn dimension; a node's local experts are those of its ranks.
 
+Batch: train.batch_size sequences per data-parallel rank per optimizer step
+(global batch = batch_size x dp), run as train.gradient_accumulation_steps = k
+micro-batches of batch_size / k; each micro-batch is routed on its own.
+
 All-to-All bytes per step (locmoe.comm byte accounting, compute dtype):
-tokens per rank N = train.batch_size * model.seq_length (all TP ranks of a
+tokens per rank N = micro-batch x model.seq_length (all TP ranks of a
 data-parallel group hold the same N tokens), capacity C =
 locmoe.capacity.expert_capacity(N, moe.capacity_factor, E), buffer [E, C, d].
-Per MoE layer per step there are 4 All-to-Alls: forward dispatch and combine,
+Per MoE layer per micro-batch there are 4 All-to-Alls: forward dispatch and combine,
 and the same two again in backward (the gradient of an All-to-All is an
-All-to-All of the same size).
+All-to-All of the same size); a step has k micro-batches.
 The collectives are exactly those of locmoe.exchange.TokenExchange, counted by
 locmoe.exchange.register_exchange_bytes (C rounded up to a multiple of TP in
 group-wise mode, as the layer does):
@@ -197,7 +201,8 @@ def a2a_traffic(cfg, topology):
     elif m.moe_layer_num:
         register_exchange_bytes(counter, topology, experts, capacity, m.hidden_size, cfg.compute_dtype,
                                 groupwise, m.moe_layer_num)
-    by_name = {name: {"intra": a, "inter": e} for name, (a, e) in counter.by_name().items()}
+    k = param_count.accumulation_steps(cfg)  # micro-batches per step, each with its own exchanges
+    by_name = {name: {"intra": a * k, "inter": e * k} for name, (a, e) in counter.by_name().items()}
     itemsize = param_count.ITEMSIZE[cfg.compute_dtype]
     return {
         "tokens_per_rank": tokens,
@@ -208,9 +213,9 @@ def a2a_traffic(cfg, topology):
         "rows_per_rank": rows,
         "buffer_bytes": experts * capacity * m.hidden_size * itemsize,
         "sent_bytes_per_call": experts * rows * m.hidden_size * itemsize,
-        "calls_per_step": 4 * m.moe_layer_num,
-        "per_device": counter.totals(),
-        "world": counter.world_totals(),
+        "calls_per_step": 4 * m.moe_layer_num * k,
+        "per_device": {key: value * k for key, value in counter.totals().items()},
+        "world": {key: value * k for key, value in counter.world_totals().items()},
         "by_collective": by_name,
     }
 
@@ -269,7 +274,7 @@ def make_plan(cfg, rank_table=None, world_size=None, devices_per_node=None, doma
             hints.append("train.recompute: block")
         if not cfg.parallel.optimizer_shard:
             hints.append("parallel.optimizer_shard: true")
-        hints.append("a lower train.batch_size (activations grow with it)")
+        hints.append("more train.gradient_accumulation_steps (activations grow with the micro-batch)")
         notes.append(f"{memory['total']:.1f} GiB per device exceeds the {param_count.BUDGET_GIB} GiB budget of an "
                      f"Ascend 910A ({ASCEND_910A_HBM_GIB} GiB HBM less {param_count.RUNTIME_RESERVE_GIB} GiB for the "
                      f"runtime): try {', '.join(hints)}")
@@ -306,8 +311,11 @@ def make_plan(cfg, rank_table=None, world_size=None, devices_per_node=None, doma
         "optimizer_shard": cfg.parallel.optimizer_shard,
         "hccl_groups": comm_groups,
         "batch_per_dp_rank": cfg.train.batch_size,
+        "micro_batch_per_dp_rank": param_count.micro_batch_size(cfg),
+        "gradient_accumulation_steps": param_count.accumulation_steps(cfg),
         "tokens_per_rank": traffic["tokens_per_rank"],
         "global_batch": cfg.train.batch_size * topo.dp,
+        "global_batch_tokens": cfg.train.batch_size * topo.dp * cfg.model.seq_length,
         "expert_capacity": traffic["capacity"],
         "remote_capacity": traffic["remote_capacity"],
         "a2a_bytes_per_step": traffic["per_device"],
@@ -396,16 +404,19 @@ def format_text(plan, config_path):
         f"{'fits' if p['memory_fits'] else 'DOES NOT FIT'}); fp32 weights, {p['compute_dtype']} compute, "
         f"recompute {p['recompute']}, optimizer_shard {str(p['optimizer_shard']).lower()}",
         f"  persistent  parameters {mem['parameters']:.2f} + gradients {mem['gradients']:.2f} "
-        f"+ Adam moments {mem['optimizer']:.2f} + HCCL workspace {mem['hccl_workspace']:.2f} "
+        + (f"+ gradient accumulation buffer {mem['grad_accumulation']:.2f} " if mem["grad_accumulation"] else "")
+        + f"+ Adam moments {mem['optimizer']:.2f} + HCCL workspace {mem['hccl_workspace']:.2f} "
         f"({p['hccl_groups']} groups x 2 x {param_count.HCCL_BUFFSIZE_MIB} MiB)",
         f"  fwd/bwd     activations {mem['activations']:.2f} ("
         + ", ".join(f"{k} {v:.2f}" for k, v in p["activation_parts_gib"].items())
         + f") + all-to-all buffers {mem['a2a_buffers']:.2f} + grad bucket {mem['grad_bucket']:.2f} "
         f"(2 x parallel.grad_bucket_mb)",
         f"  optimizer   sharded-update gather buffer {mem['zero_gather']:.2f} (peak = persistent + the larger phase)",
-        f"batch      {p['batch_per_dp_rank']} sequences per data-parallel rank (train.batch_size) x dp {p['dp']} "
-        f"= global batch {p['global_batch']} sequences ({p['global_batch'] * p['tokens_per_rank'] // max(p['batch_per_dp_rank'], 1):,} tokens); "
-        f"{p['tokens_per_rank']:,} tokens per rank; expert capacity {p['expert_capacity']}"
+        f"batch      global batch {p['global_batch']} sequences ({p['global_batch_tokens']:,} tokens) = "
+        f"{p['batch_per_dp_rank']} per data-parallel rank (train.batch_size) x dp {p['dp']}; "
+        f"micro-batch {p['micro_batch_per_dp_rank']} x {p['gradient_accumulation_steps']} accumulation steps "
+        f"(train.gradient_accumulation_steps)",
+        f"  routing   per micro-batch: {p['tokens_per_rank']:,} tokens per rank; expert capacity {p['expert_capacity']}"
         + (f" per (rank, node-local expert), {p['remote_capacity']} per (rank, expert on another node) "
            f"(two-tier exchange)" if p["a2a_detail"]["two_tier"] else ""),
     ]
@@ -419,7 +430,8 @@ def format_text(plan, config_path):
                   f"C_r {p['remote_capacity']} (EP All-to-All, the only rows leaving the node)")
         how = "group-wise TP slices per tier" if d["groupwise"] else "whole tiers"
     lines += [
-        f"all-to-all {d['calls_per_step']} per step (4 per MoE layer: fwd dispatch + combine, bwd both); "
+        f"all-to-all {d['calls_per_step']} per step (4 per MoE layer per micro-batch: fwd dispatch + combine, "
+        f"bwd both); "
         f"buffer {buffer}; {how}",
         f"  per device  intra-node {per['intra']:,} B ({_gib(per['intra'])}), "
         f"inter-node {per['inter']:,} B ({_gib(per['inter'])})",

@@ -205,8 +205,33 @@ class BatchStream:
             epoch, batch = epoch + 1, 0
 
 
+def split_micro_batches(rows, micro_batches, groups=1):
+    """One batch [G*B, ...] (G token groups of B rows, group-major) -> micro_batches arrays [G*m, ...], m = B / k:
+    micro-batch j holds rows j*m..(j+1)*m of every group (each group's rows stay its own, in order)."""
+    per_group = rows.shape[0] // groups
+    micro = per_group // micro_batches
+    blocks = rows.reshape((groups, micro_batches, micro) + rows.shape[1:])  # [G, k, m, ...]
+    return [np.ascontiguousarray(blocks[:, j].reshape((groups * micro,) + rows.shape[1:]))
+            for j in range(micro_batches)]
+
+
+class MicroBatchStream:
+    """A BatchStream's batches, each cut into `micro_batches` consecutive micro-batches (split_micro_batches)."""
+
+    def __init__(self, stream, micro_batches, groups):
+        self.stream, self.micro_batches, self.groups = stream, micro_batches, groups
+
+    def __len__(self):
+        return ENDLESS_LENGTH if self.stream.repeat else len(self.stream) * self.micro_batches
+
+    def __iter__(self):
+        for ids, domains in self.stream:
+            yield from zip(split_micro_batches(ids, self.micro_batches, self.groups),
+                           split_micro_batches(domains, self.micro_batches, self.groups))
+
+
 def create_dataset(data_dir, split, batch_size, dp_size=1, dp_rank=0, shuffle=True, seed=1234, start_batch=0,
-                   repeat=True, drop_remainder=True, sample_order=None):
+                   repeat=True, drop_remainder=True, sample_order=None, micro_batches=1, groups=1):
     """A MindSpore dataset of batches: input_ids int32 [B, S+1], domain_id int32 [B].
 
     repeat=True: an endless stream over epochs 0, 1, 2, ... (get_dataset_size() reports
@@ -215,7 +240,9 @@ def create_dataset(data_dir, split, batch_size, dp_size=1, dp_rank=0, shuffle=Tr
     Only this rank's rows are read. sample_order: None (i.i.d. blocks) or a function
     (domain_ids [N], epoch) -> this reader's sample indices in read order (a domain-affine
     placement, pangu_sigma.build.placement_sample_order); the domain ids come from
-    read_domain_ids, without reading the token rows.
+    read_domain_ids, without reading the token rows. micro_batches > 1 (gradient accumulation):
+    every batch of `groups` token groups of batch_size / groups rows comes out as that many
+    micro-batches (split_micro_batches); start_batch still counts whole batches.
     """
     import mindspore.dataset as ds
 
@@ -244,5 +271,10 @@ def create_dataset(data_dir, split, batch_size, dp_size=1, dp_rank=0, shuffle=Tr
     if not repeat and start_batch >= stream.per_epoch:
         raise ConfigError("start_batch", start_batch,
                           f"below {stream.per_epoch}, the batches of one epoch (repeat=False)")
+    if micro_batches > 1:
+        if batch_size % (groups * micro_batches):
+            raise ConfigError("batch_size", batch_size, f"a multiple of {groups} token group(s) x {micro_batches} "
+                              "micro-batches")
+        stream = MicroBatchStream(stream, micro_batches, groups)
     return ds.GeneratorDataset(stream, column_names=["input_ids", "domain_id"],
                                shuffle=False, num_parallel_workers=1, python_multiprocessing=False)

@@ -6,7 +6,8 @@ Eval routes as training does:
 - the token-group layout of the training config: with parallel.virtual_scope=cluster
   the process routes the whole virtual cluster's batch as dp token groups, one per
   data-parallel rank (pangu_sigma.build.single_process_groups), else one group;
-- batches of training's size (train.batch_size per data-parallel rank) in the order of
+- batches of training's micro-batch size (train.batch_size / train.gradient_accumulation_steps
+  per data-parallel rank: what training routes at once) in the order of
   training's first epoch (data.shuffle, data.seed), every valid sample counted once
   (the short last batch is filled up to full size with samples that are routed, not
   counted; `eval_forward.eval_batches`);
@@ -66,12 +67,13 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
 
     Either loads checkpoint_path into a freshly built network or uses net (a
     PanguSigmaWithLoss built with the layout of `eval_layout(cfg)`) as given.
-    batch_size: per data-parallel rank (default train.batch_size). max_batches:
+    batch_size: per data-parallel rank, routed at once (default: training's batches, each cut into
+    its train.gradient_accumulation_steps micro-batches as training routes them). max_batches:
     only the first batches of the plan. per_batch: also return each batch's
     routing sums (load [M, E], dropped [M], local [M]) under 'batches'.
     """
     from mindspore import Tensor
-    from pangu_sigma.data.dataset import load_split
+    from pangu_sigma.data.dataset import load_split, split_micro_batches
 
     meta = dataset_meta(cfg)
     layout = eval_layout(cfg)
@@ -81,6 +83,7 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
         net = build_eval_net(cfg, meta, layout, factor, checkpoint_path, allow_changes)
     net.set_train(False)
     per_rank = batch_size or cfg.train.batch_size
+    micro = 1 if batch_size else cfg.train.gradient_accumulation_steps
     global_batch = per_rank * layout["batch_multiplier"]
     input_ids, domain_ids = load_split(cfg.data.dataset_dir, split)  # [N, S+1], [N]
     if len(input_ids) == 0:
@@ -94,6 +97,11 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
                 for k in range(0, len(order) - global_batch + 1, global_batch)]
     else:
         plan = eval_batches(len(input_ids), global_batch, cfg.data.seed, cfg.data.shuffle)
+    if micro > 1:  # routed as training routes them: each batch as its micro-batches (every group keeps its rows)
+        plan = [pair for rows, counted in plan
+                for pair in zip(split_micro_batches(rows, micro, layout["token_groups"]),
+                                split_micro_batches(counted, micro, layout["token_groups"]))]
+        global_batch //= micro
     if max_batches is not None:
         plan = plan[:max_batches]
     model = net.model

@@ -3,11 +3,16 @@ sharding on CPU, as ratios to the plain step, timed in one interleaved run. One 
 
     python -m pangu_sigma.tools.bench_fit recompute [--rounds 5] [--set a.b=c ...]
     python -m pangu_sigma.tools.bench_fit zero --workers 2 [--rounds 5]      # launches msrun
+    python -m pangu_sigma.tools.bench_fit accumulation [--rounds 5]
 
 recompute: one process builds the same train step at every train.recompute level
 (GRAPH mode), compiles each, then times round after round one step of each level
 in turn (interleaved, so machine load hits every level alike); the median per level
 and its ratio to `none`.
+accumulation: gradient accumulation over k = 1, 2, 4 micro-batches of one batch, as
+AccumulatingTrainStep runs it (a host loop over two compiled graphs: k micro-batch calls,
+one update) and as one graph with the k micro-batches unrolled in it (the alternative);
+compile seconds (the first step) and the median step, interleaved.
 zero: msrun with N CPU workers (data parallel, emulated collectives); each worker
 builds the step with parallel.optimizer_shard false and true and times them
 interleaved the same way; rank 0 prints the lines.
@@ -85,6 +90,69 @@ def bench_recompute(rounds, overrides):
     _report(times, "recompute_none", {"bench": "recompute", "tokens": cfg.train.batch_size * cfg.model.seq_length})
 
 
+def bench_accumulation(rounds, overrides):
+    import mindspore as ms
+    from mindspore import nn
+    from locmoe.parallel_context import ParallelContext
+    from pangu_sigma.build import single_process_topology
+    from pangu_sigma.config import load_config
+    from pangu_sigma.training.train import build_train_step
+
+    class InGraph(nn.Cell):
+        """The k micro-batches and the update unrolled in one graph."""
+
+        def __init__(self, step, k):
+            super().__init__(auto_prefix=False)
+            self.step, self.k = step, k
+
+        def construct(self, ids, domains):
+            m = ids.shape[0] // self.k
+            for j in range(self.k):
+                self.step.micro(ids[j * m:(j + 1) * m], domains[j * m:(j + 1) * m])  # [m, S+1]
+            return self.step.apply_update()
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_device("CPU")
+    runners = {}
+    for k in (1, 2, 4):
+        cfg = load_config(CONFIG, BASE + ["data.placement=iid"] + list(overrides)
+                          + [f"train.gradient_accumulation_steps={k}"])
+        meta = {"vocab_size": cfg.model.vocab_size, "seq_length": cfg.model.seq_length}
+        ids, domains = _batch(cfg, cfg.train.batch_size)
+        m = cfg.train.batch_size // k
+        for mode in (("host_loop", "in_graph") if k > 1 else ("plain",)):
+            ms.set_seed(1)
+            ctx = ParallelContext(single_process_topology(cfg), "emulated", distributed=False)
+            step, _ = build_train_step(cfg, meta, ctx)
+            if mode == "plain":
+                run = (lambda s: lambda: s(ids, domains))(step)
+            elif mode == "host_loop":
+                micro = [(ids[j * m:(j + 1) * m], domains[j * m:(j + 1) * m]) for j in range(k)]
+                run = (lambda s, b: lambda: s.run_step(b))(step, micro)
+            else:
+                run = (lambda c: lambda: c(ids, domains))(InGraph(step, k))
+            runners[f"k{k}_{mode}"] = (run, step)
+    compile_s = {}
+    for name, (run, step) in runners.items():
+        tic = time.perf_counter()
+        run()
+        step.metrics_scalars.asnumpy()
+        compile_s[name] = time.perf_counter() - tic
+    times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, (run, step) in runners.items():
+            tic = time.perf_counter()
+            run()
+            step.metrics_scalars.asnumpy()  # wait for the step
+            times[name].append(time.perf_counter() - tic)
+    base = _median(times["k1_plain"])
+    for name, values in times.items():
+        print(json.dumps({"bench": "accumulation", "case": name, "first_step_s": round(compile_s[name], 2),
+                          "median_ms": round(_median(values) * 1e3, 2),
+                          "ratio_to_plain": round(_median(values) / base, 3), "rounds": len(values),
+                          "tokens_per_step": cfg.train.batch_size * cfg.model.seq_length}), flush=True)
+
+
 def zero_worker(rounds, overrides):
     """Runs under msrun: data parallel over all workers, optimizer sharding off vs on."""
     import mindspore as ms
@@ -139,8 +207,9 @@ def bench_zero(workers, rounds, overrides):
 
 
 def main(argv=None):
-    parser = OneLineArgumentParser(description="Per-step cost of recomputation and optimizer sharding (CPU).")
-    parser.add_argument("what", choices=["recompute", "zero", "zero-worker"])
+    parser = OneLineArgumentParser(description="Per-step cost of recomputation, optimizer sharding and gradient "
+                                                       "accumulation (CPU).")
+    parser.add_argument("what", choices=["recompute", "zero", "zero-worker", "accumulation"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -149,6 +218,8 @@ def main(argv=None):
         zero_worker(args.rounds, args.set)
         sys.stdout.flush()
         os._exit(0)  # see tests/workers/equivalence_worker.py: skip MindSpore's CPU finalizer
+    if args.what == "accumulation":
+        return run_cli(lambda: bench_accumulation(args.rounds, args.set))
     return run_cli(lambda: bench_recompute(args.rounds, args.set) if args.what == "recompute"
                    else bench_zero(args.workers, args.rounds, args.set))
 

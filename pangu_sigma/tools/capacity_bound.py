@@ -16,8 +16,9 @@ Switch: the dense gate row; Hash/RRE have no gate and are refused). delta is the
 --quantile quantile of that cosine (default 0.01, the 1st percentile: the
 "minimum" angle of Assumption 3 without the single worst outlier); the mean,
 median and minimum are reported too. The capacity the config uses,
-ec = ceil(T * c_f / E) for T = train.batch_size * model.seq_length tokens per
-rank, is printed next to the bound. --config without --checkpoint only adds
+ec = ceil(T * c_f / E) for T = micro-batch * model.seq_length tokens per
+rank (train.batch_size / train.gradient_accumulation_steps sequences: what one rank
+routes at once), is printed next to the bound. --config without --checkpoint only adds
 that line (and supplies d and n).
 """
 import sys
@@ -43,8 +44,9 @@ def bound(hidden_size, num_experts, delta):
 
 
 def config_capacity(cfg):
-    """The capacity the config uses: slots per expert for the tokens one rank routes per step."""
-    tokens = cfg.train.batch_size * cfg.model.seq_length
+    """The capacity the config uses: slots per expert for the tokens one rank routes at once (a micro-batch)."""
+    from pangu_sigma.cluster.param_count import tokens_per_rank
+    tokens = tokens_per_rank(cfg)
     out = {"tokens_per_rank": tokens, "capacity_factor": cfg.moe.capacity_factor, "experts": cfg.num_experts,
            "expert_capacity": expert_capacity(tokens, cfg.moe.capacity_factor, cfg.num_experts)}
     if cfg.moe.remote_capacity_factor > 0:  # two tiers: the reduced capacity of the pairs that cross nodes

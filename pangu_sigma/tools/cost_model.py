@@ -7,8 +7,9 @@ Compute
 -------
 Matmul FLOPs only (2 per multiply-add), per device, forward; forward+backward
 = 3 x forward (the backward computes two matmuls per forward matmul: the input
-gradient and the weight gradient). N = train.batch_size * seq_length tokens per
-data-parallel rank (replicated over its TP group), d hidden, f ffn, S seq, V
+gradient and the weight gradient). N = micro-batch * seq_length tokens per
+data-parallel rank (replicated over its TP group; micro-batch = train.batch_size /
+train.gradient_accumulation_steps, a step runs that many), d hidden, f ffn, S seq, V
 vocab, E experts, t = TP. Attention and the dense FFN are split by TP
 (Megatron: heads and the ffn dimension); so are the experts (their f dimension
 is split over the TP group, locmoe/experts.py) and the LM head (vocab-parallel):
@@ -126,10 +127,12 @@ def forward_flops(cfg, vocab_size, tp):
     """Forward matmul FLOPs per device, excluding the experts (see the module docstring).
 
     Returns {'attention', 'dense_ffn', 'head', 'router', 'expert_per_row'}: the first four
-    per step, 'expert_per_row' the FLOPs of one expert row (token) on this device.
+    per micro-batch (per step without accumulation), 'expert_per_row' the FLOPs of one
+    expert row (token) on this device.
     """
+    from pangu_sigma.cluster.param_count import tokens_per_rank
     m = cfg.model
-    n = cfg.train.batch_size * m.seq_length
+    n = tokens_per_rank(cfg)
     d, f, s, layers, moe = m.hidden_size, m.ffn_hidden_size, m.seq_length, m.num_layers, m.moe_layer_num
     return {
         "attention": (layers + 1) * (8 * n * d * d + 4 * n * s * d) / tp,

@@ -212,8 +212,8 @@ def capture_routing(cfg, checkpoint_path, split="valid", batch_size=None, max_to
                     model=None):
     """RoutingCapture of every MoE layer over (the first max_tokens tokens of) a split.
 
-    batch_size defaults to train.batch_size so that capacity, and hence dropping,
-    is that of training; only full batches are used (the split is read in
+    batch_size defaults to training's micro-batch (train.batch_size /
+    train.gradient_accumulation_steps) so that capacity, and hence dropping, is that of training; only full batches are used (the split is read in
     order, no shuffle). model: an already loaded PanguSigmaModel (skips loading).
     """
     from pangu_sigma.data.dataset import load_split
@@ -225,7 +225,7 @@ def capture_routing(cfg, checkpoint_path, split="valid", batch_size=None, max_to
     if model is None:
         model, _ = load_trained_model(cfg, checkpoint_path)
     input_ids, domain_ids = load_split(cfg.data.dataset_dir, split)  # [N, S+1], [N]
-    batch_size = min(batch_size or cfg.train.batch_size, len(input_ids))
+    batch_size = min(batch_size or cfg.train.micro_batch_size, len(input_ids))
     if batch_size < 1:
         raise ConfigError("split", split, "a split with at least one sample")
     seq = input_ids.shape[1] - 1

@@ -217,7 +217,7 @@ def domain_figures(cfg, checkpoint_path, split, max_tokens):
     and expert load."""
     from pangu_sigma.evaluation.eval import eval_layout, evaluate
 
-    per_batch = cfg.train.batch_size * eval_layout(cfg)["batch_multiplier"] * cfg.model.seq_length
+    per_batch = cfg.train.micro_batch_size * eval_layout(cfg)["batch_multiplier"] * cfg.model.seq_length  # routed
     return evaluate(cfg, checkpoint_path, split=split, max_batches=max(1, -(-max_tokens // per_batch)),
                     log=lambda *_: None)
 
@@ -228,7 +228,7 @@ def domain_section_note(ev):
             f"{r['samples_per_batch']} samples in training's order), routed as in training: {r['scope']} scope, "
             f"{r['token_groups']} token group(s) of {r['tokens_per_group']} tokens, capacity factor "
             f"{r['capacity_factor']:g} ({r['capacity_factor_source']}). (The captured figures above route one "
-            f"token group of train.batch_size samples in file order, for the cosine plots.)")
+            f"token group of training's micro-batch of samples in file order, for the cosine plots.)")
 
 
 def domain_rows(ev, blocks):

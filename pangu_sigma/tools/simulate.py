@@ -9,9 +9,11 @@ The cluster comes from `pangu_sigma.cluster.plan.resolve_cluster` (--rank-table,
 config alone does not fix the device count). FLOPs and the link model are in
 `pangu_sigma.tools.cost_model` (every constant is a flag below).
 
-What one step does on every device (N = batch_size * seq_length tokens per
+What one step does on every device (N = micro-batch * seq_length tokens per
 data-parallel rank, replicated over its TP group; C = expert capacity =
-ceil(N c_f / E); L blocks, M of them sparse; t = TP):
+ceil(N c_f / E); L blocks, M of them sparse; t = TP). With gradient accumulation
+(train.gradient_accumulation_steps = a, micro-batch = batch_size / a) everything
+below but the gradient AllReduces happens a times per step, once per micro-batch:
 
 - compute: 3 x forward FLOPs (cost_model) at peak * efficiency. Expert work on
   a device = the rows its experts receive (see dispatch below) x 4 d f / t.
@@ -75,6 +77,7 @@ import numpy as np
 
 from locmoe.capacity import expert_capacity
 from locmoe.errors import ConfigError
+from pangu_sigma.cluster import param_count
 from pangu_sigma.tools import cost_model
 from pangu_sigma.tools._cli import OneLineParser, dumps, fail
 from pangu_sigma.tools.cost_model import Hardware, LinkMap
@@ -87,7 +90,7 @@ def _layer_moe(cfg, topo, links, hw, counts_layer, dispatch, chunks, flops):
     d = cfg.model.hidden_size
     tp, ep, experts = topo.tp, topo.ep, topo.num_experts
     world = topo.world_size
-    n = cfg.train.batch_size * cfg.model.seq_length
+    n = param_count.tokens_per_rank(cfg)  # one micro-batch
     groupwise = bool(cfg.parallel.groupwise_a2a and tp > 1 and ep > 1)
     # capacities as MoELayer sets them: rounded up to a multiple of TP in group-wise mode; with
     # two tiers (moe.remote_capacity_factor > 0) experts off the rank's node get C_r
@@ -177,7 +180,8 @@ def _layer_moe(cfg, topo, links, hw, counts_layer, dispatch, chunks, flops):
 
 
 def simulate_step(cfg, topology, hw, vocab_size, counts=None, dispatch="padded", overlap_degree=None):
-    """One training step; see the module docstring. counts: [M, W, E] tokens per step, or None (uniform).
+    """One training step; see the module docstring. counts: [M, W, E] tokens per step, or None (uniform)
+    (only the shares matter: each row is scaled to the N tokens of one micro-batch).
 
     Returns a dict: step_time, breakdown (computation, communication, overlapped, idle),
     compute and communication parts, and per-layer details.
@@ -190,12 +194,13 @@ def simulate_step(cfg, topology, hw, vocab_size, counts=None, dispatch="padded",
     hw.validate()
     m = cfg.model
     tp, world, experts = topology.tp, topology.world_size, topology.num_experts
-    n = cfg.train.batch_size * m.seq_length
+    n = param_count.tokens_per_rank(cfg)  # one micro-batch
+    micro = param_count.accumulation_steps(cfg)  # micro-batches per step
     k = overlap_degree or cfg.parallel.comm_overlap_degree
     links = LinkMap(topology, hw)
     flops = cost_model.forward_flops(cfg, vocab_size, tp)
     rate = hw.flops_per_s
-    compute_parts = {name: 3 * flops[name] / rate for name in ("attention", "dense_ffn", "head", "router")}
+    compute_parts = {name: micro * 3 * flops[name] / rate for name in ("attention", "dense_ffn", "head", "router")}
     dense_compute = sum(compute_parts.values())
 
     moe = m.moe_layer_num
@@ -219,9 +224,9 @@ def simulate_step(cfg, topology, hw, vocab_size, counts=None, dispatch="padded",
     grad_dense, _ = cost_model.ring_allreduce_time(links, topology.dp_group(0), dense_params * hw.grad_bytes)
     grad_expert, _ = cost_model.ring_allreduce_time(links, topology.expert_dp_group(0),
                                                     expert_params * hw.grad_bytes)
-    comm_parts = {"tp_allreduce": tp_ar_calls * tp_ar_one,
-                  "moe_all_to_all": sum(2 * L["a2a_time"] for L in layers),
-                  "moe_tp_collectives": sum(2 * (L["comm_time"] - L["a2a_time"]) for L in layers),
+    comm_parts = {"tp_allreduce": micro * tp_ar_calls * tp_ar_one,
+                  "moe_all_to_all": micro * sum(2 * L["a2a_time"] for L in layers),
+                  "moe_tp_collectives": micro * sum(2 * (L["comm_time"] - L["a2a_time"]) for L in layers),
                   "grad_allreduce_dense": grad_dense, "grad_allreduce_experts": grad_expert}
     comm_total = sum(comm_parts.values())
 
@@ -230,25 +235,26 @@ def simulate_step(cfg, topology, hw, vocab_size, counts=None, dispatch="padded",
     expert_max = expert_mean = 0.0
     for L in layers:
         a, x_max, x_mean = L["comm_time"], L["expert_compute_max"], L["expert_compute_mean"]
-        hidden_slow += hide * (min(a, x_max) + min(a, 2 * x_max))
-        hidden_mean += hide * (min(a, x_mean) + min(a, 2 * x_mean))
-        expert_max += 3 * x_max
-        expert_mean += 3 * x_mean
+        hidden_slow += micro * hide * (min(a, x_max) + min(a, 2 * x_max))
+        hidden_mean += micro * hide * (min(a, x_mean) + min(a, 2 * x_mean))
+        expert_max += micro * 3 * x_max
+        expert_mean += micro * 3 * x_mean
     step = dense_compute + expert_max + comm_total - hidden_slow
     compute_mean = dense_compute + expert_mean
     breakdown = {"computation": compute_mean - hidden_mean, "communication": comm_total - hidden_mean,
                  "overlapped": hidden_mean}
     idle = step - sum(breakdown.values())
     breakdown["idle"] = 0.0 if abs(idle) <= 1e-12 * max(step, 1e-300) else idle  # float noise of a balanced load
-    tiers = {t: sum(L["a2a_bytes_by_tier"][t] for L in layers) * 4  # 4 All-to-Alls per layer and step
+    tiers = {t: sum(L["a2a_bytes_by_tier"][t] for L in layers) * 4 * micro  # 4 All-to-Alls per layer, micro-batch
              for t in cost_model.TIERS + ("self",)}
     return {
         "world_size": world, "nodes": topology.nodes, "tp": tp, "dp": topology.dp, "ep": topology.ep,
-        "experts": experts, "router": cfg.moe.router, "tokens_per_rank": n, "dispatch": dispatch,
+        "experts": experts, "router": cfg.moe.router, "tokens_per_rank": n, "micro_batches": micro,
+        "dispatch": dispatch,
         "overlap_degree": k, "groupwise_a2a": bool(cfg.parallel.groupwise_a2a and tp > 1 and topology.ep > 1),
         "routing": routing,
         "step_time": step,
-        "tokens_per_s": n * topology.dp / step,
+        "tokens_per_s": micro * n * topology.dp / step,
         "breakdown": breakdown,
         "compute": dict(compute_parts, experts_mean=expert_mean, experts_slowest=expert_max),
         "communication": comm_parts,
@@ -294,7 +300,8 @@ def _ms(seconds):
 def render(result):
     r = result
     lines = [f"simulated step: {r['router']} router, {r['world_size']} devices = {r['nodes']} nodes; tp {r['tp']}, "
-             f"dp {r['dp']}, ep {r['ep']}, {r['experts']} experts; {r['tokens_per_rank']:,} tokens per rank; "
+             f"dp {r['dp']}, ep {r['ep']}, {r['experts']} experts; {r['micro_batches']} x {r['tokens_per_rank']:,} "
+             f"tokens per rank (micro-batches x tokens); "
              f"routing {r['routing']}, {r['dispatch']} dispatch"
              + (" (WHAT-IF: an All-to-AllV exchange MoELayer does not perform)" if r["dispatch"] == "routed" else
                 " (the shapes MoELayer sends)")

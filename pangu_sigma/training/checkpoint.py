@@ -24,7 +24,7 @@ import mindspore as ms
 from locmoe.errors import ConfigError
 from pangu_sigma.parallel import reshard
 from pangu_sigma.training.ckpt_stream import CheckpointReader, CheckpointWriter, remove_stale_temporaries
-from pangu_sigma.training.train_step import BUFFER_PREFIX
+from pangu_sigma.training.train_step import TRANSIENT_PREFIXES
 
 _NAME = re.compile(r"^step_(\d{8})\.json$")
 _MARKER = re.compile(r"^step_(\d{8})\.complete$")
@@ -95,7 +95,7 @@ def save_rank(cell, output_dir, rank, step, meta):
     base = step_base(output_dir, rank, step)
     with CheckpointWriter(base + ".ckpt") as writer:
         for param in cell.get_parameters():
-            if not param.name.startswith(BUFFER_PREFIX):
+            if not param.name.startswith(TRANSIENT_PREFIXES):
                 writer.write(param.name, param.asnumpy())
     write_json_atomic(base + ".json", dict(meta, step=step, rank=rank, checkpoint=os.path.basename(base + ".ckpt")))
     return base + ".ckpt"
@@ -260,7 +260,7 @@ def load_state(cell, source, layout, rank, field="--checkpoint", strict=True, wi
     Shapes are checked for every parameter before any is set (one-line ConfigError).
     strict: every parameter of cell must be in the source (optimizer state only if with_optimizer).
     """
-    own = [p for p in cell.get_parameters() if not p.name.startswith(BUFFER_PREFIX)
+    own = [p for p in cell.get_parameters() if not p.name.startswith(TRANSIENT_PREFIXES)
            and (with_optimizer or not is_optimizer_state(p.name))]
     missing = [p.name for p in own if p.name not in source]
     if strict and missing:
@@ -334,6 +334,9 @@ def load_resharded(net, path, topology=None):
 # layout (resharded), the run length and bookkeeping. The global batch is checked apart.
 LAYOUT_FIELDS = ("parallel.", "train.output_dir", "train.train_steps", "train.init_checkpoint", "train.sink_size",
                  "train.batch_size", "checkpoint.", "logging.", "data.dataset_dir", "moe.expert_num_per_dp_dim")
+# Fields added after runs were written, with the value that gives those runs' behaviour: a stored config
+# without the field is read with it (a run from before gradient accumulation resumes without a change).
+ADDED_FIELDS = {"train.gradient_accumulation_steps": 1}
 # eval / generate: only what shapes the model and its tokens matters.
 INFERENCE_FIELDS = ("model.", "moe.router", "moe.num_domain_groups", "moe.gate_bias", "moe.table_seed",
                     "moe.capacity_factor", "num_experts")
@@ -363,9 +366,18 @@ def _flatten(config):
     return flat
 
 
+def _flatten_stored(stored, current):
+    """_flatten of a stored config, with ADDED_FIELDS it lacks (and the current config has) filled in."""
+    flat, now = _flatten(stored), _flatten(current)
+    for key, value in ADDED_FIELDS.items():
+        if key in now and key.split(".")[0] in stored:
+            flat.setdefault(key, value)
+    return flat
+
+
 def config_differences(stored, current, stored_data, current_data, fields=None, ignore=LAYOUT_FIELDS):
     """Names (section.key / data.<identity key>) whose values differ and change results."""
-    a, b = _flatten(stored), _flatten(current)
+    a, b = _flatten_stored(stored, current), _flatten(current)
     names = []
     for key in sorted(set(a) | set(b)):
         if fields is not None:
@@ -393,7 +405,7 @@ def check_compatible(stored, current, stored_data, current_data, fields=None, al
     refused = [d for d in diffs if not any(d == a or d.startswith(a.rstrip(".") + ".") for a in allowed)
                and "all" not in allowed]
     if refused:
-        a, b = _flatten(stored), _flatten(current)
+        a, b = _flatten_stored(stored, current), _flatten(current)
         shown = ", ".join(f"{d} ({a.get(d, (stored_data or {}).get(d[5:]))!r} -> "
                           f"{b.get(d, (current_data or {}).get(d[5:]))!r})" for d in refused[:6])
         raise ConfigError("--allow-config-change", ",".join(allowed) or "(none)",

@@ -85,3 +85,24 @@ class OverflowCheck(nn.Cell):
         cleared = self.clear_status(status)  # after the reduce, so the reduce's own status is not carried over
         flags = ops.depend(flags, cleared)
         return ops.logical_and(ok, ops.equal(flags, 0.0).all())
+
+    def local_flags(self, after):
+        """[8] float32: this device's overflow register, read after `after` and then cleared (zeros under
+        isfinite). Gradient accumulation reads it after every micro-batch and sums the flags."""
+        if not self.npu:
+            return ops.zeros((8,), ms.float32)
+        status = ops.depend(Tensor([0] * 8, ms.int32), after)
+        flags = ops.cast(self.get_status(status), ms.float32)  # [8], non-zero = overflow on this device
+        cleared = self.clear_status(ops.depend(status, flags))
+        return ops.depend(flags, cleared)
+
+    def finite_given(self, norm, flags):
+        """As finite, with the register flags this device gathered over a step's micro-batches (`flags`, [8])
+        plus its register now (the reduction), summed over the world."""
+        ok = ops.isfinite(norm)
+        if not self.npu:
+            return ok
+        flags = flags + self.local_flags(norm)
+        if self.world_reduce is not None:
+            flags = self.world_reduce(flags)  # [8], summed over the world
+        return ops.logical_and(ok, ops.equal(flags, 0.0).all())

@@ -42,7 +42,7 @@ from pangu_sigma.parallel.zero import sharded_optimizer
 from pangu_sigma.parallel.tp_layers import tp_shard_specs
 from pangu_sigma.training.run_paths import resolve_paths
 from pangu_sigma.training.overflow import OverflowCheck, overflow_check_mode
-from pangu_sigma.training.train_step import METRIC_NAMES, TrainStep, build_optimizer
+from pangu_sigma.training.train_step import METRIC_NAMES, AccumulatingTrainStep, TrainStep, build_optimizer
 
 
 def build_train_step(cfg, meta, ctx, token_groups=1, group_ranks=None):
@@ -72,15 +72,18 @@ def build_train_step(cfg, meta, ctx, token_groups=1, group_ranks=None):
                      cfg.train.loss_scale_window, cfg.train.sink_size, cfg.model.moe_layer_num, cfg.num_experts,
                      reducer, metrics, topology.world_size, topology.tp, OverflowCheck(mode, overflow_reduce),
                      rank_slots=moe_layers[0].num_rank_slots if moe_layers else 1)
+    if cfg.train.gradient_accumulation_steps > 1:
+        step = AccumulatingTrainStep(step, cfg.train.gradient_accumulation_steps)
     return step, net
 
 
 def moe_bytes(cfg, net, topology):
-    """CommCounter of one step's MoE exchange as the layers send it (None: no exchange)."""
+    """CommCounter of one micro-batch's MoE exchange as the layers send it (None: no exchange);
+    a step sends train.gradient_accumulation_steps of them."""
     layers = [cell for _, cell in net.cells_and_names() if isinstance(cell, MoELayer)]
     if not layers or topology.world_size == 1:
         return None
-    tokens = cfg.train.batch_size * cfg.model.seq_length
+    tokens = cfg.train.micro_batch_size * cfg.model.seq_length
     capacity = layers[0].capacity(tokens)
     if layers[0].two_tier:  # the shapes the two-tier exchange sends
         counter = register_tiered_exchange_bytes(CommCounter(topology), topology, cfg.num_experts, capacity,
@@ -98,7 +101,9 @@ def comm_summary(cfg, net, topology):
     counter = moe_bytes(cfg, net, topology)
     if counter is None:
         return "[train] MoE communication per step: none (a single rank holds every expert)"
-    totals, world = counter.totals(), counter.world_totals()
+    k = cfg.train.gradient_accumulation_steps
+    totals = {key: value * k for key, value in counter.totals().items()}
+    world = {key: value * k for key, value in counter.world_totals().items()}
     return (f"[train] MoE communication per step of rank {topology.rank} (of {topology.world_size}, "
             f"{topology.nodes} nodes): intra-node {totals['intra'] / 2**20:.2f} MiB, "
             f"inter-node {totals['inter'] / 2**20:.2f} MiB; all ranks: inter-node {world['inter'] / 2**20:.2f} MiB")
@@ -121,7 +126,28 @@ def sink_jit_config():
 def sink_runner(cfg, step_cell, dataset):
     """A function running sink_size steps per call. Ascend: one data-sink call (see
     sink_jit_config); CPU (MindSpore has no data sinking there): a host loop over the
-    dataset. Either way every step's metrics land in the step cell's ring buffers."""
+    dataset. Either way every step's metrics land in the step cell's ring buffers.
+
+    With gradient accumulation (an AccumulatingTrainStep; the dataset yields micro-batches)
+    each step is k calls of step_cell.micro and one of step_cell.apply_update: on Ascend the k
+    micro-batches are one data-sink loop of `micro` (sink_size k), then `apply_update` runs from
+    the host, so a device loop is one step's micro-batches instead of sink_size steps."""
+    k = getattr(step_cell, "accumulation_steps", 1)
+    if k > 1:
+        if cfg.parallel.device_target == "Ascend":
+            micro_sink = ms.data_sink(step_cell.micro, dataset, sink_size=k, jit_config=sink_jit_config())
+
+            def run_accumulating_sink():
+                for _ in range(cfg.train.sink_size):
+                    micro_sink()
+                    step_cell.apply_update()
+            return run_accumulating_sink
+        micro_iterator = dataset.create_tuple_iterator(num_epochs=1)
+
+        def run_accumulating_host_loop():
+            for _ in range(cfg.train.sink_size):
+                step_cell.run_step(next(micro_iterator) for _ in range(k))
+        return run_accumulating_host_loop
     if cfg.parallel.device_target == "Ascend":
         return ms.data_sink(step_cell, dataset, sink_size=cfg.train.sink_size, jit_config=sink_jit_config())
     iterator = dataset.create_tuple_iterator(num_epochs=1)
@@ -246,8 +272,10 @@ def train(cfg, resume=False, log=print, stop_after=None, overwrite=False, allow_
         checkpoint.save_model(net, os.path.join(output_dir, "initial_weights.ckpt"))
     log(comm_summary(cfg, net, topology))
     counter = moe_bytes(cfg, net, topology)
-    inter_bytes = {"rank": counter.totals()["inter"], "cluster": counter.world_totals()["inter"]} \
-        if counter is not None else {"rank": 0, "cluster": 0}  # per step, as the exchange sends them
+    micro_steps = cfg.train.gradient_accumulation_steps
+    inter_bytes = {"rank": counter.totals()["inter"] * micro_steps,
+                   "cluster": counter.world_totals()["inter"] * micro_steps} \
+        if counter is not None else {"rank": 0, "cluster": 0}  # per step (k micro-batches), as the exchange sends them
     if start_step >= cfg.train.train_steps:
         log(f"[train] nothing to do: step {start_step} >= train.train_steps={cfg.train.train_steps}")
         return {"steps": start_step, "losses": {}, "tokens_per_s": 0.0, "seconds": 0.0}
@@ -263,7 +291,8 @@ def train(cfg, resume=False, log=print, stop_after=None, overwrite=False, allow_
     sample_order = placement_sample_order(cfg, domain_placement(cfg, meta, topology), read_ranks)
     dataset = create_dataset(cfg.data.dataset_dir, "train", batch_size, dp_size, dp_rank,
                              shuffle=cfg.data.shuffle, seed=cfg.data.seed, start_batch=start_batch, repeat=True,
-                             sample_order=sample_order)
+                             sample_order=sample_order, micro_batches=cfg.train.gradient_accumulation_steps,
+                             groups=groups)
     run_sink = sink_runner(cfg, step_cell, dataset)
     tokens_per_step = batch_size * dp_size * cfg.model.seq_length
     jsonl = JsonlLog(os.path.join(output_dir, f"train_log_rank{rank}.jsonl"), fresh=not resume)
@@ -275,7 +304,9 @@ def train(cfg, resume=False, log=print, stop_after=None, overwrite=False, allow_
     timed_tokens, timed_seconds = 0, 0.0
     log(f"[train] {cfg.moe.router} router, {cfg.num_experts} experts, {cfg.model.moe_layer_num}/"
         f"{cfg.model.num_layers} sparse layers, {sum(p.size for p in net.trainable_params()):,} parameters, "
-        f"{cfg.compute_dtype}, steps {start_step}..{cfg.train.train_steps}, {tokens_per_step} tokens/step")
+        f"{cfg.compute_dtype}, steps {start_step}..{cfg.train.train_steps}, {tokens_per_step} tokens/step"
+        + (f" in {cfg.train.gradient_accumulation_steps} micro-batches of {cfg.train.micro_batch_size} sequences "
+           f"per data-parallel rank" if cfg.train.gradient_accumulation_steps > 1 else ""))
     end_step = cfg.train.train_steps if stop_after is None else min(stop_after, cfg.train.train_steps)
     for first in range(start_step, end_step, sink):
         tic = time.time()

@@ -12,6 +12,8 @@ from pangu_sigma.training.overflow import OverflowCheck
 
 METRIC_NAMES = ("loss", "ce", "aux", "loc", "lr", "grad_norm", "loss_scale", "overflow")
 BUFFER_PREFIX = "metrics_"  # parameters that are logging buffers, not state (not checkpointed)
+ACCUM_PREFIX = "grad_accum."  # gradient-accumulation buffers: zero between steps (not checkpointed)
+TRANSIENT_PREFIXES = (BUFFER_PREFIX, ACCUM_PREFIX)
 
 _scale_grad = C.MultitypeFuncGraph("scale_grad")
 
@@ -19,6 +21,22 @@ _scale_grad = C.MultitypeFuncGraph("scale_grad")
 @_scale_grad.register("Tensor", "Tensor")
 def _scale_one(factor, grad):
     return grad * ops.cast(factor, grad.dtype)
+
+
+_accumulate = C.MultitypeFuncGraph("accumulate")
+
+
+@_accumulate.register("Tensor", "Tensor")
+def _accumulate_one(total, grad):
+    return ops.assign_add(total, ops.cast(grad, ms.float32))
+
+
+_zero = C.MultitypeFuncGraph("zero")
+
+
+@_zero.register("Tensor")
+def _zero_one(total):
+    return ops.assign(total, ops.zeros_like(total))
 
 
 _square_sum = C.MultitypeFuncGraph("square_sum")
@@ -110,12 +128,22 @@ class TrainStep(nn.Cell):
                 ops.zeros_like(load), ops.zeros_like(dropped), ops.zeros_like(local))
         grads = self.grad(self.net, self.weights)(ids, domain_ids, sens)
         grads = self.hyper_map(ops.partial(_scale_grad, 1.0 / scale), grads)
+        return self.finish(grads, scale, total, ce, aux, loc, load, dropped, local)
+
+    def finish(self, grads, scale, total, ce, aux, loc, load, dropped, local, overflow_flags=None):
+        """Reduce, norm, overflow check, clip, update, loss scale, metrics row. grads: unscaled, unreduced.
+
+        overflow_flags: None (read the NPU register here, after the reduction) or the [8] register
+        flags this device gathered over a step's micro-batches (AccumulatingTrainStep)."""
         if self.grad_reducer is not None:
             grads = self.grad_reducer(grads)
             norm = ops.sqrt(self.grad_reducer.global_norm_sq(grads))
         else:
             norm = ops.sqrt(ops.addn(self.hyper_map(_square_sum, grads)))
-        finite = self.overflow_check.finite(norm, norm)  # see pangu_sigma/training/overflow.py
+        if overflow_flags is None:
+            finite = self.overflow_check.finite(norm, norm)  # see pangu_sigma/training/overflow.py
+        else:
+            finite = self.overflow_check.finite_given(norm, overflow_flags)
         if self.grad_clip > 0:
             factor = ops.minimum(self.grad_clip / (norm + 1e-6), 1.0)
             grads = self.hyper_map(ops.partial(_scale_grad, factor), grads)
@@ -142,3 +170,130 @@ class TrainStep(nn.Cell):
         ops.scatter_update(self.metrics_local, index, local.expand_dims(0))
         ops.assign_add(self.step, Tensor(1, ms.int32))
         return total
+
+
+class _Accumulators(nn.Cell):
+    """The float32 buffers of one step's micro-batches (ACCUM_PREFIX names, zero between steps)."""
+
+    def __init__(self, step):
+        super().__init__(auto_prefix=False)
+        self.grad_sums = ms.ParameterTuple([
+            Parameter(ops.zeros(p.shape, ms.float32), name=ACCUM_PREFIX + p.name, requires_grad=False)
+            for p in step.weights])
+        self.loss_sums = Parameter(ops.zeros((4,), ms.float32), name=ACCUM_PREFIX + "losses", requires_grad=False)
+        self.load_sum = Parameter(ops.zeros(step.metrics_load.shape[1:], ms.float32), name=ACCUM_PREFIX + "load",
+                                  requires_grad=False)
+        self.dropped_sum = Parameter(ops.zeros(step.metrics_dropped.shape[1:], ms.float32),
+                                     name=ACCUM_PREFIX + "dropped", requires_grad=False)
+        self.local_sum = Parameter(ops.zeros(step.metrics_local.shape[1:], ms.float32),
+                                   name=ACCUM_PREFIX + "local", requires_grad=False)
+        self.overflow_sum = Parameter(ops.zeros((8,), ms.float32), name=ACCUM_PREFIX + "overflow",
+                                      requires_grad=False)
+
+
+class _MicroBatchGrad(nn.Cell):
+    """One micro-batch: forward, backward at the loss scale, unscaled gradients added into the float32 buffers,
+    losses and expert statistics added into their sums, the device's overflow register gathered."""
+
+    def __init__(self, base, sums):
+        super().__init__(auto_prefix=False)
+        self.base = base
+        self.sums = sums
+
+    def construct(self, ids, domain_ids):
+        base, o = self.base, self.sums
+        ids = base.overflow_check.start(ids)  # Ascend 910A: clear the NPU overflow register
+        total, ce, aux, loc, load, dropped, local = base.net(ids, domain_ids)
+        scale = base.loss_scale * 1.0
+        sens = (ops.cast(scale, total.dtype), ops.zeros_like(ce), ops.zeros_like(aux), ops.zeros_like(loc),
+                ops.zeros_like(load), ops.zeros_like(dropped), ops.zeros_like(local))
+        grads = base.grad(base.net, base.weights)(ids, domain_ids, sens)
+        grads = base.hyper_map(ops.partial(_scale_grad, 1.0 / scale), grads)
+        flags = base.overflow_check.local_flags(grads)  # [8]; zeros under isfinite
+        base.hyper_map(_accumulate, o.grad_sums, grads)
+        ops.assign_add(o.loss_sums, ops.stack((total, ce, aux, loc)))  # [4]
+        ops.assign_add(o.load_sum, ops.cast(load, ms.float32))
+        ops.assign_add(o.dropped_sum, ops.cast(dropped, ms.float32))
+        ops.assign_add(o.local_sum, ops.cast(local, ms.float32))
+        ops.assign_add(o.overflow_sum, flags)
+        return total
+
+
+class _ApplyAccumulated(nn.Cell):
+    """The step's update from the buffers: mean gradient (sum / k), then TrainStep.finish; buffers zeroed."""
+
+    def __init__(self, base, sums, steps):
+        super().__init__(auto_prefix=False)
+        self.base = base
+        self.sums = sums
+        self.inverse = Tensor(1.0 / steps, ms.float32)
+
+    def construct(self):
+        base, o = self.base, self.sums
+        grads = base.hyper_map(ops.partial(_scale_grad, self.inverse), o.grad_sums)
+        losses = ops.cast(o.loss_sums * self.inverse, ms.float32)  # [4]: means over the micro-batches
+        scale = base.loss_scale * 1.0
+        total = base.finish(grads, scale, losses[0], losses[1], losses[2], losses[3], o.load_sum * 1.0,
+                            o.dropped_sum * 1.0, o.local_sum * 1.0, o.overflow_sum * 1.0)
+        total = ops.depend(total, base.hyper_map(_zero, o.grad_sums))
+        for buffer in (o.loss_sums, o.load_sum, o.dropped_sum, o.local_sum, o.overflow_sum):
+            total = ops.depend(total, ops.assign(buffer, ops.zeros_like(buffer)))
+        return total
+
+
+class AccumulatingTrainStep(nn.Cell):
+    """One optimizer step over k = train.gradient_accumulation_steps micro-batches (gradient accumulation).
+
+    `micro(ids, domain_ids)` (one compiled graph) runs one micro-batch of batch_size / k
+    sequences per data-parallel rank: forward, backward at the current loss scale, and adds the
+    unscaled gradients into float32 buffers (`grad_accum.<param>`, one per parameter: +4 B per
+    parameter), the losses and expert statistics into their sums. `apply_update()` (a second graph)
+    takes the mean gradient (sum / k, the gradient of the mean of the k micro-batch losses),
+    then does what TrainStep does once per step: the bucketed gradient reduction (once per
+    step, not per micro-batch), global norm, overflow check (any micro-batch's overflow
+    skips the step: inf/NaN survive the sum; the 910A register is read after every micro-batch
+    and the flags summed), clipping of the accumulated gradient, the (possibly ZeRO-1
+    sharded) optimizer update, the loss scale, and the metrics row (losses: the mean over
+    micro-batches; expert load, drops, locality: summed over them). Then it zeroes the buffers.
+    With k = 1 it computes exactly TrainStep's step (0 + g = g, g * 1 = g).
+
+    MoE routing is per micro-batch, as in Megatron: each micro-batch routes its own token
+    groups with their own capacity (C from the micro-batch's tokens), aux loss (eq. 5) and
+    locality loss (eq. 6). So with drops, or with the aux/locality terms (which are not
+    linear in the tokens of a group), k micro-batches are not one batch of k times the size;
+    dense models, and MoE without drops and without the two losses, are (to rounding).
+
+    Why a host loop over two compiled graphs rather than an in-graph loop over the k
+    micro-batches: compilation is independent of k (an unrolled in-graph loop traces forward
+    and backward k times), and the activation peak is one micro-batch's by construction (the
+    graphs are separate executions; in one graph the reuse would be left to the scheduler).
+    The buffers (and the counters, metrics) are Parameters, so nothing crosses the host.
+
+    Data: each call of `micro` takes the next micro-batch of the stream (pangu_sigma.data.dataset
+    create_dataset(micro_batches=k)); on Ascend the k micro-batches of a step are one data-sink
+    loop of `micro` (train.sink_runner). The buffers are not checkpointed (zero between steps).
+    """
+
+    def __init__(self, step, steps):
+        super().__init__(auto_prefix=False)
+        if steps < 1:
+            raise ValueError(f"gradient accumulation over {steps} micro-batches; need >= 1")
+        self.base = step
+        self.accumulation_steps = int(steps)
+        self.sums = _Accumulators(step)
+        self.micro = _MicroBatchGrad(step, self.sums)
+        self.apply_update = _ApplyAccumulated(step, self.sums, steps)
+
+    # what train.py, the checkpoint code and the tools read from a step cell
+    metrics_scalars = property(lambda self: self.base.metrics_scalars)
+    metrics_load = property(lambda self: self.base.metrics_load)
+    metrics_dropped = property(lambda self: self.base.metrics_dropped)
+    metrics_local = property(lambda self: self.base.metrics_local)
+    optimizer = property(lambda self: self.base.optimizer)
+    net = property(lambda self: self.base.net)
+
+    def run_step(self, micro_batches):
+        """Host side of one optimizer step: micro(ids, domain_ids) for each of the k batches, then apply_update()."""
+        for ids, domain_ids in micro_batches:
+            self.micro(ids, domain_ids)
+        return self.apply_update()

@@ -31,7 +31,7 @@ def resume_check(name, step_cell, out_dir, rank, ids, domains):
     layout = checkpoint.layout_of(topology, True)
     path = checkpoint.save_rank(step_cell, os.path.join(out_dir, f"{name}_ckpt"), rank, pc.STEPS, {"case": name})
     arrays = {f"moment/{p.name}": p.asnumpy() for p in step_cell.get_parameters() if p.name.startswith("zero_")}
-    step_cell(ms.Tensor(ids), ms.Tensor(domains))
+    pc.run_one(step_cell, ids, domains)
     arrays["continued_loss"] = step_cell.metrics_scalars.asnumpy()[0, 0]
     arrays.update({f"continued/{p.name}": p.asnumpy() for p in step_cell.get_parameters()
                    if not p.name.startswith("metrics_")})
@@ -39,7 +39,7 @@ def resume_check(name, step_cell, out_dir, rank, ids, domains):
                         os.path.join(out_dir, f"{name}_resumed{rank}"))
     # the way --resume loads on the layout that wrote the checkpoint: this rank's own file
     checkpoint.load_state(fresh, checkpoint.StateSource({rank: path}, layout, {}, path), layout, rank)
-    fresh(ms.Tensor(ids), ms.Tensor(domains))
+    pc.run_one(fresh, ids, domains)
     arrays["resumed_loss"] = fresh.metrics_scalars.asnumpy()[0, 0]
     arrays.update({f"resumed/{p.name}": p.asnumpy() for p in fresh.get_parameters()
                    if not p.name.startswith("metrics_")})
