@@ -202,23 +202,20 @@ def test_locality_is_the_placement_baseline_with_iid_data_and_real_with_domain_a
     # every rank routes the same number of tokens: the mean of the ranks' fractions is the cluster's. Every
     # node hosts experts of what it reads, so no rank is left near 0; but the router sees only the token, so a
     # domain read on two nodes (d2 on nodes 2 and 3) gets one split over its experts on both, and the rank on
-    # the node its experts are less used on stays low (measured 0.23-0.91; node-granular homes: 0.20-1.0)
+    # the node its experts are less used on stays lower (measured 0.28-0.96; node-granular homes: 0.20-1.0)
     by_rank = _train_and_measure.by_rank
     print("per-rank local fraction", np.round(by_rank, 3).tolist(), "load / mean", np.round(relative_load, 3).tolist())
     assert np.mean(by_rank) == pytest.approx(local)
     assert by_rank.min() >= 0.1, by_rank
     # The issue's goal: max/mean <= 1.3 and no expert below 25% of the mean. The placement alone imposes
-    # 1.0625 here (test_expert_granular_level1_of_the_four_domain_corpus_by_hand), which RRE's table split
-    # realises; LocMoE does not split a domain evenly over its experts: measured 1.61 (expert 0, which
-    # domains 0 and 1 share; node-granular homes imposed 1.25 and measured 1.31). Each group's aux loss
-    # (eq. 5) sees only its own tokens, so a group cannot see the load other groups put on a shared expert,
-    # and the ReLU of eq. 4 gives no gradient to an expert whose score is <= 0 for a domain's tokens (with
-    # 2-expert groups a domain collapsed onto one expert, 2.44). So the learned bound here is the measured
-    # 1.61 with room, not the goal; see the issue 9 report.
+    # 1.0625 here (test_expert_granular_level1_of_the_four_domain_corpus_by_hand; node-granular homes
+    # imposed 1.25); the rest is the router's own imbalance against the locality pull: measured 1.305 at
+    # 160 steps (min 0.60). Before LocMoE's ReLU ties went to the largest pre-activation
+    # (test_locmoe_ties_under_level1_match_numpy) they all went to a domain's lowest expert: 1.61.
     from pangu_sigma.build import domain_sizes
     from pangu_sigma.data.dataset import read_meta
 
     topo = Topology(world_size=8, tp=1, ep=8, num_experts=8, devices_per_node=2)
     imposed = plan_placement(domain_sizes(read_meta(four_domain_data)), topo, 8).expected_expert_load()
     assert imposed.max() <= 1.1
-    assert relative_load.min() >= 0.25 and relative_load.max() <= 1.7, relative_load
+    assert relative_load.min() >= 0.25 and relative_load.max() <= 1.35, relative_load
