@@ -434,3 +434,56 @@ def test_simulated_step_with_accumulation_is_k_micro_batches_and_one_gradient_re
     assert acc["step_time"] - once == pytest.approx(8 * (one["step_time"] - once), rel=1e-12)
     assert acc["tokens_per_rank"] == one["tokens_per_rank"] == 4 * 1024 and acc["micro_batches"] == 8
     assert acc["a2a_bytes_per_step_world"]["roce"] == pytest.approx(8 * one["a2a_bytes_per_step_world"]["roce"])
+
+
+def test_simulated_inter_node_bytes_per_rank_are_the_layers_with_non_uniform_routing():
+    """2 nodes x 2 devices, TP 1, EP 4, 4 experts, d 16, S 4, batch 16 (N 64 tokens per rank), two tiers:
+    C = ceil(64 * 1.25 / 4) = 20 rows per node-local expert, C_r = ceil(64 * 0.5 / 4) = 8 per remote one."""
+    from locmoe.comm import CommCounter
+    from locmoe.exchange import register_tiered_exchange_bytes
+
+    cfg = _sim_config(hidden_size=16, ffn_hidden_size=32, seq_length=4, moe_layer_num=1, num_heads=2,
+                      overrides=["parallel.expert_parallel=4", "parallel.devices_per_node=2", "train.batch_size=16",
+                                 "moe.remote_capacity_factor=0.5"])
+    topo = Topology(world_size=4, tp=1, ep=4, num_experts=4, devices_per_node=2)
+    hw = Hardware(peak_tflops=1e-3, efficiency=1.0, act_bytes=2)
+    # per-rank routing, not one distribution scaled: rank 0 mostly local, rank 1 mostly to expert 2 (remote),
+    # ranks 2 and 3 (node 1) split unevenly
+    counts = np.array([[[40, 16, 4, 4], [4, 4, 40, 16], [8, 8, 24, 24], [16, 0, 0, 48]]], np.float64)
+    out = simulate.simulate_step(cfg, topo, hw, 10, counts=counts)
+    layer = out["layers"][0]
+    assert (layer["capacity"], layer["remote_capacity"]) == (20, 8)
+    # the layer's byte model (both tiers, dispatch + combine, forward + backward) for each rank
+    ranks = [Topology(world_size=4, tp=1, ep=4, num_experts=4, devices_per_node=2, rank=r) for r in range(4)]
+    by_layer = [register_tiered_exchange_bytes(CommCounter(t), t, 4, 20, 8, 16, "float16", False).totals()["inter"]
+                for t in ranks]
+    # by hand: 2 remote experts x C_r 8 rows x 16 values x 2 bytes, 4 All-to-Alls per step
+    assert by_layer == [4 * 2 * 8 * 16 * 2] * 4
+    assert [4 * b for b in layer["a2a_inter_node_bytes_by_device"]] == by_layer
+    assert out["a2a_bytes_per_step_world"]["roce"] == sum(by_layer)
+    # the routing sets the drops per tier: remote pairs keep 8, local pairs 20
+    over_remote = [0, (40 - 8) + (16 - 8), 0, 16 - 8]  # per rank: tokens above C_r on its remote experts
+    over_local = [40 - 20, 0, (24 - 20) + (24 - 20), 48 - 20]
+    assert layer["drop_rate_remote"] == pytest.approx(sum(over_remote) / 256)
+    assert layer["drop_rate"] == pytest.approx((sum(over_remote) + sum(over_local)) / 256)
+
+
+def test_cluster_counts_map_each_measured_rank_onto_the_target_by_node():
+    # measured: 4 ranks on 2 nodes, 4 experts (1 per rank); each rank its own pattern
+    measured = Topology(world_size=4, tp=1, ep=4, num_experts=4, devices_per_node=2)
+    rows = np.array([[6, 2, 1, 1], [3, 3, 2, 2], [1, 1, 4, 4], [0, 2, 2, 6]], np.float64)
+    load = rows[None]  # [1 layer, 4 ranks, 4 experts]
+    # the same cluster: every rank gets its own measured row back (no extrapolation from one rank)
+    same, source = routing_stats.cluster_counts(load, measured, measured, 10, 1)
+    assert source == {0: 0, 1: 1, 2: 2, 3: 3}
+    np.testing.assert_allclose(same[0], 10 * rows / rows.sum(1, keepdims=True))
+    # twice the nodes and experts: node 2 takes node 0's ranks, experts relabelled by node (by hand for rank 4:
+    # measured rank 0 puts 0.8 on its 2 local experts, odds (0.8/2)/(0.2/2) = 4 -> 2*4/(2*4 + 6) = 8/14 on
+    # experts 4, 5 (profile 3:1), and 6/14 evenly over the remote experts 6, 7, 0, 1, 2, 3)
+    target = Topology(world_size=8, tp=1, ep=8, num_experts=8, devices_per_node=2)
+    big, source = routing_stats.cluster_counts(load, measured, target, 14, 1)
+    assert [source[r] for r in range(8)] == [0, 1, 2, 3, 0, 1, 2, 3]
+    np.testing.assert_allclose(big[0, 4], [1, 1, 1, 1, 6, 2, 1, 1])
+    np.testing.assert_allclose(big[0].sum(1), 14)
+    with pytest.raises(ConfigError, match="load_by_rank"):
+        routing_stats.cluster_counts(load[:, :3], measured, target, 14, 1)

@@ -118,6 +118,8 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
     batches = []
     dropped_remote = np.zeros(len(moe_layers), np.int64)  # [M] drops of tokens bound for other nodes
     local_by_rank = np.zeros((len(moe_layers), layout["token_groups"]), np.int64)  # [M, G]
+    experts = cfg.num_experts if moe_layers else 0
+    load_by_rank = np.zeros((len(moe_layers), layout["token_groups"], experts), np.int64)  # [M, G, E] routed
     for chosen, counted in plan:
         ids, domains = input_ids[chosen], domain_ids[chosen]  # [B, S+1], [B]
         nll, routing = cell(Tensor(ids), Tensor(domains))
@@ -129,6 +131,8 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
         for m, (_, keep, near) in enumerate(per_token):
             dropped_remote[m] += int((counted_tokens & ~keep & ~near).sum())
             local_by_rank[m] += (counted_tokens & near).reshape(layout["token_groups"], -1).sum(1)
+            group = np.arange(counted_tokens.size) // per_group  # [B*S] token group of each token
+            np.add.at(load_by_rank[m], (group[counted_tokens], per_token[m][0][counted_tokens]), 1)
         if per_batch:
             batches.append({"load": sums[0].tolist(), "dropped": sums[1].tolist(), "local": sums[2].tolist(),
                             "samples": int(counted.sum())})
@@ -138,6 +142,7 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
               "expert_load": overall["expert_load"], "dropped": overall["dropped"], "local": overall["local"],
               "layers": overall["layers"], "domains": figures["domains"],
               "dropped_remote": dropped_remote.tolist(), "local_by_rank": local_by_rank.tolist(),
+              "load_by_rank": load_by_rank.tolist(),
               "routing": {"scope": layout["scope"], "token_groups": layout["token_groups"],
                           "group_ranks": layout["group_ranks"], "world_size": layout["world_size"],
                           "tokens_per_group": per_group, "samples_per_batch": global_batch,

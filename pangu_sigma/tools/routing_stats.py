@@ -49,6 +49,24 @@ rank of the target cluster in one of two ways:
   Use it only as a labelled what-if.
 - auto (default): same for every router.
 
+From a cluster-scope measurement (preferred; issue 9 item 5): python -m
+    pangu_sigma.tools.routing_stats --eval-json EVAL.json --train-config RUN.yaml
+    --config CLUSTER.yaml [--world-size N | --rank-table F] --output STATS.json
+
+EVAL.json is what `python -m pangu_sigma.evaluation.eval --json` writes for a run
+with parallel.virtual_scope=cluster: `load_by_rank` [M, G, E_m], the tokens each
+token group (= data-parallel rank of the virtual cluster, with its own node and,
+under domain-affine placement, its own domains) routed to each expert. Each rank
+of the target takes the pattern of one measured rank, by a fixed rule: target
+data-parallel rank r on node n, the q-th data-parallel rank of its node, takes
+measured rank g = the (q mod k)-th of the k measured ranks on measured node
+n mod N_m (N_m measured nodes). Its row p_g is mapped with `relative_row`: the
+local mass of g (its share on its own node's experts) becomes an odds ratio on
+the target node's local experts, and the remote profile is laid on the target's
+remote experts in node order starting after the rank's node, so experts are
+relabelled by node, not by index. Nothing is scaled from one rank: the spread
+between ranks (which domains they read, how local each is) is the measured one.
+
 Resampling p from E_m to E experts keeps the order and the mass: the
 cumulative distribution is interpolated linearly at e / E (so with E a
 multiple of E_m each measured expert is split evenly). Layers: target layer j
@@ -228,11 +246,78 @@ def from_train_log(log_path, train_cfg, target_cfg, world_size=None, rank_table=
     return make_stats(counts, tokens, source)
 
 
+def cluster_counts(load_by_rank, measured_topology, target_topology, tokens_per_rank, moe_layers):
+    """counts [M, W, E] for the target from a cluster-scope measurement load_by_rank [M_m, G, E_m]
+    (one row per data-parallel rank of measured_topology); the mapping rule is in the module docstring."""
+    loads = np.asarray(load_by_rank, np.float64)
+    if loads.ndim != 3 or loads.shape[1] != measured_topology.dp or loads.shape[2] != measured_topology.num_experts:
+        raise ConfigError("load_by_rank", list(loads.shape), f"[moe layers, {measured_topology.dp} data-parallel "
+                          f"ranks, {measured_topology.num_experts} experts] of the measured cluster")
+    tp_m = measured_topology.tp
+    measured_nodes = sorted({measured_topology.node(g * tp_m) for g in range(measured_topology.dp)})
+    ranks_of = {n: [g for g in range(measured_topology.dp) if measured_topology.node(g * tp_m) == n]
+                for n in measured_nodes}
+    tp = target_topology.tp
+    target_nodes = sorted({target_topology.node(d * tp) for d in range(target_topology.dp)})
+    target_ranks_of = {n: [d for d in range(target_topology.dp) if target_topology.node(d * tp) == n]
+                       for n in target_nodes}
+    experts = target_topology.num_experts
+    counts = np.zeros((moe_layers, target_topology.world_size, experts))
+    source = {}
+    for r in range(target_topology.world_size):
+        d = target_topology.dp_rank(r)
+        node = target_topology.node(r)
+        node_index = target_nodes.index(node)
+        measured_node = measured_nodes[node_index % len(measured_nodes)]
+        group = ranks_of[measured_node][target_ranks_of[node].index(d) % len(ranks_of[measured_node])]
+        source[r] = group
+        local_m = measured_topology.local_expert_mask(group * tp_m)
+        for j in range(moe_layers):
+            p = _normalised(loads[min(len(loads) - 1, j * len(loads) // moe_layers), group])
+            row = relative_row(p, local_m, target_topology.local_experts(r), experts)
+            counts[j, r] = tokens_per_rank * (resample(p, experts) if row is None else row)
+    return counts, source
+
+
+def from_cluster_eval(eval_path, train_cfg, target_cfg, world_size=None, rank_table=None, devices_per_node=None):
+    """Routing-stats dict for the target cluster from a cluster-scope eval JSON (load_by_rank)."""
+    import json
+    from pangu_sigma.cluster import plan
+    from pangu_sigma.build import single_process_topology
+
+    try:
+        with open(eval_path, encoding="utf-8") as handle:
+            result = json.load(handle)
+        loads = np.asarray(result["load_by_rank"], np.float64)
+        scope = result["routing"]["scope"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError("--eval-json", eval_path, f"an eval --json file with load_by_rank ({err})") from None
+    if scope != "cluster":
+        raise ConfigError("--eval-json", eval_path, f"an eval of a cluster-scope run (parallel.virtual_scope="
+                          f"cluster); it was routed in {scope} scope")
+    measured_topo = single_process_topology(train_cfg)
+    world, node_of_rank, dpn, _ = plan.resolve_cluster(target_cfg, rank_table, world_size, devices_per_node)
+    plan.check_layout(target_cfg, world, dpn)
+    topo = plan.build_topology(target_cfg, world, node_of_rank, dpn)
+    tokens = target_cfg.train.batch_size * target_cfg.model.seq_length
+    counts, groups = cluster_counts(loads, measured_topo, topo, tokens, target_cfg.model.moe_layer_num)
+    shares = loads / np.maximum(loads.sum(2, keepdims=True), 1e-300)  # [M, G, E]
+    local = np.array([measured_topo.local_expert_mask(g * measured_topo.tp) for g in range(measured_topo.dp)])
+    source = {"eval_json": os.path.abspath(eval_path), "router": train_cfg.moe.router, "scope": "cluster",
+              "measured_ranks": int(loads.shape[1]), "measured_experts": int(loads.shape[2]),
+              "measured_local_fraction_by_rank": (shares * local[None]).sum(2).tolist(),
+              "measured_rank_of_target_rank": [groups[r] for r in range(world)],
+              "placement": "cluster (measured rank per target rank, node-relative)"}
+    return make_stats(counts, tokens, source)
+
+
 def main(argv=None):
     parser = OneLineParser(prog="python -m pangu_sigma.tools.routing_stats",
                            description="Convert a single-process training log's expert_load into routing "
                                        "statistics of a target cluster for the simulator.")
-    parser.add_argument("--train-log", required=True, help="train_log_rank0.jsonl of the measured run")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--train-log", help="train_log_rank0.jsonl of the measured run (one distribution, scaled)")
+    source.add_argument("--eval-json", help="eval --json of a cluster-scope run: per-rank routing (preferred)")
     parser.add_argument("--train-config", required=True, help="config of the measured run (virtual topology)")
     parser.add_argument("--config", required=True, help="config of the cluster to simulate")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -248,14 +333,19 @@ def main(argv=None):
         from pangu_sigma.config import load_config
         train_cfg = load_config(args.train_config)
         target_cfg = load_config(args.config, args.set)
-        stats = from_train_log(args.train_log, train_cfg, target_cfg, args.world_size, args.rank_table,
-                               args.devices_per_node, args.placement, args.last_steps)
+        if args.eval_json:
+            stats = from_cluster_eval(args.eval_json, train_cfg, target_cfg, args.world_size, args.rank_table,
+                                      args.devices_per_node)
+        else:
+            stats = from_train_log(args.train_log, train_cfg, target_cfg, args.world_size, args.rank_table,
+                                   args.devices_per_node, args.placement, args.last_steps)
     except ConfigError as err:
         return fail(err)
     write_json(args.output, stats)
     src = stats["source"]
+    measured = f"{src['steps_used']} logged steps" if "steps_used" in src else f"{src['measured_ranks']} measured ranks"
     print(f"wrote {args.output}: {len(stats['counts'])} layers x {stats['world_size']} ranks x "
-          f"{stats['num_experts']} experts from {src['steps_used']} logged steps ({src['placement']} placement)")
+          f"{stats['num_experts']} experts from {measured} ({src['placement']} placement)")
     return 0
 
 

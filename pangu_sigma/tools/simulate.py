@@ -48,7 +48,10 @@ Dispatch (--dispatch):
 
 Routing: uniform (N / E tokens per expert from every rank) unless
 --routing-stats gives per-rank counts (format in
-`pangu_sigma.tools.routing_stats`, which also converts a training log).
+`pangu_sigma.tools.routing_stats`, which builds them from a cluster-scope eval:
+each target rank takes one measured rank's pattern, mapped by node). Under the
+padded exchange the routing sets only the drop rates (per tier): rows sent and
+computed are the capacities, so the step time does not depend on it.
 
 Overlap (parallel.comm_overlap_degree = k): the MoE layer splits the capacity
 dimension into k chunks and issues chunk i+1's communication while chunk i
@@ -161,6 +164,8 @@ def _layer_moe(cfg, topo, links, hw, counts_layer, dispatch, chunks, flops):
             parts["tp_allreduce_experts"] = worst
     compute = expert_rows * flops["expert_per_row"] / hw.flops_per_s  # [W] seconds, forward
     a2a_bytes["self"] = self_bytes
+    inter_by_device = [sum(b for r, b in dispatch_traffic[s].items() if links.tier(s, r) == "roce")
+                       for s in range(world)]  # dispatch, forward: bytes each device sends to other nodes
     local_bytes = sum(v for k, v in a2a_bytes.items() if k != "roce")
     return {
         "capacity": capacity,
@@ -176,6 +181,7 @@ def _layer_moe(cfg, topo, links, hw, counts_layer, dispatch, chunks, flops):
         "drop_rate": dropped,
         "a2a_bytes_by_tier": a2a_bytes,  # dispatch, summed over devices; "self": kept on the device
         "a2a_node_local_fraction": local_bytes / max(sum(a2a_bytes.values()), 1e-300),
+        "a2a_inter_node_bytes_by_device": inter_by_device,
     }
 
 
