@@ -74,3 +74,48 @@ def test_first_come_first_served_drops_match_the_layers_slots():
         predicted = drops_at(counts, capacity.asnumpy().astype(np.int64))
         local, remote = tier_drop_rates(counts[None, None], MASK, local_capacity, remote_capacity)
         assert layer_drops == predicted == round(80 * (local[0] + remote[0]))
+
+
+def test_goals_and_the_equal_drops_section_from_given_results():
+    from pangu_sigma.tools import compare_routers as cr
+
+    def router(ppl, drop, mib):
+        summary = {"valid ppl": cr.spread([ppl]), "drop %": cr.spread([drop]),
+                   "inter-node MoE MiB/step": cr.spread([mib])}
+        calibration = {"pilot_remote_capacity": 80, "pilot_drop_percent": 0.5, "pilot_predicted_drop_percent": 0.5,
+                       "pilot_inter_node_bytes_per_step": 15 * 2**20, "local_capacity": 80, "remote_capacity": 20,
+                       "remote_capacity_factor": 1.25, "predicted_drop_percent": 4.5,
+                       "predicted_local_drop_percent": 0.5, "predicted_remote_drop_percent": 4.0,
+                       "predicted_inter_node_bytes_per_step": mib * 2**20}
+        return {"summary": summary, "calibration": calibration}
+
+    results = {"locmoe": router(101.0, 4.0, 3.0), "switch": router(100.0, 3.5, 4.0), "hash": router(110.0, 5.0, 6.0)}
+    g = cr.goals(results)
+    assert g["bytes locmoe/switch"] == pytest.approx(0.75) and g["bytes locmoe/hash"] == pytest.approx(0.5)
+    assert g["drop points locmoe-switch"] == pytest.approx(0.5) and g["drop points locmoe-hash"] == pytest.approx(-1)
+    assert g["best baseline ppl"] == "switch" and g["ppl locmoe vs best %"] == pytest.approx(1.0)
+    text = "\n".join(cr.render_calibration(results, {"equal_drops_percent": 5.0, "seeds": [1234],
+                                                     "pilot_remote_capacity_factor": 5.0, "goals": g}))
+    assert "| locmoe | 80 | 0.50 (0.50) | 15.00 | 80 | 20 | 1.25 | 4.50 (0.50 + 4.00) | 3.00 | 4.00 | 3.00 |" in text
+    assert "bytes LocMoE/switch: 0.750" in text and "(switch): +1.00%" in text
+    assert cr.render_calibration(results, {"equal_drops_percent": None}) == []
+
+
+def test_equal_drops_needs_two_tiers_and_a_percentage(tiny_data, tmp_path):
+    import yaml
+    from locmoe.errors import ConfigError
+    from pangu_sigma.tools.compare_routers import compare
+
+    path = tmp_path / "tiny.yaml"
+    raw = {"model": {"seq_length": 16, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "ffn_hidden_size": 64,
+                     "moe_layer_num": 1},
+           "moe": {"router": "locmoe", "expert_num_per_dp_dim": 1},
+           "parallel": {"expert_parallel": 4, "devices_per_node": 2, "virtual_world_size": 4},
+           "data": {"dataset_dir": tiny_data}, "train": {"batch_size": 8, "sink_size": 1, "train_steps": 2}}
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="moe.remote_capacity_factor"):
+        compare(str(path), ["locmoe"], 2, str(tmp_path / "out"), equal_drops=5.0)
+    with pytest.raises(ConfigError, match="--equal-drops"):
+        compare(str(path), ["locmoe"], 2, str(tmp_path / "out"), ["moe.remote_capacity_factor=0.5"],
+                equal_drops=100.0)
+    assert not (tmp_path / "out").exists()

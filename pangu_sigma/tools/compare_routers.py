@@ -31,7 +31,8 @@ deviation, min, max and n (the seeds behind it) over the seeds:
   smallest remote capacity that keeps its valid drop rate <= P %): per router a
   pilot run at a generous remote capacity, the calibration from its routed counts
   (`calibrate`, pangu_sigma.tools.equal_drops), then the seeded runs at that
-  capacity; report.md gives the calibration and LocMoE's byte ratios against
+  capacity (the pilot's counts [M, N, G, E] are kept in its folder as
+  valid_pair_counts.npy); report.md gives the calibration and LocMoE's byte ratios against
   Switch and Hash, drop difference and perplexity against the best other router.
 Columns are named entries of RUN_COLUMNS / DOMAIN_COLUMNS (one line each).
 """
@@ -541,6 +542,7 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
         if equal_drops is not None:
             counts = []
             pilot = run_figures(pilots[router], router, (), config_dir, dispatch, hw, log, lock, counts)
+            np.save(os.path.join(pilot["run_dir"], "valid_pair_counts.npy"), counts[0])  # [M, N, G, E]
             calibration = calibrate(pilots[router], pilot, counts[0], equal_drops)
             log(f"[compare] {router}: remote capacity {calibration['remote_capacity']} "
                 f"(moe.remote_capacity_factor={calibration['remote_capacity_factor']!r}) predicted to drop "
