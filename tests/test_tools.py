@@ -428,7 +428,8 @@ def test_compare_routers_equal_drops_end_to_end(tiny_run, tmp_path, capsys):
     out = tmp_path / "eq"
     assert _rc(main, ["--config", path, "--routers", "locmoe", "--steps", "4", "--output", str(out),
                       "--clusters", "", "--equal-drops", "20", "--pilot-remote-capacity-factor", "2",
-                      "--set", "moe.remote_capacity_factor=0.5", "--set", "parallel.virtual_scope=cluster",
+                      "--set", "moe.capacity_factor=4", "--set", "moe.remote_capacity_factor=0.5",
+                      "--set", "parallel.virtual_scope=cluster",
                       "--set", "data.placement=domain_affine"]) == 0
     report = json.loads((out / "report.json").read_text())
     r = report["results"]["locmoe"]
