@@ -37,6 +37,7 @@ deviation, min, max and n (the seeds behind it) over the seeds:
 Columns are named entries of RUN_COLUMNS / DOMAIN_COLUMNS (one line each).
 """
 import contextlib
+import copy
 import fcntl
 import math
 import os
@@ -44,6 +45,7 @@ import shutil
 import sys
 
 import numpy as np
+import yaml
 
 from locmoe.config import ROUTERS
 from locmoe.errors import ConfigError
@@ -491,7 +493,7 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
     smallest remote capacity whose predicted valid drop rate (mean over MoE layers, from the
     pilot's routed counts) is <= equal_drops % (`calibrate`), and the seeded runs at it.
     lock: a file held (flock) while each run trains and evaluates."""
-    from pangu_sigma.config import load_config
+    from pangu_sigma.config import config_from_dict, load_config
     from pangu_sigma.build import dataset_meta
 
     hw = (hw or Hardware()).validate()
@@ -518,8 +520,11 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
     seed_values = [base.train.seed + k for k in range(seeds)]
     cfgs, pilots = {}, {}
 
+    with open(config_path, encoding="utf-8") as handle:  # read once: runs that start later (after a pilot)
+        raw = yaml.safe_load(handle)                       # do not see later edits of the file
+
     def router_config(router, run_dir, seed, extra=()):
-        return load_config(config_path, list(overrides) + [
+        return config_from_dict(copy.deepcopy(raw), list(overrides) + [
             f"moe.router={router}", f"train.output_dir={run_dir}", f"train.train_steps={steps}",
             f"train.seed={seed}"] + list(extra))
 
