@@ -86,7 +86,9 @@ def test_goals_and_the_equal_drops_section_from_given_results():
                        "pilot_inter_node_bytes_per_step": 15 * 2**20, "local_capacity": 80, "remote_capacity": 20,
                        "remote_capacity_factor": 1.25, "predicted_drop_percent": 4.5,
                        "predicted_local_drop_percent": 0.5, "predicted_remote_drop_percent": 4.0,
-                       "predicted_inter_node_bytes_per_step": mib * 2**20}
+                       "predicted_inter_node_bytes_per_step": mib * 2**20,
+                       "pilot_remote_spread": {"remote_tokens": 64.0, "remote_pairs": 6, "used_pairs": 2.0,
+                                               "tokens_per_used_pair": 32.0, "busiest_pair": 36.5}}
         return {"summary": summary, "calibration": calibration}
 
     results = {"locmoe": router(101.0, 4.0, 3.0), "switch": router(100.0, 3.5, 4.0), "hash": router(110.0, 5.0, 6.0)}
@@ -96,7 +98,8 @@ def test_goals_and_the_equal_drops_section_from_given_results():
     assert g["best baseline ppl"] == "switch" and g["ppl locmoe vs best %"] == pytest.approx(1.0)
     text = "\n".join(cr.render_calibration(results, {"equal_drops_percent": 5.0, "seeds": [1234],
                                                      "pilot_remote_capacity_factor": 5.0, "goals": g}))
-    assert "| locmoe | 80 | 0.50 (0.50) | 15.00 | 80 | 20 | 1.25 | 4.50 (0.50 + 4.00) | 3.00 | 4.00 | 3.00 |" in text
+    assert ("| locmoe | 80 | 0.50 (0.50) | 15.00 | 80 | 20 | 1.25 | 4.50 (0.50 + 4.00) | 3.00 | 4.00 | 3.00 | "
+            "64.0, 2.00 / 6, 32.0, 36.5 |") in text
     assert "bytes LocMoE/switch: 0.750" in text and "(switch): +1.00%" in text
     assert cr.render_calibration(results, {"equal_drops_percent": None}) == []
 
@@ -119,3 +122,11 @@ def test_equal_drops_needs_two_tiers_and_a_percentage(tiny_data, tmp_path):
         compare(str(path), ["locmoe"], 2, str(tmp_path / "out"), ["moe.remote_capacity_factor=0.5"],
                 equal_drops=100.0)
     assert not (tmp_path / "out").exists()
+
+
+def test_hand_worked_remote_spread():
+    from pangu_sigma.tools.equal_drops import remote_spread
+    # remote pairs per (batch, group): (3, 0), (0, 2), (0, 4), (3, 0): one used pair each
+    s = remote_spread(COUNTS, MASK)
+    assert s == {"remote_tokens": 3.0, "remote_pairs": 2, "used_pairs": 1.0, "tokens_per_used_pair": 3.0,
+                 "busiest_pair": 3.0}

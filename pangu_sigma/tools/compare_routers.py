@@ -326,10 +326,13 @@ def render_calibration(results, meta):
              f"evaluated; from its routed tokens per (batch, token group, expert) before capacity, the drops at a "
              f"remote capacity C are sum(max(0, n - C)) (first come, first served) plus the local tier's at its "
              f"configured capacity; the smallest C meeting the target is used for the seeded runs above, whose "
-             f"drops and bytes are measured, not predicted.", "",
+             f"drops and bytes are measured, not predicted. The last column (means over layer, batch and token "
+             f"group of the pilot) shows why C differs: the exchange pads every remote pair to C, so C follows the "
+             f"busiest pairs, not the remote tokens' total.", "",
              "| router | pilot remote C | pilot drop % (from counts) | pilot MiB/step | local C | remote C | "
              "remote_capacity_factor | predicted drop % (local + remote) | predicted MiB/step | runs: drop % | "
-             "runs: MiB/step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "runs: MiB/step | pilot: remote tokens per group, used / remote pairs, tokens per used pair, "
+             "busiest pair |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for router, r in results.items():
         c = r.get("calibration")
         if not c:
@@ -342,7 +345,9 @@ def render_calibration(results, meta):
                      f"{c['predicted_remote_drop_percent']:.2f}) | "
                      f"{_mib(c['predicted_inter_node_bytes_per_step']):.2f} | "
                      f"{_cell('{:.2f}', r['summary']['drop %'], 'mean')} | "
-                     f"{_cell('{:.2f}', r['summary']['inter-node MoE MiB/step'], 'mean')} |")
+                     f"{_cell('{:.2f}', r['summary']['inter-node MoE MiB/step'], 'mean')} | "
+                     + (lambda p: f"{p['remote_tokens']:.1f}, {p['used_pairs']:.2f} / {p['remote_pairs']}, "
+                        f"{p['tokens_per_used_pair']:.1f}, {p['busiest_pair']:.1f} |")(c["pilot_remote_spread"]))
     g = meta.get("goals") or {}
     if g:
         lines += ["", "## LocMoE against the goals (means over seeds)", "",
@@ -431,7 +436,8 @@ def calibrate(cfg, pilot, counts, target_percent):
     """The smallest remote capacity at which the pilot's routed counts (valid split, [M, N, G, E]) drop
     <= target_percent % of the tokens (mean over MoE layers; equal_drops), its factor and bytes."""
     from pangu_sigma.build import single_process_groups, single_process_topology
-    from pangu_sigma.tools.equal_drops import factor_for_capacity, smallest_remote_capacity, tier_drop_rates
+    from pangu_sigma.tools.equal_drops import (factor_for_capacity, remote_spread, smallest_remote_capacity,
+                                               tier_drop_rates)
 
     topology = single_process_topology(cfg)
     groups, group_ranks, _ = single_process_groups(cfg, topology)
@@ -458,7 +464,8 @@ def calibrate(cfg, pilot, counts, target_percent):
             "predicted_drop_percent": 100 * found["drop_rate"],
             "predicted_local_drop_percent": 100 * found["local_drop_rate"],
             "predicted_remote_drop_percent": 100 * found["remote_drop_rate"],
-            "predicted_inter_node_bytes_per_step": predicted_inter_node_bytes(cfg, local_capacity, capacity)}
+            "predicted_inter_node_bytes_per_step": predicted_inter_node_bytes(cfg, local_capacity, capacity),
+            "pilot_remote_spread": remote_spread(counts, mask)}
 
 
 def goals(results):

@@ -74,3 +74,21 @@ def factor_for_capacity(capacity, tokens_per_group, num_experts):
         raise ValueError(f"no capacity factor gives {capacity} slots for {tokens_per_group} tokens and "
                          f"{num_experts} experts")
     return factor
+
+
+def remote_spread(counts, local_mask):
+    """How a model's remote tokens spread over the remote pairs, the figures that set C_r.
+
+    counts [M, N, G, E]; local_mask [G, E]. Means over (layer, batch, group) of: the tokens a
+    group sends to other nodes, the remote pairs it has (E - n_l), those that get any token,
+    the tokens per used pair and the busiest pair's tokens. The static exchange pads every
+    remote pair to C_r, so C_r follows the busiest pairs, not the remote tokens' total."""
+    counts = np.asarray(counts, np.int64)
+    remote = np.asarray(local_mask) < 0.5  # [G, E]
+    per_group = [counts[:, :, g][..., remote[g]] for g in range(remote.shape[0])]  # G x [M, N, E - n_l]
+    rows = np.stack(per_group, 2)  # [M, N, G, E - n_l]
+    tokens = rows.sum(-1)  # [M, N, G]
+    used = (rows > 0).sum(-1)
+    return {"remote_tokens": float(tokens.mean()), "remote_pairs": int(rows.shape[-1]),
+            "used_pairs": float(used.mean()), "tokens_per_used_pair": float(tokens.sum() / max(used.sum(), 1)),
+            "busiest_pair": float(rows.max(-1).mean())}
