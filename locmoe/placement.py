@@ -26,15 +26,33 @@ i.i.d. batch, sum_d (n_d / N) E_d[loss], up to the rounding of q_d (|q_d - B dp
 n_d / N| < 1 sample per batch). Only which rank holds which sample changes, and
 the gradient reduction sums over ranks, so the update is the i.i.d. one.
 
-Level 1 (RRE's domain -> expert group): domain d's group is the set of experts
-hosted on its home nodes, the nodes whose slots d holds the most of (a domain that
-is the majority on no node gets the node where it holds the most slots); then,
-while it lowers (largest node load, sum of squared loads), a domain takes one more of the nodes that
-read it as a home (greedy; loads assume an even split over a domain's homes). Every
-node is home to at least one domain, so no expert is left without tokens; a
-domain's tokens read on a node outside its home (the few slots where the cut
-between two domains falls inside a node) cross to its home nodes. The expert
-load of a node is the sum of its home domains' quotas split over their homes.
+Level 1 (RRE's domain -> expert group) is chosen expert by expert: mask[d, e] = 1
+when domain d may use expert e. Under the router's per-rank balance loss a domain's
+tokens split about evenly over its experts, so the placement imposes the expected
+load  L_e = sum_d mask[d, e] * q_d / k_d  (k_d = experts of domain d; an expert
+shared by several domains sums their shares), and the expected local fraction is
+sum_{d, n} held[d, n] * c[d, n] / k_d / (B * dp), held[d, n] = slots of domain d
+read on node n, c[d, n] = experts of d hosted on node n. The mask minimises, in
+this order (a tuple compared left to right):
+
+  1. max(max_e L_e / mean, BALANCE_TARGET = 1.1): the imposed imbalance, down to 1.1;
+  2. the (domain, node) pairs left uncovered: node n reads at least half an expert's
+     worth of domain d (held[d, n] >= B * dp / (2 E)) but hosts none of d's experts,
+     so those tokens would all leave the node (a thinner sliver, e.g. one sample where
+     the cut between two domains falls inside a node, may stay uncovered);
+  3. minus the expected local fraction;
+  4. sum_e L_e^2 (spread below the maximum).
+
+Every expert serves at least one non-empty domain and every domain has an expert.
+The search is a deterministic local search: from each of two starts (each expert to
+the domain holding most of its node's slots; each domain to every expert of the
+nodes that read it), repeatedly apply the single change -- add or drop one
+(domain, expert) pair, or move one of a domain's experts to another expert -- that
+lowers the tuple most (ties: the first in (domain, expert, expert) order), until
+none does; the better of the two ends is the placement. Small domains then spread
+thinly over several experts and fill the gaps that whole-expert rounding of the
+large ones leaves (hand-worked case in tests/test_placement.py). An empty domain
+(never read) may use every expert; it adds no load.
 """
 from dataclasses import dataclass
 
@@ -74,13 +92,16 @@ def dp_line(topology):
     return sorted(range(topology.dp), key=lambda d: (topology.node(d * topology.tp), d))
 
 
+BALANCE_TARGET = 1.1  # imposed max/mean expert load below which coverage and locality decide
+
+
 @dataclass(frozen=True)
 class DomainPlacement:
     """slot_domain [dp, B]: the domain of each batch slot of each dp rank (row = dp rank).
     quotas [D]: samples of each domain per global batch.
     domain_nodes: per domain, the sorted nodes whose ranks read it.
-    home_nodes: per domain, the nodes hosting its level-1 experts (a subset of domain_nodes).
-    domain_experts [D, E] float32: 1 where the expert sits on a home node of the domain (level 1).
+    home_nodes: per domain, the sorted nodes hosting at least one of its level-1 experts.
+    domain_experts [D, E] float32: 1 where domain d may use expert e (level 1).
     """
 
     slot_domain: np.ndarray
@@ -94,6 +115,15 @@ class DomainPlacement:
         splits evenly over its level-1 experts: the imbalance the placement itself imposes. # [E]"""
         share = (self.quotas[:, None] * self.domain_experts / self.domain_experts.sum(1, keepdims=True)).sum(0)
         return share / share.mean()
+
+    def expected_local_fraction(self, topology):
+        """Per dp rank, the share of its tokens sent to experts on its own node if every domain
+        splits evenly over its level-1 experts. # [dp]"""
+        local = np.asarray([topology.local_expert_mask(r * topology.tp) for r in range(topology.dp)],
+                           np.float64)  # [dp, E]
+        per_domain = self.domain_experts / self.domain_experts.sum(1, keepdims=True)  # [D, E]
+        reads = np.stack([np.bincount(row, minlength=len(self.quotas)) for row in self.slot_domain])  # [dp, D]
+        return (reads @ per_domain * local).sum(1) / self.slot_domain.shape[1]
 
     def lines(self, names=None):
         """Human-readable map for `plan`: one line per domain."""
@@ -121,48 +151,94 @@ def plan_placement(domain_sizes, topology, batch_size):
     for r in range(dp):
         column = node_ids.index(topology.node(r * topology.tp))
         held[:, column] += np.bincount(slot_domain[r], minlength=len(quotas))
-    majority = held.argmax(0)  # [nodes] the domain holding most of each node's slots (ties: lower id)
-    homes = np.zeros_like(held, dtype=bool)  # [D, nodes]
-    homes[majority, np.arange(len(node_ids))] = True
-    for d in range(len(quotas)):
-        if not homes[d].any() and held[d].any():
-            homes[d, int(held[d].argmax())] = True
-    homes = _balance_homes(homes, held > 0, quotas)
+    expert_node = np.zeros((topology.num_experts, len(node_ids)), np.float64)  # [E, nodes] one-hot
+    for column, node in enumerate(node_ids):
+        expert_node[topology.experts_of_node(node), column] = 1.0
+    read = quotas > 0
+    mask = level1_mask(quotas[read], held[read], expert_node, line_starts(topology, slot_domain, node_ids, read))
+    domain_experts = np.ones((len(quotas), topology.num_experts), np.float32)  # [D, E]; empty domains: all
+    domain_experts[read] = mask
     domain_nodes, home_nodes = [], []
-    domain_experts = np.zeros((len(quotas), topology.num_experts), np.float32)  # [D, E]
     for d in range(len(quotas)):
         domain_nodes.append(tuple(node_ids[i] for i in np.nonzero(held[d])[0]))
-        home_nodes.append(tuple(node_ids[i] for i in np.nonzero(homes[d])[0]))
-        for node in home_nodes[-1]:
-            domain_experts[d, topology.experts_of_node(node)] = 1.0
-        if not home_nodes[-1]:  # an empty domain: never read; any expert may serve it
-            domain_experts[d] = 1.0
+        hosts = domain_experts[d] @ expert_node  # [nodes] experts of d on each node
+        home_nodes.append(tuple(node_ids[i] for i in np.nonzero(hosts)[0]))
     return DomainPlacement(slot_domain, quotas, tuple(domain_nodes), tuple(home_nodes), domain_experts)
 
 
-def _node_loads(homes, quotas):
-    """Tokens per node per global batch if each domain splits evenly over its homes. # [nodes]"""
-    counts = np.maximum(homes.sum(1, keepdims=True), 1)
-    return (homes * quotas[:, None] / counts).sum(0)
+def line_starts(topology, slot_domain, node_ids, read):
+    """First start of the search: expert i of a node owns the i-th equal part of the node's
+    slots on the line and goes to the domain holding most of that part (ties: lower id); a
+    domain left without an expert shares the first expert of the node where it holds most. # [D', E]"""
+    index = np.cumsum(read) - 1  # domain id -> row among the non-empty domains
+    start = np.zeros((int(read.sum()), topology.num_experts), np.float32)
+    line = dp_line(topology)
+    held = np.zeros((len(start), len(node_ids)), np.int64)
+    for column, node in enumerate(node_ids):
+        slots = np.concatenate([slot_domain[r] for r in line if topology.node(r * topology.tp) == node])
+        held[:, column] = np.bincount(index[slots], minlength=len(start))
+        experts = topology.experts_of_node(node)
+        for expert, part in zip(experts, np.array_split(slots, len(experts))):
+            part = part if len(part) else slots
+            start[int(np.bincount(index[part], minlength=len(start)).argmax()), expert] = 1.0
+    for d in np.nonzero(start.sum(1) == 0)[0]:
+        node = node_ids[int(held[d].argmax())]
+        start[d, topology.experts_of_node(node)[0]] = 1.0
+    return start
 
 
-def _spread(loads):
-    return (round(float(loads.max()), 9), round(float((loads ** 2).sum()), 6))
+def placement_key(masks, quotas, held, expert_node):
+    """The tuple the search minimises (module docstring), for a batch of masks [M, D, E]:
+    four [M] columns, rounded so that float noise never breaks a tie; invalid masks (a domain
+    or an expert with nothing) get inf."""
+    counts = masks.sum(2)  # [M, D] experts per domain
+    valid = (counts > 0).all(1) & (masks.sum(1) > 0).all(1)
+    counts = np.maximum(counts, 1)
+    total, num_experts = quotas.sum(), masks.shape[2]
+    load = (quotas[None, :, None] * masks / counts[:, :, None]).sum(1) / (total / num_experts)  # [M, E] / mean
+    hosted = masks @ expert_node  # [M, D, nodes] experts of d on node n
+    local = (held[None] * hosted / counts[:, :, None]).sum((1, 2)) / total
+    uncovered = ((2 * held[None] * num_experts >= total) & (hosted == 0)).sum((1, 2))
+    columns = [np.maximum(load.max(1), BALANCE_TARGET), uncovered.astype(np.float64), -local, (load ** 2).sum(1)]
+    return [np.where(valid, np.round(c, 9), np.inf) for c in columns]
 
 
-def _balance_homes(homes, reads, quotas):
-    """Greedy: add the (domain, node it reads) home that most lowers (largest node load, sum of
-    squared loads); homes only grow, so it ends."""
-    homes = homes.copy()
-    best = _spread(_node_loads(homes, quotas))
+def _neighbours(mask):
+    """Every single change of `mask` [D, E]: toggle one pair, or move one of a domain's experts. # [M, D, E]"""
+    out = []
+    for d, e in zip(*np.nonzero(np.ones_like(mask))):
+        toggled = mask.copy()
+        toggled[d, e] = 1.0 - toggled[d, e]
+        out.append(toggled)
+        if mask[d, e] == 0:
+            for f in np.nonzero(mask[d])[0]:
+                moved = toggled.copy()
+                moved[d, f] = 0.0
+                out.append(moved)
+    return np.stack(out)
+
+
+def _best(candidates, quotas, held, expert_node):
+    keys = placement_key(candidates, quotas, held, expert_node)
+    first = int(np.lexsort(keys[::-1])[0])  # stable: the first of the smallest
+    return candidates[first], [c[first] for c in keys]
+
+
+def _descend(mask, quotas, held, expert_node):
+    """Apply the best single change while one lowers the key. -> (mask, key)"""
+    best = [c[0] for c in placement_key(mask[None], quotas, held, expert_node)]
     while True:
-        move = None
-        for d, n in zip(*np.nonzero(reads & ~homes)):
-            homes[d, n] = True
-            score = _spread(_node_loads(homes, quotas))
-            homes[d, n] = False
-            if score < best:
-                best, move = score, (d, n)
-        if move is None:
-            return homes
-        homes[move] = True
+        step, key = _best(_neighbours(mask), quotas, held, expert_node)
+        if not key < best:
+            return mask, best
+        mask, best = step, key
+
+
+def level1_mask(quotas, held, expert_node, line_start):
+    """The level-1 mask [D, E] of the non-empty domains (module docstring: the tuple, the search).
+    quotas [D]; held [D, nodes] slots read per node; expert_node [E, nodes] one-hot; line_start [D, E]."""
+    quotas = np.asarray(quotas, np.float64)
+    held = np.asarray(held, np.float64)
+    reads = (held @ expert_node.T > 0).astype(np.float32)  # [D, E] every expert of the nodes reading d
+    ends = [_descend(start.astype(np.float32), quotas, held, expert_node) for start in (line_start, reads)]
+    return min(ends, key=lambda end: end[1])[0]

@@ -93,8 +93,14 @@ def random_table(vocab_size, num_choices, seed):
     return np.random.RandomState(seed).randint(0, num_choices, size=vocab_size).astype(np.int32)
 
 
-def _top1(router_probs):
-    expert_index = ops.argmax(router_probs, -1).astype(ms.int32)  # [G, T]
+def _top1(router_probs, tie_break=None):
+    """Top-1 (eq. 2). tie_break [G, T, E]: among the experts sharing the largest probability, the one
+    with the largest tie_break wins (argmax alone would always pick the lowest index)."""
+    if tie_break is None:
+        expert_index = ops.argmax(router_probs, -1).astype(ms.int32)  # [G, T]
+    else:
+        tied = router_probs >= router_probs.max(-1, keepdims=True)  # [G, T, E] the maxima
+        expert_index = ops.argmax(ops.where(tied, tie_break, ops.full_like(tie_break, _MASKED)), -1).astype(ms.int32)
     expert_prob = ops.gather_elements(router_probs, -1, expert_index.expand_dims(-1)).squeeze(-1)  # [G, T]
     return expert_index, expert_prob
 
@@ -111,19 +117,25 @@ class _LearnedRouter(nn.Cell):
         self.num_level1_rows = 1 if mask is None else len(mask)
         self.group_mask = Tensor(np.ones((1, cfg.num_experts), np.float32) if mask is None else mask)  # [D, E]
 
-    def _route(self, scores, domain_ids):
+    def _route(self, scores, domain_ids, tie_break=None):
         if self.level1:
             allowed = ops.gather(self.group_mask, domain_ids % self.num_level1_rows, 0)  # [G, T, E]
             scores = scores + (1.0 - allowed) * _MASKED
         router_probs = ops.softmax(scores, -1)  # [G, T, E]
-        expert_index, expert_prob = _top1(router_probs)
+        expert_index, expert_prob = _top1(router_probs, None if tie_break is None else ops.stop_gradient(tie_break))
         onehot = ops.one_hot(expert_index, self.num_experts, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
         aux = load_balance_loss(router_probs, onehot, self.aux_coef)
         return expert_index, expert_prob, router_probs, aux
 
 
 class LocMoERouter(_LearnedRouter):
-    """LocMoE: G = ReLU(GrAP(x) + eps) (eq. 4), softmax, top-1; aux (eq. 5) + locality (eq. 6) losses."""
+    """LocMoE: G = ReLU(GrAP(x) + eps) (eq. 4), softmax, top-1; aux (eq. 5) + locality (eq. 6) losses.
+
+    The ReLU gives every expert whose pre-activation is <= 0 the same score 0, so a token can have
+    several experts at the top probability; such ties go to the largest pre-activation GrAP(x) + eps
+    (argmax alone sends them all to the lowest allowed index, and the aux loss, which has no gradient
+    through the ReLU there, pushes more tokens into that tie the more it lowers a busy expert's eps).
+    """
 
     def __init__(self, cfg, hidden_size, domain_experts=None):
         super().__init__(cfg, domain_experts)
@@ -132,8 +144,8 @@ class LocMoERouter(_LearnedRouter):
         self.smoothing = cfg.locality_smoothing
 
     def construct(self, x, token_ids, domain_ids, local_mask):
-        scores = ops.relu(self.gate(x.reshape(-1, x.shape[-1]))).reshape(x.shape[0], x.shape[1], -1)  # [G, T, E]
-        expert_index, expert_prob, router_probs, aux = self._route(scores, domain_ids)
+        pre = self.gate(x.reshape(-1, x.shape[-1])).reshape(x.shape[0], x.shape[1], -1)  # [G, T, E]
+        expert_index, expert_prob, router_probs, aux = self._route(ops.relu(pre), domain_ids, tie_break=pre)
         loc = locality_loss(router_probs, local_mask, self.loc_coef, self.smoothing)
         return expert_index, expert_prob, router_probs, aux, loc
 

@@ -47,11 +47,12 @@ def np_layer(layer, router, x, groups, local_mask, cf, alpha, mu, eps, remote_cf
     remote_capacity = max(1, math.ceil(tokens * remote_cf / E)) if remote_cf else capacity
     xg = x.reshape(groups, tokens, d)
     if router == "locmoe":
-        scores = np.maximum(xg @ eq4_weight(E, d).T + layer.router.gate.bias.asnumpy(), 0.0)
+        pre = xg @ eq4_weight(E, d).T + layer.router.gate.bias.asnumpy()
+        scores = np.maximum(pre, 0.0)
     else:
-        scores = xg @ layer.router.gate.weight.asnumpy().astype(np.float64).T
+        scores = pre = xg @ layer.router.gate.weight.asnumpy().astype(np.float64).T
     probs = np_softmax(scores)
-    idx = probs.argmax(-1)
+    idx = np.where(probs == probs.max(-1, keepdims=True), pre, -np.inf).argmax(-1)  # ties: largest pre-activation
     srt = np.sort(probs, -1)
     gap = srt[..., -1] - srt[..., -2]
     assert np.all((gap > 1e-5) | (gap == 0)), "near-tie in the test data"

@@ -34,30 +34,84 @@ def test_line_of_two_domains_over_four_nodes_by_hand():
     assert np.nonzero(p.domain_experts[1])[0].tolist() == [6, 7]
 
 
-@pytest.mark.parametrize("sizes,world,tp,ep,per_node,batch", [
-    ([1944, 2384, 2361, 800], 8, 1, 8, 2, 8),     # uneven, as many nodes as domains
-    ([100, 900], 16, 2, 8, 4, 3),                 # more nodes than domains, TP 2
-    ([7, 5, 3, 9, 1, 4], 4, 1, 4, 2, 5),          # fewer nodes than domains
+def test_expert_granular_level1_of_the_four_domain_corpus_by_hand():
+    # The four-domain corpus (tests' 200 kB build): 8 ranks, 2 per node, B = 8, 8 experts (one per rank).
+    # Quotas 64 * sizes / sum = [16.6, 20.4, 20.2, 6.9] -> [17, 20, 20, 7]; the line reads
+    # node 0: d0 x16 | node 1: d0 x1, d1 x15 | node 2: d1 x5, d2 x11 | node 3: d2 x9, d3 x7.
+    topo = Topology(world_size=8, tp=1, ep=8, num_experts=8, devices_per_node=2)
+    p = plan_placement([1941, 2377, 2363, 808], topo, 8)
+    assert p.quotas.tolist() == [17, 20, 20, 7]
+    groups = [np.nonzero(row)[0].tolist() for row in p.domain_experts]
+    assert groups == [[0, 1, 2, 3], [0, 1, 2, 3, 4, 5], [4, 5, 6, 7], [6, 7]]
+    # every node that reads a domain hosts some of its experts (even node 1's single d0 sample)
+    assert p.domain_nodes == ((0, 1), (1, 2), (2, 3), (3,)) and p.home_nodes == ((0, 1), (0, 1, 2), (2, 3), (3,))
+    # even split: d0 17/4 = 4.25, d1 20/6 = 3.33, d2 20/4 = 5, d3 7/2 = 3.5 tokens per expert; mean 8
+    by_hand = np.array([4.25 + 20 / 6] * 4 + [20 / 6 + 5] * 2 + [5 + 3.5] * 2) / 8
+    assert np.allclose(p.expected_expert_load(), by_hand)
+    assert by_hand.max() == pytest.approx(1.0625)  # node-granular homes (node 1 for d1's 20) imposed 1.25
+    # rank 2 (node 1): d0 x1 with 2 of its 4 experts local, d1 x7 with 2 of 6 -> (1 * 2/4 + 7 * 2/6) / 8
+    local_by_hand = [0.5, 0.5, (0.5 + 7 / 3) / 8, 2 / 6, (5 * 2 / 6 + 3 * 2 / 4) / 8, 0.5, 0.5, (1 * 2 / 4 + 7) / 8]
+    assert np.allclose(p.expected_local_fraction(topo), local_by_hand)
+
+
+def _reference_load_and_local(p, topo):
+    """Loop-by-loop even split of every slot's token over its domain's experts: (load / mean [E], local [dp])."""
+    load = np.zeros(topo.num_experts)
+    local = np.zeros(topo.dp)
+    for r in range(topo.dp):
+        mine = set(topo.local_experts(r * topo.tp))
+        for d in p.slot_domain[r]:
+            experts = [e for e in range(topo.num_experts) if p.domain_experts[d, e]]
+            for e in experts:
+                load[e] += 1 / len(experts)
+                local[r] += (e in mine) / len(experts) / p.slot_domain.shape[1]
+    return load / load.mean(), local
+
+
+@pytest.mark.parametrize("sizes,world,tp,ep,per_node,batch,experts,uncovered", [
+    ([1944, 2384, 2361, 800], 8, 1, 8, 2, 8, 16, []),     # uneven, as many nodes as domains
+    ([1941, 2377, 2363, 808], 8, 1, 8, 2, 2, 8, []),      # the four-domain corpus at cpu_tiny's batch
+    ([100, 900], 16, 2, 8, 4, 3, 16, []),                 # more nodes than domains, TP 2
+    ([7, 5, 3, 9, 1, 4], 4, 1, 4, 2, 5, 8, []),           # fewer nodes than domains
+    ([10, 1], 8, 1, 4, 2, 4, 8, []),                      # a tiny domain
+    ([5, 3, 2, 1, 1, 8, 4], 16, 1, 16, 4, 2, 32, []),     # many domains, 2 experts per rank
+    # locmoe_128n's shape, one expert per node: node 6 reads one sample each of d0 and d1 (1 = half an
+    # expert's worth) and hosts one expert; serving d0 there too would load it 1/6 + 1/7 of d0's share more
+    ([40, 30, 20, 10], 128, 8, 16, 8, 2, 16, [(0, 6)]),
+    ([40, 30, 0, 10], 64, 8, 8, 8, 4, 16, []),            # an empty domain, locmoe_64n's shape
 ])
-def test_placement_invariants(sizes, world, tp, ep, per_node, batch):
-    topo = Topology(world_size=world, tp=tp, ep=ep, num_experts=16 if ep == 8 else 8, devices_per_node=per_node)
+def test_placement_invariants(sizes, world, tp, ep, per_node, batch, experts, uncovered):
+    topo = Topology(world_size=world, tp=tp, ep=ep, num_experts=experts, devices_per_node=per_node)
     p = plan_placement(sizes, topo, batch)
     dp = topo.dp
     # every global batch holds the quotas, proportional to the sizes within one sample
     counts = np.bincount(p.slot_domain.reshape(-1), minlength=len(sizes))
     assert counts.tolist() == p.quotas.tolist() and counts.sum() == batch * dp
     assert np.abs(counts - np.asarray(sizes) / sum(sizes) * batch * dp).max() <= 1.0
-    # ranks of a node read only domains served by that node; every node is some domain's home
+    # ranks of a node read only domains listed as read there
     for r in range(dp):
         node = topo.node(r * tp)
         for d in set(p.slot_domain[r].tolist()):
             assert node in p.domain_nodes[d]
-    homes = {n for h in p.home_nodes for n in h}
-    assert homes == set(range(topo.nodes))
+    # every domain has an expert, every expert serves a domain that is read; homes are the experts' nodes
+    assert (p.domain_experts.sum(1) >= 1).all()
+    assert (p.domain_experts[p.quotas > 0].sum(0) >= 1).all()
     for d, nodes in enumerate(p.home_nodes):
-        assert set(nodes) <= set(p.domain_nodes[d])
-        experts = {e for n in nodes for e in topo.experts_of_node(n)}
-        assert set(np.nonzero(p.domain_experts[d])[0].tolist()) == experts
+        hosts = {topo.node(r) for r in range(world) for e in topo.experts_of_rank(r) if p.domain_experts[d, e]}
+        assert set(nodes) == hosts
+    # the imposed load and local fractions match the slot-by-slot reference; the load meets the issue's goal
+    load, local = _reference_load_and_local(p, topo)
+    assert np.allclose(p.expected_expert_load(), load) and np.allclose(p.expected_local_fraction(topo), local)
+    assert load.max() <= 1.1 + 1e-9 and load.min() >= 0.25
+    # a node reading at least half an expert's worth of a domain hosts one of its experts, but where the
+    # balance target forbids it (listed, checked by hand)
+    missing = []
+    for d, nodes in enumerate(p.domain_nodes):
+        for node in nodes:
+            slots = sum((p.slot_domain[r] == d).sum() for r in range(dp) if topo.node(r * tp) == node)
+            if 2 * slots * experts >= batch * dp and node not in p.home_nodes[d]:
+                missing.append((d, node))
+    assert missing == uncovered
     # the line visits the nodes in order
     assert [topo.node(d * tp) for d in dp_line(topo)] == sorted(topo.node(d * tp) for d in range(dp))
 
@@ -145,17 +199,23 @@ def test_locality_is_the_placement_baseline_with_iid_data_and_real_with_domain_a
     local, relative_load = _train_and_measure(four_domain_data, tmp_path / "affine",
                                               ["data.placement=domain_affine", "moe.num_domain_groups=4"])
     assert local >= 2 * baseline, local
-    # every rank routes the same number of tokens: the mean of the ranks' fractions is the cluster's. (Not every
-    # rank is local: a rank reading a domain whose home nodes are elsewhere sends it there; measured 0.20-1.0.)
-    assert np.mean(_train_and_measure.by_rank) == pytest.approx(local)
-    assert relative_load.min() >= 0.25, relative_load
-    # The issue's goal is max/mean <= 1.3. Here the placement alone puts 1.25 on the experts of
-    # node 1 (domain "code" has 20 of the 64 slots of a global batch, its home node 16), so the
-    # router's own within-node imbalance has 4% room; measured 1.31-1.32 at 160-240 steps.
+    # every rank routes the same number of tokens: the mean of the ranks' fractions is the cluster's. Every
+    # node hosts experts of what it reads, so no rank is left near 0; but the router sees only the token, so a
+    # domain read on two nodes (d2 on nodes 2 and 3) gets one split over its experts on both, and the rank on
+    # the node its experts are less used on stays lower (measured 0.28-0.96; node-granular homes: 0.20-1.0)
+    by_rank = _train_and_measure.by_rank
+    print("per-rank local fraction", np.round(by_rank, 3).tolist(), "load / mean", np.round(relative_load, 3).tolist())
+    assert np.mean(by_rank) == pytest.approx(local)
+    assert by_rank.min() >= 0.1, by_rank
+    # The issue's goal: max/mean <= 1.3 and no expert below 25% of the mean. The placement alone imposes
+    # 1.0625 here (test_expert_granular_level1_of_the_four_domain_corpus_by_hand; node-granular homes
+    # imposed 1.25); the rest is the router's own imbalance against the locality pull: measured 1.305 at
+    # 160 steps (min 0.60). Before LocMoE's ReLU ties went to the largest pre-activation
+    # (test_locmoe_ties_under_level1_match_numpy) they all went to a domain's lowest expert: 1.61.
     from pangu_sigma.build import domain_sizes
     from pangu_sigma.data.dataset import read_meta
 
     topo = Topology(world_size=8, tp=1, ep=8, num_experts=8, devices_per_node=2)
     imposed = plan_placement(domain_sizes(read_meta(four_domain_data)), topo, 8).expected_expert_load()
-    assert imposed.max() == pytest.approx(1.25)
-    assert relative_load.max() <= 1.35, relative_load
+    assert imposed.max() <= 1.1
+    assert relative_load.min() >= 0.25 and relative_load.max() <= 1.35, relative_load

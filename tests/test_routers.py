@@ -30,13 +30,16 @@ def np_group_allowed(domains, num_experts, num_groups):
     return (np.arange(num_experts) // per)[None, None, :] == (domains % num_groups)[..., None]
 
 
-def np_route(scores, domains=None, num_groups=1):
-    """softmax over the allowed experts, argmax (first index on ties), its probability."""
+def np_route(scores, domains=None, num_groups=1, pre=None):
+    """softmax over the allowed experts, argmax, its probability. Ties: the largest `pre` (LocMoE's
+    pre-ReLU score) among the tied experts, then the first index."""
     if num_groups > 1:
         allowed = np_group_allowed(domains, scores.shape[-1], num_groups)
         scores = np.where(allowed, scores, -np.inf)
     probs = np_softmax(scores)
     idx = probs.argmax(-1)  # numpy argmax: first maximal index
+    if pre is not None:
+        idx = np.where(probs == probs.max(-1, keepdims=True), pre, -np.inf).argmax(-1)
     return idx, np.take_along_axis(probs, idx[..., None], -1)[..., 0], probs
 
 
@@ -113,8 +116,8 @@ def test_locmoe_matches_numpy():
     mask = np.array([TOPO.local_expert_mask(0), TOPO.local_expert_mask(2)], np.float32)
     idx, prob, probs, aux, loc = call(r, x, mask=mask)
 
-    scores = np.maximum(x.astype(np.float64) @ eq4_weight(n, d).T + b, 0.0)
-    ref_idx, ref_prob, ref_probs = np_route(scores)
+    pre = x.astype(np.float64) @ eq4_weight(n, d).T + b
+    ref_idx, ref_prob, ref_probs = np_route(np.maximum(pre, 0.0), pre=pre)
     assert_no_near_ties(ref_probs, ref_idx)
     assert idx.dtype == np.int32 and idx.shape == (G, T)
     np.testing.assert_array_equal(idx, ref_idx)
@@ -125,18 +128,45 @@ def test_locmoe_matches_numpy():
     assert len(set(ref_idx.ravel())) > 1  # the case is not degenerate
 
 
-def test_locmoe_ties_go_to_first_index():
+def test_locmoe_ties_go_to_the_largest_pre_activation():
     n, d = 4, 16
     r = _locmoe(n, d, bias=np.zeros(n))
-    x = np.zeros((1, 3, d), np.float32)
-    x[0, 0] = -1.0                      # all scores ReLU'd to 0: uniform, expert 0
-    x[0, 1, 4:8] = 2.0                  # block 1 and block 3 tie at the max
+    x = np.zeros((1, 4, d), np.float32)
+    x[0, 0] = -1.0                      # all scores ReLU'd to 0 and equal pre-activations: expert 0
+    x[0, 1, 4:8] = 2.0                  # block 1 and block 3 tie at the max, also before the ReLU: expert 1
     x[0, 1, 12:16] = 2.0
     x[0, 2, 8:12] = 1.0                 # block 2 alone
+    x[0, 3] = np.repeat([-1.0, -0.5, -2.0, -0.1], 4)  # all ReLU'd to 0: the largest pre-activation, expert 3
     idx, prob, probs, _, _ = call(r, x)
-    np.testing.assert_array_equal(idx[0], [0, 1, 2])
+    np.testing.assert_array_equal(idx[0], [0, 1, 2, 3])
     np.testing.assert_allclose(probs[0, 0], 0.25, rtol=1e-6)
-    np.testing.assert_allclose(prob[0, 0], 0.25, rtol=1e-6)
+    np.testing.assert_allclose(prob[0, 3], 0.25, rtol=1e-6)
+
+
+def test_locmoe_ties_under_level1_match_numpy():
+    # a negative bias puts many tokens' allowed scores all at ReLU's 0; argmax alone would send every such
+    # token to its domain's lowest expert, which the aux loss cannot undo (no gradient through the ReLU)
+    n, d, G, T = 8, 32, 2, 64
+    rng = np.random.default_rng(4)
+    b = np.full(n, -0.3, np.float32)
+    cfg = MoEConfig(num_experts=n, router="locmoe", num_domain_groups=2, gate_bias=True)
+    placed = np.zeros((2, n), np.float32)
+    placed[0, [0, 1, 2, 3]] = 1
+    placed[1, [2, 5, 6]] = 1
+    r = build_router(cfg, d, domain_experts=placed)
+    r.gate.bias.set_data(Tensor(b))
+    x = rng.normal(size=(G, T, d)).astype(np.float32)
+    domains = rng.integers(0, 2, size=(G, T)).astype(np.int32)
+    idx = call(r, x, domains=domains)[0]
+    pre = x.astype(np.float64) @ eq4_weight(n, d).T + b  # [G, T, E]
+    allowed = placed[domains] > 0
+    probs = np_softmax(np.where(allowed, np.maximum(pre, 0), -np.inf))
+    tied = allowed & (probs >= probs.max(-1, keepdims=True) * (1 - 1e-6))
+    ref = np.where(tied, pre, -np.inf).argmax(-1)
+    assert (np.where(allowed, pre, -np.inf).max(-1) <= 0).mean() > 0.3  # many all-zero ties
+    np.testing.assert_array_equal(idx, ref)
+    for dom, members in ((0, [0, 1, 2, 3]), (1, [2, 5, 6])):  # ties spread over the domain's experts
+        assert set(idx[domains == dom].tolist()) == set(members)
 
 
 def test_locmoe_loss_values_with_skewed_probs():
@@ -212,8 +242,8 @@ def test_locmoe_domain_groups_stay_in_group():
     np.testing.assert_array_equal(idx // per, domains % groups)
     allowed = np_group_allowed(domains, n, groups)
     assert np.all(probs[~allowed] == 0)
-    scores = np.maximum(x.astype(np.float64) @ eq4_weight(n, d).T + r.gate.bias.asnumpy(), 0)
-    ref_idx, ref_prob, ref_probs = np_route(scores, domains, groups)
+    pre = x.astype(np.float64) @ eq4_weight(n, d).T + r.gate.bias.asnumpy()
+    ref_idx, ref_prob, ref_probs = np_route(np.maximum(pre, 0), domains, groups, pre=pre)
     assert_no_near_ties(ref_probs, ref_idx)
     np.testing.assert_array_equal(idx, ref_idx)
     np.testing.assert_allclose(prob, ref_prob, rtol=1e-5)
