@@ -448,3 +448,16 @@ def test_compare_routers_equal_drops_end_to_end(tiny_run, tmp_path, capsys):
     routed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[eval] routed as training")]
     assert len(routed) == 2  # pilot, seed: eval names both tiers' capacities
     assert f"{c['remote_capacity']} per expert on another node (two tiers" in routed[1]
+    # --reuse: the finished runs are evaluated again, not trained: same figures, logs untouched
+    logs = [os.path.join(d, "train_log_rank0.jsonl") for d in (c["pilot_run_dir"], run["run_dir"])]
+    stamps = [os.path.getmtime(p) for p in logs]
+    assert _rc(main, ["--config", path, "--routers", "locmoe", "--steps", "4", "--output", str(out), "--quiet",
+                      "--clusters", "", "--equal-drops", "20", "--pilot-remote-capacity-factor", "2",
+                      "--set", "moe.capacity_factor=4", "--set", "moe.remote_capacity_factor=0.5",
+                      "--set", "parallel.virtual_scope=cluster", "--set", "data.placement=domain_affine",
+                      "--reuse"]) == 0
+    again = json.loads((out / "report.json").read_text())["results"]["locmoe"]
+    assert [os.path.getmtime(p) for p in logs] == stamps
+    assert again["calibration"]["remote_capacity"] == c["remote_capacity"]
+    assert again["runs"][0]["valid"]["perplexity"] == run["valid"]["perplexity"]
+    assert "reusing the finished training" in capsys.readouterr().out

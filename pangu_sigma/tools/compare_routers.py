@@ -3,7 +3,7 @@
     python -m pangu_sigma.tools.compare_routers --config FILE --routers locmoe,switch,hash,rre
         --steps N --output DIR [--seeds K] [--set a.b=c ...] [--clusters 64,128,256]
         [--cluster-config-dir configs] [--dispatch padded|routed] [--efficiency X] [--overwrite] [--quiet]
-        [--equal-drops PERCENT [--pilot-remote-capacity-factor X]] [--lock FILE]
+        [--equal-drops PERCENT [--pilot-remote-capacity-factor X]] [--lock FILE] [--reuse]
 
 For every router R and seed s in train.seed, train.seed + 1, ... (K seeds):
 `pangu_sigma.training.train.train` with moe.router=R, train.seed=s,
@@ -388,19 +388,37 @@ def held(lock_path, log):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def run_figures(cfg, router, clusters, config_dir, dispatch, hw, log, lock=None, counts=None):
+def finished_training(run_dir, steps):
+    """train()'s summary of a run folder whose training reached `steps` (from its log), else None."""
+    from pangu_sigma.training.callbacks import read_jsonl
+    log_path = os.path.join(run_dir, "train_log_rank0.jsonl")
+    marker = os.path.join(run_dir, "checkpoints", f"step_{steps:08d}.complete")
+    if not (os.path.isfile(log_path) and os.path.exists(marker)):
+        return None
+    rows = [r for r in read_jsonl(log_path) if "step" in r]
+    if not rows or rows[-1]["step"] != steps:
+        return None
+    return {"steps": steps, "losses": {steps: rows[-1]["loss"]}, "tokens_per_s": rows[-1]["tokens_per_s"]}
+
+
+def run_figures(cfg, router, clusters, config_dir, dispatch, hw, log, lock=None, counts=None, reuse=False):
     """Train one (router, seed) run, evaluate it, simulate it: the run's dict. lock: a file to hold
     an exclusive lock on while training and evaluating. counts: a list to receive eval's routed
-    tokens per (layer, batch, token group, expert) on the valid split (pilot runs)."""
+    tokens per (layer, batch, token group, expert) on the valid split (pilot runs). reuse: a run folder
+    whose training already reached train.train_steps is evaluated, not trained again."""
     from pangu_sigma.evaluation.eval import evaluate
     from pangu_sigma.training.train import train
 
     run_dir = cfg.train.output_dir
-    if os.path.isdir(run_dir):
+    summary = finished_training(run_dir, cfg.train.train_steps) if reuse else None
+    if summary is None and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
     with held(lock, log):
-        log(f"[compare] training {router}, seed {cfg.train.seed}: {cfg.train.train_steps} steps -> {run_dir}")
-        summary = train(cfg, log=log)
+        if summary is None:
+            log(f"[compare] training {router}, seed {cfg.train.seed}: {cfg.train.train_steps} steps -> {run_dir}")
+            summary = train(cfg, log=log)
+        else:  # eval checks that the run's stored config is this one
+            log(f"[compare] {router}, seed {cfg.train.seed}: reusing the finished training in {run_dir}")
         ev = evaluate(cfg, checkpoint_path=run_dir, log=log, pair_counts=counts is not None)
     if counts is not None:
         counts.append(ev.pop("pair_counts"))
@@ -491,7 +509,7 @@ def goals(results):
 
 def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_CLUSTERS, config_dir=None,
             dispatch="padded", hw=None, overwrite=False, log=print, seeds=1, equal_drops=None,
-            pilot_remote_factor=None, lock=None):
+            pilot_remote_factor=None, lock=None, reuse=False):
     """Train, evaluate and simulate every router over `seeds` seeds (train.seed, train.seed + 1, ...);
     write report.md and report.json; return {'meta': ..., 'results': {router: ...}}.
 
@@ -499,7 +517,8 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
     moe.remote_capacity_factor = pilot_remote_factor (default moe.capacity_factor), then the
     smallest remote capacity whose predicted valid drop rate (mean over MoE layers, from the
     pilot's routed counts) is <= equal_drops % (`calibrate`), and the seeded runs at it.
-    lock: a file held (flock) while each run trains and evaluates."""
+    lock: a file held (flock) while each run trains and evaluates. reuse: finished runs in `output`
+    (an interrupted comparison) are evaluated again instead of trained."""
     from pangu_sigma.config import config_from_dict, load_config
     from pangu_sigma.build import dataset_meta
 
@@ -542,7 +561,7 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
         for seed in seed_values:
             cfgs[router, seed] = router_config(router, os.path.join(output, router, f"seed{seed}"), seed)
         if os.path.isdir(os.path.join(output, router)) and os.listdir(os.path.join(output, router)) \
-                and not overwrite:
+                and not (overwrite or reuse):
             raise ConfigError("--output", output, f"a folder without a previous run in {os.path.join(output, router)} "
                               "(pass --overwrite to replace it)")
     cfg0 = cfgs[routers[0], seed_values[0]]
@@ -553,7 +572,7 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
         calibration = None
         if equal_drops is not None:
             counts = []
-            pilot = run_figures(pilots[router], router, (), config_dir, dispatch, hw, log, lock, counts)
+            pilot = run_figures(pilots[router], router, (), config_dir, dispatch, hw, log, lock, counts, reuse)
             np.save(os.path.join(pilot["run_dir"], "valid_pair_counts.npy"), counts[0])  # [M, N, G, E]
             calibration = calibrate(pilots[router], pilot, counts[0], equal_drops)
             log(f"[compare] {router}: remote capacity {calibration['remote_capacity']} "
@@ -564,7 +583,7 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
                 cfgs[router, seed] = router_config(
                     router, os.path.join(output, router, f"seed{seed}"), seed,
                     [f"moe.remote_capacity_factor={calibration['remote_capacity_factor']!r}"])
-        runs = [run_figures(cfgs[router, seed], router, clusters, config_dir, dispatch, hw, log, lock)
+        runs = [run_figures(cfgs[router, seed], router, clusters, config_dir, dispatch, hw, log, lock, reuse=reuse)
                 for seed in seed_values]
         first = cfg0.model.num_layers - cfg0.model.moe_layer_num
         results[router] = {
@@ -626,6 +645,8 @@ def main(argv=None):
                              "whose valid drop rate is <= PERCENT (mean over MoE layers) for the seeded runs")
     parser.add_argument("--pilot-remote-capacity-factor", type=float,
                         help="the pilot runs' moe.remote_capacity_factor (default moe.capacity_factor)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="evaluate runs in --output whose training finished instead of training them again")
     parser.add_argument("--lock", help="a file to hold an exclusive flock on while each run trains and evaluates "
                                        "(runs interleave with other heavy jobs on a shared machine)")
     args = parser.parse_args(argv)
@@ -640,7 +661,7 @@ def main(argv=None):
             raise ConfigError("--clusters", args.clusters, "positive device counts")
         compare(args.config, parse_list(args.routers, "--routers"), args.steps, args.output, args.set, clusters,
                 args.cluster_config_dir, args.dispatch, Hardware(efficiency=args.efficiency), args.overwrite, log,
-                args.seeds, args.equal_drops, args.pilot_remote_capacity_factor, args.lock)
+                args.seeds, args.equal_drops, args.pilot_remote_capacity_factor, args.lock, args.reuse)
     except ConfigError as err:
         return fail(err)
     return 0
