@@ -405,7 +405,7 @@ def run_figures(cfg, router, clusters, config_dir, dispatch, hw, log, lock=None,
     """Train one (router, seed) run, evaluate it, simulate it: the run's dict. lock: a file to hold
     an exclusive lock on while training and evaluating. counts: a list to receive eval's routed
     tokens per (layer, batch, token group, expert) on the valid split (pilot runs). reuse: a run folder
-    whose training already reached train.train_steps is evaluated, not trained again."""
+    whose training already reached train.train_steps is evaluated (without the lock), not trained again."""
     from pangu_sigma.evaluation.eval import evaluate
     from pangu_sigma.training.train import train
 
@@ -413,7 +413,7 @@ def run_figures(cfg, router, clusters, config_dir, dispatch, hw, log, lock=None,
     summary = finished_training(run_dir, cfg.train.train_steps) if reuse else None
     if summary is None and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
-    with held(lock, log):
+    with held(lock if summary is None else None, log):  # evaluating a finished run alone is light
         if summary is None:
             log(f"[compare] training {router}, seed {cfg.train.seed}: {cfg.train.train_steps} steps -> {run_dir}")
             summary = train(cfg, log=log)
