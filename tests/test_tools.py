@@ -487,3 +487,48 @@ def test_cluster_counts_map_each_measured_rank_onto_the_target_by_node():
     np.testing.assert_allclose(big[0].sum(1), 14)
     with pytest.raises(ConfigError, match="load_by_rank"):
         routing_stats.cluster_counts(load[:, :3], measured, target, 14, 1)
+
+
+@pytest.mark.slow
+def test_compare_routers_equal_drops_end_to_end(tiny_run, tmp_path, capsys):
+    """--equal-drops: the pilot's drops predicted from its routed counts are the drops eval measured
+    (first come, first served, on the real layer); the seeded run uses the chosen remote capacity and
+    sends the bytes the calibration predicted."""
+    from pangu_sigma.tools.compare_routers import main
+    path, _, _ = tiny_run
+    out = tmp_path / "eq"
+    assert _rc(main, ["--config", path, "--routers", "locmoe", "--steps", "4", "--output", str(out),
+                      "--clusters", "", "--equal-drops", "20", "--pilot-remote-capacity-factor", "2",
+                      "--set", "moe.capacity_factor=4", "--set", "moe.remote_capacity_factor=0.5",
+                      "--set", "parallel.virtual_scope=cluster",
+                      "--set", "data.placement=domain_affine"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    r = report["results"]["locmoe"]
+    c = r["calibration"]
+    (run,) = r["runs"]
+    tokens = 8 * 16
+    assert c["pilot_remote_capacity"] == expert_capacity(tokens, 2.0, 4)
+    assert c["pilot_predicted_drop_percent"] == pytest.approx(c["pilot_drop_percent"], abs=1e-9)
+    assert c["predicted_drop_percent"] <= 20 and c["remote_capacity"] >= 1
+    assert run["valid"]["routing"]["remote_capacity"] == c["remote_capacity"]
+    counts = np.load(os.path.join(c["pilot_run_dir"], "valid_pair_counts.npy"))  # [M, N, G, E]
+    assert counts.shape[0] == 1 and counts.shape[2:] == (4, 4) and counts.sum() == run["valid"]["tokens"]
+    assert expert_capacity(tokens, c["remote_capacity_factor"], 4) == c["remote_capacity"]
+    assert run["moe_inter_node_bytes_per_step"] == c["predicted_inter_node_bytes_per_step"]
+    assert report["meta"]["equal_drops_percent"] == 20 and "## Equal drops" in (out / "report.md").read_text()
+    routed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[eval] routed as training")]
+    assert len(routed) == 2  # pilot, seed: eval names both tiers' capacities
+    assert f"{c['remote_capacity']} per expert on another node (two tiers" in routed[1]
+    # --reuse: the finished runs are evaluated again, not trained: same figures, logs untouched
+    logs = [os.path.join(d, "train_log_rank0.jsonl") for d in (c["pilot_run_dir"], run["run_dir"])]
+    stamps = [os.path.getmtime(p) for p in logs]
+    assert _rc(main, ["--config", path, "--routers", "locmoe", "--steps", "4", "--output", str(out), "--quiet",
+                      "--clusters", "", "--equal-drops", "20", "--pilot-remote-capacity-factor", "2",
+                      "--set", "moe.capacity_factor=4", "--set", "moe.remote_capacity_factor=0.5",
+                      "--set", "parallel.virtual_scope=cluster", "--set", "data.placement=domain_affine",
+                      "--reuse"]) == 0
+    again = json.loads((out / "report.json").read_text())["results"]["locmoe"]
+    assert [os.path.getmtime(p) for p in logs] == stamps
+    assert again["calibration"]["remote_capacity"] == c["remote_capacity"]
+    assert again["runs"][0]["valid"]["perplexity"] == run["valid"]["perplexity"]
+    assert "reusing the finished training" in capsys.readouterr().out

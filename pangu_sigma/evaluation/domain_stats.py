@@ -103,6 +103,14 @@ def figures(tokens, nll, load, dropped, local):
             "local": np.asarray(local).tolist(), "layers": layer_figures(load, dropped, local)}
 
 
+def pair_counts_of(expert_index, num_experts):
+    """expert_index [G, T] (the expert each token was routed to) -> routed tokens per pair [G, E]."""
+    expert_index = np.asarray(expert_index)
+    groups = expert_index.shape[0]
+    flat = expert_index.reshape(groups, -1) + num_experts * np.arange(groups)[:, None]  # [G, T]
+    return np.bincount(flat.reshape(-1), minlength=groups * num_experts).reshape(groups, num_experts)
+
+
 def layer_figures(load, dropped, local):
     """Per MoE layer: max/mean expert load, the smallest expert's share, drop rate and local fraction."""
     load = np.asarray(load, np.float64)

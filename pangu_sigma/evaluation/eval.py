@@ -26,7 +26,7 @@ from pangu_sigma.build import (build_model, dataset_meta, domain_placement, plac
                                single_process_groups, single_process_topology)
 from pangu_sigma.training.callbacks import expert_table
 from pangu_sigma.config import load_config
-from pangu_sigma.evaluation.domain_stats import DomainAccumulator, domain_table, token_local
+from pangu_sigma.evaluation.domain_stats import DomainAccumulator, domain_table, pair_counts_of, token_local
 from pangu_sigma.evaluation.eval_forward import eval_batches, eval_forward_cell
 
 
@@ -62,7 +62,7 @@ def build_eval_net(cfg, meta, layout, capacity_factor, checkpoint_path, allow_ch
 
 
 def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None, log=print, max_batches=None,
-             per_batch=False, allow_changes=()):
+             per_batch=False, allow_changes=(), pair_counts=False):
     """Mean CE, perplexity and routing figures over a split, overall and per domain.
 
     Either loads checkpoint_path into a freshly built network or uses net (a
@@ -70,7 +70,10 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
     batch_size: per data-parallel rank, routed at once (default: training's batches, each cut into
     its train.gradient_accumulation_steps micro-batches as training routes them). max_batches:
     only the first batches of the plan. per_batch: also return each batch's
-    routing sums (load [M, E], dropped [M], local [M]) under 'batches'.
+    routing sums (load [M, E], dropped [M], local [M]) under 'batches'. pair_counts: also
+    return the tokens routed to each (token group, expert) pair before capacity, per MoE
+    layer and batch, under 'pair_counts' (int64 [M, batches, G, E]; every token the layer
+    routes, the filler samples of a short last batch included; pangu_sigma.tools.equal_drops).
     """
     from mindspore import Tensor
     from pangu_sigma.data.dataset import load_split, split_micro_batches
@@ -113,6 +116,8 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
     local_masks = [layer.local_mask.asnumpy() for layer in moe_layers]  # [G, E] each
     per_group = global_batch * seq // layout["token_groups"]
     capacity = int(moe_layers[0].capacity(per_group)) if moe_layers else 0
+    two_tier = bool(moe_layers) and moe_layers[0].two_tier
+    remote_capacity = int(moe_layers[0].remote_capacity(per_group)) if two_tier else None
     cell = eval_forward_cell(model)
     acc = DomainAccumulator(meta.get("domains", []), len(moe_layers), cfg.num_experts if moe_layers else 0)
     batches = []
@@ -120,6 +125,7 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
     local_by_rank = np.zeros((len(moe_layers), layout["token_groups"]), np.int64)  # [M, G]
     experts = cfg.num_experts if moe_layers else 0
     load_by_rank = np.zeros((len(moe_layers), layout["token_groups"], experts), np.int64)  # [M, G, E] routed
+    counts = [[] for _ in moe_layers]  # [M][batches] of [G, E]
     for chosen, counted in plan:
         ids, domains = input_ids[chosen], domain_ids[chosen]  # [B, S+1], [B]
         nll, routing = cell(Tensor(ids), Tensor(domains))
@@ -127,6 +133,9 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
                       token_local(idx.asnumpy(), mask, per_group))
                      for (idx, keep), mask in zip(routing, local_masks)]  # [B*S] each
         sums = acc.add(nll.asnumpy(), domains, per_token, counted)
+        if pair_counts:
+            for m, (idx, _) in enumerate(routing):
+                counts[m].append(pair_counts_of(idx.asnumpy(), cfg.num_experts))  # [G, E]
         counted_tokens = np.repeat(counted, seq)  # [B*S]
         for m, (_, keep, near) in enumerate(per_token):
             dropped_remote[m] += int((counted_tokens & ~keep & ~near).sum())
@@ -149,7 +158,11 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
                           "batches": len(plan), "shuffle": cfg.data.shuffle, "seed": cfg.data.seed,
                           "placement": cfg.data.placement if placement is not None else "iid",
                           "capacity_factor": factor, "capacity_factor_source": factor_source,
-                          "capacity": capacity}}
+                          "capacity": capacity, "remote_capacity_factor": cfg.moe.remote_capacity_factor
+                          if two_tier else None, "remote_capacity": remote_capacity}}
+    if pair_counts and moe_layers:
+        result["pair_counts"] = np.array(counts, np.int64).reshape(len(moe_layers), len(plan),
+                                                                   layout["token_groups"], -1)  # [M, N, G, E]
     if per_batch:
         result["batches"] = batches
     log(f"[eval] routed as training: {layout['scope']} scope, {layout['token_groups']} token group(s) of "
@@ -158,7 +171,9 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
         + (", domain-affine placement: whole global batches, the samples past the last one left out"
            if placement is not None else "")
         + f"), capacity factor {factor:g} ({factor_source}), "
-        f"{capacity} slots per expert per group")
+        f"{capacity} slots per expert per group"
+        + (f" on the group's node and {remote_capacity} per expert on another node (two tiers, "
+           f"moe.remote_capacity_factor {cfg.moe.remote_capacity_factor:g})" if two_tier else ""))
     log(f"[eval] {split}: {result['tokens']} tokens, mean CE {result['ce']:.4f}, "
         f"perplexity {result['perplexity']:.3f}")
     log(domain_table(figures, title=f"{split} per domain"))

@@ -3,6 +3,7 @@
     python -m pangu_sigma.tools.compare_routers --config FILE --routers locmoe,switch,hash,rre
         --steps N --output DIR [--seeds K] [--set a.b=c ...] [--clusters 64,128,256]
         [--cluster-config-dir configs] [--dispatch padded|routed] [--efficiency X] [--overwrite] [--quiet]
+        [--equal-drops PERCENT [--pilot-remote-capacity-factor X]] [--lock FILE] [--reuse]
 
 For every router R and seed s in train.seed, train.seed + 1, ... (K seeds):
 `pangu_sigma.training.train.train` with moe.router=R, train.seed=s,
@@ -25,14 +26,26 @@ deviation, min, max and n (the seeds behind it) over the seeds:
   `pangu_sigma.tools.routing_stats` (the same distribution on every rank), with the cluster's config
   configs/<R>_<n>n.yaml, else configs/locmoe_<n>n.yaml with moe.router=R.
   The same with uniform routing is in report.json for reference.
+- with --equal-drops P: the routers at equal drops (the static two-tier exchange's
+  inter-node bytes are set by the remote capacity, so a router is charged the
+  smallest remote capacity that keeps its valid drop rate <= P %): per router a
+  pilot run at a generous remote capacity, the calibration from its routed counts
+  (`calibrate`, pangu_sigma.tools.equal_drops), then the seeded runs at that
+  capacity (the pilot's counts [M, N, G, E] are kept in its folder as
+  valid_pair_counts.npy); report.md gives the calibration and LocMoE's byte ratios against
+  Switch and Hash, drop difference and perplexity against the best other router.
 Columns are named entries of RUN_COLUMNS / DOMAIN_COLUMNS (one line each).
 """
+import contextlib
+import copy
+import fcntl
 import math
 import os
 import shutil
 import sys
 
 import numpy as np
+import yaml
 
 from locmoe.config import ROUTERS
 from locmoe.errors import ConfigError
@@ -127,6 +140,27 @@ def _remote_drop_percent(valid):
     return 100 * _mean(valid["dropped_remote"]) / max(valid["tokens"], 1)
 
 
+def _local_drop_percent(valid):
+    """Tokens bound for experts on their group's node that were dropped, % of tokens (mean over layers)."""
+    if "dropped_remote" not in valid:
+        return float("nan")
+    return 100 * _mean(np.subtract(valid["dropped"], valid["dropped_remote"])) / max(valid["tokens"], 1)
+
+
+def _rank_local_percent(valid, pick):
+    """min or max over data-parallel ranks (token groups) of the rank's local fraction, % (mean over layers)."""
+    by_rank = np.asarray(valid.get("local_by_rank") or [], np.float64)  # [M, G]
+    if by_rank.size == 0:
+        return float("nan")
+    per_group = valid["tokens"] / by_rank.shape[1]
+    return float(pick(100 * by_rank.mean(0) / max(per_group, 1)))
+
+
+def _routing(run, key):
+    value = run["valid"].get("routing", {}).get(key)
+    return float("nan") if value is None else float(value)
+
+
 def _mib(count):
     return float("nan") if count is None else count / 2**20
 
@@ -146,7 +180,11 @@ RUN_COLUMNS = [
     ("smallest share", "{:.4f}", lambda r: _min([L["min_share"] for L in r["valid"]["layers"]])),
     ("drop %", "{:.2f}", lambda r: 100 * _mean([L["drop_rate"] for L in r["valid"]["layers"]])),
     ("local %", "{:.2f}", lambda r: 100 * _mean([L["local_fraction"] for L in r["valid"]["layers"]])),
+    ("local-tier drop %", "{:.2f}", lambda r: _local_drop_percent(r["valid"])),
     ("remote-tier drop %", "{:.2f}", lambda r: _remote_drop_percent(r["valid"])),
+    ("rank local % min", "{:.2f}", lambda r: _rank_local_percent(r["valid"], np.min)),
+    ("rank local % max", "{:.2f}", lambda r: _rank_local_percent(r["valid"], np.max)),
+    ("remote C", "{:.0f}", lambda r: _routing(r, "remote_capacity")),
     ("inter-node MoE MiB/step", "{:.2f}", lambda r: _mib(r.get("moe_inter_node_bytes_per_step"))),
 ]
 
@@ -233,7 +271,12 @@ def render(results, clusters, meta):
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     lines += ["Load columns: mean over MoE layers of max/mean, the smallest share over layers, mean drop and "
-              "locality over layers.", "", "## Per domain (valid split, mean ± sd over seeds)", ""]
+              "locality over layers; drops per tier (local: bound for an expert on the token group's node, remote: "
+              "on another node), % of tokens; rank local % min/max: the least and most local data-parallel rank; "
+              "remote C: slots per (rank, remote expert) pair; inter-node MiB/step: the cluster's MoE bytes per "
+              "step across nodes as the exchange sends them (training log).", ""]
+    lines += render_calibration(results, meta)
+    lines += ["", "## Per domain (valid split, mean ± sd over seeds)", ""]
     header = ["router", "domain", "seeds"] + [name for name, _, _ in DOMAIN_COLUMNS]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for router, r in results.items():
@@ -272,6 +315,54 @@ def render(results, clusters, meta):
     return "\n".join(lines) + "\n"
 
 
+def render_calibration(results, meta):
+    """The equal-drops section (calibration per router, then LocMoE against the goals); [] without it."""
+    target = meta.get("equal_drops_percent")
+    if target is None:
+        return []
+    lines = ["## Equal drops: remote capacity per router", "",
+             f"Target: drop rate <= {target:g}% of the valid split's tokens (mean over MoE layers). Per router a pilot "
+             f"run (seed {meta['seeds'][0]}, moe.remote_capacity_factor {meta['pilot_remote_capacity_factor']:g}) is "
+             f"evaluated; from its routed tokens per (batch, token group, expert) before capacity, the drops at a "
+             f"remote capacity C are sum(max(0, n - C)) (first come, first served) plus the local tier's at its "
+             f"configured capacity; the smallest C meeting the target is used for the seeded runs above, whose "
+             f"drops and bytes are measured, not predicted. The last column (means over layer, batch and token "
+             f"group of the pilot) shows why C differs: the exchange pads every remote pair to C, so C follows the "
+             f"busiest pairs, not the remote tokens' total.", "",
+             "| router | pilot remote C | pilot drop % (from counts) | pilot MiB/step | local C | remote C | "
+             "remote_capacity_factor | predicted drop % (local + remote) | predicted MiB/step | runs: drop % | "
+             "runs: MiB/step | pilot: remote tokens per group, used / remote pairs, tokens per used pair, "
+             "busiest pair |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for router, r in results.items():
+        c = r.get("calibration")
+        if not c:
+            continue
+        lines.append(f"| {router} | {c['pilot_remote_capacity']} | {c['pilot_drop_percent']:.2f} "
+                     f"({c['pilot_predicted_drop_percent']:.2f}) | "
+                     f"{_mib(c['pilot_inter_node_bytes_per_step']):.2f} | {c['local_capacity']} | "
+                     f"{c['remote_capacity']} | {c['remote_capacity_factor']:.6g} | "
+                     f"{c['predicted_drop_percent']:.2f} ({c['predicted_local_drop_percent']:.2f} + "
+                     f"{c['predicted_remote_drop_percent']:.2f}) | "
+                     f"{_mib(c['predicted_inter_node_bytes_per_step']):.2f} | "
+                     f"{_cell('{:.2f}', r['summary']['drop %'], 'mean')} | "
+                     f"{_cell('{:.2f}', r['summary']['inter-node MoE MiB/step'], 'mean')} | "
+                     + (lambda p: f"{p['remote_tokens']:.1f}, {p['used_pairs']:.2f} / {p['remote_pairs']}, "
+                        f"{p['tokens_per_used_pair']:.1f}, {p['busiest_pair']:.1f} |")(c["pilot_remote_spread"]))
+    g = meta.get("goals") or {}
+    if g:
+        lines += ["", "## LocMoE against the goals (means over seeds)", "",
+                  "Goal: inter-node bytes <= 0.7x Switch's and Hash's, drop rate <= 1 point above theirs, valid "
+                  "perplexity within 2% of the best other router.", ""]
+        for base in ("switch", "hash"):
+            if f"bytes locmoe/{base}" in g:
+                lines.append(f"- bytes LocMoE/{base}: {g[f'bytes locmoe/{base}']:.3f}; drop LocMoE - {base}: "
+                             f"{g[f'drop points locmoe-{base}']:+.2f} points")
+        if "best baseline ppl" in g:
+            lines.append(f"- valid ppl LocMoE vs the best other router ({g['best baseline ppl']}): "
+                         f"{g['ppl locmoe vs best %']:+.2f}%")
+    return lines + [""]
+
+
 def tokens_per_step(cfg):
     """(tokens, sequences) one training step of a single process consumes: the whole virtual cluster's
     batch in cluster scope (train.batch_size per data-parallel rank times dp)."""
@@ -282,17 +373,55 @@ def tokens_per_step(cfg):
     return samples * cfg.model.seq_length, samples
 
 
-def run_figures(cfg, router, clusters, config_dir, dispatch, hw, log):
-    """Train one (router, seed) run, evaluate it, simulate it: the run's dict."""
+@contextlib.contextmanager
+def held(lock_path, log):
+    """An exclusive flock(2) on lock_path for the duration (the lock flock(1) takes); no-op without a path."""
+    if not lock_path:
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        log(f"[compare] waiting for the lock {lock_path}")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def finished_training(run_dir, steps):
+    """train()'s summary of a run folder whose training reached `steps` (from its log), else None."""
+    from pangu_sigma.training.callbacks import read_jsonl
+    log_path = os.path.join(run_dir, "train_log_rank0.jsonl")
+    marker = os.path.join(run_dir, "checkpoints", f"step_{steps:08d}.complete")
+    if not (os.path.isfile(log_path) and os.path.exists(marker)):
+        return None
+    rows = [r for r in read_jsonl(log_path) if "step" in r]
+    if not rows or rows[-1]["step"] != steps:
+        return None
+    return {"steps": steps, "losses": {steps: rows[-1]["loss"]}, "tokens_per_s": rows[-1]["tokens_per_s"]}
+
+
+def run_figures(cfg, router, clusters, config_dir, dispatch, hw, log, lock=None, counts=None, reuse=False):
+    """Train one (router, seed) run, evaluate it, simulate it: the run's dict. lock: a file to hold
+    an exclusive lock on while training and evaluating. counts: a list to receive eval's routed
+    tokens per (layer, batch, token group, expert) on the valid split (pilot runs). reuse: a run folder
+    whose training already reached train.train_steps is evaluated (without the lock), not trained again."""
     from pangu_sigma.evaluation.eval import evaluate
     from pangu_sigma.training.train import train
 
     run_dir = cfg.train.output_dir
-    if os.path.isdir(run_dir):
+    summary = finished_training(run_dir, cfg.train.train_steps) if reuse else None
+    if summary is None and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
-    log(f"[compare] training {router}, seed {cfg.train.seed}: {cfg.train.train_steps} steps -> {run_dir}")
-    summary = train(cfg, log=log)
-    ev = evaluate(cfg, checkpoint_path=run_dir, log=log)
+    with held(lock if summary is None else None, log):  # evaluating a finished run alone is light
+        if summary is None:
+            log(f"[compare] training {router}, seed {cfg.train.seed}: {cfg.train.train_steps} steps -> {run_dir}")
+            summary = train(cfg, log=log)
+        else:  # eval checks that the run's stored config is this one
+            log(f"[compare] {router}, seed {cfg.train.seed}: reusing the finished training in {run_dir}")
+        ev = evaluate(cfg, checkpoint_path=run_dir, log=log, pair_counts=counts is not None)
+    if counts is not None:
+        counts.append(ev.pop("pair_counts"))
     log_path = os.path.join(run_dir, "train_log_rank0.jsonl")
     valid = {key: ev[key] for key in ("tokens", "ce", "perplexity", "expert_load", "dropped", "local", "layers",
                                       "domains", "routing", "dropped_remote", "local_by_rank")}
@@ -307,11 +436,90 @@ def run_figures(cfg, router, clusters, config_dir, dispatch, hw, log):
     return run
 
 
+def predicted_inter_node_bytes(cfg, local_capacity, remote_capacity):
+    """The cluster's inter-node MoE bytes per step of the two-tier exchange at these capacities, from
+    the byte model the training log uses (locmoe.exchange.register_tiered_exchange_bytes)."""
+    from locmoe.comm import CommCounter
+    from locmoe.exchange import register_tiered_exchange_bytes
+    from pangu_sigma.build import single_process_topology
+
+    topology = single_process_topology(cfg)
+    counter = register_tiered_exchange_bytes(CommCounter(topology), topology, cfg.num_experts, local_capacity,
+                                             remote_capacity, cfg.model.hidden_size, cfg.compute_dtype,
+                                             cfg.parallel.groupwise_a2a, cfg.model.moe_layer_num)
+    return counter.world_totals()["inter"]
+
+
+def calibrate(cfg, pilot, counts, target_percent):
+    """The smallest remote capacity at which the pilot's routed counts (valid split, [M, N, G, E]) drop
+    <= target_percent % of the tokens (mean over MoE layers; equal_drops), its factor and bytes."""
+    from pangu_sigma.build import single_process_groups, single_process_topology
+    from pangu_sigma.tools.equal_drops import (factor_for_capacity, remote_spread, smallest_remote_capacity,
+                                               tier_drop_rates)
+
+    topology = single_process_topology(cfg)
+    groups, group_ranks, _ = single_process_groups(cfg, topology)
+    mask = np.array([topology.local_expert_mask(r) for r in (group_ranks or [topology.rank] * groups)])  # [G, E]
+    routing = pilot["valid"]["routing"]
+    tokens, local_capacity = routing["tokens_per_group"], routing["capacity"]
+    multiple = topology.tp if cfg.parallel.groupwise_a2a and topology.tp > 1 else 1
+    found = smallest_remote_capacity(counts, mask, local_capacity, target_percent / 100, multiple)
+    at_pilot = tier_drop_rates(counts, mask, local_capacity, routing["remote_capacity"])  # check: = measured
+    if found["capacity"] is None:
+        raise ConfigError("--equal-drops", target_percent, f"a target above the local tier's predicted drop rate "
+                          f"{100 * found['local_drop_rate']:.2f}% (router {cfg.moe.router}; or raise "
+                          f"moe.capacity_factor)")
+    capacity = found["capacity"]
+    return {"target_percent": target_percent, "pilot_run_dir": pilot["run_dir"],
+            "pilot_remote_capacity": routing["remote_capacity"],
+            "pilot_remote_capacity_factor": routing["remote_capacity_factor"],
+            "pilot_valid_perplexity": pilot["valid"]["perplexity"],
+            "pilot_drop_percent": 100 * _mean([L["drop_rate"] for L in pilot["valid"]["layers"]]),
+            "pilot_predicted_drop_percent": 100 * float((at_pilot[0] + at_pilot[1]).mean()),
+            "pilot_inter_node_bytes_per_step": pilot["moe_inter_node_bytes_per_step"],
+            "tokens_per_group": tokens, "local_capacity": local_capacity, "remote_capacity": capacity,
+            "remote_capacity_factor": factor_for_capacity(capacity, tokens, cfg.num_experts),
+            "predicted_drop_percent": 100 * found["drop_rate"],
+            "predicted_local_drop_percent": 100 * found["local_drop_rate"],
+            "predicted_remote_drop_percent": 100 * found["remote_drop_rate"],
+            "predicted_inter_node_bytes_per_step": predicted_inter_node_bytes(cfg, local_capacity, capacity),
+            "pilot_remote_spread": remote_spread(counts, mask)}
+
+
+def goals(results):
+    """LocMoE against the baselines (Switch, Hash; ppl against the best other router): byte ratios,
+    drop difference in points, ppl difference in % (means over seeds)."""
+    if "locmoe" not in results:
+        return {}
+    def mean(router, column):
+        return results[router]["summary"][column]["mean"]
+    loc = {c: mean("locmoe", c) for c in ("inter-node MoE MiB/step", "drop %", "valid ppl")}
+    others = [r for r in results if r != "locmoe"]
+    out = {}
+    for base in ("switch", "hash"):
+        if base in results:
+            out[f"bytes locmoe/{base}"] = loc["inter-node MoE MiB/step"] / mean(base, "inter-node MoE MiB/step")
+            out[f"drop points locmoe-{base}"] = loc["drop %"] - mean(base, "drop %")
+    if others:
+        best = min(others, key=lambda r: mean(r, "valid ppl"))
+        out["best baseline ppl"] = best
+        out["ppl locmoe vs best %"] = 100 * (loc["valid ppl"] / mean(best, "valid ppl") - 1)
+    return out
+
+
 def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_CLUSTERS, config_dir=None,
-            dispatch="padded", hw=None, overwrite=False, log=print, seeds=1):
+            dispatch="padded", hw=None, overwrite=False, log=print, seeds=1, equal_drops=None,
+            pilot_remote_factor=None, lock=None, reuse=False):
     """Train, evaluate and simulate every router over `seeds` seeds (train.seed, train.seed + 1, ...);
-    write report.md and report.json; return {'meta': ..., 'results': {router: ...}}."""
-    from pangu_sigma.config import load_config
+    write report.md and report.json; return {'meta': ..., 'results': {router: ...}}.
+
+    equal_drops (a percentage): per router, first a pilot run (seed train.seed) with
+    moe.remote_capacity_factor = pilot_remote_factor (default moe.capacity_factor), then the
+    smallest remote capacity whose predicted valid drop rate (mean over MoE layers, from the
+    pilot's routed counts) is <= equal_drops % (`calibrate`), and the seeded runs at it.
+    lock: a file held (flock) while each run trains and evaluates. reuse: finished runs in `output`
+    (an interrupted comparison) are evaluated again instead of trained."""
+    from pangu_sigma.config import config_from_dict, load_config
     from pangu_sigma.build import dataset_meta
 
     hw = (hw or Hardware()).validate()
@@ -328,16 +536,32 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
     if not (isinstance(seeds, int) and seeds >= 1):
         raise ConfigError("--seeds", seeds, "an integer >= 1")
     base = load_config(config_path, list(overrides))
+    if equal_drops is not None:
+        if not (isinstance(equal_drops, (int, float)) and 0 <= equal_drops < 100):
+            raise ConfigError("--equal-drops", equal_drops, "a drop rate in percent, 0 <= x < 100")
+        if base.moe.remote_capacity_factor <= 0:
+            raise ConfigError("moe.remote_capacity_factor", base.moe.remote_capacity_factor,
+                              "> 0 with --equal-drops (the two-tier exchange, whose remote capacity is calibrated)")
+        pilot_remote_factor = base.moe.capacity_factor if pilot_remote_factor is None else pilot_remote_factor
     seed_values = [base.train.seed + k for k in range(seeds)]
-    cfgs = {}
+    cfgs, pilots = {}, {}
+
+    with open(config_path, encoding="utf-8") as handle:  # read once: runs that start later (after a pilot)
+        raw = yaml.safe_load(handle)                       # do not see later edits of the file
+
+    def router_config(router, run_dir, seed, extra=()):
+        return config_from_dict(copy.deepcopy(raw), list(overrides) + [
+            f"moe.router={router}", f"train.output_dir={run_dir}", f"train.train_steps={steps}",
+            f"train.seed={seed}"] + list(extra))
+
     for router in routers:  # validate everything before training anything
+        if equal_drops is not None:
+            pilots[router] = router_config(router, os.path.join(output, router, "pilot"), seed_values[0],
+                                           [f"moe.remote_capacity_factor={pilot_remote_factor!r}"])
         for seed in seed_values:
-            run_dir = os.path.join(output, router, f"seed{seed}")
-            cfgs[router, seed] = load_config(config_path, list(overrides) + [
-                f"moe.router={router}", f"train.output_dir={run_dir}", f"train.train_steps={steps}",
-                f"train.seed={seed}"])
+            cfgs[router, seed] = router_config(router, os.path.join(output, router, f"seed{seed}"), seed)
         if os.path.isdir(os.path.join(output, router)) and os.listdir(os.path.join(output, router)) \
-                and not overwrite:
+                and not (overwrite or reuse):
             raise ConfigError("--output", output, f"a folder without a previous run in {os.path.join(output, router)} "
                               "(pass --overwrite to replace it)")
     cfg0 = cfgs[routers[0], seed_values[0]]
@@ -345,10 +569,25 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
     os.makedirs(output, exist_ok=True)
     results = {}
     for router in routers:
-        runs = [run_figures(cfgs[router, seed], router, clusters, config_dir, dispatch, hw, log)
+        calibration = None
+        if equal_drops is not None:
+            counts = []
+            pilot = run_figures(pilots[router], router, (), config_dir, dispatch, hw, log, lock, counts, reuse)
+            np.save(os.path.join(pilot["run_dir"], "valid_pair_counts.npy"), counts[0])  # [M, N, G, E]
+            calibration = calibrate(pilots[router], pilot, counts[0], equal_drops)
+            log(f"[compare] {router}: remote capacity {calibration['remote_capacity']} "
+                f"(moe.remote_capacity_factor={calibration['remote_capacity_factor']!r}) predicted to drop "
+                f"{calibration['predicted_drop_percent']:.2f}% <= {equal_drops:g}% on the valid split "
+                f"(pilot at {calibration['pilot_remote_capacity']}: {calibration['pilot_drop_percent']:.2f}%)")
+            for seed in seed_values:
+                cfgs[router, seed] = router_config(
+                    router, os.path.join(output, router, f"seed{seed}"), seed,
+                    [f"moe.remote_capacity_factor={calibration['remote_capacity_factor']!r}"])
+        runs = [run_figures(cfgs[router, seed], router, clusters, config_dir, dispatch, hw, log, lock, reuse=reuse)
                 for seed in seed_values]
         first = cfg0.model.num_layers - cfg0.model.moe_layer_num
         results[router] = {
+            "calibration": calibration,
             "seeds": seed_values, "runs": runs, "blocks": list(range(first, cfg0.model.num_layers)),
             "summary": summarize(runs, columns(domains, clusters)),
             "domains": {d: summarize([r["valid"]["domains"][d] for r in runs if d in r["valid"]["domains"]],
@@ -364,7 +603,9 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
             "domain_columns": [name for name, _, _ in DOMAIN_COLUMNS],
             "dispatch": dispatch, "efficiency": hw.efficiency, "config_dir": config_dir,
             "virtual_world_size": cfg0.parallel.virtual_world_size, "virtual_rank": cfg0.parallel.virtual_rank,
-            "devices_per_node": cfg0.parallel.devices_per_node}
+            "devices_per_node": cfg0.parallel.devices_per_node, "equal_drops_percent": equal_drops,
+            "pilot_remote_capacity_factor": pilot_remote_factor if equal_drops is not None else None,
+            "goals": goals(results)}
     write_json(os.path.join(output, "report.json"), {"meta": meta, "results": results})
     text = render(results, clusters, meta)
     tmp = os.path.join(output, f"report.md.tmp{os.getpid()}")
@@ -399,6 +640,15 @@ def main(argv=None):
     parser.add_argument("--efficiency", type=float, default=Hardware.efficiency)
     parser.add_argument("--overwrite", action="store_true", help="replace previous runs in --output")
     parser.add_argument("--quiet", action="store_true", help="only the [compare] lines")
+    parser.add_argument("--equal-drops", type=float, metavar="PERCENT",
+                        help="compare at equal drops: per router a pilot run, then the smallest remote capacity "
+                             "whose valid drop rate is <= PERCENT (mean over MoE layers) for the seeded runs")
+    parser.add_argument("--pilot-remote-capacity-factor", type=float,
+                        help="the pilot runs' moe.remote_capacity_factor (default moe.capacity_factor)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="evaluate runs in --output whose training finished instead of training them again")
+    parser.add_argument("--lock", help="a file to hold an exclusive flock on while each run trains and evaluates "
+                                       "(runs interleave with other heavy jobs on a shared machine)")
     args = parser.parse_args(argv)
 
     def log(line):
@@ -411,7 +661,7 @@ def main(argv=None):
             raise ConfigError("--clusters", args.clusters, "positive device counts")
         compare(args.config, parse_list(args.routers, "--routers"), args.steps, args.output, args.set, clusters,
                 args.cluster_config_dir, args.dispatch, Hardware(efficiency=args.efficiency), args.overwrite, log,
-                args.seeds)
+                args.seeds, args.equal_drops, args.pilot_remote_capacity_factor, args.lock, args.reuse)
     except ConfigError as err:
         return fail(err)
     return 0

@@ -1,0 +1,132 @@
+"""Equal-drops calibration (pangu_sigma.tools.equal_drops): the arithmetic against a hand-worked
+example, and first-come-first-served drops against the layer's own slot assignment."""
+import numpy as np
+import pytest
+
+from locmoe.capacity import expert_capacity
+from pangu_sigma.evaluation.domain_stats import pair_counts_of
+from pangu_sigma.tools.equal_drops import (drops_at, factor_for_capacity, smallest_remote_capacity,
+                                           tier_drop_rates)
+
+# 2 token groups x 4 experts; group 0's node holds experts {0, 1}, group 1's {2, 3}.
+MASK = np.array([[1, 1, 0, 0], [0, 0, 1, 1]])
+# one MoE layer, two batches of 8 tokens per group: routed tokens per (batch, group, expert)
+COUNTS = np.array([[[[4, 1, 3, 0], [0, 2, 4, 2]],
+                    [[2, 2, 0, 4], [3, 0, 4, 1]]]])  # [M=1, N=2, G=2, E=4], 32 tokens
+
+
+def test_hand_worked_drops_per_tier():
+    # local pairs at C_l = 3: 4->1, 1, 4->1, 2 | 2, 2, 4->1, 1: 3 dropped
+    # remote pairs (3, 0, 0, 2 | 0, 4, 3, 0): C_r=1: 2+1+3+2 = 8; C_r=2: 1+2+1 = 4; C_r=3: 1; C_r=4: 0
+    for remote_capacity, remote_drops in ((1, 8), (2, 4), (3, 1), (4, 0)):
+        local, remote = tier_drop_rates(COUNTS, MASK, 3, remote_capacity)
+        assert local.tolist() == [3 / 32] and remote.tolist() == [remote_drops / 32]
+
+
+@pytest.mark.parametrize("target, multiple, expected", [
+    (0.15, 1, 3),       # 3 -> (3 + 1) / 32 = 12.5% <= 15%; 2 -> 7/32 = 21.9%
+    (0.20, 1, 3),
+    (0.25, 1, 2),       # 21.9% <= 25%
+    (3 / 32, 1, 4),     # only C_r = 4 leaves just the local tier's 3 drops
+    (0.15, 2, 4),       # multiples of 2: 2 -> 21.9%, 4 -> 9.4%
+])
+def test_hand_worked_smallest_remote_capacity(target, multiple, expected):
+    found = smallest_remote_capacity(COUNTS, MASK, 3, target, multiple)
+    assert found["capacity"] == expected
+    assert found["drop_rate"] <= target and found["local_drop_rate"] == 3 / 32
+
+
+def test_the_local_tier_alone_over_the_target_gives_no_capacity():
+    assert smallest_remote_capacity(COUNTS, MASK, 3, 0.09)["capacity"] is None
+
+
+def test_the_target_is_on_the_mean_over_layers():
+    no_drops = np.array([[[[1, 1, 0, 0], [0, 0, 1, 1]]] * 2])  # a second layer that drops nothing
+    both = np.concatenate([COUNTS, no_drops])  # [2, 2, 2, 4]
+    # layer 1 at C_r = 3: 12.5%, layer 2: 0 -> mean 6.25% <= 7%; C_r = 2: (21.9 + 0) / 2 = 10.9%
+    assert smallest_remote_capacity(both, MASK, 3, 0.07)["capacity"] == 3
+    assert smallest_remote_capacity(both, MASK, 3, 0.10)["capacity"] == 3
+    assert smallest_remote_capacity(both, MASK, 3, 0.11)["capacity"] == 2
+
+
+def test_factor_gives_the_capacity_back():
+    for tokens, experts in ((128, 8), (96, 7), (1000, 64), (17, 3)):
+        for capacity in range(1, 3 * tokens // experts):
+            assert expert_capacity(tokens, factor_for_capacity(capacity, tokens, experts), experts) == capacity
+
+
+def test_first_come_first_served_drops_match_the_layers_slots():
+    """drops_at on pair counts == the tokens assign_tiered_slots (the layer's two-tier slot
+    assignment) leaves without a slot, for random routing at several capacities."""
+    from mindspore import Tensor
+    from locmoe.dispatch import assign_tiered_slots, tier_layout
+
+    rng = np.random.default_rng(0)
+    expert_index = rng.choice(4, size=(2, 40), p=[0.4, 0.3, 0.2, 0.1]).astype(np.int32)  # [G, T]
+    counts = pair_counts_of(expert_index, 4)  # [G, E]
+    assert counts.tolist() == [[int((expert_index[g] == e).sum()) for e in range(4)] for g in range(2)]
+    mask = Tensor(MASK.astype(np.float32))
+    for local_capacity, remote_capacity in ((5, 2), (12, 6), (3, 9), (20, 20)):
+        capacity, offset = tier_layout(mask, local_capacity, remote_capacity)
+        slots = 2 * local_capacity + 2 * remote_capacity
+        _, keep, _ = assign_tiered_slots(Tensor(expert_index), capacity, offset, slots)
+        layer_drops = int(round(float((1 - keep.asnumpy()).sum())))
+        predicted = drops_at(counts, capacity.asnumpy().astype(np.int64))
+        local, remote = tier_drop_rates(counts[None, None], MASK, local_capacity, remote_capacity)
+        assert layer_drops == predicted == round(80 * (local[0] + remote[0]))
+
+
+def test_goals_and_the_equal_drops_section_from_given_results():
+    from pangu_sigma.tools import compare_routers as cr
+
+    def router(ppl, drop, mib):
+        summary = {"valid ppl": cr.spread([ppl]), "drop %": cr.spread([drop]),
+                   "inter-node MoE MiB/step": cr.spread([mib])}
+        calibration = {"pilot_remote_capacity": 80, "pilot_drop_percent": 0.5, "pilot_predicted_drop_percent": 0.5,
+                       "pilot_inter_node_bytes_per_step": 15 * 2**20, "local_capacity": 80, "remote_capacity": 20,
+                       "remote_capacity_factor": 1.25, "predicted_drop_percent": 4.5,
+                       "predicted_local_drop_percent": 0.5, "predicted_remote_drop_percent": 4.0,
+                       "predicted_inter_node_bytes_per_step": mib * 2**20,
+                       "pilot_remote_spread": {"remote_tokens": 64.0, "remote_pairs": 6, "used_pairs": 2.0,
+                                               "tokens_per_used_pair": 32.0, "busiest_pair": 36.5}}
+        return {"summary": summary, "calibration": calibration}
+
+    results = {"locmoe": router(101.0, 4.0, 3.0), "switch": router(100.0, 3.5, 4.0), "hash": router(110.0, 5.0, 6.0)}
+    g = cr.goals(results)
+    assert g["bytes locmoe/switch"] == pytest.approx(0.75) and g["bytes locmoe/hash"] == pytest.approx(0.5)
+    assert g["drop points locmoe-switch"] == pytest.approx(0.5) and g["drop points locmoe-hash"] == pytest.approx(-1)
+    assert g["best baseline ppl"] == "switch" and g["ppl locmoe vs best %"] == pytest.approx(1.0)
+    text = "\n".join(cr.render_calibration(results, {"equal_drops_percent": 5.0, "seeds": [1234],
+                                                     "pilot_remote_capacity_factor": 5.0, "goals": g}))
+    assert ("| locmoe | 80 | 0.50 (0.50) | 15.00 | 80 | 20 | 1.25 | 4.50 (0.50 + 4.00) | 3.00 | 4.00 | 3.00 | "
+            "64.0, 2.00 / 6, 32.0, 36.5 |") in text
+    assert "bytes LocMoE/switch: 0.750" in text and "(switch): +1.00%" in text
+    assert cr.render_calibration(results, {"equal_drops_percent": None}) == []
+
+
+def test_equal_drops_needs_two_tiers_and_a_percentage(tiny_data, tmp_path):
+    import yaml
+    from locmoe.errors import ConfigError
+    from pangu_sigma.tools.compare_routers import compare
+
+    path = tmp_path / "tiny.yaml"
+    raw = {"model": {"seq_length": 16, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "ffn_hidden_size": 64,
+                     "moe_layer_num": 1},
+           "moe": {"router": "locmoe", "expert_num_per_dp_dim": 1},
+           "parallel": {"expert_parallel": 4, "devices_per_node": 2, "virtual_world_size": 4},
+           "data": {"dataset_dir": tiny_data}, "train": {"batch_size": 8, "sink_size": 1, "train_steps": 2}}
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="moe.remote_capacity_factor"):
+        compare(str(path), ["locmoe"], 2, str(tmp_path / "out"), equal_drops=5.0)
+    with pytest.raises(ConfigError, match="--equal-drops"):
+        compare(str(path), ["locmoe"], 2, str(tmp_path / "out"), ["moe.remote_capacity_factor=0.5"],
+                equal_drops=100.0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_hand_worked_remote_spread():
+    from pangu_sigma.tools.equal_drops import remote_spread
+    # remote pairs per (batch, group): (3, 0), (0, 2), (0, 4), (3, 0): one used pair each
+    s = remote_spread(COUNTS, MASK)
+    assert s == {"remote_tokens": 3.0, "remote_pairs": 2, "used_pairs": 1.0, "tokens_per_used_pair": 3.0,
+                 "busiest_pair": 3.0}
