@@ -130,8 +130,8 @@ def convert(source, output_dir, layout, with_optimizer=False, log=print, optimiz
     marker = {k: meta[k] for k in ("global_batch", "samples_consumed") if k in meta}
     checkpoint.mark_complete(output_dir, step, layout, marker)
     log(f"[checkpoint_tool] wrote step {step} of {source.where} as {layout['world_size']} ranks "
-        f"(tp={layout['tp']}, ep={layout['ep']}, {layout['num_experts'] // layout['ep']} experts per rank) "
-        f"into {output_dir}")
+        f"(tp={layout['tp']}, ep={layout['ep']}, {layout['num_experts'] // layout['ep']} experts per rank"
+        f"{', moments as ZeRO-1 slices' if optimizer_shard else ''}) into {output_dir}")
     return output_dir
 
 
