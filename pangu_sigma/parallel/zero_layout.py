@@ -65,7 +65,7 @@ def piece_from_slices(name, read, shape, layout, holder):
     for rank in group:
         piece = read(rank)
         if piece.ndim != 1 or piece.shape[0] != length:
-            raise ValueError(f"{zero_name(name)} of rank {rank} has shape {tuple(piece.shape)}; the layout gives slices "
-                             f"of ({length},) for a piece of shape {tuple(shape)} over {len(group)} ranks")
+            raise ValueError(f"{zero_name(name)} of rank {rank} has shape {tuple(piece.shape)}; the layout gives "
+                             f"slices of ({length},) for a piece of shape {tuple(shape)} over {len(group)} ranks")
         slices.append(piece)
     return unshard_moment(slices, tuple(shape))
