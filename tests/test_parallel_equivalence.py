@@ -114,6 +114,7 @@ def test_parallel_run_equals_single_process(runs, name):
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", [n for n in pc.OPTIONS if pc.OPTIONS[n].get("parallel", {}).get("optimizer_shard")])
 def test_sharded_optimizer_state_resumes_exactly(runs, name):
+    from pangu_sigma.parallel import reshard, zero_layout
     from pangu_sigma.parallel.grad_reduce import replica_group
     from pangu_sigma.parallel.zero import slice_layout
     from pangu_sigma.training import checkpoint
@@ -142,7 +143,7 @@ def test_sharded_optimizer_state_resumes_exactly(runs, name):
             sharded += len(group) > 1
         assert sharded > 0
     # the ranks' checkpoints merge into the unsharded single-process run's moments (the conversion's
-    # replica groups are the optimizer's)
+    # replica groups are the optimizer's), and those split back into exactly the slices the ranks hold
     layout = checkpoint.layout_of(pc.topology_of(name, 0), True)
     files = {r: checkpoint.step_base(str(out / f"{name}_ckpt"), r, pc.STEPS) + ".ckpt" for r in range(workers)}
     source = checkpoint.StateSource(files, layout, {}, name)
@@ -151,3 +152,7 @@ def test_sharded_optimizer_state_resumes_exactly(runs, name):
     merged = {n: source.full(n) for n in ref_moments}
     worst = max((_rel(merged[n], ref_moments[n]), n) for n in ref_moments)
     assert worst[0] <= 1e-5, worst
+    for rank in range(workers):  # (the worker's moment/ arrays are views the step after the save updated)
+        for n, full in merged.items():
+            again = zero_layout.slice_of(n, reshard.shard_one(n, full, layout, rank), layout, rank)
+            assert np.array_equal(again, source.readers[rank].read(zero_layout.zero_name(n))), (rank, n)
