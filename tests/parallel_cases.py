@@ -134,7 +134,8 @@ def build(name, ctx, output_dir, token_groups=1, group_ranks=None):
 
 
 def reference(name, output_dir):
-    """Single process: dp token groups posing as the ranks. -> (initial params, losses, final params, stats)."""
+    """Single process: dp token groups posing as the ranks. -> (initial params, losses, final params, stats,
+    the unsharded optimizer's Adam moments {adam_m./adam_v.<name>: array})."""
     workers, tp = CASES[name][:2]
     dp = workers // tp
     ctx = ParallelContext(topology_of(name, 0), "emulated", distributed=False)
@@ -144,4 +145,5 @@ def reference(name, output_dir):
         initialise(net, SEED_CASES[name], case_config(name, output_dir).model)
     initial = params_of(net)
     losses, stats = run_steps(step_cell, *global_batch(), groups=dp)
-    return initial, losses, params_of(net), stats
+    moments = {p.name: p.asnumpy().copy() for p in step_cell.get_parameters() if p.name.startswith("adam_")}
+    return initial, losses, params_of(net), stats, moments

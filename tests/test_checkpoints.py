@@ -290,6 +290,26 @@ def test_resume_on_another_layout_from_a_converted_checkpoint_matches_the_uninte
         assert resumed["losses"][step] == pytest.approx(summary["losses"][step], rel=1e-5, abs=0)
 
 
+def test_resume_from_sharded_optimizer_state_equals_the_uninterrupted_run(trained, tmp_path):
+    """Full run to step 2 -> converted to 8 ranks TP2 x DP4 x EP2 with the moments as ZeRO-1 slices
+    (the files a run with parallel.optimizer_shard writes) -> resumed on the run's own single-process
+    layout, which gathers the slices back: steps 3-4 equal the uninterrupted run's, bitwise."""
+    from conftest import tiny_run_config
+
+    cfg, run, summary, _ = trained
+    converted = str(tmp_path / "zero8")
+    assert checkpoint_tool.main(["convert", run, "--step", "2", "--output", converted, "--world-size", "8",
+                                 "--tp", "2", "--ep", "2", "--devices-per-node", "2", "--with-optimizer",
+                                 "--optimizer-shard"], log=_quiet) == 0
+    names = CheckpointReader(checkpoint.step_base(converted, 5, 2) + ".ckpt").names()
+    assert any(n.startswith("zero_v.") for n in names) and not any(n.startswith("adam_") for n in names)
+    lines = []
+    resumed = train(tiny_run_config(cfg.data.dataset_dir, converted, LAYOUT_SETS), resume=True, log=lines.append)
+    assert any("resharded from tp=2 ep=2 on 8 ranks" in line for line in lines), lines
+    assert sorted(resumed["losses"]) == [3, 4]
+    assert [resumed["losses"][s] for s in (3, 4)] == [summary["losses"][s] for s in (3, 4)]
+
+
 def test_train_cli_into_an_existing_run_is_one_line_and_changes_nothing(trained, tmp_path):
     cfg, run, _, _ = trained
     path = tmp_path / "run.yaml"
@@ -305,9 +325,10 @@ def test_train_cli_into_an_existing_run_is_one_line_and_changes_nothing(trained,
     assert sorted(os.listdir(tmp_path)) == ["run.yaml"]  # nothing left in the working directory
 
 
-def test_sharded_optimizer_slices_load_on_their_layout_and_are_refused_elsewhere(tmp_path):
+def test_sharded_optimizer_slices_load_on_their_layout_and_merge_elsewhere(tmp_path):
     """ZeRO-1 moments (zero_m./zero_v.) are a rank's flat slice: the rank that wrote them loads them as
-    written; merging them into a full tensor or moving them to another layout is a one-line error."""
+    written; elsewhere they are gathered over the replica group into the full moment (adam_m.), and a
+    one-process cell loads that (the other layouts: test_zero_conversion.py)."""
     layout = {"world_size": 2, "tp": 1, "ep": 1, "num_experts": 4, "devices_per_node": 2}
     files = {}
     for rank in range(2):
@@ -317,21 +338,21 @@ def test_sharded_optimizer_slices_load_on_their_layout_and_are_refused_elsewhere
             writer.write("zero_m.w", np.full(3, rank + 1.0, np.float32))  # ceil(6 / 2) elements
     source = checkpoint.StateSource(files, layout, {}, "two ranks")
     assert checkpoint.is_optimizer_state("zero_m.w") and checkpoint.is_optimizer_state("zero_v.w")
+    assert source.names() == ["w", "adam_m.w"]
 
-    class Cell:  # the parameters of rank 1's train step, as load_state sees them
-        def __init__(self):
+    class Cell:  # the parameters of a train step, as load_state sees them
+        def __init__(self, moment, shape):
             self.params = [ms.Parameter(ms.Tensor(np.zeros((2, 3), np.float32)), name="w"),
-                           ms.Parameter(ms.Tensor(np.zeros(3, np.float32)), name="zero_m.w")]
+                           ms.Parameter(ms.Tensor(np.zeros(shape, np.float32)), name=moment)]
 
         def get_parameters(self):
             return iter(self.params)
 
-    cell = Cell()
+    cell = Cell("zero_m.w", 3)  # rank 1's
     checkpoint.load_state(cell, source, layout, 1)
     assert np.array_equal(cell.params[1].asnumpy(), np.full(3, 2.0, np.float32))  # rank 1's own slice
-    with pytest.raises(ConfigError) as err:
-        source.full("zero_m.w")
-    assert "ZeRO-1 slice" in str(err.value) and "\n" not in str(err.value)
-    other = dict(layout, world_size=1)
-    with pytest.raises(ConfigError):
-        checkpoint.load_state(Cell(), source, other, 0)
+    full = np.array([[1, 1, 1], [2, 2, 2]], np.float32)  # rank 0's slice, then rank 1's
+    assert np.array_equal(source.full("zero_m.w"), full) and np.array_equal(source.full("adam_m.w"), full)
+    single = Cell("adam_m.w", (2, 3))
+    checkpoint.load_state(single, source, dict(layout, world_size=1), 0)
+    assert np.array_equal(single.params[1].asnumpy(), full)

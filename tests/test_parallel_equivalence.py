@@ -6,7 +6,8 @@ sharding and gradient accumulation over 2 micro-batches, against the single proc
 losses and same parameters after 2 optimizer steps (relative difference <= 1e-5), the same logged
 drops per tier and node-local tokens per data-parallel rank (exact counts); from the seed the
 initial TP shards of a matrix also differ; the sharded cases resume exactly from their per-rank
-checkpoints and hold only their slice of the Adam moments."""
+checkpoints, hold only their slice of the Adam moments, and their checkpoints merge into the single
+process's moments (the ZeRO-1 conversion of pangu_sigma.training.checkpoint)."""
 import os
 import socket
 import subprocess
@@ -44,9 +45,9 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("equivalence")
     refs = {}
     for name in SELECTED:
-        initial, losses, final, stats = pc.reference(name, str(out / f"{name}_ref"))
+        initial, losses, final, stats, moments = pc.reference(name, str(out / f"{name}_ref"))
         np.savez(out / f"{name}_initial.npz", **initial)
-        refs[name] = (losses, final, stats)
+        refs[name] = (losses, final, stats, moments)
     bindir = os.path.dirname(sys.executable)
     env = dict(os.environ, GLOG_v="3", PATH=bindir + os.pathsep + os.environ.get("PATH", ""),
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -84,7 +85,7 @@ def test_parallel_run_equals_single_process(runs, name):
     workers = pc.CASES[name][0]
     if workers in failures:
         pytest.fail(failures[workers])
-    ref_losses, ref_params, ref_stats = refs[name]
+    ref_losses, ref_params, ref_stats, _ = refs[name]
     per_rank, topologies = [], []
     for rank in range(workers):
         data = np.load(out / f"{name}_rank{rank}.npz")
@@ -114,10 +115,12 @@ def test_parallel_run_equals_single_process(runs, name):
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", [n for n in pc.OPTIONS if pc.OPTIONS[n].get("parallel", {}).get("optimizer_shard")])
 def test_sharded_optimizer_state_resumes_exactly(runs, name):
+    from pangu_sigma.parallel import reshard, zero_layout
     from pangu_sigma.parallel.grad_reduce import replica_group
     from pangu_sigma.parallel.zero import slice_layout
+    from pangu_sigma.training import checkpoint
 
-    out, _, failures = runs
+    out, refs, failures = runs
     workers = pc.CASES[name][0]
     if workers in failures:
         pytest.fail(failures[workers])
@@ -149,3 +152,17 @@ def test_sharded_optimizer_state_resumes_exactly(runs, name):
             assert data[key].shape == (expected,), (pname, data[key].shape, expected)
             sharded += len(group) > 1
         assert sharded > 0
+    # the ranks' checkpoints merge into the unsharded single-process run's moments (the conversion's
+    # replica groups are the optimizer's), and those split back into exactly the slices the ranks hold
+    layout = checkpoint.layout_of(pc.topology_of(name, 0), True)
+    files = {r: checkpoint.step_base(str(out / f"{name}_ckpt"), r, pc.STEPS) + ".ckpt" for r in range(workers)}
+    source = checkpoint.StateSource(files, layout, {}, name)
+    ref_moments = refs[name][3]
+    assert ref_moments and sorted(n for n in source.names() if n.startswith("adam_")) == sorted(ref_moments)
+    merged = {n: source.full(n) for n in ref_moments}
+    worst = max((_rel(merged[n], ref_moments[n]), n) for n in ref_moments)
+    assert worst[0] <= 1e-5, worst
+    for rank in range(workers):  # (the worker's moment/ arrays are views the step after the save updated)
+        for n, full in merged.items():
+            again = zero_layout.slice_of(n, reshard.shard_one(n, full, layout, rank), layout, rank)
+            assert np.array_equal(again, source.readers[rank].read(zero_layout.zero_name(n))), (rank, n)

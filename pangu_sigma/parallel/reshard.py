@@ -200,8 +200,8 @@ SHARDED_MOMENT_PREFIXES = ("zero_m.", "zero_v.")
 
 
 def model_name_of(name):
-    """The model parameter a state entry follows (a moment's parameter), or name itself."""
-    for prefix in OPTIMIZER_PREFIXES:
+    """The model parameter a state entry follows (a moment's parameter, or its ZeRO-1 slice's), or name itself."""
+    for prefix in OPTIMIZER_PREFIXES + SHARDED_MOMENT_PREFIXES:
         if name.startswith(prefix):
             return name[len(prefix):]
     return name
@@ -216,7 +216,8 @@ def tp_spec_of(name):
     return None
 
 
-def _layout_topology(layout, rank):
+def layout_topology(layout, rank):
+    """The Topology of rank `rank` of a layout dict."""
     from locmoe.topology import Topology
 
     return Topology(world_size=layout["world_size"], tp=layout["tp"], ep=layout["ep"],
@@ -233,7 +234,7 @@ def shard_one(name, full, layout, rank):
     """The piece of full numpy array `full` that rank `rank` of layout holds."""
     if layout["world_size"] == 1:
         return full
-    topology = _layout_topology(layout, rank)
+    topology = layout_topology(layout, rank)
     spec = tp_spec_of(name) if layout["tp"] > 1 else None
     if spec is not None:
         return np.ascontiguousarray(spec.shard(full, layout["tp"], topology.tp_rank()))
@@ -250,7 +251,7 @@ def holders(name, layout):
     """The ranks whose pieces make the full array, in the order gather_one takes them."""
     spec = tp_spec_of(name) if layout["tp"] > 1 else None
     is_expert = _expert_kind(model_name_of(name))[0] is not None
-    topologies = [_layout_topology(layout, r) for r in range(layout["world_size"])]
+    topologies = [layout_topology(layout, r) for r in range(layout["world_size"])]
     if spec is not None:
         return [_rank_with(topologies, tp=t) for t in range(layout["tp"])]
     if is_expert:

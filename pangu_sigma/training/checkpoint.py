@@ -22,7 +22,7 @@ import shutil
 import mindspore as ms
 
 from locmoe.errors import ConfigError
-from pangu_sigma.parallel import reshard
+from pangu_sigma.parallel import reshard, zero_layout
 from pangu_sigma.training.ckpt_stream import CheckpointReader, CheckpointWriter, remove_stale_temporaries
 from pangu_sigma.training.train_step import TRANSIENT_PREFIXES
 
@@ -186,6 +186,9 @@ class StateSource:
     """Full parameters (and optimizer state) of a checkpoint in any layout, one at a time.
 
     files: {rank: .ckpt path}; layout: how they are split; meta: the step's description.
+    Adam moments go by their full-layout names (adam_m./adam_v.): a run with
+    parallel.optimizer_shard stores each rank's ZeRO-1 slice (zero_m./zero_v.), which `full`
+    gathers over the parameter's replica group into the rank's piece before the TP/EP gather.
     """
 
     def __init__(self, files, layout, meta, where):
@@ -194,26 +197,41 @@ class StateSource:
         self.where = where
         self.readers = {rank: CheckpointReader(path) for rank, path in files.items()}
         self._first = self.readers[min(self.readers)]
-        self._names = self._first.names()
+        self._names = [zero_layout.adam_name(n) for n in self._first.names()]
+        self._known = set(self._names)
 
     def names(self, with_optimizer=True):
         return [n for n in self._names if with_optimizer or not is_optimizer_state(n)]
 
     def __contains__(self, name):
-        return name in self._first
+        return zero_layout.adam_name(name) in self._known
 
     def full(self, name):
-        """The full (single-process) array of one state entry."""
-        if name.startswith(reshard.SHARDED_MOMENT_PREFIXES):
-            raise ConfigError("checkpoint", self.where,
-                              f"a checkpoint without sharded optimizer state for this operation: {name} is a rank's "
-                              "ZeRO-1 slice (parallel.optimizer_shard), which is only resumed on the layout that "
-                              "wrote it; merging or moving it to another layout is not implemented yet (convert "
-                              "without optimizer state, or resume with the same parallel settings)")
+        """The full (single-process) array of one state entry (a moment by either name)."""
+        name = zero_layout.adam_name(name)
+        if name not in self._first and zero_layout.zero_name(name) in self._first:
+            return self._gather_sharded_moment(name)
         if self.layout["world_size"] == 1:
             return self.readers[0].read(name)
         ranks = reshard.holders(name, self.layout)
         return reshard.gather_one(name, [self.readers[r].read(name) for r in ranks], self.layout)
+
+    def _gather_sharded_moment(self, name):
+        """ZeRO-1 slices -> each TP/EP holder's piece (over its replica group) -> the full moment."""
+        stored, param = zero_layout.zero_name(name), reshard.model_name_of(name)
+        ranks = reshard.holders(name, self.layout) if self.layout["world_size"] > 1 else [0]
+        pieces = []
+        for holder in ranks:
+            missing = [r for r in zero_layout.group_of(name, self.layout, holder) if r not in self.readers]
+            if missing or param not in self.readers[holder]:
+                raise ConfigError("checkpoint", self.where, f"every rank's file of the run: {stored} needs ranks "
+                                                            f"{missing} and the parameter {param} of rank {holder}")
+            try:
+                pieces.append(zero_layout.piece_from_slices(name, lambda r: self.readers[r].read(stored),
+                                                            self.readers[holder].shape(param), self.layout, holder))
+            except ValueError as err:
+                raise ConfigError("checkpoint", self.where, f"ZeRO-1 slices of its recorded layout ({err})") from None
+        return reshard.gather_one(name, pieces, self.layout)
 
     def full_shape(self, name):
         return self.full(name).shape
@@ -267,13 +285,17 @@ def load_state(cell, source, layout, rank, field="--checkpoint", strict=True, wi
         raise ConfigError(field, source.where, f"a checkpoint of this model; it lacks {len(missing)} "
                                                f"parameters, e.g. {missing[:3]}")
     values = {}
-    direct = same_layout(source.layout, layout) and rank in source.readers  # this rank's own file, as written
+    same = same_layout(source.layout, layout) and rank in source.readers
     for param in own:
         if param.name not in source:
             continue
         try:
-            piece = (source.readers[rank].read(param.name) if direct
-                     else reshard.shard_one(param.name, source.full(param.name), layout, rank))
+            if same and param.name in source.readers[rank]:  # this rank's own file, as written
+                piece = source.readers[rank].read(param.name)
+            else:  # resharded: the full array, this rank's TP/EP piece, (ZeRO-1) this rank's slice of it
+                piece = reshard.shard_one(param.name, source.full(param.name), layout, rank)
+                if zero_layout.is_sharded_moment(param.name):
+                    piece = zero_layout.slice_of(param.name, piece, layout, rank)
         except ValueError as err:
             raise ConfigError(field, source.where, f"a checkpoint of this model ({err})") from None
         if tuple(piece.shape) != tuple(param.shape):

@@ -2,7 +2,7 @@
 
     python -m pangu_sigma.training.checkpoint_tool merge SRC --output FILE.ckpt [--with-optimizer]
     python -m pangu_sigma.training.checkpoint_tool convert SRC --output RUN_DIR --world-size N --tp T
-        (--ep E | --experts-per-rank K) [--devices-per-node D] [--with-optimizer]
+        (--ep E | --experts-per-rank K) [--devices-per-node D] [--with-optimizer [--optimizer-shard]]
     python -m pangu_sigma.training.checkpoint_tool info SRC
 
 SRC: a .ckpt file (single-process, or a merged one) or a run folder (its newest
@@ -12,7 +12,11 @@ folder (checkpoints/rank_<r>/step_<N>.ckpt + .json, the completion marker and
 run.json) that `train --resume` (with train.output_dir=RUN_DIR) and eval read.
 --with-optimizer keeps the Adam moments, the optimizer step (the learning-rate
 position), the train step and the loss scale; without it only the model's
-parameters are written. Every full parameter is read, split and written before
+parameters are written. Moments of a run with parallel.optimizer_shard (each rank's
+ZeRO-1 slice) are gathered into full moments; merge writes them, and convert writes
+them as the target's pieces (adam_m./adam_v., which a run with or without
+optimizer_shard resumes from) or, with --optimizer-shard, as the target ranks'
+ZeRO-1 slices (zero_m./zero_v.). Every full parameter is read, split and written before
 the next is read, so the tool never holds the model twice; every output file is
 written under a temporary name and renamed.
 """
@@ -21,7 +25,7 @@ import sys
 
 from locmoe.errors import ConfigError, OneLineArgumentParser, run_cli
 from locmoe.topology import Topology
-from pangu_sigma.parallel import reshard
+from pangu_sigma.parallel import reshard, zero_layout
 from pangu_sigma.training import checkpoint
 from pangu_sigma.training.ckpt_stream import CheckpointWriter
 
@@ -81,8 +85,15 @@ def merge(source, output, with_optimizer=False, log=print):
     return output
 
 
-def convert(source, output_dir, layout, with_optimizer=False, log=print):
-    """A run-shaped folder holding source's state in `layout` (complete: marker written last)."""
+def convert(source, output_dir, layout, with_optimizer=False, log=print, optimizer_shard=False):
+    """A run-shaped folder holding source's state in `layout` (complete: marker written last).
+
+    optimizer_shard: write the Adam moments as each rank's ZeRO-1 slice (parallel.optimizer_shard).
+    """
+    if optimizer_shard and not with_optimizer:
+        raise ConfigError("--optimizer-shard", True, "together with --with-optimizer (it lays out the moments)")
+    if optimizer_shard and layout["world_size"] == 1:
+        raise ConfigError("--optimizer-shard", True, "a target of --world-size > 1 (one process keeps whole moments)")
     if checkpoint.holds_run(output_dir):
         raise ConfigError("--output", output_dir, "a folder without a run in it (it holds one)")
     checkpoint.check_writable(output_dir, "--output")
@@ -96,7 +107,11 @@ def convert(source, output_dir, layout, with_optimizer=False, log=print):
         for name in names:
             full = source.full(name)
             for r, writer in zip(ranks, writers):
-                writer.write(name, reshard.shard_one(name, full, layout, r))
+                piece = reshard.shard_one(name, full, layout, r)
+                if optimizer_shard and name.startswith(reshard.OPTIMIZER_PREFIXES):
+                    writer.write(zero_layout.zero_name(name), zero_layout.slice_of(name, piece, layout, r))
+                else:
+                    writer.write(name, piece)
     except BaseException as err:
         for writer in writers:
             writer.__exit__(type(err), err, None)
@@ -115,8 +130,8 @@ def convert(source, output_dir, layout, with_optimizer=False, log=print):
     marker = {k: meta[k] for k in ("global_batch", "samples_consumed") if k in meta}
     checkpoint.mark_complete(output_dir, step, layout, marker)
     log(f"[checkpoint_tool] wrote step {step} of {source.where} as {layout['world_size']} ranks "
-        f"(tp={layout['tp']}, ep={layout['ep']}, {layout['num_experts'] // layout['ep']} experts per rank) "
-        f"into {output_dir}")
+        f"(tp={layout['tp']}, ep={layout['ep']}, {layout['num_experts'] // layout['ep']} experts per rank"
+        f"{', moments as ZeRO-1 slices' if optimizer_shard else ''}) into {output_dir}")
     return output_dir
 
 
@@ -147,6 +162,8 @@ def parse_args(argv):
             cmd.add_argument("--ep", type=int, default=None)
             cmd.add_argument("--experts-per-rank", type=int, default=None)
             cmd.add_argument("--devices-per-node", type=int, default=8)
+            cmd.add_argument("--optimizer-shard", action="store_true",
+                             help="write the moments as ZeRO-1 slices (parallel.optimizer_shard) of the target")
     return parser.parse_args(argv)
 
 
@@ -161,7 +178,7 @@ def main(argv=None, log=print):
             return merge(source, args.output, args.with_optimizer, log)
         layout = target_layout(args.world_size, args.tp, args.ep, args.experts_per_rank, args.devices_per_node,
                                num_experts_of(source))
-        return convert(source, args.output, layout, args.with_optimizer, log)
+        return convert(source, args.output, layout, args.with_optimizer, log, args.optimizer_shard)
 
     return run_cli(run)
 
