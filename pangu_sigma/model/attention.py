@@ -29,11 +29,6 @@ class Linear(nn.Cell):
 
     `weight` [in, out] ~ N(0, init_std) and `bias` [out] = 0 are float32 masters,
     cast to compute_dtype on use. Returns compute_dtype.
-
-    The product is the MatMul primitive, not ops.matmul: its backward computes
-    dweight = MatMul(x, dy, transpose_a) in one node that reads the forward
-    input and the incoming gradient, which recomputation needs to schedule a
-    recomputed cell in the backward (see pangu_sigma.model.recompute).
     """
 
     def __init__(self, in_features, out_features, init_std, compute_dtype=ms.float32):
@@ -44,12 +39,11 @@ class Linear(nn.Cell):
             initializer(Normal(init_std), [in_features, out_features], ms.float32), name="weight")
         self.bias = Parameter(initializer("zeros", [out_features], ms.float32), name="bias")
         self.compute_dtype = compute_dtype
-        self.matmul = ops.MatMul()
 
     def construct(self, x):
         lead_shape = x.shape[:-1]
         flat = ops.cast(x.reshape(-1, self.in_features), self.compute_dtype)  # [N, in]
-        y = self.matmul(flat, ops.cast(self.weight, self.compute_dtype))  # [N, out]
+        y = ops.matmul(flat, ops.cast(self.weight, self.compute_dtype))  # [N, out]
         y = y + ops.cast(self.bias, self.compute_dtype)
         return y.reshape(lead_shape + (self.out_features,))  # [..., out]
 

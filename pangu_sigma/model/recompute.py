@@ -9,28 +9,27 @@ cell's intermediates from its inputs instead of keeping them. Levels:
                softmax, context): Korthikanti et al. 2022's "selective"
                recomputation, which drops the N*a*s softmax terms that grow
                with the sequence length, for about one extra attention forward.
-               How MindSpore keeps the recomputed copies in the backward
-               (frontend/optimizer/recompute.cc InsertRecomputedNodes,
-               utils/recompute_helper.cc GetFirstTargetInputs / NewRecomputedNode;
-               a frontend pass, the same on CPU and Ascend): each recomputed
-               copy without recomputed inputs gets Depend(input, MakeTuple(first
-               target inputs)), the gradient inputs of the first backward node
-               that reads a recomputed value (a "target") and that do not
-               themselves pass through a target. With ops.matmul (MatMulExt)
-               every such gradient does: its backward transposes the forward
-               input in a node of its own (grad_math_ops.cc, MatMulExt:
-               dw = MatMulExt(MatrixTransposeExt(x), dout)), so that Transpose is
-               the target and the gradient reaches the attention's targets only
-               through targets. The list came out empty ("Can not find the nodes
-               to depend, please check the recompute strategy.", a WARNING), the
-               Depend pointed at an empty MakeTuple, and the CPU kernel graph ran
-               the copies during the forward: the live peak was unchanged to the
-               byte. The linear layers therefore use the MatMul primitive, whose
-               backward is dw = MatMul(x, dout, transpose_a) (grad_math_ops.cc,
-               MatMul): out_proj's weight gradient is a target that reads the
-               attention output's gradient, and the copies wait for it (measured
-               with pangu_sigma.tools.memory_check; tests/test_memory_check.py).
-               Block recomputation lowered the peak with either matmul.
+               Measured on MindSpore 2.10 CPU (pangu_sigma.tools.memory_check
+               --levels none attention): the live peak is unchanged to the byte.
+               Cause (a frontend pass, the same on CPU and Ascend):
+               frontend/optimizer/recompute.cc InsertRecomputedNodes makes each
+               recomputed copy wait, via Depend(input, MakeTuple(...)), for the
+               gradient inputs of the first backward node reading a recomputed
+               value (a "target") that do not themselves pass through a target
+               (utils/recompute_helper.cc GetFirstTargetInputs, NewRecomputedNode).
+               ops.matmul (MatMulExt) transposes its forward input in a backward
+               node of its own (grad_math_ops.cc: dw = MatMulExt(
+               MatrixTransposeExt(x), dout)), so every gradient reaches the
+               attention's backward through targets: the list is empty (WARNING
+               "Can not find the nodes to depend, please check the recompute
+               strategy."), the Depend points at an empty MakeTuple and the kernel
+               graph runs the copies in the forward. With the linears on the MatMul
+               primitive (dw = MatMul(x, dout, transpose_a) reads the gradient)
+               the copies wait and the level works (measured, seq 256, batches
+               2/4: peak 1.74x/2.04x, activations 2.45x vs 2.04x predicted), but
+               plan's activation model then over-predicts the `none` level by 35%
+               at seq 128 (MatMul's backward keeps no transposed copies), so that
+               change waits for param_count to model it. Until then use `block`.
     block      recompute every decoder block and the top query layer: only each
                block's input (the float32 residual stream, N*d*4 bytes) is kept,
                and one block's activations live at a time in the backward pass.

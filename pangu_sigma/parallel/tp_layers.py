@@ -116,13 +116,12 @@ class ColumnParallelLinear(nn.Cell):
             initializer(Normal(init_std), [in_features, self.out_features], ms.float32), name="weight")
         self.bias = Parameter(initializer("zeros", [self.out_features], ms.float32), name="bias")
         self.compute_dtype = compute_dtype
-        self.matmul = ops.MatMul()  # not ops.matmul: see pangu_sigma.model.attention.Linear
         self.tp_param_specs = {"weight": TPShard(1, parts), "bias": TPShard(0, parts)}
 
     def construct(self, x):
         lead_shape = x.shape[:-1]
         flat = ops.cast(x.reshape(-1, self.in_features), self.compute_dtype)  # [N, in]
-        y = self.matmul(flat, ops.cast(self.weight, self.compute_dtype))  # [N, out/tp]
+        y = ops.matmul(flat, ops.cast(self.weight, self.compute_dtype))  # [N, out/tp]
         y = y + ops.cast(self.bias, self.compute_dtype)
         return y.reshape(lead_shape + (self.out_features,))  # [..., out/tp]
 
@@ -140,13 +139,12 @@ class RowParallelLinear(nn.Cell):
         self.bias = Parameter(initializer("zeros", [out_features], ms.float32), name="bias")
         self.compute_dtype = compute_dtype
         self.all_reduce = _tp_all_reduce(parallel, "tp_row_linear")
-        self.matmul = ops.MatMul()  # not ops.matmul: see pangu_sigma.model.attention.Linear
         self.tp_param_specs = {"weight": TPShard(0)}
 
     def construct(self, x):
         lead_shape = x.shape[:-1]
         flat = ops.cast(x.reshape(-1, self.in_features), self.compute_dtype)  # [N, in/tp]
-        partial = self.matmul(flat, ops.cast(self.weight, self.compute_dtype))  # [N, out], partial sum
+        partial = ops.matmul(flat, ops.cast(self.weight, self.compute_dtype))  # [N, out], partial sum
         y = self.all_reduce(partial) + ops.cast(self.bias, self.compute_dtype)  # [N, out]
         return y.reshape(lead_shape + (self.out_features,))  # [..., out]
 

@@ -54,14 +54,12 @@ gradients plan holds through the step) and for the activation parts. The RSS
 growth of the first step and the upper bound are printed beside them as the check
 of the CPU regime.
 
-Results (MindSpore 2.10 CPU, BASE, batches 2/4, linears on the MatMul primitive):
-predicted / measured activation part 1.120 without recomputation, 1.107 with block
-and 1.343 with attention-level recomputation (plan over-predicts the attention level);
-the peak falls 1.79x / 2.46x with block recomputation (predicted 2.34x / 2.85x) and
-1.74x / 2.04x with attention recomputation (predicted 1.64x / 1.79x), the activation
-parts 3.95x (block, predicted 3.99x) and 2.45x (attention, predicted 2.04x). With
-ops.matmul in the linears the attention level left the peak unchanged to the byte (the
-recomputed copies ran in the forward: see pangu_sigma/model/recompute.py).
+Results (MindSpore 2.10 CPU, BASE, batches 2/4/8): predicted / measured activation
+part 0.968 without recomputation and 1.034 with block recomputation; the peak
+falls 2.0x / 2.7x / 3.3x with block recomputation against 2.3x / 2.9x / 3.3x
+predicted. Attention-level recomputation leaves the peak unchanged to the byte:
+the CPU kernel graph runs the recomputed attention during the forward (see
+pangu_sigma/model/recompute.py), so the model's attention level is not confirmed here.
 
 Prints one JSON line per case and a table.
 """
