@@ -10,13 +10,26 @@ cell's intermediates from its inputs instead of keeping them. Levels:
                recomputation, which drops the N*a*s softmax terms that grow
                with the sequence length, for about one extra attention forward.
                Measured on MindSpore 2.10 CPU (pangu_sigma.tools.memory_check
-               --levels none attention): the step's live peak is unchanged to
-               the byte, because the kernel graph's execution order runs the
-               recomputed copies during the forward (SOMAS's tensor list: block
-               0's recomputed softmax at node 187 of 1289, live until its
-               backward use at node 821), so they live as long as the originals
-               would; block recomputation's copies run in the backward. Whether
-               Ascend's execution order delays them is not checked here.
+               --levels none attention): the live peak is unchanged to the byte.
+               Cause (a frontend pass, the same on CPU and Ascend):
+               frontend/optimizer/recompute.cc InsertRecomputedNodes makes each
+               recomputed copy wait, via Depend(input, MakeTuple(...)), for the
+               gradient inputs of the first backward node reading a recomputed
+               value (a "target") that do not themselves pass through a target
+               (utils/recompute_helper.cc GetFirstTargetInputs, NewRecomputedNode).
+               ops.matmul (MatMulExt) transposes its forward input in a backward
+               node of its own (grad_math_ops.cc: dw = MatMulExt(
+               MatrixTransposeExt(x), dout)), so every gradient reaches the
+               attention's backward through targets: the list is empty (WARNING
+               "Can not find the nodes to depend, please check the recompute
+               strategy."), the Depend points at an empty MakeTuple and the kernel
+               graph runs the copies in the forward. With the linears on the MatMul
+               primitive (dw = MatMul(x, dout, transpose_a) reads the gradient)
+               the copies wait and the level works (measured, seq 256, batches
+               2/4: peak 1.74x/2.04x, activations 2.45x vs 2.04x predicted), but
+               plan's activation model then over-predicts the `none` level by 35%
+               at seq 128 (MatMul's backward keeps no transposed copies), so that
+               change waits for param_count to model it. Until then use `block`.
     block      recompute every decoder block and the top query layer: only each
                block's input (the float32 residual stream, N*d*4 bytes) is kept,
                and one block's activations live at a time in the backward pass.
