@@ -268,6 +268,10 @@ def make_plan(cfg, rank_table=None, world_size=None, devices_per_node=None, doma
     if cfg.model.moe_layer_num and replicas > 1:
         notes.append(f"each expert is held by {replicas} data-parallel replicas (expert-data-parallel groups "
                      f"of {replicas}); {len(nodes)} nodes share {cfg.num_experts} experts")
+    if cfg.train.recompute == "attention":
+        notes.append("train.recompute: attention saves no memory in MindSpore 2.10 with this model's linears (the "
+                     "recompute pass finds no gradient to make the copies wait for, so they run in the forward; "
+                     "measured on CPU, pangu_sigma/model/recompute.py): the memory above assumes it works; use block")
     if cfg.parallel.device_target == "Ascend" and memory["total"] > param_count.BUDGET_GIB:
         hints = []
         if cfg.train.recompute != "block":

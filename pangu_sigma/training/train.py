@@ -307,6 +307,9 @@ def train(cfg, resume=False, log=print, stop_after=None, overwrite=False, allow_
         f"{cfg.compute_dtype}, steps {start_step}..{cfg.train.train_steps}, {tokens_per_step} tokens/step"
         + (f" in {cfg.train.gradient_accumulation_steps} micro-batches of {cfg.train.micro_batch_size} sequences "
            f"per data-parallel rank" if cfg.train.gradient_accumulation_steps > 1 else ""))
+    if cfg.train.recompute == "attention":
+        log("[train] note: train.recompute=attention saves no memory in MindSpore 2.10 with this model's linears "
+            "(the copies run in the forward; pangu_sigma/model/recompute.py); block does")
     end_step = cfg.train.train_steps if stop_after is None else min(stop_after, cfg.train.train_steps)
     for first in range(start_step, end_step, sink):
         tic = time.time()
