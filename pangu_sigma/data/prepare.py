@@ -47,7 +47,7 @@ from pangu_sigma.data.shards import (DEFAULT_SHARD_BYTES, FORMAT_VERSION, WRITE_
 from pangu_sigma.data.tokenizer import (DEFAULT_CHARACTER_COVERAGE, SAMPLING, file_sha256, load_tokenizer,
                                         train_tokenizer)
 from pangu_sigma.data.valid_split import DEFAULT_MIN_VALID_PER_DOMAIN, choose_valid_of_domain
-from pangu_sigma.data.workers import (InputChanged, default_workers, encode_task, make_pool, read_spool_rows,
+from pangu_sigma.data.workers import (InputChanged, Pool, default_workers, encode_task, make_pool, read_spool_rows,
                                       rename_task, write_task)
 
 DEFAULT_VOCAB_SIZE = 2000
@@ -328,8 +328,10 @@ def build(temp_dir, input_dir, vocab_size, seq_length, valid_fraction, tokenizer
     window = 2 * workers + 2
     # Shards are written by one process of their own (the caller's with --workers 1), which alone imports
     # MindSpore's MindRecord writer (~0.2 GB per process); the encode workers rename and checksum them.
+    # With 2+ workers the writer must not be this process: a shard written here stops the feeding of
+    # the encode workers for as long as it takes.
     pool = make_pool(workers, model_path)
-    writer = pool if workers == 1 else make_pool(1, None)
+    writer = pool if workers == 1 else Pool(1, None)
     try:
         tic = time.time()
         stream = ShardStream(writer, pool, temp_dir, spool_path, sample_length, shard_bytes, valid_fraction, seed,
