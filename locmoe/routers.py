@@ -105,6 +105,19 @@ def _top1(router_probs, tie_break=None):
     return expert_index, expert_prob
 
 
+TIE_MODULUS = 1021  # a prime: for E <= 1021 experts almost every token gets a strict order of the experts
+
+
+def tie_order(token_ids, num_experts):
+    """LocMoE's tie order [G, T, E] float32 (larger wins among experts tied at the top probability):
+    ((61 t + 1) mod p) * (97 e + 13) mod p, p = 1021, a per-token permutation of the experts
+    (multiplication by a token-dependent factor mod a prime). A function of the token alone, like
+    the rest of the routing decision (no pull to local experts that the locality loss did not learn)."""
+    experts = ops.arange(num_experts, dtype=ms.int32) * 97 + 13  # [E]
+    factor = (token_ids.astype(ms.int32) * 61 + 1) % TIE_MODULUS  # [G, T]
+    return ((factor.expand_dims(-1) * experts) % TIE_MODULUS).astype(ms.float32)  # [G, T, E]
+
+
 class _LearnedRouter(nn.Cell):
     """Shared tail of the learned routers: softmax over (masked) scores, top-1, losses."""
 
@@ -132,9 +145,11 @@ class LocMoERouter(_LearnedRouter):
     """LocMoE: G = ReLU(GrAP(x) + eps) (eq. 4), softmax, top-1; aux (eq. 5) + locality (eq. 6) losses.
 
     The ReLU gives every expert whose pre-activation is <= 0 the same score 0, so a token can have
-    several experts at the top probability; such ties go to the largest pre-activation GrAP(x) + eps
-    (argmax alone sends them all to the lowest allowed index, and the aux loss, which has no gradient
-    through the ReLU there, pushes more tokens into that tie the more it lowers a busy expert's eps).
+    several experts at the top probability. argmax alone sends all of them to the lowest allowed
+    index (and the aux loss, with no gradient through the ReLU there, cannot undo it); such ties are
+    spread over the tied experts by the token id instead (tie_order). The order is a function of integers only, so every layout (TP, EP, one process)
+    breaks a tie the same way; breaking it by the pre-activation did not (float rounding of x differs
+    between layouts and flips near-equal negative pre-activations).
     """
 
     def __init__(self, cfg, hidden_size, domain_experts=None):
@@ -145,7 +160,8 @@ class LocMoERouter(_LearnedRouter):
 
     def construct(self, x, token_ids, domain_ids, local_mask):
         pre = self.gate(x.reshape(-1, x.shape[-1])).reshape(x.shape[0], x.shape[1], -1)  # [G, T, E]
-        expert_index, expert_prob, router_probs, aux = self._route(ops.relu(pre), domain_ids, tie_break=pre)
+        ties = tie_order(token_ids, self.num_experts)  # [G, T, E]
+        expert_index, expert_prob, router_probs, aux = self._route(ops.relu(pre), domain_ids, tie_break=ties)
         loc = locality_loss(router_probs, local_mask, self.loc_coef, self.smoothing)
         return expert_index, expert_prob, router_probs, aux, loc
 

@@ -37,7 +37,7 @@ def np_gelu_tanh(v):
     return 0.5 * v * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))
 
 
-def np_layer(layer, router, x, groups, local_mask, cf, alpha, mu, eps, remote_cf=0.0):
+def np_layer(layer, router, x, groups, local_mask, cf, alpha, mu, eps, remote_cf=0.0, token_ids=None):
     """Route, capacity, first-come-first-served drop, expert FFN, combine; plus losses and stats.
     remote_cf > 0: two tiers, experts off the group's node get ceil(tokens * remote_cf / E) slots."""
     x = x.astype(np.float64)
@@ -52,7 +52,11 @@ def np_layer(layer, router, x, groups, local_mask, cf, alpha, mu, eps, remote_cf
     else:
         scores = pre = xg @ layer.router.gate.weight.asnumpy().astype(np.float64).T
     probs = np_softmax(scores)
-    idx = np.where(probs == probs.max(-1, keepdims=True), pre, -np.inf).argmax(-1)  # ties: largest pre-activation
+    idx = probs.argmax(-1)  # Switch: ties go to the first index
+    if router == "locmoe":  # ties: the token id's order (locmoe.routers.tie_order), written out
+        factor = (np.asarray(token_ids, np.int64).reshape(groups, tokens, 1) * 61 + 1) % 1021  # [G, T, 1]
+        order = factor * (np.arange(E) * 97 + 13) % 1021  # [G, T, E]
+        idx = np.where(probs == probs.max(-1, keepdims=True), order, -np.inf).argmax(-1)  # [G, T]
     srt = np.sort(probs, -1)
     gap = srt[..., -1] - srt[..., -2]
     assert np.all((gap > 1e-5) | (gap == 0)), "near-tie in the test data"
@@ -128,7 +132,7 @@ def test_layer_matches_numpy(router, groups):
     local_mask = np.array([TOPO.local_expert_mask(r) for r in GROUP_RANKS[groups]], np.float64)
     ref_y, ref_aux, ref_loc, (ref_load, ref_drop, ref_local), cap = np_layer(
         layer, router, x, groups, local_mask, cfg.capacity_factor, cfg.aux_loss_coef,
-        cfg.locality_loss_coef, cfg.locality_smoothing)
+        cfg.locality_loss_coef, cfg.locality_smoothing, token_ids=tok)
     assert ref_drop > 0, "the case should overflow some expert"
     assert cap == B * S // groups // E
 
@@ -166,7 +170,8 @@ def test_capacity_factor_large_drops_nothing():
     layer, _ = make_layer("locmoe", 2, cf=float(E))
     x, tok, dom = inputs(seed=3)
     local_mask = np.array([TOPO.local_expert_mask(r) for r in GROUP_RANKS[2]], np.float64)
-    ref_y, _, _, (_, ref_drop, _), _ = np_layer(layer, "locmoe", x, 2, local_mask, float(E), 0.01, 0.05, 1e-3)
+    ref_y, _, _, (_, ref_drop, _), _ = np_layer(layer, "locmoe", x, 2, local_mask, float(E), 0.01, 0.05, 1e-3,
+                                                 token_ids=tok)
     y, _, _, (_, dropped, _) = run(layer, x, tok, dom)
     assert ref_drop == 0 and dropped == 0
     np.testing.assert_allclose(y, ref_y, rtol=1e-4, atol=1e-6)
@@ -220,7 +225,7 @@ def test_two_tier_layer_matches_numpy(groups):
     local_mask = np.array([TOPO.local_expert_mask(r) for r in GROUP_RANKS[groups]], np.float64)
     ref_y, _, _, (ref_load, ref_drop, ref_local), _ = np_layer(
         layer, "locmoe", x, groups, local_mask, cfg.capacity_factor, cfg.aux_loss_coef,
-        cfg.locality_loss_coef, cfg.locality_smoothing, remote_cf=0.5)
+        cfg.locality_loss_coef, cfg.locality_smoothing, remote_cf=0.5, token_ids=tok)
     ref_remote = np_layer.dropped_remote
     assert ref_remote > 0 and ref_drop > ref_remote, "the case should drop in both tiers"
     y, aux, loc, stats = layer(Tensor(x), Tensor(tok), Tensor(dom))

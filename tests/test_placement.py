@@ -209,13 +209,14 @@ def test_locality_is_the_placement_baseline_with_iid_data_and_real_with_domain_a
     assert by_rank.min() >= 0.1, by_rank
     # The goal: max/mean <= 1.3 and no expert below 25% of the mean. The placement alone imposes
     # 1.0625 here (test_expert_granular_level1_of_the_four_domain_corpus_by_hand; node-granular homes
-    # imposed 1.25); the rest is the router's own imbalance against the locality pull: measured 1.305 at
-    # 160 steps (min 0.60). Before LocMoE's ReLU ties went to the largest pre-activation
-    # (test_locmoe_ties_under_level1_match_numpy) they all went to a domain's lowest expert: 1.61.
+    # imposed 1.25); the rest is the router's own imbalance against the locality pull: measured 1.284
+    # (min 0.81) at 160 steps with LocMoE's ReLU ties spread by token id; 1.305 when they went to the
+    # largest pre-activation, 1.61 when they all went to a domain's lowest expert
+    # (test_locmoe_ties_under_level1_match_numpy).
     from pangu_sigma.build import domain_sizes
     from pangu_sigma.data.dataset import read_meta
 
     topo = Topology(world_size=8, tp=1, ep=8, num_experts=8, devices_per_node=2)
     imposed = plan_placement(domain_sizes(read_meta(four_domain_data)), topo, 8).expected_expert_load()
     assert imposed.max() <= 1.1
-    assert relative_load.min() >= 0.25 and relative_load.max() <= 1.35, relative_load
+    assert relative_load.min() >= 0.25 and relative_load.max() <= 1.3, relative_load

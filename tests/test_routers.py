@@ -30,16 +30,22 @@ def np_group_allowed(domains, num_experts, num_groups):
     return (np.arange(num_experts) // per)[None, None, :] == (domains % num_groups)[..., None]
 
 
-def np_route(scores, domains=None, num_groups=1, pre=None):
-    """softmax over the allowed experts, argmax, its probability. Ties: the largest `pre` (LocMoE's
-    pre-ReLU score) among the tied experts, then the first index."""
+def np_tie_order(token_ids, n):
+    """LocMoE's tie order, written out: ((61 t + 1) mod 1021) * (97 e + 13) mod 1021."""
+    factor = (np.asarray(token_ids, np.int64)[..., None] * 61 + 1) % 1021  # [G, T, 1]
+    return factor * (np.arange(n) * 97 + 13) % 1021  # [G, T, E]
+
+
+def np_route(scores, domains=None, num_groups=1, ties=None):
+    """softmax over the allowed experts, argmax, its probability. Ties: the largest `ties` (LocMoE's
+    tie order) among the tied experts, then the first index."""
     if num_groups > 1:
         allowed = np_group_allowed(domains, scores.shape[-1], num_groups)
         scores = np.where(allowed, scores, -np.inf)
     probs = np_softmax(scores)
     idx = probs.argmax(-1)  # numpy argmax: first maximal index
-    if pre is not None:
-        idx = np.where(probs == probs.max(-1, keepdims=True), pre, -np.inf).argmax(-1)
+    if ties is not None:
+        idx = np.where(probs == probs.max(-1, keepdims=True), ties, -np.inf).argmax(-1)
     return idx, np.take_along_axis(probs, idx[..., None], -1)[..., 0], probs
 
 
@@ -117,7 +123,7 @@ def test_locmoe_matches_numpy():
     idx, prob, probs, aux, loc = call(r, x, mask=mask)
 
     pre = x.astype(np.float64) @ eq4_weight(n, d).T + b
-    ref_idx, ref_prob, ref_probs = np_route(np.maximum(pre, 0.0), pre=pre)
+    ref_idx, ref_prob, ref_probs = np_route(np.maximum(pre, 0.0), ties=np_tie_order(np.zeros((G, T)), n))
     assert_no_near_ties(ref_probs, ref_idx)
     assert idx.dtype == np.int32 and idx.shape == (G, T)
     np.testing.assert_array_equal(idx, ref_idx)
@@ -128,19 +134,21 @@ def test_locmoe_matches_numpy():
     assert len(set(ref_idx.ravel())) > 1  # the case is not degenerate
 
 
-def test_locmoe_ties_go_to_the_largest_pre_activation():
-    n, d = 4, 16
+def test_locmoe_ties_are_spread_by_token_id():
+    n, d, T = 4, 16, 400
     r = _locmoe(n, d, bias=np.zeros(n))
-    x = np.zeros((1, 4, d), np.float32)
-    x[0, 0] = -1.0                      # all scores ReLU'd to 0 and equal pre-activations: expert 0
-    x[0, 1, 4:8] = 2.0                  # block 1 and block 3 tie at the max, also before the ReLU: expert 1
-    x[0, 1, 12:16] = 2.0
-    x[0, 2, 8:12] = 1.0                 # block 2 alone
-    x[0, 3] = np.repeat([-1.0, -0.5, -2.0, -0.1], 4)  # all ReLU'd to 0: the largest pre-activation, expert 3
-    idx, prob, probs, _, _ = call(r, x)
-    np.testing.assert_array_equal(idx[0], [0, 1, 2, 3])
-    np.testing.assert_allclose(probs[0, 0], 0.25, rtol=1e-6)
-    np.testing.assert_allclose(prob[0, 3], 0.25, rtol=1e-6)
+    x = np.zeros((1, T, d), np.float32)
+    x[0, :] = -1.0                      # every score ReLU'd to 0: all four experts tied
+    x[0, 0, 8:12] = 1.0                 # token 0: block 2 alone, no tie
+    ids = np.arange(T, dtype=np.int32)[None]  # [1, T] token ids 0..T-1
+    idx, prob, probs, _, _ = call(r, x, token_ids=ids, mask=np.array([[0, 1, 0, 1]], np.float32))
+    assert idx[0, 0] == 2
+    share = np.bincount(idx[0, 1:], minlength=n) / (T - 1)
+    assert share.min() > 0.15, share  # spread by the token id, not the first index; the local mask plays no part
+    # token 5 by hand: factor (61*5 + 1) % 1021 = 306; experts 0..3: 306 * (13, 110, 207, 304) % 1021
+    # = 915, 988, 40, 113 -> expert 1
+    assert idx[0, 5] == 1
+    np.testing.assert_allclose(prob[0, 1:], 0.25, rtol=1e-6)
 
 
 def test_locmoe_ties_under_level1_match_numpy():
@@ -157,12 +165,13 @@ def test_locmoe_ties_under_level1_match_numpy():
     r.gate.bias.set_data(Tensor(b))
     x = rng.normal(size=(G, T, d)).astype(np.float32)
     domains = rng.integers(0, 2, size=(G, T)).astype(np.int32)
-    idx = call(r, x, domains=domains)[0]
+    ids = rng.integers(0, 5000, size=(G, T)).astype(np.int32)
+    idx = call(r, x, token_ids=ids, domains=domains)[0]
     pre = x.astype(np.float64) @ eq4_weight(n, d).T + b  # [G, T, E]
     allowed = placed[domains] > 0
     probs = np_softmax(np.where(allowed, np.maximum(pre, 0), -np.inf))
     tied = allowed & (probs >= probs.max(-1, keepdims=True) * (1 - 1e-6))
-    ref = np.where(tied, pre, -np.inf).argmax(-1)
+    ref = np.where(tied, np_tie_order(ids, n), -np.inf).argmax(-1)
     assert (np.where(allowed, pre, -np.inf).max(-1) <= 0).mean() > 0.3  # many all-zero ties
     np.testing.assert_array_equal(idx, ref)
     for dom, members in ((0, [0, 1, 2, 3]), (1, [2, 5, 6])):  # ties spread over the domain's experts
@@ -243,7 +252,8 @@ def test_locmoe_domain_groups_stay_in_group():
     allowed = np_group_allowed(domains, n, groups)
     assert np.all(probs[~allowed] == 0)
     pre = x.astype(np.float64) @ eq4_weight(n, d).T + r.gate.bias.asnumpy()
-    ref_idx, ref_prob, ref_probs = np_route(np.maximum(pre, 0), domains, groups, pre=pre)
+    ref_idx, ref_prob, ref_probs = np_route(np.maximum(pre, 0), domains, groups,
+                                            ties=np_tie_order(np.zeros((G, T)), n))
     assert_no_near_ties(ref_probs, ref_idx)
     np.testing.assert_array_equal(idx, ref_idx)
     np.testing.assert_allclose(prob, ref_prob, rtol=1e-5)
