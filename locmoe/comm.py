@@ -38,7 +38,7 @@ from mindspore.ops import ReduceOp
 from locmoe.errors import ConfigError
 from locmoe.hccl_rules import check_group_name
 
-KINDS = ("all_to_all", "all_gather", "all_reduce", "reduce_scatter")
+KINDS = ("all_to_all", "all_gather", "all_reduce", "reduce_scatter")  # + all_to_all_v (CommCounter.register_v)
 BACKENDS = ("native", "emulated")
 
 
@@ -168,6 +168,23 @@ def collective_bytes(kind, group_ranks, topology, nbytes_per_rank, rank):
     return intra, inter
 
 
+def all_to_all_v_bytes(group_ranks, topology, blocks, block_bytes, rank):
+    """(intra, inter) bytes `rank` sends in one AllToAllV over `group_ranks`: blocks[i][j] blocks of
+    block_bytes from member i to member j (its blocks to itself never leave the device)."""
+    ranks = list(group_ranks)
+    me = ranks.index(rank)
+    intra = inter = 0
+    for j, dst in enumerate(ranks):
+        if dst == rank:
+            continue
+        sent = blocks[me][j] * block_bytes
+        if topology.is_intra_node(rank, dst):
+            intra += sent
+        else:
+            inter += sent
+    return intra, inter
+
+
 def world_collective_bytes(kind, groups, topology, nbytes_per_rank):
     """(intra, inter) summed over every member of every group (one call per rank)."""
     intra = inter = 0
@@ -201,11 +218,40 @@ class CommCounter:
         self.topology = topology
         self.records = []  # dicts: name, kind, group_ranks, family, nbytes, calls
 
-    def register(self, name, kind, group_ranks, shape, dtype, calls=1, family=None):
+    def register(self, name, kind, group_ranks, shape, dtype, calls=1, family=None, family_shapes=None):
+        """family_shapes: one input shape per group of `family` when they differ (else `shape` for all)."""
         nbytes = math.prod(shape) * itemsize(dtype)
         fam = family if family is not None else group_family(group_ranks, self.topology)
+        sizes = None if family_shapes is None else [math.prod(s) * itemsize(dtype) for s in family_shapes]
         self.records.append(dict(name=name, kind=kind, group_ranks=list(group_ranks), family=fam,
-                                 nbytes=nbytes, calls=calls))
+                                 nbytes=nbytes, calls=calls, family_nbytes=sizes))
+
+    def register_v(self, name, groups, block_shape, dtype, calls=1):
+        """An AllToAllV (uneven blocks): groups = [(group_ranks, blocks [g][g]), ...], every group of the
+        family with its own matrix; this rank's is the one holding it."""
+        nbytes = math.prod(block_shape) * itemsize(dtype)
+        mine = [(ranks, blocks) for ranks, blocks in groups if self.topology.rank in ranks]
+        if len(mine) != 1:
+            raise ValueError(f"{name}: rank {self.topology.rank} must be in exactly one group of the family")
+        self.records.append(dict(name=name, kind="all_to_all_v", group_ranks=list(mine[0][0]), blocks=mine[0][1],
+                                 family=[(list(r), b) for r, b in groups], nbytes=nbytes, calls=calls))
+
+    def _record_bytes(self, rec, world):
+        if rec["kind"] == "all_to_all_v":
+            pairs = rec["family"] if world else [(rec["group_ranks"], rec["blocks"])]
+            intra = inter = 0
+            for ranks, blocks in pairs:
+                for r in (ranks if world else [self.topology.rank]):
+                    a, e = all_to_all_v_bytes(ranks, self.topology, blocks, rec["nbytes"], r)
+                    intra, inter = intra + a, inter + e
+            return intra, inter
+        if world and rec.get("family_nbytes"):
+            parts = [world_collective_bytes(rec["kind"], [g], self.topology, n)
+                     for g, n in zip(rec["family"], rec["family_nbytes"])]
+            return sum(p[0] for p in parts), sum(p[1] for p in parts)
+        if world:
+            return world_collective_bytes(rec["kind"], rec["family"], self.topology, rec["nbytes"])
+        return collective_bytes(rec["kind"], rec["group_ranks"], self.topology, rec["nbytes"], self.topology.rank)
 
     def register_cell(self, cell, shape, dtype, calls=1, family=None):
         self.register(cell.comm_name, cell.kind, cell.group_ranks, shape, dtype, calls, family)
@@ -214,11 +260,7 @@ class CommCounter:
         """{name: (intra, inter)} per step, for this rank (or the whole world)."""
         out = {}
         for rec in self.records:
-            if world:
-                a, e = world_collective_bytes(rec["kind"], rec["family"], self.topology, rec["nbytes"])
-            else:
-                a, e = collective_bytes(rec["kind"], rec["group_ranks"], self.topology, rec["nbytes"],
-                                        self.topology.rank)
+            a, e = self._record_bytes(rec, world)
             prev = out.get(rec["name"], (0, 0))
             out[rec["name"]] = (prev[0] + a * rec["calls"], prev[1] + e * rec["calls"])
         return out
@@ -312,6 +354,72 @@ class AllToAll(_Collective):
         buf = self.op(self._slot(chunks))  # [g(src), g(dst), *C], row i from rank i
         mine = buf[:, self.index]  # [g(src), *C]
         return _concat_front(mine, self.concat_dim % x.ndim)  # concat over src
+
+
+class AllToAllV(_Collective):
+    """All-to-All with a static, uneven number of equal blocks per (source, destination) pair.
+
+    blocks[i][j]: blocks member i (group order) sends member j; the same matrix on every member.
+    construct(x [n_send, *block]) -> [n_recv, *block]: x holds my blocks by destination (member
+    order), the result the blocks sent to me by source (member order); n_send = sum_j blocks[me][j],
+    n_recv = sum_i blocks[i][me]. Every member must send itself at least one block (a receive of
+    nothing is a shape-() tensor in MindSpore's AlltoAllV), which never leaves the device.
+    native:   ops.AlltoAllV (mindspore/ops/operations/comm_ops.py: flat input, send/recv numel lists,
+              block_size in elements; Ascend only; its bprop in ops/_grad_experimental/grad_comm_ops.py
+              swaps the two lists).
+    emulated: every chunk padded to the largest block count of the matrix, then the AllToAll
+              emulation, then the padding dropped: same values and gradients, static shapes.
+    """
+    kind = "all_to_all_v"
+
+    def __init__(self, group_ranks, blocks, backend="emulated", topology=None, name=None):
+        super().__init__(group_ranks, backend, topology, name)
+        g = len(self.group_ranks)
+        blocks = [[int(b) for b in row] for row in blocks]
+        if len(blocks) != g or any(len(row) != g or min(row) < 0 for row in blocks):
+            raise ValueError(f"{self.comm_name}: blocks must be a {g} x {g} matrix of counts >= 0")
+        if any(blocks[i][i] < 1 for i in range(g)):
+            raise ValueError(f"{self.comm_name}: every member must send itself >= 1 block")
+        self.blocks = blocks
+        me = self.index
+        self.send_blocks = tuple(blocks[me])  # [g] by destination
+        self.recv_blocks = tuple(blocks[i][me] for i in range(g))  # [g] by source
+        self.num_send, self.num_recv = sum(self.send_blocks), sum(self.recv_blocks)
+        if self.identity:
+            return
+        if backend == "native":
+            self.op = ops.AlltoAllV(self.group)
+            return
+        widest = max(max(row) for row in blocks)
+        self.widest = widest
+        # emulation: my send buffer [g(dst), widest] from x (index num_send = the zero block) ...
+        pad_send, start = [], 0
+        for count in self.send_blocks:
+            pad_send += list(range(start, start + count)) + [self.num_send] * (widest - count)
+            start += count
+        self.pad_send = Tensor(np.array(pad_send, np.int32))  # [g*widest]
+        # ... and the received [g(src), widest] -> my n_recv blocks
+        self.unpad_recv = Tensor(np.array([i * widest + k for i in range(g) for k in range(self.recv_blocks[i])],
+                                          np.int32))  # [n_recv]
+
+    def construct(self, x):
+        if self.identity:
+            return x
+        block = x.shape[1:]
+        if self.backend == "native":
+            size = 1
+            for n in block:
+                size *= n
+            send = tuple(count * size for count in self.send_blocks)
+            recv = tuple(count * size for count in self.recv_blocks)
+            flat = self.op(x.reshape(-1), send, recv)  # [n_recv * block numel]
+            return flat.reshape((self.num_recv,) + block)  # [n_recv, *block]
+        g = self.group_size
+        padded = ops.concat((x, ops.zeros((1,) + block, x.dtype)), 0)  # [n_send + 1, *block]
+        chunks = ops.gather(padded, self.pad_send, 0).reshape((g, self.widest) + block)  # [g(dst), widest, *block]
+        buf = self.op(self._slot(chunks))  # [g(src), g(dst), widest, *block], row i from rank i
+        mine = buf[:, self.index].reshape((g * self.widest,) + block)  # [g(src)*widest, *block]
+        return ops.gather(mine, self.unpad_recv, 0)  # [n_recv, *block]
 
 
 class AllGather(_Collective):

@@ -7,6 +7,13 @@ ROUTERS = ("locmoe", "switch", "hash", "rre")
 COMM_BACKENDS = ("auto", "native", "emulated")
 
 
+def uses_level1(moe):
+    """True when moe.router routes by level 1 (a domain's tokens only reach its group's experts):
+    RRE always, LocMoE and Switch with num_domain_groups > 1, Hash never (locmoe.routers.build_router).
+    moe: a MoEConfig or any object with router and num_domain_groups."""
+    return moe.router == "rre" or (moe.router in ("locmoe", "switch") and moe.num_domain_groups > 1)
+
+
 @dataclass
 class MoEConfig:
     """Configuration of one MoE layer (shared by all sparse layers of a model).
@@ -15,8 +22,9 @@ class MoEConfig:
     capacity_factor: c_f of ec = ceil(tokens * c_f / (ep * n_local)); with two tiers, the
         capacity of each (source, node-local expert) pair.
     remote_capacity_factor: 0 = one tier (every (source, expert) pair gets the capacity_factor
-        slots). > 0 = two-tier exchange (locmoe.exchange): a (source, expert on another node)
-        pair gets ceil(tokens * this / n) slots, and only those rows cross nodes.
+        slots). > 0 = two-tier exchange (locmoe.exchange, locmoe.tiers): a (source, expert on
+        another node) pair gets ceil(tokens * this / n) slots (times its expected share * n,
+        in eighths, under a domain-affine placement with level 1), and only those rows cross nodes.
     router: one of ROUTERS.
     aux_loss_coef: alpha of eq. 5 (0.01 in the paper).
     locality_loss_coef: mu of eq. 6.

@@ -86,20 +86,20 @@ def gather_rows(src, index, inverse):
     return _GATHER(src, index, inverse)
 
 
-def tier_layout(local_mask, local_capacity, remote_capacity):
+def tier_layout(local_mask, local_capacity, unit, units):
     """Capacity and offset of every (group, expert) pair in the group's flat buffer.
 
-    local_mask [G, E] (1 = expert on the group's node). A group's buffer holds its
-    node-local experts first (by id, local_capacity rows each), then the others (by id,
-    remote_capacity rows each). -> (capacity [G, E], offset [G, E]) float32.
+    local_mask [G, E] (1 = expert on the group's node); units [G, E] tier-2 units of each pair
+    (locmoe.tiers.unit_table: 0 on the group's node and for experts it never sends to). A group's
+    buffer holds its node-local experts first (by id, local_capacity rows each), then its remote
+    experts' units (by id, unit rows each). -> (capacity [G, E], offset [G, E]) float32.
     """
-    remote = 1.0 - local_mask
-    capacity = local_mask * local_capacity + remote * remote_capacity  # [G, E]
+    capacity = local_mask * local_capacity + units * unit  # [G, E]
     local_before = ops.cumsum(local_mask, 1) - local_mask  # [G, E] local experts with a lower id
-    remote_before = ops.cumsum(remote, 1) - remote  # [G, E]
+    units_before = ops.cumsum(units, 1) - units  # [G, E] remote units of lower ids
     num_local = local_mask.sum(1, keepdims=True)  # [G, 1]
-    offset = local_mask * local_before * local_capacity + remote * (num_local * local_capacity
-                                                                    + remote_before * remote_capacity)
+    offset = local_mask * local_before * local_capacity + (1.0 - local_mask) * (num_local * local_capacity
+                                                                                + units_before * unit)
     return capacity, offset
 
 

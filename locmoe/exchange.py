@@ -14,9 +14,11 @@ the capacity dimension through the (inter-node) EP All-to-All, and an
 ReduceScatter over TP sums the partial outputs and leaves each TP rank its
 slice, which goes back through the EP All-to-All and is AllGathered over TP.
 """
-from mindspore import nn, ops
+import numpy as np
+from mindspore import nn, ops, Tensor
 
-from locmoe.comm import AllGather, AllReduce, AllToAll, ReduceScatter
+from locmoe.comm import AllGather, AllReduce, AllToAll, AllToAllV, ReduceScatter
+from locmoe.tiers import RemotePlan, check_tiers, node_members, remote_blocks, unit_table
 
 
 class TokenExchange(nn.Cell):
@@ -107,63 +109,60 @@ def register_exchange_bytes(counter, topology, num_experts, capacity, hidden, dt
 
 
 # ---- two tiers: node-local rows never enter the inter-node exchange ------------------
-def node_members(topology, rank=None):
-    """The members of rank's EP group on rank's node, sorted (the intra-node tier's group)."""
-    me = topology.rank if rank is None else rank
-    return [r for r in topology.ep_group(me) if topology.node(r) == topology.node(me)]
-
-
-def check_tiers(topology):
-    """Two tiers need a node's local experts to be exactly those its EP-group members hold
-    (true when EP groups lie within a node or each node holds ranks of one EP group only)."""
-    for r in range(topology.world_size):
-        members = node_members(topology, r)
-        held = sorted(e for m in members for e in topology.experts_of_rank(m))
-        if held != topology.local_experts(r):
-            raise ValueError(f"two-tier exchange: rank {r}'s node-local experts {topology.local_experts(r)} are not "
-                             f"those of its EP-group members on the node {held}; use remote_capacity_factor=0")
+def _take(x, index):
+    """x [n, c, d] with a zero block appended, rows picked by a static index. -> [len(index), c, d]"""
+    padded = ops.concat((x, ops.zeros((1,) + x.shape[1:], x.dtype)), 0)  # [n + 1, c, d]
+    return ops.gather(padded, index, 0)
 
 
 class TieredExchange(nn.Cell):
     """The two-tier exchange (DESIGN: locality saves bytes only if fewer rows cross nodes).
 
-    A rank's flat dispatch buffer holds its node's n_l local experts (C_l rows each) then
-    the E - n_l others (C_r rows each); locmoe.dispatch.tier_layout.
+    A rank's flat dispatch buffer holds its node's n_l local experts (C_l rows each) then its
+    R tier-2 units (u rows each, by expert id; locmoe.tiers, locmoe.dispatch.tier_layout).
     Tier 1 (intra-node): All-to-All over the EP-group members on this node (m ranks),
       [m, E/ep, C_l, d]; never leaves the node.
-    Tier 2 (inter-node): All-to-All over the whole EP group, [ep, E/ep, C_r, d], in which
-      the m blocks addressed to this node's members are zeros (their experts are served
-      by tier 1): the inter-node rows are (ep - m) * E/ep * C_r, set by the remote
-      capacity; the zero blocks travel intra-node only. Uniform shapes (GRAPH mode, plain
-      AlltoAll on HCCL); both backends (native, emulated) send the same shapes.
-    With TP > 1 and group-wise mode each TP rank sends 1/TP of each tier's capacity and
-    an AllGather over TP restores it (C_l, C_r are multiples of TP), as TokenExchange.
-    The expert sees [E/ep, m * C_l + ep * C_r, d] rows.
+    Tier 2 (inter-node): AllToAllV over the whole EP group carrying each (rank, remote expert)
+      pair's units (units: locmoe.tiers.unit_table, static, so GRAPH mode compiles it); a rank
+      reading one domain sends only to the remote experts of that domain, in proportion to
+      their expected share. Both backends (native AlltoAllV, emulated) send the same blocks;
+      nothing goes to my own node's members (tier 1 serves them).
+    With TP > 1 and group-wise mode each TP rank sends 1/TP of each tier's rows and an
+    AllGather over TP restores them (C_l, u are multiples of TP), as TokenExchange.
+    The expert sees [E/ep, m * C_l + W * u, d] rows (W: RemotePlan.width; zeros in free slots).
     """
 
-    def __init__(self, topology, num_experts, backend, groupwise, name="moe"):
+    def __init__(self, topology, num_experts, backend, groupwise, name="moe", units=None):
         super().__init__()
         check_tiers(topology)
         self.ep, self.tp, self.tp_rank = topology.ep, topology.tp, topology.tp_rank()
         self.rank_experts = num_experts // self.ep
         self.groupwise = bool(groupwise) and self.tp > 1
         self.topology_ref = topology
+        self.units = unit_table(topology) if units is None else units  # [dp, E]
         ep_group, tp_group = topology.ep_group(), topology.tp_group()
         members = node_members(topology)
         self.members = len(members)
         self.num_local = self.members * self.rank_experts
-        self.node_first = ep_group.index(members[0]) * self.rank_experts  # id of the first local expert
         self.has_remote = self.members < self.ep  # else the whole EP group is on this node: tier 1 only
+        plan = RemotePlan(topology, self.units)
+        self.plan = plan
+        self.width = plan.width
+        self.send_index = Tensor(np.array(plan.send, np.int32))  # [n_send]
+        self.place_index = Tensor(np.array(plan.place, np.int32))  # [E/ep * W]
+        self.recv_index = Tensor(np.array(plan.recv, np.int32))  # [n_recv]
+        self.unsend_index = Tensor(np.array(plan.unsend or [0], np.int32))  # [R] (unused when R = 0)
+        back = [list(col) for col in zip(*plan.blocks)]  # the way back: the transposed matrix
         self.a2a_local_in = AllToAll(members, 0, 0, backend, topology, f"{name}_a2a_local_dispatch")
         self.a2a_local_out = AllToAll(members, 0, 0, backend, topology, f"{name}_a2a_local_combine")
-        self.a2a_remote_in = AllToAll(ep_group, 0, 0, backend, topology, f"{name}_a2a_remote_dispatch")
-        self.a2a_remote_out = AllToAll(ep_group, 0, 0, backend, topology, f"{name}_a2a_remote_combine")
+        self.a2a_remote_in = AllToAllV(ep_group, plan.blocks, backend, topology, f"{name}_a2a_remote_dispatch")
+        self.a2a_remote_out = AllToAllV(ep_group, back, backend, topology, f"{name}_a2a_remote_combine")
         self.gather_local_in = AllGather(tp_group, 2, backend, topology, f"{name}_tp_gather_local_dispatch")
-        self.gather_remote_in = AllGather(tp_group, 2, backend, topology, f"{name}_tp_gather_remote_dispatch")
+        self.gather_remote_in = AllGather(tp_group, 1, backend, topology, f"{name}_tp_gather_remote_dispatch")
         self.gather_local_out = AllGather(tp_group, 1, backend, topology, f"{name}_tp_gather_local_combine")
         self.gather_remote_out = AllGather(tp_group, 1, backend, topology, f"{name}_tp_gather_remote_combine")
         self.rs_local = ReduceScatter(tp_group, 2, backend, topology, f"{name}_tp_reduce_scatter_local")
-        self.rs_remote = ReduceScatter(tp_group, 2, backend, topology, f"{name}_tp_reduce_scatter_remote")
+        self.rs_remote = ReduceScatter(tp_group, 1, backend, topology, f"{name}_tp_reduce_scatter_remote")
         self.ar_local = AllReduce(tp_group, backend, topology, f"{name}_tp_all_reduce_local")
         self.ar_remote = AllReduce(tp_group, backend, topology, f"{name}_tp_all_reduce_remote")
 
@@ -173,8 +172,8 @@ class TieredExchange(nn.Cell):
         width = rows.shape[1] // self.tp
         return rows[:, self.tp_rank * width:(self.tp_rank + 1) * width]  # [n, c/tp, d]
 
-    def to_experts(self, local, remote):
-        """local [n_l, C_l, d], remote [E - n_l, C_r, d] -> [E/ep, m * C_l + ep * C_r, d]."""
+    def to_experts(self, local, remote, unit):
+        """local [n_l, C_l, d], remote [R, u, d] (my units; None when R = 0) -> [E/ep, m * C_l + W * u, d]."""
         hidden = local.shape[-1]
         local = self._slice(local)
         part_l = local.shape[1]
@@ -184,21 +183,17 @@ class TieredExchange(nn.Cell):
         rows_l = got_l.transpose(1, 0, 2, 3).reshape(self.rank_experts, -1, hidden)  # [E/ep, m*C_l, d]
         if not self.has_remote:
             return rows_l
-        remote = self._slice(remote)
-        part_r = remote.shape[1]
-        hole = ops.zeros((self.num_local, part_r, hidden), remote.dtype)  # this node's experts: tier 1
-        pieces = ([remote[:self.node_first]] if self.node_first else []) + [hole]
-        if self.node_first < remote.shape[0]:
-            pieces.append(remote[self.node_first:])
-        remote_all = ops.concat(pieces, 0) if len(pieces) > 1 else hole  # [E, c_r', d]
-        got_r = self.a2a_remote_in(remote_all.reshape(self.ep, self.rank_experts, part_r, hidden))  # [ep, E/ep, c_r', d]
+        if remote is None:  # I send nothing across nodes, but take part (and may receive)
+            remote = ops.zeros((1, unit, hidden), local.dtype)  # [1, u, d]: the placeholder reads zeros
+        remote = self._slice(remote)  # [R, u', d]
+        got_r = self.a2a_remote_in(_take(remote, self.send_index))  # [n_recv, u', d]
         if self.groupwise:
-            got_r = self.gather_remote_in(got_r)  # [ep, E/ep, C_r, d]
-        rows_r = got_r.transpose(1, 0, 2, 3).reshape(self.rank_experts, -1, hidden)  # [E/ep, ep*C_r, d]
-        return ops.concat((rows_l, rows_r), 1)  # [E/ep, m*C_l + ep*C_r, d]
+            got_r = self.gather_remote_in(got_r)  # [n_recv, u, d]
+        rows_r = _take(got_r, self.place_index).reshape(self.rank_experts, -1, hidden)  # [E/ep, W*u, d]
+        return ops.concat((rows_l, rows_r), 1)  # [E/ep, m*C_l + W*u, d]
 
-    def from_experts(self, outputs, local_capacity, remote_capacity):
-        """[E/ep, m * C_l + ep * C_r, d] partial outputs -> (local [n_l, C_l, d], remote [E - n_l, C_r, d])."""
+    def from_experts(self, outputs, local_capacity, unit):
+        """[E/ep, m * C_l + W * u, d] partial outputs -> (local [n_l, C_l, d], remote [R, u, d])."""
         hidden = outputs.shape[-1]
         split = self.members * local_capacity
         out_l = outputs[:, :split].reshape(self.rank_experts, self.members, local_capacity, hidden)
@@ -210,66 +205,71 @@ class TieredExchange(nn.Cell):
             back_l = self.gather_local_out(back_l)  # [n_l, C_l, d]
         if not self.has_remote:
             return back_l, None
-        out_r = outputs[:, split:].reshape(self.rank_experts, self.ep, remote_capacity, hidden)
-        out_r = out_r.transpose(1, 0, 2, 3)  # [ep, E/ep, C_r, d]
-        out_r = self.rs_remote(out_r) if self.groupwise else self.ar_remote(out_r)  # summed over TP
-        back_r = self.a2a_remote_out(out_r)  # [ep, E/ep, c_r', d]
-        back_r = back_r.reshape(self.ep * self.rank_experts, back_r.shape[2], hidden)  # [E, c_r', d]
-        after = self.node_first + self.num_local
-        pieces = ([back_r[:self.node_first]] if self.node_first else []) + (
-            [back_r[after:]] if after < back_r.shape[0] else [])
-        back_r = ops.concat(pieces, 0) if len(pieces) > 1 else pieces[0]  # [E-n_l, c_r', d]
+        out_r = outputs[:, split:].reshape(self.rank_experts * self.width, unit, hidden)  # [E/ep*W, u, d]
+        out_r = _take(out_r, self.recv_index)  # [n_recv, u, d]: the units that came in
+        out_r = self.rs_remote(out_r) if self.groupwise else self.ar_remote(out_r)  # summed over TP, [n_recv, u', d]
+        back_r = self.a2a_remote_out(out_r)  # [n_send, u', d]
         if self.groupwise:
-            back_r = self.gather_remote_out(back_r)  # [E-n_l, C_r, d]
-        return back_l, back_r
+            back_r = self.gather_remote_out(back_r)  # [n_send, u, d]
+        if not self.plan.units:
+            return back_l, None
+        return back_l, ops.gather(back_r, self.unsend_index, 0)  # [R, u, d]
 
-    def register_bytes(self, counter, num_experts, local_capacity, remote_capacity, hidden, dtype, layers=1):
-        register_tiered_exchange_bytes(counter, self.topology_ref, num_experts, local_capacity, remote_capacity,
-                                       hidden, dtype, self.groupwise, layers)
-
-
-def _family(topology, group_of):
-    seen = []
-    for r in range(topology.world_size):
-        g = group_of(r)
-        if g not in seen:
-            seen.append(g)
-    return seen
+    def register_bytes(self, counter, num_experts, local_capacity, unit, hidden, dtype, layers=1):
+        register_tiered_exchange_bytes(counter, self.topology_ref, num_experts, local_capacity, unit,
+                                       hidden, dtype, self.groupwise, layers, self.units)
 
 
-def register_tiered_exchange_bytes(counter, topology, num_experts, local_capacity, remote_capacity, hidden, dtype,
-                                   groupwise, layers=1):
+def register_tiered_exchange_bytes(counter, topology, num_experts, local_capacity, unit, hidden, dtype,
+                                   groupwise, layers=1, units=None):
     """Bytes of one step of `layers` MoE layers as TieredExchange moves them (forward and
-    backward alike): tier 1 over this node's EP members, tier 2 over the EP group."""
+    backward alike): tier 1 over this node's EP members, tier 2's AllToAllV over the EP group
+    (units [dp, E]: locmoe.tiers.unit_table, None: one per remote expert; u rows each)."""
     ep, tp = topology.ep, topology.tp
     groupwise = bool(groupwise) and tp > 1
+    units = unit_table(topology) if units is None else units
     rank_experts = num_experts // ep
     members = node_members(topology)
     part_l = local_capacity // tp if groupwise else local_capacity
-    part_r = remote_capacity // tp if groupwise else remote_capacity
+    part_r = unit // tp if groupwise else unit
     calls = 2 * layers
-    node_family = _family(topology, lambda r: node_members(topology, r))
-    ep_family, tp_family = topology.all_groups("ep"), topology.all_groups("tp")
+    node_family = topology.distinct_groups(lambda r: node_members(topology, r))
+    tp_family = topology.all_groups("tp")
     local_shape = (len(members), rank_experts, part_l, hidden)  # [m, E/ep, c_l', d]
-    remote_shape = (ep, rank_experts, part_r, hidden)  # [ep, E/ep, c_r', d]
     for name in ("a2a_local_dispatch", "a2a_local_combine"):
         counter.register(name, "all_to_all", members, local_shape, dtype, calls, node_family)
-    has_remote = len(members) < ep
-    if has_remote:
-        for name in ("a2a_remote_dispatch", "a2a_remote_combine"):
-            counter.register(name, "all_to_all", topology.ep_group(), remote_shape, dtype, calls, ep_family)
     tp_group = topology.tp_group()
     num_local = len(members) * rank_experts
-    tiers = [("local", local_shape, part_l, local_capacity, num_local)]
-    if has_remote:
-        tiers.append(("remote", remote_shape, part_r, remote_capacity, num_experts - num_local))
-    for tier, shape, part, capacity, experts in tiers:
-        full = shape[:2] + (capacity, hidden)
-        if groupwise:
-            counter.register(f"tp_gather_{tier}_dispatch", "all_gather", tp_group, shape, dtype, calls, tp_family)
-            counter.register(f"tp_reduce_scatter_{tier}", "reduce_scatter", tp_group, full, dtype, calls, tp_family)
-            counter.register(f"tp_gather_{tier}_combine", "all_gather", tp_group, (experts, part, hidden), dtype,
-                             calls, tp_family)
-        elif tp > 1:
-            counter.register(f"tp_all_reduce_{tier}", "all_reduce", tp_group, full, dtype, calls, tp_family)
+    _register_tp(counter, "local", tp_group, tp_family, [local_shape] * len(tp_family), local_capacity, part_l,
+                 [num_local] * len(tp_family), hidden, dtype, calls, groupwise, tp)
+    if len(members) == ep:  # the whole EP group on one node: tier 1 only
+        return counter
+    forward = [(group, remote_blocks(topology, units, group[0])) for group in topology.all_groups("ep")]
+    backward = [(group, [list(col) for col in zip(*blocks)]) for group, blocks in forward]
+    counter.register_v("a2a_remote_dispatch", forward, (part_r, hidden), dtype, calls)
+    counter.register_v("a2a_remote_combine", backward, (part_r, hidden), dtype, calls)
+    received, sent = {}, {}  # units per rank
+    for group, blocks in forward:
+        for i, r in enumerate(group):
+            received[r], sent[r] = sum(row[i] for row in blocks), sum(blocks[i])
+    _register_tp(counter, "remote", tp_group, tp_family, [(received[g[0]], part_r, hidden) for g in tp_family],
+                 unit, part_r, [sent[g[0]] for g in tp_family], hidden, dtype, calls, groupwise, tp)
     return counter
+
+
+def _register_tp(counter, tier, tp_group, tp_family, shapes, capacity, part, returned, hidden, dtype, calls,
+                 groupwise, tp):
+    """A tier's TP collectives: per TP group of the family, the shape sent to the experts' TP ranks
+    (its capacity dimension second to last) and the blocks returned to it."""
+    mine = tp_family.index(tp_group)
+    full = [s[:-2] + (capacity, hidden) for s in shapes]
+    back = [(n, part, hidden) for n in returned]
+    if groupwise:
+        counter.register(f"tp_gather_{tier}_dispatch", "all_gather", tp_group, shapes[mine], dtype, calls, tp_family,
+                         shapes)
+        counter.register(f"tp_reduce_scatter_{tier}", "reduce_scatter", tp_group, full[mine], dtype, calls,
+                         tp_family, full)
+        counter.register(f"tp_gather_{tier}_combine", "all_gather", tp_group, back[mine], dtype, calls, tp_family,
+                         back)
+    elif tp > 1:
+        counter.register(f"tp_all_reduce_{tier}", "all_reduce", tp_group, full[mine], dtype, calls, tp_family, full)

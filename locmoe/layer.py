@@ -14,6 +14,7 @@ from locmoe.capacity import expert_capacity
 from locmoe.dispatch import (assign_slots, assign_tiered_slots, combine, dispatch, expert_rows_index, gather_rows,
                              tier_layout, token_of_slot)
 from locmoe.exchange import TieredExchange, TokenExchange
+from locmoe.tiers import unit_table
 from locmoe.experts import BatchedExperts
 from locmoe.routers import build_router
 
@@ -33,6 +34,10 @@ class MoELayer(nn.Cell):
     token_counts: token frequencies for the hash router's balanced table.
     domain_experts: [D, E] level-1 mask from a domain-affine placement (locmoe.placement);
         None: level 1 from the config (domain_to_group / num_domain_groups).
+    remote_units, remote_quanta: two tiers only: [dp, E] each (data-parallel rank, remote expert)
+        pair's capacity in units of 1/remote_quanta of a uniform pair's (locmoe.placement.
+        DomainPlacement.remote_units: its expected share under level 1; 0: never sent to; a token
+        routed there is dropped). None: one unit per remote expert (remote_quanta 1).
     parallel: a locmoe.parallel_context.ParallelContext; when it is distributed with
         EP or TP > 1, this rank holds num_experts/ep experts (inner width ffn/tp) and
         the dispatch buffer goes through the TokenExchange (All-to-All) around them.
@@ -47,7 +52,7 @@ class MoELayer(nn.Cell):
 
     def __init__(self, moe_config, hidden_size, ffn_hidden_size, topology, param_init_std=0.02,
                  compute_dtype=ms.float32, token_groups=1, group_ranks=None, token_counts=None,
-                 out_init_std=None, parallel=None, domain_experts=None):
+                 out_init_std=None, parallel=None, domain_experts=None, remote_units=None, remote_quanta=1):
         super().__init__()
         cfg = moe_config
         self.num_experts = cfg.num_experts
@@ -68,6 +73,12 @@ class MoELayer(nn.Cell):
         self.two_tier = cfg.remote_capacity_factor > 0
         self.remote_capacity_factor = cfg.remote_capacity_factor
         self.num_local = int(local_mask[0].sum())
+        self.remote_quanta = int(remote_quanta) if remote_units is not None else 1
+        self.units = unit_table(topology, remote_units)  # [dp, E] tier-2 units, 0 on the rank's node
+        group_units = np.stack([self.units[topology.dp_rank(r)] for r in group_ranks])  # [G, E]
+        self.group_units = Tensor(group_units.astype(np.float32))  # [G, E]
+        self.max_units = int(group_units.sum(1).max())  # R: the most units of any group
+        self.max_pair_units = int(group_units.max(initial=1))  # the most units of one (group, expert) pair
         if self.two_tier and not (local_mask.sum(1) == self.num_local).all():
             raise ValueError("two-tier capacity needs the same number of node-local experts for every group")
         self.router = build_router(cfg, hidden_size, token_counts=token_counts, init_std=param_init_std,
@@ -82,7 +93,8 @@ class MoELayer(nn.Cell):
             if ffn_hidden_size % topology.tp:
                 raise ValueError(f"ffn_hidden_size={ffn_hidden_size} must divide by tp={topology.tp}")
             exchange = TieredExchange if self.two_tier else TokenExchange
-            self.exchange = exchange(topology, cfg.num_experts, parallel.backend, cfg.groupwise_a2a)
+            extra = {"units": self.units} if self.two_tier else {}
+            self.exchange = exchange(topology, cfg.num_experts, parallel.backend, cfg.groupwise_a2a, **extra)
             local_experts, local_ffn = cfg.num_experts // topology.ep, ffn_hidden_size // topology.tp
         self.experts = BatchedExperts(local_experts, hidden_size, local_ffn, param_init_std, out_init_std,
                                       compute_dtype)
@@ -93,8 +105,9 @@ class MoELayer(nn.Cell):
         return (raw + self.capacity_multiple - 1) // self.capacity_multiple * self.capacity_multiple
 
     def remote_capacity(self, tokens_per_group):
-        """Slots per (group, expert on another node) in two-tier mode, rounded like capacity()."""
-        raw = expert_capacity(tokens_per_group, self.remote_capacity_factor, self.num_experts)
+        """Two tiers: u, the rows of one tier-2 unit, ceil(T f_r / (Q E)) rounded like capacity(); a
+        (group, remote expert) pair has units * u slots (one unit per pair without a placement)."""
+        raw = expert_capacity(tokens_per_group, self.remote_capacity_factor, self.num_experts * self.remote_quanta)
         return (raw + self.capacity_multiple - 1) // self.capacity_multiple * self.capacity_multiple
 
     def route(self, x, token_ids, domain_ids):
@@ -113,28 +126,33 @@ class MoELayer(nn.Cell):
         """expert_index [G, T] -> keep [G, T] (1: the token got a slot), exactly as construct assigns
         slots (one tier, or two tiers with their own capacities); for eval's per-token view."""
         if self.two_tier:
-            local_capacity, remote_capacity = self.capacity(per_group), self.remote_capacity(per_group)
-            capacity, offset = tier_layout(self.local_mask, local_capacity, remote_capacity)  # [G, E] each
-            slots = self.num_local * local_capacity + (self.num_experts - self.num_local) * remote_capacity
+            _, _, capacity, offset, slots = self._tier_slots(per_group)
             return assign_tiered_slots(expert_index, capacity, offset, slots)[1]
         return assign_slots(expert_index, self.num_experts, self.capacity(per_group))[1]
 
-    def _tiered_expert_stage(self, flat, capacity, offset, slots, local_capacity, remote_capacity):
+    def _tier_slots(self, per_group):
+        """Two tiers: (C_l, u, capacity [G, E], offset [G, E], S slots per group): n_l * C_l local
+        rows, then the group's units of u rows (the busiest group's R units set S)."""
+        local_capacity, unit = self.capacity(per_group), self.remote_capacity(per_group)
+        capacity, offset = tier_layout(self.local_mask, local_capacity, unit, self.group_units)  # [G, E] each
+        return local_capacity, unit, capacity, offset, self.num_local * local_capacity + self.max_units * unit
+
+    def _tiered_expert_stage(self, flat, capacity, offset, slots, local_capacity, unit):
         """flat [G*S, d] two-tier buffer -> expert outputs, same layout."""
         groups = self.token_groups
         hidden = flat.shape[-1]
-        if self.exchange is not None:  # one group: [n_l*C_l | (E-n_l)*C_r] rows
+        if self.exchange is not None:  # one group: [n_l*C_l | R*u] rows
             split = self.num_local * local_capacity
             local = flat[:split].reshape(self.num_local, local_capacity, hidden)  # [n_l, C_l, d]
             remote = None
             if split < flat.shape[0]:
-                remote = flat[split:].reshape(self.num_experts - self.num_local, remote_capacity, hidden)
-            back_l, back_r = self.exchange.from_experts(self.experts(self.exchange.to_experts(local, remote)),
-                                                        local_capacity, remote_capacity)
+                remote = flat[split:].reshape(self.max_units, unit, hidden)  # [R, u, d]
+            back_l, back_r = self.exchange.from_experts(self.experts(self.exchange.to_experts(local, remote, unit)),
+                                                        local_capacity, unit)
             if back_r is None:
                 return back_l.reshape(-1, hidden)
             return ops.concat((back_l.reshape(-1, hidden), back_r.reshape(-1, hidden)), 0)  # [S, d]
-        widest = max(local_capacity, remote_capacity)
+        widest = max(local_capacity, unit * self.max_pair_units)
         index = expert_rows_index(capacity, offset, slots, widest)  # [E*G*Cm]
         inverse = token_of_slot(index, groups * slots, index.shape[0])  # [G*S]
         rows = gather_rows(flat, index, inverse).reshape(self.num_experts, groups * widest, hidden)  # [E, G*Cm, d]
@@ -144,13 +162,11 @@ class MoELayer(nn.Cell):
     def _tiered(self, x_groups, expert_index, expert_prob, per_group):
         """Two-tier dispatch -> experts -> combine. -> (y [G, T, d], keep, onehot, remote drops)."""
         groups, _, hidden = x_groups.shape
-        local_capacity, remote_capacity = self.capacity(per_group), self.remote_capacity(per_group)
-        capacity, offset = tier_layout(self.local_mask, local_capacity, remote_capacity)  # [G, E] each
-        slots = self.num_local * local_capacity + (self.num_experts - self.num_local) * remote_capacity
+        local_capacity, unit, capacity, offset, slots = self._tier_slots(per_group)
         slot, keep, onehot = assign_tiered_slots(expert_index, capacity, offset, slots)
         source = token_of_slot(slot, groups * slots, groups * per_group)  # [G*S]
         flat = gather_rows(x_groups.astype(self.compute_dtype).reshape(-1, hidden), source, slot)  # [G*S, d]
-        out = self._tiered_expert_stage(flat, capacity, offset, slots, local_capacity, remote_capacity)
+        out = self._tiered_expert_stage(flat, capacity, offset, slots, local_capacity, unit)
         weight = (expert_prob * keep).reshape(-1, 1).astype(out.dtype)  # [G*T, 1]
         y = (gather_rows(out, slot, source) * weight).reshape(groups, per_group, hidden)  # [G, T, d]
         remote_tokens = (onehot * (1.0 - self.local_mask).expand_dims(1)).sum(-1)  # [G, T]

@@ -58,6 +58,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from locmoe.config import uses_level1
 from locmoe.errors import ConfigError
 
 PLACEMENTS = ("iid", "domain_affine")
@@ -93,6 +94,7 @@ def dp_line(topology):
 
 
 BALANCE_TARGET = 1.1  # imposed max/mean expert load below which coverage and locality decide
+REMOTE_QUANTA = 8  # remote-tier capacity granularity: 1/8 of a uniform (1/E share) pair's capacity
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,23 @@ class DomainPlacement:
         reads = np.stack([np.bincount(row, minlength=len(self.quotas)) for row in self.slot_domain])  # [dp, D]
         return (reads @ per_domain * local).sum(1) / self.slot_domain.shape[1]
 
+    def remote_units(self, quanta=REMOTE_QUANTA):
+        """[dp, E] int64: each (data-parallel rank, expert) pair's remote-tier capacity in units of
+        1/quanta of a uniform pair's, from the pair's expected share of the rank's tokens under level 1
+        (its domains' samples split evenly over each domain's level-1 experts):
+            units = ceil(quanta * E * share),  share = sum_d (samples of d in the rank's batch / B) * mask[d, e] / k_d,
+        exact (integer arithmetic). 0 = the rank never routes there (it sends that expert nothing).
+        A rank reading one domain of k experts gets quanta * E / k units per expert of that domain."""
+        batch = self.slot_domain.shape[1]
+        per_domain = self.domain_experts.sum(1).astype(np.int64)  # [D] k_d
+        span = int(np.lcm.reduce(per_domain)) * batch  # common denominator of every share
+        units = np.zeros(self.slot_domain.shape[:1] + self.domain_experts.shape[1:], np.int64)  # [dp, E]
+        for r, row in enumerate(self.slot_domain):
+            counts = np.bincount(row, minlength=len(per_domain))  # [D] samples of each domain
+            numerator = (counts * (span // batch // per_domain)) @ (self.domain_experts > 0)  # [E] share * span
+            units[r] = -(-(quanta * self.domain_experts.shape[1] * numerator) // span)
+        return units
+
     def lines(self, names=None):
         """Human-readable map for `plan`: one line per domain."""
         out = []
@@ -134,6 +153,16 @@ class DomainPlacement:
             out.append(f"domain {d} ({name}): {int(self.quotas[d])} samples/global batch, read on nodes "
                        f"{list(nodes)}, level-1 experts {experts} on nodes {list(self.home_nodes[d])}")
         return out
+
+
+def tier_units(moe, placement):
+    """(units [dp, E], quanta) of the two-tier exchange's remote tier (locmoe.tiers): the placement's
+    expected shares (DomainPlacement.remote_units) when two tiers are on (moe.remote_capacity_factor > 0)
+    and the router uses level 1 under a domain-affine placement; else (None, 1): one unit per
+    (rank, remote expert) pair. moe: a MoEConfig or an object with its router fields."""
+    if placement is None or moe.remote_capacity_factor <= 0 or not uses_level1(moe):
+        return None, 1
+    return placement.remote_units(REMOTE_QUANTA), REMOTE_QUANTA
 
 
 def plan_placement(domain_sizes, topology, batch_size):

@@ -20,6 +20,7 @@ from mindspore import nn, ops, Parameter, Tensor
 
 from locmoe.gating import GrAPGate, DenseGate
 from locmoe.losses import load_balance_loss, locality_loss
+from locmoe.config import uses_level1
 from locmoe.errors import ConfigError
 
 RouterOutput = namedtuple("RouterOutput", "expert_index expert_prob router_probs aux_loss loc_loss")
@@ -248,10 +249,11 @@ def build_router(cfg, hidden_size, token_counts=None, init_std=0.02, domain_expe
     domain_experts: a [D, E] level-1 mask from a placement for the routers with level 1
     (LocMoE and Switch when num_domain_groups > 1, RRE always); the hash router has none.
     """
+    level1 = domain_experts if uses_level1(cfg) else None
     if cfg.router == "locmoe":
-        return LocMoERouter(cfg, hidden_size, domain_experts if cfg.num_domain_groups > 1 else None)
+        return LocMoERouter(cfg, hidden_size, level1)
     if cfg.router == "switch":
-        return SwitchRouter(cfg, hidden_size, init_std, domain_experts if cfg.num_domain_groups > 1 else None)
+        return SwitchRouter(cfg, hidden_size, init_std, level1)
     if cfg.router == "hash":
         return HashRouter(cfg, token_counts)
     if cfg.router == "rre":

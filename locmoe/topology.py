@@ -99,9 +99,13 @@ class Topology:
     def all_groups(self, kind):
         """Distinct groups of one kind ('tp', 'dp', 'ep', 'edp') over the world."""
         fn = {"tp": self.tp_group, "dp": self.dp_group, "ep": self.ep_group, "edp": self.expert_dp_group}[kind]
+        return self.distinct_groups(fn)
+
+    def distinct_groups(self, group_of):
+        """The distinct values of group_of(rank) over the world's ranks, in order of first appearance."""
         seen = []
         for r in range(self.world_size):
-            g = fn(r)
+            g = group_of(r)
             if g not in seen:
                 seen.append(g)
         return seen

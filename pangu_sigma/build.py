@@ -13,7 +13,7 @@ from locmoe.comm import create_topology_groups, resolve_backend
 from locmoe.errors import ConfigError
 from locmoe.layer import MoELayer
 from locmoe.parallel_context import ParallelContext
-from locmoe.placement import plan_placement
+from locmoe.placement import plan_placement, tier_units
 from locmoe.topology import Topology
 from pangu_sigma.data.dataset import read_meta
 from pangu_sigma.model import PanguSigmaModel, PanguSigmaWithLoss
@@ -175,11 +175,15 @@ def placement_sample_order(cfg, placement, dp_ranks):
     return sample_order
 
 
-def build_model(cfg, meta, topology, with_loss=True, parallel=None, token_groups=1, group_ranks=None):
+def build_model(cfg, meta, topology, with_loss=True, parallel=None, token_groups=1, group_ranks=None,
+                reads_by_placement=True):
     """PanguSigmaModel (wrapped with its loss if with_loss) for this config and dataset.
 
     parallel: the ParallelContext of a distributed run (None: single process).
     token_groups / group_ranks: a single process routing as several ranks (see MoELayer).
+    reads_by_placement: the token groups read their ranks' domains (training, cluster-scope eval),
+    so the remote tier's capacity follows their domains' level-1 experts (locmoe.placement.
+    tier_units); False for a model fed any domain on any group (generation, rank-scope eval).
     """
     model_cfg = dataclasses.replace(cfg.model, vocab_size=meta["vocab_size"], compute_dtype=cfg.compute_dtype)
     moe_cfg = cfg.moe_config(vocab_size=meta["vocab_size"]) if model_cfg.moe_layer_num > 0 else None
@@ -190,9 +194,11 @@ def build_model(cfg, meta, topology, with_loss=True, parallel=None, token_groups
         raise ConfigError("moe.domain_to_group", cfg.moe.domain_to_group,
                           f"one group per domain of {cfg.data.dataset_dir} ({domains} domains)")
     placement = domain_placement(cfg, meta, topology) if moe_cfg is not None else None
+    units, quanta = tier_units(cfg.moe, placement) if reads_by_placement else (None, 1)
     factory = functools.partial(MoELayer, token_counts=counts, out_init_std=out_std, token_groups=token_groups,
                                 group_ranks=group_ranks,
-                                domain_experts=None if placement is None else placement.domain_experts)
+                                domain_experts=None if placement is None else placement.domain_experts,
+                                remote_units=units, remote_quanta=quanta)
     extra = {} if parallel is None else {"parallel": parallel}
     model = PanguSigmaModel(model_cfg, moe_cfg, topology, moe_layer_factory=factory, **extra)
     return PanguSigmaWithLoss(model) if with_loss else model

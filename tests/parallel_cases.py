@@ -40,12 +40,16 @@ CASES = {
     # gradient accumulation (2 micro-batches of 1 sequence per rank) with EP2 exchanges and ZeRO-1
     "ep2_zero_accum": (2, 1, 2, "locmoe", 1, True),
 }
-# Extra config fields of a case. The two-tier cases drop in the remote tier (C_r = 2 of 8 tokens).
+# Extra config fields of a case. The two-tier cases with one unit per remote expert (switch, hash) drop in the
+# remote tier (C_r = 2 of 8 tokens); locmoe and rre send their level-1 experts 16 units of 1 row (no drops).
 # The single-process reference ignores optimizer_shard: it is the unsharded run the sharded msrun
 # run must equal.
 TWO_TIER = {"moe": {"remote_capacity_factor": 1.0}, "data": {"placement": "domain_affine"}}
+# EP 4 on 4 nodes of one device: a domain's level-1 experts span two nodes, so tier 2 carries the placement's
+# units (the TP 2 x EP 2 case keeps 2 devices per node: every rank's domain experts are on its node, no units)
+TWO_TIER_4_NODES = {**TWO_TIER, "parallel": {"devices_per_node": 1}}
 OPTIONS = {
-    **{name: TWO_TIER for name in CASES if "2tier" in name},
+    **{name: TWO_TIER_4_NODES if name.startswith("ep4") else TWO_TIER for name in CASES if "2tier" in name},
     "dp2_zero": {"parallel": {"optimizer_shard": True}},
     "tp2_ep2_zero": {"parallel": {"optimizer_shard": True}},
     "ep2_zero_accum": {"parallel": {"optimizer_shard": True}, "train": {"gradient_accumulation_steps": 2}},
@@ -82,7 +86,8 @@ def case_config(name, output_dir):
 
 def topology_of(name, rank):
     workers, tp, ep = CASES[name][:3]
-    return Topology(world_size=workers, tp=tp, ep=ep, num_experts=EXPERTS, devices_per_node=2, rank=rank)
+    per_node = OPTIONS.get(name, {}).get("parallel", {}).get("devices_per_node", 2)
+    return Topology(world_size=workers, tp=tp, ep=ep, num_experts=EXPERTS, devices_per_node=per_node, rank=rank)
 
 
 def global_batch(seed=7):

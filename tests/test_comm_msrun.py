@@ -38,6 +38,12 @@ def reference(case, rank):
         s, c = kw["split_dim"], kw["concat_dim"]
         out = np.concatenate([_chunks(x, s, g)[i] for x in xs], axis=c)
         grad = np.concatenate([_chunks(w, c, g)[i] for w in ws], axis=s)
+    elif kind == "all_to_all_v":  # out_i = source by source, the blocks j sent to i; grad: the same way back
+        blocks = kw["blocks"]
+        sent = lambda a, j, k: a[sum(blocks[j][:k]):sum(blocks[j][:k + 1])]  # blocks j sends k, from j's array
+        got = lambda a, k, j: a[sum(row[k] for row in blocks[:j]):sum(row[k] for row in blocks[:j + 1])]
+        out = np.concatenate([sent(x, j, i) for j, x in enumerate(xs)])
+        grad = np.concatenate([got(w, k, i) for k, w in enumerate(ws)])
     elif kind == "all_gather":
         out = np.concatenate(xs, axis=kw["dim"])
         grad = sum(_chunks(w, kw["dim"], g)[i] for w in ws)

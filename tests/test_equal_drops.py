@@ -15,6 +15,24 @@ COUNTS = np.array([[[[4, 1, 3, 0], [0, 2, 4, 2]],
                     [[2, 2, 0, 4], [3, 0, 4, 1]]]])  # [M=1, N=2, G=2, E=4], 32 tokens
 
 
+# tier-2 units per (group, expert) pair (0 on the group's node): group 0 sends expert 2 two units, 3 one;
+# group 1 sends expert 0 one, expert 1 three
+UNITS = np.array([[0, 0, 2, 1], [1, 3, 0, 0]])
+
+
+def test_hand_worked_smallest_unit_with_units_per_pair():
+    # remote counts (g0: e2, e3 | g1: e0, e1): batch 1 (3, 0 | 0, 2), batch 2 (0, 4 | 3, 0); slots u * units
+    # u=1: 1 + 3 + 2 = 6 dropped; u=2: 2 + 1 = 3; u=3: 1; u=4: 0. The local tier drops 3 (C_l = 3).
+    for unit, remote_drops in ((1, 6), (2, 3), (3, 1), (4, 0)):
+        assert tier_drop_rates(COUNTS, MASK, 3, unit, UNITS)[1].tolist() == [remote_drops / 32]
+    assert smallest_remote_capacity(COUNTS, MASK, 3, 0.15, units=UNITS)["capacity"] == 3  # 4/32; u=2: 6/32
+    assert smallest_remote_capacity(COUNTS, MASK, 3, 0.19, units=UNITS)["capacity"] == 2
+    # a pair without units drops all it gets (group 0's 4 tokens to expert 3): no u reaches 3/32 + 4/32
+    no_e3 = np.array([[0, 0, 2, 0], [1, 3, 0, 0]])
+    assert smallest_remote_capacity(COUNTS, MASK, 3, 0.2, units=no_e3)["capacity"] is None
+    assert smallest_remote_capacity(COUNTS, MASK, 3, 0.25, units=no_e3)["capacity"] == 2  # (3 + 4 + 1) / 32
+
+
 def test_hand_worked_drops_per_tier():
     # local pairs at C_l = 3: 4->1, 1, 4->1, 2 | 2, 2, 4->1, 1: 3 dropped
     # remote pairs (3, 0, 0, 2 | 0, 4, 3, 0): C_r=1: 2+1+3+2 = 8; C_r=2: 1+2+1 = 4; C_r=3: 1; C_r=4: 0
@@ -66,14 +84,16 @@ def test_first_come_first_served_drops_match_the_layers_slots():
     counts = pair_counts_of(expert_index, 4)  # [G, E]
     assert counts.tolist() == [[int((expert_index[g] == e).sum()) for e in range(4)] for g in range(2)]
     mask = Tensor(MASK.astype(np.float32))
-    for local_capacity, remote_capacity in ((5, 2), (12, 6), (3, 9), (20, 20)):
-        capacity, offset = tier_layout(mask, local_capacity, remote_capacity)
-        slots = 2 * local_capacity + 2 * remote_capacity
-        _, keep, _ = assign_tiered_slots(Tensor(expert_index), capacity, offset, slots)
-        layer_drops = int(round(float((1 - keep.asnumpy()).sum())))
-        predicted = drops_at(counts, capacity.asnumpy().astype(np.int64))
-        local, remote = tier_drop_rates(counts[None, None], MASK, local_capacity, remote_capacity)
-        assert layer_drops == predicted == round(80 * (local[0] + remote[0]))
+    for units in (None, UNITS):
+        table = (1 - MASK) if units is None else units  # [G, E] tier-2 units per pair
+        for local_capacity, remote_capacity in ((5, 2), (12, 6), (3, 9), (20, 20)):
+            capacity, offset = tier_layout(mask, local_capacity, remote_capacity, Tensor(table.astype(np.float32)))
+            slots = 2 * local_capacity + int(table.sum(1).max()) * remote_capacity
+            _, keep, _ = assign_tiered_slots(Tensor(expert_index), capacity, offset, slots)
+            layer_drops = int(round(float((1 - keep.asnumpy()).sum())))
+            predicted = drops_at(counts, capacity.asnumpy().astype(np.int64))
+            local, remote = tier_drop_rates(counts[None, None], MASK, local_capacity, remote_capacity, units)
+            assert layer_drops == predicted == round(80 * (local[0] + remote[0]))
 
 
 def test_goals_and_the_equal_drops_section_from_given_results():

@@ -68,6 +68,19 @@ def _reference_load_and_local(p, topo):
     return load / load.mean(), local
 
 
+def test_remote_units_follow_each_ranks_expected_share_by_hand():
+    # 2 dp ranks, B = 4: rank 0 reads [0, 1, 1, 1], rank 1 [1, 1, 1, 1]; domain 0 uses experts {0, 1, 2}
+    # (k = 3), domain 1 {2, 3} (k = 2); E = 4, quanta 8: units = ceil(32 * share).
+    # rank 0: e0 = e1 = 1/4 * 1/3 = 1/12 -> ceil(2.67) = 3; e2 = 1/12 + 3/4 * 1/2 = 11/24 -> ceil(14.67) = 15;
+    #         e3 = 3/8 -> 12. rank 1: e2 = e3 = 1/2 -> 16, e0 = e1 = 0 (never routed there).
+    from locmoe.placement import DomainPlacement
+
+    placement = DomainPlacement(np.array([[0, 1, 1, 1], [1, 1, 1, 1]]), np.array([1, 7]), ((0,), (0, 1)),
+                                ((0,), (0, 1)), np.array([[1, 1, 1, 0], [0, 0, 1, 1]], np.float32))
+    np.testing.assert_array_equal(placement.remote_units(8), [[3, 3, 15, 12], [0, 0, 16, 16]])
+    np.testing.assert_array_equal(placement.remote_units(1), [[1, 1, 2, 2], [0, 0, 2, 2]])  # ceil(4 * share)
+
+
 @pytest.mark.parametrize("sizes,world,tp,ep,per_node,batch,experts,uncovered", [
     ([1944, 2384, 2361, 800], 8, 1, 8, 2, 8, 16, []),     # uneven, as many nodes as domains
     ([1941, 2377, 2363, 808], 8, 1, 8, 2, 2, 8, []),      # the four-domain corpus at cpu_tiny's batch

@@ -131,12 +131,13 @@ def test_two_tier_bytes_128n_by_hand(capsys):
     block_r = (128 // 8) * D * 2    # one expert's TP slice of the remote tier, fp16
     block_l = (3072 // 8) * D * 2   # the node's one local expert, TP slice
     passes = 8 * 2 * 8              # 8 micro-batches x (forward + backward) x 8 MoE layers
-    # tier 2: [16 EP ranks, 1 expert, C_r/8, d] out and back; 15 blocks leave the node (the block
-    # addressed to node 0 itself is the zero hole). Tier 1 is a group of one rank: no bytes.
+    # tier 2: one [C_r/8, d] block per remote expert out and back; 15 blocks leave the node (the AllToAllV's
+    # placeholder to itself stays). Tier 1 is a group of one rank: no bytes.
     inter = passes * 2 * 15 * block_r
     # inside the node (TP 8): per tier the AllGather of the received slices, the ReduceScatter of
-    # the partial outputs, the AllGather of the returned slices, each to 7 ranks
-    intra = passes * 7 * (16 * block_r + 16 * block_r + 15 * block_r + 3 * block_l)
+    # the partial outputs, the AllGather of the returned slices, each to 7 ranks; tier 2's carry
+    # 15 blocks and the placeholder
+    intra = passes * 7 * (16 * block_r + 16 * block_r + 16 * block_r + 3 * block_l)
     assert p["a2a_bytes_per_step"] == {"intra": intra, "inter": inter}
     one_tier = plan_json(capsys, "--config", config_path("switch_128n.yaml"), "--world-size", 128)
     assert inter / one_tier["a2a_bytes_per_step"]["inter"] == pytest.approx(64 / 160)

@@ -10,6 +10,7 @@ from mindspore import nn, ops, Tensor
 
 import locmoe.exchange as exchange
 from locmoe.comm import CommCounter
+from locmoe.tiers import unit_table
 from locmoe.topology import Topology
 
 E, CL, CR, D = 8, 4, 2, 4
@@ -49,6 +50,24 @@ class FakeAllToAll(_Fake):
         return np.concatenate([np.array_split(s, len(sent))[mine] for s in sent])
 
 
+class FakeAllToAllV(_Fake):
+    def __init__(self, group, blocks, *args):
+        super().__init__(group, *args)
+        self.blocks = blocks
+
+    def answer(self, sent, mine):  # the blocks each source addressed to me, by source
+        return np.concatenate([s[sum(self.blocks[i][:mine]):sum(self.blocks[i][:mine + 1])]
+                               for i, s in enumerate(sent)])
+
+    def construct(self, x):
+        BOARD.sent[(self.name, self.me)] = x.asnumpy()
+        sent = [BOARD.prev.get((self.name, src)) for src in self.group]
+        mine = self.group.index(self.me)
+        if any(s is None or s.shape[1:] != x.shape[1:] for s in sent):
+            return ops.zeros((sum(row[mine] for row in self.blocks),) + x.shape[1:], x.dtype)
+        return Tensor(self.answer(sent, mine))
+
+
 class FakeAllGather(_Fake):
     def answer(self, sent, mine):
         return np.concatenate(sent, self.dim)
@@ -77,7 +96,7 @@ class FakeAllReduce(_Fake):
 @pytest.fixture
 def fake_collectives(monkeypatch):
     ms.set_context(mode=ms.PYNATIVE_MODE)
-    for name, fake in (("AllToAll", FakeAllToAll), ("AllGather", FakeAllGather),
+    for name, fake in (("AllToAll", FakeAllToAll), ("AllToAllV", FakeAllToAllV), ("AllGather", FakeAllGather),
                        ("ReduceScatter", FakeReduceScatter), ("AllReduce", FakeAllReduce)):
         monkeypatch.setattr(exchange, name, fake)
     BOARD.sent, BOARD.prev = {}, {}
@@ -104,33 +123,48 @@ LAYOUTS = {  # name: (world, tp, ep, devices_per_node); 2 nodes each
 }
 
 
+def uneven_units(dp):
+    """[dp, E]: each data-parallel rank sends each expert a different number of units (0: none)."""
+    pattern = np.array([[2, 1, 0, 0, 1, 0, 3, 0], [0, 0, 1, 1, 0, 0, 2, 1],
+                        [1, 0, 0, 0, 1, 2, 1, 1], [0, 3, 0, 1, 0, 0, 0, 0]], np.int64)
+    return pattern[np.arange(dp) % 4]
+
+
+@pytest.mark.parametrize("uneven", [False, True], ids=["uniform", "units"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_tiers_reach_the_right_experts_and_come_back(fake_collectives, layout):
+def test_tiers_reach_the_right_experts_and_come_back(fake_collectives, layout, uneven):
     world, tp, ep, per_node = LAYOUTS[layout]
     topos = {r: Topology(world_size=world, tp=tp, ep=ep, num_experts=E, devices_per_node=per_node, rank=r)
              for r in range(world)}
-    cells = {r: exchange.TieredExchange(topos[r], E, "emulated", True) for r in range(world)}
     node_of = lambda r: r // per_node
     local_ids = {r: [e for e in range(E) if e // (E // 2) == node_of(r)] for r in range(world)}  # node's experts
-    remote_ids = {r: [e for e in range(E) if e // (E // 2) != node_of(r)] for r in range(world)}
+    pattern = uneven_units(world // tp) if uneven else np.ones((world // tp, E), np.int64)
+    # units of source rank s for expert e: the pattern, none for its own node's experts (tier 1)
+    units_of = lambda s, e: 0 if e in local_ids[s] else int(pattern[s // tp][e])
+    table = unit_table(topos[0], pattern if uneven else None)
+    cells = {r: exchange.TieredExchange(topos[r], E, "emulated", True, units=table) for r in range(world)}
     rng = np.random.default_rng(0)
     dp = world // tp
     local_by_dp = [rng.normal(size=(E // 2, CL, D)).astype(np.float32) for _ in range(dp)]
-    remote_by_dp = [rng.normal(size=(E // 2, CR, D)).astype(np.float32) for _ in range(dp)]
+    # each source's remote buffer: its units by expert id, CR rows each
+    unit_owner = {s: [e for e in range(E) for _ in range(units_of(s * tp, e))] for s in range(dp)}
+    remote_by_dp = [rng.normal(size=(len(unit_owner[s]), CR, D)).astype(np.float32) for s in range(dp)]
     local = {r: local_by_dp[r // tp] for r in range(world)}  # the TP ranks of a group hold the same tokens
     remote = {r: remote_by_dp[r // tp] for r in range(world)}
-    got = _rounds(lambda r: [cells[r].to_experts(Tensor(local[r]), Tensor(remote[r])).asnumpy()], range(world))
+    got = _rounds(lambda r: [cells[r].to_experts(Tensor(local[r]), Tensor(remote[r]), CR).asnumpy()], range(world))
     per_rank = E // ep
     for r in range(world):
         group = [(r // tp // ep * ep + i) * tp + r % tp for i in range(ep)]  # my EP group
         members = [s for s in group if node_of(s) == node_of(r)]
         mine = [(r // tp % ep) * per_rank + k for k in range(per_rank)]
+        incoming = {e: [remote[s][k] for s in group if node_of(s) != node_of(r)
+                        for k, owner in enumerate(unit_owner[s // tp]) if owner == e] for e in mine}
+        width = max([len(v) for v in incoming.values()] + [1])  # units of my busiest expert
         expected = []
         for e in mine:
             rows_l = [local[s][local_ids[s].index(e)] for s in members]  # tier 1: my node's sources
-            rows_r = [np.zeros((CR, D), np.float32) if node_of(s) == node_of(r) else remote[s][remote_ids[s].index(e)]
-                      for s in group]  # tier 2: every EP source; same-node blocks are the zero hole
-            expected.append(np.concatenate(rows_l + rows_r))  # [m*CL + ep*CR, d]
+            rows_r = incoming[e] + [np.zeros((CR, D), np.float32)] * (width - len(incoming[e]))  # tier 2, padded
+            expected.append(np.concatenate(rows_l + rows_r))  # [m*CL + W*CR, d]
         np.testing.assert_array_equal(got[r][0], np.stack(expected))
     # the way back: expert e multiplies its rows by (e + 1), split over the TP ranks as partial sums
     # (TP rank t contributes the share w[t]); every source gets its own rows back, summed over TP
@@ -144,7 +178,7 @@ def test_tiers_reach_the_right_experts_and_come_back(fake_collectives, layout):
     back = _rounds(back_of, range(world))
     for r in range(world):
         scale_l = (np.array(local_ids[r]) + 1)[:, None, None]
-        scale_r = (np.array(remote_ids[r]) + 1)[:, None, None]
+        scale_r = (np.array(unit_owner[r // tp]) + 1)[:, None, None]
         np.testing.assert_allclose(back[r][0], local[r] * scale_l, rtol=1e-5)
         np.testing.assert_allclose(back[r][1], remote[r] * scale_r, rtol=1e-5)
 
@@ -152,10 +186,27 @@ def test_tiers_reach_the_right_experts_and_come_back(fake_collectives, layout):
 def test_tiered_bytes_follow_the_remote_capacity():
     topo = Topology(world_size=4, tp=1, ep=4, num_experts=E, devices_per_node=2, rank=0)
     totals = exchange.register_tiered_exchange_bytes(CommCounter(topo), topo, E, 3, 2, D, "float32", True).totals()
-    # per call: tier 2 sends [4, 2, CR, D] fp32 blocks, 2 of them to node 1; tier 1 [2, 2, CL, D], 1 block to rank 1;
-    # the tier-2 zero hole to rank 1 stays in the node. 4 calls of each (dispatch + combine, fwd + bwd).
+    # per call: tier 2 sends one [CR, D] fp32 block per remote expert, 2 to each rank of node 1; tier 1 [2, 2, CL, D],
+    # 1 block to rank 1;
+    # tier 2 sends nothing to rank 1 (same node). 4 calls of each (dispatch + combine, fwd + bwd).
     block_r, block_l = 2 * 2 * D * 4, 2 * 3 * D * 4
-    assert totals == {"inter": 4 * 2 * block_r, "intra": 4 * (block_l + block_r)}
+    assert totals == {"inter": 4 * 2 * block_r, "intra": 4 * block_l}
+
+
+def test_tiered_bytes_follow_the_units_by_hand():
+    # EP 4 on 2 nodes, units of uneven_units(4): rank 0 (node 0) sends expert 4 (rank 2) 1 unit and expert 6
+    # (rank 3) 3 units; on the way back it returns what ranks 2 and 3 sent its experts 0-1: 1 (rank 2: e0) and
+    # 3 (rank 3: e1). u = CR = 2 rows of D = 4 fp32 = 32 B; 2 calls each (fwd + bwd); nothing to rank 1.
+    topo = Topology(world_size=4, tp=1, ep=4, num_experts=E, devices_per_node=2, rank=0)
+    table = unit_table(topo, uneven_units(4))
+    counter = exchange.register_tiered_exchange_bytes(CommCounter(topo), topo, E, 3, CR, D, "float32", True,
+                                                      units=table)
+    by_name = counter.by_name()
+    assert by_name["a2a_remote_dispatch"] == (0, 2 * 4 * 32) and by_name["a2a_remote_combine"] == (0, 2 * 4 * 32)
+    # world: every unit crosses nodes once per call, out and back; rows 1-3 of the pattern without their
+    # node's experts: rank 1 (node 0) e6 2 + e7 1, rank 2 (node 1) e0 1, rank 3 (node 1) e1 3 + e3 1
+    units = 4 + 3 + 1 + 4
+    assert counter.world_totals()["inter"] == 2 * 2 * units * 32
 
 
 def test_tiered_bytes_group_wise_tp_by_hand():
@@ -163,17 +214,18 @@ def test_tiered_bytes_group_wise_tp_by_hand():
     # C_l = 4, C_r = 2, d = 4, fp32, 2 calls per collective (fwd + bwd). Tier 1 is a group of one: no bytes.
     topo = Topology(world_size=4, tp=2, ep=2, num_experts=E, devices_per_node=2, rank=0)
     totals = exchange.register_tiered_exchange_bytes(CommCounter(topo), topo, E, 4, 2, D, "float32", True).totals()
-    # tier 2: [2, 4, C_r/2 = 1, 4] fp32 = 128 B, half of it to rank 2 on node 1; dispatch + combine
+    # tier 2: 4 blocks [C_r/2 = 1, 4] fp32 = 64 B to rank 2 on node 1; dispatch + combine
     inter = 2 * 2 * 64
     # over TP (rank 1, same node), each x 2 calls: gather [1, 4, 2, 4] 128 B, reduce-scatter [1, 4, 4, 4] half of
-    # 256 B, gather back [4, 2, 4] 128 B; remote: gather [2, 4, 1, 4] 128 B, reduce-scatter half of [2, 4, 2, 4]
-    # 256 B, gather back [4, 1, 4] 64 B
-    intra = 2 * (128 + 128 + 128) + 2 * (128 + 128 + 64)
+    # 256 B, gather back [4, 2, 4] 128 B; remote: the 4 blocks from rank 2 and the placeholder to myself, each
+    # [C_r/2 = 1, 4]: gather [5, 1, 4] 80 B, reduce-scatter half of [5, 2, 4] 160 B, gather back [5, 1, 4] 80 B
+    intra = 2 * (128 + 128 + 128) + 2 * (80 + 80 + 80)
     assert totals == {"inter": inter, "intra": intra}
 
 
+@pytest.mark.parametrize("uneven", [False, True], ids=["uniform", "units"])
 @pytest.mark.parametrize("layout", ["tp2_ep4", "tp2_ep2"])
-def test_two_tier_layer_on_every_rank_equals_the_single_process(fake_collectives, layout):
+def test_two_tier_layer_on_every_rank_equals_the_single_process(fake_collectives, layout, uneven):
     """The whole MoELayer, distributed over a TP2 x EP layout (group-wise, TP-sharded experts) with
     every rank against the recorded collectives, gives each rank's token group the output and the
     counts of the single-process layer whose token groups pose as the ranks (drops in both tiers)."""
@@ -187,8 +239,10 @@ def test_two_tier_layer_on_every_rank_equals_the_single_process(fake_collectives
                     expert_parallel=ep, groupwise_a2a=True)
     topo = lambda r: Topology(world_size=world, tp=tp, ep=ep, num_experts=E, devices_per_node=per_node, rank=r)
     ms.set_seed(3)
+    units = uneven_units(dp) if uneven else None  # tokens routed to a pair of 0 units: dropped
+    quanta = 2 if uneven else 1  # a unit is half a uniform pair's capacity
     ref = MoELayer(cfg, hidden, ffn, topo(0), param_init_std=0.5, token_groups=dp,
-                   group_ranks=[d * tp for d in range(dp)])
+                   group_ranks=[d * tp for d in range(dp)], remote_units=units, remote_quanta=quanta)
     rng = np.random.default_rng(1)
     x = rng.normal(size=(dp, seq, hidden)).astype(np.float32)  # one sample per DP rank
     tok = rng.integers(0, 50, size=(dp, seq)).astype(np.int32)
@@ -196,11 +250,24 @@ def test_two_tier_layer_on_every_rank_equals_the_single_process(fake_collectives
     ref_y, _, _, ref_stats = ref(Tensor(x), Tensor(tok), Tensor(dom))
     ref_stats = [s.asnumpy() for s in ref_stats]
     assert ref_stats[3] > 0 and ref_stats[1] > ref_stats[3], "the case should drop in both tiers"
+    # the single process's slots, first come first served in numpy: C_l per node-local expert, units * u per
+    # remote expert (u = ceil(T f_r / (quanta E)) rounded up to a multiple of TP), none where units are 0
+    index, keep = (t.asnumpy() for t in ref.route(Tensor(x), Tensor(tok), Tensor(dom)))  # [G, T] each
+    cap_l = -(-int(np.ceil(seq * 1.0 / E)) // tp) * tp  # capacity_factor 1.0
+    unit = -(-int(np.ceil(seq * 0.25 / (quanta * E))) // tp) * tp  # remote_capacity_factor 0.25
+    for g in range(dp):
+        node_experts = topo(g * tp).local_experts()
+        limit = [cap_l if e in node_experts else unit * (1 if units is None else units[g][e]) for e in range(E)]
+        used = [0] * E
+        for t_, e in enumerate(index[g]):
+            assert keep[g][t_] == (used[e] < limit[e]), (g, t_, e)
+            used[e] += 1
     params = {k: p.asnumpy() for k, p in ref.parameters_dict().items()}
     layers = {}
     for r in range(world):
         t = topo(r)
-        layer = MoELayer(cfg, hidden, ffn, t, param_init_std=0.5, parallel=ParallelContext(t, "emulated", True))
+        layer = MoELayer(cfg, hidden, ffn, t, param_init_std=0.5, parallel=ParallelContext(t, "emulated", True),
+                         remote_units=units, remote_quanta=quanta)
         mine = slice(t.ep_rank() * (E // ep), (t.ep_rank() + 1) * (E // ep))
         inner = slice(t.tp_rank() * ffn // tp, (t.tp_rank() + 1) * ffn // tp)
         for k, p in layer.parameters_dict().items():

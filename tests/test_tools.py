@@ -28,6 +28,7 @@ from pangu_sigma.tools.routing_capture import (chosen_cosines, estimate_delta, g
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
 STEPS = 6
+SIZES = [400, 300, 200, 100]  # samples per domain for the cluster configs' domain-affine placement (no dataset here)
 
 
 def _quiet(*_):
@@ -279,11 +280,11 @@ def test_moe_step_by_hand_two_nodes():
 
 def test_overlap_hides_all_but_one_chunk():
     cfg = load_config(os.path.join(CONFIGS, "locmoe_128n.yaml"))
-    one = simulate.run(cfg, world_size=128, overlap_degree=1)
-    four = simulate.run(cfg, world_size=128, overlap_degree=4)
+    one = simulate.run(cfg, world_size=128, overlap_degree=1, domain_sizes=SIZES)
+    four = simulate.run(cfg, world_size=128, overlap_degree=4, domain_sizes=SIZES)
     assert one["breakdown"]["overlapped"] == 0
     layer = four["layers"][0]
-    a, x = layer["comm_time"], layer["expert_compute_max"]
+    a, x = layer["comm_time"], layer["expert_compute_mean"]  # the overlap of an average device
     assert four["micro_batches"] == 8  # the config's batch of 32 per rank in micro-batches of 4
     assert four["breakdown"]["overlapped"] == pytest.approx(8 * 8 * 0.75 * (min(a, x) + min(a, 2 * x)))
     for res in (one, four):
@@ -292,7 +293,9 @@ def test_overlap_hides_all_but_one_chunk():
 
 def test_simulate_cli(capsys):
     path = os.path.join(CONFIGS, "locmoe_64n.yaml")
-    assert simulate.main(["--config", path, "--world-size", "64", "--json"]) == 0
+    assert _rc(simulate.main, ["--config", path, "--world-size", "64", "--json"]) == 2  # no dataset: which domains?
+    assert capsys.readouterr().err.startswith("error: --domain-sizes")
+    assert simulate.main(["--config", path, "--world-size", "64", "--json", "--domain-sizes", "400,300,200,100"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["world_size"] == 64 and out["nodes"] == 8 and out["routing"] == "uniform"
     assert sum(out["breakdown"].values()) == pytest.approx(out["step_time"])
@@ -324,7 +327,7 @@ def test_converter_from_the_training_log(tiny_run, tmp_path):
     counts = stats["counts"]
     assert counts.shape == (8, 128, 16) and stats["source"]["placement"] == "same"  # auto: no extrapolated locality
     np.testing.assert_allclose(counts.sum(-1), 32 * 1024)  # the 128N config's tokens per rank and step: 32 x 1024
-    res = simulate.run(load_config(target), world_size=128, routing_stats=out)
+    res = simulate.run(load_config(target), world_size=128, routing_stats=out, domain_sizes=SIZES)
     assert res["routing"] == out and res["step_time"] > 0
 
 
@@ -423,9 +426,10 @@ def test_simulated_step_with_accumulation_is_k_micro_batches_and_one_gradient_re
     """batch 32 per rank in 8 micro-batches = 8 x the step of a batch of 4 routed at once, except the
     gradient AllReduces, which happen once per step."""
     path = os.path.join(CONFIGS, "locmoe_128n.yaml")
-    acc = simulate.run(load_config(path, ["train.batch_size=32", "train.gradient_accumulation_steps=8"]),
+    iid = "data.placement=iid"  # a domain-affine placement cuts the line by the step's batch (32 vs 4)
+    acc = simulate.run(load_config(path, ["train.batch_size=32", "train.gradient_accumulation_steps=8", iid]),
                        world_size=128)
-    one = simulate.run(load_config(path, ["train.batch_size=4", "train.gradient_accumulation_steps=1"]),
+    one = simulate.run(load_config(path, ["train.batch_size=4", "train.gradient_accumulation_steps=1", iid]),
                        world_size=128)
     grads = ("grad_allreduce_dense", "grad_allreduce_experts")
     for name in grads:
@@ -500,32 +504,35 @@ def test_compare_routers_equal_drops_end_to_end(tiny_run, tmp_path, capsys):
     assert _rc(main, ["--config", path, "--routers", "locmoe", "--steps", "4", "--output", str(out),
                       "--clusters", "", "--equal-drops", "20", "--pilot-remote-capacity-factor", "2",
                       "--set", "moe.capacity_factor=4", "--set", "moe.remote_capacity_factor=0.5",
-                      "--set", "parallel.virtual_scope=cluster",
+                      "--set", "parallel.virtual_scope=cluster", "--set", "moe.num_domain_groups=2",
+                      "--set", "parallel.devices_per_node=1",  # 4 nodes: a domain's experts span two
                       "--set", "data.placement=domain_affine"]) == 0
     report = json.loads((out / "report.json").read_text())
     r = report["results"]["locmoe"]
     c = r["calibration"]
     (run,) = r["runs"]
     tokens = 8 * 16
-    assert c["pilot_remote_capacity"] == expert_capacity(tokens, 2.0, 4)
+    assert c["remote_quanta"] == 8  # level 1 under the placement: tier-2 units of 1/8 of a 1/E share's slots
+    assert c["pilot_remote_capacity"] == expert_capacity(tokens, 2.0, 4 * 8)
     assert c["pilot_predicted_drop_percent"] == pytest.approx(c["pilot_drop_percent"], abs=1e-9)
     assert c["predicted_drop_percent"] <= 20 and c["remote_capacity"] >= 1
     assert run["valid"]["routing"]["remote_capacity"] == c["remote_capacity"]
     counts = np.load(os.path.join(c["pilot_run_dir"], "valid_pair_counts.npy"))  # [M, N, G, E]
     assert counts.shape[0] == 1 and counts.shape[2:] == (4, 4) and counts.sum() == run["valid"]["tokens"]
-    assert expert_capacity(tokens, c["remote_capacity_factor"], 4) == c["remote_capacity"]
+    assert expert_capacity(tokens, c["remote_capacity_factor"], 4 * 8) == c["remote_capacity"]
     assert run["moe_inter_node_bytes_per_step"] == c["predicted_inter_node_bytes_per_step"]
     assert report["meta"]["equal_drops_percent"] == 20 and "## Equal drops" in (out / "report.md").read_text()
     routed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[eval] routed as training")]
     assert len(routed) == 2  # pilot, seed: eval names both tiers' capacities
-    assert f"{c['remote_capacity']} per expert on another node (two tiers" in routed[1]
+    assert f"{c['remote_capacity']}-slot units per (group, expert) pair" in routed[1]
     # --reuse: the finished runs are evaluated again, not trained: same figures, logs untouched
     logs = [os.path.join(d, "train_log_rank0.jsonl") for d in (c["pilot_run_dir"], run["run_dir"])]
     stamps = [os.path.getmtime(p) for p in logs]
     assert _rc(main, ["--config", path, "--routers", "locmoe", "--steps", "4", "--output", str(out), "--quiet",
                       "--clusters", "", "--equal-drops", "20", "--pilot-remote-capacity-factor", "2",
                       "--set", "moe.capacity_factor=4", "--set", "moe.remote_capacity_factor=0.5",
-                      "--set", "parallel.virtual_scope=cluster", "--set", "data.placement=domain_affine",
+                      "--set", "parallel.virtual_scope=cluster", "--set", "moe.num_domain_groups=2",
+                      "--set", "parallel.devices_per_node=1", "--set", "data.placement=domain_affine",
                       "--reuse"]) == 0
     again = json.loads((out / "report.json").read_text())["results"]["locmoe"]
     assert [os.path.getmtime(p) for p in logs] == stamps

@@ -180,10 +180,13 @@ def hccl_check(cfg, topology, rank_table=None):
 
 
 # ---- traffic ----------------------------------------------------------------------
-def a2a_traffic(cfg, topology):
-    """MoE-layer communication bytes per step; see the module docstring."""
+def a2a_traffic(cfg, topology, placement=None):
+    """MoE-layer communication bytes per step; see the module docstring. placement: the
+    domain-affine DomainPlacement (its tier-2 units set the remote rows, locmoe.tiers)."""
     from locmoe.comm import CommCounter
     from locmoe.exchange import register_exchange_bytes, register_tiered_exchange_bytes
+    from locmoe.placement import tier_units
+    from locmoe.tiers import unit_table
     m = cfg.model
     experts, tp = cfg.num_experts, topology.tp
     tokens = param_count.tokens_per_rank(cfg)
@@ -192,12 +195,14 @@ def a2a_traffic(cfg, topology):
     capacity = -(-expert_capacity(tokens, cfg.moe.capacity_factor, experts) // multiple) * multiple
     rows = capacity // tp if groupwise else capacity
     two_tier = cfg.moe.remote_capacity_factor > 0
-    remote = (-(-expert_capacity(tokens, cfg.moe.remote_capacity_factor, experts) // multiple) * multiple
-              if two_tier else capacity)
+    units, quanta = tier_units(cfg.moe, placement)
+    remote = (-(-expert_capacity(tokens, cfg.moe.remote_capacity_factor, experts * quanta) // multiple) * multiple
+              if two_tier else capacity)  # rows per tier-2 unit (MoELayer.remote_capacity)
     counter = CommCounter(topology)
     if m.moe_layer_num and two_tier:
         register_tiered_exchange_bytes(counter, topology, experts, capacity, remote, m.hidden_size,
-                                       cfg.compute_dtype, groupwise, m.moe_layer_num)
+                                       cfg.compute_dtype, groupwise, m.moe_layer_num,
+                                       None if units is None else unit_table(topology, units))
     elif m.moe_layer_num:
         register_exchange_bytes(counter, topology, experts, capacity, m.hidden_size, cfg.compute_dtype,
                                 groupwise, m.moe_layer_num)
@@ -208,6 +213,7 @@ def a2a_traffic(cfg, topology):
         "tokens_per_rank": tokens,
         "capacity": capacity,
         "remote_capacity": remote,
+        "remote_quanta": quanta,
         "two_tier": two_tier,
         "groupwise": groupwise,
         "rows_per_rank": rows,
@@ -221,11 +227,19 @@ def a2a_traffic(cfg, topology):
 
 
 # ---- data placement ---------------------------------------------------------------
-def domain_map(cfg, topology, domain_sizes=None):
-    """The domain-affine map as text lines (None under i.i.d. placement, or a one-line
-    request for the domain sizes when there is no dataset); see locmoe.placement."""
+def parse_domain_sizes(text):
+    """--domain-sizes N,N,... -> [int] (ConfigError naming the flag)."""
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError("--domain-sizes", text, "comma-separated integers, e.g. 500,300,200") from None
+
+
+def domain_placement(cfg, topology, domain_sizes=None):
+    """(DomainPlacement, domain names) under domain_affine, from domain_sizes or the dataset's
+    meta.json; (None, None) under i.i.d.; (None, one-line request) when the sizes are unknown."""
     if cfg.data.placement != "domain_affine":
-        return None
+        return None, None
     from locmoe.placement import plan_placement
 
     names = None
@@ -237,9 +251,16 @@ def domain_map(cfg, topology, domain_sizes=None):
             names = list(meta["domains"])
             domain_sizes = [int(meta["domain_samples"][n]["train"]) for n in names]
         except (OSError, ValueError, KeyError, TypeError):
-            return [f"map not computed: it needs the domain sizes, from {path} (missing or unreadable) "
-                    "or --domain-sizes N,N,..."]
-    placement = plan_placement(domain_sizes, topology, cfg.train.batch_size)
+            return None, (f"map not computed: it needs the domain sizes, from {path} (missing or unreadable) "
+                          "or --domain-sizes N,N,...")
+    return plan_placement(domain_sizes, topology, cfg.train.batch_size), names
+
+
+def domain_map(placement, names):
+    """The domain-affine map as text lines (None under i.i.d. placement, or the one-line request for
+    the domain sizes when there is no dataset); see locmoe.placement."""
+    if placement is None:
+        return None if names is None else [names]
     imposed = placement.expected_expert_load()
     return placement.lines(names) + [f"placement-imposed expert load (even split over each domain's level-1 "
                                      f"experts): max/mean {imposed.max():.2f}, min/mean {imposed.min():.2f}"]
@@ -259,7 +280,8 @@ def make_plan(cfg, rank_table=None, world_size=None, devices_per_node=None, doma
     comm_groups = len({tuple(g) for g in (list(range(world)), topo.tp_group(), topo.dp_group(), topo.ep_group(),
                                            topo.expert_dp_group()) if len(g) > 1})
     memory = param_count.memory_breakdown(cfg, topo.tp, topo.ep, topo.dp, vocab, comm_groups=comm_groups)
-    traffic = a2a_traffic(cfg, topo)
+    placement, names = domain_placement(cfg, topo, domain_sizes)
+    traffic = a2a_traffic(cfg, topo, placement)
     notes = []
     if node_of_rank is not None and dpn != cfg.parallel.devices_per_node:
         notes.append(f"the rank table has up to {dpn} devices per server; parallel.devices_per_node says "
@@ -322,6 +344,7 @@ def make_plan(cfg, rank_table=None, world_size=None, devices_per_node=None, doma
         "global_batch_tokens": cfg.train.batch_size * topo.dp * cfg.model.seq_length,
         "expert_capacity": traffic["capacity"],
         "remote_capacity": traffic["remote_capacity"],
+        "remote_quanta": traffic["remote_quanta"],
         "a2a_bytes_per_step": traffic["per_device"],
         "a2a_bytes_per_step_world": traffic["world"],
         "a2a_detail": {k: traffic[k] for k in ("groupwise", "two_tier", "rows_per_rank", "buffer_bytes", "sent_bytes_per_call",
@@ -329,12 +352,20 @@ def make_plan(cfg, rank_table=None, world_size=None, devices_per_node=None, doma
                                                "by_collective")},
         "hccl": hccl,
         "placement": cfg.data.placement,
-        "domain_map": domain_map(cfg, topo, domain_sizes),
+        "domain_map": domain_map(placement, names),
         "notes": notes,
     }
 
 
 # ---- text -------------------------------------------------------------------------
+def remote_text(p):
+    """The remote tier's capacity in words: C_r per pair, or units of u rows by expected share."""
+    if p["remote_quanta"] == 1:
+        return f"C_r {p['remote_capacity']}"
+    return (f"{p['remote_quanta']} units of {p['remote_capacity']} rows for an expected 1/E share (each pair "
+            f"in proportion to its share under the domain-affine placement, none where it is 0)")
+
+
 def fmt_ranks(ranks):
     """[0,1,2,3] -> '0-3'; [0,8,16,24] -> '0..24/8'; else a comma list, shortened."""
     ranks = list(ranks)
@@ -421,7 +452,7 @@ def format_text(plan, config_path):
         f"micro-batch {p['micro_batch_per_dp_rank']} x {p['gradient_accumulation_steps']} accumulation steps "
         f"(train.gradient_accumulation_steps)",
         f"  routing   per micro-batch: {p['tokens_per_rank']:,} tokens per rank; expert capacity {p['expert_capacity']}"
-        + (f" per (rank, node-local expert), {p['remote_capacity']} per (rank, expert on another node) "
+        + (f" per (rank, node-local expert), {remote_text(p)} per (rank, expert on another node) "
            f"(two-tier exchange)" if p["a2a_detail"]["two_tier"] else ""),
     ]
     d, per, world = p["a2a_detail"], p["a2a_bytes_per_step"], p["a2a_bytes_per_step_world"]
@@ -430,8 +461,8 @@ def format_text(plan, config_path):
            f"({_gib(d['sent_bytes_per_call'])}) through EP, then a TP AllGather"
            if d["groupwise"] else "each rank sends all of it through EP")
     if d["two_tier"]:
-        buffer = (f"node-local experts x C {p['expert_capacity']} (intra-node All-to-All) + the others x "
-                  f"C_r {p['remote_capacity']} (EP All-to-All, the only rows leaving the node)")
+        buffer = (f"node-local experts x C {p['expert_capacity']} (intra-node All-to-All) + the others at "
+                  f"{remote_text(p)} (EP AllToAllV, the only rows leaving the node)")
         how = "group-wise TP slices per tier" if d["groupwise"] else "whole tiers"
     lines += [
         f"all-to-all {d['calls_per_step']} per step (4 per MoE layer per micro-batch: fwd dispatch + combine, "
@@ -472,12 +503,7 @@ def main(argv=None):
     try:
         from pangu_sigma.config import load_config
         cfg = load_config(args.config, args.set)
-        sizes = None
-        if args.domain_sizes:
-            try:
-                sizes = [int(v) for v in args.domain_sizes.split(",")]
-            except ValueError:
-                raise ConfigError("--domain-sizes", args.domain_sizes, "comma-separated integers, e.g. 500,300,200")
+        sizes = parse_domain_sizes(args.domain_sizes) if args.domain_sizes else None
         plan = make_plan(cfg, args.rank_table, args.world_size, args.devices_per_node, sizes)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

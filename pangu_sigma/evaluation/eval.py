@@ -56,9 +56,21 @@ def build_eval_net(cfg, meta, layout, capacity_factor, checkpoint_path, allow_ch
     """PanguSigmaWithLoss with training's token groups and the eval capacity factor, weights loaded."""
     eval_cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, capacity_factor=capacity_factor))
     net = build_model(eval_cfg, meta, layout["topology"], token_groups=layout["token_groups"],
-                      group_ranks=layout["group_ranks"] if layout["token_groups"] > 1 else None)
+                      group_ranks=layout["group_ranks"] if layout["token_groups"] > 1 else None,
+                      reads_by_placement=layout["scope"] == "cluster")  # as evaluate() reads the split
     load_weights(net, cfg, checkpoint_path, allow_changes)
     return net
+
+
+def remote_tier_text(layer, unit):
+    """The remote tier's slots in words: per expert (one unit each), or units of `unit` rows per pair."""
+    if layer.remote_quanta == 1 and layer.max_pair_units == 1:
+        return f"{unit} per expert"
+    units = layer.group_units.asnumpy()  # [G, E]
+    pairs = units[units > 0]
+    return (f"{unit}-slot units per (group, expert) pair, {int(pairs.min())}-{int(pairs.max())} units by the "
+            f"pair's expected share ({layer.remote_quanta} for 1/E; {int(units.sum(1).max())} per group at most)"
+            if pairs.size else "no remote pairs")
 
 
 def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None, log=print, max_batches=None,
@@ -159,7 +171,11 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
                           "placement": cfg.data.placement if placement is not None else "iid",
                           "capacity_factor": factor, "capacity_factor_source": factor_source,
                           "capacity": capacity, "remote_capacity_factor": cfg.moe.remote_capacity_factor
-                          if two_tier else None, "remote_capacity": remote_capacity}}
+                          if two_tier else None, "remote_capacity": remote_capacity,
+                          # tier-2 capacity of a (group, expert) pair = units * remote_capacity (locmoe.tiers)
+                          "remote_quanta": moe_layers[0].remote_quanta if two_tier else None,
+                          "remote_units": moe_layers[0].group_units.asnumpy().astype(int).tolist()
+                          if two_tier else None}}
     if pair_counts and moe_layers:
         result["pair_counts"] = np.array(counts, np.int64).reshape(len(moe_layers), len(plan),
                                                                    layout["token_groups"], -1)  # [M, N, G, E]
@@ -172,8 +188,8 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
            if placement is not None else "")
         + f"), capacity factor {factor:g} ({factor_source}), "
         f"{capacity} slots per expert per group"
-        + (f" on the group's node and {remote_capacity} per expert on another node (two tiers, "
-           f"moe.remote_capacity_factor {cfg.moe.remote_capacity_factor:g})" if two_tier else ""))
+        + (f" on the group's node and {remote_tier_text(moe_layers[0], remote_capacity)} on other nodes (two "
+           f"tiers, moe.remote_capacity_factor {cfg.moe.remote_capacity_factor:g})" if two_tier else ""))
     log(f"[eval] {split}: {result['tokens']} tokens, mean CE {result['ce']:.4f}, "
         f"perplexity {result['perplexity']:.3f}")
     log(domain_table(figures, title=f"{split} per domain"))

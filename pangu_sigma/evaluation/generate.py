@@ -91,7 +91,7 @@ def main(argv=None):
                               f"--max-new-tokens {args.max_new_tokens}); it has {len(prompt_ids)}: shorten it or "
                               f"lower --max-new-tokens")
         set_device(cfg, mode=ms.PYNATIVE_MODE)
-        net = build_model(cfg, meta, single_process_topology(cfg))
+        net = build_model(cfg, meta, single_process_topology(cfg), reads_by_placement=False)
         allowed = checkpoint.split_fields(args.allow_config_change)
         checkpoint.load_model_for_inference(net, cfg, args.checkpoint, allowed)
         net.set_train(False)

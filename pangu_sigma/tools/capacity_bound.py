@@ -110,7 +110,8 @@ def render(result):
                                   f"{worst:.4g}")
             lines.append(f"  config remote capacity (two tiers, experts on other nodes): ceil({cap['tokens_per_rank']} "
                          f"* {cap['remote_capacity_factor']:g} / {cap['experts']}) = {cap['remote_capacity']} slots "
-                         f"per expert{remote_verdict}")
+                         f"per expert{remote_verdict} (under a domain-affine placement with level 1, each pair's "
+                         f"slots follow its expected share: this is the 1/E-share pair's, locmoe.tiers)")
     return "\n".join(lines)
 
 

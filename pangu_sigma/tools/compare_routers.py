@@ -99,6 +99,7 @@ def _last_logged(log_path, key):
 
 def simulate_router(router, train_cfg, log_path, clusters, config_dir, dispatch, hw):
     """{size: {...}} step time with the run's routing statistics and with uniform routing."""
+    from pangu_sigma.build import dataset_meta, domain_sizes
     from pangu_sigma.config import load_config
     from pangu_sigma.tools.routing_stats import from_train_log
     from pangu_sigma.tools.simulate import run
@@ -113,8 +114,10 @@ def simulate_router(router, train_cfg, log_path, clusters, config_dir, dispatch,
             cluster_cfg = load_config(path, overrides)
             stats = from_train_log(log_path, train_cfg, cluster_cfg, world_size=size) \
                 if train_cfg.model.moe_layer_num else None
-            routed = run(cluster_cfg, world_size=size, routing_stats=stats, dispatch=dispatch, hw=hw)
-            uniform = run(cluster_cfg, world_size=size, dispatch=dispatch, hw=hw)
+            sizes = domain_sizes(dataset_meta(train_cfg))  # the placement of the corpus the routing came from
+            routed = run(cluster_cfg, world_size=size, routing_stats=stats, dispatch=dispatch, hw=hw,
+                         domain_sizes=sizes)
+            uniform = run(cluster_cfg, world_size=size, dispatch=dispatch, hw=hw, domain_sizes=sizes)
         except ConfigError as err:
             out[size] = {"error": str(err)}
             continue
@@ -247,7 +250,9 @@ def render(results, clusters, meta):
     seeds = meta["seeds"]
     routing = meta["eval_routing"]
     lines = ["# Router comparison", "",
-             f"Config `{meta['config']}` with {meta['overrides'] or 'no overrides'}; {meta['steps']} steps of "
+             f"Config `{meta['config']}` with {meta['overrides'] or 'no overrides'}"
+             + "".join(f", {r} also {v}" for r, v in (meta.get("router_overrides") or {}).items()) + "; "
+             f"{meta['steps']} steps of "
              f"{meta['tokens_per_step']:,} tokens ({meta['samples_per_step']} sequences of {meta['seq_length']}; "
              f"{meta['scope']} scope, {meta['token_groups']} token group(s)) for every router, same data order "
              f"(data.seed={meta['data_seed']}), over {len(seeds)} seed(s) train.seed = {seeds} (model "
@@ -436,18 +441,32 @@ def run_figures(cfg, router, clusters, config_dir, dispatch, hw, log, lock=None,
     return run
 
 
-def predicted_inter_node_bytes(cfg, local_capacity, remote_capacity):
-    """The cluster's inter-node MoE bytes per step of the two-tier exchange at these capacities, from
-    the byte model the training log uses (locmoe.exchange.register_tiered_exchange_bytes)."""
+def pilot_units(cfg, routing):
+    """[dp, E] the tier-2 units the pilot's layers used (eval's routing 'remote_units' by token group,
+    one group per dp rank in cluster scope), or None (one unit per remote expert)."""
+    units = routing.get("remote_units")
+    if units is None or (routing.get("remote_quanta") or 1) == 1 and max(max(r) for r in units) <= 1:
+        return None
+    if routing.get("scope") != "cluster":
+        raise ConfigError("parallel.virtual_scope", routing.get("scope"), "cluster (equal drops with tier-2 units)")
+    return np.asarray(units, np.int64)
+
+
+def predicted_inter_node_bytes(cfg, local_capacity, remote_capacity, units=None):
+    """The cluster's inter-node MoE bytes per step of the two-tier exchange at these capacities
+    (remote_capacity: rows per tier-2 unit; units [dp, E], None: one per remote expert), from the
+    byte model the training log uses (locmoe.exchange.register_tiered_exchange_bytes)."""
     from locmoe.comm import CommCounter
     from locmoe.exchange import register_tiered_exchange_bytes
+    from locmoe.tiers import unit_table
     from pangu_sigma.build import single_process_topology
 
     topology = single_process_topology(cfg)
     counter = register_tiered_exchange_bytes(CommCounter(topology), topology, cfg.num_experts, local_capacity,
                                              remote_capacity, cfg.model.hidden_size, cfg.compute_dtype,
-                                             cfg.parallel.groupwise_a2a, cfg.model.moe_layer_num)
-    return counter.world_totals()["inter"]
+                                             cfg.parallel.groupwise_a2a, cfg.model.moe_layer_num,
+                                             None if units is None else unit_table(topology, units))
+    return counter.world_totals()["inter"] * cfg.train.gradient_accumulation_steps
 
 
 def calibrate(cfg, pilot, counts, target_percent):
@@ -462,9 +481,10 @@ def calibrate(cfg, pilot, counts, target_percent):
     mask = np.array([topology.local_expert_mask(r) for r in (group_ranks or [topology.rank] * groups)])  # [G, E]
     routing = pilot["valid"]["routing"]
     tokens, local_capacity = routing["tokens_per_group"], routing["capacity"]
+    units, quanta = routing.get("remote_units"), routing.get("remote_quanta") or 1  # [G, E] tier-2 units per pair
     multiple = topology.tp if cfg.parallel.groupwise_a2a and topology.tp > 1 else 1
-    found = smallest_remote_capacity(counts, mask, local_capacity, target_percent / 100, multiple)
-    at_pilot = tier_drop_rates(counts, mask, local_capacity, routing["remote_capacity"])  # check: = measured
+    found = smallest_remote_capacity(counts, mask, local_capacity, target_percent / 100, multiple, units)
+    at_pilot = tier_drop_rates(counts, mask, local_capacity, routing["remote_capacity"], units)  # check: = measured
     if found["capacity"] is None:
         raise ConfigError("--equal-drops", target_percent, f"a target above the local tier's predicted drop rate "
                           f"{100 * found['local_drop_rate']:.2f}% (router {cfg.moe.router}; or raise "
@@ -478,11 +498,13 @@ def calibrate(cfg, pilot, counts, target_percent):
             "pilot_predicted_drop_percent": 100 * float((at_pilot[0] + at_pilot[1]).mean()),
             "pilot_inter_node_bytes_per_step": pilot["moe_inter_node_bytes_per_step"],
             "tokens_per_group": tokens, "local_capacity": local_capacity, "remote_capacity": capacity,
-            "remote_capacity_factor": factor_for_capacity(capacity, tokens, cfg.num_experts),
+            "remote_quanta": quanta,
+            "remote_capacity_factor": factor_for_capacity(capacity, tokens, cfg.num_experts * quanta),
             "predicted_drop_percent": 100 * found["drop_rate"],
             "predicted_local_drop_percent": 100 * found["local_drop_rate"],
             "predicted_remote_drop_percent": 100 * found["remote_drop_rate"],
-            "predicted_inter_node_bytes_per_step": predicted_inter_node_bytes(cfg, local_capacity, capacity),
+            "predicted_inter_node_bytes_per_step": predicted_inter_node_bytes(cfg, local_capacity, capacity,
+                                                                              pilot_units(cfg, routing)),
             "pilot_remote_spread": remote_spread(counts, mask)}
 
 
@@ -509,7 +531,7 @@ def goals(results):
 
 def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_CLUSTERS, config_dir=None,
             dispatch="padded", hw=None, overwrite=False, log=print, seeds=1, equal_drops=None,
-            pilot_remote_factor=None, lock=None, reuse=False):
+            pilot_remote_factor=None, lock=None, reuse=False, router_overrides=None):
     """Train, evaluate and simulate every router over `seeds` seeds (train.seed, train.seed + 1, ...);
     write report.md and report.json; return {'meta': ..., 'results': {router: ...}}.
 
@@ -518,7 +540,9 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
     smallest remote capacity whose predicted valid drop rate (mean over MoE layers, from the
     pilot's routed counts) is <= equal_drops % (`calibrate`), and the seeded runs at it.
     lock: a file held (flock) while each run trains and evaluates. reuse: finished runs in `output`
-    (an interrupted comparison) are evaluated again instead of trained."""
+    (an interrupted comparison) are evaluated again instead of trained. router_overrides: {router:
+    [SECTION.KEY=VALUE, ...]} applied after `overrides` to that router's runs only (e.g. Switch
+    without level 1, as its cluster configs)."""
     from pangu_sigma.config import config_from_dict, load_config
     from pangu_sigma.build import dataset_meta
 
@@ -549,8 +573,13 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
     with open(config_path, encoding="utf-8") as handle:  # read once: runs that start later (after a pilot)
         raw = yaml.safe_load(handle)                       # do not see later edits of the file
 
+    router_overrides = router_overrides or {}
+    for router in router_overrides:
+        if router not in routers:
+            raise ConfigError("--router-set", router, f"one of the compared routers {list(routers)}")
+
     def router_config(router, run_dir, seed, extra=()):
-        return config_from_dict(copy.deepcopy(raw), list(overrides) + [
+        return config_from_dict(copy.deepcopy(raw), list(overrides) + router_overrides.get(router, []) + [
             f"moe.router={router}", f"train.output_dir={run_dir}", f"train.train_steps={steps}",
             f"train.seed={seed}"] + list(extra))
 
@@ -595,7 +624,8 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
         }
     tokens, samples = tokens_per_step(cfg0)
     layout = results[routers[0]]["runs"][0]["valid"]["routing"]
-    meta = {"config": config_path, "overrides": list(overrides), "steps": steps, "routers": list(routers),
+    meta = {"config": config_path, "overrides": list(overrides), "router_overrides": router_overrides,
+            "steps": steps, "routers": list(routers),
             "seeds": seed_values, "tokens_per_step": tokens, "samples_per_step": samples,
             "seq_length": cfg0.model.seq_length, "scope": layout["scope"], "token_groups": layout["token_groups"],
             "eval_routing": layout, "data_seed": cfg0.data.seed, "domains": domains, "clusters": list(clusters),
@@ -623,6 +653,17 @@ def parse_list(text, name, cast=str):
         raise ConfigError(name, text, "a comma-separated list") from None
 
 
+def parse_router_sets(items):
+    """['switch:moe.num_domain_groups=1', ...] -> {'switch': ['moe.num_domain_groups=1', ...]}."""
+    out = {}
+    for item in items:
+        router, sep, setting = item.partition(":")
+        if not sep or "=" not in setting:
+            raise ConfigError("--router-set", item, "ROUTER:SECTION.KEY=VALUE, e.g. switch:moe.num_domain_groups=1")
+        out.setdefault(router.strip(), []).append(setting.strip())
+    return out
+
+
 def main(argv=None):
     parser = OneLineParser(prog="python -m pangu_sigma.tools.compare_routers",
                            description="Train every router on the same budget; compare perplexity, load, "
@@ -633,6 +674,8 @@ def main(argv=None):
     parser.add_argument("--output", required=True)
     parser.add_argument("--seeds", type=int, default=1, help="runs per router: train.seed, train.seed + 1, ...")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--router-set", action="append", default=[], metavar="ROUTER:SECTION.KEY=VALUE",
+                        help="a config override for one router's runs only (after --set)")
     parser.add_argument("--clusters", default="64,128,256", help="cluster sizes to simulate (devices)")
     parser.add_argument("--cluster-config-dir", help="folder of <router>_<n>n.yaml (default: configs/)")
     parser.add_argument("--dispatch", default="padded", choices=("padded", "routed"),
@@ -661,7 +704,8 @@ def main(argv=None):
             raise ConfigError("--clusters", args.clusters, "positive device counts")
         compare(args.config, parse_list(args.routers, "--routers"), args.steps, args.output, args.set, clusters,
                 args.cluster_config_dir, args.dispatch, Hardware(efficiency=args.efficiency), args.overwrite, log,
-                args.seeds, args.equal_drops, args.pilot_remote_capacity_factor, args.lock, args.reuse)
+                args.seeds, args.equal_drops, args.pilot_remote_capacity_factor, args.lock, args.reuse,
+                parse_router_sets(args.router_set))
     except ConfigError as err:
         return fail(err)
     return 0

@@ -1,8 +1,9 @@
 """Calibrate the remote capacity of the two-tier exchange to a drop-rate target.
 
 With a static-shape exchange the inter-node bytes are set by the remote capacity
-C_r (every (rank, remote expert) pair sends C_r rows), so routers are compared at
-equal drops: for each router, the smallest C_r whose drop rate meets the target.
+(every (rank, remote expert) pair sends its units of u rows, locmoe.tiers), so routers
+are compared at equal drops: for each router, the smallest u whose drop rate meets the
+target.
 
 Slots are assigned first come first served within a token group, so a
 (group, expert) pair that receives n tokens at capacity C drops max(0, n - C) of
@@ -27,46 +28,63 @@ def drops_at(counts, capacity):
     return int(np.maximum(np.asarray(counts, np.int64) - np.asarray(capacity, np.int64), 0).sum())
 
 
-def tier_drop_rates(counts, local_mask, local_capacity, remote_capacity):
+def remote_slots(local_mask, remote_capacity, units=None):
+    """[G, E] tier-2 slots of every pair: units * remote_capacity (locmoe.tiers; units None: one unit
+    per remote expert), 0 on the group's node."""
+    remote = np.asarray(local_mask) < 0.5
+    units = remote.astype(np.int64) if units is None else np.where(remote, np.asarray(units, np.int64), 0)
+    return units * int(remote_capacity)
+
+
+def tier_drop_rates(counts, local_mask, local_capacity, remote_capacity, units=None):
     """Per MoE layer (local-tier drops, remote-tier drops) / routed tokens.
 
-    counts [M, N, G, E] (M layers, N batches); local_mask [G, E] (1: expert on the group's node).
+    counts [M, N, G, E] (M layers, N batches); local_mask [G, E] (1: expert on the group's node);
+    remote_capacity: the rows of a tier-2 unit, units [G, E] per pair (None: one per remote expert).
     -> (local [M], remote [M]) drop rates."""
     counts = np.asarray(counts, np.int64)
     mask = np.asarray(local_mask) > 0.5  # [G, E]
+    slots = remote_slots(mask, remote_capacity, units)  # [G, E]
     local, remote = [], []
     for layer in counts:  # [N, G, E]
         tokens = max(int(layer.sum()), 1)
         local.append(drops_at(np.where(mask, layer, 0), local_capacity) / tokens)
-        remote.append(drops_at(np.where(mask, 0, layer), remote_capacity) / tokens)
+        remote.append(drops_at(np.where(mask, 0, layer), slots) / tokens)
     return np.array(local), np.array(remote)
 
 
-def smallest_remote_capacity(counts, local_mask, local_capacity, target_rate, multiple=1):
-    """The smallest remote capacity C_r (a multiple of `multiple`) at which the predicted drop rate,
-    mean over MoE layers of (local + remote drops) / routed tokens, is <= target_rate.
+def smallest_remote_capacity(counts, local_mask, local_capacity, target_rate, multiple=1, units=None):
+    """The smallest tier-2 unit u (a multiple of `multiple`; the per-pair capacity without units) at
+    which the predicted drop rate, mean over MoE layers of (local + remote drops) / routed tokens,
+    is <= target_rate.
 
-    Returns a dict: capacity (None if the local tier alone exceeds the target), the predicted
-    local / remote / total drop rates (mean over layers) at it, and the same at C_r = 0."""
+    Returns a dict: capacity (None if no u meets the target: the local tier alone, or tokens routed
+    to pairs of 0 units, exceed it), the predicted local / remote / total drop rates (mean over
+    layers) at it, and the same at u = 0."""
     counts = np.asarray(counts, np.int64)
     mask = np.asarray(local_mask) > 0.5
-    local_rates, _ = tier_drop_rates(counts, mask, local_capacity, 0)
+    local_rates, _ = tier_drop_rates(counts, mask, local_capacity, 0, units)
     base = {"local_drop_rate": float(local_rates.mean()), "target_rate": float(target_rate)}
-    if local_rates.mean() > target_rate:
+    per_unit = remote_slots(mask, 1, units)  # [G, E] units of each pair
+    reached = np.where(per_unit > 0, np.where(mask, 0, counts), 0)  # remote tokens to pairs with units
+    lost = np.where(mask | (per_unit > 0), 0, counts)  # [M, N, G, E] routed to pairs without units
+    unreached = lost.reshape(len(counts), -1).sum(1) / np.maximum(counts.reshape(len(counts), -1).sum(1), 1)  # [M]
+    if local_rates.mean() + unreached.mean() > target_rate:
         return dict(base, capacity=None, remote_drop_rate=float("nan"), drop_rate=float("nan"))
-    widest = int(np.where(mask, 0, counts).max(initial=0))  # no remote drops at this capacity
+    widest = int(np.max(-(-reached // np.maximum(per_unit, 1)), initial=0))  # no drop in any pair with units
     top = -(-max(widest, 1) // multiple) * multiple
-    for capacity in range(multiple, top + multiple, multiple):  # drops fall as C_r grows: first hit is smallest
-        _, remote_rates = tier_drop_rates(counts, mask, local_capacity, capacity)
+    for capacity in range(multiple, top + multiple, multiple):  # drops fall as u grows: first hit is smallest
+        _, remote_rates = tier_drop_rates(counts, mask, local_capacity, capacity, units)
         total = float((local_rates + remote_rates).mean())
         if total <= target_rate:
             return dict(base, capacity=capacity, remote_drop_rate=float(remote_rates.mean()), drop_rate=total)
-    raise AssertionError("unreachable: at the widest remote count no remote token is dropped")
+    raise AssertionError("unreachable: at the widest count per unit only pairs without units drop")
 
 
 def factor_for_capacity(capacity, tokens_per_group, num_experts):
     """A capacity factor f with expert_capacity(tokens_per_group, f, num_experts) == capacity
-    (ec = ceil(T f / E)); the exact value C E / T, nudged down if float rounding overshoots."""
+    (ec = ceil(T f / E); for a tier-2 unit pass num_experts = E * quanta, locmoe.layer); the exact
+    value C E / T, nudged down if float rounding overshoots."""
     factor = capacity * num_experts / tokens_per_group
     if expert_capacity(tokens_per_group, factor, num_experts) != capacity:
         factor = math.nextafter(factor, 0.0)

@@ -159,7 +159,7 @@ def load_trained_model(cfg, checkpoint_path):
 
     meta = dataset_meta(cfg)
     set_device(cfg, ms.GRAPH_MODE)
-    net = build_model(cfg, meta, single_process_topology(cfg), with_loss=True)
+    net = build_model(cfg, meta, single_process_topology(cfg), with_loss=True, reads_by_placement=False)
     checkpoint.load_model_for_inference(net, cfg, checkpoint_path, check=False)  # any layout, merged on the fly
     net.set_train(False)
     return net.model, meta

@@ -38,10 +38,12 @@ Dispatch (--dispatch):
   sends and computes its capacity in rows, whatever the routing. One tier: C
   rows for every pair. Two tiers (moe.remote_capacity_factor > 0, locmoe.exchange
   TieredExchange): C rows for the experts on the source's node (an intra-node
-  All-to-All) and C_r rows for the others (the EP All-to-All, which also carries a
-  zero block of C_r rows to every same-node EP member over an intra-node link).
-  The router changes the bytes only through the capacities of the config; the
-  routing counts set the drop rates (per tier).
+  All-to-All) and, for the others, the pair's tier-2 units of u rows (locmoe.tiers:
+  one unit of C_r rows per remote expert, or under a domain-affine placement with
+  level 1 units in proportion to the pair's expected share and none where its
+  domains never go; the EP AllToAllV sends nothing to same-node members). The
+  router changes the bytes only through the capacities of the config and the
+  placement; the routing counts set the drop rates (per tier).
 - routed: NOT an exchange this repository performs. Only the tokens routed to an
   expert and kept within capacity, min(count[src, e], capacity), are sent and
   computed, as an All-to-AllV would; a what-if, labelled as such in the output.
@@ -79,7 +81,10 @@ from dataclasses import fields
 import numpy as np
 
 from locmoe.capacity import expert_capacity
+from locmoe.config import uses_level1
 from locmoe.errors import ConfigError
+from locmoe.placement import tier_units
+from locmoe.tiers import unit_table
 from pangu_sigma.cluster import param_count
 from pangu_sigma.tools import cost_model
 from pangu_sigma.tools._cli import OneLineParser, dumps, fail
@@ -88,22 +93,24 @@ from pangu_sigma.tools.cost_model import Hardware, LinkMap
 DISPATCH = ("routed", "padded")
 
 
-def _layer_moe(cfg, topo, links, hw, counts_layer, dispatch, chunks, flops):
-    """One MoE layer, forward: collective times, expert compute per device, byte and load statistics."""
+def _layer_moe(cfg, topo, links, hw, counts_layer, dispatch, chunks, flops, units=None, quanta=1):
+    """One MoE layer, forward: collective times, expert compute per device, byte and load statistics.
+    units [dp, E], quanta: the remote tier's units (locmoe.placement.tier_units; None: one per pair)."""
     d = cfg.model.hidden_size
     tp, ep, experts = topo.tp, topo.ep, topo.num_experts
     world = topo.world_size
     n = param_count.tokens_per_rank(cfg)  # one micro-batch
     groupwise = bool(cfg.parallel.groupwise_a2a and tp > 1 and ep > 1)
     # capacities as MoELayer sets them: rounded up to a multiple of TP in group-wise mode; with
-    # two tiers (moe.remote_capacity_factor > 0) experts off the rank's node get C_r
+    # two tiers (moe.remote_capacity_factor > 0) experts off the rank's node get units * u
     multiple = tp if (cfg.parallel.groupwise_a2a and tp > 1) else 1
     capacity = -(-expert_capacity(n, cfg.moe.capacity_factor, experts) // multiple) * multiple
     two_tier = cfg.moe.remote_capacity_factor > 0
-    remote_capacity = (-(-expert_capacity(n, cfg.moe.remote_capacity_factor, experts) // multiple) * multiple
-                       if two_tier else capacity)
+    remote_capacity = (-(-expert_capacity(n, cfg.moe.remote_capacity_factor, experts * quanta) // multiple)
+                       * multiple if two_tier else capacity)  # rows per tier-2 unit
     local = np.array([[e in topo.local_experts(dp * tp) for e in range(experts)] for dp in range(topo.dp)])  # [DP, E]
-    pair_capacity = np.where(local, float(capacity), float(remote_capacity))  # [DP, E]
+    table = unit_table(topo, units) if two_tier else np.ones(local.shape, np.int64)  # [DP, E]
+    pair_capacity = np.where(local, float(capacity), table * float(remote_capacity))  # [DP, E]
     # per data-parallel rank: tokens routed to each expert (TP ranks of a DP group hold the same tokens)
     routed = counts_layer.reshape(topo.dp, tp, experts).mean(1)  # [DP, E]
     if dispatch == "padded":
@@ -115,9 +122,6 @@ def _layer_moe(cfg, topo, links, hw, counts_layer, dispatch, chunks, flops):
     over = routed - np.minimum(routed, pair_capacity)  # [DP, E]
     dropped = float(over.sum() / max(routed.sum(), 1e-300))
     dropped_remote = float((over * ~local).sum() / max(routed.sum(), 1e-300))
-    # two tiers, padded: the inter-node All-to-All also carries the zero block addressed to each
-    # same-node EP member (its experts are served by tier 1), over an intra-node link
-    hole_rows = (remote_capacity / tp if groupwise else remote_capacity) * topo.experts_per_rank
     experts_of = [topo.experts_of_rank(r) for r in range(world)]
     row_bytes = d * hw.act_bytes
     dispatch_traffic = {}
@@ -128,8 +132,6 @@ def _layer_moe(cfg, topo, links, hw, counts_layer, dispatch, chunks, flops):
         sends = {}
         for r in topo.ep_group(s):
             rows = float(slice_rows[ds, experts_of[r]].sum())
-            if dispatch == "padded" and two_tier and r != s and topo.node(r) == topo.node(s) and ep > 1:
-                rows += hole_rows
             recv_rows[r] += rows
             if r != s:
                 sends[r] = rows * row_bytes
@@ -170,6 +172,7 @@ def _layer_moe(cfg, topo, links, hw, counts_layer, dispatch, chunks, flops):
     return {
         "capacity": capacity,
         "remote_capacity": remote_capacity,
+        "remote_quanta": quanta,
         "drop_rate_remote": dropped_remote,
         "comm": parts,
         "comm_time": sum(parts.values()),
@@ -185,9 +188,11 @@ def _layer_moe(cfg, topo, links, hw, counts_layer, dispatch, chunks, flops):
     }
 
 
-def simulate_step(cfg, topology, hw, vocab_size, counts=None, dispatch="padded", overlap_degree=None):
+def simulate_step(cfg, topology, hw, vocab_size, counts=None, dispatch="padded", overlap_degree=None,
+                  placement=None):
     """One training step; see the module docstring. counts: [M, W, E] tokens per step, or None (uniform)
-    (only the shares matter: each row is scaled to the N tokens of one micro-batch).
+    (only the shares matter: each row is scaled to the N tokens of one micro-batch). placement: the
+    domain-affine DomainPlacement of this cluster (its tier-2 units), or None.
 
     Returns a dict: step_time, breakdown (computation, communication, overlapped, idle),
     compute and communication parts, and per-layer details.
@@ -220,7 +225,8 @@ def simulate_step(cfg, topology, hw, vocab_size, counts=None, dispatch="padded",
                               f"counts of shape [moe_layer_num {moe}, world size {world}, experts {experts}]")
         sums = counts.sum(-1, keepdims=True)
         counts = np.where(sums > 0, counts * n / np.maximum(sums, 1e-300), n / experts)  # rows sum to N
-    layers = [_layer_moe(cfg, topology, links, hw, counts[j], dispatch, k, flops) for j in range(moe)]
+    units, quanta = tier_units(cfg.moe, placement)
+    layers = [_layer_moe(cfg, topology, links, hw, counts[j], dispatch, k, flops, units, quanta) for j in range(moe)]
 
     row_bytes = n * m.hidden_size * hw.act_bytes
     tp_ar_calls = 2 * ((m.num_layers + 1) + (m.num_layers - moe + 1) + 1)
@@ -281,10 +287,16 @@ def build_cluster(cfg, world_size=None, rank_table=None, devices_per_node=None):
 
 
 def run(cfg, world_size=None, rank_table=None, devices_per_node=None, routing_stats=None, dispatch="padded",
-        hw=None, overlap_degree=None, vocab_size=None):
-    """simulate_step for a config and a cluster; routing_stats: a path, a loaded dict, or None."""
+        hw=None, overlap_degree=None, vocab_size=None, domain_sizes=None):
+    """simulate_step for a config and a cluster; routing_stats: a path, a loaded dict, or None;
+    domain_sizes: samples per domain for a domain-affine placement (default: the dataset's)."""
+    from pangu_sigma.cluster.plan import domain_placement
     from pangu_sigma.tools.routing_stats import load_stats
     topo, vocab = build_cluster(cfg, world_size, rank_table, devices_per_node)
+    placement, missing = domain_placement(cfg, topo, domain_sizes)
+    if placement is None and missing is not None and cfg.moe.remote_capacity_factor > 0 and uses_level1(cfg.moe):
+        raise ConfigError("--domain-sizes", None, f"samples per domain (the remote tier's units follow the "
+                          f"domain-affine placement): {missing}")
     counts = None
     if routing_stats is not None:
         stats = load_stats(routing_stats) if isinstance(routing_stats, str) else routing_stats
@@ -293,7 +305,8 @@ def run(cfg, world_size=None, rank_table=None, devices_per_node=None, routing_st
             raise ConfigError("--routing-stats", f"{stats['world_size']} ranks x {stats['num_experts']} experts",
                               f"stats for this cluster: {topo.world_size} ranks x {topo.num_experts} experts "
                               "(convert the log for this config with pangu_sigma.tools.routing_stats)")
-    out = simulate_step(cfg, topo, hw or Hardware(), vocab_size or vocab, counts, dispatch, overlap_degree)
+    out = simulate_step(cfg, topo, hw or Hardware(), vocab_size or vocab, counts, dispatch, overlap_degree,
+                        placement)
     if routing_stats is not None:
         out["routing"] = routing_stats if isinstance(routing_stats, str) else "given"
     return out
@@ -376,6 +389,8 @@ def main(argv=None):
                         help="padded: the exchange MoELayer performs (default); routed: an All-to-AllV what-if")
     parser.add_argument("--overlap-degree", type=int, help="default: parallel.comm_overlap_degree")
     parser.add_argument("--vocab-size", type=int, help="default: model.vocab_size or the dataset's")
+    parser.add_argument("--domain-sizes", help="N,N,...: samples per domain (domain-affine placement; default: "
+                                               "the dataset's meta.json)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     add_hardware_args(parser)
     args = parser.parse_args(argv)
@@ -386,8 +401,10 @@ def main(argv=None):
         if args.vocab_size is not None and args.vocab_size < 1:
             raise ConfigError("--vocab-size", args.vocab_size, "an integer >= 1")
         cfg = load_config(args.config, args.set)
+        from pangu_sigma.cluster.plan import parse_domain_sizes
+        sizes = None if args.domain_sizes is None else parse_domain_sizes(args.domain_sizes)
         result = run(cfg, args.world_size, args.rank_table, args.devices_per_node, args.routing_stats,
-                     args.dispatch, hardware_from_args(args), args.overlap_degree, args.vocab_size)
+                     args.dispatch, hardware_from_args(args), args.overlap_degree, args.vocab_size, sizes)
     except ConfigError as err:
         return fail(err)
     print(dumps(result) if args.json else render(result))

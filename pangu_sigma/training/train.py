@@ -88,7 +88,8 @@ def moe_bytes(cfg, net, topology):
     if layers[0].two_tier:  # the shapes the two-tier exchange sends
         counter = register_tiered_exchange_bytes(CommCounter(topology), topology, cfg.num_experts, capacity,
                                                  layers[0].remote_capacity(tokens), cfg.model.hidden_size,
-                                                 cfg.compute_dtype, cfg.parallel.groupwise_a2a, len(layers))
+                                                 cfg.compute_dtype, cfg.parallel.groupwise_a2a, len(layers),
+                                                 layers[0].units)
     else:
         counter = register_exchange_bytes(CommCounter(topology), topology, cfg.num_experts, capacity,
                                           cfg.model.hidden_size, cfg.compute_dtype, cfg.parallel.groupwise_a2a,

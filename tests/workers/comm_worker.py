@@ -19,7 +19,18 @@ CASES = {
     "rs_sub": ("reduce_scatter", [[0, 1], [2, 3]], dict(dim=1), (2, 4)),
     "ar_world": ("all_reduce", [[0, 1, 2, 3]], {}, (3, 4)),
     "ar_sub": ("all_reduce", [[0, 1], [2, 3]], {}, (3, 4)),
+    # uneven blocks [2, 3] per (source, destination) pair, one matrix per group; shape = the block
+    "a2av_world": ("all_to_all_v", [[0, 1, 2, 3]],
+                   dict(blocks=[[1, 0, 2, 1], [3, 1, 0, 0], [0, 2, 1, 1], [1, 1, 0, 2]]), (2, 3)),
+    "a2av_sub": ("all_to_all_v", [[0, 2], [1, 3]], dict(blocks=[[1, 2], [0, 3]]), (4,)),
 }
+
+
+def _blocks(case, rank):
+    """(blocks I send, blocks I receive) in an all_to_all_v case."""
+    group = group_of(case, rank)
+    i, blocks = group.index(rank), CASES[case][2]["blocks"]
+    return sum(blocks[i]), sum(row[i] for row in blocks)
 
 
 def group_of(case, rank):
@@ -28,6 +39,8 @@ def group_of(case, rank):
 
 def make_input(case, rank):
     shape = CASES[case][3]
+    if CASES[case][0] == "all_to_all_v":
+        shape = (_blocks(case, rank)[0],) + shape
     return (np.arange(np.prod(shape)).reshape(shape) * 0.5 + 100.0 * rank).astype(np.float32)
 
 
@@ -46,6 +59,8 @@ def out_shape(case):
 
 def make_weight(case, rank):
     shape = out_shape(case)
+    if CASES[case][0] == "all_to_all_v":
+        shape = (_blocks(case, rank)[1],) + CASES[case][3]
     return np.cos(np.arange(np.prod(shape)) + 1.7 * rank).reshape(shape).astype(np.float32)
 
 
@@ -61,7 +76,7 @@ def main(out_dir):
     init()
     rank = get_rank()
     topo = Topology(world_size=4, tp=1, ep=4, num_experts=4, devices_per_node=2, rank=rank)
-    cls = {"all_to_all": comm.AllToAll, "all_gather": comm.AllGather,
+    cls = {"all_to_all": comm.AllToAll, "all_to_all_v": comm.AllToAllV, "all_gather": comm.AllGather,
            "all_reduce": comm.AllReduce, "reduce_scatter": comm.ReduceScatter}
 
     class ValueAndGrad(nn.Cell):
