@@ -201,7 +201,6 @@ class MoELayer(nn.Cell):
         batch, seq, hidden = x.shape
         groups = self.token_groups
         per_group = batch * seq // groups
-        capacity = self.capacity(per_group)
         x_groups = x.reshape(groups, per_group, hidden)  # [G, T, d]
         token_groups = token_ids.reshape(groups, per_group)  # [G, T]
         domains = ops.broadcast_to(domain_ids.expand_dims(1), (batch, seq)).reshape(groups, per_group)  # [G, T]
@@ -215,6 +214,7 @@ class MoELayer(nn.Cell):
             return (y.reshape(batch, seq, hidden).astype(x.dtype), aux_loss, loc_loss,
                     (expert_load, (1.0 - keep).sum(), local_groups.sum(), dropped_remote,
                      self._by_rank(local_groups)))
+        capacity = self.capacity(per_group)
         slot, keep, onehot = assign_slots(expert_index, self.num_experts, capacity)
         source = token_of_slot(slot, groups * self.num_experts * capacity, groups * per_group)  # [G*E*C]
         buffer = dispatch(x_groups.astype(self.compute_dtype), slot, self.num_experts, capacity,

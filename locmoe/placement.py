@@ -94,7 +94,10 @@ def dp_line(topology):
 
 
 BALANCE_TARGET = 1.1  # imposed max/mean expert load below which coverage and locality decide
-REMOTE_QUANTA = 8  # remote-tier capacity granularity: 1/8 of a uniform (1/E share) pair's capacity
+# Remote-tier granularity: a unit is 1/4 of a uniform (1/E share) pair's capacity. Finer units fit each
+# pair's share more closely but make the unit fewer rows (u = ceil(T f_r / (Q E)) >= 1), so u's rounding
+# coarsens the capacity steps: at CPU sizes (T/E = 16 rows) Q = 8 left u only 2-3 rows, steps of 50%.
+REMOTE_QUANTA = 4
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ CASES = {
     "ep2_zero_accum": (2, 1, 2, "locmoe", 1, True),
 }
 # Extra config fields of a case. The two-tier cases with one unit per remote expert (switch, hash) drop in the
-# remote tier (C_r = 2 of 8 tokens); locmoe and rre send their level-1 experts 16 units of 1 row (no drops).
+# remote tier (C_r = 2 of 8 tokens); locmoe and rre send their remote level-1 expert 8 units of 1 row (no drops).
 # The single-process reference ignores optimizer_shard: it is the unsharded run the sharded msrun
 # run must equal.
 TWO_TIER = {"moe": {"remote_capacity_factor": 1.0}, "data": {"placement": "domain_affine"}}

@@ -512,14 +512,14 @@ def test_compare_routers_equal_drops_end_to_end(tiny_run, tmp_path, capsys):
     c = r["calibration"]
     (run,) = r["runs"]
     tokens = 8 * 16
-    assert c["remote_quanta"] == 8  # level 1 under the placement: tier-2 units of 1/8 of a 1/E share's slots
-    assert c["pilot_remote_capacity"] == expert_capacity(tokens, 2.0, 4 * 8)
+    assert c["remote_quanta"] == 4  # level 1 under the placement: tier-2 units of 1/4 of a 1/E share's slots
+    assert c["pilot_remote_capacity"] == expert_capacity(tokens, 2.0, 4 * 4)
     assert c["pilot_predicted_drop_percent"] == pytest.approx(c["pilot_drop_percent"], abs=1e-9)
     assert c["predicted_drop_percent"] <= 20 and c["remote_capacity"] >= 1
     assert run["valid"]["routing"]["remote_capacity"] == c["remote_capacity"]
     counts = np.load(os.path.join(c["pilot_run_dir"], "valid_pair_counts.npy"))  # [M, N, G, E]
     assert counts.shape[0] == 1 and counts.shape[2:] == (4, 4) and counts.sum() == run["valid"]["tokens"]
-    assert expert_capacity(tokens, c["remote_capacity_factor"], 4 * 8) == c["remote_capacity"]
+    assert expert_capacity(tokens, c["remote_capacity_factor"], 4 * 4) == c["remote_capacity"]
     assert run["moe_inter_node_bytes_per_step"] == c["predicted_inter_node_bytes_per_step"]
     assert report["meta"]["equal_drops_percent"] == 20 and "## Equal drops" in (out / "report.md").read_text()
     routed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[eval] routed as training")]
