@@ -148,9 +148,10 @@ class LocMoERouter(_LearnedRouter):
     The ReLU gives every expert whose pre-activation is <= 0 the same score 0, so a token can have
     several experts at the top probability. argmax alone sends all of them to the lowest allowed
     index (and the aux loss, with no gradient through the ReLU there, cannot undo it); such ties are
-    spread over the tied experts by the token id instead (tie_order). The order is a function of integers only, so every layout (TP, EP, one process)
-    breaks a tie the same way; breaking it by the pre-activation did not (float rounding of x differs
-    between layouts and flips near-equal negative pre-activations).
+    spread over the tied experts by the token id instead (tie_order). The order is a function of
+    integers only, so every layout (TP, EP, one process) breaks a tie the same way; breaking it by
+    the pre-activation did not (float rounding of x differs between layouts and flips near-equal
+    negative pre-activations).
     """
 
     def __init__(self, cfg, hidden_size, domain_experts=None):

@@ -44,6 +44,26 @@ def tiny_run_config(data_dir, output_dir, overrides=()):
     return config_from_dict(raw, list(overrides))
 
 
+def _quiet(*_):
+    pass
+
+
+def assert_resume_is_bitwise(cfg, full, stop_after, steps):
+    """Train `cfg` to step `stop_after` (its checkpoint), resume it to `steps`: each step's loss equals
+    the uninterrupted run's (`full`, train()'s summary of the same config) to the bit."""
+    from pangu_sigma.training import checkpoint
+    from pangu_sigma.training.train import train
+
+    first = train(cfg, log=_quiet, stop_after=stop_after)
+    assert sorted(first["losses"]) == list(range(1, stop_after + 1))
+    assert checkpoint.list_steps(checkpoint.rank_dir(cfg.train.output_dir)) == [stop_after]
+    resumed = train(cfg, resume=True, log=_quiet)
+    assert sorted(resumed["losses"]) == list(range(stop_after + 1, steps + 1))
+    for step in range(1, steps + 1):
+        got = first["losses"][step] if step <= stop_after else resumed["losses"][step]
+        assert got == full["losses"][step], (step, got, full["losses"][step])
+
+
 @pytest.fixture
 def make_config(tiny_data):
     return lambda output_dir, *overrides: tiny_run_config(tiny_data, str(output_dir), overrides)

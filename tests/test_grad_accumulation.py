@@ -232,19 +232,12 @@ def test_resume_mid_run_with_accumulation_is_bitwise(make_config, tmp_path):
     """Seed 99: as test_training.test_kill_and_resume_reproduces_losses_bitwise notes, some seeds of this
     tiny run diverge by 1 ulp after a resume through the analytically zero kv_proj.bias gradient (Adam
     amplifies its rounding noise); with accumulation seeds 5 and 7 do, 99 resumes bitwise."""
-    from pangu_sigma.training import checkpoint
     from pangu_sigma.training.train import train
+    from tests.conftest import assert_resume_is_bitwise
 
     args = ["train.train_steps=20", "train.seed=99", "train.gradient_accumulation_steps=2"]
     full = train(make_config(tmp_path / "full", *args), log=_quiet)
-    cfg = make_config(tmp_path / "killed", *args)
-    first = train(cfg, log=_quiet, stop_after=10)
-    assert checkpoint.list_steps(checkpoint.rank_dir(str(tmp_path / "killed"))) == [10]
-    resumed = train(cfg, resume=True, log=_quiet)
-    assert sorted(resumed["losses"]) == list(range(11, 21))
-    for step in range(1, 21):
-        got = first["losses"][step] if step <= 10 else resumed["losses"][step]
-        assert got == full["losses"][step], (step, got, full["losses"][step])
+    assert_resume_is_bitwise(make_config(tmp_path / "killed", *args), full, 10, 20)
 
 
 def test_a_run_from_before_accumulation_resumes_and_a_changed_k_is_named(tiny_data, tmp_path):

@@ -15,6 +15,7 @@ from pangu_sigma.build import build_model, dataset_meta, single_process_topology
 from pangu_sigma.data.dataset import create_dataset
 from pangu_sigma.evaluation.eval import evaluate
 from pangu_sigma.training.train import train
+from tests.conftest import assert_resume_is_bitwise
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,15 +71,7 @@ def test_kill_and_resume_reproduces_losses_bitwise(make_config, tmp_path):
     # Adam amplifies rounding noise). Seeds 5, 7, 99 resume bitwise. Reported with issue 10 for review.
     seed = "train.seed=7"
     full = train(make_config(tmp_path / "full", "train.train_steps=20", seed), log=_quiet)
-    cfg = make_config(tmp_path / "killed", "train.train_steps=20", seed)
-    first = train(cfg, log=_quiet, stop_after=10)
-    assert sorted(first["losses"]) == list(range(1, 11))
-    assert checkpoint.list_steps(checkpoint.rank_dir(str(tmp_path / "killed"))) == [10]
-    resumed = train(cfg, resume=True, log=_quiet)
-    assert sorted(resumed["losses"]) == list(range(11, 21))
-    for step in range(1, 21):
-        got = first["losses"][step] if step <= 10 else resumed["losses"][step]
-        assert got == full["losses"][step], (step, got, full["losses"][step])
+    assert_resume_is_bitwise(make_config(tmp_path / "killed", "train.train_steps=20", seed), full, 10, 20)
 
 
 def _cli(module, *args):

@@ -120,7 +120,11 @@ class TrainStep(nn.Cell):
         ops.assign(self.loss_scale, new_scale)
         return scale
 
-    def construct(self, ids, domain_ids):
+    def scaled_grads(self, ids, domain_ids):
+        """Forward, backward at the loss scale, gradients unscaled (not reduced).
+
+        Returns (grads, scale, (total, ce, aux, loc, load, dropped, local)): what TrainStep.construct
+        and a gradient-accumulation micro-batch (_MicroBatchGrad) both compute from one batch."""
         ids = self.overflow_check.start(ids)  # Ascend 910A: clear the NPU overflow register
         total, ce, aux, loc, load, dropped, local = self.net(ids, domain_ids)
         scale = self.loss_scale * 1.0
@@ -128,6 +132,11 @@ class TrainStep(nn.Cell):
                 ops.zeros_like(load), ops.zeros_like(dropped), ops.zeros_like(local))
         grads = self.grad(self.net, self.weights)(ids, domain_ids, sens)
         grads = self.hyper_map(ops.partial(_scale_grad, 1.0 / scale), grads)
+        return grads, scale, (total, ce, aux, loc, load, dropped, local)
+
+    def construct(self, ids, domain_ids):
+        grads, scale, outputs = self.scaled_grads(ids, domain_ids)
+        total, ce, aux, loc, load, dropped, local = outputs
         return self.finish(grads, scale, total, ce, aux, loc, load, dropped, local)
 
     def finish(self, grads, scale, total, ce, aux, loc, load, dropped, local, overflow_flags=None):
@@ -202,13 +211,8 @@ class _MicroBatchGrad(nn.Cell):
 
     def construct(self, ids, domain_ids):
         base, o = self.base, self.sums
-        ids = base.overflow_check.start(ids)  # Ascend 910A: clear the NPU overflow register
-        total, ce, aux, loc, load, dropped, local = base.net(ids, domain_ids)
-        scale = base.loss_scale * 1.0
-        sens = (ops.cast(scale, total.dtype), ops.zeros_like(ce), ops.zeros_like(aux), ops.zeros_like(loc),
-                ops.zeros_like(load), ops.zeros_like(dropped), ops.zeros_like(local))
-        grads = base.grad(base.net, base.weights)(ids, domain_ids, sens)
-        grads = base.hyper_map(ops.partial(_scale_grad, 1.0 / scale), grads)
+        grads, _, outputs = base.scaled_grads(ids, domain_ids)
+        total, ce, aux, loc, load, dropped, local = outputs
         flags = base.overflow_check.local_flags(grads)  # [8]; zeros under isfinite
         base.hyper_map(_accumulate, o.grad_sums, grads)
         ops.assign_add(o.loss_sums, ops.stack((total, ce, aux, loc)))  # [4]
