@@ -410,8 +410,8 @@ class AllToAllV(_Collective):
             size = 1
             for n in block:
                 size *= n
-            send = tuple(count * size for count in self.send_blocks)
-            recv = tuple(count * size for count in self.recv_blocks)
+            send = tuple([count * size for count in self.send_blocks])  # elements per destination
+            recv = tuple([count * size for count in self.recv_blocks])  # elements per source
             flat = self.op(x.reshape(-1), send, recv)  # [n_recv * block numel]
             return flat.reshape((self.num_recv,) + block)  # [n_recv, *block]
         g = self.group_size

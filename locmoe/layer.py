@@ -45,9 +45,9 @@ class MoELayer(nn.Cell):
     virtual or real, so both runs drop the same tokens); overlap chunks are cut on
     multiples of it and the overlap degree never changes which tokens are dropped.
     Two tiers (moe remote_capacity_factor > 0): each group's buffer holds its node's
-    experts at capacity C_l (capacity_factor) and the other experts at C_r
-    (remote_capacity_factor); drops are counted per tier; distributed, the
-    TieredExchange sends only the C_r rows across nodes (dropped = both tiers).
+    experts at capacity C_l (capacity_factor) and the other experts at their tier-2 units
+    of u rows (remote_capacity_factor, locmoe.tiers); drops are counted per tier;
+    distributed, the TieredExchange sends only those rows across nodes.
     """
 
     def __init__(self, moe_config, hidden_size, ffn_hidden_size, topology, param_init_std=0.02,

@@ -2,7 +2,7 @@
 import mindspore as ms
 import numpy as np
 import pytest
-from mindspore import Tensor, ops
+from mindspore import Tensor, nn, ops
 from mindspore.communication import GlobalComm
 
 from locmoe import comm
@@ -96,6 +96,29 @@ def test_native_primitives_and_groups(registry):
     assert isinstance(rs.op, ops.ReduceScatter) and rs.op.attrs["group"] == g23
     assert rs.op.attrs["op"] == "sum"
     assert registry.calls == [(g02, [0, 2]), (g23, [2, 3])]  # each once, none for the world
+
+
+class _OneSidedAlltoAllV(nn.Cell):
+    """Stands in for ops.AlltoAllV (no CPU kernel) on one member: returns the first sum(recv) elements
+    of its input twice over, so the numel lists the cell computes in GRAPH mode shape the output."""
+
+    def construct(self, flat, send, recv):
+        total = 0
+        for n in recv:
+            total += n
+        return ops.concat((flat, flat))[:total]
+
+
+def test_native_all_to_all_v_passes_numel_lists_in_graph_mode(registry):
+    # member 0 of [0, 1] sends 2 blocks to itself and 1 to member 1, receives 2 from itself and 3 from member 1
+    cell = comm.AllToAllV([0, 1], [[2, 1], [3, 1]], backend="native", topology=topo(0), name="ep_a2av")
+    assert isinstance(cell.op, ops.AlltoAllV) and cell.op.attrs["group"] == comm.group_name([0, 1])
+    assert (cell.send_blocks, cell.recv_blocks, cell.num_send, cell.num_recv) == ((2, 1), (2, 3), 3, 5)
+    cell.op = _OneSidedAlltoAllV()
+    ms.set_context(mode=ms.GRAPH_MODE)
+    x = np.arange(3 * 2 * 4, dtype=np.float32).reshape(3, 2, 4)  # [n_send, *block]: blocks of 8 elements
+    out = cell(Tensor(x)).asnumpy()
+    np.testing.assert_array_equal(out, np.concatenate([x, x])[:5])  # recv (16, 24) elements -> [5, 2, 4]
 
 
 def test_emulated_uses_subgroup_allreduce(registry):

@@ -329,11 +329,12 @@ def render_calibration(results, meta):
              f"Target: drop rate <= {target:g}% of the valid split's tokens (mean over MoE layers). Per router a pilot "
              f"run (seed {meta['seeds'][0]}, moe.remote_capacity_factor {meta['pilot_remote_capacity_factor']:g}) is "
              f"evaluated; from its routed tokens per (batch, token group, expert) before capacity, the drops at a "
-             f"remote capacity C are sum(max(0, n - C)) (first come, first served) plus the local tier's at its "
-             f"configured capacity; the smallest C meeting the target is used for the seeded runs above, whose "
-             f"drops and bytes are measured, not predicted. The last column (means over layer, batch and token "
-             f"group of the pilot) shows why C differs: the exchange pads every remote pair to C, so C follows the "
-             f"busiest pairs, not the remote tokens' total.", "",
+             f"remote capacity C (rows per tier-2 unit; a pair's slots are its units x C, locmoe.tiers) are "
+             f"sum(max(0, n - slots)) (first come, first served) plus the local tier's at its configured capacity; "
+             f"the smallest C meeting the target is used for the seeded runs above, whose drops and bytes are "
+             f"measured, not predicted. The last column (means over layer, batch and token group of the pilot) "
+             f"shows how the remote tokens spread: every pair gets its units whatever it receives, so C follows "
+             f"the busiest pairs relative to their units, not the remote tokens' total.", "",
              "| router | pilot remote C | pilot drop % (from counts) | pilot MiB/step | local C | remote C | "
              "remote_capacity_factor | predicted drop % (local + remote) | predicted MiB/step | runs: drop % | "
              "runs: MiB/step | pilot: remote tokens per group, used / remote pairs, tokens per used pair, "

@@ -99,8 +99,9 @@ def remote_spread(counts, local_mask):
 
     counts [M, N, G, E]; local_mask [G, E]. Means over (layer, batch, group) of: the tokens a
     group sends to other nodes, the remote pairs it has (E - n_l), those that get any token,
-    the tokens per used pair and the busiest pair's tokens. The static exchange pads every
-    remote pair to C_r, so C_r follows the busiest pairs, not the remote tokens' total."""
+    the tokens per used pair and the busiest pair's tokens. The static exchange sends every
+    remote pair its slots whatever it receives, so C_r follows the busiest pairs, not the
+    remote tokens' total."""
     counts = np.asarray(counts, np.int64)
     remote = np.asarray(local_mask) < 0.5  # [G, E]
     per_group = [counts[:, :, g][..., remote[g]] for g in range(remote.shape[0])]  # G x [M, N, E - n_l]
