@@ -126,8 +126,9 @@ def test_a2a_bytes_128n_by_hand(capsys):
 def test_two_tier_bytes_128n_by_hand(capsys):
     """LocMoE's config (micro-batches of 4 sequences of 1024 per rank, 8 per step): the node-local expert
     at C = ceil(4096 * 12 / 16) = 3072, the others at C_r = ceil(4096 * 0.5 / 16) = 128."""
-    p = plan_json(capsys, "--config", config_path("locmoe_128n.yaml"), "--world-size", 128)
-    assert (p["expert_capacity"], p["remote_capacity"]) == (3072, 128)
+    p = plan_json(capsys, "--config", config_path("locmoe_128n.yaml"), "--world-size", 128,
+                  "--set", "moe.remote_capacity_factor=0.5")  # no dataset: one unit of C_r per remote expert
+    assert (p["expert_capacity"], p["remote_capacity"], p["remote_quanta"]) == (3072, 128, 1)
     block_r = (128 // 8) * D * 2    # one expert's TP slice of the remote tier, fp16
     block_l = (3072 // 8) * D * 2   # the node's one local expert, TP slice
     passes = 8 * 2 * 8              # 8 micro-batches x (forward + backward) x 8 MoE layers
@@ -141,6 +142,30 @@ def test_two_tier_bytes_128n_by_hand(capsys):
     assert p["a2a_bytes_per_step"] == {"intra": intra, "inter": inter}
     one_tier = plan_json(capsys, "--config", config_path("switch_128n.yaml"), "--world-size", 128)
     assert inter / one_tier["a2a_bytes_per_step"]["inter"] == pytest.approx(64 / 160)
+
+
+def test_two_tier_bytes_follow_the_placement_units(capsys):
+    """With the domain sizes, LocMoE's remote tier sends each (rank, remote expert) pair its units
+    (locmoe.placement.DomainPlacement.remote_units, checked by hand in test_placement): rank 0's inter-node
+    bytes are its units out (dispatch) plus the units other ranks sent its expert, back (combine)."""
+    from locmoe.placement import plan_placement
+    from locmoe.topology import Topology
+
+    p = plan_json(capsys, "--config", config_path("locmoe_128n.yaml"), "--world-size", 128,
+                  "--domain-sizes", "400,300,200,100")
+    unit = math.ceil(4096 * 1.25 / (16 * 4))  # 80 rows, a multiple of TP 8
+    assert (p["remote_capacity"], p["remote_quanta"]) == (unit, 4)
+    topology = Topology(world_size=128, tp=8, ep=16, num_experts=16, devices_per_node=8)
+    units = plan_placement([400, 300, 200, 100], topology, 32).remote_units(4)  # [dp 16, E 16]; dp d on node d
+    out = sum(units[0][e] for e in range(1, 16))  # rank 0 (node 0) holds expert 0
+    back = sum(units[d][0] for d in range(1, 16))
+    passes = 8 * 2 * 8  # micro-batches x (forward + backward) x MoE layers
+    assert p["a2a_bytes_per_step"]["inter"] == passes * (out + back) * (unit // 8) * D * 2
+    uniform = plan_json(capsys, "--config", config_path("locmoe_128n.yaml"), "--world-size", 128)
+    # a rank reading one domain of k experts, one of them on its node, sends (k - 1)/k of its tokens away
+    # instead of 15/16: fewer bytes, by how the domains spread (here 0.85x)
+    assert 0 < p["a2a_bytes_per_step_world"]["inter"] < uniform["a2a_bytes_per_step_world"]["inter"]
+    assert any("--domain-sizes" in note for note in uniform["notes"])  # bytes without a placement: said so
 
 
 SMALL = {
@@ -301,10 +326,10 @@ def test_router_variants_differ_only_in_routing(router, size):
     assert variant["moe"].pop("router") == router and base["moe"].pop("router") == "locmoe"
     assert variant["train"].pop("output_dir") == f"output/{router}_{size}n"
     base["train"].pop("output_dir")
-    # LocMoE keeps level 1 with an explicit map and the reduced remote capacity of the two-tier
-    # exchange, which has no overlap chunks yet
+    # LocMoE keeps level 1 with an explicit map and the two-tier exchange (no overlap chunks yet), whose remote
+    # pairs get the baselines' headroom over their expected tokens, in units where the placement routes
     assert base["moe"].pop("num_domain_groups") == 4 and base["moe"].pop("domain_to_group") == [0, 1, 2, 3]
-    assert base["moe"].pop("remote_capacity_factor") == 0.5 < variant["moe"].pop("capacity_factor") == 1.25
+    assert base["moe"].pop("remote_capacity_factor") == 1.25 == variant["moe"].pop("capacity_factor")
     base["moe"].pop("capacity_factor")
     assert base["parallel"].pop("comm_overlap_degree") == 1 and variant["parallel"].pop("comm_overlap_degree") == 2
     assert variant["moe"].pop("num_domain_groups") == (4 if router == "rre" else 1)
@@ -411,9 +436,10 @@ def test_recompute_levels_by_hand():
     none = sum(param_count.activation_bytes_recompute(cfg, t, 16, "none").values())
     assert sum(block.values()) < sum(attn.values()) < none
     # two tiers (the shipped LocMoE config): one node-local expert per node (TP 8 fills the node)
-    # at C = ceil(n * 12 / 16), the 15 others at C_r = ceil(n * 0.5 / 16)
+    # at C = ceil(n * 12 / 16), the 15 others at C_r = ceil(n * 1.25 / 16) (one unit each: the bound a placement's
+    # units stay under up to a unit's rounding per pair)
     two = load_config(config_path("locmoe_128n.yaml"), ["train.batch_size=4", "train.gradient_accumulation_steps=1"])
-    assert param_count.buffer_rows(two, n, t, 16) == math.ceil(n * 12 / 16) + 15 * math.ceil(n * 0.5 / 16)
+    assert param_count.buffer_rows(two, n, t, 16) == math.ceil(n * 12 / 16) + 15 * math.ceil(n * 1.25 / 16)
 
 
 def test_optimizer_sharding_and_hccl_constants():

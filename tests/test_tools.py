@@ -263,7 +263,7 @@ def test_moe_step_by_hand_two_nodes():
     padded = simulate.simulate_step(cfg, topo, hw, 10, counts=counts, dispatch="padded")
     assert padded["layers"][0]["expert_rows_max"] == 16 * 20 and padded["breakdown"]["idle"] == pytest.approx(0)
     # two tiers (the default, padded): the 8 experts of the other node get C_r = ceil(256 * 0.5 / 16) = 8
-    # rows per source instead of 20; the 7 same-node peers get C = 20 (tier 1) + an 8-row zero block
+    # rows per source instead of 20; the 7 same-node peers get C = 20 (tier 1) and nothing of tier 2
     tiered_cfg = _sim_config(hidden_size=16, ffn_hidden_size=32, seq_length=4, moe_layer_num=1, num_heads=2,
                              overrides=["parallel.expert_parallel=16", "train.batch_size=64",
                                         "moe.remote_capacity_factor=0.5"])
@@ -275,7 +275,7 @@ def test_moe_step_by_hand_two_nodes():
     assert two["layers"][0]["remote_capacity"] == 8 and two["layers"][0]["drop_rate_remote"] == pytest.approx(
         8 * (16 - 8) / 256)  # uniform routing: 16 tokens per remote expert, 8 kept
     intra = two["a2a_bytes_per_step_world"]["hccs"] + two["a2a_bytes_per_step_world"]["pcie"]
-    assert intra == 16 * 7 * (20 + 8) * row
+    assert intra == 16 * 7 * 20 * row
 
 
 def test_overlap_hides_all_but_one_chunk():
@@ -470,6 +470,39 @@ def test_simulated_inter_node_bytes_per_rank_are_the_layers_with_non_uniform_rou
     over_local = [40 - 20, 0, (24 - 20) + (24 - 20), 48 - 20]
     assert layer["drop_rate_remote"] == pytest.approx(sum(over_remote) / 256)
     assert layer["drop_rate"] == pytest.approx((sum(over_remote) + sum(over_local)) / 256)
+
+
+def test_simulated_bytes_follow_the_placement_units_as_the_layer_sends_them():
+    """4 nodes x 1 device, EP 4, 4 experts, two domains read by ranks {0, 1} and {2, 3}, level-1 experts {0, 1}
+    and {2, 3} (locmoe.placement): rank 0's only remote pair is expert 1, with 4 * 4 * 1/2 = 8 units of
+    u = ceil(64 * 0.5 / 16) = 2 rows; experts 2 and 3 get nothing from it."""
+    from locmoe.comm import CommCounter
+    from locmoe.exchange import register_tiered_exchange_bytes
+    from locmoe.placement import plan_placement
+    from locmoe.tiers import unit_table
+
+    cfg = _sim_config(hidden_size=16, ffn_hidden_size=32, seq_length=4, moe_layer_num=1, num_heads=2,
+                      overrides=["parallel.expert_parallel=4", "parallel.devices_per_node=1", "train.batch_size=16",
+                                 "moe.remote_capacity_factor=0.5", "moe.num_domain_groups=2",
+                                 "data.placement=domain_affine"])
+    topo = Topology(world_size=4, tp=1, ep=4, num_experts=4, devices_per_node=1)
+    placement = plan_placement([10, 10], topo, 16)
+    assert placement.domain_experts.tolist() == [[1, 1, 0, 0], [0, 0, 1, 1]]
+    hw = Hardware(peak_tflops=1e-3, efficiency=1.0, act_bytes=2)
+    counts = np.array([[[40, 24, 0, 0], [10, 54, 0, 0], [0, 0, 60, 4], [0, 0, 16, 48]]], np.float64)
+    out = simulate.simulate_step(cfg, topo, hw, 10, counts=counts, placement=placement)
+    layer = out["layers"][0]
+    assert (layer["remote_capacity"], layer["remote_quanta"]) == (2, 4)
+    table = unit_table(topo, placement.remote_units(4))
+    by_layer = [register_tiered_exchange_bytes(CommCounter(t), t, 4, 20, 2, 16, "float16", False,
+                                               units=table).totals()["inter"]
+                for t in (Topology(world_size=4, tp=1, ep=4, num_experts=4, devices_per_node=1, rank=r)
+                          for r in range(4))]
+    assert by_layer == [4 * 8 * 2 * 16 * 2] * 4  # 8 units of 2 rows out and back, forward and backward
+    assert [4 * b for b in layer["a2a_inter_node_bytes_by_device"]] == by_layer
+    # drops: remote pairs keep 16 (rank 0: 24 -> 8 over; rank 1's remote is expert 0: 10, none over; rank 2's
+    # expert 3 gets 4; rank 3's expert 2 gets 16)
+    assert layer["drop_rate_remote"] == pytest.approx(8 / 256)
 
 
 def test_cluster_counts_map_each_measured_rank_onto_the_target_by_node():

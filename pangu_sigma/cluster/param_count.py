@@ -170,7 +170,9 @@ def accumulation_steps(cfg):
 
 def buffer_rows(cfg, tokens, tp, ep):
     """Rows of one rank's dispatch buffer: E * C with one tier; with two tiers (moe.remote_capacity_factor
-    > 0) the node-local experts get C rows each and the others C_r (locmoe.layer.MoELayer._tiered).
+    > 0) the node-local experts get C rows each and the others C_r (locmoe.layer.MoELayer._tiered): one
+    tier-2 unit per remote expert, which a domain-affine placement's units (locmoe.tiers) stay under
+    up to one unit's rounding per pair.
     Node-local experts: E/EP per EP rank on the node (devices_per_node / TP data-parallel ranks, at most EP)."""
     experts = cfg.num_experts
     capacity = expert_capacity(tokens, cfg.moe.capacity_factor, experts)
