@@ -13,8 +13,10 @@ characters), then measures:
     tree, sampled every 0.2 s; the RSS sum too);
   - right after it (the same machine load), SentencePiece's raw encoding speed on the same text
     (every file; --raw-every N: every Nth) with as many processes as prepare has encode workers:
-    process i takes files i, i+W, ...; it reads a file, then times processor.encode(text) alone;
-    time = the slowest process's summed encode time, speed = all files' bytes / that time;
+    process i takes files i, i+W, ...; it reads a file, then times processor.encode(text) alone, once
+    with ids as a list and once as an int32 array (return_type "numpy", where SentencePiece has it;
+    the two in alternating order); time = the slowest process's summed encode time, speed = all
+    files' bytes / that time; the reference is the faster of the two return types;
   - today's prepare (prepare.py at --old-ref, run from a temporary copy) and the streaming
     prepare on a --small-mb corpus from the same generator.
 Everything is written under --work and deleted at the end.
@@ -133,30 +135,39 @@ def corpus_files(root):
 
 
 def raw_encode_worker(args):
+    """(model path, files) -> ({return type: summed seconds of its encode calls}, bytes)."""
     model_path, paths = args
     import sentencepiece as spm
 
     processor = spm.SentencePieceProcessor(model_file=model_path)
-    seconds = size = 0
-    for path in paths:
+    calls = {"list": lambda text: processor.encode(text)}
+    try:
+        processor.encode("a", out_type="numpy")
+        calls["numpy"] = lambda text: processor.encode(text, out_type="numpy")
+    except (TypeError, ValueError, RuntimeError):  # a SentencePiece without it
+        pass
+    seconds = dict.fromkeys(calls, 0.0)
+    size = 0
+    for number, path in enumerate(paths):
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
-        tic = time.perf_counter()
-        processor.encode(text)
-        seconds += time.perf_counter() - tic
+        for name in sorted(calls, reverse=number % 2 == 1):
+            tic = time.perf_counter()
+            calls[name](text)  # the result is freed inside the timed span
+            seconds[name] += time.perf_counter() - tic
         size += len(text.encode("utf-8"))
     return seconds, size
 
 
 def raw_encode_speed(model_path, root, workers, every=1):
-    """MB/s of SentencePiece encode alone on every `every`-th file of the corpus, `workers` processes
-    (each times only its encode calls; the slowest one sets the time)."""
+    """{return type: MB/s} of SentencePiece encode alone on every `every`-th file of the corpus, `workers`
+    processes (each times only its encode calls; the slowest one sets the time)."""
     files = corpus_files(root)[::every]
     shares = [(model_path, files[i::workers]) for i in range(workers)]
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         results = pool.map(raw_encode_worker, shares)
-    seconds = max(s for s, _ in results)
-    return sum(b for _, b in results) / 1e6 / seconds, seconds
+    size = sum(b for _, b in results) / 1e6
+    return {name: size / max(s[name] for s, _ in results) for name in results[0][0]}
 
 
 def emit(case):
@@ -209,12 +220,15 @@ def main(argv=None):
             tokenizer = tokenizer or os.path.join(work, "tokenizer.model")
             if not os.path.exists(tokenizer):
                 shutil.copyfile(os.path.join(output, "tokenizer.model"), tokenizer)
-            raw_mb_s, raw_seconds = raw_encode_speed(tokenizer, big, workers, args.raw_every)
+            raw = raw_encode_speed(tokenizer, big, workers, args.raw_every)
+            raw_mb_s = max(raw.values())  # the faster return type: the stronger reference
             shards = sum(len(entry["shards"]) for entry in meta["splits"].values())
             case.update({"scan_s": timing["scan"], "tokenizer_train_s": timing["tokenizer"],
                          "encode_pack_s": timing["encode_pack"], "write_s": timing["write"],
                          "encode_pack_write_mb_per_s": round(big_bytes / 1e6 / phase, 2),
-                         "raw_sentencepiece_mb_per_s": round(raw_mb_s, 2), "raw_every": args.raw_every,
+                         "raw_sentencepiece_mb_per_s": round(raw_mb_s, 2),
+                         **{f"raw_{name}_mb_per_s": round(speed, 2) for name, speed in raw.items()},
+                         "raw_every": args.raw_every,
                          "phase_vs_raw": round(big_bytes / 1e6 / phase / raw_mb_s, 3),
                          "samples": meta["train_samples"] + meta["valid_samples"], "shards": shards})
             emit(case)
