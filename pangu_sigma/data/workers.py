@@ -33,10 +33,16 @@ def load_processor(model_path):
     import sentencepiece as spm
 
     _processor = spm.SentencePieceProcessor(model_file=model_path)
+    _numpy_ids = returns_numpy(_processor)
+
+
+def returns_numpy(processor):
+    """Whether processor.encode(text, out_type="numpy") gives the ids as an int32 array."""
     try:
-        _numpy_ids = isinstance(_processor.encode("a", out_type="numpy"), np.ndarray)
-    except (TypeError, ValueError, RuntimeError):  # older SentencePiece: "unknown out_type"
-        _numpy_ids = False
+        ids = processor.encode("a", out_type="numpy")
+    except (TypeError, ValueError, RuntimeError):  # older SentencePiece: an unknown out_type
+        return False
+    return isinstance(ids, np.ndarray) and ids.dtype == np.int32
 
 
 def init_worker(model_path):
