@@ -10,7 +10,7 @@ characters), then measures:
   - prepare with each worker count: total MB/s, the encode-pack-write phase's MB/s (input
     MB over the encode + write stages: from the first encode task to the last shard named),
     tokenizer training seconds, peak resident memory (the sum of PSS over prepare's process
-    tree, sampled every 0.2 s; the RSS sum too);
+    tree, sampled every 1 s; the RSS sum every 0.2 s), the monitor's own CPU-seconds;
   - right after it (the same machine load), SentencePiece's raw encoding speed on the same text
     (every file; --raw-every N: every Nth) with as many processes as prepare has encode workers:
     process i takes files i, i+W, ...; it reads a file, then times processor.encode(text) alone, once
@@ -121,16 +121,21 @@ class OtherLoad:
         return False
 
 
+PSS_EVERY = 5  # PSS on every 5th sample (1 s): it costs ~8 ms of CPU per MindSpore process (a page-table walk)
+
+
 def run_measured(command, env=None):
     """Runs command; returns (seconds, peak RSS sum MB, peak PSS sum MB of its process tree, stdout, stderr,
-    CPU-seconds of other processes meanwhile).
+    CPU-seconds of other processes meanwhile, CPU-seconds of this monitor).
 
     RSS counts the shared pages (MindSpore's libraries) once per process; PSS shares them out,
-    so the PSS sum is the memory the tree really holds. The tree's CPU time is sampled with the memory
-    (every 0.2 s, the last sample of each process).
+    so the PSS sum is the memory the tree really holds. RSS and the tree's CPU time are sampled every
+    0.2 s (the last sample of each process counts), PSS every PSS_EVERY samples: sampled every 0.2 s,
+    it took ~7% of a core from the measured pipeline.
     """
     import psutil
 
+    own = time.process_time()
     with OtherLoad() as other:
         started = time.time()
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -138,6 +143,7 @@ def run_measured(command, env=None):
         root = psutil.Process(process.pid)
         peak_rss = peak_pss = 0
         cpu = {}  # pid -> CPU-seconds
+        sample = 0
         while process.poll() is None:
             try:
                 tree = [root] + root.children(recursive=True)
@@ -146,21 +152,22 @@ def run_measured(command, env=None):
             rss = pss = 0
             for member in tree:
                 try:
-                    info = member.memory_full_info()
-                    rss += info.rss
-                    pss += info.pss
+                    rss += member.memory_info().rss
+                    if sample % PSS_EVERY == 0:
+                        pss += member.memory_full_info().pss
                     times = member.cpu_times()
                     cpu[member.pid] = times.user + times.system
                 except psutil.Error:
                     pass
             peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+            sample += 1
             time.sleep(0.2)
         out, err = process.communicate()
         seconds = time.time() - started
         other_cpu = other.seconds(sum(cpu.values()))
     if process.returncode != 0:
         raise RuntimeError(f"{command} failed ({process.returncode}): {err[-2000:]}")
-    return seconds, peak_rss / 2**20, peak_pss / 2**20, out, err, other_cpu
+    return seconds, peak_rss / 2**20, peak_pss / 2**20, out, err, other_cpu, time.process_time() - own
 
 
 def corpus_files(root):
@@ -211,10 +218,11 @@ def emit(case):
 
 
 def prepare_case(name, command, corpus_bytes, env):
-    seconds, peak_rss, peak_pss, _, _, other_cpu = run_measured(command, env)
+    seconds, peak_rss, peak_pss, _, _, other_cpu, monitor_cpu = run_measured(command, env)
     case = {"case": name, "input_mb": round(corpus_bytes / 1e6, 1), "seconds": round(seconds, 1),
             "mb_per_s": round(corpus_bytes / 1e6 / seconds, 2), "peak_pss_mb": round(peak_pss),
-            "peak_rss_sum_mb": round(peak_rss), "other_load_cpu_s": round(other_cpu, 1)}
+            "peak_rss_sum_mb": round(peak_rss), "other_load_cpu_s": round(other_cpu, 1),
+            "monitor_cpu_s": round(monitor_cpu, 1)}
     return case
 
 

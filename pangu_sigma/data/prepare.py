@@ -284,7 +284,7 @@ def encode_pack_write(pool, corpus, spool_path, sample_length, vocab_size, windo
             count = len(stream_ids) // sample_length
             rows = stream_ids[:count * sample_length].reshape(count, sample_length)  # [n, S+1]
             carry[domain] = stream_ids[count * sample_length:]
-            spool.write(rows.tobytes())
+            spool.write(rows)  # [n, S+1], C-contiguous: its bytes, without a copy
             counts += np.bincount(rows.reshape(-1), minlength=vocab_size)
             samples[domain] += count
             progress(size)
@@ -305,38 +305,39 @@ def build(temp_dir, input_dir, vocab_size, seq_length, valid_fraction, tokenizer
     started = time.time()
     timings = {}
     given_tokenizer = None if tokenizer is None else load_tokenizer(tokenizer, vocab_size)
-    sizes = sum(os.path.getsize(p) for _, folder in corpus_module.find_domains(input_dir)
-                for p in corpus_module.list_files(folder))
-    corpus = corpus_module.scan_corpus(input_dir, Progress(progress_seconds, "scan", sizes))
-    timings["scan"] = time.time() - started
-
-    tic = time.time()
-    model_path = os.path.join(temp_dir, TOKENIZER_FILE)
-    sample_budget = None
-    if given_tokenizer is None:
-        vocab_size = DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size
-        if progress_seconds:
-            log(f"training a {model_type} tokenizer, vocab {vocab_size}, on a {sampling} sample of "
-                f"<= {max_chars:,} characters")
-        processor, sample_budget = train_tokenizer(corpus.domains, model_path, vocab_size, model_type, max_chars,
-                                                   sampling, character_coverage)
-    else:
-        processor = given_tokenizer
-        shutil.copyfile(tokenizer, model_path)
-    vocab_size = processor.vocab_size()
-    timings["tokenizer"] = time.time() - tic
-
-    sample_length = seq_length + 1
-    spool_path = os.path.join(temp_dir, SPOOL_FILE)
-    window = 2 * workers + 2
-    pool = writer = None
+    # Shards are written by one process of their own (the caller's with --workers 1), which alone imports
+    # MindSpore's MindRecord writer (~0.2 GB per process); the encode workers rename and checksum them.
+    # With 2+ workers the writer must not be this process: a shard written here stops the feeding of
+    # the encode workers for as long as it takes. It starts now and imports MindRecord (~1 CPU-s) while
+    # this process scans the corpus and trains the tokenizer; the peak memory stays that of the shard
+    # writes (the writer holds ~0.5 GB while it writes a 256 MB shard).
+    writer = make_writer(workers)
+    pool = None
     try:
-        # Shards are written by one process of their own (the caller's with --workers 1), which alone imports
-        # MindSpore's MindRecord writer (~0.2 GB per process); the encode workers rename and checksum them.
-        # With 2+ workers the writer must not be this process: a shard written here stops the feeding of
-        # the encode workers for as long as it takes. It starts after the tokenizer is trained: alongside
-        # the trainer it would add its 0.2 GB to the peak memory.
-        writer = make_writer(workers)
+        sizes = sum(os.path.getsize(p) for _, folder in corpus_module.find_domains(input_dir)
+                    for p in corpus_module.list_files(folder))
+        corpus = corpus_module.scan_corpus(input_dir, Progress(progress_seconds, "scan", sizes))
+        timings["scan"] = time.time() - started
+
+        tic = time.time()
+        model_path = os.path.join(temp_dir, TOKENIZER_FILE)
+        sample_budget = None
+        if given_tokenizer is None:
+            vocab_size = DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size
+            if progress_seconds:
+                log(f"training a {model_type} tokenizer, vocab {vocab_size}, on a {sampling} sample of "
+                    f"<= {max_chars:,} characters")
+            processor, sample_budget = train_tokenizer(corpus.domains, model_path, vocab_size, model_type,
+                                                       max_chars, sampling, character_coverage)
+        else:
+            processor = given_tokenizer
+            shutil.copyfile(tokenizer, model_path)
+        vocab_size = processor.vocab_size()
+        timings["tokenizer"] = time.time() - tic
+
+        sample_length = seq_length + 1
+        spool_path = os.path.join(temp_dir, SPOOL_FILE)
+        window = 2 * workers + 2
         pool = make_pool(workers, model_path)
         tic = time.time()
         stream = ShardStream(writer, pool, temp_dir, spool_path, spool_dtype(vocab_size), sample_length,

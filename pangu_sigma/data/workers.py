@@ -53,7 +53,7 @@ def init_worker(model_path):
 
 def init_writer():
     """The shard writer: ignores SIGINT and imports MindSpore's MindRecord writer at once (~1 CPU-s), while
-    the encode workers start, rather than when its first shard is due."""
+    prepare scans the corpus and trains the tokenizer, rather than while workers encode."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import mindspore.mindrecord  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
 
@@ -86,6 +86,7 @@ def encode_task(task):
             parts.append(encode_ids(text))
         if ends_document:
             parts.append(eos)
+    # ids lie in [0, vocabulary), which dtype holds: the narrowing cast changes no value
     ids = np.concatenate(parts, dtype=dtype, casting="unsafe") if parts else np.zeros([0], dtype)  # [T]
     return domain, ids, size
 
