@@ -10,7 +10,7 @@ characters), then measures:
   - prepare with each worker count: total MB/s, the encode-pack-write phase's MB/s (input
     MB over the encode + write stages: from the first encode task to the last shard named),
     tokenizer training seconds, peak resident memory (the sum of PSS over prepare's process
-    tree, sampled every 1 s and near the RSS peak; the RSS sum every 0.2 s), the monitor's own CPU-seconds;
+    tree, sampled every 1 s; the RSS sum every 0.2 s), the monitor's own CPU-seconds;
   - right after it (the same machine load), SentencePiece's raw encoding speed on the same text
     (every file; --raw-every N: every Nth) with as many processes as prepare has encode workers:
     process i takes files i, i+W, ...; it reads a file, then times processor.encode(text) alone, once
@@ -122,7 +122,6 @@ class OtherLoad:
 
 
 PSS_EVERY = 5  # PSS on every 5th sample (1 s): it costs ~8 ms of CPU per MindSpore process (a page-table walk)
-PSS_NEAR_PEAK = 0.97  # and on every sample whose RSS sum is within 3% of its peak so far (PSS peaks with RSS)
 
 
 def run_measured(command, env=None):
@@ -131,8 +130,8 @@ def run_measured(command, env=None):
 
     RSS counts the shared pages (MindSpore's libraries) once per process; PSS shares them out,
     so the PSS sum is the memory the tree really holds. RSS and the tree's CPU time are sampled every
-    0.2 s (the last sample of each process counts), PSS every PSS_EVERY samples and on every sample
-    near the RSS peak: sampled every 0.2 s throughout, it took ~7% of a core from the measured pipeline.
+    0.2 s (the last sample of each process counts), PSS every PSS_EVERY samples: sampled every 0.2 s,
+    it took ~7% of a core from the measured pipeline.
     """
     import psutil
 
@@ -154,16 +153,12 @@ def run_measured(command, env=None):
             for member in tree:
                 try:
                     rss += member.memory_info().rss
+                    if sample % PSS_EVERY == 0:
+                        pss += member.memory_full_info().pss
                     times = member.cpu_times()
                     cpu[member.pid] = times.user + times.system
                 except psutil.Error:
                     pass
-            if sample % PSS_EVERY == 0 or rss >= PSS_NEAR_PEAK * peak_rss:
-                for member in tree:
-                    try:
-                        pss += member.memory_full_info().pss
-                    except psutil.Error:
-                        pass
             peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
             sample += 1
             time.sleep(0.2)
