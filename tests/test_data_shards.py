@@ -312,3 +312,23 @@ def test_real_ctrl_c_with_two_workers_stops_in_one_line(sharded, tmp_path):
     assert process.wait(timeout=60) == 130
     assert rest == f"prepare: interrupted; nothing written, {output} is as it was\n"
     assert snapshot(str(output)) == before and sorted(os.listdir(tmp_path)) == ["corpus", "out"]
+
+
+def test_int32_spool_and_list_ids_give_the_files_of_the_uint16_spool_and_array_ids(sharded, tmp_path, monkeypatch):
+    """The ids' way to the shards does not change them: an int32 spool (vocabularies over 65,536) and ids
+    taken from SentencePiece as a list (SentencePiece without return_type "numpy") give the same files as
+    the default uint16 spool with int32-array ids."""
+    from pangu_sigma.data import workers as workers_module
+
+    assert workers_module.spool_dtype(VOCAB) == np.uint16 and workers_module.spool_dtype(1 << 16) == np.uint16
+    assert workers_module.spool_dtype((1 << 16) + 1) == np.int32
+    corpus, one, meta_one, _, _ = sharded
+    monkeypatch.setattr(prepare_module, "spool_dtype", lambda vocab_size: np.dtype(np.int32))
+    monkeypatch.setattr(workers_module, "returns_numpy", lambda processor: False)
+    meta = prepare(corpus, str(tmp_path / "out"), vocab_size=VOCAB, seq_length=SEQ, valid_fraction=0.1,
+                   progress_every=0, workers=1)
+    assert not workers_module._numpy_ids  # pylint: disable=protected-access
+    assert meta["splits"] == meta_one["splits"]
+    ours, theirs = snapshot(str(tmp_path / "out")), snapshot(one)
+    del ours["meta.json"], theirs["meta.json"]
+    assert ours == theirs

@@ -10,13 +10,18 @@ characters), then measures:
   - prepare with each worker count: total MB/s, the encode-pack-write phase's MB/s (input
     MB over the encode + write stages: from the first encode task to the last shard named),
     tokenizer training seconds, peak resident memory (the sum of PSS over prepare's process
-    tree, sampled every 0.2 s; the RSS sum too);
+    tree, sampled every 1 s; the RSS sum every 0.2 s), the monitor's own CPU-seconds;
   - right after it (the same machine load), SentencePiece's raw encoding speed on the same text
     (every file; --raw-every N: every Nth) with as many processes as prepare has encode workers:
-    process i takes files i, i+W, ...; it reads a file, then times processor.encode(text) alone;
-    time = the slowest process's summed encode time, speed = all files' bytes / that time;
+    process i takes files i, i+W, ...; it reads a file, then times processor.encode(text) alone, once
+    with ids as a list and once as an int32 array (return_type "numpy", where SentencePiece has it;
+    the two in alternating order); time = the slowest process's summed encode time, speed = all
+    files' bytes / that time; the reference is the faster of the two return types;
   - today's prepare (prepare.py at --old-ref, run from a temporary copy) and the streaming
     prepare on a --small-mb corpus from the same generator.
+Both measurements report the CPU-seconds other processes ran meanwhile (other_load_cpu_s,
+raw_other_load_cpu_s: the machine's busy time minus the measured processes'): ~0 on a quiet
+machine; a ratio measured with other load is not a figure to quote.
 Everything is written under --work and deleted at the end.
 """
 import argparse
@@ -94,38 +99,75 @@ def generate_corpus(root, total_bytes, seed=2024):
     return written
 
 
+def machine_busy_seconds():
+    """CPU-seconds all processes of the machine have run since boot (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as handle:
+        fields = [int(x) for x in handle.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """CPU-seconds run on the machine during a span by processes other than the measured ones: the machine's
+    busy time minus the measured processes' CPU and this process's own (a quiet machine gives ~0)."""
+
+    def __enter__(self):
+        self.busy, self.own = machine_busy_seconds(), time.process_time()
+        return self
+
+    def seconds(self, measured_cpu):
+        return machine_busy_seconds() - self.busy - (time.process_time() - self.own) - measured_cpu
+
+    def __exit__(self, *exc):
+        return False
+
+
+PSS_EVERY = 5  # PSS on every 5th sample (1 s): it costs ~8 ms of CPU per MindSpore process (a page-table walk)
+
+
 def run_measured(command, env=None):
-    """Runs command; returns (seconds, peak RSS sum MB, peak PSS sum MB of its process tree, stdout, stderr).
+    """Runs command; returns (seconds, peak RSS sum MB, peak PSS sum MB of its process tree, stdout, stderr,
+    CPU-seconds of other processes meanwhile, CPU-seconds of this monitor).
 
     RSS counts the shared pages (MindSpore's libraries) once per process; PSS shares them out,
-    so the PSS sum is the memory the tree really holds.
+    so the PSS sum is the memory the tree really holds. RSS and the tree's CPU time are sampled every
+    0.2 s (the last sample of each process counts), PSS every PSS_EVERY samples: sampled every 0.2 s,
+    it took ~7% of a core from the measured pipeline.
     """
     import psutil
 
-    started = time.time()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                               cwd=REPO)
-    root = psutil.Process(process.pid)
-    peak_rss = peak_pss = 0
-    while process.poll() is None:
-        try:
-            tree = [root] + root.children(recursive=True)
-        except psutil.Error:
-            tree = []
-        rss = pss = 0
-        for member in tree:
+    own = time.process_time()
+    with OtherLoad() as other:
+        started = time.time()
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                   cwd=REPO)
+        root = psutil.Process(process.pid)
+        peak_rss = peak_pss = 0
+        cpu = {}  # pid -> CPU-seconds
+        sample = 0
+        while process.poll() is None:
             try:
-                info = member.memory_full_info()
-                rss += info.rss
-                pss += info.pss
+                tree = [root] + root.children(recursive=True)
             except psutil.Error:
-                pass
-        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
-        time.sleep(0.2)
-    out, err = process.communicate()
+                tree = []
+            rss = pss = 0
+            for member in tree:
+                try:
+                    rss += member.memory_info().rss
+                    if sample % PSS_EVERY == 0:
+                        pss += member.memory_full_info().pss
+                    times = member.cpu_times()
+                    cpu[member.pid] = times.user + times.system
+                except psutil.Error:
+                    pass
+            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+            sample += 1
+            time.sleep(0.2)
+        out, err = process.communicate()
+        seconds = time.time() - started
+        other_cpu = other.seconds(sum(cpu.values()))
     if process.returncode != 0:
         raise RuntimeError(f"{command} failed ({process.returncode}): {err[-2000:]}")
-    return time.time() - started, peak_rss / 2**20, peak_pss / 2**20, out, err
+    return seconds, peak_rss / 2**20, peak_pss / 2**20, out, err, other_cpu, time.process_time() - own
 
 
 def corpus_files(root):
@@ -133,30 +175,42 @@ def corpus_files(root):
 
 
 def raw_encode_worker(args):
+    """(model path, files) -> ({return type: summed seconds of its encode calls}, bytes)."""
     model_path, paths = args
     import sentencepiece as spm
 
     processor = spm.SentencePieceProcessor(model_file=model_path)
-    seconds = size = 0
-    for path in paths:
+    calls = {"list": lambda text: processor.encode(text)}
+    try:
+        processor.encode("a", out_type="numpy")
+        calls["numpy"] = lambda text: processor.encode(text, out_type="numpy")
+    except (TypeError, ValueError, RuntimeError):  # a SentencePiece without it
+        pass
+    seconds = dict.fromkeys(calls, 0.0)
+    size = 0
+    for number, path in enumerate(paths):
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
-        tic = time.perf_counter()
-        processor.encode(text)
-        seconds += time.perf_counter() - tic
+        for name in sorted(calls, reverse=number % 2 == 1):
+            tic = time.perf_counter()
+            calls[name](text)  # the result is freed inside the timed span
+            seconds[name] += time.perf_counter() - tic
         size += len(text.encode("utf-8"))
-    return seconds, size
+    return seconds, size, time.process_time()
 
 
 def raw_encode_speed(model_path, root, workers, every=1):
-    """MB/s of SentencePiece encode alone on every `every`-th file of the corpus, `workers` processes
-    (each times only its encode calls; the slowest one sets the time)."""
+    """({return type: MB/s}, CPU-seconds of other processes meanwhile) of SentencePiece encode alone on every
+    `every`-th file of the corpus, `workers` processes (each times only its encode calls; the slowest one
+    sets the time)."""
     files = corpus_files(root)[::every]
     shares = [(model_path, files[i::workers]) for i in range(workers)]
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        results = pool.map(raw_encode_worker, shares)
-    seconds = max(s for s, _ in results)
-    return sum(b for _, b in results) / 1e6 / seconds, seconds
+    with OtherLoad() as other:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            results = pool.map(raw_encode_worker, shares)
+        other_cpu = other.seconds(sum(cpu for _, _, cpu in results))
+    size = sum(b for _, b, _ in results) / 1e6
+    return {name: size / max(s[name] for s, _, _ in results) for name in results[0][0]}, other_cpu
 
 
 def emit(case):
@@ -164,10 +218,11 @@ def emit(case):
 
 
 def prepare_case(name, command, corpus_bytes, env):
-    seconds, peak_rss, peak_pss, _, _ = run_measured(command, env)
+    seconds, peak_rss, peak_pss, _, _, other_cpu, monitor_cpu = run_measured(command, env)
     case = {"case": name, "input_mb": round(corpus_bytes / 1e6, 1), "seconds": round(seconds, 1),
             "mb_per_s": round(corpus_bytes / 1e6 / seconds, 2), "peak_pss_mb": round(peak_pss),
-            "peak_rss_sum_mb": round(peak_rss)}
+            "peak_rss_sum_mb": round(peak_rss), "other_load_cpu_s": round(other_cpu, 1),
+            "monitor_cpu_s": round(monitor_cpu, 1)}
     return case
 
 
@@ -209,12 +264,15 @@ def main(argv=None):
             tokenizer = tokenizer or os.path.join(work, "tokenizer.model")
             if not os.path.exists(tokenizer):
                 shutil.copyfile(os.path.join(output, "tokenizer.model"), tokenizer)
-            raw_mb_s, raw_seconds = raw_encode_speed(tokenizer, big, workers, args.raw_every)
+            raw, raw_other_cpu = raw_encode_speed(tokenizer, big, workers, args.raw_every)
+            raw_mb_s = max(raw.values())  # the faster return type: the stronger reference
             shards = sum(len(entry["shards"]) for entry in meta["splits"].values())
             case.update({"scan_s": timing["scan"], "tokenizer_train_s": timing["tokenizer"],
                          "encode_pack_s": timing["encode_pack"], "write_s": timing["write"],
                          "encode_pack_write_mb_per_s": round(big_bytes / 1e6 / phase, 2),
-                         "raw_sentencepiece_mb_per_s": round(raw_mb_s, 2), "raw_every": args.raw_every,
+                         "raw_sentencepiece_mb_per_s": round(raw_mb_s, 2),
+                         **{f"raw_{name}_mb_per_s": round(speed, 2) for name, speed in raw.items()},
+                         "raw_every": args.raw_every, "raw_other_load_cpu_s": round(raw_other_cpu, 1),
                          "phase_vs_raw": round(big_bytes / 1e6 / phase / raw_mb_s, 3),
                          "samples": meta["train_samples"] + meta["valid_samples"], "shards": shards})
             emit(case)

@@ -47,8 +47,8 @@ from pangu_sigma.data.shards import (DEFAULT_SHARD_BYTES, FORMAT_VERSION, WRITE_
 from pangu_sigma.data.tokenizer import (DEFAULT_CHARACTER_COVERAGE, SAMPLING, file_sha256, load_tokenizer,
                                         train_tokenizer)
 from pangu_sigma.data.valid_split import DEFAULT_MIN_VALID_PER_DOMAIN, choose_valid_of_domain
-from pangu_sigma.data.workers import (InputChanged, Pool, default_workers, encode_task, make_pool, read_spool_rows,
-                                      rename_task, write_task)
+from pangu_sigma.data.workers import (InputChanged, default_workers, encode_task, make_pool, make_writer,
+                                      read_spool_rows, rename_task, spool_dtype, write_task)
 
 DEFAULT_VOCAB_SIZE = 2000
 DEFAULT_SEQ_LENGTH = 64
@@ -183,10 +183,11 @@ class ShardStream:
     meta.json equal those written after encoding.
     """
 
-    def __init__(self, writer, renamer, temp_dir, spool_path, sample_length, shard_bytes, valid_fraction, seed,
-                 min_valid_per_domain):
+    def __init__(self, writer, renamer, temp_dir, spool_path, spool_dtype, sample_length, shard_bytes,
+                 valid_fraction, seed, min_valid_per_domain):
         self.writer, self.renamer = writer, renamer
         self.temp_dir, self.spool_path, self.sample_length = temp_dir, spool_path, sample_length
+        self.spool_dtype = spool_dtype
         self.shard_bytes = shard_bytes
         self.per_shard = rows_per_shard(sample_length, shard_bytes)
         self.valid_fraction, self.seed, self.min_valid = valid_fraction, seed, min_valid_per_domain
@@ -212,7 +213,7 @@ class ShardStream:
         while len(self.pending_rows) >= self.per_shard:
             path = os.path.join(self.temp_dir, temp_shard_name("train", len(self.started)))
             task = (path, self.spool_path, self.pending_rows[:self.per_shard],
-                    self.pending_domains[:self.per_shard], self.sample_length, False)
+                    self.pending_domains[:self.per_shard], self.sample_length, False, self.spool_dtype)
             self.started.append((path, task, self.writer.submit(write_task, task)))
             self.pending_rows = self.pending_rows[self.per_shard:]
             self.pending_domains = self.pending_domains[self.per_shard:]
@@ -228,11 +229,11 @@ class ShardStream:
         if len(self.pending_rows):
             final_tasks.append(("train", train_count - 1, (
                 os.path.join(self.temp_dir, shard_name("train", train_count - 1, train_count)), self.spool_path,
-                self.pending_rows, self.pending_domains, self.sample_length, True)))
+                self.pending_rows, self.pending_domains, self.sample_length, True, self.spool_dtype)))
         for index, (first, end) in enumerate(valid_ranges):
             final_tasks.append(("valid", index, (
                 os.path.join(self.temp_dir, shard_name("valid", index, len(valid_ranges))), self.spool_path,
-                valid_rows[first:end], valid_domains[first:end], self.sample_length, True)))
+                valid_rows[first:end], valid_domains[first:end], self.sample_length, True, self.spool_dtype)))
         finals = [(split, index, self.writer.submit(write_task, task)) for split, index, task in final_tasks]
         renames = []
         for index, (temp_path, task, result) in enumerate(self.started):
@@ -246,7 +247,7 @@ class ShardStream:
             if entry is None:  # a count of more than 5 digits: write it again under its final name
                 for suffix in ("", ".db"):
                     os.remove(temp_path + suffix)
-                entry = self.writer.submit(write_task, (final_path,) + task[1:5] + (True,)).get()
+                entry = self.writer.submit(write_task, (final_path,) + task[1:5] + (True, self.spool_dtype)).get()
             entries["train"][index] = entry
             progress(entry["samples"])
         for split, index, result in finals:
@@ -258,19 +259,21 @@ class ShardStream:
 
 
 def encode_pack_write(pool, corpus, spool_path, sample_length, vocab_size, window, progress, stream):
-    """Encodes every domain in document order, appends its samples to the spool file and hands every
-    finished domain to stream (which writes its full train shards in the background).
+    """Encodes every domain in document order, appends its samples to the spool file (ids of
+    stream.spool_dtype) and hands every finished domain to stream (which writes its full train shards
+    in the background).
 
     Returns (samples per domain [D], tokens per domain [D], token counts of all samples [V]).
     """
     def tasks():
         for index, domain in enumerate(corpus.domains):
-            yield from corpus_module.encode_tasks(index, domain)
+            for task in corpus_module.encode_tasks(index, domain):
+                yield task + (stream.spool_dtype,)
 
     samples = [0] * len(corpus.domains)
     tokens = [0] * len(corpus.domains)
     counts = np.zeros([vocab_size], np.int64)  # [V]
-    carry = [np.zeros([0], np.int32) for _ in corpus.domains]
+    carry = [np.zeros([0], stream.spool_dtype) for _ in corpus.domains]
     with open(spool_path, "wb") as spool:
         for domain, ids, size in pool.imap(encode_task, tasks(), window):
             while len(stream.domain_samples) < domain:  # the domains before this one have ended
@@ -281,7 +284,7 @@ def encode_pack_write(pool, corpus, spool_path, sample_length, vocab_size, windo
             count = len(stream_ids) // sample_length
             rows = stream_ids[:count * sample_length].reshape(count, sample_length)  # [n, S+1]
             carry[domain] = stream_ids[count * sample_length:]
-            spool.write(rows.tobytes())
+            spool.write(rows)  # [n, S+1], C-contiguous: its bytes, without a copy
             counts += np.bincount(rows.reshape(-1), minlength=vocab_size)
             samples[domain] += count
             progress(size)
@@ -302,40 +305,43 @@ def build(temp_dir, input_dir, vocab_size, seq_length, valid_fraction, tokenizer
     started = time.time()
     timings = {}
     given_tokenizer = None if tokenizer is None else load_tokenizer(tokenizer, vocab_size)
-    sizes = sum(os.path.getsize(p) for _, folder in corpus_module.find_domains(input_dir)
-                for p in corpus_module.list_files(folder))
-    corpus = corpus_module.scan_corpus(input_dir, Progress(progress_seconds, "scan", sizes))
-    timings["scan"] = time.time() - started
-
-    tic = time.time()
-    model_path = os.path.join(temp_dir, TOKENIZER_FILE)
-    sample_budget = None
-    if given_tokenizer is None:
-        vocab_size = DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size
-        if progress_seconds:
-            log(f"training a {model_type} tokenizer, vocab {vocab_size}, on a {sampling} sample of "
-                f"<= {max_chars:,} characters")
-        processor, sample_budget = train_tokenizer(corpus.domains, model_path, vocab_size, model_type, max_chars,
-                                                   sampling, character_coverage)
-    else:
-        processor = given_tokenizer
-        shutil.copyfile(tokenizer, model_path)
-    vocab_size = processor.vocab_size()
-    timings["tokenizer"] = time.time() - tic
-
-    sample_length = seq_length + 1
-    spool_path = os.path.join(temp_dir, SPOOL_FILE)
-    window = 2 * workers + 2
     # Shards are written by one process of their own (the caller's with --workers 1), which alone imports
     # MindSpore's MindRecord writer (~0.2 GB per process); the encode workers rename and checksum them.
     # With 2+ workers the writer must not be this process: a shard written here stops the feeding of
-    # the encode workers for as long as it takes.
-    pool = make_pool(workers, model_path)
-    writer = pool if workers == 1 else Pool(1, None)
+    # the encode workers for as long as it takes. It starts now and imports MindRecord (~1 CPU-s) while
+    # this process scans the corpus and trains the tokenizer; the peak memory stays that of the shard
+    # writes (the writer holds ~0.5 GB while it writes a 256 MB shard).
+    writer = make_writer(workers)
+    pool = None
     try:
+        sizes = sum(os.path.getsize(p) for _, folder in corpus_module.find_domains(input_dir)
+                    for p in corpus_module.list_files(folder))
+        corpus = corpus_module.scan_corpus(input_dir, Progress(progress_seconds, "scan", sizes))
+        timings["scan"] = time.time() - started
+
         tic = time.time()
-        stream = ShardStream(writer, pool, temp_dir, spool_path, sample_length, shard_bytes, valid_fraction, seed,
-                             min_valid_per_domain)
+        model_path = os.path.join(temp_dir, TOKENIZER_FILE)
+        sample_budget = None
+        if given_tokenizer is None:
+            vocab_size = DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size
+            if progress_seconds:
+                log(f"training a {model_type} tokenizer, vocab {vocab_size}, on a {sampling} sample of "
+                    f"<= {max_chars:,} characters")
+            processor, sample_budget = train_tokenizer(corpus.domains, model_path, vocab_size, model_type,
+                                                       max_chars, sampling, character_coverage)
+        else:
+            processor = given_tokenizer
+            shutil.copyfile(tokenizer, model_path)
+        vocab_size = processor.vocab_size()
+        timings["tokenizer"] = time.time() - tic
+
+        sample_length = seq_length + 1
+        spool_path = os.path.join(temp_dir, SPOOL_FILE)
+        window = 2 * workers + 2
+        pool = make_pool(workers, model_path)
+        tic = time.time()
+        stream = ShardStream(writer, pool, temp_dir, spool_path, spool_dtype(vocab_size), sample_length,
+                             shard_bytes, valid_fraction, seed, min_valid_per_domain)
         domain_samples, domain_tokens, counts = encode_pack_write(
             pool, corpus, spool_path, sample_length, vocab_size, window,
             Progress(progress_seconds, "encode", corpus.bytes), stream)
@@ -348,12 +354,14 @@ def build(temp_dir, input_dir, vocab_size, seq_length, valid_fraction, tokenizer
         pool.close()
         writer.close()
     except BaseException:
-        pool.terminate()
-        writer.terminate()
+        for processes in (pool, writer):
+            if processes is not None:
+                processes.terminate()
         raise
     with open(spool_path, "rb") as spool:
         for first in range(0, len(valid_rows), WRITE_CHUNK):
-            block = read_spool_rows(spool, valid_rows[first:first + WRITE_CHUNK], sample_length)  # [b, S+1]
+            block = read_spool_rows(spool, valid_rows[first:first + WRITE_CHUNK], sample_length,
+                                    stream.spool_dtype)  # [b, S+1]
             counts -= np.bincount(block.reshape(-1), minlength=vocab_size)
     timings["write"] = time.time() - tic
     os.remove(spool_path)
