@@ -24,7 +24,8 @@ class MoEConfig:
     remote_capacity_factor: 0 = one tier (every (source, expert) pair gets the capacity_factor
         slots). > 0 = two-tier exchange (locmoe.exchange, locmoe.tiers): a (source, expert on
         another node) pair gets ceil(tokens * this / n) slots (times its expected share * n,
-        in quarters, under a domain-affine placement with level 1), and only those rows cross nodes.
+        in units of 1/Q, under a domain-affine placement with level 1; locmoe.placement.remote_quanta),
+        and only those rows cross nodes.
     router: one of ROUTERS.
     aux_loss_coef: alpha of eq. 5 (0.01 in the paper).
     locality_loss_coef: mu of eq. 6.

@@ -94,10 +94,21 @@ def dp_line(topology):
 
 
 BALANCE_TARGET = 1.1  # imposed max/mean expert load below which coverage and locality decide
-# Remote-tier granularity: a unit is 1/4 of a uniform (1/E share) pair's capacity. Finer units fit each
-# pair's share more closely but make the unit fewer rows (u = ceil(T f_r / (Q E)) >= 1), so u's rounding
-# coarsens the capacity steps: at CPU sizes (T/E = 16 rows) Q = 8 left u only 2-3 rows, steps of 50%.
-REMOTE_QUANTA = 4
+# Remote-tier granularity: a unit is 1/Q of a uniform (1/E share) pair's capacity. Finer units fit each
+# pair's share more closely (ceil(Q E share) rounds up by less than a unit), but a unit has fewer rows
+# (u = ceil(T f_r / (Q E))), so u's own rounding moves every pair's capacity in coarser steps. Q is the
+# largest of 8, 4, 2, 1 that leaves a unit >= MIN_UNIT_ROWS rows at f_r = 1 (steps of <= 1/8 of a unit):
+# Q = 8 at the cluster configs' T / E = 256, Q = 2 at cpu_tiny's 16 (Q = 8 there left 2-row units and
+# 50% capacity steps, which the Hash baseline's 1/16 steps did not have).
+MAX_QUANTA, MIN_UNIT_ROWS = 8, 8
+
+
+def remote_quanta(tokens_per_group, num_experts):
+    """Q for a token group of tokens_per_group tokens over num_experts experts (see above)."""
+    quanta = MAX_QUANTA
+    while quanta > 1 and tokens_per_group < MIN_UNIT_ROWS * quanta * num_experts:
+        quanta //= 2
+    return quanta
 
 
 @dataclass(frozen=True)
@@ -130,7 +141,7 @@ class DomainPlacement:
         reads = np.stack([np.bincount(row, minlength=len(self.quotas)) for row in self.slot_domain])  # [dp, D]
         return (reads @ per_domain * local).sum(1) / self.slot_domain.shape[1]
 
-    def remote_units(self, quanta=REMOTE_QUANTA):
+    def remote_units(self, quanta):
         """[dp, E] int64: each (data-parallel rank, expert) pair's remote-tier capacity in units of
         1/quanta of a uniform pair's, from the pair's expected share of the rank's tokens under level 1
         (its domains' samples split evenly over each domain's level-1 experts):
@@ -158,14 +169,16 @@ class DomainPlacement:
         return out
 
 
-def tier_units(moe, placement):
+def tier_units(moe, placement, tokens_per_group):
     """(units [dp, E], quanta) of the two-tier exchange's remote tier (locmoe.tiers): the placement's
-    expected shares (DomainPlacement.remote_units) when two tiers are on (moe.remote_capacity_factor > 0)
-    and the router uses level 1 under a domain-affine placement; else (None, 1): one unit per
-    (rank, remote expert) pair. moe: a MoEConfig or an object with its router fields."""
+    expected shares (DomainPlacement.remote_units, remote_quanta for the training micro-batch's
+    tokens_per_group) when two tiers are on (moe.remote_capacity_factor > 0) and the router uses
+    level 1 under a domain-affine placement; else (None, 1): one unit per (rank, remote expert)
+    pair. moe: a MoEConfig or an object with its router fields and num_experts."""
     if placement is None or moe.remote_capacity_factor <= 0 or not uses_level1(moe):
         return None, 1
-    return placement.remote_units(REMOTE_QUANTA), REMOTE_QUANTA
+    quanta = remote_quanta(tokens_per_group, placement.domain_experts.shape[1])
+    return placement.remote_units(quanta), quanta
 
 
 def plan_placement(domain_sizes, topology, batch_size):

@@ -194,7 +194,8 @@ def build_model(cfg, meta, topology, with_loss=True, parallel=None, token_groups
         raise ConfigError("moe.domain_to_group", cfg.moe.domain_to_group,
                           f"one group per domain of {cfg.data.dataset_dir} ({domains} domains)")
     placement = domain_placement(cfg, meta, topology) if moe_cfg is not None else None
-    units, quanta = tier_units(cfg.moe, placement) if reads_by_placement else (None, 1)
+    tokens = cfg.train.micro_batch_size * cfg.model.seq_length  # one rank's token group per micro-batch
+    units, quanta = tier_units(cfg.moe, placement, tokens) if reads_by_placement else (None, 1)
     factory = functools.partial(MoELayer, token_counts=counts, out_init_std=out_std, token_groups=token_groups,
                                 group_ranks=group_ranks,
                                 domain_experts=None if placement is None else placement.domain_experts,

@@ -68,6 +68,13 @@ def _reference_load_and_local(p, topo):
     return load / load.mean(), local
 
 
+def test_remote_quanta_leave_units_of_at_least_8_rows():
+    from locmoe.placement import remote_quanta
+    # T / (Q E) >= 8: 4096 / 16 = 256 -> 8; 128 / 8 = 16 -> 2; 127 / 8 < 16 -> 1; 512 / 8 = 64 -> 8 (the cap)
+    assert [remote_quanta(t, e) for t, e in ((4096, 16), (128, 8), (127, 8), (512, 8), (256, 8), (8, 4))] == \
+        [8, 2, 1, 8, 4, 1]
+
+
 def test_remote_units_follow_each_ranks_expected_share_by_hand():
     # 2 dp ranks, B = 4: rank 0 reads [0, 1, 1, 1], rank 1 [1, 1, 1, 1]; domain 0 uses experts {0, 1, 2}
     # (k = 3), domain 1 {2, 3} (k = 2); E = 4, quanta 8: units = ceil(32 * share).

@@ -153,10 +153,11 @@ def test_two_tier_bytes_follow_the_placement_units(capsys):
 
     p = plan_json(capsys, "--config", config_path("locmoe_128n.yaml"), "--world-size", 128,
                   "--domain-sizes", "400,300,200,100")
-    unit = math.ceil(4096 * 1.25 / (16 * 4))  # 80 rows, a multiple of TP 8
-    assert (p["remote_capacity"], p["remote_quanta"]) == (unit, 4)
+    # T / E = 4096 / 16 = 256 rows: quanta 8 leaves units of 32 rows at f_r = 1 (>= 8)
+    unit = math.ceil(4096 * 1.25 / (16 * 8))  # 40 rows, a multiple of TP 8
+    assert (p["remote_capacity"], p["remote_quanta"]) == (unit, 8)
     topology = Topology(world_size=128, tp=8, ep=16, num_experts=16, devices_per_node=8)
-    units = plan_placement([400, 300, 200, 100], topology, 32).remote_units(4)  # [dp 16, E 16]; dp d on node d
+    units = plan_placement([400, 300, 200, 100], topology, 32).remote_units(8)  # [dp 16, E 16]; dp d on node d
     out = sum(units[0][e] for e in range(1, 16))  # rank 0 (node 0) holds expert 0
     back = sum(units[d][0] for d in range(1, 16))
     passes = 8 * 2 * 8  # micro-batches x (forward + backward) x MoE layers

@@ -474,8 +474,9 @@ def test_simulated_inter_node_bytes_per_rank_are_the_layers_with_non_uniform_rou
 
 def test_simulated_bytes_follow_the_placement_units_as_the_layer_sends_them():
     """4 nodes x 1 device, EP 4, 4 experts, two domains read by ranks {0, 1} and {2, 3}, level-1 experts {0, 1}
-    and {2, 3} (locmoe.placement): rank 0's only remote pair is expert 1, with 4 * 4 * 1/2 = 8 units of
-    u = ceil(64 * 0.5 / 16) = 2 rows; experts 2 and 3 get nothing from it."""
+    and {2, 3} (locmoe.placement): rank 0's only remote pair is expert 1. T / E = 16 rows: quanta 2 (units of
+    >= 8 rows at f_r = 1), 2 * 4 * 1/2 = 4 units of u = ceil(64 * 0.5 / 8) = 4 rows; experts 2 and 3 get
+    nothing from it."""
     from locmoe.comm import CommCounter
     from locmoe.exchange import register_tiered_exchange_bytes
     from locmoe.placement import plan_placement
@@ -492,13 +493,13 @@ def test_simulated_bytes_follow_the_placement_units_as_the_layer_sends_them():
     counts = np.array([[[40, 24, 0, 0], [10, 54, 0, 0], [0, 0, 60, 4], [0, 0, 16, 48]]], np.float64)
     out = simulate.simulate_step(cfg, topo, hw, 10, counts=counts, placement=placement)
     layer = out["layers"][0]
-    assert (layer["remote_capacity"], layer["remote_quanta"]) == (2, 4)
-    table = unit_table(topo, placement.remote_units(4))
-    by_layer = [register_tiered_exchange_bytes(CommCounter(t), t, 4, 20, 2, 16, "float16", False,
+    assert (layer["remote_capacity"], layer["remote_quanta"]) == (4, 2)
+    table = unit_table(topo, placement.remote_units(2))
+    by_layer = [register_tiered_exchange_bytes(CommCounter(t), t, 4, 20, 4, 16, "float16", False,
                                                units=table).totals()["inter"]
                 for t in (Topology(world_size=4, tp=1, ep=4, num_experts=4, devices_per_node=1, rank=r)
                           for r in range(4))]
-    assert by_layer == [4 * 8 * 2 * 16 * 2] * 4  # 8 units of 2 rows out and back, forward and backward
+    assert by_layer == [4 * 4 * 4 * 16 * 2] * 4  # 4 units of 4 rows out and back, forward and backward
     assert [4 * b for b in layer["a2a_inter_node_bytes_by_device"]] == by_layer
     # drops: remote pairs keep 16 (rank 0: 24 -> 8 over; rank 1's remote is expert 0: 10, none over; rank 2's
     # expert 3 gets 4; rank 3's expert 2 gets 16)

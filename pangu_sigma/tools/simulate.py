@@ -225,7 +225,7 @@ def simulate_step(cfg, topology, hw, vocab_size, counts=None, dispatch="padded",
                               f"counts of shape [moe_layer_num {moe}, world size {world}, experts {experts}]")
         sums = counts.sum(-1, keepdims=True)
         counts = np.where(sums > 0, counts * n / np.maximum(sums, 1e-300), n / experts)  # rows sum to N
-    units, quanta = tier_units(cfg.moe, placement)
+    units, quanta = tier_units(cfg.moe, placement, n)
     layers = [_layer_moe(cfg, topology, links, hw, counts[j], dispatch, k, flops, units, quanta) for j in range(moe)]
 
     row_bytes = n * m.hidden_size * hw.act_bytes
