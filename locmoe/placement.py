@@ -169,13 +169,19 @@ class DomainPlacement:
         return out
 
 
+def units_follow_placement(moe):
+    """True when a domain-affine placement sets the remote tier's units (tier_units): two tiers on
+    (moe.remote_capacity_factor > 0) and a router with level 1."""
+    return moe.remote_capacity_factor > 0 and uses_level1(moe)
+
+
 def tier_units(moe, placement, tokens_per_group):
     """(units [dp, E], quanta) of the two-tier exchange's remote tier (locmoe.tiers): the placement's
     expected shares (DomainPlacement.remote_units, remote_quanta for the training micro-batch's
     tokens_per_group) when two tiers are on (moe.remote_capacity_factor > 0) and the router uses
     level 1 under a domain-affine placement; else (None, 1): one unit per (rank, remote expert)
     pair. moe: a MoEConfig or an object with its router fields and num_experts."""
-    if placement is None or moe.remote_capacity_factor <= 0 or not uses_level1(moe):
+    if placement is None or not units_follow_placement(moe):
         return None, 1
     quanta = remote_quanta(tokens_per_group, placement.domain_experts.shape[1])
     return placement.remote_units(quanta), quanta

@@ -58,7 +58,7 @@ import os
 import sys
 
 from locmoe.capacity import expert_capacity
-from locmoe.config import uses_level1
+from locmoe.placement import units_follow_placement
 from locmoe.errors import ConfigError
 from pangu_sigma.cluster import param_count
 
@@ -291,8 +291,7 @@ def make_plan(cfg, rank_table=None, world_size=None, devices_per_node=None, doma
     if cfg.model.moe_layer_num and replicas > 1:
         notes.append(f"each expert is held by {replicas} data-parallel replicas (expert-data-parallel groups "
                      f"of {replicas}); {len(nodes)} nodes share {cfg.num_experts} experts")
-    if (placement is None and names is not None and cfg.model.moe_layer_num and cfg.moe.remote_capacity_factor > 0
-            and uses_level1(cfg.moe)):
+    if placement is None and names is not None and cfg.model.moe_layer_num and units_follow_placement(cfg.moe):
         notes.append("the remote tier's bytes above give every (rank, remote expert) pair one unit of C_r: under the "
                      "domain-affine placement each pair gets units by its expected share instead (none where its "
                      "domains never go), which needs the domain sizes: --domain-sizes N,N,... or a dataset")

@@ -81,9 +81,8 @@ from dataclasses import fields
 import numpy as np
 
 from locmoe.capacity import expert_capacity
-from locmoe.config import uses_level1
 from locmoe.errors import ConfigError
-from locmoe.placement import tier_units
+from locmoe.placement import tier_units, units_follow_placement
 from locmoe.tiers import unit_table
 from pangu_sigma.cluster import param_count
 from pangu_sigma.tools import cost_model
@@ -294,7 +293,7 @@ def run(cfg, world_size=None, rank_table=None, devices_per_node=None, routing_st
     from pangu_sigma.tools.routing_stats import load_stats
     topo, vocab = build_cluster(cfg, world_size, rank_table, devices_per_node)
     placement, missing = domain_placement(cfg, topo, domain_sizes)
-    if placement is None and missing is not None and cfg.moe.remote_capacity_factor > 0 and uses_level1(cfg.moe):
+    if placement is None and missing is not None and units_follow_placement(cfg.moe):
         raise ConfigError("--domain-sizes", None, f"samples per domain (the remote tier's units follow the "
                           f"domain-affine placement): {missing}")
     counts = None
