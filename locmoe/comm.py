@@ -356,6 +356,12 @@ class AllToAll(_Collective):
         return _concat_front(mine, self.concat_dim % x.ndim)  # concat over src
 
 
+def take_rows(x, index):
+    """x [n, *rest] with a zero row appended, rows picked by a static index (n: the zero row). -> [len(index), *rest]"""
+    padded = ops.concat((x, ops.zeros((1,) + x.shape[1:], x.dtype)), 0)  # [n + 1, *rest]
+    return ops.gather(padded, index, 0)
+
+
 class AllToAllV(_Collective):
     """All-to-All with a static, uneven number of equal blocks per (source, destination) pair.
 
@@ -415,8 +421,7 @@ class AllToAllV(_Collective):
             flat = self.op(x.reshape(-1), send, recv)  # [n_recv * block numel]
             return flat.reshape((self.num_recv,) + block)  # [n_recv, *block]
         g = self.group_size
-        padded = ops.concat((x, ops.zeros((1,) + block, x.dtype)), 0)  # [n_send + 1, *block]
-        chunks = ops.gather(padded, self.pad_send, 0).reshape((g, self.widest) + block)  # [g(dst), widest, *block]
+        chunks = take_rows(x, self.pad_send).reshape((g, self.widest) + block)  # [g(dst), widest, *block]
         buf = self.op(self._slot(chunks))  # [g(src), g(dst), widest, *block], row i from rank i
         mine = buf[:, self.index].reshape((g * self.widest,) + block)  # [g(src)*widest, *block]
         return ops.gather(mine, self.unpad_recv, 0)  # [n_recv, *block]

@@ -17,7 +17,7 @@ slice, which goes back through the EP All-to-All and is AllGathered over TP.
 import numpy as np
 from mindspore import nn, ops, Tensor
 
-from locmoe.comm import AllGather, AllReduce, AllToAll, AllToAllV, ReduceScatter
+from locmoe.comm import AllGather, AllReduce, AllToAll, AllToAllV, ReduceScatter, take_rows
 from locmoe.tiers import RemotePlan, check_tiers, node_members, remote_blocks, unit_table
 
 
@@ -109,12 +109,6 @@ def register_exchange_bytes(counter, topology, num_experts, capacity, hidden, dt
 
 
 # ---- two tiers: node-local rows never enter the inter-node exchange ------------------
-def _take(x, index):
-    """x [n, c, d] with a zero block appended, rows picked by a static index. -> [len(index), c, d]"""
-    padded = ops.concat((x, ops.zeros((1,) + x.shape[1:], x.dtype)), 0)  # [n + 1, c, d]
-    return ops.gather(padded, index, 0)
-
-
 class TieredExchange(nn.Cell):
     """The two-tier exchange (DESIGN: locality saves bytes only if fewer rows cross nodes).
 
@@ -186,10 +180,10 @@ class TieredExchange(nn.Cell):
         if remote is None:  # I send nothing across nodes, but take part (and may receive)
             remote = ops.zeros((1, unit, hidden), local.dtype)  # [1, u, d]: the placeholder reads zeros
         remote = self._slice(remote)  # [R, u', d]
-        got_r = self.a2a_remote_in(_take(remote, self.send_index))  # [n_recv, u', d]
+        got_r = self.a2a_remote_in(take_rows(remote, self.send_index))  # [n_recv, u', d]
         if self.groupwise:
             got_r = self.gather_remote_in(got_r)  # [n_recv, u, d]
-        rows_r = _take(got_r, self.place_index).reshape(self.rank_experts, -1, hidden)  # [E/ep, W*u, d]
+        rows_r = take_rows(got_r, self.place_index).reshape(self.rank_experts, -1, hidden)  # [E/ep, W*u, d]
         return ops.concat((rows_l, rows_r), 1)  # [E/ep, m*C_l + W*u, d]
 
     def from_experts(self, outputs, local_capacity, unit):
@@ -206,7 +200,7 @@ class TieredExchange(nn.Cell):
         if not self.has_remote:
             return back_l, None
         out_r = outputs[:, split:].reshape(self.rank_experts * self.width, unit, hidden)  # [E/ep*W, u, d]
-        out_r = _take(out_r, self.recv_index)  # [n_recv, u, d]: the units that came in
+        out_r = take_rows(out_r, self.recv_index)  # [n_recv, u, d]: the units that came in
         out_r = self.rs_remote(out_r) if self.groupwise else self.ar_remote(out_r)  # summed over TP, [n_recv, u', d]
         back_r = self.a2a_remote_out(out_r)  # [n_send, u', d]
         if self.groupwise:
