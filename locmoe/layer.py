@@ -74,11 +74,13 @@ class MoELayer(nn.Cell):
         self.remote_capacity_factor = cfg.remote_capacity_factor
         self.num_local = int(local_mask[0].sum())
         self.remote_quanta = int(remote_quanta) if remote_units is not None else 1
-        self.units = unit_table(topology, remote_units)  # [dp, E] tier-2 units, 0 on the rank's node
-        group_units = np.stack([self.units[topology.dp_rank(r)] for r in group_ranks])  # [G, E]
-        self.group_units = Tensor(group_units.astype(np.float32))  # [G, E]
-        self.max_units = int(group_units.sum(1).max())  # R: the most units of any group
-        self.max_pair_units = int(group_units.max(initial=1))  # the most units of one (group, expert) pair
+        self.units = self.group_units = None  # two tiers only
+        if self.two_tier:
+            self.units = unit_table(topology, remote_units)  # [dp, E] tier-2 units, 0 on the rank's node
+            group_units = np.stack([self.units[topology.dp_rank(r)] for r in group_ranks])  # [G, E]
+            self.group_units = Tensor(group_units.astype(np.float32))  # [G, E]
+            self.max_units = int(group_units.sum(1).max())  # R: the most units of any group
+            self.max_pair_units = int(group_units.max(initial=1))  # the most units of one (group, expert) pair
         if self.two_tier and not (local_mask.sum(1) == self.num_local).all():
             raise ValueError("two-tier capacity needs the same number of node-local experts for every group")
         self.router = build_router(cfg, hidden_size, token_counts=token_counts, init_std=param_init_std,
