@@ -30,6 +30,10 @@ class MoEConfig:
     aux_loss_coef: alpha of eq. 5 (0.01 in the paper).
     locality_loss_coef: mu of eq. 6.
     locality_smoothing: epsilon mixed into D_l so that KL(D_c || D_l) is finite.
+    locality_bias: LocMoE's learned locality term (locmoe.routers.LocalityBias): one scalar per
+        layer added to the routing scores of the experts on the token's node, trained by eqs. 5-6
+        only. false: the router decides from the token alone (locality only from the data
+        placement and level 1).
     num_domain_groups: level-1 groups (RRE; LocMoE keeps level 1 as in the paper). 1 disables it.
     domain_to_group: explicit level-1 map, entry d = the expert group of domain d (groups are
         contiguous blocks of num_experts / num_domain_groups experts). Empty: domain % groups.
@@ -52,6 +56,7 @@ class MoEConfig:
     aux_loss_coef: float = 0.01
     locality_loss_coef: float = 0.01
     locality_smoothing: float = 1e-4
+    locality_bias: bool = True
     num_domain_groups: int = 1
     domain_to_group: tuple = ()
     gate_bias: bool = True
@@ -95,6 +100,7 @@ class MoEConfig:
         need(is_num(self.locality_loss_coef) and self.locality_loss_coef >= 0, "locality_loss_coef", "a number >= 0")
         need(is_num(self.locality_smoothing) and 0 < self.locality_smoothing < 1,
              "locality_smoothing", "a number in (0, 1): KL against a distribution with zeros is infinite")
+        need(isinstance(self.locality_bias, bool), "locality_bias", "true or false")
         need(is_int(self.num_domain_groups) and self.num_domain_groups >= 1, "num_domain_groups", "an integer >= 1")
         need(self.num_experts % self.num_domain_groups == 0, "num_domain_groups",
              f"a divisor of num_experts={self.num_experts}")

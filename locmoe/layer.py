@@ -112,6 +112,13 @@ class MoELayer(nn.Cell):
         raw = expert_capacity(tokens_per_group, self.remote_capacity_factor, self.num_experts * self.remote_quanta)
         return (raw + self.capacity_multiple - 1) // self.capacity_multiple * self.capacity_multiple
 
+    def buffer_rows(self, tokens_per_group):
+        """Expert rows one token group's dispatch buffer holds (what the experts compute for it):
+        E * C with one tier, n_l * C_l + R * u with two (R: the busiest group's tier-2 units)."""
+        if self.two_tier:
+            return self._tier_slots(tokens_per_group)[4]
+        return self.num_experts * self.capacity(tokens_per_group)
+
     def route(self, x, token_ids, domain_ids):
         """x [B, S, d] -> (expert_index [G, T], keep [G, T]): construct's token grouping, router and slot
         assignment, without the experts (the per-token view of eval and the routing report)."""

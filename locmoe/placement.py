@@ -88,6 +88,25 @@ def domain_quotas(domain_sizes, global_batch):
     return quotas
 
 
+LEVEL1_LAYOUTS = ("blocks", "node_striped")
+
+
+def striped_level1_groups(num_groups, topology):
+    """Level-1 groups striped over the nodes, for i.i.d. data: [groups, E] float32, 1 where expert e
+    is in group g. The experts are ordered by (index within their node, node) and cut into num_groups
+    contiguous runs, so every node holds experts of every group when it holds at least num_groups
+    experts: a token of any domain then has a node-local option on every rank. PanGu-Sigma's contiguous
+    blocks (locmoe.routers.domain_group_mask) put a group on E / groups consecutive experts, i.e. on
+    few nodes, and leave the other nodes' ranks no local expert for that domain."""
+    per_node = [topology.experts_of_node(n) for n in sorted(set(topology.node_of_rank))]
+    order = [experts[j] for j in range(max(len(e) for e in per_node)) for experts in per_node if j < len(experts)]
+    per_group = topology.num_experts // num_groups
+    mask = np.zeros((num_groups, topology.num_experts), np.float32)  # [groups, E]
+    for g in range(num_groups):
+        mask[g, order[g * per_group:(g + 1) * per_group]] = 1.0
+    return mask
+
+
 def dp_line(topology):
     """Data-parallel ranks sorted by node (then by dp rank): the order of the line. # [dp]"""
     return sorted(range(topology.dp), key=lambda d: (topology.node(d * topology.tp), d))

@@ -6,7 +6,8 @@ Every router maps token groups to experts:
     -> RouterOutput fields, as a plain tuple (GRAPH mode):
        expert_index [G, T] int32   the chosen expert (eq. 2)
        expert_prob  [G, T] float32 its gate probability R (eq. 3); 1 for table routers
-       router_probs [G, T, E]      the full distribution (one-hot for table routers)
+       router_probs [G, T, E]      the routing distribution (one-hot for table routers); for LocMoE
+                                   with its locality bias, the biased one that eqs. 5-6 see
        aux_loss     []             eq. 5 (0 for table routers)
        loc_loss     []             eq. 6 (LocMoE only, else 0)
 Adding a router touches this file only.
@@ -112,8 +113,8 @@ TIE_MODULUS = 1021  # a prime: for E <= 1021 experts almost every token gets a s
 def tie_order(token_ids, num_experts):
     """LocMoE's tie order [G, T, E] float32 (larger wins among experts tied at the top probability):
     ((61 t + 1) mod p) * (97 e + 13) mod p, p = 1021, a per-token permutation of the experts
-    (multiplication by a token-dependent factor mod a prime). A function of the token alone, like
-    the rest of the routing decision (no pull to local experts that the locality loss did not learn)."""
+    (multiplication by a token-dependent factor mod a prime). A function of the token alone: any
+    pull to local experts comes from the learned locality bias (LocalityBias), not from the tie rule."""
     experts = ops.arange(num_experts, dtype=ms.int32) * 97 + 13  # [E]
     factor = (token_ids.astype(ms.int32) * 61 + 1) % TIE_MODULUS  # [G, T]
     return ((factor.expand_dims(-1) * experts) % TIE_MODULUS).astype(ms.float32)  # [G, T, E]
@@ -131,19 +132,54 @@ class _LearnedRouter(nn.Cell):
         self.num_level1_rows = 1 if mask is None else len(mask)
         self.group_mask = Tensor(np.ones((1, cfg.num_experts), np.float32) if mask is None else mask)  # [D, E]
 
-    def _route(self, scores, domain_ids, tie_break=None):
+    def _route(self, scores, domain_ids, tie_break=None, routing_offset=None):
+        """scores [G, T, E] -> (expert_index, expert_prob, router_probs, aux).
+
+        routing_offset [G, T, E] (LocMoE's locality bias): added to the scores of the routing
+        distribution (top-1, eqs. 5-6) only; the gate value R of eq. 3 that scales the expert's
+        output is the softmax of the scores without it, so the offset decides where a token goes,
+        not how much of the expert's output it keeps (the task loss does not train it)."""
         if self.level1:
             allowed = ops.gather(self.group_mask, domain_ids % self.num_level1_rows, 0)  # [G, T, E]
             scores = scores + (1.0 - allowed) * _MASKED
-        router_probs = ops.softmax(scores, -1)  # [G, T, E]
-        expert_index, expert_prob = _top1(router_probs, None if tie_break is None else ops.stop_gradient(tie_break))
+        gate_probs = ops.softmax(scores, -1)  # [G, T, E]
+        router_probs = gate_probs if routing_offset is None else ops.softmax(scores + routing_offset, -1)
+        expert_index, _ = _top1(router_probs, None if tie_break is None else ops.stop_gradient(tie_break))
+        expert_prob = ops.gather_elements(gate_probs, -1, expert_index.expand_dims(-1)).squeeze(-1)  # [G, T]
         onehot = ops.one_hot(expert_index, self.num_experts, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
         aux = load_balance_loss(router_probs, onehot, self.aux_coef)
         return expert_index, expert_prob, router_probs, aux
 
 
+class LocalityBias(nn.Cell):
+    """LocMoE's learned locality term: one scalar b per MoE layer, added to the routing scores of the
+    experts on the node where the token is processed (local_mask [G, E], the only per-rank part).
+
+    The gate stays replicated and layout-free (b is one shared parameter, replicated like the gate
+    bias), but the routing decision now depends on where the token is, through a term that eq. 6 can
+    move: summed over data-parallel ranks, d(sum_g KL(D_c^g || D_l^g))/db = sum_g sum_t sum_i
+    (log(D_c,i^g / D_l,i^g) + 1) p_ti (m_gi - pi_t) / T, pi_t = sum_j p_tj m_gj (the token's local
+    mass), which does not cancel over ranks because each rank's m_g moves its own tokens; its
+    D_l part is -log(D_l,local / D_l,remote) * pi_t (1 - pi_t) per token, always pushing b up. The
+    per-group aux loss (eq. 5) pushes back once a group's load piles onto its node's experts
+    ("local experts compete with skilled experts"). With mu = 0 the router has no such term (there is
+    nothing to train it: eq. 5 alone would leave Adam stepping b by +-lr on rounding-level gradients,
+    and a b of either sign decides the ReLU's zero-score ties). b only routes: the gate value R of
+    eq. 3 comes from the unbiased scores (docs/routing.md).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.bias = Parameter(Tensor(np.zeros(1, np.float32)), name="bias")  # [1], b
+
+    def construct(self, local_mask):
+        return (self.bias * local_mask).expand_dims(1)  # [G, 1, E]
+
+
 class LocMoERouter(_LearnedRouter):
-    """LocMoE: G = ReLU(GrAP(x) + eps) (eq. 4), softmax, top-1; aux (eq. 5) + locality (eq. 6) losses.
+    """LocMoE: G = ReLU(GrAP(x) + eps) (eq. 4), softmax, top-1; aux (eq. 5) + locality (eq. 6) losses;
+    with moe.locality_bias, a learned locality bias b on the node-local experts' routing scores
+    (LocalityBias) that eq. 6 trains, so the router learns locality on any data.
 
     The ReLU gives every expert whose pre-activation is <= 0 the same score 0, so a token can have
     several experts at the top probability. argmax alone sends all of them to the lowest allowed
@@ -157,13 +193,16 @@ class LocMoERouter(_LearnedRouter):
     def __init__(self, cfg, hidden_size, domain_experts=None):
         super().__init__(cfg, domain_experts)
         self.gate = GrAPGate(hidden_size, cfg.num_experts, cfg.gate_bias)
+        self.locality = LocalityBias() if cfg.locality_bias and cfg.locality_loss_coef > 0 else None
         self.loc_coef = cfg.locality_loss_coef
         self.smoothing = cfg.locality_smoothing
 
     def construct(self, x, token_ids, domain_ids, local_mask):
         pre = self.gate(x.reshape(-1, x.shape[-1])).reshape(x.shape[0], x.shape[1], -1)  # [G, T, E]
         ties = tie_order(token_ids, self.num_experts)  # [G, T, E]
-        expert_index, expert_prob, router_probs, aux = self._route(ops.relu(pre), domain_ids, tie_break=ties)
+        offset = None if self.locality is None else self.locality(local_mask)  # [G, 1, E]
+        expert_index, expert_prob, router_probs, aux = self._route(ops.relu(pre), domain_ids, tie_break=ties,
+                                                                   routing_offset=offset)
         loc = locality_loss(router_probs, local_mask, self.loc_coef, self.smoothing)
         return expert_index, expert_prob, router_probs, aux, loc
 

@@ -13,7 +13,7 @@ from locmoe.comm import create_topology_groups, resolve_backend
 from locmoe.errors import ConfigError
 from locmoe.layer import MoELayer
 from locmoe.parallel_context import ParallelContext
-from locmoe.placement import plan_placement, tier_units
+from locmoe.placement import plan_placement, striped_level1_groups, tier_units
 from locmoe.topology import Topology
 from pangu_sigma.data.dataset import read_meta
 from pangu_sigma.model import PanguSigmaModel, PanguSigmaWithLoss
@@ -161,6 +161,18 @@ def domain_placement(cfg, meta, topology):
     return plan_placement(domain_sizes(meta), topology, cfg.train.batch_size)
 
 
+def level1_experts(cfg, placement, topology):
+    """The [D, E] level-1 mask the routers get: the domain-affine placement's, or under i.i.d. data with
+    moe.level1_layout=node_striped the node-striped groups (rows by moe.domain_to_group, else one row
+    per group); None: the routers' own contiguous blocks (or no level 1)."""
+    if placement is not None:
+        return placement.domain_experts
+    if cfg.moe.level1_layout != "node_striped" or cfg.moe.num_domain_groups == 1:
+        return None
+    groups = striped_level1_groups(cfg.moe.num_domain_groups, topology)  # [groups, E]
+    return groups[np.asarray(cfg.moe.domain_to_group, np.int64)] if cfg.moe.domain_to_group else groups
+
+
 def placement_sample_order(cfg, placement, dp_ranks):
     """BatchStream's sample_order for the reader of `dp_ranks` under `placement` (None: i.i.d.)."""
     if placement is None:
@@ -197,8 +209,7 @@ def build_model(cfg, meta, topology, with_loss=True, parallel=None, token_groups
     tokens = cfg.train.micro_batch_size * cfg.model.seq_length  # one rank's token group per micro-batch
     units, quanta = tier_units(cfg.moe, placement, tokens) if reads_by_placement else (None, 1)
     factory = functools.partial(MoELayer, token_counts=counts, out_init_std=out_std, token_groups=token_groups,
-                                group_ranks=group_ranks,
-                                domain_experts=None if placement is None else placement.domain_experts,
+                                group_ranks=group_ranks, domain_experts=level1_experts(cfg, placement, topology),
                                 remote_units=units, remote_quanta=quanta)
     extra = {} if parallel is None else {"parallel": parallel}
     model = PanguSigmaModel(model_cfg, moe_cfg, topology, moe_layer_factory=factory, **extra)

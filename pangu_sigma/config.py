@@ -8,13 +8,14 @@ naming the field, the value and what is valid.
 """
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field, fields
 
 import yaml
 
 from locmoe.config import MoEConfig, ROUTERS, COMM_BACKENDS
 from locmoe.errors import ConfigError
-from locmoe.placement import PLACEMENTS
+from locmoe.placement import LEVEL1_LAYOUTS, PLACEMENTS
 from pangu_sigma.model.model_config import ModelConfig
 from pangu_sigma.model.recompute import RECOMPUTE_LEVELS
 
@@ -50,12 +51,19 @@ class MoESection:
     # Level-1 map: entry d = the expert group of domain d (empty: domain % num_domain_groups).
     # Under data.placement=domain_affine the placement sets each domain's experts instead.
     domain_to_group: list = field(default_factory=list)
+    # Experts of each level-1 group under data.placement=iid: blocks (PanGu-Sigma: contiguous
+    # experts) or node_striped (every node holds experts of every group; locmoe.placement).
+    level1_layout: str = "blocks"
+    # LocMoE's learned locality bias on the node-local experts' routing scores (locmoe.routers).
+    locality_bias: bool = True
     gate_bias: bool = True
     switch_jitter: float = 0.0
     table_seed: int = 1234
 
     def validate(self):
         _need(self.router in ROUTERS, "moe.router", self.router, f"one of {list(ROUTERS)}")
+        _need(self.level1_layout in LEVEL1_LAYOUTS, "moe.level1_layout", self.level1_layout,
+              f"one of {list(LEVEL1_LAYOUTS)}")
         _need(_is_int(self.expert_num_per_dp_dim) and self.expert_num_per_dp_dim >= 1,
               "moe.expert_num_per_dp_dim", self.expert_num_per_dp_dim, "an integer >= 1")
         _need(_is_num(self.eval_capacity_factor) and self.eval_capacity_factor >= 0, "moe.eval_capacity_factor",
@@ -260,7 +268,8 @@ class RunConfig:
             return MoEConfig(num_experts=self.num_experts, capacity_factor=m.capacity_factor,
                              remote_capacity_factor=m.remote_capacity_factor, router=m.router,
                              aux_loss_coef=m.aux_loss_coef, locality_loss_coef=m.locality_loss_coef,
-                             locality_smoothing=m.locality_smoothing, num_domain_groups=m.num_domain_groups,
+                             locality_smoothing=m.locality_smoothing, locality_bias=m.locality_bias,
+                             num_domain_groups=m.num_domain_groups,
                              domain_to_group=tuple(m.domain_to_group) if isinstance(m.domain_to_group, (list, tuple))
                              else m.domain_to_group,
                              gate_bias=m.gate_bias, switch_jitter=m.switch_jitter,
@@ -323,12 +332,27 @@ def _validate_model(m):
           "a number > 0")
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1's safe loader, reading exponent floats without a dot (1e-3, 5E4) as numbers, as YAML 1.2
+    and every user does (YAML 1.1 takes them for strings)."""
+
+
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                  re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                                  list("-+0123456789."))
+
+
+def read_yaml(text_or_stream):
+    """yaml.safe_load with exponent floats read as numbers (_YamlLoader)."""
+    return yaml.load(text_or_stream, Loader=_YamlLoader)
+
+
 def _parse_override(text):
     if "=" not in text or "." not in text.split("=", 1)[0]:
         raise ConfigError("--set", text, "section.key=value, e.g. train.batch_size=16")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = read_yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -370,7 +394,7 @@ def load_config(path, overrides=()):
         raise ConfigError("--config", path, "an existing YAML file")
     with open(path, encoding="utf-8") as handle:
         try:
-            raw = yaml.safe_load(handle)
+            raw = read_yaml(handle)
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

@@ -6,7 +6,7 @@ import pytest
 from locmoe.capacity import expert_capacity
 from pangu_sigma.evaluation.domain_stats import pair_counts_of
 from pangu_sigma.tools.equal_drops import (drops_at, factor_for_capacity, smallest_remote_capacity,
-                                           tier_drop_rates)
+                                           smallest_tier_capacities, tier_drop_rates)
 
 # 2 token groups x 4 experts; group 0's node holds experts {0, 1}, group 1's {2, 3}.
 MASK = np.array([[1, 1, 0, 0], [0, 0, 1, 1]])
@@ -52,6 +52,26 @@ def test_hand_worked_smallest_remote_capacity(target, multiple, expected):
     found = smallest_remote_capacity(COUNTS, MASK, 3, target, multiple)
     assert found["capacity"] == expected
     assert found["drop_rate"] <= target and found["local_drop_rate"] == 3 / 32
+
+
+@pytest.mark.parametrize("target, multiple, local, unit, rows", [
+    # local drops at C_l = 1, 2, 3, 4: 12, 6, 3, 0; remote at u = 1, 2, 3, 4: 8, 4, 1, 0 (by hand above)
+    (0.25, 1, 2, 3, 10),   # <= 8 drops: (2, 3) 6 + 1, (3, 2) 3 + 4, (4, 1) 0 + 8: all 10 rows; the smaller C_l
+    (0.15, 1, 3, 3, 12),   # <= 4: (3, 3) 3 + 1 and (4, 2) 0 + 4, 12 rows each
+    (0.25, 2, 2, 4, 12),   # multiples of 2: (2, 2) drops 10; (2, 4) 6 and (4, 2) 4, 12 rows each
+])
+def test_hand_worked_both_tiers(target, multiple, local, unit, rows):
+    found = smallest_tier_capacities(COUNTS, MASK, target, multiple)
+    assert (found["local_capacity"], found["capacity"], found["rows"]) == (local, unit, rows)
+    # brute force over every (C_l, u), drops counted pair by pair with plain loops
+    best = None
+    for c_l in range(multiple, 5, multiple):
+        for u in range(multiple, 5, multiple):
+            dropped = sum(max(0, int(n) - (c_l if MASK[g, e] else u))
+                          for batch in COUNTS[0] for g, row in enumerate(batch) for e, n in enumerate(row))
+            if dropped <= target * 32 and (best is None or 2 * c_l + 2 * u < best[0]):
+                best = (2 * c_l + 2 * u, c_l, u)
+    assert best == (rows, local, unit)
 
 
 def test_the_local_tier_alone_over_the_target_gives_no_capacity():

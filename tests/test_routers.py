@@ -445,3 +445,109 @@ def test_level1_explicit_map_and_placement_mask():
     idx = call(build_router(lcfg, 16, domain_experts=placed), x, token_ids=tokens, domains=domains % 2)[0]
     for d in range(2):
         assert set(idx[domains % 2 == d].tolist()) <= set(members[d])
+
+
+# ---------------------------------------------------------------- LocMoE's learned locality bias
+def np_locality_bias_grad(pre, masks, b, alpha, mu, eps):
+    """d(aux + loc)/db by the derivation of docs/routing.md (not by differencing): per group g and token t,
+    p = softmax(relu(pre) + b m_g), pi_t = sum_j p_tj m_gj, dp_ti/db = p_ti (m_gi - pi_t); eq. 5 gives
+    alpha E sum_i f_i mean_t dp_ti/db, eq. 6 gives mu sum_i (log(D_c,i / D_l,i) + 1) mean_t dp_ti/db;
+    both averaged over the groups."""
+    groups, tokens, n = pre.shape
+    total = 0.0
+    for g in range(groups):
+        p = np_softmax(np.maximum(pre[g], 0) + b * masks[g])  # [T, E]
+        pi = (p * masks[g]).sum(-1, keepdims=True)  # [T, 1]
+        dp = (p * (masks[g] - pi)).mean(0)  # [E] d(mean_t p_ti)/db
+        f = np.bincount(p.argmax(-1), minlength=n) / tokens
+        dc = p.mean(0)
+        dl = (1 - eps) * masks[g] / masks[g].sum() + eps / n
+        total += alpha * n * (f * dp).sum() + mu * ((np.log(dc / dl) + 1) * dp).sum()
+    return total / groups
+
+
+def test_locality_bias_routes_by_biased_scores_and_gates_by_unbiased():
+    n, d, G, T = 4, 16, 2, 48
+    alpha, mu, eps, b = 0.01, 0.05, 1e-3, 0.3
+    r = _locmoe(n, d, alpha, mu, eps, bias=np.array([0.2, -0.1, 0.1, 0.05], np.float32))
+    r.locality.bias.set_data(Tensor(np.array([b], np.float32)))
+    rng = np.random.default_rng(7)
+    x = (rng.normal(size=(G, T, d)) + 0.3).astype(np.float32)
+    mask = np.array([TOPO.local_expert_mask(0), TOPO.local_expert_mask(2)], np.float32)  # {0,1} and {2,3}
+    idx, prob, probs, aux, loc = call(r, x, mask=mask)
+    scores = np.maximum(x.astype(np.float64) @ eq4_weight(n, d).T + r.gate.bias.asnumpy(), 0)  # [G, T, E]
+    biased = scores + b * mask[:, None, :]
+    ref_idx, _, ref_probs = np_route(biased, ties=np_tie_order(np.zeros((G, T)), n))
+    assert_no_near_ties(ref_probs, ref_idx)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_allclose(probs, ref_probs, rtol=1e-5, atol=1e-7)
+    gate = np_softmax(scores)  # eq. 3's R: the unbiased distribution
+    np.testing.assert_allclose(prob, np.take_along_axis(gate, ref_idx[..., None], -1)[..., 0], rtol=1e-5)
+    np.testing.assert_allclose(aux, np_aux(ref_probs, ref_idx, alpha), rtol=1e-5)
+    np.testing.assert_allclose(loc, np_loc(ref_probs, mask, mu, eps), rtol=1e-4)
+    unbiased_idx = np_route(scores, ties=np_tie_order(np.zeros((G, T)), n))[0]
+    local_of = np.take_along_axis(np.broadcast_to(mask[:, None, :], (G, T, n)), idx[..., None], -1)
+    local_unbiased = np.take_along_axis(np.broadcast_to(mask[:, None, :], (G, T, n)), unbiased_idx[..., None], -1)
+    assert local_of.mean() > local_unbiased.mean()  # the bias moved tokens onto their group's node
+
+
+def test_locality_bias_gradient_summed_over_ranks_matches_numpy():
+    # two groups on different nodes see the same tokens: with a replicated gate their locality pulls cancel
+    # on the gate, but not on b, whose effect on each group goes through that group's own mask
+    n, d, T = 8, 16, 40
+    alpha, mu, eps = 0.01, 0.01, 1e-4
+    r = _locmoe(n, d, alpha, mu, eps, bias=np.zeros(n))
+    rng = np.random.default_rng(3)
+    one = (rng.normal(size=(1, T, d)) + 0.2).astype(np.float32)
+    x = np.concatenate([one, one], 0)  # [2, T, d] identical token groups
+    mask = np.zeros((2, n), np.float32)
+    mask[0, [0, 1]] = 1
+    mask[1, [6, 7]] = 1
+    ids, t_mask = Tensor(np.zeros((2, T), np.int32)), Tensor(mask)
+    for b in (0.0, 0.4):
+        r.locality.bias.set_data(Tensor(np.array([b], np.float32)))
+
+        def losses(xt):
+            out = r(xt, ids, ids, t_mask)
+            return out[3] + out[4]
+
+        grad_b = ms.grad(losses, grad_position=None, weights=[r.locality.bias])(Tensor(x))[0].asnumpy()[0]
+        pre = x.astype(np.float64) @ eq4_weight(n, d).T
+        ref = np_locality_bias_grad(pre, mask, b, alpha, mu, eps)
+        np.testing.assert_allclose(grad_b, ref, rtol=2e-3, atol=1e-7)
+        assert grad_b < 0  # descent raises b: more mass on each group's own node
+    # the independent check of the derivation: central differences of the numpy losses
+    h = 1e-5
+
+    def np_losses(b):
+        pre = x.astype(np.float64) @ eq4_weight(n, d).T
+        probs = np_softmax(np.maximum(pre, 0) + b * mask[:, None, :])
+        return np_aux(probs, probs.argmax(-1), alpha) + np_loc(probs, mask, mu, eps)
+
+    pre = x.astype(np.float64) @ eq4_weight(n, d).T
+    np.testing.assert_allclose(np_locality_bias_grad(pre, mask, 0.4, alpha, mu, eps),
+                               (np_losses(0.4 + h) - np_losses(0.4 - h)) / (2 * h), rtol=1e-3)
+
+
+def test_locality_bias_exists_only_when_eq6_can_train_it():
+    assert _locmoe(mu=0.0).locality is None  # mu = 0: the router decides from the token (and level 1) alone
+    cfg = MoEConfig(num_experts=4, router="locmoe", locality_loss_coef=0.01, locality_bias=False)
+    assert build_router(cfg, 16).locality is None
+    r = _locmoe(mu=0.01)
+    assert r.locality is not None and float(r.locality.bias.asnumpy()[0]) == 0.0
+    assert [p.name for p in r.trainable_params()] == ["gate.bias", "locality.bias"]
+
+
+def test_striped_level1_groups_by_hand():
+    from locmoe.placement import striped_level1_groups
+
+    # 4 nodes x 2 devices, 8 experts one per rank: node k holds {2k, 2k+1}; order by (index in node, node)
+    # = 0 2 4 6 1 3 5 7, cut in two: group 0 = {0, 2, 4, 6}, group 1 = {1, 3, 5, 7}: one of each per node
+    topo = Topology(world_size=8, tp=1, ep=8, num_experts=8, devices_per_node=2, rank=0)
+    mask = striped_level1_groups(2, topo)
+    np.testing.assert_array_equal(mask, [[1, 0, 1, 0, 1, 0, 1, 0], [0, 1, 0, 1, 0, 1, 0, 1]])
+    # 16 experts on 2 nodes (8 each), 4 groups: node 0 holds 0-7, node 1 8-15; order 0 8 1 9 2 10 ...
+    topo = Topology(world_size=4, tp=1, ep=4, num_experts=16, devices_per_node=2, rank=0)
+    mask = striped_level1_groups(4, topo)
+    assert [list(np.nonzero(row)[0]) for row in mask] == [[0, 1, 8, 9], [2, 3, 10, 11], [4, 5, 12, 13],
+                                                         [6, 7, 14, 15]]

@@ -130,6 +130,7 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
     capacity = int(moe_layers[0].capacity(per_group)) if moe_layers else 0
     two_tier = bool(moe_layers) and moe_layers[0].two_tier
     remote_capacity = int(moe_layers[0].remote_capacity(per_group)) if two_tier else None
+    rows = int(moe_layers[0].buffer_rows(per_group)) if moe_layers else 0  # expert rows per token group
     cell = eval_forward_cell(model)
     acc = DomainAccumulator(meta.get("domains", []), len(moe_layers), cfg.num_experts if moe_layers else 0)
     batches = []
@@ -173,6 +174,7 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
                           "capacity": capacity, "remote_capacity_factor": cfg.moe.remote_capacity_factor
                           if two_tier else None, "remote_capacity": remote_capacity,
                           # tier-2 capacity of a (group, expert) pair = units * remote_capacity (locmoe.tiers)
+                          "expert_rows_per_group": rows,
                           "remote_quanta": moe_layers[0].remote_quanta if two_tier else None,
                           "remote_units": moe_layers[0].group_units.asnumpy().astype(int).tolist()
                           if two_tier else None}}

@@ -187,7 +187,9 @@ RUN_COLUMNS = [
     ("remote-tier drop %", "{:.2f}", lambda r: _remote_drop_percent(r["valid"])),
     ("rank local % min", "{:.2f}", lambda r: _rank_local_percent(r["valid"], np.min)),
     ("rank local % max", "{:.2f}", lambda r: _rank_local_percent(r["valid"], np.max)),
+    ("local C", "{:.0f}", lambda r: _routing(r, "capacity")),
     ("remote C", "{:.0f}", lambda r: _routing(r, "remote_capacity")),
+    ("expert rows per rank", "{:.0f}", lambda r: _routing(r, "expert_rows_per_group")),
     ("inter-node MoE MiB/step", "{:.2f}", lambda r: _mib(r.get("moe_inter_node_bytes_per_step"))),
 ]
 
@@ -474,7 +476,7 @@ def calibrate(cfg, pilot, counts, target_percent):
     """The smallest remote capacity at which the pilot's routed counts (valid split, [M, N, G, E]) drop
     <= target_percent % of the tokens (mean over MoE layers; equal_drops), its factor and bytes."""
     from pangu_sigma.build import single_process_groups, single_process_topology
-    from pangu_sigma.tools.equal_drops import (factor_for_capacity, remote_spread, smallest_remote_capacity,
+    from pangu_sigma.tools.equal_drops import (factor_for_capacity, remote_spread, smallest_tier_capacities,
                                                tier_drop_rates)
 
     topology = single_process_topology(cfg)
@@ -484,13 +486,12 @@ def calibrate(cfg, pilot, counts, target_percent):
     tokens, local_capacity = routing["tokens_per_group"], routing["capacity"]
     units, quanta = routing.get("remote_units"), routing.get("remote_quanta") or 1  # [G, E] tier-2 units per pair
     multiple = topology.tp if cfg.parallel.groupwise_a2a and topology.tp > 1 else 1
-    found = smallest_remote_capacity(counts, mask, local_capacity, target_percent / 100, multiple, units)
     at_pilot = tier_drop_rates(counts, mask, local_capacity, routing["remote_capacity"], units)  # check: = measured
+    found = smallest_tier_capacities(counts, mask, target_percent / 100, multiple, units)
     if found["capacity"] is None:
-        raise ConfigError("--equal-drops", target_percent, f"a target above the local tier's predicted drop rate "
-                          f"{100 * found['local_drop_rate']:.2f}% (router {cfg.moe.router}; or raise "
-                          f"moe.capacity_factor)")
-    capacity = found["capacity"]
+        raise ConfigError("--equal-drops", target_percent, f"a target above the predicted drop rate of the tokens "
+                          f"routed to pairs without tier-2 units (router {cfg.moe.router})")
+    capacity, pilot_local_capacity, local_capacity = found["capacity"], local_capacity, found["local_capacity"]
     return {"target_percent": target_percent, "pilot_run_dir": pilot["run_dir"],
             "pilot_remote_capacity": routing["remote_capacity"],
             "pilot_remote_capacity_factor": routing["remote_capacity_factor"],
@@ -498,8 +499,10 @@ def calibrate(cfg, pilot, counts, target_percent):
             "pilot_drop_percent": 100 * _mean([L["drop_rate"] for L in pilot["valid"]["layers"]]),
             "pilot_predicted_drop_percent": 100 * float((at_pilot[0] + at_pilot[1]).mean()),
             "pilot_inter_node_bytes_per_step": pilot["moe_inter_node_bytes_per_step"],
-            "tokens_per_group": tokens, "local_capacity": local_capacity, "remote_capacity": capacity,
-            "remote_quanta": quanta,
+            "tokens_per_group": tokens, "pilot_local_capacity": pilot_local_capacity,
+            "local_capacity": local_capacity, "capacity_factor": factor_for_capacity(local_capacity, tokens,
+                                                                                     cfg.num_experts),
+            "remote_capacity": capacity, "remote_quanta": quanta, "expert_rows_per_group": found["rows"],
             "remote_capacity_factor": factor_for_capacity(capacity, tokens, cfg.num_experts * quanta),
             "predicted_drop_percent": 100 * found["drop_rate"],
             "predicted_local_drop_percent": 100 * found["local_drop_rate"],
@@ -544,7 +547,7 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
     (an interrupted comparison) are evaluated again instead of trained. router_overrides: {router:
     [SECTION.KEY=VALUE, ...]} applied after `overrides` to that router's runs only (e.g. Switch
     without level 1, as its cluster configs)."""
-    from pangu_sigma.config import config_from_dict, load_config
+    from pangu_sigma.config import config_from_dict, load_config, read_yaml
     from pangu_sigma.build import dataset_meta
 
     hw = (hw or Hardware()).validate()
@@ -572,7 +575,7 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
     cfgs, pilots = {}, {}
 
     with open(config_path, encoding="utf-8") as handle:  # read once: runs that start later (after a pilot)
-        raw = yaml.safe_load(handle)                       # do not see later edits of the file
+        raw = read_yaml(handle)                             # do not see later edits of the file
 
     router_overrides = router_overrides or {}
     for router in router_overrides:
@@ -605,14 +608,16 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
             pilot = run_figures(pilots[router], router, (), config_dir, dispatch, hw, log, lock, counts, reuse)
             np.save(os.path.join(pilot["run_dir"], "valid_pair_counts.npy"), counts[0])  # [M, N, G, E]
             calibration = calibrate(pilots[router], pilot, counts[0], equal_drops)
-            log(f"[compare] {router}: remote capacity {calibration['remote_capacity']} "
+            log(f"[compare] {router}: local capacity {calibration['local_capacity']} (moe.capacity_factor="
+                f"{calibration['capacity_factor']!r}), remote capacity {calibration['remote_capacity']} "
                 f"(moe.remote_capacity_factor={calibration['remote_capacity_factor']!r}) predicted to drop "
                 f"{calibration['predicted_drop_percent']:.2f}% <= {equal_drops:g}% on the valid split "
                 f"(pilot at {calibration['pilot_remote_capacity']}: {calibration['pilot_drop_percent']:.2f}%)")
             for seed in seed_values:
                 cfgs[router, seed] = router_config(
                     router, os.path.join(output, router, f"seed{seed}"), seed,
-                    [f"moe.remote_capacity_factor={calibration['remote_capacity_factor']!r}"])
+                    [f"moe.capacity_factor={calibration['capacity_factor']!r}",
+                     f"moe.remote_capacity_factor={calibration['remote_capacity_factor']!r}"])
         runs = [run_figures(cfgs[router, seed], router, clusters, config_dir, dispatch, hw, log, lock, reuse=reuse)
                 for seed in seed_values]
         first = cfg0.model.num_layers - cfg0.model.moe_layer_num

@@ -81,6 +81,43 @@ def smallest_remote_capacity(counts, local_mask, local_capacity, target_rate, mu
     raise AssertionError("unreachable: at the widest count per unit only pairs without units drop")
 
 
+def group_rows(local_mask, local_capacity, remote_capacity, units=None):
+    """Expert rows of the busiest token group's buffer: n_l * C_l + R * u (R: its tier-2 units; one per
+    remote expert without units), what locmoe.layer's two-tier buffer holds per group (S)."""
+    mask = np.asarray(local_mask) > 0.5  # [G, E]
+    per_unit = remote_slots(mask, 1, units)  # [G, E]
+    return int((mask.sum(1) * int(local_capacity) + per_unit.sum(1) * int(remote_capacity)).max())
+
+
+def smallest_tier_capacities(counts, local_mask, target_rate, multiple=1, units=None, max_local=None):
+    """Both tiers sized together: over node-local capacities C_l (multiples of `multiple`, up to the
+    busiest local pair's count or max_local), the smallest tier-2 unit u meeting target_rate at each
+    (smallest_remote_capacity), and of those the (C_l, u) with the fewest expert rows per group
+    (group_rows; ties: the smaller C_l). A router that sends more tokens to its node's experts needs
+    fewer remote rows, and its larger local pairs need less headroom each.
+
+    counts [M, N, G, E]; local_mask [G, E]. Returns smallest_remote_capacity's dict for the chosen
+    pair plus local_capacity and rows, or capacity None when no C_l meets the target."""
+    counts = np.asarray(counts, np.int64)
+    mask = np.asarray(local_mask) > 0.5
+    busiest = int(np.where(mask, counts, 0).max(initial=0))
+    top = -(-max(busiest, 1) // multiple) * multiple
+    if max_local is not None:
+        top = min(top, -(-int(max_local) // multiple) * multiple)
+    best = None
+    for local_capacity in range(multiple, top + multiple, multiple):
+        found = smallest_remote_capacity(counts, mask, local_capacity, target_rate, multiple, units)
+        if found["capacity"] is None:
+            continue
+        rows = group_rows(mask, local_capacity, found["capacity"], units)
+        if best is None or rows < best["rows"]:
+            best = dict(found, local_capacity=local_capacity, rows=rows)
+    if best is None:
+        found = smallest_remote_capacity(counts, mask, top, target_rate, multiple, units)
+        return dict(found, local_capacity=top, rows=None)
+    return best
+
+
 def factor_for_capacity(capacity, tokens_per_group, num_experts):
     """A capacity factor f with expert_capacity(tokens_per_group, f, num_experts) == capacity
     (ec = ceil(T f / E); for a tier-2 unit pass num_experts = E * quanta, locmoe.layer); the exact
