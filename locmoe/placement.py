@@ -18,13 +18,20 @@ So the ranks of a node read the domains whose segment covers the node's slots;
 uneven sizes, more nodes than domains (a domain spans several nodes) and fewer
 nodes than domains (a node reads several domains) all follow from the same cut.
 
-Expected gradient: every global batch holds exactly q_d samples of domain d, drawn
-without replacement from a fresh permutation of that domain per epoch, so each
-sample of domain d is in a given batch with probability q_d / n_d and the batch
-loss (a mean over all tokens of the global batch) has the expectation of the
-i.i.d. batch, sum_d (n_d / N) E_d[loss], up to the rounding of q_d (|q_d - B dp
-n_d / N| < 1 sample per batch). Only which rank holds which sample changes, and
-the gradient reduction sums over ranks, so the update is the i.i.d. one.
+The sample mix: global batch k holds q_d(k) samples of domain d, drawn without
+replacement from a fresh permutation of that domain per epoch. q_d(k) carries the
+rounding remainder from batch to batch (carried_quotas): after k batches domain d
+has had within one sample of k * B dp n_d / N, its corpus share, whatever its size
+(a domain of 0.3 samples per batch is read in every third or fourth batch, not in
+every batch as a rounded quota of 1 would). So over an epoch the batch loss (a mean
+over all tokens of the global batch) has the expectation of the i.i.d. batch,
+sum_d (n_d / N) E_d[loss]. Only which rank holds which sample changes, and the
+gradient reduction sums over ranks, so the update is the i.i.d. one. Batch k's
+slots follow the same line cut with its own q(k) (batch_layouts), so a boundary
+rank's slots may change domain between batches; the level-1 mask is chosen from the
+rounded mean quotas q_d below, and the tier-2 units cover every layout of the epoch.
+What the placement does change: which domains each rank reads, hence the per-rank
+aux and locality terms, level-1 routing and the drops of each rank's pairs.
 
 Level 1 (RRE's domain -> expert group) is chosen expert by expert: mask[d, e] = 1
 when domain d may use expert e. Under the router's per-rank balance loss a domain's
@@ -130,10 +137,46 @@ def remote_quanta(tokens_per_group, num_experts):
     return quanta
 
 
+def carried_quotas(shares, batches):
+    """[K, D] samples of each domain in global batches 0..K-1 for per-batch shares [D] (floats summing to
+    the global batch G): largest remainder on each batch's share plus what earlier batches still owe
+    (negative: were given ahead), so the cumulative count of every domain stays within one sample of
+    k * share (an owed amount is always in (-1, 1)). Ties: the lower domain id."""
+    shares = np.asarray(shares, np.float64)
+    total = int(round(shares.sum()))
+    owed = np.zeros(len(shares))
+    out = np.zeros((batches, len(shares)), np.int64)
+    order_ids = np.arange(len(shares))
+    for k in range(batches):
+        target = shares + owed  # sums to G
+        given = np.maximum(np.floor(target + 1e-9), 0).astype(np.int64)
+        rest = total - int(given.sum())
+        if rest > 0:
+            order = np.lexsort((order_ids, -(target - given)))  # largest remainder first
+            given[order[:rest]] += 1
+        out[k] = given
+        owed = target - given
+    return out
+
+
+def layout_of(quotas, line, batch_size):
+    """slot_domain [dp, B] of one global batch with quotas [D]: the domains cut along the line in index
+    order, B slots per rank, the ranks in line order."""
+    line_domains = np.repeat(np.arange(len(quotas)), quotas)  # [dp*B] domain of each slot on the line
+    slot_domain = np.zeros((len(line), batch_size), np.int64)  # [dp, B]
+    for position, d in enumerate(line):
+        slot_domain[d] = line_domains[position * batch_size:(position + 1) * batch_size]
+    return slot_domain
+
+
 @dataclass(frozen=True)
 class DomainPlacement:
-    """slot_domain [dp, B]: the domain of each batch slot of each dp rank (row = dp rank).
-    quotas [D]: samples of each domain per global batch.
+    """slot_domain [dp, B]: the domain of each batch slot of each dp rank (row = dp rank) at the rounded
+    mean quotas; batch_layouts gives each batch's own.
+    quotas [D]: rounded samples of each domain per global batch (every non-empty domain >= 1).
+    sizes [D]: samples of each domain in the split read (an epoch; each batch's share B dp n_d / N is
+        read with carried_quotas).
+    line: the dp ranks in line order (dp_line).
     domain_nodes: per domain, the sorted nodes whose ranks read it.
     home_nodes: per domain, the sorted nodes hosting at least one of its level-1 experts.
     domain_experts [D, E] float32: 1 where domain d may use expert e (level 1).
@@ -144,6 +187,45 @@ class DomainPlacement:
     domain_nodes: tuple
     home_nodes: tuple
     domain_experts: np.ndarray
+    sizes: np.ndarray = None
+    line: tuple = None
+
+    def batch_quotas(self, batches):
+        """[K, D] samples of each domain in global batches 0..K-1 of an epoch (carried_quotas)."""
+        if self.sizes is None:
+            return np.repeat(self.quotas[None], batches, 0)
+        sizes = np.asarray(self.sizes, np.float64)
+        return carried_quotas(sizes / sizes.sum() * self.slot_domain.size, batches)
+
+    def batch_layouts(self, quotas):
+        """quotas [K, D] -> slot_domain of each batch [K, dp, B] (layout_of along the line)."""
+        batch = self.slot_domain.shape[1]
+        line = self.line if self.line is not None else range(len(self.slot_domain))
+        cache = {}
+        out = np.zeros((len(quotas),) + self.slot_domain.shape, np.int64)
+        for k, q in enumerate(quotas):
+            key = tuple(q.tolist())
+            if key not in cache:
+                cache[key] = layout_of(q, line, batch)
+            out[k] = cache[key]
+        return out
+
+    def epoch_quotas(self):
+        """[K, D] the quotas of the batches of one epoch: until a domain runs out (placement_order)."""
+        sizes = np.asarray(self.sizes, np.int64)
+        quotas = self.batch_quotas(max(1, int(sizes.sum()) // int(self.slot_domain.size) + 1))
+        within = (np.cumsum(quotas, 0) <= sizes[None]).all(1)  # [K] batches that fit
+        return quotas[:int(within.sum())]
+
+    def epoch_layouts(self):
+        """The distinct slot layouts [L, dp, B] of one epoch, with the mean layout (slot_domain)."""
+        if self.sizes is None:
+            return self.slot_domain[None]
+        quotas = self.epoch_quotas()
+        distinct = np.unique(quotas, axis=0) if len(quotas) else quotas
+        layouts = [self.slot_domain] + [layout_of(q, self.line or range(len(self.slot_domain)),
+                                                  self.slot_domain.shape[1]) for q in distinct]
+        return np.unique(np.stack(layouts), axis=0)
 
     def expected_expert_load(self):
         """Each expert's share of the tokens relative to the mean (1 = balanced) if every domain
@@ -166,15 +248,18 @@ class DomainPlacement:
         (its domains' samples split evenly over each domain's level-1 experts):
             units = ceil(quanta * E * share),  share = sum_d (samples of d in the rank's batch / B) * mask[d, e] / k_d,
         exact (integer arithmetic). 0 = the rank never routes there (it sends that expert nothing).
-        A rank reading one domain of k experts gets quanta * E / k units per expert of that domain."""
+        A rank reading one domain of k experts gets quanta * E / k units per expert of that domain.
+        Every batch layout of the epoch counts (epoch_layouts): a boundary rank whose slots change
+        domain between batches gets the most units of any layout."""
         batch = self.slot_domain.shape[1]
         per_domain = self.domain_experts.sum(1).astype(np.int64)  # [D] k_d
         span = int(np.lcm.reduce(per_domain)) * batch  # common denominator of every share
         units = np.zeros(self.slot_domain.shape[:1] + self.domain_experts.shape[1:], np.int64)  # [dp, E]
-        for r, row in enumerate(self.slot_domain):
-            counts = np.bincount(row, minlength=len(per_domain))  # [D] samples of each domain
-            numerator = (counts * (span // batch // per_domain)) @ (self.domain_experts > 0)  # [E] share * span
-            units[r] = -(-(quanta * self.domain_experts.shape[1] * numerator) // span)
+        for layout in self.epoch_layouts():
+            for r, row in enumerate(layout):
+                counts = np.bincount(row, minlength=len(per_domain))  # [D] samples of each domain
+                numerator = (counts * (span // batch // per_domain)) @ (self.domain_experts > 0)  # [E] share * span
+                units[r] = np.maximum(units[r], -(-(quanta * self.domain_experts.shape[1] * numerator) // span))
         return units
 
     def lines(self, names=None):
@@ -183,7 +268,11 @@ class DomainPlacement:
         for d, nodes in enumerate(self.domain_nodes):
             name = names[d] if names is not None else str(d)
             experts = np.nonzero(self.domain_experts[d])[0].tolist()
-            out.append(f"domain {d} ({name}): {int(self.quotas[d])} samples/global batch, read on nodes "
+            mix = f"{int(self.quotas[d])} samples/global batch"
+            if self.sizes is not None:
+                share = self.slot_domain.size * self.sizes[d] / max(int(np.sum(self.sizes)), 1)
+                mix += f" in the mean layout ({share:.2f} on average: the remainder is carried)"
+            out.append(f"domain {d} ({name}): {mix}, read on nodes "
                        f"{list(nodes)}, level-1 experts {experts} on nodes {list(self.home_nodes[d])}")
         return out
 
@@ -212,10 +301,8 @@ def plan_placement(domain_sizes, topology, batch_size):
         raise ConfigError("train.batch_size", batch_size, "an integer >= 1")
     dp = topology.dp
     quotas = domain_quotas(domain_sizes, batch_size * dp)
-    line_domains = np.repeat(np.arange(len(quotas)), quotas)  # [dp*B] domain of each slot on the line
-    slot_domain = np.zeros((dp, batch_size), np.int64)  # [dp, B]
-    for position, d in enumerate(dp_line(topology)):
-        slot_domain[d] = line_domains[position * batch_size:(position + 1) * batch_size]
+    line = tuple(dp_line(topology))
+    slot_domain = layout_of(quotas, line, batch_size)  # [dp, B]
     node_ids = sorted(set(topology.node(r * topology.tp) for r in range(dp)))
     held = np.zeros((len(quotas), len(node_ids)), np.int64)  # [D, nodes] slots of domain d on node
     for r in range(dp):
@@ -233,7 +320,8 @@ def plan_placement(domain_sizes, topology, batch_size):
         domain_nodes.append(tuple(node_ids[i] for i in np.nonzero(held[d])[0]))
         hosts = domain_experts[d] @ expert_node  # [nodes] experts of d on each node
         home_nodes.append(tuple(node_ids[i] for i in np.nonzero(hosts)[0]))
-    return DomainPlacement(slot_domain, quotas, tuple(domain_nodes), tuple(home_nodes), domain_experts)
+    return DomainPlacement(slot_domain, quotas, tuple(domain_nodes), tuple(home_nodes), domain_experts,
+                           np.asarray(domain_sizes, np.int64), line)
 
 
 def line_starts(topology, slot_domain, node_ids, read):

@@ -182,7 +182,7 @@ def placement_sample_order(cfg, placement, dp_ranks):
     ranks, seed, shuffle = list(dp_ranks), cfg.data.seed, cfg.data.shuffle
 
     def sample_order(domain_ids, epoch):
-        return read_order(domain_ids, placement.slot_domain, ranks, seed, epoch, shuffle)
+        return read_order(domain_ids, placement, ranks, seed, epoch, shuffle)
 
     return sample_order
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from locmoe.errors import ConfigError
-from locmoe.placement import domain_quotas, dp_line, plan_placement
+from locmoe.placement import DomainPlacement, domain_quotas, dp_line, plan_placement
 from locmoe.topology import Topology
 from pangu_sigma.data.dataset import BatchStream
 from pangu_sigma.data.placement_order import epoch_batches, read_order
@@ -141,14 +141,15 @@ def test_read_order_holds_quotas_never_repeats_and_images_the_cluster():
     domain_ids = rng.choice(4, size=600, p=[0.4, 0.3, 0.2, 0.1])
     topo = Topology(world_size=8, tp=1, ep=8, num_experts=8, devices_per_node=2)
     p = plan_placement(np.bincount(domain_ids, minlength=4), topo, 4)
-    batches = epoch_batches(domain_ids, p.slot_domain, seed=3, epoch=1)  # [K, dp, B]
+    batches = epoch_batches(domain_ids, p, seed=3, epoch=1)  # [K, dp, B]
     assert len(np.unique(batches)) == batches.size  # without replacement within an epoch
+    layouts = p.batch_layouts(p.batch_quotas(len(batches)))  # [K, dp, B]
     for k in range(len(batches)):
-        assert (domain_ids[batches[k]] == p.slot_domain).all()  # each slot holds its domain
-    assert not np.array_equal(batches, epoch_batches(domain_ids, p.slot_domain, seed=3, epoch=2))
+        assert (domain_ids[batches[k]] == layouts[k]).all()  # each slot holds its batch's domain
+    assert not np.array_equal(batches, epoch_batches(domain_ids, p, seed=3, epoch=2))
     # the single-process image reads the ranks' batches side by side (dp order)
-    image = read_order(domain_ids, p.slot_domain, range(8), 3, 1).reshape(len(batches), 8 * 4)
-    ranks = [read_order(domain_ids, p.slot_domain, [r], 3, 1).reshape(len(batches), 4) for r in range(8)]
+    image = read_order(domain_ids, p, range(8), 3, 1).reshape(len(batches), 8 * 4)
+    ranks = [read_order(domain_ids, p, [r], 3, 1).reshape(len(batches), 4) for r in range(8)]
     assert np.array_equal(image, np.concatenate(ranks, 1))
 
 
@@ -160,7 +161,7 @@ def test_batch_stream_resumes_exactly_across_epochs():
     p = plan_placement(np.bincount(domain_ids), topo, 5)
 
     def order(num_samples, epoch, *_):
-        return read_order(domain_ids, p.slot_domain, [2], 9, epoch)
+        return read_order(domain_ids, p, [2], 9, epoch)
 
     def read_batches(rows, size):  # in memory instead of the shards
         for first in range(0, len(rows), size):
@@ -175,6 +176,46 @@ def test_batch_stream_resumes_exactly_across_epochs():
     first = [b[0][:, 0].tolist() for _, b in zip(range(per_epoch + 3), full)]
     resumed = [b[0][:, 0].tolist() for _, b in zip(range(4), stream(per_epoch - 1))]
     assert resumed == first[per_epoch - 1:per_epoch + 3]
+
+
+def test_sample_mix_carries_the_rounding_so_each_domain_reads_its_corpus_share():
+    # the held-out corpus's mix at 16 samples per global batch: rounding each batch alike gave the three
+    # small domains 1 slot each (6.25%) whatever their size, and the large one 13
+    sizes = np.array([85_400, 8_600, 4_100, 1_900])
+    topo = Topology(world_size=8, tp=1, ep=8, num_experts=8, devices_per_node=2)
+    p = plan_placement(sizes, topo, 2)
+    assert p.quotas.tolist() == [13, 1, 1, 1]  # the rounded mean layout the level-1 mask is chosen from
+    quotas = p.epoch_quotas()  # [K, D]
+    assert len(quotas) == sizes.sum() // 16 and (quotas.sum(1) == 16).all()
+    share = 16 * sizes / sizes.sum()  # exact samples per batch
+    drift = np.cumsum(quotas, 0) - np.arange(1, len(quotas) + 1)[:, None] * share[None]  # [K, D]
+    assert np.abs(drift).max() < 1  # within one sample of the corpus share after every batch
+    # independently: plain bookkeeping of what each domain is owed, batch by batch
+    owed = np.zeros(4)
+    for q in quotas[:200]:
+        owed += share - q
+        assert np.all(np.abs(owed) < 1)
+    # the epoch's read order holds those counts and every layout is a cut of the same line
+    domain_ids = np.repeat(np.arange(4), sizes // 100)  # a 1/100 copy of the corpus
+    batches = epoch_batches(domain_ids, plan_placement(sizes // 100, topo, 2), seed=1, epoch=0)  # [K, dp, B]
+    read = np.stack([np.bincount(domain_ids[b].ravel(), minlength=4) for b in batches])  # [K, D]
+    assert np.abs(np.cumsum(read, 0) - np.arange(1, len(read) + 1)[:, None] * share[None]).max() < 1
+    assert len(np.unique(batches)) == batches.size
+
+
+def test_tier2_units_cover_every_layout_of_the_epoch():
+    sizes = np.array([85_400, 8_600, 4_100, 1_900])
+    topo = Topology(world_size=8, tp=1, ep=8, num_experts=8, devices_per_node=2)
+    p = plan_placement(sizes, topo, 2)
+    units = p.remote_units(2)  # [dp, E]
+    mean_only = DomainPlacement(p.slot_domain, p.quotas, p.domain_nodes, p.home_nodes, p.domain_experts)
+    assert (units >= mean_only.remote_units(2)).all()
+    per_domain = p.domain_experts / p.domain_experts.sum(1, keepdims=True)  # [D, E]
+    for layout in p.epoch_layouts():  # every domain a rank reads in some batch has units at its experts
+        for r, row in enumerate(layout):
+            reached = (np.bincount(row, minlength=4) @ per_domain) > 0  # [E]
+            assert (units[r][reached] > 0).all(), (r, row)
+    assert len(p.epoch_layouts()) > 1  # boundary ranks do change domain between batches
 
 
 # ---- point 1 of issue 9: the locality the loss can reach, in cluster scope -------------

@@ -49,7 +49,7 @@ def hand_params(vocab, seq, d, f, blocks, moe, experts, router="locmoe"):
     attention = linear(d, d) + linear(d, 2 * d) + linear(d, d)   # q_proj, kv_proj, out_proj
     dense_ffn = linear(d, f) + linear(f, d)
     expert = d * f + f * d                                       # w_in, w_out: no bias
-    gate = {"locmoe": experts, "switch": experts * d, "hash": 0, "rre": 0}[router]
+    gate = {"locmoe": experts + 1, "switch": experts * d, "hash": 0, "rre": 0}[router]  # LocMoE: GrAP bias + locality bias
     dense_block = 2 * layernorm + attention + dense_ffn
     sparse_block = 2 * layernorm + attention + experts * expert + gate
     query_block = dense_block + seq * d                          # + top_query_table
@@ -359,7 +359,7 @@ def test_params_per_device_limits():
     assert param_count.params_per_device(cfg, 1, 1) == counts["total"]
     assert param_count.params_per_device(cfg, 1, 16) == counts["active"]  # one expert per layer on each rank
     # TP 8 splits every weight matrix: what stays whole is LayerNorms, row-parallel biases, tables, router
-    replicated = 2 * S * D + 40 * 5 * D + 32 * D + 2 * D + MOE * E
+    replicated = 2 * S * D + 40 * 5 * D + 32 * D + 2 * D + MOE * (E + 1)  # router: GrAP bias + locality bias
     split = counts["active"] - replicated
     assert param_count.params_per_device(cfg, 8, 16) == split // 8 + replicated
 

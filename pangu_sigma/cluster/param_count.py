@@ -16,7 +16,8 @@ E experts):
     (L-M blocks + the query layer)
     sparse FFN       experts w_in [E, d, f], w_out [E, f, d] (no bias) 2dfE
     (M blocks)       router: locmoe  GrAP bias [E] (if moe.gate_bias; the GrAP
-                                     weight is fixed, not a parameter)
+                                     weight is fixed, not a parameter) + the
+                                     locality bias [1] (moe.locality_bias, mu > 0)
                              switch  dense gate [E, d]
                              hash, rre  none trainable (a fixed [V] int32 table,
                                      a non-trainable Parameter, counted apart)
@@ -82,10 +83,15 @@ def _dims(cfg, vocab_size=None):
     return vocab, m.seq_length, m.hidden_size, m.ffn_hidden_size, m.num_layers, m.moe_layer_num
 
 
-def router_params(router, hidden_size, num_experts, gate_bias=True):
-    """Trainable parameters of one router."""
+def has_locality_bias(moe):
+    """LocMoE builds its locality bias when moe.locality_bias and mu > 0 (locmoe.routers.LocMoERouter)."""
+    return moe.router == "locmoe" and moe.locality_bias and moe.locality_loss_coef > 0
+
+
+def router_params(router, hidden_size, num_experts, gate_bias=True, locality_bias=False):
+    """Trainable parameters of one router (locality_bias: LocMoE's learned locality term is built)."""
     if router == "locmoe":
-        return num_experts if gate_bias else 0
+        return (num_experts if gate_bias else 0) + (1 if locality_bias else 0)
     if router == "switch":
         return num_experts * hidden_size
     return 0  # hash, rre: fixed tables
@@ -104,7 +110,7 @@ def parameter_parts(cfg, vocab_size=None):
         "layernorm": (layers + 1) * norms + 2 * d,
         "dense_ffn": (layers - moe + 1) * dense_ffn,
         "experts": moe * experts * 2 * d * f,
-        "router": moe * router_params(cfg.moe.router, d, experts, cfg.moe.gate_bias),
+        "router": moe * router_params(cfg.moe.router, d, experts, cfg.moe.gate_bias, has_locality_bias(cfg.moe)),
         "top_query": seq * d,
     }
 
@@ -144,7 +150,7 @@ def params_per_device_parts(cfg, tp, ep, vocab_size=None):
                   + blocks * (4 * d + d)                                # LayerNorms, out_proj bias
                   + (layers - moe + 1) * d                              # w_out bias
                   + 2 * d                                               # final_ln
-                  + moe * router_params(cfg.moe.router, d, experts, cfg.moe.gate_bias))
+                  + moe * router_params(cfg.moe.router, d, experts, cfg.moe.gate_bias, has_locality_bias(cfg.moe)))
     experts_here = moe * _ceil_div(experts, ep) * 2 * d * _ceil_div(f, tp)
     if tp == 1:  # nothing is TP-split: those parameters are replicated on every rank
         return {"tp_split": 0, "replicated": split + replicated, "experts": experts_here}
