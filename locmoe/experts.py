@@ -1,4 +1,5 @@
-"""Batched expert FFNs (eq. 1): W_out . GeLU(W_in . x) for every expert at once."""
+"""Batched expert FFNs (eq. 1): W_out . GeLU(W_in . x) for every expert at once, with eq. 1's exact (erf)
+GeLU like the dense FFN (pangu_sigma/model/blocks.py)."""
 import mindspore as ms
 from mindspore import nn, ops, Parameter
 from mindspore.common.initializer import initializer, Normal
@@ -23,5 +24,5 @@ class BatchedExperts(nn.Cell):
 
     def construct(self, x):
         x = x.astype(self.compute_dtype)  # [E, N, d]
-        inner = ops.gelu(ops.bmm(x, self.w_in.astype(self.compute_dtype)), approximate="tanh")  # [E, N, h]
+        inner = ops.gelu(ops.bmm(x, self.w_in.astype(self.compute_dtype)), approximate="none")  # [E, N, h]
         return ops.bmm(inner, self.w_out.astype(self.compute_dtype))  # [E, N, d]

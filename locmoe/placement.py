@@ -95,7 +95,7 @@ def domain_quotas(domain_sizes, global_batch):
     return quotas
 
 
-LEVEL1_LAYOUTS = ("blocks", "node_striped")
+IID_LEVEL1 = ("blocks", "node_striped", "none")
 
 
 def striped_level1_groups(num_groups, topology):

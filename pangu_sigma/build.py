@@ -162,12 +162,15 @@ def domain_placement(cfg, meta, topology):
 
 
 def level1_experts(cfg, placement, topology):
-    """The [D, E] level-1 mask the routers get: the domain-affine placement's, or under i.i.d. data with
-    moe.level1_layout=node_striped the node-striped groups (rows by moe.domain_to_group, else one row
-    per group); None: the routers' own contiguous blocks (or no level 1)."""
+    """The [D, E] level-1 mask the routers get: the domain-affine placement's; under i.i.d. data
+    (moe.iid_level1) one row of every expert (none), or the node-striped groups (rows by
+    moe.domain_to_group, else one row per group); None: the routers' own contiguous blocks (or no
+    level 1)."""
     if placement is not None:
         return placement.domain_experts
-    if cfg.moe.level1_layout != "node_striped" or cfg.moe.num_domain_groups == 1:
+    if cfg.moe.iid_level1 == "none":
+        return np.ones((1, cfg.num_experts), np.float32)  # [1, E]: level 1 allows every expert
+    if cfg.moe.iid_level1 != "node_striped" or cfg.moe.num_domain_groups == 1:
         return None
     groups = striped_level1_groups(cfg.moe.num_domain_groups, topology)  # [groups, E]
     return groups[np.asarray(cfg.moe.domain_to_group, np.int64)] if cfg.moe.domain_to_group else groups

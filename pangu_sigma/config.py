@@ -15,7 +15,7 @@ import yaml
 
 from locmoe.config import MoEConfig, ROUTERS, COMM_BACKENDS
 from locmoe.errors import ConfigError
-from locmoe.placement import LEVEL1_LAYOUTS, PLACEMENTS
+from locmoe.placement import IID_LEVEL1, PLACEMENTS
 from pangu_sigma.model.model_config import ModelConfig
 from pangu_sigma.model.recompute import RECOMPUTE_LEVELS
 
@@ -51,9 +51,11 @@ class MoESection:
     # Level-1 map: entry d = the expert group of domain d (empty: domain % num_domain_groups).
     # Under data.placement=domain_affine the placement sets each domain's experts instead.
     domain_to_group: list = field(default_factory=list)
-    # Experts of each level-1 group under data.placement=iid: blocks (PanGu-Sigma: contiguous
-    # experts) or node_striped (every node holds experts of every group; locmoe.placement).
-    level1_layout: str = "blocks"
+    # Level 1 under data.placement=iid: blocks (PanGu-Sigma: each group on contiguous experts),
+    # node_striped (every node holds experts of every group; locmoe.placement) or none (every
+    # domain may use every expert: a rank's few samples then do not pile its tokens on one
+    # domain's experts). Under domain_affine the placement chooses each domain's experts.
+    iid_level1: str = "blocks"
     # LocMoE's learned locality bias on the node-local experts' routing scores (locmoe.routers).
     locality_bias: bool = True
     gate_bias: bool = True
@@ -62,8 +64,8 @@ class MoESection:
 
     def validate(self):
         _need(self.router in ROUTERS, "moe.router", self.router, f"one of {list(ROUTERS)}")
-        _need(self.level1_layout in LEVEL1_LAYOUTS, "moe.level1_layout", self.level1_layout,
-              f"one of {list(LEVEL1_LAYOUTS)}")
+        _need(self.iid_level1 in IID_LEVEL1, "moe.iid_level1", self.iid_level1,
+              f"one of {list(IID_LEVEL1)}")
         _need(_is_int(self.expert_num_per_dp_dim) and self.expert_num_per_dp_dim >= 1,
               "moe.expert_num_per_dp_dim", self.expert_num_per_dp_dim, "an integer >= 1")
         _need(_is_num(self.eval_capacity_factor) and self.eval_capacity_factor >= 0, "moe.eval_capacity_factor",

@@ -2,7 +2,7 @@
 # The ablation that credits LocMoE's parts (docs/results.md): on the default corpus, cluster scope
 # (configs/cpu_tiny.yaml: one token group per data-parallel rank), every router at equal drops (<= 5 % of the
 # valid tokens, both tiers calibrated from a pilot run), 3 seeds, 150 steps:
-#   iid      i.i.d. data: LocMoE (mu = 0.01), Switch (no level 1, as its cluster configs), Hash, RRE
+#   iid      i.i.d. data (no level 1: moe.iid_level1 none): LocMoE (mu = 0.01), Switch, Hash, RRE
 #   iid_mu0  the same LocMoE with mu = 0 (no learned locality term)
 #   affine   domain-affine placement: LocMoE, RRE (the placement's locality) and LocMoE with mu = 0
 #   mu_sweep LocMoE on i.i.d. data at mu = 0.001 and 0.1, one seed each (0 and 0.01: the runs above)
@@ -21,8 +21,7 @@ for setting in "${settings[@]}"; do
     out=output/ablation/$setting
     case $setting in
         iid) "${compare[@]}" --output "$out" --routers locmoe,switch,hash,rre --seeds 3 --equal-drops 5 \
-                 --set data.placement=iid --router-set switch:moe.num_domain_groups=1 \
-                 --router-set "switch:moe.domain_to_group=[]" ;;
+                 --set data.placement=iid ;;
         iid_mu0) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
                  --set data.placement=iid --set moe.locality_loss_coef=0 ;;
         affine) "${compare[@]}" --output "$out" --routers locmoe,rre --seeds 3 --equal-drops 5

@@ -6,6 +6,7 @@ os.environ.setdefault("GLOG_v", "3")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import scipy.special  # noqa: E402
 import mindspore as ms  # noqa: E402
 from mindspore import nn, Tensor  # noqa: E402
 
@@ -33,8 +34,9 @@ BIAS = np.array([0.6, 0.25, 0.0, -0.1], np.float32)  # skews LocMoE routing so t
 # ---------------------------------------------------------------- numpy reference
 
 
-def np_gelu_tanh(v):
-    return 0.5 * v * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))
+def np_gelu(v):
+    """Eq. 1's exact GeLU, x * Phi(x)."""
+    return 0.5 * v * (1.0 + scipy.special.erf(v / math.sqrt(2.0)))
 
 
 def np_layer(layer, router, x, groups, local_mask, cf, alpha, mu, eps, remote_cf=0.0, token_ids=None):
@@ -70,7 +72,7 @@ def np_layer(layer, router, x, groups, local_mask, cf, alpha, mu, eps, remote_cf
         for t in range(tokens):
             e = idx[g, t]
             if fill[e] < (capacity if local_mask[g][e] else remote_capacity):
-                y[g, t] = probs[g, t, e] * (np_gelu_tanh(xg[g, t] @ w_in[e]) @ w_out[e])
+                y[g, t] = probs[g, t, e] * (np_gelu(xg[g, t] @ w_in[e]) @ w_out[e])
             else:
                 dropped += 1
                 np_layer.dropped_remote += int(not local_mask[g][e])
