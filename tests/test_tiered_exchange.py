@@ -216,10 +216,12 @@ def test_tiered_bytes_group_wise_tp_by_hand():
     totals = exchange.register_tiered_exchange_bytes(CommCounter(topo), topo, E, 4, 2, D, "float32", True).totals()
     # tier 2: 4 blocks [C_r/2 = 1, 4] fp32 = 64 B to rank 2 on node 1; dispatch + combine
     inter = 2 * 2 * 64
-    # over TP (rank 1, same node), each x 2 calls: gather [1, 4, 2, 4] 128 B, reduce-scatter [1, 4, 4, 4] half of
-    # 256 B, gather back [4, 2, 4] 128 B; remote: the 4 blocks from rank 2 and the placeholder to myself, each
+    # over TP (rank 1, same node), each x 2 calls: tier 1 is the node's one EP member, so no TP slice and no
+    # dispatch gather (it would rebuild what both TP ranks hold): one AllReduce of the partial outputs
+    # [1, 4, 4, 4] 256 B, a ring of 2 sends 2 * 1/2 of it = 256 B (the sliced form sent 128 + 128 + 128);
+    # remote: the 4 blocks from rank 2 and the placeholder to myself, each
     # [C_r/2 = 1, 4]: gather [5, 1, 4] 80 B, reduce-scatter half of [5, 2, 4] 160 B, gather back [5, 1, 4] 80 B
-    intra = 2 * (128 + 128 + 128) + 2 * (80 + 80 + 80)
+    intra = 2 * 256 + 2 * (80 + 80 + 80)
     assert totals == {"inter": inter, "intra": intra}
 
 
