@@ -3,6 +3,8 @@ board standing in for the collectives (each round records every rank's send buff
 answers from the previous round's; chained collectives settle after a few rounds),
 checked against the tier layout written out here in numpy: EP only (4 ranks) and
 TP 2 x EP in group-wise mode (each TP rank sends 1/TP of each tier's capacity)."""
+from collections import Counter
+
 import numpy as np
 import pytest
 import mindspore as ms
@@ -293,3 +295,120 @@ def test_two_tier_layer_on_every_rank_equals_the_single_process(fake_collectives
     summed = [sum(got[r][i] for r in range(world)) / tp for i in range(1, 6)]
     for i, name in enumerate(["load", "dropped", "local", "dropped_remote", "local_by_rank"]):
         np.testing.assert_array_equal(summed[i], ref_stats[i], err_msg=name)
+
+
+# ---- GRAPH mode: every rank issues the same collectives, whatever its tier-2 units ----------------
+ISSUED = {}  # rank -> [(collective, "fwd" / "bwd")] in the order the stand-ins ran
+
+
+def _recording(rank, name, out_shape):
+    """A pyfunc kernel standing in for one collective on `rank`: zeros of the collective's output shape,
+    its run recorded (its backward too). Like a collective without side effects it is pruned when its
+    output is unused, and its backward when no gradient needs it (a constant input)."""
+    def forward(x):
+        ISSUED[rank].append((name, "fwd"))
+        return np.zeros(out_shape(x.shape), x.dtype)
+
+    def backward(x, dout):
+        ISSUED[rank].append((name, "bwd"))
+        return np.zeros_like(x)
+
+    back = ops.Custom(backward, out_shape=lambda xs, ds: xs, out_dtype=lambda xt, dt: xt, func_type="pyfunc")
+
+    def bprop(x, out, dout):
+        return (back(x, dout),)
+
+    return ops.Custom(forward, out_shape=out_shape, out_dtype=lambda t: t, func_type="pyfunc", bprop=bprop)
+
+
+class _StandIn(nn.Cell):
+    """The locmoe.comm signature (group, [dim or blocks], backend, topology, name); a group of one is the
+    identity, as in locmoe.comm."""
+
+    def __init__(self, group, *args):
+        super().__init__()
+        topology, name = args[-2:]
+        self.group, self.me = sorted(group), topology.rank
+        self.identity = len(self.group) == 1
+        self.op = _recording(self.me, name, self.shape_of(args[0] if isinstance(args[0], (int, list)) else None))
+
+    def construct(self, x):
+        if self.identity:
+            return x
+        return self.op(x)
+
+
+class StandInAllToAll(_StandIn):
+    def shape_of(self, _):
+        return lambda s: s
+
+
+class StandInAllToAllV(_StandIn):
+    def shape_of(self, blocks):
+        recv = sum(row[self.group.index(self.me)] for row in blocks)
+        return lambda s: [recv] + list(s[1:])
+
+
+class StandInAllGather(_StandIn):
+    def shape_of(self, dim):
+        return lambda s: [n * len(self.group) if i == dim % len(s) else n for i, n in enumerate(s)]
+
+
+class StandInReduceScatter(_StandIn):
+    def shape_of(self, dim):
+        return lambda s: [n // len(self.group) if i == dim % len(s) else n for i, n in enumerate(s)]
+
+
+class StandInAllReduce(_StandIn):
+    def shape_of(self, _):
+        return lambda s: s
+
+
+class _LayerLoss(nn.Cell):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def construct(self, x, tok, dom):
+        y, aux, loc, _ = self.layer(x, tok, dom)
+        return (y * y).sum() + aux + loc
+
+
+def test_every_rank_issues_the_same_collectives_with_and_without_units(monkeypatch):
+    """TP2 x EP2, one EP member per node (the shipped cluster shape), DP rank 0 with no tier-2 units
+    (R = 0) and DP rank 1 with 5: a training step of the MoELayer in GRAPH mode issues on both members
+    of EP group {0, 2} the same collectives in the same order, forward and backward, each overlap chunk
+    (degree 2) its own. (On 1a91f21, at degree 1, rank 0 ran the remote dispatch forward only.)"""
+    from locmoe.config import MoEConfig
+    from locmoe.layer import MoELayer
+    from locmoe.parallel_context import ParallelContext
+
+    for name, fake in (("AllToAll", StandInAllToAll), ("AllToAllV", StandInAllToAllV),
+                       ("AllGather", StandInAllGather), ("ReduceScatter", StandInReduceScatter),
+                       ("AllReduce", StandInAllReduce)):
+        monkeypatch.setattr(exchange, name, fake)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    world, tp, ep, per_node = LAYOUTS["tp2_ep2"]
+    units = np.array([[0] * E, [3, 0, 2, 0, 0, 0, 0, 0]], np.int64)  # dp 0 (node 0): R = 0; dp 1: R = 5
+    overlap, ranks = 2, (0, 2)  # C_l = 4, u = 4 rows: 2 chunks of 2 (multiples of TP) in each tier
+    cfg = MoEConfig(num_experts=E, router="switch", capacity_factor=2.0, remote_capacity_factor=4.0,
+                    expert_parallel=ep, groupwise_a2a=True, comm_overlap_degree=overlap)
+    rng = np.random.default_rng(0)
+    x = Tensor(rng.normal(size=(1, 16, 8)).astype(np.float32))
+    tok, dom = Tensor(np.zeros((1, 16), np.int32)), Tensor(np.zeros(1, np.int32))
+    for r in ranks:
+        t = Topology(world_size=world, tp=tp, ep=ep, num_experts=E, devices_per_node=per_node, rank=r)
+        layer = MoELayer(cfg, 8, 16, t, parallel=ParallelContext(t, "emulated", True), remote_units=units,
+                         remote_quanta=2)
+        assert layer.max_units == (0 if r // tp == 0 else 5)
+        loss = _LayerLoss(layer)
+        ISSUED[r] = []
+        value, grads = ms.value_and_grad(loss, grad_position=0, weights=loss.trainable_params())(x, tok, dom)
+        [g.asnumpy() for g in (value, *grads[0:1], *grads[1])]  # wait for every kernel (they run asynchronously)
+    remote = [c for c in ISSUED[0] if "remote" in c[0] and "a2a" in c[0]]
+    assert sorted(remote) == sorted([(f"moe_a2a_remote_{k}", d) for k in ("dispatch", "combine")
+                                     for d in ("fwd", "bwd")] * overlap)
+    assert "moe_tp_gather_local_dispatch" not in {c[0] for c in ISSUED[0]}  # tier 1 unsliced (one member)
+    assert Counter(ISSUED[2]) == Counter(ISSUED[0])  # the same collectives, forward and backward
+    ep_order = [[c for c in ISSUED[r] if "a2a" in c[0]] for r in ranks]  # (the TP ones go to other groups)
+    assert ep_order[0] == ep_order[1]  # in the same order on the EP group
