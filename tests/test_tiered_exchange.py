@@ -21,7 +21,13 @@ MAX_ROUNDS = 10  # > the longest chain of collectives (5 in a layer: A2A, gather
 
 class Board:
     def __init__(self):
-        self.sent, self.prev = {}, {}
+        self.sent, self.prev, self.calls = {}, {}, {}
+
+    def key(self, name, rank):
+        """(name, rank, n): the n-th call of a collective by rank in this round (a cell runs once per chunk)."""
+        n = self.calls.get((name, rank), 0)
+        self.calls[(name, rank)] = n + 1
+        return name, rank, n
 
 
 BOARD = Board()
@@ -37,8 +43,9 @@ class _Fake(nn.Cell):
         self.dim = args[0] if isinstance(args[0], int) else None
 
     def construct(self, x):
-        BOARD.sent[(self.name, self.me)] = x.asnumpy()
-        sent = [BOARD.prev.get((self.name, src)) for src in self.group]
+        name, _, n = key = BOARD.key(self.name, self.me)
+        BOARD.sent[key] = x.asnumpy()
+        sent = [BOARD.prev.get((name, src, n)) for src in self.group]
         if any(s is None or s.shape != x.shape for s in sent):
             return self.empty(x)
         return Tensor(self.answer(sent, self.group.index(self.me)))
@@ -62,8 +69,9 @@ class FakeAllToAllV(_Fake):
                                for i, s in enumerate(sent)])
 
     def construct(self, x):
-        BOARD.sent[(self.name, self.me)] = x.asnumpy()
-        sent = [BOARD.prev.get((self.name, src)) for src in self.group]
+        name, _, n = key = BOARD.key(self.name, self.me)
+        BOARD.sent[key] = x.asnumpy()
+        sent = [BOARD.prev.get((name, src, n)) for src in self.group]
         mine = self.group.index(self.me)
         if any(s is None or s.shape[1:] != x.shape[1:] for s in sent):
             return ops.zeros((sum(row[mine] for row in self.blocks),) + x.shape[1:], x.dtype)
@@ -109,6 +117,7 @@ def _rounds(run, ranks):
     receives what it received the round before (a fixed point: every answer is the true one)."""
     BOARD.sent, BOARD.prev = {}, {}
     for _ in range(MAX_ROUNDS):
+        BOARD.calls = {}
         results = {r: run(r) for r in ranks}
         settled = BOARD.prev.keys() == BOARD.sent.keys() and all(
             np.array_equal(BOARD.prev[k], v) for k, v in BOARD.sent.items())
@@ -126,8 +135,9 @@ LAYOUTS = {  # name: (world, tp, ep, devices_per_node); 2 nodes each
 
 
 def uneven_units(dp):
-    """[dp, E]: each data-parallel rank sends each expert a different number of units (0: none)."""
-    pattern = np.array([[2, 1, 0, 0, 1, 0, 3, 0], [0, 0, 1, 1, 0, 0, 2, 1],
+    """[dp, E]: each data-parallel rank sends each expert a different number of units (0: none). On 2 nodes of
+    one DP rank each (tp2_ep2) DP rank 1 has no units at all (R = 0) while DP rank 0 has 4."""
+    pattern = np.array([[2, 1, 0, 0, 1, 0, 3, 0], [0, 0, 0, 0, 0, 0, 2, 1],
                         [1, 0, 0, 0, 1, 2, 1, 1], [0, 3, 0, 1, 0, 0, 0, 0]], np.int64)
     return pattern[np.arange(dp) % 4]
 
@@ -153,7 +163,8 @@ def test_tiers_reach_the_right_experts_and_come_back(fake_collectives, layout, u
     remote_by_dp = [rng.normal(size=(len(unit_owner[s]), CR, D)).astype(np.float32) for s in range(dp)]
     local = {r: local_by_dp[r // tp] for r in range(world)}  # the TP ranks of a group hold the same tokens
     remote = {r: remote_by_dp[r // tp] for r in range(world)}
-    got = _rounds(lambda r: [cells[r].to_experts(Tensor(local[r]), Tensor(remote[r]), CR).asnumpy()], range(world))
+    mine_or_none = lambda r: Tensor(remote[r]) if len(remote[r]) else None  # R = 0: no remote buffer
+    got = _rounds(lambda r: [cells[r].to_experts(Tensor(local[r]), mine_or_none(r), CR).asnumpy()], range(world))
     per_rank = E // ep
     for r in range(world):
         group = [(r // tp // ep * ep + i) * tp + r % tp for i in range(ep)]  # my EP group
@@ -175,14 +186,17 @@ def test_tiers_reach_the_right_experts_and_come_back(fake_collectives, layout, u
     def back_of(r):
         mine = np.arange((r // tp % ep) * per_rank, (r // tp % ep + 1) * per_rank, dtype=np.float32)
         partial = got[r][0] * ((mine + 1) * share[r % tp])[:, None, None]
-        return [t.asnumpy() for t in cells[r].from_experts(Tensor(partial), CL, CR)]
+        return [None if t is None else t.asnumpy() for t in cells[r].from_experts(Tensor(partial), CL, CR)]
 
     back = _rounds(back_of, range(world))
     for r in range(world):
         scale_l = (np.array(local_ids[r]) + 1)[:, None, None]
         scale_r = (np.array(unit_owner[r // tp]) + 1)[:, None, None]
         np.testing.assert_allclose(back[r][0], local[r] * scale_l, rtol=1e-5)
-        np.testing.assert_allclose(back[r][1], remote[r] * scale_r, rtol=1e-5)
+        if len(remote[r]):
+            np.testing.assert_allclose(back[r][1], remote[r] * scale_r, rtol=1e-5)
+        else:
+            assert back[r][1] is None
 
 
 def test_tiered_bytes_follow_the_remote_capacity():
@@ -227,20 +241,22 @@ def test_tiered_bytes_group_wise_tp_by_hand():
     assert totals == {"inter": inter, "intra": intra}
 
 
-@pytest.mark.parametrize("uneven", [False, True], ids=["uniform", "units"])
-@pytest.mark.parametrize("layout", ["tp2_ep4", "tp2_ep2"])
-def test_two_tier_layer_on_every_rank_equals_the_single_process(fake_collectives, layout, uneven):
+@pytest.mark.parametrize("layout, uneven, overlap", [("tp2_ep4", False, 1), ("tp2_ep4", True, 3),
+                                                     ("tp2_ep2", False, 2), ("tp2_ep2", True, 1)])
+def test_two_tier_layer_on_every_rank_equals_the_single_process(fake_collectives, layout, uneven, overlap):
     """The whole MoELayer, distributed over a TP2 x EP layout (group-wise, TP-sharded experts) with
     every rank against the recorded collectives, gives each rank's token group the output and the
-    counts of the single-process layer whose token groups pose as the ranks (drops in both tiers)."""
+    counts of the single-process layer whose token groups pose as the ranks (drops in both tiers), at
+    overlap degree 1 and in chunks through both tiers (degrees 2 and 3: locmoe.layer.tier_chunks); with
+    units on tp2_ep2, DP rank 1 has none (R = 0) and DP rank 0 has 4."""
     from locmoe.config import MoEConfig
     from locmoe.layer import MoELayer
     from locmoe.parallel_context import ParallelContext
 
     world, tp, ep, per_node = LAYOUTS[layout]
-    dp, seq, hidden, ffn = world // tp, 32, 8, 16
-    cfg = MoEConfig(num_experts=E, router="switch", capacity_factor=1.0, remote_capacity_factor=0.25,
-                    expert_parallel=ep, groupwise_a2a=True)
+    dp, seq, hidden, ffn = world // tp, 64, 8, 16
+    cfg = MoEConfig(num_experts=E, router="switch", capacity_factor=1.0, remote_capacity_factor=0.75,
+                    expert_parallel=ep, groupwise_a2a=True, comm_overlap_degree=overlap)
     topo = lambda r: Topology(world_size=world, tp=tp, ep=ep, num_experts=E, devices_per_node=per_node, rank=r)
     ms.set_seed(3)
     units = uneven_units(dp) if uneven else None  # tokens routed to a pair of 0 units: dropped
@@ -258,7 +274,7 @@ def test_two_tier_layer_on_every_rank_equals_the_single_process(fake_collectives
     # remote expert (u = ceil(T f_r / (quanta E)) rounded up to a multiple of TP), none where units are 0
     index, keep = (t.asnumpy() for t in ref.route(Tensor(x), Tensor(tok), Tensor(dom)))  # [G, T] each
     cap_l = -(-int(np.ceil(seq * 1.0 / E)) // tp) * tp  # capacity_factor 1.0
-    unit = -(-int(np.ceil(seq * 0.25 / (quanta * E))) // tp) * tp  # remote_capacity_factor 0.25
+    unit = -(-int(np.ceil(seq * 0.75 / (quanta * E))) // tp) * tp  # remote_capacity_factor 0.75
     for g in range(dp):
         node_experts = topo(g * tp).local_experts()
         limit = [cap_l if e in node_experts else unit * (1 if units is None else units[g][e]) for e in range(E)]
@@ -266,6 +282,9 @@ def test_two_tier_layer_on_every_rank_equals_the_single_process(fake_collectives
         for t_, e in enumerate(index[g]):
             assert keep[g][t_] == (used[e] < limit[e]), (g, t_, e)
             used[e] += 1
+    from locmoe.layer import tier_chunks
+    chunks = len(tier_chunks(cap_l, unit, overlap, tp))
+    assert chunks == min(overlap, cap_l // tp, unit // tp) and (overlap == 1) == (chunks == 1)
     params = {k: p.asnumpy() for k, p in ref.parameters_dict().items()}
     layers = {}
     for r in range(world):
