@@ -41,7 +41,7 @@ class MoEConfig:
     table_seed: seed of the fixed RRE table.
     expert_parallel: EP degree; tokens of ep ranks meet in the All-to-All.
     comm_overlap_degree: chunks of the capacity dimension for compute/comm overlap (two tiers: of C_l
-        and of u alike, locmoe.layer.tier_chunks).
+        and of u alike, locmoe.tiers.tier_chunks).
     groupwise_a2a: group-wise All-to-All (EP slice per TP rank, then TP AllGather).
     comm_backend: auto (from the device target), native (HCCL ops) or emulated.
     """

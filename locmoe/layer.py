@@ -14,26 +14,9 @@ from locmoe.capacity import expert_capacity
 from locmoe.dispatch import (assign_slots, assign_tiered_slots, combine, dispatch, expert_rows_index, gather_rows,
                              tier_layout, token_of_slot)
 from locmoe.exchange import TieredExchange, TokenExchange
-from locmoe.tiers import unit_table
+from locmoe.tiers import tier_chunks, unit_table
 from locmoe.experts import BatchedExperts
 from locmoe.routers import build_router
-
-
-def tier_chunks(local_capacity, unit, degree, step):
-    """Overlap chunks of the two-tier exchange: ((l0, l1), (r0, r1)) per chunk, slices of the C_l rows of
-    every local pair and of the u rows of every tier-2 unit, both cut on multiples of `step` (TP in
-    group-wise mode). min(degree, C_l / step, u / step) chunks, so that every chunk carries both tiers;
-    each chunk's exchange is independent of the others' expert compute (rows are independent)."""
-    count = min(degree, local_capacity // step, unit // step)
-    bounds = []
-    for size in (local_capacity, unit):
-        blocks, start, cuts = size // step, 0, []
-        for i in range(count):
-            stop = start + step * (blocks // count + (1 if i < blocks % count else 0))
-            cuts.append((start, stop))
-            start = stop
-        bounds.append(cuts)
-    return list(zip(bounds[0], bounds[1]))
 
 
 class MoELayer(nn.Cell):

@@ -247,7 +247,7 @@ def test_two_tier_layer_on_every_rank_equals_the_single_process(fake_collectives
     """The whole MoELayer, distributed over a TP2 x EP layout (group-wise, TP-sharded experts) with
     every rank against the recorded collectives, gives each rank's token group the output and the
     counts of the single-process layer whose token groups pose as the ranks (drops in both tiers), at
-    overlap degree 1 and in chunks through both tiers (degrees 2 and 3: locmoe.layer.tier_chunks); with
+    overlap degree 1 and in chunks through both tiers (degrees 2 and 3: locmoe.tiers.tier_chunks); with
     units on tp2_ep2, DP rank 1 has none (R = 0) and DP rank 0 has 4."""
     from locmoe.config import MoEConfig
     from locmoe.layer import MoELayer
@@ -282,7 +282,7 @@ def test_two_tier_layer_on_every_rank_equals_the_single_process(fake_collectives
         for t_, e in enumerate(index[g]):
             assert keep[g][t_] == (used[e] < limit[e]), (g, t_, e)
             used[e] += 1
-    from locmoe.layer import tier_chunks
+    from locmoe.tiers import tier_chunks
     chunks = len(tier_chunks(cap_l, unit, overlap, tp))
     assert chunks == min(overlap, cap_l // tp, unit // tp) and (overlap == 1) == (chunks == 1)
     params = {k: p.asnumpy() for k, p in ref.parameters_dict().items()}
