@@ -14,7 +14,11 @@ from locmoe.topology import Topology
 
 VOCAB, SEQ, EXPERTS, GLOBAL_BATCH, STEPS = 64, 8, 4, 4, 2
 META = {"vocab_size": VOCAB, "seq_length": SEQ, "domains": ["a", "b"],
-        "domain_samples": {"a": {"train": 10, "valid": 1}, "b": {"train": 10, "valid": 1}}}
+        "domain_samples": {"a": {"train": 30, "valid": 1}, "b": {"train": 10, "valid": 1}}}
+# Domains 3:1, so the domain-affine placement gives domain a 3 of the 4 data-parallel slots and b 1: on 4 nodes
+# (ep4_2tier_*) a's level-1 experts span nodes 0-2 and b's are node 3's own, so with units by expected share
+# (locmoe, rre) DP ranks 0-2 send 4 tier-2 units each and DP rank 3 none (R = 0 and R > 0 in one EP group);
+# on TP2 x EP2 DP rank 1 reads a and b and both ranks send units.
 
 # name: (workers, tp, ep, router, overlap, groupwise)
 CASES = {
@@ -30,8 +34,8 @@ CASES = {
     "tp2_ep2_seed": (4, 2, 2, "locmoe", 1, True),
     # two-tier exchange + domain-affine placement: nodes {0, 1} and {2, 3}
     "ep4_2tier_locmoe": (4, 1, 4, "locmoe", 1, True),
-    "ep4_2tier_switch": (4, 1, 4, "switch", 1, True),
-    "ep4_2tier_hash": (4, 1, 4, "hash", 1, True),
+    "ep4_2tier_switch": (4, 1, 4, "switch", 2, True),  # overlap: 2 chunks through both tiers
+    "ep4_2tier_hash": (4, 1, 4, "hash", 3, True),  # 3 chunks (u = 3 rows, OPTIONS)
     "ep4_2tier_rre": (4, 1, 4, "rre", 1, True),
     "tp2_ep2_2tier": (4, 2, 2, "locmoe", 1, True),
     # optimizer-state sharding (ZeRO-1)
@@ -41,7 +45,7 @@ CASES = {
     "ep2_zero_accum": (2, 1, 2, "locmoe", 1, True),
 }
 # Extra config fields of a case. The two-tier cases with one unit per remote expert (switch, hash) drop in the
-# remote tier (C_r = 2 of 8 tokens); locmoe and rre send their remote level-1 expert 8 units of 1 row (no drops).
+# remote tier (C_r = 2 of 8 tokens; hash 3); locmoe and rre send units of 1 row by the pairs' expected shares.
 # The single-process reference ignores optimizer_shard: it is the unsharded run the sharded msrun
 # run must equal.
 TWO_TIER = {"moe": {"remote_capacity_factor": 1.0}, "data": {"placement": "domain_affine"}}
@@ -50,6 +54,7 @@ TWO_TIER = {"moe": {"remote_capacity_factor": 1.0}, "data": {"placement": "domai
 TWO_TIER_4_NODES = {**TWO_TIER, "parallel": {"devices_per_node": 1}}
 OPTIONS = {
     **{name: TWO_TIER_4_NODES if name.startswith("ep4") else TWO_TIER for name in CASES if "2tier" in name},
+    "ep4_2tier_hash": {**TWO_TIER_4_NODES, "moe": {"remote_capacity_factor": 1.5}},  # u = ceil(8 * 1.5 / 4) = 3
     "dp2_zero": {"parallel": {"optimizer_shard": True}},
     "tp2_ep2_zero": {"parallel": {"optimizer_shard": True}},
     "ep2_zero_accum": {"parallel": {"optimizer_shard": True}, "train": {"gradient_accumulation_steps": 2}},
@@ -93,7 +98,7 @@ def topology_of(name, rank):
 def global_batch(seed=7):
     rng = np.random.RandomState(seed)
     ids = rng.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1)).astype(np.int32)  # [B, S+1]
-    domains = (np.arange(GLOBAL_BATCH) * 2 // GLOBAL_BATCH).astype(np.int32)  # [B]: as a domain-affine placement reads
+    domains = (np.arange(GLOBAL_BATCH) * 4 // GLOBAL_BATCH // 3).astype(np.int32)  # [B] a, a, a, b: as the placement reads
     return ids, domains
 
 

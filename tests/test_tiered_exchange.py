@@ -383,16 +383,6 @@ class StandInAllReduce(_StandIn):
         return lambda s: s
 
 
-class _LayerLoss(nn.Cell):
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def construct(self, x, tok, dom):
-        y, aux, loc, _ = self.layer(x, tok, dom)
-        return (y * y).sum() + aux + loc
-
-
 def test_every_rank_issues_the_same_collectives_with_and_without_units(monkeypatch):
     """TP2 x EP2, one EP member per node (the shipped cluster shape), DP rank 0 with no tier-2 units
     (R = 0) and DP rank 1 with 5: a training step of the MoELayer in GRAPH mode issues on both members
@@ -401,6 +391,7 @@ def test_every_rank_issues_the_same_collectives_with_and_without_units(monkeypat
     from locmoe.config import MoEConfig
     from locmoe.layer import MoELayer
     from locmoe.parallel_context import ParallelContext
+    from test_layer import _Sum
 
     for name, fake in (("AllToAll", StandInAllToAll), ("AllToAllV", StandInAllToAllV),
                        ("AllGather", StandInAllGather), ("ReduceScatter", StandInReduceScatter),
@@ -420,7 +411,7 @@ def test_every_rank_issues_the_same_collectives_with_and_without_units(monkeypat
         layer = MoELayer(cfg, 8, 16, t, parallel=ParallelContext(t, "emulated", True), remote_units=units,
                          remote_quanta=2)
         assert layer.max_units == (0 if r // tp == 0 else 5)
-        loss = _LayerLoss(layer)
+        loss = _Sum(layer)  # sum(y^2) + aux + loc
         ISSUED[r] = []
         value, grads = ms.value_and_grad(loss, grad_position=0, weights=loss.trainable_params())(x, tok, dom)
         [g.asnumpy() for g in (value, *grads[0:1], *grads[1])]  # wait for every kernel (they run asynchronously)
