@@ -249,7 +249,9 @@ def register_tiered_exchange_bytes(counter, topology, num_experts, local_capacit
                                    groupwise, layers=1, units=None):
     """Bytes of one step of `layers` MoE layers as TieredExchange moves them (forward and
     backward alike): tier 1 over this node's EP members, tier 2's AllToAllV over the EP group
-    (units [dp, E]: locmoe.tiers.unit_table, None: one per remote expert; u rows each)."""
+    (units [dp, E]: locmoe.tiers.unit_table, None: one per remote expert; u rows each).
+    Tier 1 of a node holding one EP member is unsliced: one TP AllReduce of its partial outputs,
+    no AllGathers. Overlap chunks (locmoe.tiers.tier_chunks) split the rows, not the bytes."""
     ep, tp = topology.ep, topology.tp
     groupwise = bool(groupwise) and tp > 1
     units = unit_table(topology) if units is None else units
