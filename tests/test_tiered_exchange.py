@@ -324,12 +324,12 @@ def _recording(rank, name, out_shape):
     """A pyfunc kernel standing in for one collective on `rank`: zeros of the collective's output shape,
     its run recorded (its backward too). Like a collective without side effects it is pruned when its
     output is unused, and its backward when no gradient needs it (a constant input)."""
-    def forward(x):
-        ISSUED[rank].append((name, "fwd"))
+    def forward(x):  # recorded with the rows of the chunk (x [..., rows, d]): chunks of unequal widths
+        ISSUED[rank].append((name, "fwd", x.shape[-2]))
         return np.zeros(out_shape(x.shape), x.dtype)
 
     def backward(x, dout):
-        ISSUED[rank].append((name, "bwd"))
+        ISSUED[rank].append((name, "bwd", x.shape[-2]))
         return np.zeros_like(x)
 
     back = ops.Custom(backward, out_shape=lambda xs, ds: xs, out_dtype=lambda xt, dt: xt, func_type="pyfunc")
@@ -400,8 +400,8 @@ def test_every_rank_issues_the_same_collectives_with_and_without_units(monkeypat
     ms.set_context(mode=ms.GRAPH_MODE)
     world, tp, ep, per_node = LAYOUTS["tp2_ep2"]
     units = np.array([[0] * E, [3, 0, 2, 0, 0, 0, 0, 0]], np.int64)  # dp 0 (node 0): R = 0; dp 1: R = 5
-    overlap, ranks = 2, (0, 2)  # C_l = 4, u = 4 rows: 2 chunks of 2 (multiples of TP) in each tier
-    cfg = MoEConfig(num_experts=E, router="switch", capacity_factor=2.0, remote_capacity_factor=4.0,
+    overlap, ranks = 2, (0, 2)  # C_l = 6, u = 6 rows: 2 chunks of 4 and 2 (multiples of TP) in each tier
+    cfg = MoEConfig(num_experts=E, router="switch", capacity_factor=3.0, remote_capacity_factor=6.0,
                     expert_parallel=ep, groupwise_a2a=True, comm_overlap_degree=overlap)
     rng = np.random.default_rng(0)
     x = Tensor(rng.normal(size=(1, 16, 8)).astype(np.float32))
@@ -416,9 +416,9 @@ def test_every_rank_issues_the_same_collectives_with_and_without_units(monkeypat
         value, grads = ms.value_and_grad(loss, grad_position=0, weights=loss.trainable_params())(x, tok, dom)
         [g.asnumpy() for g in (value, *grads[0:1], *grads[1])]  # wait for every kernel (they run asynchronously)
     remote = [c for c in ISSUED[0] if "remote" in c[0] and "a2a" in c[0]]
-    assert sorted(remote) == sorted([(f"moe_a2a_remote_{k}", d) for k in ("dispatch", "combine")
-                                     for d in ("fwd", "bwd")] * overlap)
+    assert sorted(remote) == sorted([(f"moe_a2a_remote_{k}", d, rows // tp) for k in ("dispatch", "combine")
+                                     for d in ("fwd", "bwd") for rows in (4, 2)])  # each chunk's TP slice
     assert "moe_tp_gather_local_dispatch" not in {c[0] for c in ISSUED[0]}  # tier 1 unsliced (one member)
     assert Counter(ISSUED[2]) == Counter(ISSUED[0])  # the same collectives, forward and backward
     ep_order = [[c for c in ISSUED[r] if "a2a" in c[0]] for r in ranks]  # (the TP ones go to other groups)
-    assert ep_order[0] == ep_order[1]  # in the same order on the EP group
+    assert ep_order[0] == ep_order[1]  # in the same order on the EP group, chunk by chunk
