@@ -241,8 +241,8 @@ def test_tiered_bytes_group_wise_tp_by_hand():
     assert totals == {"inter": inter, "intra": intra}
 
 
-@pytest.mark.parametrize("layout, uneven, overlap", [("tp2_ep4", False, 1), ("tp2_ep4", True, 3),
-                                                     ("tp2_ep2", False, 2), ("tp2_ep2", True, 1)])
+@pytest.mark.parametrize("layout, uneven, overlap", [("tp2_ep4", False, 1), ("tp2_ep4", True, 1),
+                                                     ("tp2_ep2", False, 3), ("tp2_ep2", True, 2)])
 def test_two_tier_layer_on_every_rank_equals_the_single_process(fake_collectives, layout, uneven, overlap):
     """The whole MoELayer, distributed over a TP2 x EP layout (group-wise, TP-sharded experts) with
     every rank against the recorded collectives, gives each rank's token group the output and the
