@@ -14,11 +14,12 @@ from locmoe.topology import Topology
 
 VOCAB, SEQ, EXPERTS, GLOBAL_BATCH, STEPS = 64, 8, 4, 4, 2
 META = {"vocab_size": VOCAB, "seq_length": SEQ, "domains": ["a", "b"],
-        "domain_samples": {"a": {"train": 30, "valid": 1}, "b": {"train": 10, "valid": 1}}}
-# Domains 3:1, so the domain-affine placement gives domain a 3 of the 4 data-parallel slots and b 1: on 4 nodes
-# (ep4_2tier_*) a's level-1 experts span nodes 0-2 and b's are node 3's own, so with units by expected share
-# (locmoe, rre) DP ranks 0-2 send 4 tier-2 units each and DP rank 3 none (R = 0 and R > 0 in one EP group);
-# on TP2 x EP2 DP rank 1 reads a and b and both ranks send units.
+        "domain_samples": {"a": {"train": 10, "valid": 1}, "b": {"train": 10, "valid": 1}}}
+# MIXED_UNITS cases read domains a and b 3:1, so the domain-affine placement gives domain a 3 of the 4
+# data-parallel slots and b 1: on 4 nodes a's level-1 experts span nodes 0-2 and b's are node 3's own, so with
+# units by expected share DP ranks 0-2 send 4 tier-2 units each and DP rank 3 none (R = 0 and R > 0 in one EP
+# group: every rank must still issue the same collectives).
+MIXED_UNITS = {"ep4_2tier_rre"}
 
 # name: (workers, tp, ep, router, overlap, groupwise)
 CASES = {
@@ -95,10 +96,18 @@ def topology_of(name, rank):
     return Topology(world_size=workers, tp=tp, ep=ep, num_experts=EXPERTS, devices_per_node=per_node, rank=rank)
 
 
-def global_batch(seed=7):
+def meta_of(name):
+    """The dataset meta of a case: domains 3:1 for MIXED_UNITS, else 1:1."""
+    if name not in MIXED_UNITS:
+        return META
+    return {**META, "domain_samples": {"a": {"train": 30, "valid": 1}, "b": {"train": 10, "valid": 1}}}
+
+
+def global_batch(name=None, seed=7):
     rng = np.random.RandomState(seed)
     ids = rng.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1)).astype(np.int32)  # [B, S+1]
-    domains = (np.arange(GLOBAL_BATCH) * 4 // GLOBAL_BATCH // 3).astype(np.int32)  # [B] a, a, a, b: as the placement reads
+    share_a = 3 if name in MIXED_UNITS else 2  # samples of domain a, first: as the placement reads them
+    domains = (np.arange(GLOBAL_BATCH) >= share_a).astype(np.int32)  # [B]
     return ids, domains
 
 
@@ -140,7 +149,7 @@ def build(name, ctx, output_dir, token_groups=1, group_ranks=None):
     from pangu_sigma.training.train import build_train_step
 
     ms.set_seed(11)
-    return build_train_step(case_config(name, output_dir), META, ctx, token_groups, group_ranks)
+    return build_train_step(case_config(name, output_dir), meta_of(name), ctx, token_groups, group_ranks)
 
 
 def reference(name, output_dir):
@@ -154,6 +163,6 @@ def reference(name, output_dir):
         from pangu_sigma.parallel.init_weights import initialise
         initialise(net, SEED_CASES[name], case_config(name, output_dir).model)
     initial = params_of(net)
-    losses, stats = run_steps(step_cell, *global_batch(), groups=dp)
+    losses, stats = run_steps(step_cell, *global_batch(name), groups=dp)
     moments = {p.name: p.asnumpy().copy() for p in step_cell.get_parameters() if p.name.startswith("adam_")}
     return initial, losses, params_of(net), stats, moments
