@@ -394,7 +394,13 @@ class AllToAllV(_Collective):
         if self.identity:
             return
         if backend == "native":
+            # ops.AlltoAllV alone among the collectives used here is built without `no_eliminate`
+            # (mindspore/ops/operations/comm_ops.py:2026-2031, against AllReduce :185, AllGather :360,
+            # ReduceScatter :583, AlltoAll :948): set it as they do. Its bprop builds a fresh AlltoAllV
+            # without it (ops/_grad_experimental/grad_comm_ops.py:662), so the backward is kept alive by
+            # the data flow instead (locmoe.exchange.TieredExchange: no constant input, no unused output).
             self.op = ops.AlltoAllV(self.group)
+            self.op.add_prim_attr("no_eliminate", True)
             return
         widest = max(max(row) for row in blocks)
         self.widest = widest

@@ -44,7 +44,8 @@ class MoEConfig:
     vocab_size: token-id range of the hash and RRE tables.
     table_seed: seed of the fixed RRE table.
     expert_parallel: EP degree; tokens of ep ranks meet in the All-to-All.
-    comm_overlap_degree: chunks of the capacity dimension for compute/comm overlap.
+    comm_overlap_degree: chunks of the capacity dimension for compute/comm overlap (two tiers: of C_l
+        and of u alike, locmoe.tiers.tier_chunks).
     groupwise_a2a: group-wise All-to-All (EP slice per TP rank, then TP AllGather).
     comm_backend: auto (from the device target), native (HCCL ops) or emulated.
     """
@@ -121,9 +122,6 @@ class MoEConfig:
              f"a divisor of num_experts={self.num_experts}")
         need(is_int(self.comm_overlap_degree) and self.comm_overlap_degree >= 1, "comm_overlap_degree",
              "an integer >= 1")
-        need(self.remote_capacity_factor == 0 or self.comm_overlap_degree == 1, "comm_overlap_degree",
-             "1 when remote_capacity_factor > 0 (the two-tier exchange does not split capacity into overlap "
-             "chunks yet)")
         need(isinstance(self.groupwise_a2a, bool), "groupwise_a2a", "true or false")
         need(self.comm_backend in COMM_BACKENDS, "comm_backend", f"one of {list(COMM_BACKENDS)}")
 

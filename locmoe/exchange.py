@@ -15,6 +15,7 @@ ReduceScatter over TP sums the partial outputs and leaves each TP rank its
 slice, which goes back through the EP All-to-All and is AllGathered over TP.
 """
 import numpy as np
+import mindspore as ms
 from mindspore import nn, ops, Tensor
 
 from locmoe.comm import AllGather, AllReduce, AllToAll, AllToAllV, ReduceScatter, take_rows
@@ -109,6 +110,24 @@ def register_exchange_bytes(counter, topology, num_experts, capacity, hidden, dt
 
 
 # ---- two tiers: node-local rows never enter the inter-node exchange ------------------
+def placeholder_rows(local, unit):
+    """local [n, c, d] -> [1, unit, d], copies of its first row: the tier-2 placeholder of a rank with no
+    units. Built from data, not ops.zeros: with a constant input GRAPH-mode autodiff drops the
+    AllToAllV's backward on this rank only (its peers would wait in theirs)."""
+    hidden = local.shape[-1]
+    first = ops.zeros((unit,), ms.int32)  # [u]: row 0, u times
+    return ops.gather(local.reshape(-1, hidden), first, 0).reshape(1, unit, hidden)  # [1, u, d]
+
+
+def skip_rows(kept, unused):
+    """kept [n, c, d] unchanged, but computed from (kept; unused) by a gather that never reads `unused`:
+    `unused`'s collectives stay in the graph (forward and backward; its gradient is zero)."""
+    hidden = kept.shape[-1]
+    rows = kept.shape[0] * kept.shape[1]
+    both = ops.concat((kept.reshape(-1, hidden), unused.reshape(-1, hidden)), 0)  # [n*c + m, d]
+    return ops.gather(both, ops.arange(0, rows, 1, dtype=ms.int32), 0).reshape(kept.shape)  # [n, c, d]
+
+
 class TieredExchange(nn.Cell):
     """The two-tier exchange (DESIGN: locality saves bytes only if fewer rows cross nodes).
 
@@ -122,8 +141,19 @@ class TieredExchange(nn.Cell):
       their expected share. Both backends (native AlltoAllV, emulated) send the same blocks;
       nothing goes to my own node's members (tier 1 serves them).
     With TP > 1 and group-wise mode each TP rank sends 1/TP of each tier's rows and an
-    AllGather over TP restores them (C_l, u are multiples of TP), as TokenExchange.
+    AllGather over TP restores them (C_l, u are multiples of TP), as TokenExchange; except
+    tier 1 when the node holds one EP member (m = 1): its All-to-All is the identity, so the
+    TP slice + AllGather would only rebuild what every TP rank holds; the full rows go to the
+    experts and one TP AllReduce sums their partial outputs (same bytes as the ReduceScatter +
+    AllGather it replaces, and no dispatch AllGather).
     The expert sees [E/ep, m * C_l + W * u, d] rows (W: RemotePlan.width; zeros in free slots).
+
+    Every member of an EP group issues the same collectives in the same order, whatever its
+    units (R = 0 too): a rank with no units sends tier 2 a placeholder built from its local rows
+    (never a constant, so autodiff keeps the AllToAllV's backward: a constant input would
+    prune it in GRAPH mode while the peers wait in theirs), and its returned placeholder is
+    folded into the tier-1 result by a gather that never reads it (so the combine AllToAllV and
+    its backward are not eliminated as unused). Both carry zero gradient; values are unchanged.
     """
 
     def __init__(self, topology, num_experts, backend, groupwise, name="moe", units=None):
@@ -139,6 +169,7 @@ class TieredExchange(nn.Cell):
         self.members = len(members)
         self.num_local = self.members * self.rank_experts
         self.has_remote = self.members < self.ep  # else the whole EP group is on this node: tier 1 only
+        self.slice_local = self.groupwise and self.members > 1  # m = 1: tier 1 is the identity, no TP slicing
         plan = RemotePlan(topology, self.units)
         self.plan = plan
         self.width = plan.width
@@ -160,8 +191,8 @@ class TieredExchange(nn.Cell):
         self.ar_local = AllReduce(tp_group, backend, topology, f"{name}_tp_all_reduce_local")
         self.ar_remote = AllReduce(tp_group, backend, topology, f"{name}_tp_all_reduce_remote")
 
-    def _slice(self, rows):
-        if not self.groupwise:
+    def _slice(self, rows, sliced=True):
+        if not (self.groupwise and sliced):
             return rows
         width = rows.shape[1] // self.tp
         return rows[:, self.tp_rank * width:(self.tp_rank + 1) * width]  # [n, c/tp, d]
@@ -169,16 +200,16 @@ class TieredExchange(nn.Cell):
     def to_experts(self, local, remote, unit):
         """local [n_l, C_l, d], remote [R, u, d] (my units; None when R = 0) -> [E/ep, m * C_l + W * u, d]."""
         hidden = local.shape[-1]
-        local = self._slice(local)
-        part_l = local.shape[1]
-        got_l = self.a2a_local_in(local.reshape(self.members, self.rank_experts, part_l, hidden))  # [m, E/ep, c_l', d]
-        if self.groupwise:
+        sent_l = self._slice(local, self.slice_local)
+        part_l = sent_l.shape[1]
+        got_l = self.a2a_local_in(sent_l.reshape(self.members, self.rank_experts, part_l, hidden))  # [m, E/ep, c_l', d]
+        if self.slice_local:
             got_l = self.gather_local_in(got_l)  # [m, E/ep, C_l, d]
         rows_l = got_l.transpose(1, 0, 2, 3).reshape(self.rank_experts, -1, hidden)  # [E/ep, m*C_l, d]
         if not self.has_remote:
             return rows_l
         if remote is None:  # I send nothing across nodes, but take part (and may receive)
-            remote = ops.zeros((1, unit, hidden), local.dtype)  # [1, u, d]: the placeholder reads zeros
+            remote = placeholder_rows(local, unit)  # [1, u, d]: read by nobody, built from data
         remote = self._slice(remote)  # [R, u', d]
         got_r = self.a2a_remote_in(take_rows(remote, self.send_index))  # [n_recv, u', d]
         if self.groupwise:
@@ -187,15 +218,15 @@ class TieredExchange(nn.Cell):
         return ops.concat((rows_l, rows_r), 1)  # [E/ep, m*C_l + W*u, d]
 
     def from_experts(self, outputs, local_capacity, unit):
-        """[E/ep, m * C_l + W * u, d] partial outputs -> (local [n_l, C_l, d], remote [R, u, d])."""
+        """[E/ep, m * C_l + W * u, d] partial outputs -> (local [n_l, C_l, d], remote [R, u, d]; None when R = 0)."""
         hidden = outputs.shape[-1]
         split = self.members * local_capacity
         out_l = outputs[:, :split].reshape(self.rank_experts, self.members, local_capacity, hidden)
         out_l = out_l.transpose(1, 0, 2, 3)  # [m, E/ep, C_l, d]
-        out_l = self.rs_local(out_l) if self.groupwise else self.ar_local(out_l)  # summed over TP
+        out_l = self.rs_local(out_l) if self.slice_local else self.ar_local(out_l)  # summed over TP
         back_l = self.a2a_local_out(out_l)  # [m, E/ep, c_l', d]
         back_l = back_l.reshape(self.num_local, back_l.shape[2], hidden)  # [n_l, c_l', d]
-        if self.groupwise:
+        if self.slice_local:
             back_l = self.gather_local_out(back_l)  # [n_l, C_l, d]
         if not self.has_remote:
             return back_l, None
@@ -205,8 +236,8 @@ class TieredExchange(nn.Cell):
         back_r = self.a2a_remote_out(out_r)  # [n_send, u', d]
         if self.groupwise:
             back_r = self.gather_remote_out(back_r)  # [n_send, u, d]
-        if not self.plan.units:
-            return back_l, None
+        if not self.plan.units:  # R = 0: back_r is my placeholder; consumed, never read
+            return skip_rows(back_l, back_r), None
         return back_l, ops.gather(back_r, self.unsend_index, 0)  # [R, u, d]
 
     def register_bytes(self, counter, num_experts, local_capacity, unit, hidden, dtype, layers=1):
@@ -218,13 +249,16 @@ def register_tiered_exchange_bytes(counter, topology, num_experts, local_capacit
                                    groupwise, layers=1, units=None):
     """Bytes of one step of `layers` MoE layers as TieredExchange moves them (forward and
     backward alike): tier 1 over this node's EP members, tier 2's AllToAllV over the EP group
-    (units [dp, E]: locmoe.tiers.unit_table, None: one per remote expert; u rows each)."""
+    (units [dp, E]: locmoe.tiers.unit_table, None: one per remote expert; u rows each).
+    Tier 1 of a node holding one EP member is unsliced: one TP AllReduce of its partial outputs,
+    no AllGathers. Overlap chunks (locmoe.tiers.tier_chunks) split the rows, not the bytes."""
     ep, tp = topology.ep, topology.tp
     groupwise = bool(groupwise) and tp > 1
     units = unit_table(topology) if units is None else units
     rank_experts = num_experts // ep
     members = node_members(topology)
-    part_l = local_capacity // tp if groupwise else local_capacity
+    sliced_l = groupwise and len(members) > 1  # one member per node: tier 1 unsliced (TieredExchange.slice_local)
+    part_l = local_capacity // tp if sliced_l else local_capacity
     part_r = unit // tp if groupwise else unit
     calls = 2 * layers
     node_family = topology.distinct_groups(lambda r: node_members(topology, r))
@@ -235,7 +269,7 @@ def register_tiered_exchange_bytes(counter, topology, num_experts, local_capacit
     tp_group = topology.tp_group()
     num_local = len(members) * rank_experts
     _register_tp(counter, "local", tp_group, tp_family, [local_shape] * len(tp_family), local_capacity, part_l,
-                 [num_local] * len(tp_family), hidden, dtype, calls, groupwise, tp)
+                 [num_local] * len(tp_family), hidden, dtype, calls, sliced_l, tp)
     if len(members) == ep:  # the whole EP group on one node: tier 1 only
         return counter
     forward = [(group, remote_blocks(topology, units, group[0])) for group in topology.all_groups("ep")]

@@ -14,7 +14,7 @@ from locmoe.capacity import expert_capacity
 from locmoe.dispatch import (assign_slots, assign_tiered_slots, combine, dispatch, expert_rows_index, gather_rows,
                              tier_layout, token_of_slot)
 from locmoe.exchange import TieredExchange, TokenExchange
-from locmoe.tiers import unit_table
+from locmoe.tiers import tier_chunks, unit_table
 from locmoe.experts import BatchedExperts
 from locmoe.routers import build_router
 
@@ -156,10 +156,17 @@ class MoELayer(nn.Cell):
             remote = None
             if split < flat.shape[0]:
                 remote = flat[split:].reshape(self.max_units, unit, hidden)  # [R, u, d]
-            back_l, back_r = self.exchange.from_experts(self.experts(self.exchange.to_experts(local, remote, unit)),
-                                                        local_capacity, unit)
-            if back_r is None:
+            outs_l, outs_r = [], []
+            for (l0, l1), (r0, r1) in tier_chunks(local_capacity, unit, self.overlap_degree, self.capacity_multiple):
+                part_r = None if remote is None else remote[:, r0:r1]  # [R, u_k, d]
+                rows = self.exchange.to_experts(local[:, l0:l1], part_r, r1 - r0)  # [E/ep, m*C_lk + W*u_k, d]
+                back_l, back_r = self.exchange.from_experts(self.experts(rows), l1 - l0, r1 - r0)
+                outs_l.append(back_l)  # [n_l, C_lk, d]
+                outs_r.append(back_r)  # [R, u_k, d] or None (R = 0)
+            back_l = outs_l[0] if len(outs_l) == 1 else ops.concat(outs_l, 1)  # [n_l, C_l, d]
+            if remote is None:
                 return back_l.reshape(-1, hidden)
+            back_r = outs_r[0] if len(outs_r) == 1 else ops.concat(outs_r, 1)  # [R, u, d]
             return ops.concat((back_l.reshape(-1, hidden), back_r.reshape(-1, hidden)), 0)  # [S, d]
         widest = max(local_capacity, unit * self.max_pair_units)
         index = expert_rows_index(capacity, offset, slots, widest)  # [E*G*Cm]

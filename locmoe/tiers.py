@@ -103,3 +103,20 @@ class RemotePlan:
         self.recv = [len(held) * self.width if p is None else p for p in position]
         back = {u: n for n, u in enumerate(self.send) if u < self.units}
         self.unsend = [back[u] for u in range(self.units)]
+
+
+def tier_chunks(local_capacity, unit, degree, step):
+    """Overlap chunks of the two-tier exchange: ((l0, l1), (r0, r1)) per chunk, slices of the C_l rows of
+    every local pair and of the u rows of every tier-2 unit, both cut on multiples of `step` (TP in
+    group-wise mode). min(degree, C_l / step, u / step) chunks, so that every chunk carries both tiers;
+    each chunk's exchange is independent of the others' expert compute (rows are independent)."""
+    count = min(degree, local_capacity // step, unit // step)
+    bounds = []
+    for size in (local_capacity, unit):
+        blocks, start, cuts = size // step, 0, []
+        for i in range(count):
+            stop = start + step * (blocks // count + (1 if i < blocks % count else 0))
+            cuts.append((start, stop))
+            start = stop
+        bounds.append(cuts)
+    return list(zip(bounds[0], bounds[1]))

@@ -15,6 +15,11 @@ from locmoe.topology import Topology
 VOCAB, SEQ, EXPERTS, GLOBAL_BATCH, STEPS = 64, 8, 4, 4, 2
 META = {"vocab_size": VOCAB, "seq_length": SEQ, "domains": ["a", "b"],
         "domain_samples": {"a": {"train": 10, "valid": 1}, "b": {"train": 10, "valid": 1}}}
+# MIXED_UNITS cases read domains a and b 3:1, so the domain-affine placement gives domain a 3 of the 4
+# data-parallel slots and b 1: on 4 nodes a's level-1 experts span nodes 0-2 and b's are node 3's own, so with
+# units by expected share DP ranks 0-2 send 4 tier-2 units each and DP rank 3 none (R = 0 and R > 0 in one EP
+# group: every rank must still issue the same collectives).
+MIXED_UNITS = {"ep4_2tier_rre"}
 
 # name: (workers, tp, ep, router, overlap, groupwise)
 CASES = {
@@ -30,8 +35,8 @@ CASES = {
     "tp2_ep2_seed": (4, 2, 2, "locmoe", 1, True),
     # two-tier exchange + domain-affine placement: nodes {0, 1} and {2, 3}
     "ep4_2tier_locmoe": (4, 1, 4, "locmoe", 1, True),
-    "ep4_2tier_switch": (4, 1, 4, "switch", 1, True),
-    "ep4_2tier_hash": (4, 1, 4, "hash", 1, True),
+    "ep4_2tier_switch": (4, 1, 4, "switch", 2, True),  # overlap: 2 chunks through both tiers
+    "ep4_2tier_hash": (4, 1, 4, "hash", 3, True),  # 3 chunks (u = 3 rows, OPTIONS)
     "ep4_2tier_rre": (4, 1, 4, "rre", 1, True),
     "tp2_ep2_2tier": (4, 2, 2, "locmoe", 1, True),
     # optimizer-state sharding (ZeRO-1)
@@ -41,7 +46,7 @@ CASES = {
     "ep2_zero_accum": (2, 1, 2, "locmoe", 1, True),
 }
 # Extra config fields of a case. The two-tier cases with one unit per remote expert (switch, hash) drop in the
-# remote tier (C_r = 2 of 8 tokens); locmoe and rre send their remote level-1 expert 8 units of 1 row (no drops).
+# remote tier (C_r = 2 of 8 tokens; hash 3); locmoe and rre send units of 1 row by the pairs' expected shares.
 # The single-process reference ignores optimizer_shard: it is the unsharded run the sharded msrun
 # run must equal.
 TWO_TIER = {"moe": {"remote_capacity_factor": 1.0}, "data": {"placement": "domain_affine"}}
@@ -50,6 +55,7 @@ TWO_TIER = {"moe": {"remote_capacity_factor": 1.0}, "data": {"placement": "domai
 TWO_TIER_4_NODES = {**TWO_TIER, "parallel": {"devices_per_node": 1}}
 OPTIONS = {
     **{name: TWO_TIER_4_NODES if name.startswith("ep4") else TWO_TIER for name in CASES if "2tier" in name},
+    "ep4_2tier_hash": {**TWO_TIER_4_NODES, "moe": {"remote_capacity_factor": 1.5}},  # u = ceil(8 * 1.5 / 4) = 3
     "dp2_zero": {"parallel": {"optimizer_shard": True}},
     "tp2_ep2_zero": {"parallel": {"optimizer_shard": True}},
     "ep2_zero_accum": {"parallel": {"optimizer_shard": True}, "train": {"gradient_accumulation_steps": 2}},
@@ -90,10 +96,18 @@ def topology_of(name, rank):
     return Topology(world_size=workers, tp=tp, ep=ep, num_experts=EXPERTS, devices_per_node=per_node, rank=rank)
 
 
-def global_batch(seed=7):
+def meta_of(name):
+    """The dataset meta of a case: domains 3:1 for MIXED_UNITS, else 1:1."""
+    if name not in MIXED_UNITS:
+        return META
+    return {**META, "domain_samples": {"a": {"train": 30, "valid": 1}, "b": {"train": 10, "valid": 1}}}
+
+
+def global_batch(name=None, seed=7):
     rng = np.random.RandomState(seed)
     ids = rng.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1)).astype(np.int32)  # [B, S+1]
-    domains = (np.arange(GLOBAL_BATCH) * 2 // GLOBAL_BATCH).astype(np.int32)  # [B]: as a domain-affine placement reads
+    share_a = 3 if name in MIXED_UNITS else 2  # samples of domain a, first: as the placement reads them
+    domains = (np.arange(GLOBAL_BATCH) >= share_a).astype(np.int32)  # [B]
     return ids, domains
 
 
@@ -135,7 +149,7 @@ def build(name, ctx, output_dir, token_groups=1, group_ranks=None):
     from pangu_sigma.training.train import build_train_step
 
     ms.set_seed(11)
-    return build_train_step(case_config(name, output_dir), META, ctx, token_groups, group_ranks)
+    return build_train_step(case_config(name, output_dir), meta_of(name), ctx, token_groups, group_ranks)
 
 
 def reference(name, output_dir):
@@ -149,6 +163,6 @@ def reference(name, output_dir):
         from pangu_sigma.parallel.init_weights import initialise
         initialise(net, SEED_CASES[name], case_config(name, output_dir).model)
     initial = params_of(net)
-    losses, stats = run_steps(step_cell, *global_batch(), groups=dp)
+    losses, stats = run_steps(step_cell, *global_batch(name), groups=dp)
     moments = {p.name: p.asnumpy().copy() for p in step_cell.get_parameters() if p.name.startswith("adam_")}
     return initial, losses, params_of(net), stats, moments

@@ -1,7 +1,8 @@
 """The same model, weights and global batch as 1 process and as msrun CPU workers
 (DP2, EP2 for all four routers, EP2 with overlap 2, TP2, TP2 x EP2 group-wise; TP2 and TP2 x EP2
 started from the seed with no initial checkpoint; the two-tier exchange with domain-affine placement
-for all four routers and TP2 x EP2; DP2 and TP2 x DP2 x EP2 with optimizer-state sharding; EP2 with
+for all four routers and TP2 x EP2 (Switch in 2 overlap chunks, Hash in 3, RRE with a rank that sends no
+tier-2 units among ranks that do); DP2 and TP2 x DP2 x EP2 with optimizer-state sharding; EP2 with
 sharding and gradient accumulation over 2 micro-batches, against the single process accumulating alike): same
 losses and same parameters after 2 optimizer steps (relative difference <= 1e-5), the same logged
 drops per tier and node-local tokens per data-parallel rank (exact counts); from the seed the

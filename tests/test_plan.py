@@ -135,11 +135,18 @@ def test_two_tier_bytes_128n_by_hand(capsys):
     # tier 2: one [C_r/8, d] block per remote expert out and back; 15 blocks leave the node (the AllToAllV's
     # placeholder to itself stays). Tier 1 is a group of one rank: no bytes.
     inter = passes * 2 * 15 * block_r
-    # inside the node (TP 8): per tier the AllGather of the received slices, the ReduceScatter of
-    # the partial outputs, the AllGather of the returned slices, each to 7 ranks; tier 2's carry
-    # 15 blocks and the placeholder
-    intra = passes * 7 * (16 * block_r + 16 * block_r + 16 * block_r + 3 * block_l)
+    # inside the node (TP 8): tier 2's AllGather of the received slices, ReduceScatter of the partial
+    # outputs, AllGather of the returned slices, each to 7 ranks, carrying 15 blocks and the placeholder;
+    # tier 1 (the node's one EP member: its All-to-All is the identity) unsliced, so no dispatch AllGather,
+    # and one ring AllReduce of the [1, 1, C, d] partial outputs: 2 * 7/8 of its 8 slices (the sliced form
+    # sent 3 x 7 slices)
+    intra = passes * (7 * 3 * 16 * block_r + 2 * 7 * block_l)
     assert p["a2a_bytes_per_step"] == {"intra": intra, "inter": inter}
+    # train.recompute block sends the MoE collectives once (kept out of recomputation) but re-runs the
+    # TP AllReduce of every row-parallel linear in a recomputed cell: the attention of 39 blocks + the query
+    # layer, the dense FFN of 31 blocks + the query layer, [4096, d] fp16 each, ring of 8: 2 * 7/8 of it
+    resent = 8 * (40 + 32) * 2 * 7 * (4096 * D * 2) // 8
+    assert p["a2a_detail"]["recompute_resent"] == {"intra": resent, "inter": 0}
     one_tier = plan_json(capsys, "--config", config_path("switch_128n.yaml"), "--world-size", 128)
     assert inter / one_tier["a2a_bytes_per_step"]["inter"] == pytest.approx(64 / 160)
 

@@ -82,3 +82,31 @@ def test_recompute_marks_cells():
 def test_bad_recompute_level_is_a_config_error():
     with pytest.raises(ConfigError, match="train.recompute"):
         _config("full", "unused")
+
+
+def test_block_recompute_keeps_every_collective_primitive():
+    """_keep_communication marks every collective primitive of the MoE layer as not recomputed, the two-tier
+    exchange's AlltoAllV too (not a subclass of AlltoAll). Primitives built without a communicator (their
+    constructors need init()); the row-parallel AllReduce outside the MoE layer stays recomputed."""
+    from mindspore import nn, ops
+    from mindspore.ops import Primitive
+    from pangu_sigma.model.recompute import _keep_communication, resent_calls
+
+    def bare(cls):
+        prim = cls.__new__(cls)
+        Primitive.__init__(prim, cls.__name__)
+        return prim
+
+    class Holder(nn.Cell):
+        def __init__(self, prim):
+            super().__init__()
+            self.op = prim
+
+    kinds = (ops.AllReduce, ops.AllGather, ops.AlltoAll, ops.AlltoAllV, ops.ReduceScatter)
+    moe = nn.CellList([Holder(bare(cls)) for cls in kinds])
+    _keep_communication(moe)
+    assert [cell.op.attrs.get("recompute") for cell in moe] == [False] * len(kinds)
+    # what is re-sent: row-parallel AllReduces only (attention: L + 1 cells; block: + the L - M + 1 dense FFNs)
+    assert resent_calls("none", 39, 8) == {"tp_row_linear": 0, "moe_exchange": 0}
+    assert resent_calls("attention", 39, 8) == {"tp_row_linear": 40, "moe_exchange": 0}
+    assert resent_calls("block", 39, 8) == {"tp_row_linear": 72, "moe_exchange": 0}

@@ -3,6 +3,8 @@ board standing in for the collectives (each round records every rank's send buff
 answers from the previous round's; chained collectives settle after a few rounds),
 checked against the tier layout written out here in numpy: EP only (4 ranks) and
 TP 2 x EP in group-wise mode (each TP rank sends 1/TP of each tier's capacity)."""
+from collections import Counter
+
 import numpy as np
 import pytest
 import mindspore as ms
@@ -19,7 +21,13 @@ MAX_ROUNDS = 10  # > the longest chain of collectives (5 in a layer: A2A, gather
 
 class Board:
     def __init__(self):
-        self.sent, self.prev = {}, {}
+        self.sent, self.prev, self.calls = {}, {}, {}
+
+    def key(self, name, rank):
+        """(name, rank, n): the n-th call of a collective by rank in this round (a cell runs once per chunk)."""
+        n = self.calls.get((name, rank), 0)
+        self.calls[(name, rank)] = n + 1
+        return name, rank, n
 
 
 BOARD = Board()
@@ -35,8 +43,9 @@ class _Fake(nn.Cell):
         self.dim = args[0] if isinstance(args[0], int) else None
 
     def construct(self, x):
-        BOARD.sent[(self.name, self.me)] = x.asnumpy()
-        sent = [BOARD.prev.get((self.name, src)) for src in self.group]
+        name, _, n = key = BOARD.key(self.name, self.me)
+        BOARD.sent[key] = x.asnumpy()
+        sent = [BOARD.prev.get((name, src, n)) for src in self.group]
         if any(s is None or s.shape != x.shape for s in sent):
             return self.empty(x)
         return Tensor(self.answer(sent, self.group.index(self.me)))
@@ -60,8 +69,9 @@ class FakeAllToAllV(_Fake):
                                for i, s in enumerate(sent)])
 
     def construct(self, x):
-        BOARD.sent[(self.name, self.me)] = x.asnumpy()
-        sent = [BOARD.prev.get((self.name, src)) for src in self.group]
+        name, _, n = key = BOARD.key(self.name, self.me)
+        BOARD.sent[key] = x.asnumpy()
+        sent = [BOARD.prev.get((name, src, n)) for src in self.group]
         mine = self.group.index(self.me)
         if any(s is None or s.shape[1:] != x.shape[1:] for s in sent):
             return ops.zeros((sum(row[mine] for row in self.blocks),) + x.shape[1:], x.dtype)
@@ -107,6 +117,7 @@ def _rounds(run, ranks):
     receives what it received the round before (a fixed point: every answer is the true one)."""
     BOARD.sent, BOARD.prev = {}, {}
     for _ in range(MAX_ROUNDS):
+        BOARD.calls = {}
         results = {r: run(r) for r in ranks}
         settled = BOARD.prev.keys() == BOARD.sent.keys() and all(
             np.array_equal(BOARD.prev[k], v) for k, v in BOARD.sent.items())
@@ -124,8 +135,9 @@ LAYOUTS = {  # name: (world, tp, ep, devices_per_node); 2 nodes each
 
 
 def uneven_units(dp):
-    """[dp, E]: each data-parallel rank sends each expert a different number of units (0: none)."""
-    pattern = np.array([[2, 1, 0, 0, 1, 0, 3, 0], [0, 0, 1, 1, 0, 0, 2, 1],
+    """[dp, E]: each data-parallel rank sends each expert a different number of units (0: none). On 2 nodes of
+    one DP rank each (tp2_ep2) DP rank 1 has no units at all (R = 0) while DP rank 0 has 4."""
+    pattern = np.array([[2, 1, 0, 0, 1, 0, 3, 0], [0, 0, 0, 0, 0, 0, 2, 1],
                         [1, 0, 0, 0, 1, 2, 1, 1], [0, 3, 0, 1, 0, 0, 0, 0]], np.int64)
     return pattern[np.arange(dp) % 4]
 
@@ -151,7 +163,8 @@ def test_tiers_reach_the_right_experts_and_come_back(fake_collectives, layout, u
     remote_by_dp = [rng.normal(size=(len(unit_owner[s]), CR, D)).astype(np.float32) for s in range(dp)]
     local = {r: local_by_dp[r // tp] for r in range(world)}  # the TP ranks of a group hold the same tokens
     remote = {r: remote_by_dp[r // tp] for r in range(world)}
-    got = _rounds(lambda r: [cells[r].to_experts(Tensor(local[r]), Tensor(remote[r]), CR).asnumpy()], range(world))
+    mine_or_none = lambda r: Tensor(remote[r]) if len(remote[r]) else None  # R = 0: no remote buffer
+    got = _rounds(lambda r: [cells[r].to_experts(Tensor(local[r]), mine_or_none(r), CR).asnumpy()], range(world))
     per_rank = E // ep
     for r in range(world):
         group = [(r // tp // ep * ep + i) * tp + r % tp for i in range(ep)]  # my EP group
@@ -173,14 +186,17 @@ def test_tiers_reach_the_right_experts_and_come_back(fake_collectives, layout, u
     def back_of(r):
         mine = np.arange((r // tp % ep) * per_rank, (r // tp % ep + 1) * per_rank, dtype=np.float32)
         partial = got[r][0] * ((mine + 1) * share[r % tp])[:, None, None]
-        return [t.asnumpy() for t in cells[r].from_experts(Tensor(partial), CL, CR)]
+        return [None if t is None else t.asnumpy() for t in cells[r].from_experts(Tensor(partial), CL, CR)]
 
     back = _rounds(back_of, range(world))
     for r in range(world):
         scale_l = (np.array(local_ids[r]) + 1)[:, None, None]
         scale_r = (np.array(unit_owner[r // tp]) + 1)[:, None, None]
         np.testing.assert_allclose(back[r][0], local[r] * scale_l, rtol=1e-5)
-        np.testing.assert_allclose(back[r][1], remote[r] * scale_r, rtol=1e-5)
+        if len(remote[r]):
+            np.testing.assert_allclose(back[r][1], remote[r] * scale_r, rtol=1e-5)
+        else:
+            assert back[r][1] is None
 
 
 def test_tiered_bytes_follow_the_remote_capacity():
@@ -216,27 +232,31 @@ def test_tiered_bytes_group_wise_tp_by_hand():
     totals = exchange.register_tiered_exchange_bytes(CommCounter(topo), topo, E, 4, 2, D, "float32", True).totals()
     # tier 2: 4 blocks [C_r/2 = 1, 4] fp32 = 64 B to rank 2 on node 1; dispatch + combine
     inter = 2 * 2 * 64
-    # over TP (rank 1, same node), each x 2 calls: gather [1, 4, 2, 4] 128 B, reduce-scatter [1, 4, 4, 4] half of
-    # 256 B, gather back [4, 2, 4] 128 B; remote: the 4 blocks from rank 2 and the placeholder to myself, each
+    # over TP (rank 1, same node), each x 2 calls: tier 1 is the node's one EP member, so no TP slice and no
+    # dispatch gather (it would rebuild what both TP ranks hold): one AllReduce of the partial outputs
+    # [1, 4, 4, 4] 256 B, a ring of 2 sends 2 * 1/2 of it = 256 B (the sliced form sent 128 + 128 + 128);
+    # remote: the 4 blocks from rank 2 and the placeholder to myself, each
     # [C_r/2 = 1, 4]: gather [5, 1, 4] 80 B, reduce-scatter half of [5, 2, 4] 160 B, gather back [5, 1, 4] 80 B
-    intra = 2 * (128 + 128 + 128) + 2 * (80 + 80 + 80)
+    intra = 2 * 256 + 2 * (80 + 80 + 80)
     assert totals == {"inter": inter, "intra": intra}
 
 
-@pytest.mark.parametrize("uneven", [False, True], ids=["uniform", "units"])
-@pytest.mark.parametrize("layout", ["tp2_ep4", "tp2_ep2"])
-def test_two_tier_layer_on_every_rank_equals_the_single_process(fake_collectives, layout, uneven):
+@pytest.mark.parametrize("layout, uneven, overlap", [("tp2_ep4", False, 1), ("tp2_ep4", True, 1),
+                                                     ("tp2_ep2", False, 3), ("tp2_ep2", True, 2)])
+def test_two_tier_layer_on_every_rank_equals_the_single_process(fake_collectives, layout, uneven, overlap):
     """The whole MoELayer, distributed over a TP2 x EP layout (group-wise, TP-sharded experts) with
     every rank against the recorded collectives, gives each rank's token group the output and the
-    counts of the single-process layer whose token groups pose as the ranks (drops in both tiers)."""
+    counts of the single-process layer whose token groups pose as the ranks (drops in both tiers), at
+    overlap degree 1 and in chunks through both tiers (degrees 2 and 3: locmoe.tiers.tier_chunks); with
+    units on tp2_ep2, DP rank 1 has none (R = 0) and DP rank 0 has 4."""
     from locmoe.config import MoEConfig
     from locmoe.layer import MoELayer
     from locmoe.parallel_context import ParallelContext
 
     world, tp, ep, per_node = LAYOUTS[layout]
-    dp, seq, hidden, ffn = world // tp, 32, 8, 16
-    cfg = MoEConfig(num_experts=E, router="switch", capacity_factor=1.0, remote_capacity_factor=0.25,
-                    expert_parallel=ep, groupwise_a2a=True)
+    dp, seq, hidden, ffn = world // tp, 64, 8, 16
+    cfg = MoEConfig(num_experts=E, router="switch", capacity_factor=1.0, remote_capacity_factor=0.75,
+                    expert_parallel=ep, groupwise_a2a=True, comm_overlap_degree=overlap)
     topo = lambda r: Topology(world_size=world, tp=tp, ep=ep, num_experts=E, devices_per_node=per_node, rank=r)
     ms.set_seed(3)
     units = uneven_units(dp) if uneven else None  # tokens routed to a pair of 0 units: dropped
@@ -254,7 +274,7 @@ def test_two_tier_layer_on_every_rank_equals_the_single_process(fake_collectives
     # remote expert (u = ceil(T f_r / (quanta E)) rounded up to a multiple of TP), none where units are 0
     index, keep = (t.asnumpy() for t in ref.route(Tensor(x), Tensor(tok), Tensor(dom)))  # [G, T] each
     cap_l = -(-int(np.ceil(seq * 1.0 / E)) // tp) * tp  # capacity_factor 1.0
-    unit = -(-int(np.ceil(seq * 0.25 / (quanta * E))) // tp) * tp  # remote_capacity_factor 0.25
+    unit = -(-int(np.ceil(seq * 0.75 / (quanta * E))) // tp) * tp  # remote_capacity_factor 0.75
     for g in range(dp):
         node_experts = topo(g * tp).local_experts()
         limit = [cap_l if e in node_experts else unit * (1 if units is None else units[g][e]) for e in range(E)]
@@ -262,6 +282,9 @@ def test_two_tier_layer_on_every_rank_equals_the_single_process(fake_collectives
         for t_, e in enumerate(index[g]):
             assert keep[g][t_] == (used[e] < limit[e]), (g, t_, e)
             used[e] += 1
+    from locmoe.tiers import tier_chunks
+    chunks = len(tier_chunks(cap_l, unit, overlap, tp))
+    assert chunks == min(overlap, cap_l // tp, unit // tp) and (overlap == 1) == (chunks == 1)
     params = {k: p.asnumpy() for k, p in ref.parameters_dict().items()}
     layers = {}
     for r in range(world):
@@ -291,3 +314,111 @@ def test_two_tier_layer_on_every_rank_equals_the_single_process(fake_collectives
     summed = [sum(got[r][i] for r in range(world)) / tp for i in range(1, 6)]
     for i, name in enumerate(["load", "dropped", "local", "dropped_remote", "local_by_rank"]):
         np.testing.assert_array_equal(summed[i], ref_stats[i], err_msg=name)
+
+
+# ---- GRAPH mode: every rank issues the same collectives, whatever its tier-2 units ----------------
+ISSUED = {}  # rank -> [(collective, "fwd" / "bwd")] in the order the stand-ins ran
+
+
+def _recording(rank, name, out_shape):
+    """A pyfunc kernel standing in for one collective on `rank`: zeros of the collective's output shape,
+    its run recorded (its backward too). Like a collective without side effects it is pruned when its
+    output is unused, and its backward when no gradient needs it (a constant input)."""
+    def forward(x):  # recorded with the rows of the chunk (x [..., rows, d]): chunks of unequal widths
+        ISSUED[rank].append((name, "fwd", x.shape[-2]))
+        return np.zeros(out_shape(x.shape), x.dtype)
+
+    def backward(x, dout):
+        ISSUED[rank].append((name, "bwd", x.shape[-2]))
+        return np.zeros_like(x)
+
+    back = ops.Custom(backward, out_shape=lambda xs, ds: xs, out_dtype=lambda xt, dt: xt, func_type="pyfunc")
+
+    def bprop(x, out, dout):
+        return (back(x, dout),)
+
+    return ops.Custom(forward, out_shape=out_shape, out_dtype=lambda t: t, func_type="pyfunc", bprop=bprop)
+
+
+class _StandIn(nn.Cell):
+    """The locmoe.comm signature (group, [dim or blocks], backend, topology, name); a group of one is the
+    identity, as in locmoe.comm."""
+
+    def __init__(self, group, *args):
+        super().__init__()
+        topology, name = args[-2:]
+        self.group, self.me = sorted(group), topology.rank
+        self.identity = len(self.group) == 1
+        self.op = _recording(self.me, name, self.shape_of(args[0] if isinstance(args[0], (int, list)) else None))
+
+    def construct(self, x):
+        if self.identity:
+            return x
+        return self.op(x)
+
+
+class StandInAllToAll(_StandIn):
+    def shape_of(self, _):
+        return lambda s: s
+
+
+class StandInAllToAllV(_StandIn):
+    def shape_of(self, blocks):
+        recv = sum(row[self.group.index(self.me)] for row in blocks)
+        return lambda s: [recv] + list(s[1:])
+
+
+class StandInAllGather(_StandIn):
+    def shape_of(self, dim):
+        return lambda s: [n * len(self.group) if i == dim % len(s) else n for i, n in enumerate(s)]
+
+
+class StandInReduceScatter(_StandIn):
+    def shape_of(self, dim):
+        return lambda s: [n // len(self.group) if i == dim % len(s) else n for i, n in enumerate(s)]
+
+
+class StandInAllReduce(_StandIn):
+    def shape_of(self, _):
+        return lambda s: s
+
+
+def test_every_rank_issues_the_same_collectives_with_and_without_units(monkeypatch):
+    """TP2 x EP2, one EP member per node (the shipped cluster shape), DP rank 0 with no tier-2 units
+    (R = 0) and DP rank 1 with 5: a training step of the MoELayer in GRAPH mode issues on both members
+    of EP group {0, 2} the same collectives in the same order, forward and backward, each overlap chunk
+    (degree 2) its own. (On 1a91f21, at degree 1, rank 0 ran the remote dispatch forward only.)"""
+    from locmoe.config import MoEConfig
+    from locmoe.layer import MoELayer
+    from locmoe.parallel_context import ParallelContext
+    from test_layer import _Sum
+
+    for name, fake in (("AllToAll", StandInAllToAll), ("AllToAllV", StandInAllToAllV),
+                       ("AllGather", StandInAllGather), ("ReduceScatter", StandInReduceScatter),
+                       ("AllReduce", StandInAllReduce)):
+        monkeypatch.setattr(exchange, name, fake)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    world, tp, ep, per_node = LAYOUTS["tp2_ep2"]
+    units = np.array([[0] * E, [3, 0, 2, 0, 0, 0, 0, 0]], np.int64)  # dp 0 (node 0): R = 0; dp 1: R = 5
+    overlap, ranks = 2, (0, 2)  # C_l = 6, u = 6 rows: 2 chunks of 4 and 2 (multiples of TP) in each tier
+    cfg = MoEConfig(num_experts=E, router="switch", capacity_factor=3.0, remote_capacity_factor=6.0,
+                    expert_parallel=ep, groupwise_a2a=True, comm_overlap_degree=overlap)
+    rng = np.random.default_rng(0)
+    x = Tensor(rng.normal(size=(1, 16, 8)).astype(np.float32))
+    tok, dom = Tensor(np.zeros((1, 16), np.int32)), Tensor(np.zeros(1, np.int32))
+    for r in ranks:
+        t = Topology(world_size=world, tp=tp, ep=ep, num_experts=E, devices_per_node=per_node, rank=r)
+        layer = MoELayer(cfg, 8, 16, t, parallel=ParallelContext(t, "emulated", True), remote_units=units,
+                         remote_quanta=2)
+        assert layer.max_units == (0 if r // tp == 0 else 5)
+        loss = _Sum(layer)  # sum(y^2) + aux + loc
+        ISSUED[r] = []
+        value, grads = ms.value_and_grad(loss, grad_position=0, weights=loss.trainable_params())(x, tok, dom)
+        [g.asnumpy() for g in (value, *grads[0:1], *grads[1])]  # wait for every kernel (they run asynchronously)
+    remote = [c for c in ISSUED[0] if "remote" in c[0] and "a2a" in c[0]]
+    assert sorted(remote) == sorted([(f"moe_a2a_remote_{k}", d, rows // tp) for k in ("dispatch", "combine")
+                                     for d in ("fwd", "bwd") for rows in (4, 2)])  # each chunk's TP slice
+    assert "moe_tp_gather_local_dispatch" not in {c[0] for c in ISSUED[0]}  # tier 1 unsliced (one member)
+    assert Counter(ISSUED[2]) == Counter(ISSUED[0])  # the same collectives, forward and backward
+    ep_order = [[c for c in ISSUED[r] if "a2a" in c[0]] for r in ranks]  # (the TP ones go to other groups)
+    assert ep_order[0] == ep_order[1]  # in the same order on the EP group, chunk by chunk

@@ -289,6 +289,15 @@ def test_overlap_hides_all_but_one_chunk():
     assert four["breakdown"]["overlapped"] == pytest.approx(8 * 8 * 0.75 * (min(a, x) + min(a, 2 * x)))
     for res in (one, four):
         assert sum(res["breakdown"].values()) == pytest.approx(res["step_time"])
+    # two tiers: 4 chunks of C_l = 3072 and u = 40 rows (multiples of TP 8: at most 40 / 8 = 5 chunks)
+    assert (layer["capacity"], layer["remote_capacity"], layer["chunks"]) == (3072, 40, 4)
+    assert simulate.run(cfg, world_size=128, overlap_degree=6, domain_sizes=SIZES)["layers"][0]["chunks"] == 5
+    # one EP member per node: tier 1 (the rank's own expert, C_l = 3072 rows) skips the dispatch AllGather over
+    # TP, which then carries only the tier-2 rows; the ReduceScatter still sums every row's partial outputs
+    # (PCIe-paced: 4 peers of the other HCCS half through one 32 GB/s port, as in the All-to-All by hand above)
+    parts = one["layers"][0]["comm"]
+    local_slice = (3072 // 8) * 5120 * 2  # the own expert's [C_l / TP, d] fp16 rows, to each TP peer
+    assert parts["tp_reducescatter_experts"] - parts["tp_allgather_dispatch"] == pytest.approx(4 * local_slice / 32e9)
 
 
 def test_simulate_cli(capsys):

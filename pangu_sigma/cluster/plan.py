@@ -188,6 +188,7 @@ def a2a_traffic(cfg, topology, placement=None):
     from locmoe.exchange import register_exchange_bytes, register_tiered_exchange_bytes
     from locmoe.placement import tier_units
     from locmoe.tiers import unit_table
+    from pangu_sigma.model.recompute import resent_calls
     m = cfg.model
     experts, tp = cfg.num_experts, topology.tp
     tokens = param_count.tokens_per_rank(cfg)
@@ -209,6 +210,11 @@ def a2a_traffic(cfg, topology, placement=None):
                                 groupwise, m.moe_layer_num)
     k = param_count.accumulation_steps(cfg)  # micro-batches per step, each with its own exchanges
     by_name = {name: {"intra": a * k, "inter": e * k} for name, (a, e) in counter.by_name().items()}
+    resent = CommCounter(topology)  # what train.recompute sends again (pangu_sigma.model.recompute)
+    for name, calls in resent_calls(cfg.train.recompute, m.num_layers, m.moe_layer_num).items():
+        if calls and name == "tp_row_linear":
+            resent.register(name, "all_reduce", topology.tp_group(), (tokens, m.hidden_size), cfg.compute_dtype,
+                            calls * k)
     itemsize = param_count.ITEMSIZE[cfg.compute_dtype]
     return {
         "tokens_per_rank": tokens,
@@ -224,6 +230,7 @@ def a2a_traffic(cfg, topology, placement=None):
         "per_device": {key: value * k for key, value in counter.totals().items()},
         "world": {key: value * k for key, value in counter.world_totals().items()},
         "by_collective": by_name,
+        "recompute_resent": resent.totals(),
     }
 
 
@@ -353,8 +360,7 @@ def make_plan(cfg, rank_table=None, world_size=None, devices_per_node=None, doma
         "a2a_bytes_per_step": traffic["per_device"],
         "a2a_bytes_per_step_world": traffic["world"],
         "a2a_detail": {k: traffic[k] for k in ("groupwise", "two_tier", "rows_per_rank", "buffer_bytes", "sent_bytes_per_call",
-                                               "calls_per_step",
-                                               "by_collective")},
+                                               "calls_per_step", "by_collective", "recompute_resent")},
         "hccl": hccl,
         "placement": cfg.data.placement,
         "domain_map": domain_map(placement, names),
@@ -477,6 +483,8 @@ def format_text(plan, config_path):
         f"inter-node {per['inter']:,} B ({_gib(per['inter'])})",
         f"  all devices intra-node {world['intra']:,} B ({_gib(world['intra'])}), "
         f"inter-node {world['inter']:,} B ({_gib(world['inter'])})",
+        f"  recompute {p['recompute']} sends again per device: MoE exchange 0 B (kept), TP row-linear AllReduces "
+        f"intra-node {_gib(d['recompute_resent']['intra'])}, inter-node {_gib(d['recompute_resent']['inter'])}",
     ]
     for name, b in d["by_collective"].items():
         lines.append(f"  {name:<13} per device intra {_gib(b['intra'])}, inter {_gib(b['inter'])}")

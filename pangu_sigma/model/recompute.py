@@ -34,8 +34,9 @@ cell's intermediates from its inputs instead of keeping them. Levels:
                block's input (the float32 residual stream, N*d*4 bytes) is kept,
                and one block's activations live at a time in the backward pass.
                In a sparse block the communication primitives of the MoE layer
-               (All-to-All, TP AllGather / ReduceScatter / AllReduce) are kept,
-               not recomputed, so the backward pass sends no extra tokens
+               (All-to-All, the two-tier exchange's AllToAllV, TP AllGather /
+               ReduceScatter / AllReduce) are kept, not recomputed, so the
+               backward pass sends no extra tokens
                (their outputs, the expert buffers, stay in memory; param_count
                counts them). The TP AllReduces of the row-parallel linears are
                recomputed with the block (intra-node, N*d per call), as Megatron does.
@@ -46,7 +47,9 @@ equality matters).
 from mindspore import ops
 
 RECOMPUTE_LEVELS = ("none", "attention", "block")
-_COMM_PRIMITIVES = (ops.AllReduce, ops.AllGather, ops.AlltoAll, ops.ReduceScatter)
+# ops.AlltoAllV is not a subclass of ops.AlltoAll (mindspore/ops/operations/comm_ops.py:856 and :1945, both
+# PrimitiveWithInfer): listed on its own, or recompute would re-send the tier-2 exchange.
+_COMM_PRIMITIVES = (ops.AllReduce, ops.AllGather, ops.AlltoAll, ops.AlltoAllV, ops.ReduceScatter)
 
 
 def _keep_communication(cell):
@@ -73,3 +76,15 @@ def apply_recompute(model, level):
             if moe is not None and hasattr(moe, "exchange"):  # a sparse block's MoELayer
                 _keep_communication(moe)
     return model
+
+
+def resent_calls(level, num_layers, moe_layer_num):
+    """{collective name: calls per micro-batch that recomputation runs a second time}: the TP AllReduce of
+    every row-parallel linear inside a recomputed cell ("tp_row_linear", [N, d] each): the attention
+    out-projection of the L blocks and the query layer (attention, block), the dense FFNs' w_out
+    (block: L - M dense blocks and the query layer). The MoE layer's collectives: none (kept above)."""
+    if level not in RECOMPUTE_LEVELS:
+        raise ValueError(f"train.recompute={level!r}: expected one of {RECOMPUTE_LEVELS}")
+    attention = 0 if level == "none" else num_layers + 1
+    dense_ffn = num_layers - moe_layer_num + 1 if level == "block" else 0
+    return {"tp_row_linear": attention + dense_ffn, "moe_exchange": 0}

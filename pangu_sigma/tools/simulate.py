@@ -28,7 +28,10 @@ below but the gradient AllReduces happens a times per step, once per micro-batch
   All-to-All returns it; an AllGather in the source's TP group restores the
   full combine buffer. Backward repeats each with the same bytes (All-to-All
   -> All-to-All, AllGather <-> ReduceScatter). Without group-wise: full
-  buffers through EP, and a TP AllReduce of the expert outputs.
+  buffers through EP, and a TP AllReduce of the expert outputs. Two tiers with
+  one EP member per node: tier 1 is the identity and goes unsliced (no dispatch
+  AllGather for the node-local rows; their partial outputs are summed by a TP
+  AllReduce, the bytes of the ReduceScatter + AllGather it replaces).
 - gradients: a ring AllReduce of the dense parameters' gradients over the DP
   group and of the experts' over the expert-data-parallel group (size DP/EP),
   not overlapped with the backward (exposed).
@@ -56,8 +59,9 @@ padded exchange the routing sets only the drop rates (per tier): rows sent and
 computed are the capacities, so the step time does not depend on it.
 
 Overlap (parallel.comm_overlap_degree = k): the MoE layer splits the capacity
-dimension into k chunks and issues chunk i+1's communication while chunk i
-computes. With communication time A of the layer's collectives (All-to-Alls
+dimension into k chunks (two tiers: min(k, C_l / TP, u / TP), both tiers in
+every chunk, locmoe.tiers.tier_chunks) and issues chunk i+1's communication
+while chunk i computes. With communication time A of the layer's collectives (All-to-Alls
 and TP AllGather / ReduceScatter, forward) and expert compute X, the k-chunk
 pipeline hides (k - 1)/k * min(A, X) in forward and (k - 1)/k * min(A, 2X) in
 backward: with X >= A only A/k stays exposed; with k = 1 nothing is hidden.
@@ -83,7 +87,7 @@ import numpy as np
 from locmoe.capacity import expert_capacity
 from locmoe.errors import ConfigError
 from locmoe.placement import tier_units, units_follow_placement
-from locmoe.tiers import unit_table
+from locmoe.tiers import node_members, tier_chunks, unit_table
 from pangu_sigma.cluster import param_count
 from pangu_sigma.tools import cost_model
 from pangu_sigma.tools._cli import OneLineParser, dumps, fail
@@ -107,6 +111,10 @@ def _layer_moe(cfg, topo, links, hw, counts_layer, dispatch, chunks, flops, unit
     two_tier = cfg.moe.remote_capacity_factor > 0
     remote_capacity = (-(-expert_capacity(n, cfg.moe.remote_capacity_factor, experts * quanta) // multiple)
                        * multiple if two_tier else capacity)  # rows per tier-2 unit
+    if two_tier:  # the layer's chunks (locmoe.tiers.tier_chunks: both tiers in every chunk)
+        chunks = len(tier_chunks(capacity, remote_capacity, chunks, multiple))
+    # two tiers with one EP member per node: tier 1 is the identity, sent unsliced (no dispatch AllGather)
+    whole_tier1 = two_tier and groupwise and all(len(node_members(topo, r)) == 1 for r in range(world))
     local = np.array([[e in topo.local_experts(dp * tp) for e in range(experts)] for dp in range(topo.dp)])  # [DP, E]
     table = unit_table(topo, units) if two_tier else np.ones(local.shape, np.int64)  # [DP, E]
     pair_capacity = np.where(local, float(capacity), table * float(remote_capacity))  # [DP, E]
@@ -125,6 +133,7 @@ def _layer_moe(cfg, topo, links, hw, counts_layer, dispatch, chunks, flops, unit
     row_bytes = d * hw.act_bytes
     dispatch_traffic = {}
     recv_rows = np.zeros(world)  # rows this device receives through EP (its slice)
+    gathered_rows = np.zeros(world)  # of those, the rows the dispatch AllGather over TP completes
     self_bytes = 0.0  # rows whose expert is on the sending device itself: they never touch a link
     for s in range(world):
         ds = topo.dp_rank(s)
@@ -132,6 +141,7 @@ def _layer_moe(cfg, topo, links, hw, counts_layer, dispatch, chunks, flops, unit
         for r in topo.ep_group(s):
             rows = float(slice_rows[ds, experts_of[r]].sum())
             recv_rows[r] += rows
+            gathered_rows[r] += 0.0 if (whole_tier1 and r == s) else rows
             if r != s:
                 sends[r] = rows * row_bytes
             else:
@@ -149,11 +159,13 @@ def _layer_moe(cfg, topo, links, hw, counts_layer, dispatch, chunks, flops, unit
     if groupwise:
         expert_rows = recv_rows * tp  # the AllGather brings the TP peers' slices (same sources)
         dest_ag = {r: {p: recv_rows[r] * row_bytes for p in topo.tp_group(r) if p != r} for r in range(world)}
+        only_sliced = {r: {p: gathered_rows[r] * row_bytes for p in topo.tp_group(r) if p != r} for r in range(world)}
         own_slice = np.array([slice_rows[topo.dp_rank(s)].sum() for s in range(world)])
         src_ag = {s: {p: own_slice[s] * row_bytes for p in topo.tp_group(s) if p != s} for s in range(world)}
         t_dest, _ = cost_model.p2p_collective_time(links, dest_ag, chunks)
-        parts["tp_allgather_dispatch"] = t_dest
-        parts["tp_reducescatter_experts"] = t_dest  # same per-destination bytes as the AllGather
+        parts["tp_allgather_dispatch"], _ = cost_model.p2p_collective_time(links, only_sliced, chunks)
+        # the ReduceScatter + combine AllGather of all rows (tier 1 unsliced: a ring AllReduce, the same bytes)
+        parts["tp_reducescatter_experts"] = t_dest  # same per-destination bytes as the full AllGather
         parts["tp_allgather_combine"], _ = cost_model.p2p_collective_time(links, src_ag, chunks)
     else:
         expert_rows = recv_rows
@@ -171,6 +183,7 @@ def _layer_moe(cfg, topo, links, hw, counts_layer, dispatch, chunks, flops, unit
     return {
         "capacity": capacity,
         "remote_capacity": remote_capacity,
+        "chunks": chunks,
         "remote_quanta": quanta,
         "drop_rate_remote": dropped_remote,
         "comm": parts,
@@ -241,10 +254,10 @@ def simulate_step(cfg, topology, hw, vocab_size, counts=None, dispatch="padded",
                   "grad_allreduce_dense": grad_dense, "grad_allreduce_experts": grad_expert}
     comm_total = sum(comm_parts.values())
 
-    hide = (k - 1) / k
     hidden_slow = hidden_mean = 0.0
     expert_max = expert_mean = 0.0
     for L in layers:
+        hide = (L["chunks"] - 1) / L["chunks"]  # k, or fewer two-tier chunks (locmoe.tiers.tier_chunks)
         a, x_max, x_mean = L["comm_time"], L["expert_compute_max"], L["expert_compute_mean"]
         hidden_slow += micro * hide * (min(a, x_max) + min(a, 2 * x_max))
         hidden_mean += micro * hide * (min(a, x_mean) + min(a, 2 * x_mean))

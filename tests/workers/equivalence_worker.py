@@ -64,7 +64,7 @@ def main():
         else:
             full = dict(np.load(os.path.join(out_dir, f"{name}_initial.npz")))
             pc.load_params(net, shard_full_params(full, net, topology))
-        ids, domains = pc.global_batch()
+        ids, domains = pc.global_batch(name)
         per_rank = ids.shape[0] // topology.dp
         rows = slice(topology.dp_rank() * per_rank, (topology.dp_rank() + 1) * per_rank)
         losses, stats = pc.run_steps(step_cell, ids[rows], domains[rows])
