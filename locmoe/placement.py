@@ -122,17 +122,20 @@ def dp_line(topology):
 BALANCE_TARGET = 1.1  # imposed max/mean expert load below which coverage and locality decide
 # Remote-tier granularity: a unit is 1/Q of a uniform (1/E share) pair's capacity. Finer units fit each
 # pair's share more closely (ceil(Q E share) rounds up by less than a unit), but a unit has fewer rows
-# (u = ceil(T f_r / (Q E))), so u's own rounding moves every pair's capacity in coarser steps. Q is the
-# largest of 8, 4, 2, 1 that leaves a unit >= MIN_UNIT_ROWS rows at f_r = 1 (steps of <= 1/8 of a unit):
-# Q = 8 at the cluster configs' T / E = 256, Q = 2 at cpu_tiny's 16 (Q = 8 there left 2-row units and
-# 50% capacity steps, which the Hash baseline's 1/16 steps did not have).
+# (u = ceil(T f_r / (Q E)), then rounded up to a multiple of TP in group-wise mode), so u's own rounding
+# moves every pair's capacity in coarser steps. Q is the largest of 8, 4, 2, 1 that leaves a unit of
+# >= MIN_UNIT_ROWS rows per TP rank at f_r = 1, so the TP rounding adds < 1/8 of a unit: Q = 4 at 128N
+# and 256N (T / E = 256, TP 8), 1 at 64N (T / E = 64: with Q = 8 a 10-row unit became 16, 1.6x the
+# stated headroom), 2 at cpu_tiny's 16 (Q = 8 there left 2-row units and 50% capacity steps, which the
+# Hash baseline's 1/16 steps did not have).
 MAX_QUANTA, MIN_UNIT_ROWS = 8, 8
 
 
-def remote_quanta(tokens_per_group, num_experts):
-    """Q for a token group of tokens_per_group tokens over num_experts experts (see above)."""
+def remote_quanta(tokens_per_group, num_experts, multiple=1):
+    """Q for a token group of tokens_per_group tokens over num_experts experts, units rounded up to a
+    multiple of `multiple` rows (TP in group-wise mode; see above)."""
     quanta = MAX_QUANTA
-    while quanta > 1 and tokens_per_group < MIN_UNIT_ROWS * quanta * num_experts:
+    while quanta > 1 and tokens_per_group < MIN_UNIT_ROWS * multiple * quanta * num_experts:
         quanta //= 2
     return quanta
 
@@ -283,15 +286,16 @@ def units_follow_placement(moe):
     return moe.remote_capacity_factor > 0 and uses_level1(moe)
 
 
-def tier_units(moe, placement, tokens_per_group):
+def tier_units(moe, placement, tokens_per_group, multiple=1):
     """(units [dp, E], quanta) of the two-tier exchange's remote tier (locmoe.tiers): the placement's
     expected shares (DomainPlacement.remote_units, remote_quanta for the training micro-batch's
     tokens_per_group) when two tiers are on (moe.remote_capacity_factor > 0) and the router uses
     level 1 under a domain-affine placement; else (None, 1): one unit per (rank, remote expert)
-    pair. moe: a MoEConfig or an object with its router fields and num_experts."""
+    pair. moe: a MoEConfig or an object with its router fields and num_experts; multiple: the rows a
+    unit is rounded up to a multiple of (TP in group-wise mode, MoELayer.capacity_multiple)."""
     if placement is None or not units_follow_placement(moe):
         return None, 1
-    quanta = remote_quanta(tokens_per_group, placement.domain_experts.shape[1])
+    quanta = remote_quanta(tokens_per_group, placement.domain_experts.shape[1], multiple)
     return placement.remote_units(quanta), quanta
 
 

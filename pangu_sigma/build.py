@@ -161,6 +161,11 @@ def domain_placement(cfg, meta, topology):
     return plan_placement(domain_sizes(meta), topology, cfg.train.batch_size)
 
 
+def capacity_multiple(cfg, topology):
+    """The rows every capacity is rounded up to a multiple of: TP in group-wise mode (MoELayer)."""
+    return topology.tp if cfg.parallel.groupwise_a2a and topology.tp > 1 else 1
+
+
 def level1_experts(cfg, placement, topology):
     """The [D, E] level-1 mask the routers get: the domain-affine placement's; under i.i.d. data
     (moe.iid_level1) one row of every expert (none), or the node-striped groups (rows by
@@ -210,7 +215,8 @@ def build_model(cfg, meta, topology, with_loss=True, parallel=None, token_groups
                           f"one group per domain of {cfg.data.dataset_dir} ({domains} domains)")
     placement = domain_placement(cfg, meta, topology) if moe_cfg is not None else None
     tokens = cfg.train.micro_batch_size * cfg.model.seq_length  # one rank's token group per micro-batch
-    units, quanta = tier_units(cfg.moe, placement, tokens) if reads_by_placement else (None, 1)
+    units, quanta = (tier_units(cfg.moe, placement, tokens, capacity_multiple(cfg, topology))
+                     if reads_by_placement else (None, 1))
     factory = functools.partial(MoELayer, token_counts=counts, out_init_std=out_std, token_groups=token_groups,
                                 group_ranks=group_ranks, domain_experts=level1_experts(cfg, placement, topology),
                                 remote_units=units, remote_quanta=quanta)

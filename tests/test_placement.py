@@ -73,6 +73,10 @@ def test_remote_quanta_leave_units_of_at_least_8_rows():
     # T / (Q E) >= 8: 4096 / 16 = 256 -> 8; 128 / 8 = 16 -> 2; 127 / 8 < 16 -> 1; 512 / 8 = 64 -> 8 (the cap)
     assert [remote_quanta(t, e) for t, e in ((4096, 16), (128, 8), (127, 8), (512, 8), (256, 8), (8, 4))] == \
         [8, 2, 1, 8, 4, 1]
+    # group-wise TP 8: T / (Q E) >= 64 so rounding u up to a multiple of 8 adds < 1/8: 128N / 256N (4096 tokens,
+    # 16 experts) 4096 / (4 * 16) = 64 -> 4; 64N (1024 tokens) 1024 / 16 = 64 -> 1, where Q = 8 gave
+    # ceil(1024 * 1.25 / 128) = 10 rows rounded to 16
+    assert [remote_quanta(t, 16, 8) for t in (4096, 1024, 2048)] == [4, 1, 2]
 
 
 def test_remote_units_follow_each_ranks_expected_share_by_hand():

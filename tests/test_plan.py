@@ -127,7 +127,8 @@ def test_two_tier_bytes_128n_by_hand(capsys):
     """LocMoE's config (micro-batches of 4 sequences of 1024 per rank, 8 per step): the node-local expert
     at C = ceil(4096 * 12 / 16) = 3072, the others at C_r = ceil(4096 * 0.5 / 16) = 128."""
     p = plan_json(capsys, "--config", config_path("locmoe_128n.yaml"), "--world-size", 128,
-                  "--set", "moe.remote_capacity_factor=0.5")  # no dataset: one unit of C_r per remote expert
+                  "--set", "moe.capacity_factor=12", "--set", "moe.remote_capacity_factor=0.5")  # no dataset: one
+    # unit of C_r per remote expert
     assert (p["expert_capacity"], p["remote_capacity"], p["remote_quanta"]) == (3072, 128, 1)
     block_r = (128 // 8) * D * 2    # one expert's TP slice of the remote tier, fp16
     block_l = (3072 // 8) * D * 2   # the node's one local expert, TP slice
@@ -160,11 +161,11 @@ def test_two_tier_bytes_follow_the_placement_units(capsys):
 
     p = plan_json(capsys, "--config", config_path("locmoe_128n.yaml"), "--world-size", 128,
                   "--domain-sizes", "400,300,200,100")
-    # T / E = 4096 / 16 = 256 rows: quanta 8 leaves units of 32 rows at f_r = 1 (>= 8)
-    unit = math.ceil(4096 * 1.25 / (16 * 8))  # 40 rows, a multiple of TP 8
-    assert (p["remote_capacity"], p["remote_quanta"]) == (unit, 8)
+    # T / E = 4096 / 16 = 256 rows: quanta 4 leaves units of 64 rows at f_r = 1 (>= 8 per TP rank)
+    unit = math.ceil(4096 * 0.625 / (16 * 4))  # 40 rows, a multiple of TP 8
+    assert (p["remote_capacity"], p["remote_quanta"]) == (unit, 4)
     topology = Topology(world_size=128, tp=8, ep=16, num_experts=16, devices_per_node=8)
-    units = plan_placement([400, 300, 200, 100], topology, 32).remote_units(8)  # [dp 16, E 16]; dp d on node d
+    units = plan_placement([400, 300, 200, 100], topology, 32).remote_units(4)  # [dp 16, E 16]; dp d on node d
     out = sum(units[0][e] for e in range(1, 16))  # rank 0 (node 0) holds expert 0
     back = sum(units[d][0] for d in range(1, 16))
     passes = 8 * 2 * 8  # micro-batches x (forward + backward) x MoE layers
@@ -334,12 +335,16 @@ def test_router_variants_differ_only_in_routing(router, size):
     assert variant["moe"].pop("router") == router and base["moe"].pop("router") == "locmoe"
     assert variant["train"].pop("output_dir") == f"output/{router}_{size}n"
     base["train"].pop("output_dir")
-    # LocMoE keeps level 1 with an explicit map and the two-tier exchange (no overlap chunks yet), whose remote
-    # pairs get the baselines' headroom over their expected tokens, in units where the placement routes
+    # LocMoE keeps level 1 with an explicit map and the two-tier exchange, both tiers at the baselines' 1.25
+    # headroom over a learned local share pi: 1.25 pi T on the node-local expert(s) and 1.25 (1 - pi) / (1 - pi_0)
+    # of the placement's remote shares (pi_0 its own local share with 4 equal domains): 1.25 T rows per rank
+    # either way, as the baselines' 16 pairs of 1.25 T / 16 (docs/routing.md)
     assert base["moe"].pop("num_domain_groups") == 4 and base["moe"].pop("domain_to_group") == [0, 1, 2, 3]
-    assert base["moe"].pop("remote_capacity_factor") == 1.25 == variant["moe"].pop("capacity_factor")
-    base["moe"].pop("capacity_factor")
-    assert base["parallel"].pop("comm_overlap_degree") == 1 and variant["parallel"].pop("comm_overlap_degree") == 2
+    pi, pi_0, local_experts = {64: (0.75, 0.5, 2), 128: (0.625, 0.25, 1), 256: (0.625, 0.25, 1)}[size]
+    assert variant["moe"].pop("capacity_factor") == 1.25
+    assert base["moe"].pop("capacity_factor") == pytest.approx(1.25 * pi * 16 / local_experts)
+    assert base["moe"].pop("remote_capacity_factor") == pytest.approx(1.25 * (1 - pi) / (1 - pi_0))
+    assert base["parallel"].pop("comm_overlap_degree") == 2 == variant["parallel"].pop("comm_overlap_degree")
     assert variant["moe"].pop("num_domain_groups") == (4 if router == "rre" else 1)
     assert variant["data"]["placement"] == base["data"]["placement"] == "domain_affine"
     assert variant == base
@@ -447,7 +452,7 @@ def test_recompute_levels_by_hand():
     # at C = ceil(n * 12 / 16), the 15 others at C_r = ceil(n * 1.25 / 16) (one unit each: the bound a placement's
     # units stay under up to a unit's rounding per pair)
     two = load_config(config_path("locmoe_128n.yaml"), ["train.batch_size=4", "train.gradient_accumulation_steps=1"])
-    assert param_count.buffer_rows(two, n, t, 16) == math.ceil(n * 12 / 16) + 15 * math.ceil(n * 1.25 / 16)
+    assert param_count.buffer_rows(two, n, t, 16) == math.ceil(n * 12.5 / 16) + 15 * math.ceil(n * 0.625 / 16)
 
 
 def test_optimizer_sharding_and_hccl_constants():

@@ -289,14 +289,14 @@ def test_overlap_hides_all_but_one_chunk():
     assert four["breakdown"]["overlapped"] == pytest.approx(8 * 8 * 0.75 * (min(a, x) + min(a, 2 * x)))
     for res in (one, four):
         assert sum(res["breakdown"].values()) == pytest.approx(res["step_time"])
-    # two tiers: 4 chunks of C_l = 3072 and u = 40 rows (multiples of TP 8: at most 40 / 8 = 5 chunks)
-    assert (layer["capacity"], layer["remote_capacity"], layer["chunks"]) == (3072, 40, 4)
+    # two tiers: 4 chunks of C_l = 3200 and u = 40 rows (multiples of TP 8: at most 40 / 8 = 5 chunks)
+    assert (layer["capacity"], layer["remote_capacity"], layer["chunks"]) == (3200, 40, 4)
     assert simulate.run(cfg, world_size=128, overlap_degree=6, domain_sizes=SIZES)["layers"][0]["chunks"] == 5
-    # one EP member per node: tier 1 (the rank's own expert, C_l = 3072 rows) skips the dispatch AllGather over
+    # one EP member per node: tier 1 (the rank's own expert, C_l = 3200 rows) skips the dispatch AllGather over
     # TP, which then carries only the tier-2 rows; the ReduceScatter still sums every row's partial outputs
     # (PCIe-paced: 4 peers of the other HCCS half through one 32 GB/s port, as in the All-to-All by hand above)
     parts = one["layers"][0]["comm"]
-    local_slice = (3072 // 8) * 5120 * 2  # the own expert's [C_l / TP, d] fp16 rows, to each TP peer
+    local_slice = (3200 // 8) * 5120 * 2  # the own expert's [C_l / TP, d] fp16 rows, to each TP peer
     assert parts["tp_reducescatter_experts"] - parts["tp_allgather_dispatch"] == pytest.approx(4 * local_slice / 32e9)
 
 
@@ -582,3 +582,19 @@ def test_compare_routers_equal_drops_end_to_end(tiny_run, tmp_path, capsys):
     assert again["calibration"]["remote_capacity"] == c["remote_capacity"]
     assert again["runs"][0]["valid"]["perplexity"] == run["valid"]["perplexity"]
     assert "reusing the finished training" in capsys.readouterr().out
+
+
+def test_a2a_sensitivity_finds_the_scale_of_a_share():
+    from pangu_sigma.tools.a2a_sensitivity import parse_targets, scale_for_share
+    # a stand-in step: fixed 90 ms of compute and an All-to-All of 10 ms / s at bandwidth scale s
+    def simulate_at(s):
+        a2a = 0.010 / s
+        return {"a2a_fraction": a2a / (0.090 + a2a)}
+    # share 50 %: 10 / s = 90 -> s = 1/9; share 10 %: s = 1 (the links' own share)
+    assert scale_for_share(50.0, simulate_at) == pytest.approx(1 / 9, rel=1e-6)
+    with pytest.raises(ConfigError):
+        scale_for_share(5.0, simulate_at)  # below the links' 10 %: no slower All-to-All gets there
+    assert parse_targets("128:18.10,256:28.74") == {128: 18.1, 256: 28.74}
+    for bad in ("128", "128:x", "0:5", "128:100", ""):
+        with pytest.raises(ConfigError):
+            parse_targets(bad)

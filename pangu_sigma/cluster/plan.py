@@ -197,7 +197,7 @@ def a2a_traffic(cfg, topology, placement=None):
     capacity = -(-expert_capacity(tokens, cfg.moe.capacity_factor, experts) // multiple) * multiple
     rows = capacity // tp if groupwise else capacity
     two_tier = cfg.moe.remote_capacity_factor > 0
-    units, quanta = tier_units(cfg.moe, placement, tokens)
+    units, quanta = tier_units(cfg.moe, placement, tokens, multiple)
     remote = (-(-expert_capacity(tokens, cfg.moe.remote_capacity_factor, experts * quanta) // multiple) * multiple
               if two_tier else capacity)  # rows per tier-2 unit (MoELayer.remote_capacity)
     counter = CommCounter(topology)

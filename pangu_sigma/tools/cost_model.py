@@ -66,7 +66,7 @@ what locmoe.comm's byte accounting assumes too.)
 With k overlap chunks, a collective is issued k times on 1/k of the data: its
 latency term is paid k times.
 """
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 TIERS = ("hccs", "pcie", "roce")
 
@@ -85,6 +85,9 @@ class Hardware:
     roce_latency_us: float = 10.0
     act_bytes: int = 2               # bytes per activation element on the wire (fp16 on the 910A)
     grad_bytes: int = 4              # bytes per gradient element (float32 parameters -> float32 grads)
+    a2a_bandwidth_scale: float = 1.0  # the MoE All-to-All's effective bandwidth on every tier, x the links'
+                                      # (a sensitivity knob: HCCL's All-to-All reaches less than the link
+                                      # rate; the paper measures its share of the step, not its bandwidth)
 
     def validate(self):
         from locmoe.errors import ConfigError
@@ -107,6 +110,14 @@ class Hardware:
         """Bytes/s of one link of the tier (per direction)."""
         return {"hccs": self.hccs_gbytes * 1e9, "pcie": self.pcie_gbytes * 1e9,
                 "roce": self.roce_gbits * 1e9 / 8}[tier]
+
+    def for_all_to_all(self):
+        """This hardware with every link bandwidth scaled by a2a_bandwidth_scale (the MoE All-to-All's links)."""
+        if self.a2a_bandwidth_scale == 1:
+            return self
+        k = self.a2a_bandwidth_scale
+        return replace(self, hccs_gbytes=self.hccs_gbytes * k, pcie_gbytes=self.pcie_gbytes * k,
+                       roce_gbits=self.roce_gbits * k, a2a_bandwidth_scale=1.0)
 
     def latency(self, tier):
         return {"hccs": self.hccs_latency_us, "pcie": self.pcie_latency_us,

@@ -152,9 +152,10 @@ def _layer_moe(cfg, topo, links, hw, counts_layer, dispatch, chunks, flops, unit
         for r, nbytes in sends.items():
             combine_traffic.setdefault(r, {})[s] = nbytes
     parts = {}
-    t, tiers = cost_model.p2p_collective_time(links, dispatch_traffic, chunks)
+    a2a_links = links if hw.a2a_bandwidth_scale == 1 else LinkMap(topo, hw.for_all_to_all())
+    t, tiers = cost_model.p2p_collective_time(a2a_links, dispatch_traffic, chunks)
     parts["a2a_dispatch"] = t
-    parts["a2a_combine"], _ = cost_model.p2p_collective_time(links, combine_traffic, chunks)
+    parts["a2a_combine"], _ = cost_model.p2p_collective_time(a2a_links, combine_traffic, chunks)
     a2a_bytes = dict(tiers)
     if groupwise:
         expert_rows = recv_rows * tp  # the AllGather brings the TP peers' slices (same sources)
@@ -237,7 +238,8 @@ def simulate_step(cfg, topology, hw, vocab_size, counts=None, dispatch="padded",
                               f"counts of shape [moe_layer_num {moe}, world size {world}, experts {experts}]")
         sums = counts.sum(-1, keepdims=True)
         counts = np.where(sums > 0, counts * n / np.maximum(sums, 1e-300), n / experts)  # rows sum to N
-    units, quanta = tier_units(cfg.moe, placement, n)
+    multiple = topology.tp if cfg.parallel.groupwise_a2a and topology.tp > 1 else 1  # MoELayer.capacity_multiple
+    units, quanta = tier_units(cfg.moe, placement, n, multiple)
     layers = [_layer_moe(cfg, topology, links, hw, counts[j], dispatch, k, flops, units, quanta) for j in range(moe)]
 
     row_bytes = n * m.hidden_size * hw.act_bytes
@@ -374,6 +376,7 @@ HW_HELP = {
     "roce_latency_us": "RoCE latency per message, us (10)",
     "act_bytes": "bytes per activation element on the wire (2, fp16)",
     "grad_bytes": "bytes per gradient element (4, fp32)",
+    "a2a_bandwidth_scale": "the MoE All-to-All's effective bandwidth as a multiple of the links' (1)",
 }
 
 
