@@ -69,9 +69,10 @@ def set_device(cfg, mode=ms.GRAPH_MODE, backend_error=ascend_backend_error):
         ms.set_device("CPU")
 
 
-def dataset_meta(cfg):
-    """meta.json of cfg.data.dataset_dir, checked against the model config."""
-    meta = read_meta(cfg.data.dataset_dir)
+def dataset_meta(cfg, checksums=True):
+    """meta.json of cfg.data.dataset_dir, checked against the model config (checksums: also every shard's
+    sha256; a distributed run passes False and lets one rank hash, pangu_sigma.data.verify)."""
+    meta = read_meta(cfg.data.dataset_dir, checksums)
     if meta["seq_length"] != cfg.model.seq_length:
         raise ConfigError("model.seq_length", cfg.model.seq_length,
                           f"{meta['seq_length']}, the sample length of {cfg.data.dataset_dir}")

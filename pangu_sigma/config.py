@@ -121,6 +121,10 @@ class DataSection:
     # domain_affine: the ranks of a node read that node's domains (locmoe.placement);
     # every global batch still holds the domains in proportion to their sizes.
     placement: str = "iid"
+    # sha256 of every shard against meta.json: true hashes on one rank (rank 0, after init(), the
+    # others wait at a barrier); false checks sizes only (run python -m pangu_sigma.data.verify once
+    # instead: a pre-training corpus takes longer to hash than the collectives' timeouts allow).
+    verify_checksums: bool = True
 
     def validate(self):
         _need(self.placement in PLACEMENTS, "data.placement", self.placement, f"one of {list(PLACEMENTS)}")
@@ -128,6 +132,8 @@ class DataSection:
               "a folder written by python -m pangu_sigma.data.prepare")
         _need(isinstance(self.shuffle, bool), "data.shuffle", self.shuffle, "true or false")
         _need(_is_int(self.seed), "data.seed", self.seed, "an integer")
+        _need(isinstance(self.verify_checksums, bool), "data.verify_checksums", self.verify_checksums,
+              "true or false")
 
 
 @dataclass
