@@ -42,6 +42,7 @@ from pangu_sigma.parallel.init_weights import initialise as initialise_weights
 from pangu_sigma.parallel.zero import sharded_optimizer
 from pangu_sigma.parallel.tp_layers import tp_shard_specs
 from pangu_sigma.training.run_paths import resolve_paths
+from pangu_sigma.training.shared_folder import check_shared_folder
 from pangu_sigma.training.overflow import OverflowCheck, overflow_check_mode
 from pangu_sigma.training.train_step import METRIC_NAMES, AccumulatingTrainStep, TrainStep, build_optimizer
 
@@ -205,6 +206,7 @@ def prepare_run_folder(cfg, identity, resume, overwrite, allow_changes, rank, ba
         if stored is None or allow_changes:
             checkpoint.write_run_file(output_dir, cfg.to_dict(), identity)
     barrier()
+    check_shared_folder(output_dir, rank, barrier)  # every rank sees what rank 0 writes there
     checkpoint.check_writable(checkpoint.rank_dir(output_dir, rank), "train.output_dir")
 
 
