@@ -61,7 +61,8 @@ def build_train_step(cfg, meta, ctx, token_groups=1, group_ranks=None):
     if ctx.distributed and topology.world_size > 1:
         specs = tp_shard_specs(net)
         if cfg.parallel.optimizer_shard:
-            optimizer = sharded_optimizer(net, cfg.optim, schedule, topology, ctx.backend, lambda p: p.name in specs)
+            optimizer = sharded_optimizer(net, cfg.optim, schedule, topology, ctx.backend, lambda p: p.name in specs,
+                                          cfg.parallel.grad_bucket_mb)
         reducer = GradReducer(optimizer.parameters, topology, ctx.backend, lambda p: p.name in specs,
                               cfg.parallel.grad_bucket_mb)
         metrics = AllReduce(list(range(topology.world_size)), ctx.backend, topology, "metrics_allreduce")
