@@ -316,17 +316,25 @@ def load_into(cell, path, strict=True, field="--checkpoint"):
     return source.where
 
 
-def load_model_for_inference(net, cfg, path, overrides=(), field="--checkpoint", check=True):
+def load_model_for_inference(net, cfg, path, overrides=(), field="--checkpoint", check=True, topology=None):
     """eval / generate / routing_report: check the stored config and dataset against cfg (unless
     check is False), then load the model's parameters from a .ckpt or a (distributed) run folder,
-    merged on the fly, into the single-process net. overrides: fields allowed to differ."""
+    merged on the fly, into the single-process net (topology: a launched rank's, into its shards).
+    overrides: fields allowed to differ."""
     source = open_source(path, field)
     stored = source.meta.get("config")
     if stored is not None and check:
         check_compatible(stored, cfg.to_dict(), source.meta.get("dataset"), dataset_identity(cfg),
                          INFERENCE_FIELDS, overrides, what=f"the checkpoint {source.where}")
-    load_state(net, source, dict(FULL_LAYOUT, num_experts=None), 0, field, strict=True, with_optimizer=False)
+    load_state(net, source, *_target_layout(topology), field, strict=True, with_optimizer=False)
     return source.where
+
+
+def _target_layout(topology):
+    """(layout, rank) a model is loaded into: the full model in one process, else this rank's shards."""
+    if topology is None or topology.world_size == 1:
+        return dict(FULL_LAYOUT, num_experts=None), 0
+    return layout_of(topology, True), topology.rank
 
 
 def save_model(net, path):
@@ -343,11 +351,7 @@ def load_resharded(net, path, topology=None):
     Every shape is checked before the first step (one-line ConfigError naming train.init_checkpoint).
     """
     source = open_source(path, "train.init_checkpoint")
-    if topology is None or topology.world_size == 1:
-        layout, rank = dict(FULL_LAYOUT, num_experts=None), 0
-    else:
-        layout, rank = layout_of(topology, True), topology.rank
-    load_state(net, source, layout, rank, "train.init_checkpoint", strict=True, with_optimizer=False)
+    load_state(net, source, *_target_layout(topology), "train.init_checkpoint", strict=True, with_optimizer=False)
     return source.where
 
 
