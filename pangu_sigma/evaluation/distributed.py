@@ -89,10 +89,11 @@ class GatheredForward:
     """eval_forward_cell's interface on the cluster: (ids [B, S+1], domains [B]) of a global batch ->
     (nll [B, S], per MoE layer (expert_index [dp, T], keep [dp, T])), each rank computing its DP block."""
 
-    def __init__(self, model, world_sum, topology):
+    def __init__(self, net, world_sum, topology):
         from pangu_sigma.evaluation.eval_forward import eval_forward_cell
 
-        self.cell, self.world_sum, self.topology = eval_forward_cell(model), world_sum, topology
+        vocab_ce = net.cross_entropy if topology.tp > 1 else None  # TP: the logits hold a vocabulary slice
+        self.cell, self.world_sum, self.topology = eval_forward_cell(net.model, vocab_ce), world_sum, topology
 
     def __call__(self, ids, domains):
         from mindspore import Tensor
@@ -149,7 +150,7 @@ def training_layout(cfg, checkpoint_path, allow_changes=()):
                                                                               for d in range(topology.dp)],
               "batch_multiplier": topology.dp, "world_size": topology.world_size, "topology": topology}
     views = [LayerView(layer, world_sum, topology) for layer in layers]
-    return net, TrainingLayout(meta, layout, views, GatheredForward(model, world_sum, topology), topology.rank)
+    return net, TrainingLayout(meta, layout, views, GatheredForward(net, world_sum, topology), topology.rank)
 
 
 def main(argv=None):
