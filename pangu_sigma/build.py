@@ -69,9 +69,10 @@ def set_device(cfg, mode=ms.GRAPH_MODE, backend_error=ascend_backend_error):
         ms.set_device("CPU")
 
 
-def dataset_meta(cfg):
-    """meta.json of cfg.data.dataset_dir, checked against the model config."""
-    meta = read_meta(cfg.data.dataset_dir)
+def dataset_meta(cfg, checksums=True):
+    """meta.json of cfg.data.dataset_dir, checked against the model config (checksums: also every shard's
+    sha256; a distributed run passes False and lets one rank hash, pangu_sigma.data.verify)."""
+    meta = read_meta(cfg.data.dataset_dir, checksums)
     if meta["seq_length"] != cfg.model.seq_length:
         raise ConfigError("model.seq_length", cfg.model.seq_length,
                           f"{meta['seq_length']}, the sample length of {cfg.data.dataset_dir}")
@@ -113,6 +114,21 @@ def launched_distributed():
     return "RANK_TABLE_FILE" in os.environ and int(os.environ.get("RANK_SIZE", "1")) > 1
 
 
+def export_hccl_buffsize(cfg, environ=os.environ):
+    """HCCL_BUFFSIZE = parallel.hccl_buffsize_mb for the communicators init() creates (Ascend): MindSpore's
+    Ascend collective plugin reads the variable from the process environment (mindspore/lib/plugin/ascend/
+    libd_collective.so and lib/libmindspore_core.so hold the string "HCCL_BUFFSIZE"; the latter warns
+    "Setting HCCL_BUFFSIZE too small may result in poor performance"). A different value already in the
+    environment is an error: plan's memory figures would not be the run's."""
+    if cfg.parallel.device_target != "Ascend":
+        return
+    wanted, present = str(cfg.parallel.hccl_buffsize_mb), environ.get("HCCL_BUFFSIZE")
+    if present not in (None, wanted):
+        raise ConfigError("parallel.hccl_buffsize_mb", cfg.parallel.hccl_buffsize_mb,
+                          f"the HCCL_BUFFSIZE set in the environment ({present}), or unset HCCL_BUFFSIZE")
+    environ["HCCL_BUFFSIZE"] = wanted
+
+
 def parallel_context(cfg):
     """This process's ParallelContext: initialises communication when launched distributed.
 
@@ -122,6 +138,7 @@ def parallel_context(cfg):
         return ParallelContext(single_process_topology(cfg), "emulated", distributed=False)
     from mindspore.communication import get_group_size, get_rank, init
 
+    export_hccl_buffsize(cfg)
     init()
     rank, world = get_rank(), get_group_size()
     if os.environ.get("RANK_TABLE_FILE") and os.environ.get("RANK_ID", str(rank)) != str(rank):

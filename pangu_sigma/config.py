@@ -85,6 +85,9 @@ class ParallelSection:
     # buckets of at most this many MiB (one AllReduce each; a bigger gradient goes
     # alone, unpacked), so the extra copies stay ~2 buckets, not the whole model.
     grad_bucket_mb: float = 256.0
+    # HCCL_BUFFSIZE (MB) every HCCL communicator holds twice (send + receive) on Ascend;
+    # exported before init() (pangu_sigma.build). CANN's default is 200.
+    hccl_buffsize_mb: int = 200
     # A single CPU process may pose as rank `virtual_rank` of a cluster of
     # `virtual_world_size` devices (0 = off): locality loss and byte counts
     # then behave as on that rank. The virtual cluster uses
@@ -112,6 +115,8 @@ class ParallelSection:
         _need(isinstance(self.groupwise_a2a, bool), "parallel.groupwise_a2a", self.groupwise_a2a, "true or false")
         _need(_is_num(self.grad_bucket_mb) and self.grad_bucket_mb > 0, "parallel.grad_bucket_mb",
               self.grad_bucket_mb, "a size in MiB > 0 (e.g. 256)")
+        _need(_is_int(self.hccl_buffsize_mb) and self.hccl_buffsize_mb >= 1, "parallel.hccl_buffsize_mb",
+              self.hccl_buffsize_mb, "an integer number of MB >= 1 (CANN's default 200)")
         _need(_is_int(self.virtual_world_size) and self.virtual_world_size >= 0, "parallel.virtual_world_size",
               self.virtual_world_size, "0 (off) or the device count of the cluster to pose as")
         _need(_is_int(self.virtual_rank) and 0 <= self.virtual_rank < max(1, self.virtual_world_size),
@@ -131,6 +136,10 @@ class DataSection:
     # domain_affine: the ranks of a node read that node's domains (locmoe.placement);
     # every global batch still holds the domains in proportion to their sizes.
     placement: str = "iid"
+    # sha256 of every shard against meta.json: true hashes on one rank (rank 0, after init(), the
+    # others wait at a barrier); false checks sizes only (run python -m pangu_sigma.data.verify once
+    # instead: a pre-training corpus takes longer to hash than the collectives' timeouts allow).
+    verify_checksums: bool = True
 
     def validate(self):
         _need(self.placement in PLACEMENTS, "data.placement", self.placement, f"one of {list(PLACEMENTS)}")
@@ -138,6 +147,8 @@ class DataSection:
               "a folder written by python -m pangu_sigma.data.prepare")
         _need(isinstance(self.shuffle, bool), "data.shuffle", self.shuffle, "true or false")
         _need(_is_int(self.seed), "data.seed", self.seed, "an integer")
+        _need(isinstance(self.verify_checksums, bool), "data.verify_checksums", self.verify_checksums,
+              "true or false")
 
 
 @dataclass

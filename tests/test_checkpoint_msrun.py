@@ -6,7 +6,8 @@
 Then A is also resumed from step 4 in one process (posing as DP2, EP2). Checked: the resumes on 2
 workers and on 1 process give A's uninterrupted losses for steps 5-8 (<= 1e-5) and A's final
 parameters (merged from its 4 ranks); K's losses equal A's bitwise; no partially written step is
-used; eval of A's folder = eval of its merge; reshard's TP table = the TP layers' own specs.
+used; eval of A's folder = eval of its merge = eval of A on its 4-worker layout under msrun
+(pangu_sigma.evaluation.distributed, in the `finish` launch); reshard's TP table = the TP layers' own specs.
 Initialisation is layout-independent (the same seed gives the same full model on any layout), so
 an uninterrupted 8-step single-process run of the same seed, posing as the 4-worker cluster, is the
 reference for every run's losses.
@@ -183,3 +184,21 @@ def test_eval_of_the_4_worker_folder_equals_eval_of_its_merge_and_tp_table_match
     by_merged = evaluate(cfg, merged, batch_size=4, log=lambda *_: None)
     print(f"eval perplexity: run folder {by_folder['perplexity']!r}, merged {by_merged['perplexity']!r}")
     assert by_folder["perplexity"] == by_merged["perplexity"]
+    # eval on the training layout: the 4 workers (TP2 x DP2, EP2) of the `finish` launch, each evaluating
+    # its DP rank's rows of A, give the single-process eval of A's merged checkpoint (every rank the same)
+    for rank in range(4):
+        on_cluster = json.loads((out / f"dist_eval_rank{rank}.json").read_text())
+        _same_eval_figures(on_cluster, by_merged, rank)
+
+
+def _same_eval_figures(got, ref, rank):
+    assert got["tokens"] == ref["tokens"] and got["routing"]["token_groups"] == ref["routing"]["token_groups"] == 2
+    for key in ("ce", "perplexity"):
+        assert abs(got[key] - ref[key]) <= 1e-5 * abs(ref[key]), (rank, key, got[key], ref[key])
+    for key in ("expert_load", "dropped", "local", "dropped_remote", "local_by_rank", "load_by_rank"):
+        np.testing.assert_allclose(np.asarray(got[key], float), np.asarray(ref[key], float), rtol=1e-5,
+                                   err_msg=f"rank {rank} {key}")
+    assert sorted(got["domains"]) == sorted(ref["domains"])
+    for name, figures in ref["domains"].items():
+        assert got["domains"][name]["tokens"] == figures["tokens"], (rank, name)
+        assert not figures["tokens"] or abs(got["domains"][name]["ce"] - figures["ce"]) <= 1e-5 * abs(figures["ce"]), (rank, name)

@@ -251,6 +251,51 @@ def test_output_paths_are_checked_at_start_up(trained, tmp_path):
     assert afile.read_text() == "keep me"
 
 
+def _ranks_side_by_side(folders, wait_s):
+    """check_shared_folder run by one thread per rank, each on its own view of train.output_dir, with a
+    world sum of the values the threads pass (a stand-in for the barrier's AllReduce) -> each rank's error."""
+    import threading
+
+    from pangu_sigma.training.shared_folder import check_shared_folder
+
+    meeting = threading.Barrier(len(folders))
+    values, errors = [0.0] * len(folders), [None] * len(folders)
+
+    def world_sum(rank, value):
+        values[rank] = value
+        meeting.wait()
+        total = sum(values)
+        meeting.wait()
+        return total
+
+    def run(rank):
+        try:
+            check_shared_folder(folders[rank], rank, lambda value: world_sum(rank, value), wait_s)
+        except ConfigError as err:
+            errors[rank] = str(err)
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(len(folders))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
+
+
+def test_output_dir_that_a_server_does_not_share_fails_on_every_rank_in_one_line(tmp_path):
+    """Rank 2 of 3 writes into its own node-local folder of the same name: every rank stops with the same
+    line naming train.output_dir (a resume would otherwise restart rank 2's server from step 0)."""
+    shared, local = tmp_path / "shared", tmp_path / "node1"
+    shared.mkdir()
+    local.mkdir()
+    assert _ranks_side_by_side([str(shared)] * 3, wait_s=0.0) == [None] * 3
+    assert os.listdir(shared) == []  # the probe is gone
+    errors = _ranks_side_by_side([str(shared), str(shared), str(local)], wait_s=0.0)
+    assert len({error.replace(str(local), str(shared)) for error in errors}) == 1  # each names its own path
+    assert errors[0].startswith(f"train.output_dir='{shared}'") and "1 rank(s)" in errors[0]
+    assert "\n" not in errors[0] and os.listdir(shared) == []
+
+
 def test_leftover_temporaries_are_removed_at_the_next_save(trained, tmp_path):
     from conftest import tiny_run_config
 

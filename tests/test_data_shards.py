@@ -280,8 +280,34 @@ def test_damaged_data_is_one_line_before_training_writes_anything(sharded, tmp_p
     assert code == 2, err
     assert err.count("\n") == 1 and err.startswith("error: data=") and message in err, err
     assert not run_dir.exists()
-    with pytest.raises(ConfigError, match="data="):
-        read_meta(data)
+    from pangu_sigma.data.verify import main as verify_main
+
+    assert verify_main([data]) == 2  # the on-demand check (sha256 included) names the same problem
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: data=") and message in err, err
+
+
+def test_start_up_checks_sizes_and_one_rank_hashes(sharded, tmp_path, monkeypatch):
+    """Every process checks sizes without reading a shard byte; the sha256 of the shards is read by rank 0
+    alone (verify_on_one_rank), whose verdict reaches every rank through the world sum."""
+    from pangu_sigma.data import shards
+    from pangu_sigma.data.verify import verify_on_one_rank
+
+    data = str(tmp_path / "data")
+    shutil.copytree(sharded[3], data)
+    corrupt(data)
+    hashed = []
+    real = shards.file_sha256
+    monkeypatch.setattr(shards, "file_sha256", lambda path: hashed.append(os.path.basename(path)) or real(path))
+    read_meta(data)  # sizes only: the corrupted shard passes, nothing but the tokenizer is hashed
+    assert [name for name in hashed if "mindrecord" in name] == []
+    with pytest.raises(ConfigError, match="rank 0 found one that does not"):
+        verify_on_one_rank(data, 1, lambda value: value + 1.0)  # rank 0 (the + 1.0) found the damage
+    assert [name for name in hashed if "mindrecord" in name] == []
+    verify_on_one_rank(data, 1, lambda value: value)  # nobody failed: rank 1 goes on
+    with pytest.raises(ConfigError, match="sha256 does not match"):
+        verify_on_one_rank(data, 0, lambda value: value)
+    assert os.path.basename(first_shard(data)) in hashed
 
 
 def test_real_ctrl_c_with_two_workers_stops_in_one_line(sharded, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import parallel_cases as pc
 from locmoe import comm
 from locmoe.parallel_context import ParallelContext
-from pangu_sigma.parallel.init_weights import counter_normal, init_std_of, initialise, tensor_key
+from pangu_sigma.parallel.init_weights import counter_normal, draw_slice, init_std_of, initialise, tensor_key
 from pangu_sigma.parallel.reshard import gather_full_params
 from pangu_sigma.parallel.tp_layers import tp_shard_specs
 
@@ -46,6 +46,23 @@ def test_counter_normal_is_standard_normal_and_keyed():
     assert np.corrcoef(z[:1000], other)[0, 1] < 0.1  # another seed is another draw
     # element i depends only on (key, i): a sub-range gives the same numbers
     assert np.array_equal(counter_normal(tensor_key(0, "w"), np.arange(500, 700, dtype=np.uint64)), z[500:700])
+    assert abs(np.corrcoef(z[0::2], z[1::2])[0, 1]) < 0.01  # the two normals of one Box-Muller pair
+
+
+def test_slices_cut_through_element_pairs_equal_the_full_draw():
+    """draw_slice draws whole pairs (2p, 2p+1) once when a slice holds them side by side, else element by
+    element: both give the full tensor's values bitwise, and those are counter_normal at the full index."""
+    std = 0.02
+    full = draw_slice(SEED, "w", std, (6, 10), [np.arange(6), np.arange(10)])  # whole pairs
+    rows, cols = np.array([1, 4]), np.arange(3, 8)  # columns 3..7: pairs cut at both ends
+    np.testing.assert_array_equal(draw_slice(SEED, "w", std, (6, 10), [rows, cols]), full[np.ix_(rows, cols)])
+    np.testing.assert_array_equal(draw_slice(SEED, "w", std, (6, 10), [rows, np.arange(4, 8)]),
+                                  full[np.ix_(rows, np.arange(4, 8))])  # whole pairs again
+    odd = draw_slice(SEED, "v", std, (3, 7), [np.arange(3), np.arange(7)])  # rows start at odd offsets
+    flat = np.arange(21).reshape(3, 7)
+    np.testing.assert_array_equal(odd, counter_normal(tensor_key(SEED, "v"), flat, std))
+    np.testing.assert_array_equal(draw_slice(SEED, "v", std, (3, 7), [np.arange(1, 3), np.arange(2, 6)]),
+                                  odd[1:3, 2:6])
 
 
 def test_std_rules_match_the_model_initialisers(single):

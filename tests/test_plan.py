@@ -3,12 +3,14 @@ import glob
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import yaml
 
+from locmoe.errors import ConfigError
 from pangu_sigma.cluster import param_count, plan
 from pangu_sigma.config import config_from_dict, load_config
 
@@ -420,10 +422,67 @@ CLUSTER_CONFIGS = [(r, n) for r in ("locmoe", "switch", "hash", "rre") for n in 
 @pytest.mark.parametrize("router,size", CLUSTER_CONFIGS)
 def test_every_cluster_config_fits_a_910a(capsys, router, size):
     p = plan_json(capsys, "--config", config_path(f"{router}_{size}n.yaml"), "--world-size", size)
-    assert p["memory_fits"] and p["memory_per_device_gib"] <= 28, p["memory_breakdown_gib"]
+    assert p["memory_fits"] and p["memory_per_device_gib"] <= 28 - 1, p["memory_breakdown_gib"]  # >= 1 GiB margin
+    assert p["memory_margin_gib"] == pytest.approx(28 - p["memory_per_device_gib"])
+    mem = p["memory_breakdown_gib"]  # HCCL: every group holds 2 x parallel.hccl_buffsize_mb
+    assert mem["hccl_workspace"] * 2 ** 30 == pytest.approx(p["hccl_groups"] * 2 * p["hccl_buffsize_mb"] * 2 ** 20)
     assert set(p["memory_breakdown_gib"]) == {"parameters", "gradients", "optimizer", "activations", "a2a_buffers",
                                               "grad_bucket", "zero_gather", "hccl_workspace", "grad_accumulation"}
     assert p["global_batch"] == p["batch_per_dp_rank"] * p["dp"] == 512  # Table 1: 32 per DP rank x DP 16
+
+
+FIT_FIGURES = re.compile(
+    r"# Fit at (\d+)N \(`plan`\): micro-batch (\d+) \((\d+) accumulation steps\).*?-> ([0-9.]+) GiB.*?"
+    r"recompute none / attention / block: ([0-9.]+) / ([0-9.]+) / ([0-9.]+) GiB.*?"
+    r"without optimizer sharding ([0-9.]+) GiB; the whole batch of (\d+) at once \(no\n# accumulation\) "
+    r"([0-9.]+) GiB", re.S)
+
+
+def test_memory_figures_in_the_cluster_configs_comments_are_plans():
+    """Every GiB figure of each cluster config's 'Fit at' paragraph is what plan computes for that variant
+    of the config (stale comments fail here), and plan's text says what its memory model leaves out."""
+    from pangu_sigma.cluster.plan import make_plan
+    from pangu_sigma.config import load_config
+
+    for router, size in CLUSTER_CONFIGS:
+        path = config_path(f"{router}_{size}n.yaml")
+        found = FIT_FIGURES.search(open(path, encoding="utf-8").read())
+        assert found, f"{path}: no 'Fit at' paragraph"
+        nodes, micro, steps, base, none, attention, block, unsharded, batch, whole = found.groups()
+        cfg = load_config(path)
+        assert (int(nodes), int(micro) * int(steps), int(steps), int(batch)) == \
+            (size, cfg.train.batch_size, cfg.train.gradient_accumulation_steps, cfg.train.batch_size), path
+        variants = {base: (), none: ("train.recompute=none",), attention: ("train.recompute=attention",),
+                    block: ("train.recompute=block",), unsharded: ("parallel.optimizer_shard=false",),
+                    whole: ("train.gradient_accumulation_steps=1",)}
+        for figure, sets in variants.items():
+            gib = make_plan(load_config(path, sets), world_size=size)["memory_per_device_gib"]
+            assert f"{gib:.2f}" == figure, (path, sets, gib, figure)
+
+
+def test_plan_says_what_its_memory_model_leaves_out_and_flags_a_thin_margin(capsys):
+    code, out, _ = run_plan(capsys, "--config", config_path("locmoe_64n.yaml"), "--world-size", "64")
+    assert code == 0 and "margin" in out and "operator workspaces" in out and "fragmentation" in out
+    assert "fp16 copies of the weights outside recomputed blocks" in out
+    thin = plan_json(capsys, "--config", config_path("locmoe_64n.yaml"), "--world-size", "64",
+                     "--set", "parallel.grad_bucket_mb=256", "--set", "parallel.hccl_buffsize_mb=200")
+    assert 0 < thin["memory_margin_gib"] < 1  # 27.71 GiB: fits the budget, but not the margin
+    assert any("less than 1 GiB" in note and "parallel.hccl_buffsize_mb" in note for note in thin["notes"])
+
+
+def test_hccl_buffsize_is_exported_before_init_and_a_conflicting_environment_is_one_line():
+    from pangu_sigma.build import export_hccl_buffsize
+    from pangu_sigma.config import load_config
+
+    cfg = load_config(config_path("locmoe_64n.yaml"))
+    environ = {}
+    export_hccl_buffsize(cfg, environ)
+    assert environ == {"HCCL_BUFFSIZE": "100"}
+    with pytest.raises(ConfigError, match=r"parallel.hccl_buffsize_mb=100 is invalid: the HCCL_BUFFSIZE set"):
+        export_hccl_buffsize(cfg, {"HCCL_BUFFSIZE": "200"})
+    cpu = {}
+    export_hccl_buffsize(load_config(config_path("cpu_tiny.yaml")), cpu)
+    assert cpu == {}  # no HCCL on CPU
 
 
 def test_recompute_levels_by_hand():
@@ -464,7 +523,7 @@ def test_optimizer_sharding_and_hccl_constants():
     by_hand = 8 * (parts["tp_split"] / 32 + parts["replicated"] / 256 + parts["experts"] / 2)
     assert shard["optimizer"] * 2 ** 30 == pytest.approx(by_hand)
     assert plain["zero_gather"] == 0 and shard["zero_gather"] > 0
-    assert shard["hccl_workspace"] * 2 ** 30 == 5 * 2 * 200 * 2 ** 20  # 2 x HCCL_BUFFSIZE per group
+    assert shard["hccl_workspace"] * 2 ** 30 == 5 * 2 * 100 * 2 ** 20  # 2 x HCCL_BUFFSIZE (hccl_buffsize_mb 100)
     cpu = load_config(config_path("cpu_tiny.yaml"))
     assert param_count.memory_breakdown(cpu, 1, 8, 1, 1000)["hccl_workspace"] == 0
 

@@ -227,3 +227,22 @@ def test_reshard_errors():
         shard_full_params(full, net, Topology(world_size=2, tp=2, ep=1, num_experts=EXPERTS, devices_per_node=2))
     with pytest.raises(ValueError, match="2 parameter dicts but 1 topologies"):
         gather_full_params([full, full], [topo], {})
+
+
+def test_vocab_parallel_token_nll_is_each_tokens_cross_entropy():
+    """The per-token form distributed eval uses (one shard holding the whole vocabulary, identity
+    collectives) against numpy's log-softmax; the labels outside a shard's range pick nothing."""
+    from pangu_sigma.parallel.tp_layers import vocab_parallel_token_nll
+
+    rng = np.random.RandomState(0)
+    logits = rng.randn(2, 3, 8).astype(np.float32)  # [B, S, V]
+    labels = rng.randint(0, 8, (2, 3)).astype(np.int32)  # [B, S]
+    shifted = logits - logits.max(-1, keepdims=True)
+    expected = -(shifted - np.log(np.exp(shifted).sum(-1, keepdims=True)))  # [B, S, V]
+    expected = np.take_along_axis(expected, labels[..., None], -1).reshape(-1)  # [B*S]
+    same = lambda x: x  # noqa: E731 (a TP group of one)
+    got = vocab_parallel_token_nll(ms.Tensor(logits), ms.Tensor(labels), 0, same, same).asnumpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    # a shard of ids 8..15 owns none of these labels: its target term is 0 (the AllReduce adds the owner's)
+    other = vocab_parallel_token_nll(ms.Tensor(logits), ms.Tensor(labels), 8, same, same).asnumpy()
+    np.testing.assert_allclose(other, np.log(np.exp(shifted).sum(-1)).reshape(-1), rtol=1e-5)

@@ -43,19 +43,17 @@ def _steps(sharded, bucket_bytes=None):
     topology = single_process_topology(cfg)
     net = build_model(cfg, {"vocab_size": 64, "seq_length": 8}, topology)
     schedule = WarmupCosineLR(cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, 3)
-    if sharded:
+    if sharded:  # bucket_bytes: many small gather buckets instead of one per replica group
+        bucket_mb = 256.0 if bucket_bytes is None else bucket_bytes / 2 ** 20  # as parallel.grad_bucket_mb
         optimizer = sharded_optimizer(net, cfg.optim, schedule,
                                       Topology(world_size=1, tp=1, ep=1, num_experts=4, devices_per_node=1),
-                                      "emulated")
-        if bucket_bytes is not None:  # many small gather buckets instead of one per replica group
-            from pangu_sigma.parallel.zero import ShardedAdamWeightDecay
-            from pangu_sigma.training.train_step import no_weight_decay
-            params = net.trainable_params()
-            decay = {p.name: 0.0 if no_weight_decay(p.name) else 0.1 for p in params}
-            optimizer = ShardedAdamWeightDecay(params, decay, schedule, cfg.optim,
-                                               Topology(world_size=1, tp=1, ep=1, num_experts=4, devices_per_node=1),
-                                               "emulated", bucket_bytes=bucket_bytes)
+                                      "emulated", lambda p: False, bucket_mb)
+        sizes = [sum(optimizer.parameters[i].size * 4 for i in members) for members in optimizer.members]  # 1 rank
+        if bucket_bytes is None:
+            assert len(optimizer.members) == 1  # one replica group, all of it under 256 MiB
+        else:  # every bucket within the size, or a single parameter bigger than it
             assert len(optimizer.members) > 5
+            assert all(size <= bucket_bytes or len(m) == 1 for size, m in zip(sizes, optimizer.members))
     else:
         optimizer = build_optimizer(net, cfg.optim, schedule)
     step = TrainStep(net, optimizer, schedule, cfg.optim.grad_clip, False, 1.0, 1000, 1, 1, 4)

@@ -325,10 +325,13 @@ def activation_bytes_recompute(cfg, tp, ep, level, vocab_size=None):
 
 # ---- the per-device memory model ----------------------------------------------------------
 # Stated constants (not measured here):
-HCCL_BUFFSIZE_MIB = 200            # HCCL_BUFFSIZE default (CANN env var docs): every communication group
-HCCL_BUFFERS_PER_GROUP = 2         # holds 2 x HCCL_BUFFSIZE (send + receive), exclusive to HCCL
+HCCL_BUFFERS_PER_GROUP = 2         # every communication group holds 2 x HCCL_BUFFSIZE (parallel.hccl_buffsize_mb,
+                                   # CANN env var docs; send + receive), exclusive to HCCL
 RUNTIME_RESERVE_GIB = 4            # left to the runtime / framework on a 32 GiB 910A: budget 28 GiB
 BUDGET_GIB = 28
+MARGIN_GIB = 1                     # kept free below the budget for what the model leaves out (UNMODELLED)
+UNMODELLED = ("operator workspaces", "allocator fragmentation", "fp16 copies of the weights outside "
+              "recomputed blocks", "kernel and graph binaries")
 
 
 def optimizer_replicas(tp, dp, ep):
@@ -352,7 +355,7 @@ def memory_breakdown(cfg, tp, ep, dp, vocab_size=None, comm_groups=5, recompute=
                         the [R, sum c] float32 buffer, at most the bucket size,
                         plus my concatenated slices, 1/R of it; no single
                         parameter of the shipped configs exceeds the bucket)
-    HCCL workspace: comm_groups x 2 x HCCL_BUFFSIZE (Ascend only; 0 on CPU).
+    HCCL workspace: comm_groups x 2 x parallel.hccl_buffsize_mb (Ascend only; 0 on CPU).
     Gradient accumulation: activations and All-to-All buffers of one micro-batch
     (tokens_per_rank); the float32 accumulation buffer (4 B/param) is persistent.
     """
@@ -373,7 +376,7 @@ def memory_breakdown(cfg, tp, ep, dp, vocab_size=None, comm_groups=5, recompute=
     gather_bucket = min(grad_bucket_mib * 2 ** 20, largest_group)
     gather = gather_bucket * (1 + 1 / max(replicas[max(parts, key=parts.get)], 1)) if shard else 0
     ascend = cfg.parallel.device_target == "Ascend"
-    hccl = comm_groups * HCCL_BUFFERS_PER_GROUP * HCCL_BUFFSIZE_MIB * 2 ** 20 if ascend else 0
+    hccl = comm_groups * HCCL_BUFFERS_PER_GROUP * cfg.parallel.hccl_buffsize_mb * 2 ** 20 if ascend else 0
     out = {
         "parameters": params * PARAM_BYTES,
         "gradients": params * GRAD_BYTES,

@@ -306,16 +306,18 @@ def make_plan(cfg, rank_table=None, world_size=None, devices_per_node=None, doma
         notes.append("train.recompute: attention saves no memory in MindSpore 2.10 with this model's linears (the "
                      "recompute pass finds no gradient to make the copies wait for, so they run in the forward; "
                      "measured on CPU, pangu_sigma/model/recompute.py): the memory above assumes it works; use block")
-    if cfg.parallel.device_target == "Ascend" and memory["total"] > param_count.BUDGET_GIB:
+    if cfg.parallel.device_target == "Ascend" and memory["total"] > param_count.BUDGET_GIB - param_count.MARGIN_GIB:
         hints = []
         if cfg.train.recompute != "block":
             hints.append("train.recompute: block")
         if not cfg.parallel.optimizer_shard:
             hints.append("parallel.optimizer_shard: true")
         hints.append("more train.gradient_accumulation_steps (activations grow with the micro-batch)")
-        notes.append(f"{memory['total']:.1f} GiB per device exceeds the {param_count.BUDGET_GIB} GiB budget of an "
-                     f"Ascend 910A ({ASCEND_910A_HBM_GIB} GiB HBM less {param_count.RUNTIME_RESERVE_GIB} GiB for the "
-                     f"runtime): try {', '.join(hints)}")
+        hints.append("smaller parallel.grad_bucket_mb or parallel.hccl_buffsize_mb")
+        notes.append(f"{memory['total']:.2f} GiB per device leaves less than {param_count.MARGIN_GIB} GiB of the "
+                     f"{param_count.BUDGET_GIB} GiB budget of an Ascend 910A ({ASCEND_910A_HBM_GIB} GiB HBM less "
+                     f"{param_count.RUNTIME_RESERVE_GIB} GiB for the runtime) for what is not modelled: try "
+                     f"{', '.join(hints)}")
     return {
         "source": source,
         "world_size": world,
@@ -345,9 +347,11 @@ def make_plan(cfg, rank_table=None, world_size=None, devices_per_node=None, doma
         "activation_parts_gib": memory["activation_parts"],
         "memory_budget_gib": param_count.BUDGET_GIB,
         "memory_fits": memory["total"] <= param_count.BUDGET_GIB,
+        "memory_margin_gib": param_count.BUDGET_GIB - memory["total"],
         "recompute": cfg.train.recompute,
         "optimizer_shard": cfg.parallel.optimizer_shard,
         "hccl_groups": comm_groups,
+        "hccl_buffsize_mb": cfg.parallel.hccl_buffsize_mb,
         "batch_per_dp_rank": cfg.train.batch_size,
         "micro_batch_per_dp_rank": param_count.micro_batch_size(cfg),
         "gradient_accumulation_steps": param_count.accumulation_steps(cfg),
@@ -447,12 +451,14 @@ def format_text(plan, config_path):
         f"({_human(p['params_per_device'])})"
         + (f"; + {p['params_non_trainable']:,} fixed table entries" if p["params_non_trainable"] else ""),
         f"memory     {p['memory_per_device_gib']:.2f} GiB per device (budget {p['memory_budget_gib']} GiB: "
-        f"{'fits' if p['memory_fits'] else 'DOES NOT FIT'}); fp32 weights, {p['compute_dtype']} compute, "
+        f"{'fits' if p['memory_fits'] else 'DOES NOT FIT'}, margin {p['memory_margin_gib']:.2f}, keep >= "
+        f"{param_count.MARGIN_GIB} for what is not modelled: {', '.join(param_count.UNMODELLED)}); "
+        f"fp32 weights, {p['compute_dtype']} compute, "
         f"recompute {p['recompute']}, optimizer_shard {str(p['optimizer_shard']).lower()}",
         f"  persistent  parameters {mem['parameters']:.2f} + gradients {mem['gradients']:.2f} "
         + (f"+ gradient accumulation buffer {mem['grad_accumulation']:.2f} " if mem["grad_accumulation"] else "")
         + f"+ Adam moments {mem['optimizer']:.2f} + HCCL workspace {mem['hccl_workspace']:.2f} "
-        f"({p['hccl_groups']} groups x 2 x {param_count.HCCL_BUFFSIZE_MIB} MiB)",
+        f"({p['hccl_groups']} groups x 2 x {p['hccl_buffsize_mb']} MB, parallel.hccl_buffsize_mb)",
         f"  fwd/bwd     activations {mem['activations']:.2f} ("
         + ", ".join(f"{k} {v:.2f}" for k, v in p["activation_parts_gib"].items())
         + f") + all-to-all buffers {mem['a2a_buffers']:.2f} + grad bucket {mem['grad_bucket']:.2f} "

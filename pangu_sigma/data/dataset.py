@@ -19,8 +19,11 @@ concatenated in meta.json's order, so the batches do not depend on how the split
 sharded.
 
 read_meta checks the prepared folder before anything runs: every shard and .db index
-present, of the size and sha256 meta.json records, the sample counts adding up, and the
-tokenizer and token counts matching vocab_size; each problem is one ConfigError line.
+present, of the size meta.json records, the sample counts adding up, and the tokenizer and
+token counts matching vocab_size; each problem is one ConfigError line. The shards' sha256
+(recorded once, by prepare) is checked only with checksums=True: single-process commands,
+one rank of a distributed run (data.verify_checksums) or `python -m pangu_sigma.data.verify`,
+so a launch does not read the corpus once per process before init().
 """
 import json
 import os
@@ -35,8 +38,9 @@ READ_ROWS = 16384  # rows per MindDataset reader (a bounded chunk of this rank's
 ENDLESS_LENGTH = 2**31 - 1  # dataset size reported when repeat=True (the stream never ends)
 
 
-def read_meta(data_dir):
-    """meta.json of a folder made by pangu_sigma.data.prepare, as a dict, after checking the files against it."""
+def read_meta(data_dir, checksums=False):
+    """meta.json of a folder made by pangu_sigma.data.prepare, as a dict, after checking the files against it
+    (sizes and counts; with checksums also every shard's sha256, which reads the whole split)."""
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(path):
         raise ConfigError("data_dir", data_dir,
@@ -59,7 +63,7 @@ def read_meta(data_dir):
     try:
         verify_vocabulary(data_dir, meta)
         for split in SPLITS:
-            verify_split(data_dir, meta, split)
+            verify_split(data_dir, meta, split, checksums)
     except (KeyError, TypeError) as error:
         raise ConfigError("data_dir", data_dir, f"a prepared dataset (meta.json malformed: {error!r})") from None
     return meta

@@ -74,7 +74,7 @@ def remote_tier_text(layer, unit):
 
 
 def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None, log=print, max_batches=None,
-             per_batch=False, allow_changes=(), pair_counts=False):
+             per_batch=False, allow_changes=(), pair_counts=False, on_layout=None):
     """Mean CE, perplexity and routing figures over a split, overall and per domain.
 
     Either loads checkpoint_path into a freshly built network or uses net (a
@@ -86,12 +86,13 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
     return the tokens routed to each (token group, expert) pair before capacity, per MoE
     layer and batch, under 'pair_counts' (int64 [M, batches, G, E]; every token the layer
     routes, the filler samples of a short last batch included; pangu_sigma.tools.equal_drops).
+    on_layout: a launched cluster's pangu_sigma.evaluation.distributed.TrainingLayout (net: its rank's).
     """
     from mindspore import Tensor
     from pangu_sigma.data.dataset import load_split, split_micro_batches
 
-    meta = dataset_meta(cfg)
-    layout = eval_layout(cfg)
+    meta = dataset_meta(cfg) if on_layout is None else on_layout.meta
+    layout = eval_layout(cfg) if on_layout is None else on_layout.layout
     factor, factor_source = eval_capacity_factor(cfg)
     if net is None:
         set_device(cfg)
@@ -121,7 +122,8 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
         plan = plan[:max_batches]
     model = net.model
     moe_layers = [model.blocks[i].ffn for i in range(model.dense_layer_num, model.dense_layer_num
-                                                      + model.moe_layer_num)]
+                                                      + model.moe_layer_num)] if on_layout is None else \
+        on_layout.moe_layers
     if moe_layers and moe_layers[0].token_groups != layout["token_groups"]:
         raise ValueError(f"net routes {moe_layers[0].token_groups} token groups; the config's layout has "
                          f"{layout['token_groups']}")
@@ -131,7 +133,7 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
     two_tier = bool(moe_layers) and moe_layers[0].two_tier
     remote_capacity = int(moe_layers[0].remote_capacity(per_group)) if two_tier else None
     rows = int(moe_layers[0].buffer_rows(per_group)) if moe_layers else 0  # expert rows per token group
-    cell = eval_forward_cell(model)
+    cell = eval_forward_cell(model) if on_layout is None else on_layout.forward
     acc = DomainAccumulator(meta.get("domains", []), len(moe_layers), cfg.num_experts if moe_layers else 0)
     batches = []
     dropped_remote = np.zeros(len(moe_layers), np.int64)  # [M] drops of tokens bound for other nodes
@@ -206,9 +208,11 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
     return result
 
 
-def main(argv=None):
-    parser = OneLineArgumentParser(description="Validation perplexity, drops and expert load, overall and per "
-                                               "domain, routed as in training.")
+def main(argv=None, evaluate_fn=None, prog=None):
+    """evaluate_fn: what computes the figures (default evaluate; pangu_sigma.evaluation.distributed's on a
+    launched cluster, which returns None on the ranks that do not write --json)."""
+    parser = OneLineArgumentParser(prog=prog, description="Validation perplexity, drops and expert load, overall "
+                                                          "and per domain, routed as in training.")
     parser.add_argument("--config", required=True)
     parser.add_argument("--checkpoint", required=True, help=".ckpt file or a run folder (newest checkpoint)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -225,8 +229,8 @@ def main(argv=None):
             raise ConfigError("--batch-size", args.batch_size, "an integer >= 1")
         cfg = load_config(args.config, args.set)
         allowed = checkpoint.split_fields(args.allow_config_change)
-        result = evaluate(cfg, args.checkpoint, args.batch_size, args.split, allow_changes=allowed)
-        if args.json:
+        result = (evaluate_fn or evaluate)(cfg, args.checkpoint, args.batch_size, args.split, allow_changes=allowed)
+        if args.json and result is not None:
             from pangu_sigma.tools._cli import write_json
             write_json(args.json, result)
             print(f"[eval] wrote {args.json}")

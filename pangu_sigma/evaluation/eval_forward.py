@@ -34,17 +34,22 @@ def eval_batches(num_samples, batch_size, seed, shuffle):
     return plan
 
 
-def eval_forward_cell(model):
+def eval_forward_cell(model, vocab_ce=None):
     """A Cell: (ids [B, S+1] int32, domain_ids [B] int32) -> (nll [B, S] float32, per sparse block
     (expert_index [G, T] int32, keep [G, T])); each layer's capacity follows from B * S as in training
-    (MoELayer.route)."""
+    (MoELayer.route). vocab_ce: a tensor-parallel rank's VocabParallelCrossEntropy (its logits hold
+    the rank's vocabulary slice), whose collectives give the per-token CE."""
     import mindspore as ms
     from mindspore import nn, ops
+
+    from pangu_sigma.parallel.tp_layers import vocab_parallel_token_nll
 
     class EvalForward(nn.Cell):
         def __init__(self, model):
             super().__init__(auto_prefix=False)
             self.model = model
+            self.sharded = vocab_ce is not None
+            self.vocab_ce = vocab_ce
 
         def construct(self, ids, domain_ids):
             model = self.model
@@ -54,8 +59,12 @@ def eval_forward_cell(model):
             routing = ()
             for _, expert_index, keep in routes:
                 routing = routing + ((expert_index, keep),)  # ([G, T], [G, T])
-            logits = model.embedding.logits(model.final_ln(model.query_layer(x)))  # [B, S, V] float32
+            logits = model.embedding.logits(model.final_ln(model.query_layer(x)))  # [B, S, V (/tp)] float32
             batch, seq, vocab = logits.shape
+            if self.sharded:
+                ce = self.vocab_ce
+                nll = vocab_parallel_token_nll(logits, labels, ce.vocab_start, ce.all_reduce, ce.all_gather)
+                return nll.reshape(batch, seq), routing  # [B, S]
             flat = ops.cast(logits, ms.float32).reshape(-1, vocab)  # [B*S, V]
             shifted = flat - flat.max(axis=-1, keepdims=True)  # [B*S, V]
             log_probs = shifted - ops.log(ops.exp(shifted).sum(axis=-1, keepdims=True))  # [B*S, V]

@@ -199,10 +199,15 @@ class VocabParallelEmbedding(nn.Cell):
 
 # ---- cross-entropy ------------------------------------------------------------------------
 def vocab_parallel_cross_entropy(logits_shard, labels, vocab_start, all_reduce, all_gather):
-    """Mean token cross-entropy of vocab-sharded logits, identical on every TP rank.
+    """Mean token cross-entropy of vocab-sharded logits, identical on every TP rank (see vocab_parallel_token_nll)."""
+    return vocab_parallel_token_nll(logits_shard, labels, vocab_start, all_reduce, all_gather).mean()
+
+
+def vocab_parallel_token_nll(logits_shard, labels, vocab_start, all_reduce, all_gather):
+    """Per-token cross-entropy of vocab-sharded logits, identical on every TP rank.
 
     logits_shard [B, S, V/tp] (ids vocab_start.. of this rank), labels [B, S] int32
-    (global ids) -> [] float32. all_reduce: TP AllReduce(sum) cell; all_gather: TP
+    (global ids) -> [B*S] float32. all_reduce: TP AllReduce(sum) cell; all_gather: TP
     AllGather cell on the last axis (only used, under stop-gradient, for the max).
 
     log p(y) = (z_y - M) - log sum_v exp(z_v - M), with M the global row max
@@ -220,7 +225,7 @@ def vocab_parallel_cross_entropy(logits_shard, labels, vocab_start, all_reduce, 
     local_labels = ops.where(mine, local_labels, ops.zeros_like(local_labels))
     picked = ops.gather_elements(shifted, 1, local_labels) * ops.cast(mine, ms.float32)  # [N, 1]
     target = all_reduce(picked)  # [N, 1]: z_y - M from the shard that owns y
-    return (ops.log(sum_exp) - target).mean()
+    return (ops.log(sum_exp) - target).reshape(-1)  # [N]
 
 
 class VocabParallelCrossEntropy(nn.Cell):

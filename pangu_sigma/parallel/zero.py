@@ -43,7 +43,6 @@ from locmoe.comm import AllGather
 from pangu_sigma.parallel.grad_reduce import replica_group
 
 MOMENT_PREFIXES = ("zero_m.", "zero_v.")
-GATHER_BUCKET_BYTES = 256 * 2 ** 20  # = param_count.GRAD_BUCKET_MIB (wire both to parallel.grad_bucket_mb)
 
 
 def slice_layout(size, group_size, index):
@@ -75,8 +74,7 @@ class ShardedAdamWeightDecay(nn.Cell):
     decay: {parameter name: weight decay} (0 for the undecayed group).
     """
 
-    def __init__(self, params, decay, lr_schedule, optim_cfg, topology, backend, is_tp_sharded=lambda p: False,
-                 bucket_bytes=GATHER_BUCKET_BYTES):
+    def __init__(self, params, decay, lr_schedule, optim_cfg, topology, backend, is_tp_sharded, bucket_bytes):
         super().__init__(auto_prefix=False)
         self.parameters = ms.ParameterTuple(params)
         self.lr_schedule = lr_schedule
@@ -164,10 +162,13 @@ class ShardedAdamWeightDecay(nn.Cell):
         return True
 
 
-def sharded_optimizer(network, optim_cfg, lr_schedule, topology, backend, is_tp_sharded=lambda p: False):
-    """ShardedAdamWeightDecay over network's trainable parameters, with build_optimizer's decay groups."""
+def sharded_optimizer(network, optim_cfg, lr_schedule, topology, backend, is_tp_sharded, bucket_mb):
+    """ShardedAdamWeightDecay over network's trainable parameters, with build_optimizer's decay groups and
+    gather buckets of at most bucket_mb MiB (parallel.grad_bucket_mb, the size plan's memory model uses:
+    pangu_sigma.cluster.param_count memory_per_device, gather_bucket)."""
     from pangu_sigma.training.train_step import no_weight_decay
 
     params = network.trainable_params()
     decay = {p.name: (0.0 if no_weight_decay(p.name) else float(optim_cfg.weight_decay)) for p in params}
-    return ShardedAdamWeightDecay(params, decay, lr_schedule, optim_cfg, topology, backend, is_tp_sharded)
+    return ShardedAdamWeightDecay(params, decay, lr_schedule, optim_cfg, topology, backend, is_tp_sharded,
+                                  int(bucket_mb * 2 ** 20))

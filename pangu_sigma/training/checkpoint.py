@@ -316,17 +316,25 @@ def load_into(cell, path, strict=True, field="--checkpoint"):
     return source.where
 
 
-def load_model_for_inference(net, cfg, path, overrides=(), field="--checkpoint", check=True):
+def load_model_for_inference(net, cfg, path, overrides=(), field="--checkpoint", check=True, topology=None):
     """eval / generate / routing_report: check the stored config and dataset against cfg (unless
     check is False), then load the model's parameters from a .ckpt or a (distributed) run folder,
-    merged on the fly, into the single-process net. overrides: fields allowed to differ."""
+    merged on the fly, into the single-process net (topology: a launched rank's, into its shards).
+    overrides: fields allowed to differ."""
     source = open_source(path, field)
     stored = source.meta.get("config")
     if stored is not None and check:
         check_compatible(stored, cfg.to_dict(), source.meta.get("dataset"), dataset_identity(cfg),
                          INFERENCE_FIELDS, overrides, what=f"the checkpoint {source.where}")
-    load_state(net, source, dict(FULL_LAYOUT, num_experts=None), 0, field, strict=True, with_optimizer=False)
+    load_state(net, source, *_target_layout(topology), field, strict=True, with_optimizer=False)
     return source.where
+
+
+def _target_layout(topology):
+    """(layout, rank) a model is loaded into: the full model in one process, else this rank's shards."""
+    if topology is None or topology.world_size == 1:
+        return dict(FULL_LAYOUT, num_experts=None), 0
+    return layout_of(topology, True), topology.rank
 
 
 def save_model(net, path):
@@ -343,11 +351,7 @@ def load_resharded(net, path, topology=None):
     Every shape is checked before the first step (one-line ConfigError naming train.init_checkpoint).
     """
     source = open_source(path, "train.init_checkpoint")
-    if topology is None or topology.world_size == 1:
-        layout, rank = dict(FULL_LAYOUT, num_experts=None), 0
-    else:
-        layout, rank = layout_of(topology, True), topology.rank
-    load_state(net, source, layout, rank, "train.init_checkpoint", strict=True, with_optimizer=False)
+    load_state(net, source, *_target_layout(topology), "train.init_checkpoint", strict=True, with_optimizer=False)
     return source.where
 
 
@@ -355,7 +359,8 @@ def load_resharded(net, path, topology=None):
 # Fields that may differ between a run and its resume without changing results: the
 # layout (resharded), the run length and bookkeeping. The global batch is checked apart.
 LAYOUT_FIELDS = ("parallel.", "train.output_dir", "train.train_steps", "train.init_checkpoint", "train.sink_size",
-                 "train.batch_size", "checkpoint.", "logging.", "data.dataset_dir", "moe.expert_num_per_dp_dim")
+                 "train.batch_size", "checkpoint.", "logging.", "data.dataset_dir", "data.verify_checksums",
+                 "moe.expert_num_per_dp_dim")
 # Fields added after runs were written, with the value that gives those runs' behaviour: a stored config
 # without the field is read with it (a run from before gradient accumulation resumes without a change).
 ADDED_FIELDS = {"train.gradient_accumulation_steps": 1, "moe.locality_bias": False, "moe.iid_level1": "blocks"}

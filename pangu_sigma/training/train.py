@@ -34,6 +34,7 @@ from pangu_sigma.build import (build_model, dataset_meta, domain_placement, para
 from pangu_sigma.training.callbacks import JsonlLog, expert_table, step_line
 from pangu_sigma.config import load_config
 from pangu_sigma.data.dataset import create_dataset
+from pangu_sigma.data.verify import verify_on_one_rank
 from pangu_sigma.training.lr_schedule import WarmupCosineLR
 from pangu_sigma.model.recompute import apply_recompute
 from pangu_sigma.parallel.grad_reduce import GradReducer
@@ -41,6 +42,7 @@ from pangu_sigma.parallel.init_weights import initialise as initialise_weights
 from pangu_sigma.parallel.zero import sharded_optimizer
 from pangu_sigma.parallel.tp_layers import tp_shard_specs
 from pangu_sigma.training.run_paths import resolve_paths
+from pangu_sigma.training.shared_folder import check_shared_folder
 from pangu_sigma.training.overflow import OverflowCheck, overflow_check_mode
 from pangu_sigma.training.train_step import METRIC_NAMES, AccumulatingTrainStep, TrainStep, build_optimizer
 
@@ -59,7 +61,8 @@ def build_train_step(cfg, meta, ctx, token_groups=1, group_ranks=None):
     if ctx.distributed and topology.world_size > 1:
         specs = tp_shard_specs(net)
         if cfg.parallel.optimizer_shard:
-            optimizer = sharded_optimizer(net, cfg.optim, schedule, topology, ctx.backend, lambda p: p.name in specs)
+            optimizer = sharded_optimizer(net, cfg.optim, schedule, topology, ctx.backend, lambda p: p.name in specs,
+                                          cfg.parallel.grad_bucket_mb)
         reducer = GradReducer(optimizer.parameters, topology, ctx.backend, lambda p: p.name in specs,
                               cfg.parallel.grad_bucket_mb)
         metrics = AllReduce(list(range(topology.world_size)), ctx.backend, topology, "metrics_allreduce")
@@ -172,12 +175,12 @@ class Barrier(nn.Cell):
 
 
 def make_barrier(ctx):
-    """A function that blocks until every rank called it (nothing to wait for in one process)."""
+    """A function that blocks until every rank called it (nothing to wait for in one process) and returns
+    the sum over ranks of the values they passed (float32: exact for integers below 2**24)."""
     if not ctx.distributed or ctx.topology.world_size == 1:
-        return lambda: None
+        return lambda value=1.0: float(value)
     cell = Barrier(ctx.topology, ctx.backend)
-    one = ms.Tensor(np.ones(1, np.float32))
-    return lambda: cell(one).asnumpy()
+    return lambda value=1.0: float(cell(ms.Tensor(np.full(1, value, np.float32))).asnumpy()[0])
 
 
 def prepare_run_folder(cfg, identity, resume, overwrite, allow_changes, rank, barrier, log):
@@ -204,6 +207,7 @@ def prepare_run_folder(cfg, identity, resume, overwrite, allow_changes, rank, ba
         if stored is None or allow_changes:
             checkpoint.write_run_file(output_dir, cfg.to_dict(), identity)
     barrier()
+    check_shared_folder(output_dir, rank, barrier)  # every rank sees what rank 0 writes there
     checkpoint.check_writable(checkpoint.rank_dir(output_dir, rank), "train.output_dir")
 
 
@@ -244,12 +248,13 @@ def train(cfg, resume=False, log=print, stop_after=None, overwrite=False, allow_
     set_device(cfg)
     ms.set_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
-    meta = dataset_meta(cfg)
+    meta = dataset_meta(cfg, checksums=False)  # sizes on every process; sha256 on one rank below
     identity = checkpoint.dataset_identity(cfg)
     ctx = parallel_context(cfg)
     topology = ctx.topology
     rank = topology.rank if ctx.distributed else 0
     barrier = make_barrier(ctx)
+    verify_on_one_rank(cfg.data.dataset_dir, rank, barrier, cfg.data.verify_checksums)
     prepare_run_folder(cfg, identity, resume, overwrite, allow_changes, rank, barrier, log)
     output_dir = cfg.train.output_dir
     dp_size, dp_rank = (topology.dp, topology.dp_rank()) if ctx.distributed else (1, 0)

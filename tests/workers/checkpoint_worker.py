@@ -5,7 +5,8 @@ argv: OUT_DIR DATA_DIR SCENARIO [KILL_STEP]
               then run K, which every rank SIGKILLs itself right after step KILL_STEP.
   killwrite   4 workers: resume K; at its next checkpoint rank 2 SIGKILLs itself halfway
               through writing its file, the other ranks right after writing theirs (no marker).
-  finish      4 workers: resume K to step 8.
+  finish      4 workers: resume K to step 8; then eval of A on its layout, every rank writing its
+              figures to dist_eval_rank{r}.json (pangu_sigma.evaluation.distributed).
   two         2 workers (DP2, EP2): resume OUT_DIR/a2 (a copy of A at step 4) to step 8.
 Losses are read back from each run's train_log_rank0.jsonl; rank 0 of `first` also writes the
 TP specs of its model (spec.json) to check reshard's table against the layers.
@@ -93,6 +94,13 @@ def main():
         train(tiny_run_config(data, os.path.join(out, "k"), FOUR + ("checkpoint.save_steps=2",)), resume=True)
     elif scenario == "finish":
         train(tiny_run_config(data, os.path.join(out, "k"), FOUR + ("checkpoint.save_steps=2",)), resume=True)
+        # eval of run A on its training layout (pangu_sigma.evaluation.distributed), in this launch
+        from pangu_sigma.evaluation.distributed import evaluate_on_cluster, json_safe
+
+        cfg = tiny_run_config(data, os.path.join(out, "a"), FOUR + ("checkpoint.save_steps=4",))
+        result, rank_of_result = evaluate_on_cluster(cfg, os.path.join(out, "a"), batch_size=4)
+        with open(os.path.join(out, f"dist_eval_rank{rank_of_result}.json"), "w", encoding="utf-8") as handle:
+            json.dump(json_safe(result), handle)
     elif scenario == "two":
         train(tiny_run_config(data, os.path.join(out, "a2"), TWO + ("checkpoint.save_steps=4",)), resume=True)
     print(f"[worker {rank}] {scenario} done", flush=True)
