@@ -4,7 +4,8 @@
 # valid tokens, both tiers calibrated from a pilot run), 3 seeds, 150 steps:
 #   iid      i.i.d. data (no level 1: moe.iid_level1 none): LocMoE (mu = 0.01), Switch, Hash, RRE
 #   iid_mu0  the same LocMoE with mu = 0 (no learned locality term)
-#   affine   domain-affine placement: LocMoE, RRE (the placement's locality) and LocMoE with mu = 0
+#   affine   domain-affine placement: LocMoE and RRE (the placement's locality)
+#   affine_mu0 the same LocMoE with mu = 0
 #   mu_sweep LocMoE on i.i.d. data at mu = 0.001 and 0.1, one seed each (0 and 0.01: the runs above)
 # Usage: bash run_scripts/run_ablation.sh [SETTING ...]   (default: all; outputs in output/ablation/SETTING)
 # Each setting reruns only what is missing (--reuse). About 6 CPU-hours on 2 cores for everything.
@@ -14,7 +15,7 @@ source "$repo/run_scripts/venv.sh"
 cd "$repo"
 [ -f output/data/default/meta.json ] || bash run_scripts/run_cpu_smoke.sh >/dev/null  # builds the default corpus
 settings=("$@")
-[ ${#settings[@]} -gt 0 ] || settings=(iid iid_mu0 affine mu_sweep)
+[ ${#settings[@]} -gt 0 ] || settings=(iid iid_mu0 affine affine_mu0 mu_sweep)
 compare=("$PY" -m pangu_sigma.tools.compare_routers --config configs/cpu_tiny.yaml --steps 150 --quiet --reuse
          --clusters 64,128)
 for setting in "${settings[@]}"; do
@@ -24,13 +25,13 @@ for setting in "${settings[@]}"; do
                  --set data.placement=iid ;;
         iid_mu0) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
                  --set data.placement=iid --set moe.locality_loss_coef=0 ;;
-        affine) "${compare[@]}" --output "$out" --routers locmoe,rre --seeds 3 --equal-drops 5
-                "${compare[@]}" --output "${out}_mu0" --routers locmoe --seeds 3 --equal-drops 5 \
+        affine) "${compare[@]}" --output "$out" --routers locmoe,rre --seeds 3 --equal-drops 5 ;;
+        affine_mu0) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
                  --set moe.locality_loss_coef=0 ;;
         mu_sweep) for mu in 0.001 0.1; do
                  "${compare[@]}" --output "$out/mu$mu" --routers locmoe --seeds 1 --equal-drops 5 \
                      --set data.placement=iid --set moe.locality_loss_coef=$mu
              done ;;
-        *) echo "run_ablation.sh: unknown setting '$setting'; valid: iid iid_mu0 affine mu_sweep" >&2; exit 2 ;;
+        *) echo "run_ablation.sh: unknown setting '$setting'; valid: iid iid_mu0 affine affine_mu0 mu_sweep" >&2; exit 2 ;;
     esac
 done
