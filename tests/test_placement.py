@@ -295,3 +295,20 @@ def test_locality_is_learned_on_iid_data_and_beyond_the_placement_with_domain_af
     # the rest is the router's own imbalance against the locality pull.
     assert placement.expected_expert_load().max() <= 1.1
     assert relative_load.min() >= 0.25 and relative_load.max() <= 1.3, relative_load
+
+
+def test_a_resume_that_changes_the_level1_map_is_refused_or_said():
+    from pangu_sigma.training.placement_check import check_placement_map, placement_map
+
+    sizes = [40, 30, 20, 10]
+    on_8 = plan_placement(sizes, Topology(world_size=8, tp=1, ep=8, num_experts=8, devices_per_node=2), 2)
+    on_16 = plan_placement(sizes, Topology(world_size=16, tp=1, ep=8, num_experts=8, devices_per_node=2), 1)
+    stored = placement_map(on_8)
+    assert placement_map(on_16) != stored  # the node count moves domains to other experts
+    check_placement_map(stored, on_8, (), print)  # the same map: nothing to say
+    check_placement_map(None, on_16, (), print)   # a run without a stored map (or placement): nothing to compare
+    with pytest.raises(ConfigError, match=r"data.placement='domain_affine' is invalid: .*domain \d: experts "):
+        check_placement_map(stored, on_16, (), print)
+    said = []
+    check_placement_map(stored, on_16, ("data.placement",), said.append)
+    assert len(said) == 1 and "level-1 map changes" in said[0]
