@@ -110,7 +110,7 @@ def register_exchange_bytes(counter, topology, num_experts, capacity, hidden, dt
 
 # ---- two tiers: node-local rows never enter the inter-node exchange ------------------
 class TieredExchange(nn.Cell):
-    """The two-tier exchange (DESIGN: locality saves bytes only if fewer rows cross nodes).
+    """The two-tier exchange (docs/parallelism.md: locality saves bytes only if fewer rows cross nodes).
 
     A rank's flat dispatch buffer holds its node's n_l local experts (C_l rows each) then its
     R tier-2 units (u rows each, by expert id; locmoe.tiers, locmoe.dispatch.tier_layout).
