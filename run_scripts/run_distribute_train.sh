@@ -62,7 +62,7 @@ physical_ids=("${fields[@]:$((1 + local_device_num))}")
 
 # "SERVER_ID RANK_START=N devices=K" of the server holding our ranks: its log folder and device count.
 read -r server_id _ server_devices <<< "$("$py" -m pangu_sigma.cluster.ranktable "$table" --servers \
-    | awk -v start="RANK_START=$rank_start" '$2 == start')"
+    | awk -v r="$rank_start" '{ split($2, s, "="); split($3, n, "="); if (r >= s[2] && r < s[2] + n[2]) print }')"
 server_devices=${server_devices#devices=}
 # The config against the cluster (world size, global batch, devices per server), also in --dry-run.
 config_sets=(--set "parallel.device_target=$device_target")
