@@ -129,7 +129,7 @@ def skip_rows(kept, unused):
 
 
 class TieredExchange(nn.Cell):
-    """The two-tier exchange (DESIGN: locality saves bytes only if fewer rows cross nodes).
+    """The two-tier exchange (docs/parallelism.md: locality saves bytes only if fewer rows cross nodes).
 
     A rank's flat dispatch buffer holds its node's n_l local experts (C_l rows each) then its
     R tier-2 units (u rows each, by expert id; locmoe.tiers, locmoe.dispatch.tier_layout).

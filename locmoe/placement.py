@@ -1,5 +1,5 @@
 """Domain-affine placement: which data-parallel ranks read which domains, and which
-experts serve each domain (DESIGN section 7; paper sec. 3.2's implied premise).
+experts serve each domain (docs/data.md; paper sec. 3.2's implied premise).
 
 Why: with a replicated gate and i.i.d. data on every rank, the locality loss summed
 over ranks is an entropy term plus a constant, and the cluster-wide local fraction

@@ -1,4 +1,4 @@
-"""The static geometry of the two-tier exchange (pure Python; DESIGN section 7).
+"""The static geometry of the two-tier exchange (pure Python; docs/parallelism.md).
 
 Tier 1 carries a rank's tokens for the experts on its own node, C_l rows per (rank, expert).
 Tier 2 carries the rest across nodes in *units* of u rows: the pair (rank r, remote expert e)

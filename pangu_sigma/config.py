@@ -103,8 +103,13 @@ class ParallelSection:
     # only its 1/R slice of the Adam moments of every parameter, R = the size of
     # the parameter's replica group; the updated slices are gathered over it.
     optimizer_shard: bool = False
+    # The device count this config is written for (0: any); plan, the launchers and the trainer
+    # refuse another (pangu_sigma.config.check_cluster).
+    world_size: int = 0
 
     def validate(self):
+        _need(_is_int(self.world_size) and self.world_size >= 0, "parallel.world_size", self.world_size,
+              "0 (any) or the device count this config is for")
         _need(self.device_target in ("CPU", "Ascend"), "parallel.device_target", self.device_target,
               "CPU or Ascend")
         for name in ("op_level_model_parallel_num", "expert_parallel", "devices_per_node", "comm_overlap_degree"):
@@ -170,6 +175,8 @@ class TrainSection:
     init_checkpoint: str = ""
     # Activation recomputation (pangu_sigma/model/recompute.py): none | attention | block.
     recompute: str = "none"
+    # Sequences per optimizer step over all data-parallel ranks (0: not fixed): batch_size x dp must equal it.
+    global_batch_size: int = 0
 
     @property
     def micro_batch_size(self):
@@ -190,6 +197,8 @@ class TrainSection:
         _need(_is_num(self.loss_scale_init) and self.loss_scale_init >= 1, "train.loss_scale_init",
               self.loss_scale_init, "a number >= 1")
         _need(_is_int(self.seed), "train.seed", self.seed, "an integer")
+        _need(_is_int(self.global_batch_size) and self.global_batch_size >= 0, "train.global_batch_size",
+              self.global_batch_size, "0 (not fixed) or the sequences per step over all data-parallel ranks")
         _need(self.recompute in RECOMPUTE_LEVELS, "train.recompute", self.recompute,
               f"one of {list(RECOMPUTE_LEVELS)}")
 
@@ -324,9 +333,29 @@ class RunConfig:
         _need(dp % par.expert_parallel == 0, "parallel.expert_parallel", par.expert_parallel,
               f"a divisor of the data-parallel size {dp} (world {world} ({source}) / "
               f"op_level_model_parallel_num {par.op_level_model_parallel_num})")
+        if not par.virtual_world_size:
+            check_cluster(self, world, source)
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+def check_cluster(cfg, world, source):
+    """ConfigError unless a launch of `world` devices (named by `source`) is the cluster the config is
+    for: parallel.world_size (nodes = world / devices_per_node) and train.global_batch_size."""
+    par, train = cfg.parallel, cfg.train
+    if par.world_size and world != par.world_size:
+        raise ConfigError("parallel.world_size", par.world_size,
+                          f"{world}, the device count of {source} ({world // par.devices_per_node} nodes of "
+                          f"{par.devices_per_node}); this config is for {par.world_size // par.devices_per_node} "
+                          f"nodes: use the config for {world} devices, or --set parallel.world_size={world} "
+                          f"with a train.batch_size that keeps train.global_batch_size")
+    dp = world // par.op_level_model_parallel_num
+    if train.global_batch_size and train.batch_size * dp != train.global_batch_size:
+        raise ConfigError("train.global_batch_size", train.global_batch_size,
+                          f"{train.batch_size * dp} = train.batch_size {train.batch_size} x dp {dp} on {world} "
+                          f"devices ({source}); set train.batch_size="
+                          f"{train.global_batch_size / dp:g} or change train.global_batch_size")
 
 
 def _validate_model(m):

@@ -3,48 +3,75 @@
 #
 #   run_distribute_train.sh RANK_TABLE_FILE CONFIG [RANK_START] [LOCAL_DEVICE_NUM] [--dry-run] [-- trainer args]
 #
-# Run it on every server with RANK_START = the first rank of that server in
-# the rank table (0, 8, 16, ...); LOCAL_DEVICE_NUM is 1, 2, 4 or 8 (HCCL on 910A).
+# Run it on every server. RANK_START (the first rank of this server in the rank
+# table: 0, 8, 16, ...) is derived from the table and this host's addresses
+# (`hostname -I`, or SERVER_IP = this server's server_id); given, it is checked
+# against them. LOCAL_DEVICE_NUM is 1, 2, 4 or 8 (HCCL on 910A). The config must
+# be for this cluster (parallel.world_size, train.global_batch_size, devices per
+# server = parallel.devices_per_node), checked before anything starts.
 # Rank RANK_START+i gets the rank table's physical device id, exported as
 # DEVICE_ID = its logical index among $ASCEND_VISIBLE_DEVICES (e.g. 4-7 in a
 # container: device 6 -> 2; unset: all devices, logical = physical). Each process
-# runs in ${OUTPUT_DIR:-./output}/device<physical id> with its own `log` file;
-# relative paths (arguments and the config's data/output/checkpoint paths) are
-# resolved from the folder this script was started from. HCCL_CONNECT_TIMEOUT
-# defaults to 600 s. DEVICE_TARGET=CPU runs the same path on CPU (one server,
-# MindSpore's dynamic cluster instead of HCCL). --dry-run prints each command.
+# runs in ${OUTPUT_DIR:-./output}/<server_id>/device<physical id> with its own `log`
+# file (servers never share a folder on shared storage); relative paths (arguments
+# and the config's data/output/checkpoint paths) are resolved from the folder this
+# script was started from. Trainer flags (--resume, --overwrite, --allow-config-change F,
+# --allow-batch-change, --set a.b=c) go after `--`. HCCL_CONNECT_TIMEOUT defaults to
+# 600 s. DEVICE_TARGET=CPU runs the same path on CPU (one server, MindSpore's dynamic
+# cluster instead of HCCL). --dry-run prints each command.
 # Python: $PYTHON if set, else the repo's .venv/bin/python if present, else python3.
 set -euo pipefail
 
 prog=$(basename "$0")
 usage="usage: $prog RANK_TABLE_FILE CONFIG [RANK_START] [LOCAL_DEVICE_NUM] [--dry-run] [-- trainer args]"
-help_lines=2,17
+help_lines=2,23
 source "$(dirname "$0")/launch_common.sh"
 parse_launch_args "$@"
 [ ${#positional[@]} -ge 2 ] && [ ${#positional[@]} -le 4 ] || die "expected 2 to 4 positional arguments, got ${#positional[@]}; $usage"
 
 table=${positional[0]}
 config=${positional[1]}
-rank_start=${positional[2]:-0}
+rank_start=${positional[2]:-auto}
 local_device_num=${positional[3]:-8}
 [ -f "$table" ] || die "RANK_TABLE_FILE='$table' is not a file"
 [ -f "$config" ] || die "CONFIG='$config' is not a file"
-[[ $rank_start =~ ^[0-9]+$ ]] || die "RANK_START='$rank_start' is invalid: a non-negative integer"
+[ "$rank_start" = auto ] || [[ $rank_start =~ ^[0-9]+$ ]] || die "RANK_START='$rank_start' is invalid: a non-negative integer"
 [[ $local_device_num =~ ^[1-8]$ ]] || die "LOCAL_DEVICE_NUM='$local_device_num' is invalid: an integer in 1..8"
 check_devices_per_server LOCAL_DEVICE_NUM "$local_device_num"
-rank_start=$((10#$rank_start))
 
 table=$(absolute "$table")
 config=$(absolute "$config")
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+# This server in the rank table: its addresses (SERVER_IP, else hostname -I) name it; on CPU (one server) rank 0.
+host_check=()
+if [ "$device_target" = Ascend ]; then
+    host_ips=${SERVER_IP:-$(hostname -I 2>/dev/null || true)}
+    host_check=(--rank-start-for "$host_ips")
+    [ "$rank_start" != auto ] || rank_start=$("$py" -m pangu_sigma.cluster.ranktable "$table" "${host_check[@]}") || exit 2
+fi
+[ "$rank_start" != auto ] || rank_start=0
+rank_start=$((10#$rank_start))
 # Prints "RANK_SIZE LOGICAL_ID... PHYSICAL_ID..." for our ranks, or a one-line error (exit 2).
 visible=${ASCEND_VISIBLE_DEVICES:-0-7}
 plan=$("$py" -m pangu_sigma.cluster.ranktable "$table" --local-ranks "$rank_start" "$local_device_num" \
-       --visible-devices "$visible") || exit 2
+       --visible-devices "$visible" "${host_check[@]}") || exit 2
 read -r -a fields <<< "$plan"
 rank_size=${fields[0]}
 logical_ids=("${fields[@]:1:$local_device_num}")
 physical_ids=("${fields[@]:$((1 + local_device_num))}")
+
+# "SERVER_ID RANK_START=N devices=K" of the server holding our ranks: its log folder and device count.
+read -r server_id _ server_devices <<< "$("$py" -m pangu_sigma.cluster.ranktable "$table" --servers \
+    | awk -v r="$rank_start" '{ split($2, s, "="); split($3, n, "="); if (r >= s[2] && r < s[2] + n[2]) print }')"
+server_devices=${server_devices#devices=}
+# The config against the cluster (world size, global batch, devices per server), also in --dry-run.
+config_sets=(--set "parallel.device_target=$device_target")
+for ((i = 0; i < ${#extra[@]}; i++)); do
+    [ "${extra[$i]}" != --set ] || config_sets+=(--set "${extra[$((i + 1))]:-}")
+done
+check=$("$py" -m pangu_sigma.cluster.launch_check --config "$config" --workers "$server_devices" \
+        --world-size "$rank_size" --source "rank table $table" "${config_sets[@]}" 2>&1) \
+    || { echo "$prog: $check" >&2; exit 2; }
 
 output_dir=$(absolute "${OUTPUT_DIR:-./output}")
 cluster_env=()
@@ -71,7 +98,7 @@ for ((i = 0; i < local_device_num; i++)); do
     rank_id=$((rank_start + i))
     device_id=${logical_ids[$i]}
     physical_id=${physical_ids[$i]}
-    work_dir=$output_dir/device$physical_id
+    work_dir=$output_dir/$server_id/device$physical_id
     cmd=("$py" -m pangu_sigma.training.train --paths-from "$launch_dir" --config "$config"
          --set "parallel.device_target=$device_target" "${extra[@]}")
     worker_env=()
@@ -100,7 +127,7 @@ done
 
 if [ "$dry_run" = 0 ]; then
     echo "started $local_device_num processes (ranks $rank_start..$((rank_start + local_device_num - 1)) of $rank_size)"
-    echo "follow with: tail -f $output_dir/device${physical_ids[0]}/log"
+    echo "follow with: tail -f $output_dir/$server_id/device${physical_ids[0]}/log"
     if [ "${WAIT:-0}" = 1 ]; then  # WAIT=1: stay in the foreground and return the first failure
         status=0
         for pid in "${pids[@]}"; do wait "$pid" || status=$?; done

@@ -41,6 +41,19 @@ def test_domain_sums_by_hand():
     assert "domain5" in acc.result()["domains"]
 
 
+def test_rank_local_percent_divides_by_the_ranks_own_tokens():
+    """Rank 0 routed 40 tokens, all node-local; rank 1 routed 20, 5 of them local: 100% and 25% (dividing by
+    the mean of 30 tokens printed 133.3% and 16.7%). Same figures from compare_routers' min/max columns."""
+    from pangu_sigma.training.callbacks import expert_table
+    from pangu_sigma.tools.compare_evaluation import _rank_local_percent
+
+    table = expert_table([[30, 30]], [0], [[40, 5]], rank_tokens=[40, 20])
+    assert "local% by rank: layer 0: 100.0 25.0" in table
+    valid = {"tokens": 60, "local_by_rank": [[40, 5]], "tokens_by_rank": [40, 20]}
+    assert _rank_local_percent(valid, np.max) == pytest.approx(100.0)
+    assert _rank_local_percent(valid, np.min) == pytest.approx(25.0)
+
+
 def test_token_local_uses_each_groups_rank():
     mask = np.array([[1, 1, 0, 0], [0, 0, 1, 1]], np.float32)  # [G=2, E=4]
     expert = np.array([0, 2, 0, 2])  # groups of 2 tokens
@@ -94,9 +107,11 @@ def test_per_domain_perplexities_combine_into_the_overall_one(cluster_run):
     nll_sum = np.zeros(len(meta["domains"]))
     tokens = np.zeros(len(meta["domains"]), np.int64)
     routed = dropped = 0
+    group_tokens = np.zeros(4, np.int64)  # counted tokens of each token group (the last batch is partial)
     for start in range(0, len(order), batch):
         rows = order[start:start + batch]
         counted = np.arange(start, start + batch) < n
+        group_tokens += counted.reshape(4, -1).sum(1) * (ids.shape[1] - 1)
         logits, _, _, load, drop, _ = net.model(ms.Tensor(ids[rows, :-1]), ms.Tensor(domains[rows]))
         z = logits.asnumpy().astype(np.float64)  # [B, S, V]
         z -= z.max(-1, keepdims=True)
@@ -110,6 +125,8 @@ def test_per_domain_perplexities_combine_into_the_overall_one(cluster_run):
             routed += load.asnumpy().sum()
             dropped += drop.asnumpy().sum()
     assert tokens.sum() == n * (ids.shape[1] - 1) == result["tokens"]
+    assert result["tokens_by_rank"] == group_tokens.tolist()
+    assert (np.asarray(result["local_by_rank"]) <= group_tokens).all()  # a rank's local% never exceeds 100
     for d, name in enumerate(meta["domains"]):
         got = result["domains"][name]
         assert got["tokens"] == tokens[d]

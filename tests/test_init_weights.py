@@ -1,4 +1,4 @@
-"""Layout-independent initialisation (issue 10 item 2, DESIGN.md section 8): the same seed gives the same
+"""Layout-independent initialisation (issue 10 item 2, docs/parallelism.md): the same seed gives the same
 full model for 1 process, TP2 and TP2 x EP2, and the TP shards of a matrix differ.
 
 The parallel models are built for every rank in this process (group creation recorded, never run), each

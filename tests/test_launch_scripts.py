@@ -15,6 +15,7 @@ SCRIPTS = REPO / "run_scripts"
 IPS = {0: "0:192.1.27.6,1:192.2.27.6,2:192.3.27.6,3:192.4.27.6",
        4: "4:192.1.27.7,5:192.2.27.7,6:192.3.27.7,7:192.4.27.7"}
 ALL_IPS = f"{IPS[0]},{IPS[4]}"
+SECOND_IPS = ALL_IPS.replace(".27.", ".28.")  # the second server's NPU addresses (unique in a table)
 
 
 def run(cmd, cwd, env=None):
@@ -64,8 +65,8 @@ def assert_one_line_error(result, *texts):
 def workdir(tmp_path_factory):
     """A 2-server, 16-device merged table and an (empty) config file."""
     folder = tmp_path_factory.mktemp("launch")
-    for server in ("10.0.0.1", "10.0.0.2"):
-        result = run_py_script("hccl_tools.py", "--server-ip", server, "--device-ips", ALL_IPS,
+    for server, ips in (("10.0.0.1", ALL_IPS), ("10.0.0.2", SECOND_IPS)):
+        result = run_py_script("hccl_tools.py", "--server-ip", server, "--device-ips", ips,
                                "--output", f"{server}.json", cwd=folder)
         assert result.returncode == 0, result.stderr
     result = run_py_script("merge_hccl.py", "merged.json", "10.0.0.2.json", "10.0.0.1.json", cwd=folder)
@@ -141,8 +142,8 @@ def test_merge_refuses_duplicate_servers_and_keeps_output(call, workdir, tmp_pat
 
 def test_merge_refuses_unequal_device_counts(call, tmp_path):
     """HCCL on 910A: the same device count on every server (issue 10 item 5)."""
-    for server, device_range in (("10.0.0.1", "[0,4)"), ("10.0.0.2", "[0,2)")):
-        assert call("hccl_tools", "--device-range", device_range, "--server-ip", server, "--device-ips", ALL_IPS,
+    for server, device_range, ips in (("10.0.0.1", "[0,4)", ALL_IPS), ("10.0.0.2", "[0,2)", SECOND_IPS)):
+        assert call("hccl_tools", "--device-range", device_range, "--server-ip", server, "--device-ips", ips,
                     "--output", f"{server}.json", cwd=tmp_path).returncode == 0
     result = call("merge_hccl", "m.json", "10.0.0.1.json", "10.0.0.2.json", cwd=tmp_path)
     assert_one_line_error(result, "same device count")
@@ -164,21 +165,22 @@ def test_merge_refuses_to_overwrite_an_input(call, workdir):
 
 # ---- run_distribute_train.sh -----------------------------------------------------
 def distribute(workdir, *args, env=None):
-    return run(["bash", SCRIPTS / "run_distribute_train.sh", *args], workdir, env)
+    """SERVER_IP: the launching server's address in the table (10.0.0.1 unless the test says otherwise)."""
+    return run(["bash", SCRIPTS / "run_distribute_train.sh", *args], workdir, {"SERVER_IP": "10.0.0.1", **(env or {})})
 
 
 def test_distribute_dry_run_second_server(workdir):
-    result = distribute(workdir, "merged.json", "config.yaml", "8", "--dry-run", "--", "--set", "train.steps=3",
-                        env={"OUTPUT_DIR": "out"})
+    result = distribute(workdir, "merged.json", "config.yaml", "8", "--dry-run", "--", "--set", "train.train_steps=3",
+                        env={"OUTPUT_DIR": "out", "SERVER_IP": "10.0.0.2"})
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 8 and all("-m pangu_sigma.training.train" in line for line in lines)
     for i, line in enumerate(lines):
         assert line.startswith(f"RANK_ID={8 + i} DEVICE_ID={i} RANK_SIZE=16 RANK_TABLE_FILE={workdir}/merged.json "
                                f"PHYSICAL_DEVICE_ID={i} HCCL_CONNECT_TIMEOUT=600 ")
-        assert f"cd {workdir}/out/device{i} &&" in line
+        assert f"cd {workdir}/out/10.0.0.2/device{i} &&" in line  # per server: no collision on shared storage
         assert line.endswith(f"-m pangu_sigma.training.train --paths-from {workdir} --config {workdir}/config.yaml "
-                             "--set parallel.device_target=Ascend --set train.steps=3 > log 2>&1")
+                             "--set parallel.device_target=Ascend --set train.train_steps=3 > log 2>&1")
     assert not (workdir / "out").exists()
 
 
@@ -186,7 +188,7 @@ def test_distribute_uses_device_ids_from_the_table(call, tmp_path):
     result = call("hccl_tools", "--device-range", "[4,8)", "--server-ip", "10.0.0.1",
                            "--device-ips", IPS[4], "--output", "t.json", cwd=tmp_path)
     assert result.returncode == 0
-    (tmp_path / "c.yaml").write_text("")
+    (tmp_path / "c.yaml").write_text("parallel: {devices_per_node: 4}\n")
     result = distribute(tmp_path, "t.json", "c.yaml", "0", "4", "--dry-run")
     assert re.findall(r"\bDEVICE_ID=(\d)", result.stdout) == ["4", "5", "6", "7"]
     # a container seeing NPUs 4-7: set_device takes the logical index 0-3 (issue 10 item 6)
@@ -202,7 +204,7 @@ def test_distribute_on_cpu_uses_the_dynamic_cluster(call, tmp_path):
     """DEVICE_TARGET=CPU: the same launch path with MindSpore's scheduler + MS_* variables instead of HCCL."""
     assert call("hccl_tools", "--device-range", "[0,2)", "--server-ip", "127.0.0.1", "--device-ips", ALL_IPS,
                 "--output", "t2.json", cwd=tmp_path).returncode == 0
-    (tmp_path / "c.yaml").write_text("")
+    (tmp_path / "c.yaml").write_text("parallel: {devices_per_node: 2}\n")
     result = distribute(tmp_path, "t2.json", "c.yaml", "0", "2", "--dry-run", env={"DEVICE_TARGET": "CPU"})
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -252,24 +254,53 @@ def test_distribute_launches_one_process_per_device(tmp_path, workdir):
     """A stand-in python records each trainer's env and arguments in its log."""
     fake = tmp_path / "fake_python"
     fake.write_text(f"""#!/usr/bin/env bash
-if [ "$2" = pangu_sigma.cluster.ranktable ]; then exec {sys.executable} "$@"; fi
+case $2 in pangu_sigma.cluster.ranktable|pangu_sigma.cluster.launch_check) exec {sys.executable} "$@" ;; esac
 echo "RANK_ID=$RANK_ID DEVICE_ID=$DEVICE_ID RANK_SIZE=$RANK_SIZE TABLE=$RANK_TABLE_FILE PWD=$PWD HCCL=$HCCL_CONNECT_TIMEOUT ARGS=$*"
 """)
     fake.chmod(0o755)
     out = tmp_path / "out"
     result = distribute(workdir, "merged.json", "config.yaml", "8", "2", "--", "--seed", "1",
-                        env={"PYTHON": str(fake), "OUTPUT_DIR": str(out)})
+                        env={"PYTHON": str(fake), "OUTPUT_DIR": str(out), "SERVER_IP": "10.0.0.2"})
     assert result.returncode == 0, result.stderr
-    assert f"tail -f {out}/device0/log" in result.stdout
-    logs = [out / f"device{i}" / "log" for i in range(2)]
+    assert f"tail -f {out}/10.0.0.2/device0/log" in result.stdout
+    logs = [out / "10.0.0.2" / f"device{i}" / "log" for i in range(2)]
     deadline = time.time() + 10
     while not all(log.is_file() and log.read_text().endswith("\n") for log in logs) and time.time() < deadline:
         time.sleep(0.05)
     for i, log in enumerate(logs):
         assert log.read_text() == (
-            f"RANK_ID={8 + i} DEVICE_ID={i} RANK_SIZE=16 TABLE={workdir}/merged.json PWD={out}/device{i} HCCL=600 "
+            f"RANK_ID={8 + i} DEVICE_ID={i} RANK_SIZE=16 TABLE={workdir}/merged.json PWD={out}/10.0.0.2/device{i} HCCL=600 "
             f"ARGS=-m pangu_sigma.training.train --paths-from {workdir} --config {workdir}/config.yaml "
             "--set parallel.device_target=Ascend --seed 1\n")
+
+
+def test_distribute_derives_and_checks_rank_start(workdir):
+    """RANK_START from the rank table and the launching host; a wrong one or an unknown host: one line."""
+    derived = distribute(workdir, "merged.json", "config.yaml", "--dry-run", env={"SERVER_IP": "10.9.9.9 10.0.0.2"})
+    assert derived.returncode == 0, derived.stderr
+    assert re.findall(r"^RANK_ID=(\d+) ", derived.stdout, re.M) == [str(r) for r in range(8, 16)]
+    assert_one_line_error(distribute(workdir, "merged.json", "config.yaml", "0", "--dry-run",
+                                     env={"SERVER_IP": "10.0.0.2"}),
+                          "RANK_START=0 is invalid: 8, the first rank of this server 10.0.0.2")
+    assert_one_line_error(distribute(workdir, "merged.json", "config.yaml", "--dry-run", env={"SERVER_IP": "10.9.9.9"}),
+                          "SERVER_IP='10.9.9.9' is invalid", "10.0.0.1")
+
+
+@pytest.mark.parametrize("config, texts", [
+    ("parallel: {world_size: 32}\n", ["parallel.world_size=32 is invalid: 16, the device count of rank table",
+                                      "(2 nodes of 8)", "for 4 nodes"]),
+    ("train: {batch_size: 16, global_batch_size: 512}\n",
+     ["train.global_batch_size=512 is invalid: 256 = train.batch_size 16 x dp 16"]),
+    ("parallel: {devices_per_node: 4}\n", ["parallel.devices_per_node=4 is invalid: 8"]),
+])
+def test_distribute_refuses_a_config_for_another_cluster(workdir, tmp_path, config, texts):
+    (tmp_path / "wrong.yaml").write_text(config)
+    assert_one_line_error(distribute(workdir, "merged.json", tmp_path / "wrong.yaml", "--dry-run"), *texts)
+    # the trainer's --set after -- is what the check sees too
+    fixed = "parallel.world_size=16" if "world_size" in config else None
+    if fixed:
+        assert distribute(workdir, "merged.json", tmp_path / "wrong.yaml", "--dry-run", "--", "--set",
+                          fixed).returncode == 0
 
 
 # ---- run_standalone_train.sh and run_eval.sh ----------------------------------------

@@ -13,13 +13,13 @@ def run(*args):
 
 
 def test_multi_node_ascend_dry_run():
-    proc = run("--workers", "8", "--nodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1",
+    proc = run("--workers", "8", "--nodes", "16", "--node-rank", "1", "--master-addr", "10.0.0.1",
                "--master-port", "9000", "--config", "configs/locmoe_128n.yaml", "--device-target", "Ascend",
                "--set", "train.train_steps=32", "--dry-run")
     assert proc.returncode == 0, proc.stderr
     words = proc.stdout.split()
     assert words[:3] == ["cd", str(REPO), "&&"] and words[3].endswith("msrun")  # the module runs from the repository root
-    for expected in ("--worker_num=16", "--local_worker_num=8", "--master_addr=10.0.0.1", "--master_port=9000",
+    for expected in ("--worker_num=128", "--local_worker_num=8", f"--log_dir={REPO}/output/msrun_logs/node1", "--master_addr=10.0.0.1", "--master_port=9000",
                      "--node_rank=1", "--join=True"):
         assert expected in words
     # issue 10 item 10: a module run (-m), not pangu_sigma/training/train.py as a script
@@ -64,6 +64,34 @@ def test_workers_must_match_devices_per_node(args, message):
     assert proc.returncode == 2 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_node_count_must_match_the_configs_world_size():
+    """3 servers of 8 for a config written for 16: one line naming the field and both counts, before msrun."""
+    proc = run("--workers", "8", "--nodes", "3", "--master-addr", "10.0.0.1", "--config", "configs/locmoe_128n.yaml",
+               "--device-target", "Ascend", "--dry-run")
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "parallel.world_size=128 is invalid: 24, the device count of --workers 8 x --nodes 3" \
+        in lines[0] and "for 16 nodes" in lines[0], proc.stderr
+
+
+def test_every_trainer_flag_is_passed_and_help():
+    proc = run("--workers", "2", "--config", "configs/cpu_tiny.yaml", "--resume", "--allow-config-change",
+               "train.gradient_accumulation_steps", "--allow-batch-change", "--set", "train.train_steps=20",
+               "--log-dir", "logs", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    words = proc.stdout.split()
+    assert words[words.index("python"):] == [
+        "python", "-m", "pangu_sigma.training.train", "--paths-from", str(REPO), "--config",
+        str(REPO / "configs" / "cpu_tiny.yaml"), "--resume", "--allow-config-change", "train.gradient_accumulation_steps",
+        "--allow-batch-change", "--set", "train.train_steps=20"]
+    overwrite = run("--workers", "2", "--config", "configs/cpu_tiny.yaml", "--overwrite", "--dry-run")
+    assert overwrite.returncode == 0 and overwrite.stdout.split()[-1] == "--overwrite", overwrite.stderr
+    helped = run("--help")
+    assert helped.returncode == 0 and helped.stdout.startswith("Multi-process training with msrun")
+    for flag in ("--resume", "--overwrite", "--allow-config-change", "--allow-batch-change", "--nodes", "--dry-run"):
+        assert flag in helped.stdout
 
 
 def test_cpu_emulated_nodes_still_launch():

@@ -1,5 +1,5 @@
 """Domain-affine placement (locmoe.placement, pangu_sigma.data.placement_order) and the
-locality it creates, measured in cluster scope (DESIGN section 7)."""
+locality it creates, measured in cluster scope (docs/routing.md)."""
 import json
 import os
 

@@ -267,12 +267,31 @@ def test_rank_table_from_hccl_tools_drives_world_size_and_nodes(capsys, tmp_path
     merged = tmp_path / "rank_table_32p.json"
     subprocess.run([sys.executable, os.path.join(SCRIPTS, "merge_hccl.py"), str(merged), *pieces],
                    check=True, capture_output=True)
+    four_per_node = ("--set", "parallel.expert_parallel=4", "--set", "moe.expert_num_per_dp_dim=4")
+    # the 128-device config on a 32-device table: one line naming the field, both counts and the nodes
+    code, _, err = run_plan(capsys, "--config", config_path("locmoe_128n.yaml"), "--rank-table", merged, *four_per_node)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: parallel.world_size=128 is invalid: 32, the device count of rank table")
+    assert "(4 nodes of 8); this config is for 16 nodes" in err
+    # told the world size, the global batch must still be 512: batch_size 32 x dp 4 = 128
+    code, _, err = run_plan(capsys, "--config", config_path("locmoe_128n.yaml"), "--rank-table", merged, *four_per_node,
+                            "--set", "parallel.world_size=32")
+    assert code == 2 and err.startswith("error: train.global_batch_size=512 is invalid: 128 = train.batch_size 32 "
+                                        "x dp 4") and "train.batch_size=128" in err
     # 32 devices, TP 8 -> DP 4; EP 4 x 4 experts per rank keeps 16 experts
-    p = plan_json(capsys, "--config", config_path("locmoe_128n.yaml"), "--rank-table", merged,
-                  "--set", "parallel.expert_parallel=4", "--set", "moe.expert_num_per_dp_dim=4")
+    p = plan_json(capsys, "--config", config_path("locmoe_128n.yaml"), "--rank-table", merged, *four_per_node,
+                  "--set", "parallel.world_size=32", "--set", "train.batch_size=128",
+                  "--set", "train.gradient_accumulation_steps=32")
     assert (p["world_size"], p["nodes"], p["devices_per_node"]) == (32, 4, 8)
     assert (p["dp"], p["ep"], p["experts_per_rank"], p["local_experts_per_node"]) == (4, 4, 4, 4)
     assert p["source"].startswith("rank table")
+    # capacity_factor 12 was sized for 1 node-local expert (0.75 T); with 4 it is 4 x ceil(4096 x 12 / 16) = 3 T
+    note = [n for n in p["notes"] if n.startswith("moe.capacity_factor 12")]
+    assert note and "4 node-local experts 12288 slots for its 4096 tokens" in note[0] and "= 3" in note[0]
+    fitted = plan_json(capsys, "--config", config_path("locmoe_128n.yaml"), "--rank-table", merged, *four_per_node,
+                       "--set", "parallel.world_size=32", "--set", "train.batch_size=128",
+                       "--set", "train.gradient_accumulation_steps=32", "--set", "moe.capacity_factor=3")
+    assert not any(n.startswith("moe.capacity_factor") for n in fitted["notes"])
     code, _, err = run_plan(capsys, "--config", config_path("locmoe_128n.yaml"), "--rank-table", merged,
                             "--world-size", 128)
     assert code == 2 and "--world-size=128" in err and "32" in err
@@ -296,7 +315,8 @@ def test_hand_written_rank_table_with_4_device_servers(capsys, tmp_path):
     # TP 4: 16 devices, DP 4 = EP 4, 16 experts -> 4 per rank, 4 node-local per server
     p = plan_json(capsys, "--config", config_path("locmoe_128n.yaml"), "--rank-table", path,
                   "--set", "parallel.op_level_model_parallel_num=4", "--set", "parallel.expert_parallel=4",
-                  "--set", "moe.expert_num_per_dp_dim=4")
+                  "--set", "moe.expert_num_per_dp_dim=4", "--set", "parallel.world_size=16",
+                  "--set", "train.global_batch_size=0")
     assert (p["world_size"], p["nodes"], p["devices_per_node"], p["dp"], p["ep"]) == (16, 4, 4, 4, 4)
     assert p["experts_of_node"] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
     assert any("devices per server" in n for n in p["notes"])  # the table (4) overrides the config (8)

@@ -12,7 +12,8 @@ All values are strings in this format. Every problem raises
 `locmoe.errors.ConfigError` whose one-line message names the field (with
 its server and device), the bad value and what is valid.
 
-CLI: python -m pangu_sigma.cluster.ranktable FILE [--rank-size N] [--local-ranks START COUNT]
+CLI: python -m pangu_sigma.cluster.ranktable FILE [--rank-size N] [--local-ranks START COUNT] [--servers]
+    [--rank-start-for 'IP ...' [--rank-start N]]
 No MindSpore import here: the launch scripts use this on any machine.
 """
 import ipaddress
@@ -70,12 +71,15 @@ def _require_keys(obj, keys, where):
         _require(key in obj, f"{where}.{key}", None, "a required field, missing here")
 
 
-def _check_device(device, where, where_of_rank):
+def _check_device(device, where, where_of_rank, where_of_ip):
     _require_keys(device, ("device_id", "device_ip", "rank_id"), where)
     valid_id = f"a device id in 0..{DEVICES_PER_BOARD - 1}"
     device_id = _require_str_int(device["device_id"], f"{where}.device_id", valid_id)
     _require(device_id < DEVICES_PER_BOARD, f"{where}.device_id", device["device_id"], valid_id)
-    _require_ipv4(device["device_ip"], f"{where}.device_ip")
+    ip = _require_ipv4(device["device_ip"], f"{where}.device_ip")
+    _require(ip not in where_of_ip, f"{where}.device_ip", ip,
+             f"unique across the table (each NPU has its own address); {where_of_ip.get(ip)} has it too")
+    where_of_ip[ip] = where
     rank = _require_str_int(device["rank_id"], f"{where}.rank_id", "a rank id in 0..N-1")
     _require(rank not in where_of_rank, f"{where}.rank_id", device["rank_id"],
              f"unique across the table; {where_of_rank.get(rank)} has it too")
@@ -83,7 +87,7 @@ def _check_device(device, where, where_of_rank):
     return device_id, rank
 
 
-def _check_server(server, index, server_ids, where_of_rank):
+def _check_server(server, index, server_ids, where_of_rank, where_of_ip):
     """Validate one server entry; return {rank: device id} for its devices."""
     _require_keys(server, ("server_id", "device"), f"server_list[{index}]")
     server_id = _require_ipv4(server["server_id"], f"server_list[{index}].server_id")
@@ -95,7 +99,7 @@ def _check_server(server, index, server_ids, where_of_rank):
     device_of_rank, seen_devices = {}, set()
     for d_index, device in enumerate(devices):
         where = f"server {server_id} device[{d_index}]"
-        device_id, rank = _check_device(device, where, where_of_rank)
+        device_id, rank = _check_device(device, where, where_of_rank, where_of_ip)
         _require(device_id not in seen_devices, f"{where}.device_id", device["device_id"],
                  "unique within its server")
         seen_devices.add(device_id)
@@ -115,9 +119,9 @@ def validate_rank_table_dict(table):
     _require(count == len(servers), "server_count", table["server_count"],
              f'"{len(servers)}", the length of server_list')
 
-    server_ids, where_of_rank, node_and_device = [], {}, {}
+    server_ids, where_of_rank, where_of_ip, node_and_device = [], {}, {}, {}
     for index, server in enumerate(servers):
-        for rank, device_id in _check_server(server, index, server_ids, where_of_rank).items():
+        for rank, device_id in _check_server(server, index, server_ids, where_of_rank, where_of_ip).items():
             node_and_device[rank] = (index, device_id)
         server_ids.append(server["server_id"])
 
@@ -182,6 +186,26 @@ def load_rank_table(path, rank_size=None):
     if rank_size is not None:
         check_rank_size(table, rank_size, path)
     return table
+
+
+def server_rank_starts(table):
+    """[(server_id, first rank, device count)] in table order."""
+    return [(server_id, table.node_of_rank.index(n), table.node_of_rank.count(n))
+            for n, server_id in enumerate(table.server_ids)]
+
+
+def rank_start_of_host(table, host_ips, given=None, path="the rank table"):
+    """RANK_START of the server whose server_id is one of host_ips (this host's addresses); checked
+    against `given` (an explicit RANK_START) when there is one. ConfigError naming SERVER_IP or RANK_START."""
+    starts = {server_id: start for server_id, start, _ in server_rank_starts(table)}
+    mine = [ip for ip in host_ips if ip in starts]
+    _require(len(mine) == 1, "SERVER_IP", " ".join(host_ips) or "(none)",
+             f"exactly one server_id of {path} {list(starts)[:4]}{' ...' if len(starts) > 4 else ''} "
+             f"(this host's addresses; set SERVER_IP to this server's server_id)")
+    start = starts[mine[0]]
+    _require(given is None or given == start, "RANK_START", given,
+             f"{start}, the first rank of this server {mine[0]} in {path} (or leave it out)")
+    return start
 
 
 def local_device_ids(table, rank_start, count):
@@ -267,14 +291,27 @@ def main(argv=None):
     parser.add_argument("--local-ranks", nargs=2, type=int, metavar=("START", "COUNT"),
                         help="instead of the summary print 'RANK_SIZE DEVICE_ID...' for ranks "
                              "START..START+COUNT-1 (checked to lie on one server)")
+    parser.add_argument("--servers", action="store_true",
+                        help="instead of the summary print 'SERVER_ID RANK_START DEVICES' per server")
+    parser.add_argument("--rank-start-for", metavar="IPS",
+                        help="print the RANK_START of the server whose server_id is one of these space-separated "
+                             "addresses (this host's); with --rank-start N, or with --local-ranks, check it")
+    parser.add_argument("--rank-start", type=int, help="with --rank-start-for: the RANK_START given at launch")
     parser.add_argument("--visible-devices", metavar="LIST",
                         help="with --local-ranks: the physical NPUs visible here (e.g. 4-7); print "
                              "'RANK_SIZE LOGICAL_ID... PHYSICAL_ID...' instead")
     args = parser.parse_args(argv)
     try:
         table = load_rank_table(args.file, args.rank_size)
-        if args.local_ranks:
+        if args.servers:
+            print("\n".join(f"{server_id} RANK_START={start} devices={count}"
+                            for server_id, start, count in server_rank_starts(table)))
+        elif args.rank_start_for is not None and not args.local_ranks:
+            print(rank_start_of_host(table, args.rank_start_for.split(), args.rank_start))
+        elif args.local_ranks:
             devices = local_device_ids(table, *args.local_ranks)
+            if args.rank_start_for is not None:  # the launching host must own these ranks
+                rank_start_of_host(table, args.rank_start_for.split(), args.local_ranks[0])
             if args.visible_devices:
                 visible = parse_visible_devices(args.visible_devices, "--visible-devices")
                 print(table.world_size, *logical_device_ids(devices, visible, "--visible-devices"), *devices)

@@ -143,7 +143,6 @@ def check_paths(input_dir, output_dir, overwrite):
     return input_dir, output_dir
 
 
-
 def make_temp_dir(output_dir):
     """An empty folder next to output_dir, with the permissions a plain mkdir would give."""
     parent = os.path.dirname(output_dir)

@@ -138,6 +138,7 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
     batches = []
     dropped_remote = np.zeros(len(moe_layers), np.int64)  # [M] drops of tokens bound for other nodes
     local_by_rank = np.zeros((len(moe_layers), layout["token_groups"]), np.int64)  # [M, G]
+    tokens_by_rank = np.zeros(layout["token_groups"], np.int64)  # [G] counted tokens each group routed
     experts = cfg.num_experts if moe_layers else 0
     load_by_rank = np.zeros((len(moe_layers), layout["token_groups"], experts), np.int64)  # [M, G, E] routed
     counts = [[] for _ in moe_layers]  # [M][batches] of [G, E]
@@ -152,6 +153,7 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
             for m, (idx, _) in enumerate(routing):
                 counts[m].append(pair_counts_of(idx.asnumpy(), cfg.num_experts))  # [G, E]
         counted_tokens = np.repeat(counted, seq)  # [B*S]
+        tokens_by_rank += counted_tokens.reshape(layout["token_groups"], -1).sum(1)  # [G]
         for m, (_, keep, near) in enumerate(per_token):
             dropped_remote[m] += int((counted_tokens & ~keep & ~near).sum())
             local_by_rank[m] += (counted_tokens & near).reshape(layout["token_groups"], -1).sum(1)
@@ -166,6 +168,7 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
               "expert_load": overall["expert_load"], "dropped": overall["dropped"], "local": overall["local"],
               "layers": overall["layers"], "domains": figures["domains"],
               "dropped_remote": dropped_remote.tolist(), "local_by_rank": local_by_rank.tolist(),
+              "tokens_by_rank": tokens_by_rank.tolist(),
               "load_by_rank": load_by_rank.tolist(),
               "routing": {"scope": layout["scope"], "token_groups": layout["token_groups"],
                           "group_ranks": layout["group_ranks"], "world_size": layout["world_size"],
@@ -201,7 +204,7 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
         first = cfg.model.num_layers - cfg.model.moe_layer_num
         by_tier = np.stack([np.asarray(overall["dropped"]) - dropped_remote, dropped_remote], 1)  # [M, 2]
         log(expert_table(np.asarray(overall["expert_load"]), by_tier, local_by_rank,
-                         first_layer=first, title=f"expert load on {split}"))
+                         first_layer=first, title=f"expert load on {split}", rank_tokens=tokens_by_rank))
         for name, fig in figures["domains"].items():
             log(expert_table(np.asarray(fig["expert_load"]), fig["dropped"], fig["local"], first_layer=first,
                              title=f"expert load on {split}, domain {name}"))
@@ -231,7 +234,7 @@ def main(argv=None, evaluate_fn=None, prog=None):
         allowed = checkpoint.split_fields(args.allow_config_change)
         result = (evaluate_fn or evaluate)(cfg, args.checkpoint, args.batch_size, args.split, allow_changes=allowed)
         if args.json and result is not None:
-            from pangu_sigma.tools._cli import write_json
+            from pangu_sigma.json_io import write_json
             write_json(args.json, result)
             print(f"[eval] wrote {args.json}")
 

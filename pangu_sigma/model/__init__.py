@@ -1,11 +1,20 @@
-"""The PanGu-Sigma model: embeddings, attention, dense & sparse blocks, top query layer."""
-from pangu_sigma.model.attention import CausalAttention, Linear
-from pangu_sigma.model.blocks import DenseBlock, DenseFFN, SparseBlock, TopQueryLayer
-from pangu_sigma.model.embedding import Embedding
-from pangu_sigma.model.model_config import ModelConfig
-from pangu_sigma.model.pangu_sigma import PanguSigmaModel, PanguSigmaWithLoss, token_cross_entropy
+"""The PanGu-Sigma model: embeddings, attention, dense & sparse blocks, top query layer.
 
-__all__ = [
-    "CausalAttention", "DenseBlock", "DenseFFN", "Embedding", "Linear", "ModelConfig",
-    "PanguSigmaModel", "PanguSigmaWithLoss", "SparseBlock", "TopQueryLayer", "token_cross_entropy",
-]
+Names are imported on first use (PEP 562), so `pangu_sigma.model.model_config` and
+`pangu_sigma.model.recompute` (read by the config, plan and the launchers) do not import MindSpore.
+"""
+import importlib
+
+_MODULE_OF = {
+    "CausalAttention": "attention", "Linear": "attention",
+    "DenseBlock": "blocks", "DenseFFN": "blocks", "SparseBlock": "blocks", "TopQueryLayer": "blocks",
+    "Embedding": "embedding", "ModelConfig": "model_config",
+    "PanguSigmaModel": "pangu_sigma", "PanguSigmaWithLoss": "pangu_sigma", "token_cross_entropy": "pangu_sigma",
+}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)

@@ -44,19 +44,18 @@ Losses and gradients are unchanged (deterministic ops; dropout draws differ
 between the forward and the recomputation, so keep dropout_rate 0 when bitwise
 equality matters).
 """
-from mindspore import ops
-
-RECOMPUTE_LEVELS = ("none", "attention", "block")
-# ops.AlltoAllV is not a subclass of ops.AlltoAll (mindspore/ops/operations/comm_ops.py:856 and :1945, both
-# PrimitiveWithInfer): listed on its own, or recompute would re-send the tier-2 exchange.
-_COMM_PRIMITIVES = (ops.AllReduce, ops.AllGather, ops.AlltoAll, ops.AlltoAllV, ops.ReduceScatter)
+RECOMPUTE_LEVELS = ("none", "attention", "block")  # read by the config without importing MindSpore
 
 
 def _keep_communication(cell):
     """Exclude every collective primitive under cell from recomputation."""
+    from mindspore import ops
+    # ops.AlltoAllV is not a subclass of ops.AlltoAll (mindspore/ops/operations/comm_ops.py:856 and :1945, both
+    # PrimitiveWithInfer): listed on its own, or recompute would re-send the tier-2 exchange.
+    comm_primitives = (ops.AllReduce, ops.AllGather, ops.AlltoAll, ops.AlltoAllV, ops.ReduceScatter)
     for _, sub in cell.cells_and_names():
         for value in vars(sub).values():
-            if isinstance(value, _COMM_PRIMITIVES):
+            if isinstance(value, comm_primitives):
                 value.recompute(False)
 
 

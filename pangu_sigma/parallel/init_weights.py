@@ -2,7 +2,7 @@
 
 MindSpore's initializers draw from the global numpy RNG, so under tensor
 parallelism every TP rank drew the *same* values for its own shard: the full
-matrix was its first shard repeated (DESIGN.md section 8 asks for the
+matrix was its first shard repeated (docs/parallelism.md asks for the
 opposite). Here every random parameter is redrawn from a counter-based
 generator keyed by (seed, parameter name) and indexed by the element's
 position in the *full* tensor: a rank computes only the elements of its own

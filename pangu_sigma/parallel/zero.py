@@ -45,6 +45,12 @@ from pangu_sigma.parallel.grad_reduce import replica_group
 MOMENT_PREFIXES = ("zero_m.", "zero_v.")
 
 
+def no_weight_decay(param_name):
+    """LayerNorm parameters, biases, embeddings tables and router biases are not decayed."""
+    lowered = param_name.lower()
+    return any(key in lowered for key in ("gamma", "beta", "bias", "ln", "norm", "table"))
+
+
 def slice_layout(size, group_size, index):
     """(slice length c, start, stop) of member `index` of a group of `group_size` for a tensor of `size`."""
     length = -(-size // group_size)
@@ -166,7 +172,6 @@ def sharded_optimizer(network, optim_cfg, lr_schedule, topology, backend, is_tp_
     """ShardedAdamWeightDecay over network's trainable parameters, with build_optimizer's decay groups and
     gather buckets of at most bucket_mb MiB (parallel.grad_bucket_mb, the size plan's memory model uses:
     pangu_sigma.cluster.param_count memory_per_device, gather_bucket)."""
-    from pangu_sigma.training.train_step import no_weight_decay
 
     params = network.trainable_params()
     decay = {p.name: (0.0 if no_weight_decay(p.name) else float(optim_cfg.weight_decay)) for p in params}

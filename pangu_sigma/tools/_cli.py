@@ -1,8 +1,8 @@
-"""Small shared pieces of the tools' command lines: one-line argument errors, a JSON writer."""
+"""Small shared pieces of the tools' command lines: one-line argument errors (the JSON writer lives in pangu_sigma.json_io)."""
 import argparse
-import json
-import math
 import sys
+
+from pangu_sigma.json_io import dumps, write_json  # noqa: F401 (re-exported for the tools)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -16,30 +16,3 @@ def fail(message, code=2):
     """Print `error: message` on stderr and return the exit status (for `return fail(...)` in main)."""
     print(f"error: {message}", file=sys.stderr)
     return code
-
-
-def _plain(value):
-    """JSON-safe copy: numpy scalars/arrays to Python, non-finite floats to None."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def dumps(payload):
-    return json.dumps(_plain(payload), indent=2, sort_keys=True)
-
-
-def write_json(path, payload):
-    """Atomic: a temp file next to path, then renamed over it."""
-    import os
-
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(dumps(payload) + "\n")
-    os.replace(tmp, path)

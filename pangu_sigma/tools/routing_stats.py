@@ -45,7 +45,7 @@ rank of the target cluster in one of two ways:
   hot remote experts differ).
   This is an extrapolation from one rank's pose (rank scope), which overstates
   locality: with i.i.d. data the cluster-wide local fraction of a router that
-  decides from the token alone is the placement baseline (DESIGN section 7).
+  decides from the token alone is the placement baseline (docs/routing.md).
   Use it only as a labelled what-if.
 - auto (default): same for every router.
 

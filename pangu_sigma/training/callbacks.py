@@ -15,13 +15,14 @@ def step_line(step, total_steps, metrics, tokens_per_s, show_scale):
     return line
 
 
-def expert_table(load, dropped, local, first_layer=0, title="expert load"):
+def expert_table(load, dropped, local, first_layer=0, title="expert load", rank_tokens=None):
     """Per-layer table: share of routed tokens per expert, max/mean load, drop rate (all, and of
     the tokens bound for other nodes: the remote tier), node-local fraction (mean over the
     data-parallel ranks, and the lowest and highest rank); then the local fraction by rank.
 
     load [M, E] token counts; dropped [M] or [M, 2] (node-local, remote) and local [M] or
-    [M, P] (per rank; every rank routes the same number of tokens) token counts.
+    [M, P] (per rank) token counts. rank_tokens [P]: the tokens each rank routed (default: every rank
+    routes the same number, as in training), the denominator of the rank's local fraction.
     """
     load = np.asarray(load, np.float64)
     if load.size == 0:
@@ -34,7 +35,11 @@ def expert_table(load, dropped, local, first_layer=0, title="expert load"):
     ranks = local.shape[1]
     routed = np.maximum(load.sum(1), 1.0)  # [M]
     share = load / routed[:, None]
-    by_rank = local / (routed[:, None] / ranks)  # [M, P] local fraction of each rank
+    if rank_tokens is None:
+        per_rank = routed[:, None] / ranks  # [M, 1] every rank routes the same number of tokens
+    else:
+        per_rank = np.maximum(np.asarray(rank_tokens, np.float64), 1.0)[None, :]  # [1, P] each rank's own
+    by_rank = local / per_rank  # [M, P] local fraction of each rank
     head = ("layer " + " ".join(f"{f'e{e}':>6}" for e in range(experts))
             + "  max/mean   drop%  dropR%  local%  (min..max over ranks)")
     rows = [f"{title} (share of routed tokens per expert; dropR: dropped tokens bound for other nodes; "

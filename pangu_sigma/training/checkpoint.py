@@ -359,7 +359,8 @@ def load_resharded(net, path, topology=None):
 # Fields that may differ between a run and its resume without changing results: the
 # layout (resharded), the run length and bookkeeping. The global batch is checked apart.
 LAYOUT_FIELDS = ("parallel.", "train.output_dir", "train.train_steps", "train.init_checkpoint", "train.sink_size",
-                 "train.batch_size", "checkpoint.", "logging.", "data.dataset_dir", "data.verify_checksums",
+                 "train.batch_size", "train.global_batch_size", "checkpoint.", "logging.", "data.dataset_dir",
+                 "data.verify_checksums",
                  "moe.expert_num_per_dp_dim")
 # Fields added after runs were written, with the value that gives those runs' behaviour: a stored config
 # without the field is read with it (a run from before gradient accumulation resumes without a change).

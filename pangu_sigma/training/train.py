@@ -269,7 +269,7 @@ def train(cfg, resume=False, log=print, stop_after=None, overwrite=False, allow_
         start_step, samples = resume_state(cfg, step_cell, ctx, rank, global_batch, allow_batch_change, log)
         if start_step:
             note_for_interrupt(f"last checkpoint: step {start_step} in {cfg.train.output_dir}; continue with --resume")
-    if start_step == 0:  # the same full model from the seed whatever the layout (DESIGN.md section 8)
+    if start_step == 0:  # the same full model from the seed whatever the layout (docs/parallelism.md)
         initialise_weights(net, cfg.train.seed, cfg.model, topology if ctx.distributed else None)
     if start_step == 0 and cfg.train.init_checkpoint:
         checkpoint.load_resharded(net, cfg.train.init_checkpoint, topology if ctx.distributed else None)

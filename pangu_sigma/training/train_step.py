@@ -8,6 +8,7 @@ import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 from mindspore.ops import composite as C
 
+from pangu_sigma.parallel.zero import no_weight_decay  # noqa: F401 (also imported from here by tests)
 from pangu_sigma.training.overflow import OverflowCheck
 
 METRIC_NAMES = ("loss", "ce", "aux", "loc", "lr", "grad_norm", "loss_scale", "overflow")
@@ -45,12 +46,6 @@ _square_sum = C.MultitypeFuncGraph("square_sum")
 @_square_sum.register("Tensor")
 def _square_sum_one(grad):
     return ops.cast(grad, ms.float32).square().sum()
-
-
-def no_weight_decay(param_name):
-    """LayerNorm parameters, biases, embeddings tables and router biases are not decayed."""
-    lowered = param_name.lower()
-    return any(key in lowered for key in ("gamma", "beta", "bias", "ln", "norm", "table"))
 
 
 def build_optimizer(network, optim_cfg, lr_schedule):

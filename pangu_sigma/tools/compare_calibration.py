@@ -1,0 +1,95 @@
+"""compare_routers, calibration stage: equal drops (the smallest remote capacity meeting a drop-rate
+target, from a pilot run's routed counts) and LocMoE against the goals."""
+import numpy as np
+
+from locmoe.errors import ConfigError
+from pangu_sigma.tools.compare_evaluation import _mean
+
+def pilot_units(cfg, routing):
+    """[dp, E] the tier-2 units the pilot's layers used (eval's routing 'remote_units' by token group,
+    one group per dp rank in cluster scope), or None (one unit per remote expert)."""
+    units = routing.get("remote_units")
+    if units is None or (routing.get("remote_quanta") or 1) == 1 and max(max(r) for r in units) <= 1:
+        return None
+    if routing.get("scope") != "cluster":
+        raise ConfigError("parallel.virtual_scope", routing.get("scope"), "cluster (equal drops with tier-2 units)")
+    return np.asarray(units, np.int64)
+
+
+def predicted_inter_node_bytes(cfg, local_capacity, remote_capacity, units=None):
+    """The cluster's inter-node MoE bytes per step of the two-tier exchange at these capacities
+    (remote_capacity: rows per tier-2 unit; units [dp, E], None: one per remote expert), from the
+    byte model the training log uses (locmoe.exchange.register_tiered_exchange_bytes)."""
+    from locmoe.comm import CommCounter
+    from locmoe.exchange import register_tiered_exchange_bytes
+    from locmoe.tiers import unit_table
+    from pangu_sigma.build import single_process_topology
+
+    topology = single_process_topology(cfg)
+    counter = register_tiered_exchange_bytes(CommCounter(topology), topology, cfg.num_experts, local_capacity,
+                                             remote_capacity, cfg.model.hidden_size, cfg.compute_dtype,
+                                             cfg.parallel.groupwise_a2a, cfg.model.moe_layer_num,
+                                             None if units is None else unit_table(topology, units))
+    return counter.world_totals()["inter"] * cfg.train.gradient_accumulation_steps
+
+
+def calibrate(cfg, pilot, counts, target_percent):
+    """Both tiers at equal drops: the (node-local capacity, remote unit) with the fewest expert rows per token
+    group at which the pilot's routed counts (valid split, [M, N, G, E]) drop <= target_percent % of the
+    tokens (mean over MoE layers; equal_drops.smallest_tier_capacities), their factors and bytes."""
+    from pangu_sigma.build import single_process_groups, single_process_topology
+    from pangu_sigma.tools.equal_drops import (factor_for_capacity, remote_spread, smallest_tier_capacities,
+                                               tier_drop_rates)
+
+    topology = single_process_topology(cfg)
+    groups, group_ranks, _ = single_process_groups(cfg, topology)
+    mask = np.array([topology.local_expert_mask(r) for r in (group_ranks or [topology.rank] * groups)])  # [G, E]
+    routing = pilot["valid"]["routing"]
+    tokens, local_capacity = routing["tokens_per_group"], routing["capacity"]
+    units, quanta = routing.get("remote_units"), routing.get("remote_quanta") or 1  # [G, E] tier-2 units per pair
+    multiple = topology.tp if cfg.parallel.groupwise_a2a and topology.tp > 1 else 1
+    at_pilot = tier_drop_rates(counts, mask, local_capacity, routing["remote_capacity"], units)  # check: = measured
+    found = smallest_tier_capacities(counts, mask, target_percent / 100, multiple, units)
+    if found["capacity"] is None:
+        raise ConfigError("--equal-drops", target_percent, f"a target above the predicted drop rate of the tokens "
+                          f"routed to pairs without tier-2 units (router {cfg.moe.router})")
+    capacity, pilot_local_capacity, local_capacity = found["capacity"], local_capacity, found["local_capacity"]
+    return {"target_percent": target_percent, "pilot_run_dir": pilot["run_dir"],
+            "pilot_remote_capacity": routing["remote_capacity"],
+            "pilot_remote_capacity_factor": routing["remote_capacity_factor"],
+            "pilot_valid_perplexity": pilot["valid"]["perplexity"],
+            "pilot_drop_percent": 100 * _mean([L["drop_rate"] for L in pilot["valid"]["layers"]]),
+            "pilot_predicted_drop_percent": 100 * float((at_pilot[0] + at_pilot[1]).mean()),
+            "pilot_inter_node_bytes_per_step": pilot["moe_inter_node_bytes_per_step"],
+            "tokens_per_group": tokens, "pilot_local_capacity": pilot_local_capacity,
+            "local_capacity": local_capacity, "capacity_factor": factor_for_capacity(local_capacity, tokens,
+                                                                                     cfg.num_experts),
+            "remote_capacity": capacity, "remote_quanta": quanta, "expert_rows_per_group": found["rows"],
+            "remote_capacity_factor": factor_for_capacity(capacity, tokens, cfg.num_experts * quanta),
+            "predicted_drop_percent": 100 * found["drop_rate"],
+            "predicted_local_drop_percent": 100 * found["local_drop_rate"],
+            "predicted_remote_drop_percent": 100 * found["remote_drop_rate"],
+            "predicted_inter_node_bytes_per_step": predicted_inter_node_bytes(cfg, local_capacity, capacity,
+                                                                              pilot_units(cfg, routing)),
+            "pilot_remote_spread": remote_spread(counts, mask)}
+
+
+def goals(results):
+    """LocMoE against the baselines (Switch, Hash; ppl against the best other router): byte ratios,
+    drop difference in points, ppl difference in % (means over seeds)."""
+    if "locmoe" not in results:
+        return {}
+    def mean(router, column):
+        return results[router]["summary"][column]["mean"]
+    loc = {c: mean("locmoe", c) for c in ("inter-node MoE MiB/step", "drop %", "valid ppl")}
+    others = [r for r in results if r != "locmoe"]
+    out = {}
+    for base in ("switch", "hash"):
+        if base in results:
+            out[f"bytes locmoe/{base}"] = loc["inter-node MoE MiB/step"] / mean(base, "inter-node MoE MiB/step")
+            out[f"drop points locmoe-{base}"] = loc["drop %"] - mean(base, "drop %")
+    if others:
+        best = min(others, key=lambda r: mean(r, "valid ppl"))
+        out["best baseline ppl"] = best
+        out["ppl locmoe vs best %"] = 100 * (loc["valid ppl"] / mean(best, "valid ppl") - 1)
+    return out
