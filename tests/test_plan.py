@@ -285,9 +285,9 @@ def test_rank_table_from_hccl_tools_drives_world_size_and_nodes(capsys, tmp_path
     assert (p["world_size"], p["nodes"], p["devices_per_node"]) == (32, 4, 8)
     assert (p["dp"], p["ep"], p["experts_per_rank"], p["local_experts_per_node"]) == (4, 4, 4, 4)
     assert p["source"].startswith("rank table")
-    # capacity_factor 12 was sized for 1 node-local expert (0.75 T); with 4 it is 4 x ceil(4096 x 12 / 16) = 3 T
-    note = [n for n in p["notes"] if n.startswith("moe.capacity_factor 12")]
-    assert note and "4 node-local experts 12288 slots for its 4096 tokens" in note[0] and "= 3" in note[0]
+    # capacity_factor 12.5 was sized for 1 node-local expert (0.78 T); with 4 it is 4 x ceil(4096 x 12.5 / 16) = 3.1 T
+    note = [n for n in p["notes"] if n.startswith("moe.capacity_factor 12.5")]
+    assert note and "4 node-local experts 12800 slots for its 4096 tokens" in note[0] and ": 3.125;" in note[0]
     fitted = plan_json(capsys, "--config", config_path("locmoe_128n.yaml"), "--rank-table", merged, *four_per_node,
                        "--set", "parallel.world_size=32", "--set", "train.batch_size=128",
                        "--set", "train.gradient_accumulation_steps=32", "--set", "moe.capacity_factor=3")

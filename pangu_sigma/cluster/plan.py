@@ -285,11 +285,12 @@ def local_capacity_note(cfg, topo):
     slots = local * expert_capacity(tokens, cfg.moe.capacity_factor, cfg.num_experts)
     if slots <= tokens:
         return None
-    fitting = 0.75 * cfg.num_experts / local
+    fitting = 1.25 * 0.625 * cfg.num_experts / local
     return (f"moe.capacity_factor {cfg.moe.capacity_factor:g} gives a rank's {local} node-local experts {slots} "
             f"slots for its {tokens} tokens per micro-batch ({slots / tokens:.2f}x: the excess is padding sent "
-            f"through the intra-node All-to-All); the shipped configs leave room for 0.75 of the tokens: "
-            f"capacity_factor = 0.75 x {cfg.num_experts} experts / {local} = {fitting:g}")
+            f"through the intra-node All-to-All); size it for the node-local share s you expect at the "
+            f"baselines' 1.25 headroom, capacity_factor = 1.25 x s x {cfg.num_experts} experts / {local} "
+            f"(s = 0.625, the 128N config's: {fitting:g}; docs/cluster-guide.md)")
 
 
 def make_plan(cfg, rank_table=None, world_size=None, devices_per_node=None, domain_sizes=None):
