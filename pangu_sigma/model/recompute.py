@@ -39,9 +39,9 @@ cell's intermediates from its inputs instead of keeping them. Levels:
                (their outputs, the expert buffers, stay in memory; param_count
                counts them). The TP AllReduces of the row-parallel linears are
                recomputed with the block (intra-node, N*d per call), as Megatron does.
-Losses and gradients are unchanged (deterministic ops; dropout draws differ
-between the forward and the recomputation, so keep dropout_rate 0 when bitwise
-equality matters).
+Losses and gradients are unchanged (deterministic ops; a dropout mask is a hash
+of the step, site and position, pangu_sigma.parallel.dropout, so the
+recomputation redraws the forward's mask).
 """
 from mindspore import ops
 
