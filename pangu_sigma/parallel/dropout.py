@@ -129,7 +129,8 @@ class HashDropout(nn.Cell):
         offsets = (self.dp_rank * shape[0], self.head_offset) + (0,) * (len(shape) - 2)
         global_shape = (shape[0] * (self.dp_rank + 1), shape[1] * self.head_parts) + shape[2:]
         keep = keep_mask(shape, offsets, global_shape, self.counter, self.host_state, self.threshold)
-        return x * ops.cast(keep, x.dtype) * self.scale
+        # select: its backward keeps the 1-byte bool mask (plan's D = 1 B per element), not a float copy
+        return ops.select(keep, x * self.scale, ops.zeros_like(x))
 
 
 def set_data_parallel_rank(net, parallel):
