@@ -32,7 +32,9 @@ class DenseFFN(nn.Cell):
         super().__init__()
         self.w_in = Parameter(initializer(Normal(0.02), [hidden, ffn]), name="w_in")
         self.w_out = Parameter(initializer(Normal(0.02), [ffn, hidden]), name="w_out")
-        self.matmul = ops.MatMul()  # the model's linear form (locmoe.bench_linear), not ops.matmul's MatMulExt
+        # the MatMul primitive, as the experts' ops.bmm is the BatchMatMul primitive: like for like (ops.matmul
+        # is MatMulExt, slower fwd+bwd on CPU: locmoe.bench_linear), so moe_ms / dense_ms is not flattered
+        self.matmul = ops.MatMul()
 
     def construct(self, x):
         return self.matmul(ops.gelu(self.matmul(x, self.w_in), approximate="tanh"), self.w_out)

@@ -51,7 +51,6 @@ class DenseGate(nn.Cell):
     def __init__(self, hidden_size, num_experts, init_std=0.02):
         super().__init__()
         self.weight = Parameter(initializer(Normal(init_std), [num_experts, hidden_size], ms.float32), name="weight")
-        self.matmul_transpose_b = ops.MatMul(transpose_b=True)  # the MatMul primitive (locmoe.bench_linear)
 
     def construct(self, x):
-        return self.matmul_transpose_b(x, self.weight)  # [T, d] x [n, d]^T -> [T, n]
+        return ops.matmul(x, self.weight.T)  # [T, n]

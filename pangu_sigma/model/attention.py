@@ -20,13 +20,13 @@ from mindspore import nn, ops, Parameter, Tensor
 from mindspore.common.initializer import Normal, initializer
 
 from pangu_sigma.parallel.dropout import HashDropout
-from pangu_sigma.parallel.tp_layers import ColumnParallelLinear, RowParallelLinear, linear_matmul, tp_size
+from pangu_sigma.parallel.tp_layers import ColumnParallelLinear, RowParallelLinear, tp_size
 
 MASKED_SCORE = -1e9  # added to scores of future positions; exp() underflows to exactly 0 in float32
 
 
 class Linear(nn.Cell):
-    """y = x @ weight + bias, computed in compute_dtype with the MatMul primitive (tp_layers.linear_matmul).
+    """y = x @ weight + bias, computed in compute_dtype.
 
     `weight` [in, out] ~ N(0, init_std) and `bias` [out] = 0 are float32 masters,
     cast to compute_dtype on use. Returns compute_dtype.
@@ -40,12 +40,11 @@ class Linear(nn.Cell):
             initializer(Normal(init_std), [in_features, out_features], ms.float32), name="weight")
         self.bias = Parameter(initializer("zeros", [out_features], ms.float32), name="bias")
         self.compute_dtype = compute_dtype
-        self.matmul = linear_matmul()
 
     def construct(self, x):
         lead_shape = x.shape[:-1]
         flat = ops.cast(x.reshape(-1, self.in_features), self.compute_dtype)  # [N, in]
-        y = self.matmul(flat, ops.cast(self.weight, self.compute_dtype))  # [N, out]
+        y = ops.matmul(flat, ops.cast(self.weight, self.compute_dtype))  # [N, out]
         y = y + ops.cast(self.bias, self.compute_dtype)
         return y.reshape(lead_shape + (self.out_features,))  # [..., out]
 
@@ -100,7 +99,6 @@ class CausalAttention(nn.Cell):
         self.query_scale = 1.0 / math.sqrt(self.head_dim)
         self.mask = causal_mask(seq_length)  # [S_max, S_max], shared across layers
         self.scores_matmul = ops.BatchMatMul(transpose_b=True)
-        self.context_matmul = ops.BatchMatMul()  # the primitive, not ops.matmul's MatMulExt (see Linear)
 
     def construct(self, query_states, kv_states):
         """query_states, kv_states [B, S, d] at positions 0..S-1 -> [B, S, d] (compute_dtype)."""
@@ -147,7 +145,7 @@ class CausalAttention(nn.Cell):
         scores = ops.cast(self.scores_matmul(query, key), ms.float32)  # [B, H, T, K]
         probs = ops.softmax(scores + mask, axis=-1)  # [B, H, T, K] float32
         probs = self.prob_dropout(probs)
-        context = self.context_matmul(ops.cast(probs, self.compute_dtype), value)  # [B, H, T, dh]
+        context = ops.matmul(ops.cast(probs, self.compute_dtype), value)  # [B, H, T, dh]
         batch, _, seq, _ = context.shape
         context = context.transpose(0, 2, 1, 3).reshape(batch, seq, self.local_width)  # [B, T, d/tp]
         return self.out_proj(context)  # [B, T, d]

@@ -1,7 +1,6 @@
 """Megatron-style tensor-parallel (TP) layers, built from plain sub-group AllReduce.
 
-Layers (the repo's Linear convention: weight [in, out], y = x @ weight + bias, computed with the
-MatMul primitive, linear_matmul):
+Layers (the repo's Linear convention: weight [in, out], y = x @ weight + bias):
 - ColumnParallelLinear: weight [in, out/tp], bias [out/tp]; input replicated,
   output sharded on the last axis. With `parts` > 1 the output axis is `parts`
   fused blocks (e.g. k|v) and each block is split over TP separately, so a rank
@@ -100,21 +99,6 @@ def _divide(value, tp, field):
 
 
 # ---- linear layers ----------------------------------------------------------------
-def linear_matmul():
-    """The linears' product x [N, in] @ w [in, out] (w kept [in, out]: checkpoints unchanged).
-
-    The MatMul primitive (mindspore/ops/auto_generate/gen_ops_prim.py:23015 `class MatMul`), not
-    ops.matmul, which is MatMulExt (mindspore/ops/function/math_func.py:8724 `return
-    auto_generate.matmul_ext(input, other)`; primitive at gen_ops_prim.py:19232). Faster fwd+bwd on CPU
-    (locmoe.bench_linear), and its backward (dx = MatMul(dout, w, transpose_b), dw = MatMul(x, dout,
-    transpose_a)) reads the gradient directly, which attention-level recompute needs
-    (pangu_sigma/model/recompute.py). Ascend kernels in the installed package: MatMulAscend
-    (include/mindspore/ops/kernel/ascend/aclnn/pyboost_impl/auto_generate/matmul.h:29) vs
-    MatMulExtAscend (.../matmul_ext.h:29), both ACLNN (aclnnMatmul / aclnnMm in
-    lib/plugin/libmindspore_ops_ascend.so)."""
-    return ops.MatMul()
-
-
 class ColumnParallelLinear(nn.Cell):
     """y_shard = x @ weight + bias with weight [in, out/tp], bias [out/tp] (compute_dtype out).
 
@@ -134,12 +118,11 @@ class ColumnParallelLinear(nn.Cell):
         self.bias = Parameter(initializer("zeros", [self.out_features], ms.float32), name="bias")
         self.compute_dtype = compute_dtype
         self.tp_param_specs = {"weight": TPShard(1, parts), "bias": TPShard(0, parts)}
-        self.matmul = linear_matmul()
 
     def construct(self, x):
         lead_shape = x.shape[:-1]
         flat = ops.cast(x.reshape(-1, self.in_features), self.compute_dtype)  # [N, in]
-        y = self.matmul(flat, ops.cast(self.weight, self.compute_dtype))  # [N, out/tp]
+        y = ops.matmul(flat, ops.cast(self.weight, self.compute_dtype))  # [N, out/tp]
         y = y + ops.cast(self.bias, self.compute_dtype)
         return y.reshape(lead_shape + (self.out_features,))  # [..., out/tp]
 
@@ -158,12 +141,11 @@ class RowParallelLinear(nn.Cell):
         self.compute_dtype = compute_dtype
         self.all_reduce = _tp_all_reduce(parallel, "tp_row_linear")
         self.tp_param_specs = {"weight": TPShard(0)}
-        self.matmul = linear_matmul()
 
     def construct(self, x):
         lead_shape = x.shape[:-1]
         flat = ops.cast(x.reshape(-1, self.in_features), self.compute_dtype)  # [N, in/tp]
-        partial = self.matmul(flat, ops.cast(self.weight, self.compute_dtype))  # [N, out], partial sum
+        partial = ops.matmul(flat, ops.cast(self.weight, self.compute_dtype))  # [N, out], partial sum
         y = self.all_reduce(partial) + ops.cast(self.bias, self.compute_dtype)  # [N, out]
         return y.reshape(lead_shape + (self.out_features,))  # [..., out]
 
