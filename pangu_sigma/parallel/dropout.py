@@ -19,11 +19,11 @@ The hash works on two 16-bit lanes (a, b) held in int32, with Feistel rounds
     (a, b) -> (b, (a + F((b + k_i) mod 2^16)) mod 2^16),
     F(x) = (w div 2^16 + w) mod 2^16,  w = hi * (lo mod 2^15) + lo,  hi, lo = (x * M) div, mod 2^16
 (the product hi * lo makes F nonlinear), M < 2^15, so every intermediate is an integer below 2^31:
-exact in int32 on any backend, with only
-Add, Mul, FloorDiv and FloorMod (no bitwise ops, no reliance on int32 overflow wrapping). A value v in
-[0, 2^31) is absorbed as a += v mod 2^16, b += v div 2^16 (mod 2^16), then ROUNDS rounds. The seed and
-site are absorbed on the host, the counter in the graph (a scalar), then the row index (over
-[..., 1]) and the column (only these last rounds run over the whole tensor). The element is kept when
+exact in int32 on any backend, with only Add, Mul, FloorDiv and FloorMod (no bitwise ops, no reliance
+on int32 overflow wrapping). A value v in [0, 2^31) is absorbed as a += v mod 2^16, b += v div 2^16
+(mod 2^16), then 4 rounds (one per ROUND_KEYS). The seed and site are absorbed on the host, the
+counter in the graph (a scalar), then the row index (over [..., 1]) and the column: only these last
+4 rounds (~50 int32 elementwise ops) run over the whole tensor. The element is kept when
 a * 2^15 + b div 2 (31 bits) >= rate * 2^31; kept values are scaled by 1 / (1 - rate).
 """
 import zlib
@@ -34,7 +34,6 @@ from mindspore import nn, ops
 LANE = 1 << 16
 MULTIPLIER = 0x6D2B  # odd and < 2^15: a lane (< 2^16) times it stays below 2^31
 ROUND_KEYS = (0x3C6E, 0x7F4A, 0x1B87, 0x5A31)
-ROUNDS = len(ROUND_KEYS)
 UNIT = 1 << 31  # the 31-bit output range
 
 
