@@ -112,6 +112,9 @@ class TrainStep(nn.Cell):
         self.dropout_draw = Parameter(Tensor(0, ms.int32), name=DRAW_COUNTER, requires_grad=False)
         self.micro_batches = 1  # forwards per optimizer step (AccumulatingTrainStep sets k)
         attach_draw_counter(net_with_loss, self.dropout_draw, dropout_seed)
+        # Training mode (dropout and Switch jitter on): a Cell starts with training=False
+        # (mindspore/nn/cell.py:2752 set_train), and nothing else sets it in this custom loop.
+        net_with_loss.set_train(True)
         self.metrics_scalars = Parameter(ops.zeros((sink_size, len(METRIC_NAMES)), ms.float32),
                                          name=BUFFER_PREFIX + "scalars", requires_grad=False)
         self.metrics_load = Parameter(ops.zeros((sink_size, moe_layers, num_experts), ms.float32),
