@@ -32,9 +32,12 @@ class DenseFFN(nn.Cell):
         super().__init__()
         self.w_in = Parameter(initializer(Normal(0.02), [hidden, ffn]), name="w_in")
         self.w_out = Parameter(initializer(Normal(0.02), [ffn, hidden]), name="w_out")
+        # the MatMul primitive, as the experts' ops.bmm is the BatchMatMul primitive: like for like (ops.matmul
+        # is MatMulExt, slower fwd+bwd on CPU: locmoe.bench_linear), so moe_ms / dense_ms is not flattered
+        self.matmul = ops.MatMul()
 
     def construct(self, x):
-        return ops.matmul(ops.gelu(ops.matmul(x, self.w_in), approximate="tanh"), self.w_out)
+        return self.matmul(ops.gelu(self.matmul(x, self.w_in), approximate="tanh"), self.w_out)
 
 
 class _SumLoss(nn.Cell):
@@ -129,13 +132,25 @@ class _ForwardOnly(nn.Cell):
         return (self.net(*inputs),)
 
 
-def main(argv=None):
-    parser = OneLineArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--router", default="all", help="one of %s or all" % ", ".join(ROUTERS))
+def add_shape_arguments(parser):
+    """--tokens, --hidden, --ffn, --experts (the FFN shape the benchmarks time)."""
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--ffn", type=int, default=2048)
     parser.add_argument("--experts", type=int, default=8)
+
+
+def check_positive(args, *names):
+    """ConfigError naming the first of args.<name> (--name) below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name}", getattr(args, name), "an integer >= 1")
+
+
+def main(argv=None):
+    parser = OneLineArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--router", default="all", help="one of %s or all" % ", ".join(ROUTERS))
+    add_shape_arguments(parser)
     parser.add_argument("--capacity-factor", type=float, default=1.0)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
@@ -145,10 +160,7 @@ def main(argv=None):
         for name in routers:
             if name not in ROUTERS:
                 raise ConfigError("--router", name, f"one of {list(ROUTERS)} or all")
-        for flag, value in (("--tokens", args.tokens), ("--hidden", args.hidden), ("--ffn", args.ffn),
-                            ("--experts", args.experts), ("--steps", args.steps)):
-            if value < 1:
-                raise ConfigError(flag, value, "an integer >= 1")
+        check_positive(args, "tokens", "hidden", "ffn", "experts", "steps")
         ms.set_context(mode=ms.GRAPH_MODE)
         ms.set_device("CPU")
         for name in routers:

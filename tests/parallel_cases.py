@@ -58,7 +58,13 @@ OPTIONS = {
     "ep4_2tier_hash": {**TWO_TIER_4_NODES, "moe": {"remote_capacity_factor": 1.5}},  # u = ceil(8 * 1.5 / 4) = 3
     "dp2_zero": {"parallel": {"optimizer_shard": True}},
     "tp2_ep2_zero": {"parallel": {"optimizer_shard": True}},
-    "ep2_zero_accum": {"parallel": {"optimizer_shard": True}, "train": {"gradient_accumulation_steps": 2}},
+    # with dropout: the micro-batches draw step * 2 + micro-batch index
+    "ep2_zero_accum": {"parallel": {"optimizer_shard": True}, "train": {"gradient_accumulation_steps": 2},
+                       "model": {"dropout_rate": 0.1}},
+    # dropout on: every mask is a hash of the global position (pangu_sigma.parallel.dropout), so TP ranks agree
+    # on the replicated tensors and the layouts draw the single process's masks
+    "tp2": {"model": {"dropout_rate": 0.1}},
+    "tp2_ep2_groupwise": {"model": {"dropout_rate": 0.1}},
 }
 # Started from the seed (pangu_sigma.parallel.init_weights) instead of a shared full initial checkpoint.
 SEED_CASES = {"tp2_seed": 4321, "tp2_ep2_seed": 4321}

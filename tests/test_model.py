@@ -11,6 +11,8 @@ from locmoe.config import MoEConfig
 from locmoe.topology import single_process
 from pangu_sigma.model import (DenseBlock, ModelConfig, PanguSigmaModel, PanguSigmaWithLoss,
                                TopQueryLayer)
+from pangu_sigma.parallel.dropout import HashDropout, attach_draw_counter, site_id
+from np_reference import hash_dropout_keep
 
 VOCAB, SEQ, HIDDEN, HEADS, FFN, EXPERTS, BATCH = 64, 8, 32, 2, 64, 4, 2
 
@@ -200,14 +202,42 @@ def test_kv_cache_greedy_decoding_matches_full_forward():
 
 
 def test_dropout_only_in_training():
+    """Eval mode: no dropout. Training: the masks follow the draw counter (another counter, other masks;
+    the same counter, the same masks: test_hash_dropout_matches_numpy_reference); without a counter,
+    training with dropout raises."""
     model = build(dropout_rate=0.3)
     ids = random_ids(7, (BATCH, SEQ))
     model.set_train(False)
     a, b = model(ids, DOMAINS)[0].asnumpy(), model(ids, DOMAINS)[0].asnumpy()
     np.testing.assert_array_equal(a, b)
     model.set_train(True)
+    with pytest.raises(RuntimeError, match="draw counter"):
+        model(ids, DOMAINS)
+    counter = Parameter(Tensor(0, ms.int32), name="dropout_draw", requires_grad=False)
+    sites = attach_draw_counter(model, counter, seed=5)
+    assert len(sites) == 1 + 3 * 3 and "embedding.dropout" in sites  # embedding; 2 blocks + query layer x 3
     c = model(ids, DOMAINS)[0].asnumpy()
-    assert np.abs(c - a).max() > 1e-4
+    counter.set_data(Tensor(1, ms.int32))
+    d = model(ids, DOMAINS)[0].asnumpy()
+    assert np.abs(c - a).max() > 1e-4 and np.abs(d - c).max() > 1e-4
+
+
+@pytest.mark.parametrize("shape, rate", [((3, 5, 16), 0.1), ((2, 4, 6, 6), 0.3)])
+def test_hash_dropout_matches_numpy_reference(shape, rate):
+    """HashDropout's mask = the numpy definition over the global tensor, rows dp_rank * B .. for a
+    data-parallel rank; kept values scaled by 1 / (1 - rate)."""
+    counter = Parameter(Tensor(7, ms.int32), name="dropout_draw", requires_grad=False)
+    full = hash_dropout_keep((2 * shape[0],) + shape[1:], rate, seed=1234, site=site_id("blocks.0.attn_dropout"),
+                             counter=7)
+    assert abs(full.mean() - (1 - rate)) < 4 * math.sqrt(rate * (1 - rate) / full.size)  # 4 sigma
+    x = np.random.RandomState(0).uniform(1.0, 2.0, shape).astype(np.float32)
+    for dp_rank in (0, 1):
+        cell = HashDropout(rate)
+        cell.bind(counter, 1234, site_id("blocks.0.attn_dropout"))
+        cell.dp_rank = dp_rank
+        cell.set_train(True)
+        keep = full[dp_rank * shape[0]:(dp_rank + 1) * shape[0]]
+        np.testing.assert_allclose(cell(Tensor(x)).asnumpy(), np.where(keep, x / (1 - rate), 0.0), rtol=1e-6)
 
 
 def loss_and_grads(net, ids):

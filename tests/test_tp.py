@@ -18,6 +18,7 @@ from locmoe.parallel_context import ParallelContext
 from locmoe.topology import Topology
 from pangu_sigma.model import ModelConfig, PanguSigmaModel, PanguSigmaWithLoss
 from pangu_sigma.parallel import TPShard, gather_full_params, shard_full_params, tp_shard_specs
+from pangu_sigma.parallel.dropout import HashDropout, attach_draw_counter
 
 VOCAB, SEQ, HIDDEN, HEADS, FFN, EXPERTS = 64, 8, 32, 4, 64, 4
 
@@ -127,6 +128,45 @@ def test_parallel_model_names_shapes_and_layouts():
         assert specs == expected
         assert net.model.tp == 2
         assert type(net.cross_entropy).__name__ == "VocabParallelCrossEntropy"
+
+
+def test_dropout_masks_of_tp2_x_dp2_ranks_are_the_single_process_masks():
+    """Every dropout site gets the same id on every layout; the replicated sites draw one mask on both
+    TP ranks, and the TP ranks' attention-probability masks (their heads) and the DP ranks' rows
+    assemble into the single process's mask of the global batch."""
+    counter = Parameter(ms.Tensor(3, ms.int32), name="dropout_draw", requires_grad=False)
+
+    def sites(net):
+        attach_draw_counter(net, counter, seed=99)
+        cells = {name: cell for name, cell in net.cells_and_names() if isinstance(cell, HashDropout)}
+        for cell in cells.values():
+            cell.set_train(True)
+        return cells
+
+    def mask(cell, shape):
+        return cell(ms.Tensor(np.ones(shape, np.float32))).asnumpy() > 0
+
+    batch = 2
+    single = sites(build(dropout_rate=0.5))
+    ranks = [sites(build(topology(rank), dropout_rate=0.5)) for rank in range(4)]  # rank = dp_rank * 2 + tp_rank
+    assert len(single) == 10 and all(list(r) == list(single) for r in ranks)
+    for name, cell in single.items():  # same seed, site and draw: the same hash state at every site
+        assert all(r[name].host_state == cell.host_state for r in ranks), name
+    for name in ("model.embedding.dropout", "model.blocks.1.attn.prob_dropout", "model.blocks.1.ffn_dropout"):
+        cell = single[name]
+        if name.endswith("prob_dropout"):  # [B, H, S, S], heads split over TP
+            full = mask(cell, (2 * batch, HEADS, SEQ, SEQ))
+            pieces = [[mask(ranks[2 * d + t][name], (batch, HEADS // 2, SEQ, SEQ)) for t in range(2)]
+                      for d in range(2)]
+            assembled = np.concatenate([np.concatenate(p, axis=1) for p in pieces], axis=0)
+        else:  # [B, S, d], replicated over TP
+            full = mask(cell, (2 * batch, SEQ, HIDDEN))
+            pieces = [[mask(ranks[2 * d + t][name], (batch, SEQ, HIDDEN)) for t in range(2)] for d in range(2)]
+            for d in range(2):
+                np.testing.assert_array_equal(pieces[d][0], pieces[d][1], err_msg=name)
+            assembled = np.concatenate([p[0] for p in pieces], axis=0)
+        np.testing.assert_array_equal(assembled, full, err_msg=name)
+        assert 0.3 < full.mean() < 0.7
 
 
 def test_tp1_and_non_distributed_contexts_keep_the_single_process_model():

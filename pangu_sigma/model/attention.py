@@ -19,6 +19,7 @@ import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 from mindspore.common.initializer import Normal, initializer
 
+from pangu_sigma.parallel.dropout import HashDropout
 from pangu_sigma.parallel.tp_layers import ColumnParallelLinear, RowParallelLinear, tp_size
 
 MASKED_SCORE = -1e9  # added to scores of future positions; exp() underflows to exactly 0 in float32
@@ -93,7 +94,8 @@ class CausalAttention(nn.Cell):
             self.q_proj = Linear(hidden_size, hidden_size, init_std, compute_dtype)
             self.kv_proj = Linear(hidden_size, 2 * hidden_size, init_std, compute_dtype)
             self.out_proj = Linear(hidden_size, hidden_size, out_init_std, compute_dtype)
-        self.prob_dropout = nn.Dropout(p=dropout_rate)
+        # probabilities [B, H, T, K] of this rank's heads: the mask of global heads tp_rank * H ..
+        self.prob_dropout = HashDropout(dropout_rate, (parallel.tp_rank if tp > 1 else 0) * self.local_heads, tp)
         self.query_scale = 1.0 / math.sqrt(self.head_dim)
         self.mask = causal_mask(seq_length)  # [S_max, S_max], shared across layers
         self.scores_matmul = ops.BatchMatMul(transpose_b=True)

@@ -15,6 +15,7 @@ from mindspore import nn, ops, Parameter
 from mindspore.common.initializer import Normal, initializer
 
 from pangu_sigma.model.attention import CausalAttention, Linear
+from pangu_sigma.parallel.dropout import HashDropout
 from pangu_sigma.parallel.tp_layers import ColumnParallelLinear, RowParallelLinear, tp_size
 
 
@@ -50,7 +51,7 @@ class DenseFFN(nn.Cell):
 
 
 class _AttentionSublayer(nn.Cell):
-    """Holds ln_attn, attn, ln_ffn and the branch dropout shared by every block kind."""
+    """Holds ln_attn, attn, ln_ffn and the two branch dropouts (attention, FFN) shared by every block kind."""
 
     def __init__(self, cfg, compute_dtype, parallel=None):
         super().__init__()
@@ -58,20 +59,21 @@ class _AttentionSublayer(nn.Cell):
         self.attn = CausalAttention(cfg.hidden_size, cfg.num_heads, cfg.seq_length, cfg.param_init_std,
                                     residual_init_std(cfg), cfg.dropout_rate, compute_dtype, parallel)
         self.ln_ffn = layer_norm(cfg.hidden_size, cfg.layernorm_eps)
-        self.dropout = nn.Dropout(p=cfg.dropout_rate)
+        self.attn_dropout = HashDropout(cfg.dropout_rate)  # replicated over TP: one mask on every rank
+        self.ffn_dropout = HashDropout(cfg.dropout_rate)
 
-    def add_branch(self, x, branch):
+    def add_branch(self, x, branch, dropout):
         """x [B, S, d] float32 + dropout(branch) cast to float32."""
-        return x + self.dropout(ops.cast(branch, ms.float32))
+        return x + dropout(ops.cast(branch, ms.float32))
 
     def self_attention(self, x):
         normed = self.ln_attn(x)  # [B, S, d] float32
-        return self.add_branch(x, self.attn(normed, normed))
+        return self.add_branch(x, self.attn(normed, normed), self.attn_dropout)
 
     def self_attention_with_cache(self, x, past_key, past_value, start_pos):
         normed = self.ln_attn(x)  # [B, T, d] float32
         out, key, value = self.attn.forward_with_cache(normed, normed, past_key, past_value, start_pos)
-        return self.add_branch(x, out), key, value
+        return self.add_branch(x, out, self.attn_dropout), key, value
 
 
 class DenseBlock(_AttentionSublayer):
@@ -84,12 +86,12 @@ class DenseBlock(_AttentionSublayer):
     def construct(self, x):
         """x [B, S, d] float32 -> [B, S, d] float32."""
         x = self.self_attention(x)
-        return self.add_branch(x, self.ffn(self.ln_ffn(x)))
+        return self.add_branch(x, self.ffn(self.ln_ffn(x)), self.ffn_dropout)
 
     def forward_with_cache(self, x, token_ids, domain_ids, past_key, past_value, start_pos):
         """Incremental decoding (PYNATIVE); token_ids/domain_ids unused. Returns (x, key, value)."""
         x, key, value = self.self_attention_with_cache(x, past_key, past_value, start_pos)
-        return self.add_branch(x, self.ffn(self.ln_ffn(x))), key, value
+        return self.add_branch(x, self.ffn(self.ln_ffn(x)), self.ffn_dropout), key, value
 
 
 class SparseBlock(_AttentionSublayer):
@@ -108,13 +110,13 @@ class SparseBlock(_AttentionSublayer):
         (x [B, S, d] float32, aux_loss, loc_loss, (expert_load [E], dropped, local))."""
         x = self.self_attention(x)
         moe_out, aux_loss, loc_loss, stats = self.ffn(self.ln_ffn(x), token_ids, domain_ids)
-        return self.add_branch(x, moe_out), aux_loss, loc_loss, stats
+        return self.add_branch(x, moe_out, self.ffn_dropout), aux_loss, loc_loss, stats
 
     def forward_with_cache(self, x, token_ids, domain_ids, past_key, past_value, start_pos):
         """Incremental decoding (PYNATIVE). Returns (x, key, value); the MoE losses are dropped."""
         x, key, value = self.self_attention_with_cache(x, past_key, past_value, start_pos)
         moe_out, _, _, _ = self.ffn(self.ln_ffn(x), token_ids, domain_ids)
-        return self.add_branch(x, moe_out), key, value
+        return self.add_branch(x, moe_out, self.ffn_dropout), key, value
 
 
 class TopQueryLayer(_AttentionSublayer):
@@ -137,13 +139,13 @@ class TopQueryLayer(_AttentionSublayer):
     def construct(self, x):
         """x [B, S, d] float32 -> [B, S, d] float32."""
         batch, seq, _ = x.shape
-        x = self.add_branch(x, self.attn(self._queries(batch, 0, seq), self.ln_attn(x)))
-        return self.add_branch(x, self.ffn(self.ln_ffn(x)))
+        x = self.add_branch(x, self.attn(self._queries(batch, 0, seq), self.ln_attn(x)), self.attn_dropout)
+        return self.add_branch(x, self.ffn(self.ln_ffn(x)), self.ffn_dropout)
 
     def forward_with_cache(self, x, past_key, past_value, start_pos):
         """Incremental decoding (PYNATIVE). Returns (x, key, value)."""
         batch, seq, _ = x.shape
         out, key, value = self.attn.forward_with_cache(
             self._queries(batch, start_pos, seq), self.ln_attn(x), past_key, past_value, start_pos)
-        x = self.add_branch(x, out)
-        return self.add_branch(x, self.ffn(self.ln_ffn(x))), key, value
+        x = self.add_branch(x, out, self.attn_dropout)
+        return self.add_branch(x, self.ffn(self.ln_ffn(x)), self.ffn_dropout), key, value

@@ -3,6 +3,8 @@ import mindspore as ms
 from mindspore import nn, ops, Parameter
 from mindspore.common.initializer import Normal, initializer
 
+from pangu_sigma.parallel.dropout import HashDropout
+
 
 class Embedding(nn.Cell):
     """x = dropout(token_table[ids] + position_table[start:start + S]).
@@ -22,7 +24,7 @@ class Embedding(nn.Cell):
         self.position_table = Parameter(
             initializer(Normal(init_std), [seq_length, hidden_size], ms.float32), name="position_table")
         self.compute_dtype = compute_dtype
-        self.dropout = nn.Dropout(p=dropout_rate)
+        self.dropout = HashDropout(dropout_rate)
         self.matmul_transpose_b = ops.MatMul(transpose_b=True)
 
     def construct(self, input_ids):

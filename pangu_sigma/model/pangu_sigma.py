@@ -6,6 +6,7 @@ from locmoe.errors import ConfigError
 from pangu_sigma.model.blocks import DenseBlock, SparseBlock, TopQueryLayer, layer_norm
 from pangu_sigma.model.embedding import Embedding
 from pangu_sigma.parallel import tp_layers
+from pangu_sigma.parallel.dropout import set_data_parallel_rank
 
 COMPUTE_DTYPES = {"float32": ms.float32, "float16": ms.float16}
 
@@ -102,6 +103,7 @@ class PanguSigmaModel(nn.Cell):
         self.blocks = nn.CellList(blocks)
         self.query_layer = TopQueryLayer(model_cfg, compute_dtype, parallel)
         self.final_ln = layer_norm(model_cfg.hidden_size, model_cfg.layernorm_eps)
+        set_data_parallel_rank(self, parallel)  # dropout masks at the global sample index
 
     @property
     def tp_shard_specs(self):
@@ -147,7 +149,7 @@ class PanguSigmaModel(nn.Cell):
             normed = block.ln_ffn(x)  # [B, S, d]: what the MoE layer and its router receive
             expert_index, keep = block.ffn.route(normed, input_ids, domain_ids)  # [G, T] each
             moe_out, _, _, _ = block.ffn(normed, input_ids, domain_ids)
-            x = block.add_branch(x, moe_out)
+            x = block.add_branch(x, moe_out, block.ffn_dropout)
             routes = routes + ((normed, expert_index, keep),)
         return x, routes
 

@@ -29,7 +29,11 @@ cell's intermediates from its inputs instead of keeping them. Levels:
                2/4: peak 1.74x/2.04x, activations 2.45x vs 2.04x predicted), but
                plan's activation model then over-predicts the `none` level by 35%
                at seq 128 (MatMul's backward keeps no transposed copies), so that
-               change waits for param_count to model it. Until then use `block`.
+               change waits for param_count to model it. Re-measured (memory_check,
+               seq 128, batches 2/4/8, the linears and the PV product on the
+               primitives): predicted / measured 1.38 / 1.73 / 1.53 at `none`,
+               1.28 / 1.34 / 1.31 at `block` (the bound is 1.25), while `attention`
+               lowers the peak 1.12x / 1.27x / 1.38x. Until then use `block`.
     block      recompute every decoder block and the top query layer: only each
                block's input (the float32 residual stream, N*d*4 bytes) is kept,
                and one block's activations live at a time in the backward pass.
@@ -40,9 +44,9 @@ cell's intermediates from its inputs instead of keeping them. Levels:
                (their outputs, the expert buffers, stay in memory; param_count
                counts them). The TP AllReduces of the row-parallel linears are
                recomputed with the block (intra-node, N*d per call), as Megatron does.
-Losses and gradients are unchanged (deterministic ops; dropout draws differ
-between the forward and the recomputation, so keep dropout_rate 0 when bitwise
-equality matters).
+Losses and gradients are unchanged (deterministic ops; a dropout mask is a hash
+of the step, site and position, pangu_sigma.parallel.dropout, so the
+recomputation redraws the forward's mask).
 """
 RECOMPUTE_LEVELS = ("none", "attention", "block")  # read by the config without importing MindSpore
 

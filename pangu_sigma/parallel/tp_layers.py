@@ -36,6 +36,7 @@ from mindspore.common.initializer import Normal, initializer
 
 from locmoe import comm
 from locmoe.errors import ConfigError
+from pangu_sigma.parallel.dropout import HashDropout
 
 
 # ---- layouts ------------------------------------------------------------------
@@ -169,7 +170,7 @@ class VocabParallelEmbedding(nn.Cell):
         self.position_table = Parameter(
             initializer(Normal(init_std), [seq_length, hidden_size], ms.float32), name="position_table")
         self.compute_dtype = compute_dtype
-        self.dropout = nn.Dropout(p=dropout_rate)
+        self.dropout = HashDropout(dropout_rate)  # replicated output: the same mask on every TP rank
         self.matmul_transpose_b = ops.MatMul(transpose_b=True)
         self.all_reduce = _tp_all_reduce(parallel, "tp_vocab_embedding")
         self.tp_param_specs = {"token_table": TPShard(0)}

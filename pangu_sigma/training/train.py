@@ -6,9 +6,9 @@ run per device loop (data sinking on Ascend, a host loop on CPU, where
 MindSpore has no data sinking); each step is logged from the metrics buffers.
 --resume continues from the newest complete checkpoint with the data position,
 optimizer state and loss scale restored: the losses logged after a resume
-equal those of an uninterrupted run (bitwise on CPU; stochastic layers,
-dropout and Switch jitter, draw from MindSpore's op RNG, which a checkpoint
-does not hold, so keep them at 0 when that matters). The parallel settings
+equal those of an uninterrupted run (bitwise on CPU; dropout masks are a hash
+of the restored step, but Switch jitter draws from MindSpore's op RNG, which a
+checkpoint does not hold, so keep it at 0 when that matters). The parallel settings
 may change between runs (weights and optimizer state are resharded); the
 global batch may change only with --allow-batch-change, any other
 result-changing config or dataset field only when named in --allow-config-change.
@@ -74,7 +74,7 @@ def build_train_step(cfg, meta, ctx, token_groups=1, group_ranks=None):
     step = TrainStep(net, optimizer, schedule, cfg.optim.grad_clip, use_loss_scale, cfg.train.loss_scale_init,
                      cfg.train.loss_scale_window, cfg.train.sink_size, cfg.model.moe_layer_num, cfg.num_experts,
                      reducer, metrics, topology.world_size, topology.tp, OverflowCheck(mode, overflow_reduce),
-                     rank_slots=moe_layers[0].num_rank_slots if moe_layers else 1)
+                     rank_slots=moe_layers[0].num_rank_slots if moe_layers else 1, dropout_seed=cfg.train.seed)
     if cfg.train.gradient_accumulation_steps > 1:
         step = AccumulatingTrainStep(step, cfg.train.gradient_accumulation_steps)
     return step, net

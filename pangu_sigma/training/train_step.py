@@ -8,13 +8,15 @@ import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 from mindspore.ops import composite as C
 
+from pangu_sigma.parallel.dropout import attach_draw_counter
 from pangu_sigma.parallel.zero import no_weight_decay  # noqa: F401 (also imported from here by tests)
 from pangu_sigma.training.overflow import OverflowCheck
 
 METRIC_NAMES = ("loss", "ce", "aux", "loc", "lr", "grad_norm", "loss_scale", "overflow")
 BUFFER_PREFIX = "metrics_"  # parameters that are logging buffers, not state (not checkpointed)
 ACCUM_PREFIX = "grad_accum."  # gradient-accumulation buffers: zero between steps (not checkpointed)
-TRANSIENT_PREFIXES = (BUFFER_PREFIX, ACCUM_PREFIX)
+DRAW_COUNTER = "dropout_draw"  # derived from train_step before every forward (not checkpointed)
+TRANSIENT_PREFIXES = (BUFFER_PREFIX, ACCUM_PREFIX, DRAW_COUNTER)
 
 _scale_grad = C.MultitypeFuncGraph("scale_grad")
 
@@ -72,11 +74,16 @@ class TrainStep(nn.Cell):
     data-parallel ranks (tp copies of each are divided out). overflow_check: an
     OverflowCheck (pangu_sigma.training.overflow; default isfinite of the norm),
     the NPU float status on Ascend 910A where fp16 saturates instead of giving inf.
+
+    Dropout (pangu_sigma.parallel.dropout): before every forward the draw counter `dropout_draw` is set
+    to step * micro_batches + micro-batch index, and every HashDropout of the network hashes it with
+    dropout_seed: masks follow the checkpointed `train_step`, so a resumed run draws the masks it would
+    have drawn, and a recomputed forward redraws the forward's masks.
     """
 
     def __init__(self, net_with_loss, optimizer, lr_schedule, grad_clip, use_loss_scale, loss_scale_init,
                  loss_scale_window, sink_size, moe_layers, num_experts, grad_reducer=None, metric_reducer=None,
-                 world_size=1, tp=1, overflow_check=None, rank_slots=1):
+                 world_size=1, tp=1, overflow_check=None, rank_slots=1, dropout_seed=0):
         super().__init__(auto_prefix=False)
         self.net = net_with_loss
         self.optimizer = optimizer
@@ -97,6 +104,12 @@ class TrainStep(nn.Cell):
                                     name="loss_scale", requires_grad=False)
         self.good_steps = Parameter(Tensor(0, ms.int32), name="loss_scale_good_steps", requires_grad=False)
         self.step = Parameter(Tensor(0, ms.int32), name="train_step", requires_grad=False)
+        self.dropout_draw = Parameter(Tensor(0, ms.int32), name=DRAW_COUNTER, requires_grad=False)
+        self.micro_batches = 1  # forwards per optimizer step (AccumulatingTrainStep sets k)
+        attach_draw_counter(net_with_loss, self.dropout_draw, dropout_seed)
+        # Training mode (dropout and Switch jitter on): a Cell starts with training=False
+        # (mindspore/nn/cell.py:2752 set_train), and nothing else sets it in this custom loop.
+        net_with_loss.set_train(True)
         self.metrics_scalars = Parameter(ops.zeros((sink_size, len(METRIC_NAMES)), ms.float32),
                                          name=BUFFER_PREFIX + "scalars", requires_grad=False)
         self.metrics_load = Parameter(ops.zeros((sink_size, moe_layers, num_experts), ms.float32),
@@ -115,12 +128,17 @@ class TrainStep(nn.Cell):
         ops.assign(self.loss_scale, new_scale)
         return scale
 
-    def scaled_grads(self, ids, domain_ids):
+    def scaled_grads(self, ids, domain_ids, micro_index=None):
         """Forward, backward at the loss scale, gradients unscaled (not reduced).
+        micro_index: the micro-batch's index in the step (an int32 Parameter; None: one forward per step).
 
         Returns (grads, scale, (total, ce, aux, loc, load, dropped, local)): what TrainStep.construct
         and a gradient-accumulation micro-batch (_MicroBatchGrad) both compute from one batch."""
         ids = self.overflow_check.start(ids)  # Ascend 910A: clear the NPU overflow register
+        draw = self.step * self.micro_batches
+        if micro_index is not None:
+            draw = draw + micro_index
+        ids = ops.depend(ids, ops.assign(self.dropout_draw, draw))  # before the forward reads it
         total, ce, aux, loc, load, dropped, local = self.net(ids, domain_ids)
         scale = self.loss_scale * 1.0
         sens = (ops.cast(scale, total.dtype), ops.zeros_like(ce), ops.zeros_like(aux), ops.zeros_like(loc),
@@ -193,6 +211,7 @@ class _Accumulators(nn.Cell):
                                    name=ACCUM_PREFIX + "local", requires_grad=False)
         self.overflow_sum = Parameter(ops.zeros((8,), ms.float32), name=ACCUM_PREFIX + "overflow",
                                       requires_grad=False)
+        self.micro_index = Parameter(Tensor(0, ms.int32), name=ACCUM_PREFIX + "micro_index", requires_grad=False)
 
 
 class _MicroBatchGrad(nn.Cell):
@@ -206,8 +225,9 @@ class _MicroBatchGrad(nn.Cell):
 
     def construct(self, ids, domain_ids):
         base, o = self.base, self.sums
-        grads, _, outputs = base.scaled_grads(ids, domain_ids)
+        grads, _, outputs = base.scaled_grads(ids, domain_ids, o.micro_index)
         total, ce, aux, loc, load, dropped, local = outputs
+        total = ops.depend(total, ops.assign_add(o.micro_index, Tensor(1, ms.int32)))
         flags = base.overflow_check.local_flags(grads)  # [8]; zeros under isfinite
         base.hyper_map(_accumulate, o.grad_sums, grads)
         ops.assign_add(o.loss_sums, ops.stack((total, ce, aux, loc)))  # [4]
@@ -235,7 +255,7 @@ class _ApplyAccumulated(nn.Cell):
         total = base.finish(grads, scale, losses[0], losses[1], losses[2], losses[3], o.load_sum * 1.0,
                             o.dropped_sum * 1.0, o.local_sum * 1.0, o.overflow_sum * 1.0)
         total = ops.depend(total, base.hyper_map(_zero, o.grad_sums))
-        for buffer in (o.loss_sums, o.load_sum, o.dropped_sum, o.local_sum, o.overflow_sum):
+        for buffer in (o.loss_sums, o.load_sum, o.dropped_sum, o.local_sum, o.overflow_sum, o.micro_index):
             total = ops.depend(total, ops.assign(buffer, ops.zeros_like(buffer)))
         return total
 
@@ -279,6 +299,7 @@ class AccumulatingTrainStep(nn.Cell):
             raise ValueError(f"gradient accumulation over {steps} micro-batches; need >= 1")
         self.base = step
         self.accumulation_steps = int(steps)
+        step.micro_batches = self.accumulation_steps  # dropout draws: step * k + micro-batch index
         self.sums = _Accumulators(step)
         self.micro = _MicroBatchGrad(step, self.sums)
         self.apply_update = _ApplyAccumulated(step, self.sums, steps)
