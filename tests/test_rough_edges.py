@@ -56,7 +56,8 @@ def test_routing_report_rejects_a_train_log_that_is_not_json_lines(make_config, 
 
 def test_ctrl_c_during_training_is_one_line_naming_the_last_checkpoint(make_config, tmp_path):
     """A real SIGINT after the first checkpoint (MindSpore's own SIGINT handler would end the process with
-    SIGTERM and no message): exit 130 and one line with the checkpoint's path."""
+    SIGTERM and no message): exit 130 and one line with the last complete checkpoint's step and path and
+    the command that resumes it (issue 20 item 2)."""
     import os
     import signal
     import subprocess
@@ -77,5 +78,8 @@ def test_ctrl_c_during_training_is_one_line_naming_the_last_checkpoint(make_conf
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err[-500:]
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("interrupted: last checkpoint "), lines
-    assert os.path.isfile(lines[0].split()[3]) and lines[0].split()[3] >= saved
+    assert len(lines) == 1 and lines[0].startswith("interrupted: last complete checkpoint: step "), lines
+    step, rest = lines[0][len("interrupted: last complete checkpoint: step "):].split(" (", 1)
+    path, command = rest.split("); resume with: ")
+    assert os.path.isfile(path) and path >= saved and path.endswith(f"step_{int(step):08d}.ckpt"), lines
+    assert command == f"python -m pangu_sigma.training.train --config {config} --resume", command
