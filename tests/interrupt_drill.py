@@ -131,7 +131,7 @@ def train_config(work, data_dir):
     return path
 
 
-def train_trials(work, data_dir, count, rng, longest=14.0, timeout=60.0):
+def train_trials(work, data_dir, count, rng, longest=20.0, timeout=90.0):
     """`count` trainings into fresh run folders, each interrupted by SIGINT or SIGTERM at a random moment."""
     config = train_config(work, data_dir)
     results = []

@@ -90,8 +90,8 @@ def check_row_length(data_dir, meta, split):
     """Every shard's rows hold seq_length + 1 tokens, as meta.json says."""
     sample_length = meta["seq_length"] + 1
     if meta.get("sample_length", sample_length) != sample_length:
-        raise ConfigError("data", os.path.join(data_dir, "meta.json"), f"sample_length="
-                          f"{meta['sample_length']} equal to seq_length + 1 = {sample_length}; meta.json is inconsistent")
+        raise ConfigError("data", os.path.join(data_dir, "meta.json"), f"sample_length={meta['sample_length']} "
+                          f"equal to seq_length + 1 = {sample_length}; meta.json is inconsistent")
     for shard in meta["splits"][split]["shards"]:
         stored = stored_row_length(os.path.join(data_dir, shard["file"]))
         if stored != sample_length:

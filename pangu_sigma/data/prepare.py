@@ -436,13 +436,17 @@ def main(argv=None):
     parser.add_argument("--progress-every", type=float, default=DEFAULT_PROGRESS_SECONDS,
                         help="seconds between progress lines (0 = quiet)")
     args = parser.parse_args(argv)
+    if not args.shard_mb > 0:
+        print(f"error: {ConfigError('--shard-mb', args.shard_mb, 'a shard size in MiB > 0')}", file=sys.stderr)
+        return 2
     try:
         with sigterm_raises():
             meta = prepare(args.input, args.output, vocab_size=args.vocab_size, seq_length=args.seq_length,
                            valid_fraction=args.valid_fraction, tokenizer=args.tokenizer, model_type=args.model_type,
                            overwrite=args.overwrite, seed=args.seed, max_chars=args.max_chars,
                            progress_every=args.progress_every, workers=args.workers,
-                           shard_bytes=max(1, int(args.shard_mb * 2**20)), tokenizer_sampling=args.tokenizer_sampling,
+                           shard_bytes=max(1, int(args.shard_mb * 2**20)),
+                           tokenizer_sampling=args.tokenizer_sampling,
                            character_coverage=args.character_coverage, min_valid_per_domain=args.min_valid_per_domain)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -455,6 +459,13 @@ def main(argv=None):
     if meta["skipped_files"]:
         print(f"warning: skipped {meta['skipped_files']} file(s) that are not UTF-8 text, e.g. "
               f"{', '.join(meta['skipped_examples'][:3])}", file=sys.stderr)
+    capped = [f"{name} ({counts['valid']} of {counts['train'] + counts['valid']} samples)"
+              for name, counts in meta["domain_samples"].items() if counts["valid"] < meta["min_valid_per_domain"]]
+    if capped and meta["valid_fraction"] > 0:
+        print(f"note: --min-valid-per-domain {meta['min_valid_per_domain']} capped at half the domain for "
+              f"{', '.join(capped)}", file=sys.stderr)
+    elif meta["valid_fraction"] == 0 and args.min_valid_per_domain != DEFAULT_MIN_VALID_PER_DOMAIN:
+        print("note: --min-valid-per-domain has no effect with --valid-fraction 0 (no valid split)", file=sys.stderr)
     per_domain = ", ".join(f"{name} {counts['train']}+{counts['valid']}" for name, counts in meta["domain_samples"].items())
     shards = sum(len(entry["shards"]) for entry in meta["splits"].values())
     print(f"wrote {os.path.abspath(args.output)}: {meta['train_samples']} train + {meta['valid_samples']} valid "

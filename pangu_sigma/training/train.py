@@ -270,6 +270,11 @@ def train(cfg, resume=False, log=print, stop_after=None, overwrite=False, allow_
     topology = ctx.topology
     rank = topology.rank if ctx.distributed else 0
     barrier = make_barrier(ctx)
+    for flag, given in (("--allow-batch-change", allow_batch_change), ("--allow-config-change", allow_changes)):
+        if given and not resume:
+            log(f"[train] note: {flag} has no effect without --resume (nothing is compared with an earlier run)")
+    if cfg.parallel.optimizer_shard and not (ctx.distributed and topology.world_size > 1):
+        log("[train] note: parallel.optimizer_shard has no effect in a single process (it keeps whole Adam moments)")
     create_folder = prepare_run_folder(cfg, identity, resume, overwrite, allow_changes, rank, barrier, log)
     existed = os.path.isdir(cfg.train.output_dir)
     try:
