@@ -60,6 +60,35 @@ def ctrl_c_deferred(swallow=False):
             raise KeyboardInterrupt() if signal.SIGINT in caught else Terminated()
 
 
+def exit_quietly_on_interrupt(line="interrupted: nothing was saved"):
+    """A command's start-up (its imports): Ctrl-C or SIGTERM ends the process at once with one line
+    (nothing is written yet), not a KeyboardInterrupt trace from inside an import. end_quiet_start
+    (run_cli, prepare's main) hands the signals back to Python."""
+    import os
+    import signal
+
+    def leave(signum, _):
+        os.write(2, f"{line}\n".encode())
+        os._exit(128 + signum)
+
+    _quiet_start.append(leave)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, leave)
+
+
+_quiet_start = []  # the handler exit_quietly_on_interrupt installed, if any
+
+
+def end_quiet_start():
+    """Python's own SIGINT / SIGTERM handling again where exit_quietly_on_interrupt set its handler."""
+    import signal
+
+    for sig, handler in _python_handlers().items():
+        if _quiet_start and signal.getsignal(sig) is _quiet_start[0]:
+            signal.signal(sig, handler)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (kill, a job scheduler) raised like Ctrl-C, so the same clean-ups run."""
 
@@ -99,6 +128,7 @@ def run_cli(action):
     import sys
 
     note_for_interrupt("nothing was saved")
+    end_quiet_start()
     try:
         with sigterm_raises():
             action()

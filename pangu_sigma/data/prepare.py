@@ -39,7 +39,7 @@ import time
 
 import numpy as np
 
-from locmoe.errors import ConfigError, Terminated, ctrl_c_deferred, sigterm_raises
+from locmoe.errors import ConfigError, Terminated, ctrl_c_deferred, end_quiet_start, sigterm_raises
 from pangu_sigma.data import corpus as corpus_module
 from pangu_sigma.data.output_folder import check_paths, make_temp_dir, move_into_place
 from pangu_sigma.data.shards import (DEFAULT_SHARD_BYTES, FORMAT_VERSION, WRITE_CHUNK, domain_ids_name, meta_digest,
@@ -436,6 +436,7 @@ def main(argv=None):
     parser.add_argument("--progress-every", type=float, default=DEFAULT_PROGRESS_SECONDS,
                         help="seconds between progress lines (0 = quiet)")
     args = parser.parse_args(argv)
+    end_quiet_start()
     if not args.shard_mb > 0:
         print(f"error: {ConfigError('--shard-mb', args.shard_mb, 'a shard size in MiB > 0')}", file=sys.stderr)
         return 2
