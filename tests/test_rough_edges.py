@@ -120,8 +120,8 @@ def test_routing_report_output_naming_a_file_is_one_line(make_config, tmp_path, 
 
 
 def test_meta_json_that_disagrees_with_its_shards_is_refused(tiny_data, tmp_path):
-    """seq_length and sample_length edited in meta.json, shards untouched: caught by meta.json's own digest,
-    and without the digest (a dataset prepared before it) by the rows' real length."""
+    """Issue 20 item 4: seq_length and sample_length edited in meta.json, shards untouched: the rows' real
+    length disagrees; an edit no file contradicts is caught by meta.json's own digest."""
     import json
     import shutil
 
@@ -137,12 +137,13 @@ def test_meta_json_that_disagrees_with_its_shards_is_refused(tiny_data, tmp_path
     (data / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ConfigError) as err:
         read_meta(str(data))
-    assert "meta_sha256" in str(err.value) and "\n" not in str(err.value)
-    del meta["meta_sha256"]
+    assert "rows of seq_length + 1 = 33 tokens" in str(err.value) and "hold 17" in str(err.value)
+    assert "\n" not in str(err.value)
+    meta.update(seq_length=16, sample_length=17, valid_fraction=0.5)  # an edit no file contradicts
     (data / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ConfigError) as err:
         read_meta(str(data))
-    assert "rows of seq_length + 1 = 33 tokens" in str(err.value) and "hold 17" in str(err.value)
+    assert "meta_sha256" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_plan_blames_expert_parallel_first_and_notes_ragged_nodes(capsys):

@@ -56,10 +56,6 @@ def read_meta(data_dir):
                                "tokenizer", "tokenizer_sha256", "token_counts") if key not in meta]
     if missing:
         raise ConfigError("data_dir", data_dir, f"a prepared dataset (meta.json lacks {missing})")
-    if "meta_sha256" in meta and meta["meta_sha256"] != meta_digest(meta):  # absent: prepared before it existed
-        raise ConfigError("data", path, "the meta.json prepare wrote; its content no longer matches its "
-                          "meta_sha256 (edited after prepare): prepare the data again (python -m "
-                          "pangu_sigma.data.prepare)")
     try:
         verify_vocabulary(data_dir, meta)
         for split in SPLITS:
@@ -67,6 +63,11 @@ def read_meta(data_dir):
             check_row_length(data_dir, meta, split)
     except (KeyError, TypeError) as error:
         raise ConfigError("data_dir", data_dir, f"a prepared dataset (meta.json malformed: {error!r})") from None
+    # last: any edit the checks above did not name (absent in datasets prepared before the digest existed)
+    if "meta_sha256" in meta and meta["meta_sha256"] != meta_digest(meta):
+        raise ConfigError("data", path, "the meta.json prepare wrote; its content no longer matches its "
+                          "meta_sha256 (edited after prepare): prepare the data again (python -m "
+                          "pangu_sigma.data.prepare)")
     return meta
 
 
