@@ -52,6 +52,12 @@ def test_routing_report_rejects_a_train_log_that_is_not_json_lines(make_config, 
                                           "--output", str(tmp_path / "report"), "--train-log", str(log)], capsys)
     assert code == 2 and err.count("\n") == 1 and "train.log" in err and "JSON-lines training log" in err, err
     assert "Traceback" not in err
+    report = tmp_path / "report.md"  # issue 20 item 5: --output naming a file
+    report.write_text("keep me")
+    code, err = run(routing_report.main, ["--config", str(config), "--checkpoint", str(tmp_path / "none.ckpt"),
+                                          "--output", str(report)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--output=" in err and "a file of that name exists" in err, err
+    assert report.read_text() == "keep me"
 
 
 def test_ctrl_c_during_training_is_one_line_naming_the_last_checkpoint(make_config, tmp_path):
@@ -103,20 +109,6 @@ def test_prepare_into_a_read_only_place_or_with_no_shard_size_is_one_line(tiny_d
     code, err = run(prepare.main, ["--input", corpus_of(tiny_data), "--output", str(tmp_path / "out"),
                                    "--shard-mb", "0"], capsys)
     assert code == 2 and err.count("\n") == 1 and "--shard-mb=0.0" in err and not (tmp_path / "out").exists()
-
-
-def test_routing_report_output_naming_a_file_is_one_line(make_config, tmp_path, capsys):
-    from pangu_sigma.tools import routing_report
-
-    cfg = make_config(tmp_path / "run")
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(cfg.to_dict()))
-    report = tmp_path / "report"
-    report.write_text("keep me")
-    code, err = run(routing_report.main, ["--config", str(config), "--checkpoint", str(tmp_path / "none.ckpt"),
-                                          "--output", str(report)], capsys)
-    assert code == 2 and err.count("\n") == 1 and "--output=" in err and "a file of that name exists" in err, err
-    assert report.read_text() == "keep me"
 
 
 def test_meta_json_that_disagrees_with_its_shards_is_refused(tiny_data, tmp_path):
