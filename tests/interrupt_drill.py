@@ -131,7 +131,7 @@ def train_config(work, data_dir):
     return path
 
 
-def train_trials(work, data_dir, count, rng, longest=20.0, timeout=90.0):
+def train_trials(work, data_dir, count, rng, longest=14.0, timeout=90.0):
     """`count` trainings into fresh run folders, each interrupted by SIGINT or SIGTERM at a random moment."""
     config = train_config(work, data_dir)
     results = []
@@ -143,7 +143,8 @@ def train_trials(work, data_dir, count, rng, longest=20.0, timeout=90.0):
         outcome, code, err = run_interrupted([sys.executable, "-m", "pangu_sigma.training.train", "--config", config],
                                              delay, timeout, sig)
         lines = [line for line in err.splitlines() if line.strip()]
-        temps = [p for p in glob.glob(os.path.join(work, "**", "*tmp*"), recursive=True)]
+        temps = [os.path.join(root, name) for root, dirs, files in os.walk(run_dir)
+                 for name in files + dirs if "tmp" in name]  # hidden ones too (.tmp<pid>_step_...)
         if outcome == "interrupted":
             ok = code == 128 + sig and len(lines) == 1 and lines[0].startswith(TRAIN_LINE) and not temps
             if ok and "resume" in lines[0]:  # it names a checkpoint that exists: resume works from it
@@ -151,7 +152,8 @@ def train_trials(work, data_dir, count, rng, longest=20.0, timeout=90.0):
             if ok and "resume" not in lines[0]:  # no step kept: no folder that looks like a run
                 ok = not os.path.exists(os.path.join(run_dir, "run.json"))
             outcome = "clean" if ok else "bad"
-        results.append((outcome, round(delay, 2), code, err[-600:] if outcome != "clean" else lines[0][:200]))
+        shown = err[-600:] + (f" temporaries left: {temps}" if temps else "")
+        results.append((outcome, round(delay, 2), code, shown if outcome != "clean" else lines[0][:200]))
     return results
 
 

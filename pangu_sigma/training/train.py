@@ -410,17 +410,18 @@ def train_steps(cfg, ctx, meta, identity, resume, log, stop_after, allow_batch_c
         last = first + sink
         if (cfg.checkpoint.save_steps and last % cfg.checkpoint.save_steps == 0) or last == cfg.train.train_steps:
             consumed = samples + (last - start_step) * global_batch
-            path = checkpoint.save_rank(step_cell, output_dir, rank, last, {
-                "batches_consumed": last, "router": cfg.moe.router, "config": cfg.to_dict(), "dataset": identity,
-                "layout": layout})
-            barrier()  # every rank's files are written
-            if rank == 0:
-                checkpoint.mark_complete(output_dir, last, layout, {"global_batch": global_batch,
-                                                                    "samples_consumed": consumed})
-            barrier()  # the marker exists before anyone prunes
-            checkpoint.prune(output_dir, rank, cfg.checkpoint.keep_last, layout["world_size"])
-            _created_runs.pop(output_dir, None)
-            note_for_interrupt(kept_note(last, path, resume_command))
+            with ctrl_c_deferred():  # a save is finished, not cut (no temporaries left; the line names it)
+                path = checkpoint.save_rank(step_cell, output_dir, rank, last, {
+                    "batches_consumed": last, "router": cfg.moe.router, "config": cfg.to_dict(),
+                    "dataset": identity, "layout": layout})
+                barrier()  # every rank's files are written
+                if rank == 0:
+                    checkpoint.mark_complete(output_dir, last, layout, {"global_batch": global_batch,
+                                                                        "samples_consumed": consumed})
+                barrier()  # the marker exists before anyone prunes
+                checkpoint.prune(output_dir, rank, cfg.checkpoint.keep_last, layout["world_size"])
+                _created_runs.pop(output_dir, None)
+                note_for_interrupt(kept_note(last, path, resume_command))
             log(f"[train] checkpoint {path}")
     seconds = time.time() - started
     rate = timed_tokens / timed_seconds if timed_seconds else tokens_per_step * len(losses) / max(seconds, 1e-9)
