@@ -14,6 +14,7 @@ import yaml
 import mindspore as ms
 
 from locmoe.errors import ConfigError
+from pangu_sigma.data.shards import meta_digest
 from pangu_sigma.training import checkpoint, checkpoint_tool
 from pangu_sigma.training.ckpt_stream import CheckpointReader, CheckpointWriter
 from pangu_sigma.training.train import train
@@ -222,6 +223,7 @@ def test_resume_with_another_tokenizer_refuses_unless_allowed(trained, tmp_path)
     with open(os.path.join(data, "meta.json"), encoding="utf-8") as handle:
         meta = json.load(handle)
     meta["tokenizer_sha256"] = hashlib.sha256(open(os.path.join(data, "tokenizer.model"), "rb").read()).hexdigest()
+    meta["meta_sha256"] = meta_digest(meta)  # as prepare writes it
     with open(os.path.join(data, "meta.json"), "w", encoding="utf-8") as handle:
         json.dump(meta, handle)
     copy = str(tmp_path / "run")
