@@ -61,32 +61,44 @@ def ctrl_c_deferred(swallow=False):
 
 
 def exit_quietly_on_interrupt(line="interrupted: nothing was saved"):
-    """A command's start-up (its imports): Ctrl-C or SIGTERM ends the process at once with one line
-    (nothing is written yet), not a KeyboardInterrupt trace from inside an import. end_quiet_start
-    (run_cli, prepare's main) hands the signals back to Python."""
+    """A command's start-up (its imports): Ctrl-C or SIGTERM is held until end_quiet_start (run_cli,
+    prepare's main), which then ends the process with one line (nothing is written yet), instead of a
+    KeyboardInterrupt trace from inside an import (or a subprocess an import runs losing its parent).
+    A second signal meanwhile ends the process at once."""
     import os
     import signal
 
-    def leave(signum, _):
-        os.write(2, f"{line}\n".encode())
-        os._exit(128 + signum)
+    def hold(signum, _):
+        if _quiet_start[1:]:
+            os.write(2, f"{line}\n".encode())
+            os._exit(128 + signum)
+        _quiet_start.append(signum)
 
-    _quiet_start.append(leave)
+    _quiet_start[:] = [(hold, line)]
     for sig in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(sig) is not signal.SIG_IGN:
-            signal.signal(sig, leave)
+            signal.signal(sig, hold)
 
 
-_quiet_start = []  # the handler exit_quietly_on_interrupt installed, if any
+_quiet_start = []  # [(the handler exit_quietly_on_interrupt installed, its line), signals held...]
 
 
 def end_quiet_start():
-    """Python's own SIGINT / SIGTERM handling again where exit_quietly_on_interrupt set its handler."""
+    """Python's own SIGINT / SIGTERM handling again where exit_quietly_on_interrupt set its handler;
+    a signal it held ends the process now, with its line."""
     import signal
+    import sys
 
-    for sig, handler in _python_handlers().items():
-        if _quiet_start and signal.getsignal(sig) is _quiet_start[0]:
-            signal.signal(sig, handler)
+    if not _quiet_start:
+        return
+    (handler, line), held = _quiet_start[0], _quiet_start[1:]
+    for sig, python_handler in _python_handlers().items():
+        if signal.getsignal(sig) is handler:
+            signal.signal(sig, python_handler)
+    _quiet_start.clear()
+    if held:
+        print(line, file=sys.stderr)
+        raise SystemExit(128 + held[0])
 
 
 class Terminated(KeyboardInterrupt):

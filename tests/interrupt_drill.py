@@ -146,7 +146,10 @@ def train_trials(work, data_dir, count, rng, longest=14.0, timeout=90.0):
         temps = [os.path.join(root, name) for root, dirs, files in os.walk(run_dir)
                  for name in files + dirs if "tmp" in name]  # hidden ones too (.tmp<pid>_step_...)
         if outcome == "interrupted":
-            ok = code == 128 + sig and len(lines) == 1 and lines[0].startswith(TRAIN_LINE) and not temps
+            # a Ctrl-C taken by one of MindSpore's threads during a graph run reaches Python as the SIGTERM
+            # its handler sends (mindspore::DefaultIntHandler): 143 and "(SIGTERM)" for a SIGINT there
+            codes = (130, 143) if sig == signal.SIGINT else (143,)
+            ok = code in codes and len(lines) == 1 and lines[0].startswith(TRAIN_LINE) and not temps
             if ok and "resume" in lines[0]:  # it names a checkpoint that exists: resume works from it
                 ok = os.path.isfile(os.path.join(run_dir, "run.json"))
             if ok and "resume" not in lines[0]:  # no step kept: no folder that looks like a run
