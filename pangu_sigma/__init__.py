@@ -1,0 +1,19 @@
+"""PanGu-Sigma on MindSpore with the LocMoE router: model, data, training, evaluation and tools."""
+import sys
+
+# Commands that end Ctrl-C / SIGTERM in one line (run_cli, prepare): until their main takes over, an
+# interrupt during their imports (MindSpore's take seconds) exits at once with that line, not a trace.
+_QUIET_START_COMMANDS = ("pangu_sigma.training.train", "pangu_sigma.training.checkpoint_tool",
+                         "pangu_sigma.evaluation.eval", "pangu_sigma.evaluation.generate", "pangu_sigma.data.prepare")
+
+
+def _started_as_quiet_command():
+    argv = getattr(sys, "orig_argv", [])
+    return "-m" in argv[:-1] and argv[argv.index("-m") + 1] in _QUIET_START_COMMANDS
+
+
+if _started_as_quiet_command():
+    from locmoe.errors import exit_quietly_on_interrupt
+
+    exit_quietly_on_interrupt("prepare: interrupted; nothing written" if "pangu_sigma.data.prepare" in sys.orig_argv
+                              else "interrupted: nothing was saved")

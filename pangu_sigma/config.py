@@ -305,11 +305,12 @@ class RunConfig:
                                              "comm_backend") else ("model" if name == "vocab_size" else "moe")
             raise ConfigError(f"{section}.{name}", err.value, err.valid) from None
 
-    def validate(self):
+    def validate(self, world_size=None):
+        """world_size: the device count when a command knows it (plan --world-size), for the layout checks."""
         for section in SECTIONS:
             getattr(self, section).validate() if hasattr(getattr(self, section), "validate") else None
         _validate_model(self.model)
-        self._validate_layout()
+        self._validate_layout(world_size)
         m = self.model
         if self.moe.router == "locmoe" and m.moe_layer_num > 0:
             _need(m.hidden_size % self.num_experts == 0, "model.hidden_size", m.hidden_size,
@@ -319,14 +320,16 @@ class RunConfig:
         self.moe_config(vocab_size=max(1, m.vocab_size))
         return self
 
-    def _validate_layout(self):
+    def _validate_layout(self, world_size=None):
         """expert_parallel must divide the data-parallel size when the world size is known here
         (a virtual cluster, or msrun / rank-table variables), before checks that depend on it."""
         par = self.parallel
-        world = par.virtual_world_size or int(os.environ.get("MS_WORKER_NUM") or os.environ.get("RANK_SIZE") or 0)
+        world = world_size or par.virtual_world_size or int(os.environ.get("MS_WORKER_NUM") or
+                                                            os.environ.get("RANK_SIZE") or 0)
         if world <= 1:
             return
-        source = ("parallel.virtual_world_size" if par.virtual_world_size else "the launched worker count")
+        source = ("--world-size" if world_size else "parallel.virtual_world_size" if par.virtual_world_size
+                  else "the launched worker count")
         _need(world % par.op_level_model_parallel_num == 0, "parallel.op_level_model_parallel_num",
               par.op_level_model_parallel_num, f"a divisor of the world size {world} ({source})")
         dp = world // par.op_level_model_parallel_num
@@ -400,8 +403,9 @@ def _parse_override(text):
     return key.strip().split("."), value
 
 
-def config_from_dict(raw, overrides=()):
-    """RunConfig from a nested mapping plus `section.key=value` overrides; validated."""
+def config_from_dict(raw, overrides=(), world_size=None):
+    """RunConfig from a nested mapping plus `section.key=value` overrides; validated (for world_size
+    devices when given)."""
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError("config", type(raw).__name__, f"a mapping with sections {list(SECTIONS)}")
@@ -427,10 +431,10 @@ def config_from_dict(raw, overrides=()):
             if isinstance(default, float) and _is_int(value):
                 merged[name][key] = float(value)
         sections[name] = cls(**merged[name])
-    return RunConfig(**sections).validate()
+    return RunConfig(**sections).validate(world_size)
 
 
-def load_config(path, overrides=()):
+def load_config(path, overrides=(), world_size=None):
     """Read a YAML config file and apply overrides; one-line ConfigError on any problem."""
     if not os.path.isfile(path):
         raise ConfigError("--config", path, "an existing YAML file")
@@ -444,4 +448,4 @@ def load_config(path, overrides=()):
     if raw is None:
         raise ConfigError("--config", path, f"a YAML mapping with sections {list(SECTIONS)}; the file is empty "
                           f"(start from a file in configs/)")
-    return config_from_dict(raw, overrides)
+    return config_from_dict(raw, overrides, world_size)

@@ -14,6 +14,7 @@ import yaml
 import mindspore as ms
 
 from locmoe.errors import ConfigError
+from pangu_sigma.data.shards import meta_digest
 from pangu_sigma.training import checkpoint, checkpoint_tool
 from pangu_sigma.training.ckpt_stream import CheckpointReader, CheckpointWriter
 from pangu_sigma.training.train import train
@@ -113,21 +114,57 @@ def test_tool_bad_layouts_are_one_line(trained, tmp_path, capsys):
     _, run, _, _ = trained
     for args, expected in [(["--world-size", "4", "--tp", "3", "--ep", "1"], "--tp=3"),
                            (["--world-size", "4", "--tp", "2", "--ep", "3"], "--ep=3"),
-                           (["--world-size", "2", "--experts-per-rank", "3"], "--experts-per-rank=3")]:
+                           (["--world-size", "2", "--experts-per-rank", "3"], "--experts-per-rank=3"),
+                           (["--world-size", "3", "--tp", "3", "--ep", "1", "--devices-per-node", "3"],
+                            "--tp=3")]:  # hidden 32 does not split in 3: fails while writing
         assert checkpoint_tool.main(["convert", run, "--output", str(tmp_path / "x"), *args], log=_quiet) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and expected in err, err
+        assert not (tmp_path / "x").exists()  # nothing left that would refuse the corrected command
     assert checkpoint_tool.main(["merge", str(tmp_path / "nothing"), "--output", str(tmp_path / "m.ckpt")]) == 2
     assert "source=" in capsys.readouterr().err
 
 
-def test_eval_of_run_folder_equals_eval_of_merged_checkpoint(trained, tmp_path):
+def test_tool_never_damages_and_names_what_is_wrong(trained, tmp_path, capsys):
+    """Issue 20 item 7: merge onto an existing checkpoint or into a read-only place, --with-optimizer from a
+    model-only checkpoint, a run folder missing one rank: one line each, every existing file unchanged."""
+    _, run, _, _ = trained
+    model = str(tmp_path / "model.ckpt")
+    assert checkpoint_tool.main(["merge", run, "--output", model], log=_quiet) == 0
+    capsys.readouterr()
+    before = folder_hash(str(tmp_path))
+    for argv, expected in [(["merge", run, "--output", model], "--output="),
+                           (["merge", run, "--output", "/proc/sys/pangu/m.ckpt"], "not writable"),
+                           (["merge", model, "--output", str(tmp_path / "m2.ckpt"), "--with-optimizer"],
+                            "--with-optimizer=True"),
+                           (["convert", model, "--output", str(tmp_path / "c"), "--world-size", "1", "--ep", "1",
+                             "--with-optimizer"], "--with-optimizer=True")]:
+        assert checkpoint_tool.main(argv, log=_quiet) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err and "Traceback" not in err, err
+    assert folder_hash(str(tmp_path)) == before
+    four = str(tmp_path / "four")
+    assert checkpoint_tool.main(["convert", run, "--output", four, "--world-size", "4", "--tp", "2", "--ep", "2",
+                                 "--devices-per-node", "2"], log=_quiet) == 0
+    shutil.rmtree(checkpoint.rank_dir(four, 2))
+    assert checkpoint_tool.main(["merge", four, "--output", str(tmp_path / "m3.ckpt")], log=_quiet) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rank(s) [2]" in err and not (tmp_path / "m3.ckpt").exists(), err
+
+
+def test_eval_of_run_folder_equals_eval_of_merged_checkpoint(trained, tmp_path, capsys):
     from pangu_sigma.evaluation.eval import evaluate
 
     cfg, run, _, _ = trained
     merged = str(tmp_path / "merged.ckpt")
-    checkpoint_tool.main(["merge", run, "--output", merged], log=_quiet)
-    a = evaluate(cfg, run, batch_size=4, log=_quiet)
+    checkpoint_tool.main(["merge", run, "--output", merged, "--step", "2"], log=_quiet)
+    copy = str(tmp_path / "run")  # its newest step 4 incomplete: eval reads step 2 and says so
+    shutil.copytree(run, copy)
+    os.remove(checkpoint.marker_path(copy, 4))
+    capsys.readouterr()
+    a = evaluate(cfg, copy, batch_size=4, log=_quiet)
+    err = capsys.readouterr().err
+    assert f"read {copy} step 2 (its newest complete step; step(s) [4] are incomplete)" in err, err
     b = evaluate(cfg, merged, batch_size=4, log=_quiet)
     assert a["perplexity"] == b["perplexity"] and a["tokens"] == b["tokens"]
 
@@ -186,6 +223,7 @@ def test_resume_with_another_tokenizer_refuses_unless_allowed(trained, tmp_path)
     with open(os.path.join(data, "meta.json"), encoding="utf-8") as handle:
         meta = json.load(handle)
     meta["tokenizer_sha256"] = hashlib.sha256(open(os.path.join(data, "tokenizer.model"), "rb").read()).hexdigest()
+    meta["meta_sha256"] = meta_digest(meta)  # as prepare writes it
     with open(os.path.join(data, "meta.json"), "w", encoding="utf-8") as handle:
         json.dump(meta, handle)
     copy = str(tmp_path / "run")
@@ -228,13 +266,35 @@ def test_init_checkpoint_of_another_size_fails_before_training_in_one_line(train
     cfg, run, _, _ = trained
     before = folder_hash(run)
     bigger = tiny_run_config(cfg.data.dataset_dir, str(tmp_path / "new"),
-                             LAYOUT_SETS + ("model.ffn_hidden_size=128", f"train.init_checkpoint={run}"))
+                             LAYOUT_SETS + ("model.ffn_hidden_size=128", f"train.init_checkpoint={run}",
+                                            "parallel.optimizer_shard=true"))
+    lines = []
     with pytest.raises(ConfigError) as err:
-        train(bigger, log=_quiet)
+        train(bigger, log=lines.append, allow_batch_change=True)
     text = one_line(err)
     assert text.startswith("train.init_checkpoint=") and "--checkpoint" not in text and "shape" in text
-    assert not os.path.exists(tmp_path / "new" / "train_log_rank0.jsonl")  # failed before the first step
+    assert not os.path.exists(tmp_path / "new")  # no folder that looks like a run (issue 20 item 3)
     assert folder_hash(run) == before
+    # flags that cannot act say so (issue 20 item 7)
+    assert "[train] note: --allow-batch-change has no effect without --resume" in lines[0], lines
+    assert "[train] note: parallel.optimizer_shard has no effect in a single process" in lines[1], lines
+
+
+def test_resume_with_an_allowed_change_that_cannot_load_leaves_the_run_as_it_was(trained, tmp_path):
+    """Issue 20 item 7: --allow-config-change for a shape the checkpoint cannot follow fails in one line
+    before run.json is rewritten: the run still resumes with its own config."""
+    from conftest import tiny_run_config
+
+    cfg, run, _, _ = trained
+    copy = str(tmp_path / "run")
+    shutil.copytree(run, copy)
+    before = folder_hash(copy)
+    wider = tiny_run_config(cfg.data.dataset_dir, copy, LAYOUT_SETS + ("train.train_steps=6",
+                                                                     "model.ffn_hidden_size=128"))
+    with pytest.raises(ConfigError) as err:
+        train(wider, resume=True, allow_changes=("model.ffn_hidden_size",), log=_quiet)
+    assert "shape" in one_line(err)
+    assert folder_hash(copy) == before
 
 
 def test_output_paths_are_checked_at_start_up(trained, tmp_path):

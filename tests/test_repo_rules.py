@@ -13,6 +13,8 @@ LAYERS = [("locmoe", 1), ("pangu_sigma.config", 2), ("pangu_sigma.json_io", 2), 
 
 
 def layer(module):
+    if module == "pangu_sigma":  # the package root runs first: it may import only the MoE library (locmoe)
+        return 1
     found = [n for prefix, n in LAYERS if module == prefix or module.startswith(prefix + ".")]
     return found[0] if found else None
 

@@ -250,18 +250,22 @@ def domain_placement(cfg, topology, domain_sizes=None):
         return None, None
     from locmoe.placement import plan_placement
 
-    names = None
-    if domain_sizes is None:
-        path = os.path.join(cfg.data.dataset_dir, "meta.json")
-        try:
-            with open(path, encoding="utf-8") as handle:
-                meta = json.load(handle)
-            names = list(meta["domains"])
-            domain_sizes = [int(meta["domain_samples"][n]["train"]) for n in names]
-        except (OSError, ValueError, KeyError, TypeError):
+    names, path = None, os.path.join(cfg.data.dataset_dir, "meta.json")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            meta = json.load(handle)
+        names = list(meta["domains"])
+        dataset_sizes = [int(meta["domain_samples"][n]["train"]) for n in names]
+    except (OSError, ValueError, KeyError, TypeError):
+        if domain_sizes is None:
             return None, (f"map not computed: it needs the domain sizes, from {path} (missing or unreadable) "
                           "or --domain-sizes N,N,...")
-    return plan_placement(domain_sizes, topology, cfg.train.batch_size), names
+    if domain_sizes is None:
+        return plan_placement(dataset_sizes, topology, cfg.train.batch_size), names
+    if names is not None and len(domain_sizes) != len(names):
+        raise ConfigError("--domain-sizes", ",".join(map(str, domain_sizes)),
+                          f"{len(names)} sizes, one per domain of {cfg.data.dataset_dir} ({', '.join(names)})")
+    return plan_placement(domain_sizes, topology, cfg.train.batch_size), None
 
 
 def domain_map(placement, names):
@@ -313,6 +317,9 @@ def make_plan(cfg, rank_table=None, world_size=None, devices_per_node=None, doma
     if node_of_rank is not None and dpn != cfg.parallel.devices_per_node:
         notes.append(f"the rank table has up to {dpn} devices per server; parallel.devices_per_node says "
                      f"{cfg.parallel.devices_per_node} (the table wins)")
+    if node_of_rank is None and world % dpn:
+        notes.append(f"{dpn} devices per node do not divide the world size {world}: the last node holds "
+                     f"{world % dpn} (ragged nodes)")
     replicas = topo.dp // topo.ep
     if cfg.model.moe_layer_num and replicas > 1:
         notes.append(f"each expert is held by {replicas} data-parallel replicas (expert-data-parallel groups "
@@ -414,7 +421,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         from pangu_sigma.config import load_config
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(args.config, args.set, world_size=None if args.rank_table else args.world_size)
         sizes = parse_domain_sizes(args.domain_sizes) if args.domain_sizes else None
         plan = make_plan(cfg, args.rank_table, args.world_size, args.devices_per_node, sizes)
     except ConfigError as err:

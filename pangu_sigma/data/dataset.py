@@ -31,7 +31,7 @@ import os
 import numpy as np
 
 from locmoe.errors import ConfigError
-from pangu_sigma.data.shards import FORMAT_VERSION, verify_split, verify_vocabulary
+from pangu_sigma.data.shards import FORMAT_VERSION, meta_digest, verify_split, verify_vocabulary
 
 SPLITS = ("train", "valid")
 READ_ROWS = 16384  # rows per MindDataset reader (a bounded chunk of this rank's read order)
@@ -64,9 +64,45 @@ def read_meta(data_dir, checksums=False):
         verify_vocabulary(data_dir, meta)
         for split in SPLITS:
             verify_split(data_dir, meta, split, checksums)
+            check_row_length(data_dir, meta, split)
     except (KeyError, TypeError) as error:
         raise ConfigError("data_dir", data_dir, f"a prepared dataset (meta.json malformed: {error!r})") from None
+    # last: any edit the checks above did not name (absent in datasets prepared before the digest existed)
+    if "meta_sha256" in meta and meta["meta_sha256"] != meta_digest(meta):
+        raise ConfigError("data", path, "the meta.json prepare wrote; its content no longer matches its "
+                          "meta_sha256 (edited after prepare): prepare the data again (python -m "
+                          "pangu_sigma.data.prepare)")
     return meta
+
+
+def stored_row_length(path):
+    """Tokens per row a MindRecord shard declares (the shape of its input_ids column), or None if unreadable.
+
+    The file opens with its header: the header's byte count (uint64, little-endian), then the header
+    as JSON, whose "schema" list holds the column shapes (as mindspore.mindrecord.FileWriter writes it).
+    """
+    try:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(min(size, 1 << 24)))
+        return next(entry["schema"]["input_ids"]["shape"][0] for entry in header["schema"]
+                    if "input_ids" in entry["schema"])
+    except (OSError, ValueError, KeyError, TypeError, IndexError, StopIteration):
+        return None
+
+
+def check_row_length(data_dir, meta, split):
+    """Every shard's rows hold seq_length + 1 tokens, as meta.json says."""
+    sample_length = meta["seq_length"] + 1
+    if meta.get("sample_length", sample_length) != sample_length:
+        raise ConfigError("data", os.path.join(data_dir, "meta.json"), f"sample_length={meta['sample_length']} "
+                          f"equal to seq_length + 1 = {sample_length}; meta.json is inconsistent")
+    for shard in meta["splits"][split]["shards"]:
+        stored = stored_row_length(os.path.join(data_dir, shard["file"]))
+        if stored != sample_length:
+            raise ConfigError("data", os.path.join(data_dir, shard["file"]),
+                              f"rows of seq_length + 1 = {sample_length} tokens as meta.json says; the shard's "
+                              f"rows hold {stored} (meta.json does not match the files): prepare the data again")
 
 
 def check_split(split):

@@ -19,7 +19,7 @@ import sys
 import sysconfig
 
 from locmoe.errors import ConfigError
-from pangu_sigma.data.prepare import make_temp_dir, move_into_place
+from pangu_sigma.data.output_folder import make_temp_dir, move_into_place
 
 DEFAULT_MAX_BYTES = 3_000_000
 INTERLEAVE = 8  # visit order: paths[0::8], then paths[1::8], ...

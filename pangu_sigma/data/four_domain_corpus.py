@@ -16,7 +16,7 @@ import sys
 
 from locmoe.errors import ConfigError
 from pangu_sigma.data.default_corpus import build_default_corpus
-from pangu_sigma.data.prepare import make_temp_dir, move_into_place
+from pangu_sigma.data.output_folder import make_temp_dir, move_into_place
 
 SHARES = {"code": 0.35, "en": 0.35, "arith": 0.2, "records": 0.1}
 LINES_PER_FILE = 200

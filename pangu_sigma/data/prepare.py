@@ -35,14 +35,14 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
 
-from locmoe.errors import ConfigError
+from locmoe.errors import ConfigError, Terminated, ctrl_c_deferred, end_quiet_start, sigterm_raises
 from pangu_sigma.data import corpus as corpus_module
-from pangu_sigma.data.shards import (DEFAULT_SHARD_BYTES, FORMAT_VERSION, WRITE_CHUNK, domain_ids_name,
+from pangu_sigma.data.output_folder import check_paths, make_temp_dir, move_into_place
+from pangu_sigma.data.shards import (DEFAULT_SHARD_BYTES, FORMAT_VERSION, WRITE_CHUNK, domain_ids_name, meta_digest,
                                      rows_per_shard, shard_name, shard_rows, temp_shard_name)
 from pangu_sigma.data.tokenizer import (DEFAULT_CHARACTER_COVERAGE, SAMPLING, file_sha256, load_tokenizer,
                                         train_tokenizer)
@@ -93,9 +93,7 @@ def format_seconds(seconds):
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-# ---------------------------------------------------------------- arguments
-
-
+# -------- arguments
 def check_arguments(vocab_size, seq_length, valid_fraction, max_chars, seed, model_type, workers=1,
                     shard_bytes=DEFAULT_SHARD_BYTES, sampling="proportional",
                     character_coverage=DEFAULT_CHARACTER_COVERAGE, min_valid_per_domain=0):
@@ -126,51 +124,7 @@ def check_arguments(vocab_size, seq_length, valid_fraction, max_chars, seed, mod
         raise ConfigError("min_valid_per_domain", min_valid_per_domain, "an integer >= 0")
 
 
-# ------------------------------------------------------------------- paths
-
-def check_paths(input_dir, output_dir, overwrite):
-    input_dir = os.path.abspath(input_dir)
-    output_dir = os.path.abspath(output_dir)
-    if not os.path.isdir(input_dir):
-        raise ConfigError("input", input_dir, "an existing folder (one subfolder per domain, or text files)")
-    if os.path.commonpath([input_dir, output_dir]) in (input_dir, output_dir):
-        raise ConfigError("output", output_dir, f"a folder outside the input folder {input_dir} and not containing it")
-    if os.path.lexists(output_dir):
-        if not overwrite:
-            raise ConfigError("output", output_dir, "a folder that does not exist yet (pass --overwrite to replace it)")
-        if not os.path.isdir(output_dir) or os.path.islink(output_dir):
-            raise ConfigError("output", output_dir, "a folder to replace (it exists but is not a folder)")
-    return input_dir, output_dir
-
-
-def make_temp_dir(output_dir):
-    """An empty folder next to output_dir, with the permissions a plain mkdir would give."""
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    temp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temp_dir, 0o777 & ~umask)
-    return temp_dir
-
-
-def move_into_place(temp_dir, output_dir):
-    """Renames the finished temp folder to output_dir; an old output_dir is removed only afterwards."""
-    old_dir = None
-    if os.path.lexists(output_dir):
-        old_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.old-", dir=os.path.dirname(output_dir))
-        os.rmdir(old_dir)
-        os.rename(output_dir, old_dir)
-    os.rename(temp_dir, output_dir)
-    if old_dir:
-        shutil.rmtree(old_dir)
-
-
-
-
-# ------------------------------------------------------------------ stages
-
-
+# -------- stages
 class ShardStream:
     """Packed rows -> sharded splits, written while later text is still being encoded.
 
@@ -310,9 +264,10 @@ def build(temp_dir, input_dir, vocab_size, seq_length, valid_fraction, tokenizer
     # the encode workers for as long as it takes. It starts now and imports MindRecord (~1 CPU-s) while
     # this process scans the corpus and trains the tokenizer; the peak memory stays that of the shard
     # writes (the writer holds ~0.5 GB while it writes a 256 MB shard).
-    writer = make_writer(workers)
-    pool = None
+    writer = pool = None
     try:
+        with ctrl_c_deferred():  # a Ctrl-C meanwhile comes once the process is there to terminate
+            writer = make_writer(workers)
         sizes = sum(os.path.getsize(p) for _, folder in corpus_module.find_domains(input_dir)
                     for p in corpus_module.list_files(folder))
         corpus = corpus_module.scan_corpus(input_dir, Progress(progress_seconds, "scan", sizes))
@@ -337,7 +292,8 @@ def build(temp_dir, input_dir, vocab_size, seq_length, valid_fraction, tokenizer
         sample_length = seq_length + 1
         spool_path = os.path.join(temp_dir, SPOOL_FILE)
         window = 2 * workers + 2
-        pool = make_pool(workers, model_path)
+        with ctrl_c_deferred():
+            pool = make_pool(workers, model_path)
         tic = time.time()
         stream = ShardStream(writer, pool, temp_dir, spool_path, spool_dtype(vocab_size), sample_length,
                              shard_bytes, valid_fraction, seed, min_valid_per_domain)
@@ -353,9 +309,10 @@ def build(temp_dir, input_dir, vocab_size, seq_length, valid_fraction, tokenizer
         pool.close()
         writer.close()
     except BaseException:
-        for processes in (pool, writer):
-            if processes is not None:
-                processes.terminate()
+        with ctrl_c_deferred():
+            for processes in (pool, writer):
+                if processes is not None:
+                    processes.terminate()
         raise
     with open(spool_path, "rb") as spool:
         for first in range(0, len(valid_rows), WRITE_CHUNK):
@@ -403,6 +360,7 @@ def build(temp_dir, input_dir, vocab_size, seq_length, valid_fraction, tokenizer
         "input_bytes": int(corpus.bytes),
         "seconds": round(time.time() - started, 2),
     }
+    meta["meta_sha256"] = meta_digest(meta)
     with open(os.path.join(temp_dir, META_FILE), "w", encoding="utf-8") as handle:
         json.dump(meta, handle, indent=2)
     return meta
@@ -429,18 +387,24 @@ def prepare(input_dir, output_dir, vocab_size=None, seq_length=DEFAULT_SEQ_LENGT
     if not (isinstance(progress_every, (int, float)) and not isinstance(progress_every, bool) and progress_every >= 0):
         raise ConfigError("progress_every", progress_every, "seconds between progress lines >= 0 (0 = quiet)")
     input_dir, output_dir = check_paths(input_dir, output_dir, overwrite)
-    temp_dir = make_temp_dir(output_dir)
+    temp_dir = None
     try:
+        with ctrl_c_deferred():  # the temp folder exists only once the finally below will remove it
+            temp_dir = make_temp_dir(output_dir)
         meta = build(temp_dir, input_dir, vocab_size, seq_length, valid_fraction, tokenizer, model_type,
                      max_chars, seed, progress_every, workers, shard_bytes, tokenizer_sampling, character_coverage,
                      min_valid_per_domain)
-        move_into_place(temp_dir, output_dir)
+        with ctrl_c_deferred(swallow=True) as late_ctrl_c:  # the commit: never half done
+            move_into_place(temp_dir, output_dir)
+        if late_ctrl_c:
+            log(f"Ctrl-C came as {output_dir} was renamed into place; it is complete")
     except InputChanged as error:
         raise ConfigError("input", error.path, f"a file that stays as the scan found it until prepare ends; it "
                                                f"changed or vanished meanwhile ({error.reason})") from None
     finally:
-        if os.path.isdir(temp_dir):
-            shutil.rmtree(temp_dir)
+        with ctrl_c_deferred():
+            if temp_dir is not None and os.path.isdir(temp_dir):
+                shutil.rmtree(temp_dir)
     return meta
 
 
@@ -472,22 +436,37 @@ def main(argv=None):
     parser.add_argument("--progress-every", type=float, default=DEFAULT_PROGRESS_SECONDS,
                         help="seconds between progress lines (0 = quiet)")
     args = parser.parse_args(argv)
+    end_quiet_start()
+    if not args.shard_mb > 0:
+        print(f"error: {ConfigError('--shard-mb', args.shard_mb, 'a shard size in MiB > 0')}", file=sys.stderr)
+        return 2
     try:
-        meta = prepare(args.input, args.output, vocab_size=args.vocab_size, seq_length=args.seq_length,
-                       valid_fraction=args.valid_fraction, tokenizer=args.tokenizer, model_type=args.model_type,
-                       overwrite=args.overwrite, seed=args.seed, max_chars=args.max_chars,
-                       progress_every=args.progress_every, workers=args.workers,
-                       shard_bytes=max(1, int(args.shard_mb * 2**20)), tokenizer_sampling=args.tokenizer_sampling,
-                       character_coverage=args.character_coverage, min_valid_per_domain=args.min_valid_per_domain)
+        with sigterm_raises():
+            meta = prepare(args.input, args.output, vocab_size=args.vocab_size, seq_length=args.seq_length,
+                           valid_fraction=args.valid_fraction, tokenizer=args.tokenizer, model_type=args.model_type,
+                           overwrite=args.overwrite, seed=args.seed, max_chars=args.max_chars,
+                           progress_every=args.progress_every, workers=args.workers,
+                           shard_bytes=max(1, int(args.shard_mb * 2**20)),
+                           tokenizer_sampling=args.tokenizer_sampling,
+                           character_coverage=args.character_coverage, min_valid_per_domain=args.min_valid_per_domain)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"prepare: interrupted; nothing written, {os.path.abspath(args.output)} is as it was", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        terminated = isinstance(interrupt, Terminated)
+        print(f"prepare: interrupted{' (SIGTERM)' if terminated else ''}; nothing written, "
+              f"{os.path.abspath(args.output)} is as it was", file=sys.stderr)
+        return 143 if terminated else 130
     if meta["skipped_files"]:
         print(f"warning: skipped {meta['skipped_files']} file(s) that are not UTF-8 text, e.g. "
               f"{', '.join(meta['skipped_examples'][:3])}", file=sys.stderr)
+    capped = [f"{name} ({counts['valid']} of {counts['train'] + counts['valid']} samples)"
+              for name, counts in meta["domain_samples"].items() if counts["valid"] < meta["min_valid_per_domain"]]
+    if capped and meta["valid_fraction"] > 0:
+        print(f"note: --min-valid-per-domain {meta['min_valid_per_domain']} capped at half the domain for "
+              f"{', '.join(capped)}", file=sys.stderr)
+    elif meta["valid_fraction"] == 0 and args.min_valid_per_domain != DEFAULT_MIN_VALID_PER_DOMAIN:
+        print("note: --min-valid-per-domain has no effect with --valid-fraction 0 (no valid split)", file=sys.stderr)
     per_domain = ", ".join(f"{name} {counts['train']}+{counts['valid']}" for name, counts in meta["domain_samples"].items())
     shards = sum(len(entry["shards"]) for entry in meta["splits"].values())
     print(f"wrote {os.path.abspath(args.output)}: {meta['train_samples']} train + {meta['valid_samples']} valid "

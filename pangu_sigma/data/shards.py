@@ -205,3 +205,13 @@ def verify_vocabulary(data_dir, meta):
         raise ConfigError("data", os.path.join(data_dir, "meta.json"),
                           f"vocab_size={meta['vocab_size']} equal to the length of {meta['token_counts']} "
                           f"({counts.shape}); meta.json does not match the files")
+
+
+def meta_digest(meta):
+    """sha256 of meta.json's content without its own "meta_sha256" field (keys sorted): prepare stores it
+    there, read_meta recomputes it, so an edited meta.json is caught like an edited shard."""
+    import hashlib
+    import json
+
+    content = {key: value for key, value in meta.items() if key != "meta_sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode("utf-8")).hexdigest()

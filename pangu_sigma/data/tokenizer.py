@@ -13,7 +13,7 @@ import re
 
 import sentencepiece as spm
 
-from locmoe.errors import ConfigError
+from locmoe.errors import ConfigError, Terminated
 from pangu_sigma.data.corpus import file_pieces, read_piece
 
 TRAINER_THREADS = 4  # fixed: the unigram trainer's result depends on the thread count
@@ -78,8 +78,9 @@ def train_tokenizer(domains, model_path, vocab_size, model_type, max_chars, samp
                 split_digits=True, user_defined_symbols=["\n"], unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
                 num_threads=TRAINER_THREADS, minloglevel=2)
     except RuntimeError as error:
-        if "KeyboardInterrupt" in str(error):  # Ctrl-C inside the sentence iterator, wrapped by SentencePiece
-            raise KeyboardInterrupt from None
+        for interrupt in (Terminated, KeyboardInterrupt):  # raised inside the sentence iterator, wrapped
+            if interrupt.__name__ in str(error):
+                raise interrupt() from None
         message = sentencepiece_message(error)
         raise vocab_error(vocab_size, message, character_coverage, sampling) or ConfigError(
             "input", "tokenizer training text", f"text SentencePiece can train on ({message})") from None

@@ -10,6 +10,7 @@ import collections
 import multiprocessing
 import os
 import signal
+import threading
 
 import numpy as np
 
@@ -169,6 +170,9 @@ class InProcess:
         pass
 
 
+TERMINATE_WAIT_S = 5.0  # seconds Pool.terminate may take before its workers are killed
+
+
 class Pool:
     """multiprocessing pool of `workers` processes with an ordered, bounded imap."""
 
@@ -193,9 +197,24 @@ class Pool:
         self.pool.close()
         self.pool.join()
 
-    def terminate(self):
-        self.pool.terminate()
-        self.pool.join()
+    def terminate(self, wait_s=TERMINATE_WAIT_S):
+        """Stop the workers; never waits more than about 2 * wait_s. multiprocessing's Pool.terminate can
+        block for ever when an interrupt lands while it starts or tears down its handler threads: it runs in a
+        daemon thread here, and workers still alive after wait_s are killed (the pool's own list of them)."""
+        workers = list(getattr(self.pool, "_pool", []))  # the worker Process objects (CPython's Pool)
+        done = threading.Event()
+
+        def stop():
+            self.pool.terminate()
+            self.pool.join()
+            done.set()
+
+        threading.Thread(target=stop, name="pool-terminate", daemon=True).start()
+        if not done.wait(wait_s):
+            for process in workers:
+                if process.is_alive():
+                    os.kill(process.pid, signal.SIGKILL)
+            done.wait(wait_s)
 
 
 def make_pool(workers, model_path):

@@ -186,7 +186,8 @@ def parse_router_sets(items):
     out = {}
     for item in items:
         router, sep, setting = item.partition(":")
-        if not sep or "=" not in setting:
+        section, dot, key = setting.partition("=")[0].strip().partition(".")
+        if not sep or "=" not in setting or not (section and dot and key) or "." in key:
             raise ConfigError("--router-set", item, "ROUTER:SECTION.KEY=VALUE, e.g. switch:moe.num_domain_groups=1")
         out.setdefault(router.strip(), []).append(setting.strip())
     return out

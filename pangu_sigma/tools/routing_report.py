@@ -37,6 +37,7 @@ import sys
 import numpy as np
 
 from locmoe.errors import ConfigError
+from pangu_sigma.data.output_folder import check_creatable
 from pangu_sigma.tools._cli import OneLineParser, fail, write_json
 from pangu_sigma.tools.routing_capture import (DEFAULT_QUANTILE, capture_routing, chosen_cosines, estimate_delta,
                                                gate_cosines, layer_stats, pair_cosines)
@@ -265,6 +266,7 @@ def make_report(cfg, checkpoint_path, output, train_log=None, split="valid", max
             raise ConfigError(name, value, f"an expert index in [0, {num_experts})")
     if not (isinstance(grid_experts, int) and grid_experts >= 1):
         raise ConfigError("--grid-experts", grid_experts, "an integer >= 1")
+    check_creatable(output, "--output")  # before the capture: a file of that name, or a read-only place
     log_path = train_log or find_train_log(checkpoint_path)
     if train_log and not os.path.isfile(train_log):
         raise ConfigError("--train-log", train_log, "an existing train_log_rank<r>.jsonl")

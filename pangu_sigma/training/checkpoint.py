@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import sys
 
 import mindspore as ms
 
@@ -256,6 +257,9 @@ def open_source(path, field="--checkpoint", step=None):
         run = os.path.dirname(os.path.normpath(path))
     if step is None:
         found = latest_complete(run)
+        if found is None and complete_steps(run):  # marked complete, a rank's file missing: named below
+            step = complete_steps(run)[-1]
+            found = step, read_meta(marker_path(run, step), field)
         if found is None:
             raise ConfigError(field, path, "a .ckpt file or a run folder with a complete checkpoint "
                                            "(checkpoints/step_<N>.complete)")
@@ -266,9 +270,15 @@ def open_source(path, field="--checkpoint", step=None):
             raise ConfigError(field, path, f"a run whose step {step} is complete (no {marker_path(run, step)})")
     layout = marker["layout"]
     files = {r: step_base(run, r, step) + ".ckpt" for r in range(layout["world_size"])}
+    missing = [r for r, file in files.items() if not os.path.isfile(file)]
+    if missing:
+        raise ConfigError(field, path, f"a run folder holding every rank's file of step {step}; rank(s) {missing} "
+                                       f"have none (no {files[missing[0]]})")
     meta = read_meta(step_base(run, 0, step) + ".json", field)
     meta.update({k: v for k, v in marker.items() if k != "layout"})
-    return StateSource(files, layout, meta, f"{run} step {step}")
+    source = StateSource(files, layout, meta, f"{run} step {step}")
+    source.skipped = [s for s in list_steps(rank_dir(run, 0)) if s > step]  # newer, not complete
+    return source
 
 
 # ---- loading into a network ------------------------------------------------------------------
@@ -327,6 +337,9 @@ def load_model_for_inference(net, cfg, path, overrides=(), field="--checkpoint",
         check_compatible(stored, cfg.to_dict(), source.meta.get("dataset"), dataset_identity(cfg),
                          INFERENCE_FIELDS, overrides, what=f"the checkpoint {source.where}")
     load_state(net, source, *_target_layout(topology), field, strict=True, with_optimizer=False)
+    if hasattr(source, "skipped"):  # a run folder: say which of its steps was read
+        print(f"[checkpoint] read {source.where}" + (f" (its newest complete step; step(s) {source.skipped} are "
+              "incomplete)" if source.skipped else ""), file=sys.stderr)
     return source.where
 
 
@@ -444,12 +457,14 @@ def check_compatible(stored, current, stored_data, current_data, fields=None, al
 
 
 # ---- run folder protection and start-up checks ------------------------------------------
+def is_run_entry(name):
+    """Whether a name in a run folder is one a run writes (its run.json, logs, checkpoints)."""
+    return name in (RUN_FILE, "checkpoints", "initial_weights.ckpt") or name.startswith("train_log_rank")
+
+
 def holds_run(output_dir):
     """True when output_dir already holds a run (its run.json, logs or checkpoints)."""
-    if not os.path.isdir(output_dir):
-        return False
-    return any(name == RUN_FILE or name == "checkpoints" or name.startswith("train_log_rank")
-               or name == "initial_weights.ckpt" for name in os.listdir(output_dir))
+    return os.path.isdir(output_dir) and any(map(is_run_entry, os.listdir(output_dir)))
 
 
 def check_writable(path, field):

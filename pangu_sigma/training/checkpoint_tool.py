@@ -23,11 +23,13 @@ written under a temporary name and renamed.
 import os
 import sys
 
-from locmoe.errors import ConfigError, OneLineArgumentParser, run_cli
+from locmoe.errors import ConfigError, OneLineArgumentParser, ctrl_c_deferred, run_cli
 from locmoe.topology import Topology
+from pangu_sigma.data.output_folder import check_creatable
 from pangu_sigma.parallel import reshard, zero_layout
 from pangu_sigma.training import checkpoint
 from pangu_sigma.training.ckpt_stream import CheckpointWriter
+from pangu_sigma.training.run_paths import remove_run_files
 
 
 def num_experts_of(source):
@@ -69,10 +71,23 @@ def target_layout(world_size, tp, ep, experts_per_rank, devices_per_node, num_ex
             "devices_per_node": min(devices_per_node, world_size)}
 
 
+def check_optimizer_state(source, with_optimizer):
+    """--with-optimizer needs moments to keep: a model-only source has none."""
+    if with_optimizer and not any(map(checkpoint.is_optimizer_state, source.names())):
+        raise ConfigError("--with-optimizer", True, f"a source with optimizer state; {source.where} holds the "
+                                                    "model's parameters only (leave the flag out)")
+
+
 def merge(source, output, with_optimizer=False, log=print):
-    """One full checkpoint (+ .json description) from any source."""
+    """One full checkpoint (+ .json description) from any source; never replaces an existing file."""
     if not output.endswith(".ckpt"):
         raise ConfigError("--output", output, "a file name ending in .ckpt")
+    for path in (output, output[:-5] + ".json"):
+        if os.path.lexists(path):
+            raise ConfigError("--output", output, f"a checkpoint that does not exist yet ({path} exists; merge "
+                                                  "never replaces a file: remove it or choose another name)")
+    check_creatable(os.path.dirname(os.path.abspath(output)), "--output")
+    check_optimizer_state(source, with_optimizer)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     names = source.names(with_optimizer)
     with CheckpointWriter(output) as writer:
@@ -96,7 +111,18 @@ def convert(source, output_dir, layout, with_optimizer=False, log=print, optimiz
         raise ConfigError("--optimizer-shard", True, "a target of --world-size > 1 (one process keeps whole moments)")
     if checkpoint.holds_run(output_dir):
         raise ConfigError("--output", output_dir, "a folder without a run in it (it holds one)")
+    check_optimizer_state(source, with_optimizer)
+    existed = os.path.isdir(output_dir)
     checkpoint.check_writable(output_dir, "--output")
+    try:
+        return write_converted(source, output_dir, layout, with_optimizer, log, optimizer_shard)
+    except BaseException:
+        with ctrl_c_deferred():  # a failed conversion leaves nothing that looks like a run
+            remove_run_files(output_dir, remove_folder=not existed)
+        raise
+
+
+def write_converted(source, output_dir, layout, with_optimizer, log, optimizer_shard):
     step = int(source.meta.get("step", 0))
     names = source.names(with_optimizer)
     ranks = range(layout["world_size"])

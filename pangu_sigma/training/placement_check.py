@@ -8,6 +8,7 @@ with; a resume compares it with the map of the new layout.
 import numpy as np
 
 from locmoe.errors import ConfigError
+from pangu_sigma.training import checkpoint
 
 MARKER_KEY = "level1_experts"
 
@@ -37,3 +38,10 @@ def check_placement_map(stored, placement, allowed, log):
                       f"a layout with the run's level-1 map: on this one it changes ({describe}), so every "
                       "moved domain would reach other experts than it trained; resume on the run's node count, "
                       "or pass --allow-config-change data.placement to accept the new map")
+
+
+def check_resume_placement(output_dir, placement, allowed, log):
+    """check_placement_map against the map in the newest complete checkpoint's marker of output_dir."""
+    found = checkpoint.latest_complete(output_dir)
+    if found is not None:
+        check_placement_map(found[1].get(MARKER_KEY), placement, allowed, log)

@@ -1,4 +1,5 @@
-"""Relative paths of a run config, made absolute against the directory a launch started from.
+"""Relative paths of a run config, made absolute against the directory a launch started from; removing a
+run that never took a step.
 
 The launch scripts run each process in its own folder (output/device<N>), but
 the paths in a config (and in --set overrides) are written relative to where
@@ -10,8 +11,10 @@ against it before anything reads them. Absolute paths and empty values
 """
 import dataclasses
 import os
+import shutil
 
 from locmoe.errors import ConfigError
+from pangu_sigma.training.checkpoint import is_run_entry
 
 PATH_FIELDS = ("data.dataset_dir", "train.output_dir", "train.init_checkpoint")
 
@@ -31,3 +34,13 @@ def resolve_paths(cfg, base_dir, fields=PATH_FIELDS):
             section = dataclasses.replace(section, **{key: os.path.normpath(os.path.join(base_dir, value))})
         sections[section_name] = section
     return dataclasses.replace(cfg, **sections)
+
+
+def remove_run_files(output_dir, remove_folder):
+    """Removes what a run wrote in output_dir (a start that took no step); the whole folder if remove_folder."""
+    if remove_folder:
+        shutil.rmtree(output_dir)
+        return
+    for name in filter(is_run_entry, os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)

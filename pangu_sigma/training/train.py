@@ -24,7 +24,7 @@ import mindspore as ms
 
 from mindspore import nn
 
-from locmoe.errors import ConfigError, OneLineArgumentParser, keep_ctrl_c_for_python, note_for_interrupt, run_cli
+from locmoe.errors import ConfigError, OneLineArgumentParser, ctrl_c_deferred, note_for_interrupt, run_cli
 from pangu_sigma.training import checkpoint
 from locmoe.comm import AllReduce, CommCounter
 from locmoe.exchange import register_exchange_bytes, register_tiered_exchange_bytes
@@ -35,13 +35,15 @@ from pangu_sigma.training.callbacks import JsonlLog, expert_table, step_line
 from pangu_sigma.config import load_config
 from pangu_sigma.data.dataset import create_dataset
 from pangu_sigma.data.verify import verify_on_one_rank
+from pangu_sigma.data.output_folder import check_creatable
 from pangu_sigma.training.lr_schedule import WarmupCosineLR
 from pangu_sigma.model.recompute import apply_recompute
 from pangu_sigma.parallel.grad_reduce import GradReducer
 from pangu_sigma.parallel.init_weights import initialise as initialise_weights
 from pangu_sigma.parallel.zero import sharded_optimizer
 from pangu_sigma.parallel.tp_layers import tp_shard_specs
-from pangu_sigma.training.run_paths import resolve_paths
+from pangu_sigma.training.run_paths import remove_run_files, resolve_paths
+from pangu_sigma.training.placement_check import MARKER_KEY, check_resume_placement, placement_map
 from pangu_sigma.training.shared_folder import check_shared_folder
 from pangu_sigma.training.overflow import OverflowCheck, overflow_check_mode
 from pangu_sigma.training.train_step import METRIC_NAMES, AccumulatingTrainStep, TrainStep, build_optimizer
@@ -185,7 +187,8 @@ def make_barrier(ctx):
 
 def prepare_run_folder(cfg, identity, resume, overwrite, allow_changes, rank, barrier, log):
     """Refuse to train into an existing run unless --resume / --overwrite; check the stored config
-    and dataset on --resume; create and test the output folders. Before any model is built."""
+    and dataset on --resume and that the folder can be created. Before any model is built; writes
+    nothing: returns the function that creates the folder (create_run_folder)."""
     output_dir = cfg.train.output_dir
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ConfigError("train.output_dir", output_dir, "a folder (a file of that name exists)")
@@ -199,16 +202,28 @@ def prepare_run_folder(cfg, identity, resume, overwrite, allow_changes, rank, ba
     if stored is not None:
         checkpoint.check_compatible(stored["config"], cfg.to_dict(), stored.get("dataset"), identity,
                                     allowed=allow_changes, what=f"the run in {output_dir}")
+    check_creatable(output_dir, "train.output_dir")
+    return lambda: create_run_folder(cfg, identity, exists and overwrite, stored is None or bool(allow_changes),
+                                     rank, barrier, log)
+
+
+def create_run_folder(cfg, identity, move_aside, write_config, rank, barrier, log):
+    """The writes prepare_run_folder checked, once everything that can fail before step 1 has passed
+    (the model built, the checkpoint to resume or start from loaded). Returns the earlier run's new
+    place when --overwrite moved it aside (undo_fresh_start moves it back), else None."""
+    output_dir, moved = cfg.train.output_dir, None
     barrier()  # every rank has looked at the folder before rank 0 changes it
     if rank == 0:
-        if exists and overwrite:
-            log(f"[train] --overwrite: the earlier run moved to {checkpoint.move_aside(output_dir)}")
+        if move_aside:
+            moved = checkpoint.move_aside(output_dir)
+            log(f"[train] --overwrite: the earlier run moved to {moved}")
         checkpoint.check_writable(output_dir, "train.output_dir")
-        if stored is None or allow_changes:
+        if write_config:
             checkpoint.write_run_file(output_dir, cfg.to_dict(), identity)
     barrier()
     check_shared_folder(output_dir, rank, barrier)  # every rank sees what rank 0 writes there
     checkpoint.check_writable(checkpoint.rank_dir(output_dir, rank), "train.output_dir")
+    return moved
 
 
 def resume_state(cfg, step_cell, ctx, rank, global_batch, allow_batch_change, log):
@@ -235,15 +250,21 @@ def resume_state(cfg, step_cell, ctx, rank, global_batch, allow_batch_change, lo
     return step, samples
 
 
+def kept_note(step, where, resume_command):
+    """What an interrupt leaves: the last complete checkpoint and the command that continues from it."""
+    return f"last complete checkpoint: step {step} ({where}); resume with: {resume_command}"
+
+
 def train(cfg, resume=False, log=print, stop_after=None, overwrite=False, allow_changes=(),
-          allow_batch_change=False):
+          allow_batch_change=False, resume_command="the same command with --resume"):
     """Run training; returns a summary dict (steps, losses per step, tokens/s, wall time).
 
     stop_after: end the run after this step (a multiple of sink_size) as if the
     job were killed there, without touching the schedule (tests, preemption drills).
     overwrite: move an earlier run in train.output_dir aside first. allow_changes:
     config/dataset fields (section.key, data.<key>, 'all') that may differ from the
-    run's on --resume. allow_batch_change: the global batch may differ on --resume.
+    run's on --resume. allow_batch_change: the global batch may differ on --resume. resume_command:
+    what an interrupt names as the command that continues the run.
     """
     set_device(cfg)
     ms.set_seed(cfg.train.seed)
@@ -255,7 +276,47 @@ def train(cfg, resume=False, log=print, stop_after=None, overwrite=False, allow_
     rank = topology.rank if ctx.distributed else 0
     barrier = make_barrier(ctx)
     verify_on_one_rank(cfg.data.dataset_dir, rank, barrier, cfg.data.verify_checksums)
-    prepare_run_folder(cfg, identity, resume, overwrite, allow_changes, rank, barrier, log)
+    for flag, given in (("--allow-batch-change", allow_batch_change), ("--allow-config-change", allow_changes)):
+        if given and not resume:
+            log(f"[train] note: {flag} has no effect without --resume (nothing is compared with an earlier run)")
+    if cfg.parallel.optimizer_shard and not (ctx.distributed and topology.world_size > 1):
+        log("[train] note: parallel.optimizer_shard has no effect in a single process (it keeps whole Adam moments)")
+    create_folder = prepare_run_folder(cfg, identity, resume, overwrite, allow_changes, rank, barrier, log)
+    if resume:  # before anything is built: a resume that moves domains to other experts is refused or said
+        check_resume_placement(cfg.train.output_dir, domain_placement(cfg, meta, topology), allow_changes, log)
+    existed = os.path.isdir(cfg.train.output_dir)
+    try:
+        return train_steps(cfg, ctx, meta, identity, resume, log, stop_after, allow_batch_change, barrier,
+                           create_folder, resume_command)
+    except BaseException:
+        with ctrl_c_deferred():
+            if rank == 0 and not resume and not checkpoint.complete_steps(cfg.train.output_dir):
+                undo_fresh_start(cfg.train.output_dir, existed)
+        raise
+
+
+def undo_fresh_start(output_dir, existed):
+    """A new run that ended before its first checkpoint leaves nothing that looks like a run: the files this
+    process created go, the folder too if it made it, and an earlier run --overwrite moved aside comes back."""
+    if output_dir not in _created_runs:  # failed before creating anything: nothing to undo
+        return
+    moved = _created_runs.pop(output_dir)
+    if os.path.isdir(output_dir):
+        remove_run_files(output_dir, remove_folder=not existed or moved is not None)
+    if moved is not None:
+        os.rename(moved, output_dir)
+    state = "holds its earlier run again" if moved else "is as it was" if existed else "was removed"
+    note_for_interrupt(f"no step was completed, nothing kept ({output_dir} {state})")
+
+
+_created_runs = {}  # output_dir -> where --overwrite moved its earlier run (or None), until the first checkpoint
+
+
+def train_steps(cfg, ctx, meta, identity, resume, log, stop_after, allow_batch_change, barrier, create_folder,
+                resume_command):
+    """train() once the run folder is checked: build, load, create the folder, run the steps."""
+    topology = ctx.topology
+    rank = topology.rank if ctx.distributed else 0
     output_dir = cfg.train.output_dir
     dp_size, dp_rank = (topology.dp, topology.dp_rank()) if ctx.distributed else (1, 0)
     groups, group_ranks, batch_multiplier = (1, None, 1) if ctx.distributed else single_process_groups(cfg, topology)
@@ -264,16 +325,17 @@ def train(cfg, resume=False, log=print, stop_after=None, overwrite=False, allow_
     step_cell, net = build_train_step(cfg, meta, ctx, groups, group_ranks)
     layout = checkpoint.layout_of(topology, ctx.distributed)
     start_step = samples = 0
-    note_for_interrupt(f"no checkpoint saved yet (they go to {checkpoint.rank_dir(cfg.train.output_dir, rank)})")
+    note_for_interrupt("no step was completed; nothing was written")
     if resume:
         start_step, samples = resume_state(cfg, step_cell, ctx, rank, global_batch, allow_batch_change, log)
         if start_step:
-            note_for_interrupt(f"last checkpoint: step {start_step} in {cfg.train.output_dir}; continue with --resume")
+            note_for_interrupt(kept_note(start_step, output_dir, resume_command))
     if start_step == 0:  # the same full model from the seed whatever the layout (docs/parallelism.md)
         initialise_weights(net, cfg.train.seed, cfg.model, topology if ctx.distributed else None)
     if start_step == 0 and cfg.train.init_checkpoint:
         checkpoint.load_resharded(net, cfg.train.init_checkpoint, topology if ctx.distributed else None)
         log(f"[train] initial weights from {cfg.train.init_checkpoint}")
+    _created_runs[output_dir] = create_folder()
     if start_step == 0 and not ctx.distributed:
         checkpoint.save_model(net, os.path.join(output_dir, "initial_weights.ckpt"))
     log(comm_summary(cfg, net, topology))
@@ -294,7 +356,8 @@ def train(cfg, resume=False, log=print, stop_after=None, overwrite=False, allow_
         read_ranks = [dp_rank]
     else:
         read_ranks = list(range(topology.dp)) if groups > 1 else [topology.dp_rank()]
-    sample_order = placement_sample_order(cfg, domain_placement(cfg, meta, topology), read_ranks)
+    placement = domain_placement(cfg, meta, topology)
+    sample_order = placement_sample_order(cfg, placement, read_ranks)
     dataset = create_dataset(cfg.data.dataset_dir, "train", batch_size, dp_size, dp_rank,
                              shuffle=cfg.data.shuffle, seed=cfg.data.seed, start_batch=start_batch, repeat=True,
                              sample_order=sample_order, micro_batches=cfg.train.gradient_accumulation_steps,
@@ -319,12 +382,15 @@ def train(cfg, resume=False, log=print, stop_after=None, overwrite=False, allow_
     end_step = cfg.train.train_steps if stop_after is None else min(stop_after, cfg.train.train_steps)
     for first in range(start_step, end_step, sink):
         tic = time.time()
-        run_sink()
-        keep_ctrl_c_for_python()
-        scalars = step_cell.metrics_scalars.asnumpy()  # [sink, K]
-        load = step_cell.metrics_load.asnumpy()  # [sink, M, E]
-        dropped = step_cell.metrics_dropped.asnumpy()  # [sink, M, 2]: (node-local, remote) tier
-        local = step_cell.metrics_local.asnumpy()  # [sink, M, P]: per data-parallel rank
+        # Ctrl-C and SIGTERM wait for the end of the sink: in the first one, a KeyboardInterrupt inside graph
+        # compilation would print MindSpore's compile trace; later, MindSpore's own SIGINT handler would end
+        # the process without a word (ctrl_c_deferred)
+        with ctrl_c_deferred():
+            run_sink()
+            scalars = step_cell.metrics_scalars.asnumpy()  # [sink, K]
+            load = step_cell.metrics_load.asnumpy()  # [sink, M, E]
+            dropped = step_cell.metrics_dropped.asnumpy()  # [sink, M, 2]: (node-local, remote) tier
+            local = step_cell.metrics_local.asnumpy()  # [sink, M, P]: per data-parallel rank
         elapsed = time.time() - tic
         if first > start_step:  # the first sink includes graph compilation
             timed_tokens += tokens_per_step * sink
@@ -353,16 +419,19 @@ def train(cfg, resume=False, log=print, stop_after=None, overwrite=False, allow_
         last = first + sink
         if (cfg.checkpoint.save_steps and last % cfg.checkpoint.save_steps == 0) or last == cfg.train.train_steps:
             consumed = samples + (last - start_step) * global_batch
-            path = checkpoint.save_rank(step_cell, output_dir, rank, last, {
-                "batches_consumed": last, "router": cfg.moe.router, "config": cfg.to_dict(), "dataset": identity,
-                "layout": layout})
-            barrier()  # every rank's files are written
-            if rank == 0:
-                checkpoint.mark_complete(output_dir, last, layout, {"global_batch": global_batch,
-                                                                    "samples_consumed": consumed})
-            barrier()  # the marker exists before anyone prunes
-            checkpoint.prune(output_dir, rank, cfg.checkpoint.keep_last, layout["world_size"])
-            note_for_interrupt(f"last checkpoint {path} (step {last}); continue with --resume")
+            with ctrl_c_deferred():  # a save is finished, not cut (no temporaries left; the line names it)
+                path = checkpoint.save_rank(step_cell, output_dir, rank, last, {
+                    "batches_consumed": last, "router": cfg.moe.router, "config": cfg.to_dict(),
+                    "dataset": identity, "layout": layout})
+                barrier()  # every rank's files are written
+                if rank == 0:
+                    checkpoint.mark_complete(output_dir, last, layout, {"global_batch": global_batch,
+                                                                        "samples_consumed": consumed,
+                                                                        MARKER_KEY: placement_map(placement)})
+                barrier()  # the marker exists before anyone prunes
+                checkpoint.prune(output_dir, rank, cfg.checkpoint.keep_last, layout["world_size"])
+                _created_runs.pop(output_dir, None)
+                note_for_interrupt(kept_note(last, path, resume_command))
             log(f"[train] checkpoint {path}")
     seconds = time.time() - started
     rate = timed_tokens / timed_seconds if timed_seconds else tokens_per_step * len(losses) / max(seconds, 1e-9)
@@ -391,6 +460,15 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def resume_command(argv):
+    """This command line with --resume instead of --overwrite (shell-quoted)."""
+    import shlex
+
+    argv = [arg for arg in (sys.argv[1:] if argv is None else argv) if arg != "--overwrite"]
+    return shlex.join(["python", "-m", "pangu_sigma.training.train"] + argv +
+                      ([] if "--resume" in argv else ["--resume"]))
+
+
 def main(argv=None):
     args = parse_args(argv)
     def run():
@@ -399,7 +477,7 @@ def main(argv=None):
             cfg = resolve_paths(cfg, args.paths_from)
         train(cfg, resume=args.resume, overwrite=args.overwrite,
               allow_changes=checkpoint.split_fields(args.allow_config_change),
-              allow_batch_change=args.allow_batch_change)
+              allow_batch_change=args.allow_batch_change, resume_command=resume_command(argv))
 
     return run_cli(run)
 
