@@ -132,18 +132,29 @@ class _LearnedRouter(nn.Cell):
         self.num_level1_rows = 1 if mask is None else len(mask)
         self.group_mask = Tensor(np.ones((1, cfg.num_experts), np.float32) if mask is None else mask)  # [D, E]
 
-    def _route(self, scores, domain_ids, tie_break=None, routing_offset=None):
+    def _route(self, scores, domain_ids, tie_break=None, local_bias=None, local_mask=None):
         """scores [G, T, E] -> (expert_index, expert_prob, router_probs, aux).
 
-        routing_offset [G, T, E] (LocMoE's locality bias): added to the scores of the routing
-        distribution (top-1, eqs. 5-6) only; the gate value R of eq. 3 that scales the expert's
-        output is the softmax of the scores without it, so the offset decides where a token goes,
-        not how much of the expert's output it keeps (the task loss does not train it)."""
+        local_bias [1] (LocMoE's locality bias b) and local_mask [G, E]: b is added to the node-local experts'
+        scores of the routing distribution (top-1, eqs. 5-6) only; the gate value R of eq. 3 that scales the
+        expert's output is the softmax of the scores without it, so b decides where a token goes, not how much
+        of the expert's output it keeps (the task loss does not train it)."""
+        allowed = None
         if self.level1:
             allowed = ops.gather(self.group_mask, domain_ids % self.num_level1_rows, 0)  # [G, T, E]
             scores = scores + (1.0 - allowed) * _MASKED
         gate_probs = ops.softmax(scores, -1)  # [G, T, E]
-        router_probs = gate_probs if routing_offset is None else ops.softmax(scores + routing_offset, -1)
+        router_probs = gate_probs
+        if local_bias is not None:
+            # the mask centred on the token's allowed experts (a per-token shift: softmax and top-1 unchanged), so
+            # where every allowed expert is local (a domain whose level-1 experts are all on the node) b's gradient
+            # is exactly 0, not rounding noise that Adam would turn into steps of about lr
+            mask = local_mask.expand_dims(1)  # [G, 1, E]
+            if allowed is None:
+                centre = mask.mean(axis=-1, keep_dims=True)  # [G, 1, 1]
+            else:
+                centre = (mask * allowed).sum(-1, keepdims=True) / allowed.sum(-1, keepdims=True)  # [G, T, 1]
+            router_probs = ops.softmax(scores + local_bias * (mask - centre), -1)  # [G, T, E]
         expert_index, _ = _top1(router_probs, None if tie_break is None else ops.stop_gradient(tie_break))
         expert_prob = ops.gather_elements(gate_probs, -1, expert_index.expand_dims(-1)).squeeze(-1)  # [G, T]
         onehot = ops.one_hot(expert_index, self.num_experts, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
@@ -170,10 +181,7 @@ class LocalityBias(nn.Cell):
 
     def __init__(self):
         super().__init__()
-        self.bias = Parameter(Tensor(np.zeros(1, np.float32)), name="bias")  # [1], b
-
-    def construct(self, local_mask):
-        return (self.bias * local_mask).expand_dims(1)  # [G, 1, E]
+        self.bias = Parameter(Tensor(np.zeros(1, np.float32)), name="bias")  # [1], b (applied in _route)
 
 
 class LocMoERouter(_LearnedRouter):
@@ -200,9 +208,9 @@ class LocMoERouter(_LearnedRouter):
     def construct(self, x, token_ids, domain_ids, local_mask):
         pre = self.gate(x.reshape(-1, x.shape[-1])).reshape(x.shape[0], x.shape[1], -1)  # [G, T, E]
         ties = tie_order(token_ids, self.num_experts)  # [G, T, E]
-        offset = None if self.locality is None else self.locality(local_mask)  # [G, 1, E]
+        bias = None if self.locality is None else self.locality.bias  # [1]
         expert_index, expert_prob, router_probs, aux = self._route(ops.relu(pre), domain_ids, tie_break=ties,
-                                                                   routing_offset=offset)
+                                                                   local_bias=bias, local_mask=local_mask)
         loc = locality_loss(router_probs, local_mask, self.loc_coef, self.smoothing)
         return expert_index, expert_prob, router_probs, aux, loc
 

@@ -551,3 +551,22 @@ def test_striped_level1_groups_by_hand():
     mask = striped_level1_groups(4, topo)
     assert [list(np.nonzero(row)[0]) for row in mask] == [[0, 1, 8, 9], [2, 3, 10, 11], [4, 5, 12, 13],
                                                          [6, 7, 14, 15]]
+
+
+def test_locality_bias_gradient_is_exactly_zero_when_every_allowed_expert_is_local():
+    # level 1 puts domain 0 on experts {0, 1}, both on group 0's node: b cannot move anything there, and its
+    # gradient must be 0, not rounding noise (Adam turns any nonzero gradient into a step of about lr)
+    n, d, T = 4, 16, 24
+    cfg = MoEConfig(num_experts=n, router="locmoe", aux_loss_coef=0.01, locality_loss_coef=0.05,
+                    num_domain_groups=2)
+    r = build_router(cfg, d, domain_experts=np.array([[1, 1, 0, 0], [0, 0, 1, 1]], np.float32))
+    r.locality.bias.set_data(Tensor(np.array([0.3], np.float32)))
+    x = Tensor((np.random.default_rng(5).normal(size=(1, T, d)) + 0.2).astype(np.float32))
+    ids = Tensor(np.zeros((1, T), np.int32))
+    mask = Tensor(np.array([[1, 1, 0, 0]], np.float32))
+
+    def losses(xt):
+        out = r(xt, ids, ids, mask)
+        return out[3] + out[4]
+
+    assert ms.grad(losses, grad_position=None, weights=[r.locality.bias])(x)[0].asnumpy()[0] == 0.0
