@@ -21,6 +21,18 @@ def node_members(topology, rank=None):
     return [r for r in topology.ep_group(me) if topology.node(r) == topology.node(me)]
 
 
+def alltoall_groups(topology, two_tier):
+    """[(label, ranks)]: the communicators the MoE exchange runs AlltoAll / AlltoAllV over (groups of 1 skipped).
+    One tier (locmoe.exchange.ExpertExchange): the EP groups. Two tiers (TieredExchange): tier 1's
+    node-local EP members, and tier 2's EP groups where an EP group leaves its node."""
+    if not two_tier:
+        return [("EP group (one-tier exchange, AlltoAll)", g) for g in topology.all_groups("ep") if len(g) > 1]
+    local = topology.distinct_groups(lambda r: node_members(topology, r))
+    found = [("tier-1 group (two-tier exchange, intra-node AlltoAll)", g) for g in local if len(g) > 1]
+    return found + [("EP group (tier 2 of the two-tier exchange, AlltoAllV)", g) for g in topology.all_groups("ep")
+                    if len({topology.node(r) for r in g}) > 1]  # on one node: tier 1 only
+
+
 def check_tiers(topology):
     """Two tiers need a node's local experts to be exactly those its EP-group members hold
     (true when EP groups lie within a node or each node holds ranks of one EP group only)."""

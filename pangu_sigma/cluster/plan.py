@@ -161,10 +161,13 @@ def hccl_check(cfg, topology, rank_table=None):
     """On Ascend: every group against HCCL's 910A rules (locmoe.hccl_rules) and the longest group name.
 
     Device ids come from the rank table when given, else a rank's position on its node.
-    Returns {"checked", "groups", "max_name_bytes"}; raises ConfigError naming the first bad group.
+    Returns {"checked", "groups", "max_name_bytes"} (+ on Ascend "alltoall_groups" and "alltoall_violations":
+    the exchange's AlltoAll(V) groups against HCCL's AlltoAll rule, a note, not an error: see alltoall_note);
+    raises ConfigError naming the first group breaking the group rules.
     """
     from locmoe.comm import group_name
-    from locmoe.hccl_rules import MAX_GROUP_NAME_BYTES, check_group_name
+    from locmoe.hccl_rules import MAX_GROUP_NAME_BYTES, alltoall_violations, check_group_name, default_device_of_rank
+    from locmoe.tiers import alltoall_groups
     groups = [g for kind in ("tp", "dp", "ep", "edp") for g in topology.all_groups(kind) if len(g) > 1]
     names = {group_name(g, topology.world_size) for g in groups}
     longest = max((len(n.encode("utf-8")) for n in names), default=0)
@@ -177,7 +180,28 @@ def hccl_check(cfg, topology, rank_table=None):
     topology.check_hccl(devices)
     for name in names:
         check_group_name(name)
-    return {"checked": True, "groups": len(names), "max_name_bytes": longest, "limit": MAX_GROUP_NAME_BYTES}
+    devices = devices or default_device_of_rank(topology.node_of_rank)
+    exchange = alltoall_groups(topology, cfg.moe.remote_capacity_factor > 0) if cfg.model.moe_layer_num else []
+    return {"checked": True, "groups": len(names), "max_name_bytes": longest, "limit": MAX_GROUP_NAME_BYTES,
+            "alltoall_groups": len(exchange),
+            "alltoall_violations": alltoall_violations(exchange, topology.node_of_rank, devices)}
+
+
+def alltoall_note(cfg, topology, hccl):
+    """The note naming the first group that breaks HCCL's AlltoAll(V) rule (locmoe.hccl_rules), and the fix."""
+    bad = hccl.get("alltoall_violations")
+    if not bad:
+        return None
+    label, ranks, why = bad[0]
+    per_server = cfg.parallel.devices_per_node // topology.tp
+    return (f"HCCL AlltoAll rule broken ({len(bad)} of {hccl['alltoall_groups']} exchange groups): the {label} of "
+            f"ranks {ranks[:8]}{' ...' if len(ranks) > 8 else ''}: {why}; HCCL on Atlas training (CANN "
+            f"HcclAlltoAll/HcclAlltoAllV constraints) needs a communicator spanning servers to take whole 4-device "
+            f"clusters (HCCS halves 0-3, 4-7), the same on every server, so the MoE exchange may fail on the cluster. "
+            f"Fix: keep each EP group on one server (parallel.expert_parallel <= {max(per_server, 1)} with "
+            f"op_level_model_parallel_num {topology.tp}), or op_level_model_parallel_num 1 with expert_parallel a "
+            f"multiple of {cfg.parallel.devices_per_node} (EP groups of whole servers); the exchange has no form yet "
+            f"that sends over a communicator of whole servers")
 
 
 # ---- traffic ----------------------------------------------------------------------
@@ -321,6 +345,9 @@ def make_plan(cfg, rank_table=None, world_size=None, devices_per_node=None, doma
         notes.append("the remote tier's bytes above give every (rank, remote expert) pair one unit of C_r: under the "
                      "domain-affine placement each pair gets units by its expected share instead (none where its "
                      "domains never go), which needs the domain sizes: --domain-sizes N,N,... or a dataset")
+    a2a_note = alltoall_note(cfg, topo, hccl)
+    if a2a_note:
+        notes.append(a2a_note)
     local_note = local_capacity_note(cfg, topo)
     if local_note:
         notes.append(local_note)
