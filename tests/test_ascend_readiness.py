@@ -169,20 +169,41 @@ def test_exchange_groups_checked_for_the_alltoall_rule():
     assert broken(tp1, True) == ([], [list(range(8)), list(range(8, 16)), list(range(16))])
     one_server = Topology(world_size=16, tp=2, ep=4, num_experts=4, devices_per_node=8)  # EP {0,2,4,6}: no tier 2
     assert broken(one_server, True) == ([], [[0, 2, 4, 6], [1, 3, 5, 7], [8, 10, 12, 14], [9, 11, 13, 15]])
+    # parallel.a2a_group servers: one AlltoAll(V) over all 16 ranks (both servers, all 8 EP groups)
+    assert broken(tp8, False) != broken_servers(tp8, False) == ([], [list(range(16))])
+    assert broken_servers(tp8, True) == ([], [list(range(16))])
+    straddling = Topology(world_size=24, tp=1, ep=12, num_experts=12, devices_per_node=8)  # EP groups 0-11, 12-23
+    with pytest.raises(ConfigError, match="parallel.a2a_group='servers' is invalid: 'ep' for this layout"):
+        broken_servers(straddling, False)  # server 1 holds parts of both EP groups
+    with pytest.raises(ConfigError, match="parallel.a2a_group='eps' is invalid: one of"):
+        tiny_cfg(a2a_group="eps")
+
+
+def broken_servers(topo, two_tier):
+    from locmoe.hccl_rules import alltoall_violations, default_device_of_rank
+    from locmoe.tiers import alltoall_groups
+    groups = alltoall_groups(topo, two_tier, "servers")
+    bad = alltoall_violations(groups, topo.node_of_rank, default_device_of_rank(topo.node_of_rank))
+    return [g for _, g, _ in bad], [g for _, g in groups]
 
 
 def test_plan_flags_the_alltoall_rule_on_the_128n_layout(capsys):
     from pangu_sigma.cluster import plan
-    assert plan.main(["--config", "configs/locmoe_128n.yaml", "--world-size", "128"]) == 0
+    # the 128N layout with the exchange over the EP groups (the shipped config says servers)
+    assert plan.main(["--config", "configs/locmoe_128n.yaml", "--world-size", "128",
+                      "--set", "parallel.a2a_group=ep"]) == 0
     out = capsys.readouterr().out
     note = [line for line in out.splitlines() if "HCCL AlltoAll rule broken" in line]
     assert "AlltoAll(V) rule BROKEN by 8 of 8 exchange groups" in out and len(note) == 1, out
     assert ("EP group (tier 2 of the two-tier exchange, AlltoAllV) of ranks [0, 8, 16, 24" in note[0]
             and "devices [0] on server 0 of 16 servers" in note[0] and "whole 4-device clusters" in note[0]
-            and "op_level_model_parallel_num 1" in note[0]), note
+            and "parallel.a2a_group: servers" in note[0]), note
+    assert plan.main(["--config", "configs/locmoe_128n.yaml", "--world-size", "128"]) == 0  # shipped: servers
+    out = capsys.readouterr().out
+    assert "AlltoAll(V) rule (whole HCCS halves across servers) holds for 1 exchange groups" in out, out
     from pangu_sigma.config import load_config
-    cfg = load_config("configs/locmoe_128n.yaml", ["parallel.op_level_model_parallel_num=1", "train.batch_size=4",
-                                                       "train.gradient_accumulation_steps=1"])
+    cfg = load_config("configs/locmoe_128n.yaml", ["parallel.op_level_model_parallel_num=1", "parallel.a2a_group=ep",
+                                                   "train.batch_size=4", "train.gradient_accumulation_steps=1"])
     fixed = plan.make_plan(cfg, world_size=128)  # TP 1: EP groups of 16 = 2 whole servers, tier 1 = 1 server
     assert fixed["hccl"]["alltoall_groups"] == 16 + 8 and fixed["hccl"]["alltoall_violations"] == []
     assert not any("AlltoAll rule" in n for n in fixed["notes"])
