@@ -5,6 +5,7 @@ from locmoe.errors import ConfigError
 
 ROUTERS = ("locmoe", "switch", "hash", "rre")
 COMM_BACKENDS = ("auto", "native", "emulated")
+A2A_GROUPS = ("ep", "servers")  # MoEConfig.a2a_group
 
 
 def uses_level1(moe):
@@ -48,6 +49,9 @@ class MoEConfig:
         and of u alike, locmoe.tiers.tier_chunks).
     groupwise_a2a: group-wise All-to-All (EP slice per TP rank, then TP AllGather).
     comm_backend: auto (from the device target), native (HCCL ops) or emulated.
+    a2a_group: the communicator of the EP exchange's inter-node AlltoAll(V): "ep" (the EP group) or
+        "servers" (every rank of the EP group's servers, zero blocks between ranks of different EP
+        groups: same bytes; HCCL's AlltoAll rule on Atlas training, locmoe.hccl_rules).
     """
 
     num_experts: int = 8
@@ -68,6 +72,7 @@ class MoEConfig:
     comm_overlap_degree: int = 1
     groupwise_a2a: bool = True
     comm_backend: str = "auto"
+    a2a_group: str = "ep"
 
     def __post_init__(self):
         self.validate()
@@ -124,6 +129,7 @@ class MoEConfig:
              "an integer >= 1")
         need(isinstance(self.groupwise_a2a, bool), "groupwise_a2a", "true or false")
         need(self.comm_backend in COMM_BACKENDS, "comm_backend", f"one of {list(COMM_BACKENDS)}")
+        need(self.a2a_group in A2A_GROUPS, "a2a_group", f"one of {list(A2A_GROUPS)}")
 
     @property
     def experts_per_group(self):

@@ -13,19 +13,34 @@ the capacity dimension through the (inter-node) EP All-to-All, and an
 (intra-node) AllGather over TP restores the full buffer; on the way back a
 ReduceScatter over TP sums the partial outputs and leaves each TP rank its
 slice, which goes back through the EP All-to-All and is AllGathered over TP.
+a2a_group "servers" (HCCL's AlltoAll rule, locmoe.hccl_rules): the inter-node All-to-All(V) runs
+over every rank of the EP group's servers instead, with the same blocks between EP-group members and
+none to the others (same bytes, same results; native and emulated alike, locmoe.comm.AllToAllV).
 """
 import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Tensor
 
 from locmoe.comm import AllGather, AllReduce, AllToAll, AllToAllV, ReduceScatter, take_rows
-from locmoe.tiers import RemotePlan, check_tiers, node_members, remote_blocks, unit_table
+from locmoe.tiers import RemotePlan, check_tiers, embed_blocks, node_members, remote_blocks, server_group, unit_table
+
+
+def wide_group(topology, a2a_group):
+    """The server group (locmoe.tiers.server_group) when a2a_group is "servers" and the EP group leaves its
+    server, else None (the EP group itself: one server is not constrained by HCCL's AlltoAll rule)."""
+    if a2a_group not in ("ep", "servers"):
+        raise ValueError(f"a2a_group={a2a_group!r}: one of 'ep', 'servers'")
+    if a2a_group == "ep" or len({topology.node(r) for r in topology.ep_group()}) == 1:
+        return None
+    # native: ops.AlltoAllV takes per-peer element counts (send_numel_list / recv_numel_list,
+    # mindspore/ops/operations/comm_ops.py:1962-1965), 0 for the ranks of other EP groups (locmoe.comm.AllToAllV)
+    return server_group(topology)
 
 
 class TokenExchange(nn.Cell):
     """EP (+TP) exchange for one MoE layer; collectives from locmoe.comm with `backend`."""
 
-    def __init__(self, topology, num_experts, backend, groupwise, name="moe"):
+    def __init__(self, topology, num_experts, backend, groupwise, name="moe", a2a_group="ep"):
         super().__init__()
         self.ep = topology.ep
         self.tp = topology.tp
@@ -34,8 +49,14 @@ class TokenExchange(nn.Cell):
         self.groupwise = bool(groupwise) and self.tp > 1
         self.topology_ref = topology
         ep_group, tp_group = topology.ep_group(), topology.tp_group()
-        self.a2a_in = AllToAll(ep_group, 0, 0, backend, topology, f"{name}_a2a_dispatch")
-        self.a2a_out = AllToAll(ep_group, 0, 0, backend, topology, f"{name}_a2a_combine")
+        servers = wide_group(topology, a2a_group)
+        if servers is None:
+            self.a2a_in = AllToAll(ep_group, 0, 0, backend, topology, f"{name}_a2a_dispatch")
+            self.a2a_out = AllToAll(ep_group, 0, 0, backend, topology, f"{name}_a2a_combine")
+        else:  # the same blocks as an AllToAll over the EP group ([ep, ...] in, [ep, ...] out), none to other ranks
+            ones = embed_blocks(topology, servers, lambda group: [[1] * len(group) for _ in group])
+            self.a2a_in = AllToAllV(servers, ones, backend, topology, f"{name}_a2a_dispatch")
+            self.a2a_out = AllToAllV(servers, ones, backend, topology, f"{name}_a2a_combine")
         self.tp_gather_in = AllGather(tp_group, 2, backend, topology, f"{name}_tp_gather_dispatch")
         self.tp_gather_out = AllGather(tp_group, 1, backend, topology, f"{name}_tp_gather_combine")
         self.tp_reduce_scatter = ReduceScatter(tp_group, 2, backend, topology, f"{name}_tp_reduce_scatter")
@@ -156,7 +177,7 @@ class TieredExchange(nn.Cell):
     its backward are not eliminated as unused). Both carry zero gradient; values are unchanged.
     """
 
-    def __init__(self, topology, num_experts, backend, groupwise, name="moe", units=None):
+    def __init__(self, topology, num_experts, backend, groupwise, name="moe", units=None, a2a_group="ep"):
         super().__init__()
         check_tiers(topology)
         self.ep, self.tp, self.tp_rank = topology.ep, topology.tp, topology.tp_rank()
@@ -177,11 +198,17 @@ class TieredExchange(nn.Cell):
         self.place_index = Tensor(np.array(plan.place, np.int32))  # [E/ep * W]
         self.recv_index = Tensor(np.array(plan.recv, np.int32))  # [n_recv]
         self.unsend_index = Tensor(np.array(plan.unsend or [0], np.int32))  # [R] (unused when R = 0)
-        back = [list(col) for col in zip(*plan.blocks)]  # the way back: the transposed matrix
+        servers = wide_group(topology, a2a_group)  # None: tier 2 over the EP group
+        if servers is None:
+            wide, blocks = ep_group, plan.blocks
+        else:  # the same blocks, over whole servers: 0 to the ranks of other EP groups
+            wide = servers
+            blocks = embed_blocks(topology, servers, lambda group: remote_blocks(topology, self.units, group[0]))
+        back = [list(col) for col in zip(*blocks)]  # the way back: the transposed matrix
         self.a2a_local_in = AllToAll(members, 0, 0, backend, topology, f"{name}_a2a_local_dispatch")
         self.a2a_local_out = AllToAll(members, 0, 0, backend, topology, f"{name}_a2a_local_combine")
-        self.a2a_remote_in = AllToAllV(ep_group, plan.blocks, backend, topology, f"{name}_a2a_remote_dispatch")
-        self.a2a_remote_out = AllToAllV(ep_group, back, backend, topology, f"{name}_a2a_remote_combine")
+        self.a2a_remote_in = AllToAllV(wide, blocks, backend, topology, f"{name}_a2a_remote_dispatch")
+        self.a2a_remote_out = AllToAllV(wide, back, backend, topology, f"{name}_a2a_remote_combine")
         self.gather_local_in = AllGather(tp_group, 2, backend, topology, f"{name}_tp_gather_local_dispatch")
         self.gather_remote_in = AllGather(tp_group, 1, backend, topology, f"{name}_tp_gather_remote_dispatch")
         self.gather_local_out = AllGather(tp_group, 1, backend, topology, f"{name}_tp_gather_local_combine")

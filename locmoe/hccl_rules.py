@@ -10,6 +10,12 @@ TensorFlow migration guide ("Precautions" before distributed training):
 - the group name is a string of at most 128 bytes including the terminating
   NUL, i.e. at most 127 bytes of name.
 The same rules apply to the whole job (the world group), i.e. to rank tables.
+
+AlltoAll and AlltoAllV add one (CANN HCCL C++ API reference, HcclAlltoAll and
+HcclAlltoAllV constraints for the Atlas training series, 6.0.1 and 8.0.0): a
+communicator spanning servers takes its ranks in whole clusters (a cluster is an
+HCCS half: devices 0-3 or 4-7), the same clusters on every server. A single-server
+communicator follows the rules above (1 or 2 devices in one half, 4 = one half, 8).
 Every failure is a one-line ConfigError naming the group, before any HCCL call.
 """
 from locmoe.errors import ConfigError
@@ -76,3 +82,42 @@ def check_topology(topology, device_of_rank=None):
         for ranks in topology.all_groups(kind):
             if len(ranks) > 1:
                 check_group(f"{kind} group {_short(ranks)}", ranks, nodes, devices)
+
+
+def alltoall_problem(ranks, node_of_rank, device_of_rank):
+    """Why HCCL on Atlas training refuses `ranks` as an AlltoAll / AlltoAllV communicator, or None.
+
+    Multi-server: each server's devices must be whole HCCS halves ({0-3}, {4-7} or all 8),
+    the same halves on every server. A single-server group is not constrained by this rule (it follows
+    check_server_devices; an EP group's part on one server, tier 1's group, is checked there as part of
+    the EP group by check_topology).
+    """
+    by_server = {}
+    for rank in ranks:
+        by_server.setdefault(node_of_rank[rank], []).append(device_of_rank[rank])
+    if len(by_server) <= 1:
+        return None
+    halves_of = {}
+    for server, devices in by_server.items():
+        got = set(devices)
+        halves = tuple(h for h in range(DEVICES_PER_SERVER // HCCS_HALF)
+                       if set(range(h * HCCS_HALF, (h + 1) * HCCS_HALF)) <= got)
+        if got != {h * HCCS_HALF + i for h in halves for i in range(HCCS_HALF)}:
+            return (f"devices {_short(sorted(got))} on server {server} of {len(by_server)} servers are not whole "
+                    f"HCCS halves (devices 0-3, 4-7)")
+        halves_of[server] = halves
+    if len(set(halves_of.values())) > 1:
+        shown = ", ".join(f"{s}: {'+'.join(f'{h * HCCS_HALF}-{h * HCCS_HALF + HCCS_HALF - 1}' for h in hs)}"
+                          for s, hs in list(halves_of.items())[:4])
+        return f"different HCCS halves on different servers ({shown}{', ...' if len(halves_of) > 4 else ''})"
+    return None
+
+
+def alltoall_violations(groups, node_of_rank, device_of_rank):
+    """[(label, ranks, why)] for the (label, ranks) pairs breaking the AlltoAll(V) rule (alltoall_problem)."""
+    found = []
+    for label, ranks in groups:
+        why = alltoall_problem(ranks, node_of_rank, device_of_rank)
+        if why:
+            found.append((label, list(ranks), why))
+    return found

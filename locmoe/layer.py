@@ -96,7 +96,8 @@ class MoELayer(nn.Cell):
                 raise ValueError(f"ffn_hidden_size={ffn_hidden_size} must divide by tp={topology.tp}")
             exchange = TieredExchange if self.two_tier else TokenExchange
             extra = {"units": self.units} if self.two_tier else {}
-            self.exchange = exchange(topology, cfg.num_experts, parallel.backend, cfg.groupwise_a2a, **extra)
+            self.exchange = exchange(topology, cfg.num_experts, parallel.backend, cfg.groupwise_a2a,
+                                     a2a_group=cfg.a2a_group, **extra)
             local_experts, local_ffn = cfg.num_experts // topology.ep, ffn_hidden_size // topology.tp
         self.experts = BatchedExperts(local_experts, hidden_size, local_ffn, param_init_std, out_init_std,
                                       compute_dtype)

@@ -21,6 +21,23 @@ def node_members(topology, rank=None):
     return [r for r in topology.ep_group(me) if topology.node(r) == topology.node(me)]
 
 
+def alltoall_groups(topology, two_tier, a2a_group="ep"):
+    """[(label, ranks)]: the communicators the MoE exchange runs AlltoAll / AlltoAllV over (groups of 1 skipped).
+    One tier (locmoe.exchange.TokenExchange): the EP groups. Two tiers (TieredExchange): tier 1's
+    node-local EP members, and tier 2's EP groups where an EP group leaves its node. a2a_group
+    "servers": the server groups (server_group) in place of the EP groups."""
+    servers = a2a_group == "servers"
+    kind = "server group" if servers else "EP group"
+    wide = topology.distinct_groups(lambda r: server_group(topology, r)) if servers else topology.all_groups("ep")
+    if not two_tier:
+        return [(f"{kind} (one-tier exchange, {'AlltoAllV' if servers else 'AlltoAll'})", g)
+                for g in wide if len(g) > 1]
+    local = topology.distinct_groups(lambda r: node_members(topology, r))
+    found = [("tier-1 group (two-tier exchange, intra-node AlltoAll)", g) for g in local if len(g) > 1]
+    return found + [(f"{kind} (tier 2 of the two-tier exchange, AlltoAllV)", g) for g in wide
+                    if len({topology.node(r) for r in g}) > 1]  # on one node: tier 1 only
+
+
 def check_tiers(topology):
     """Two tiers need a node's local experts to be exactly those its EP-group members hold
     (true when EP groups lie within a node or each node holds ranks of one EP group only)."""
@@ -53,6 +70,39 @@ def remote_blocks(topology, units, rank=None):
     return [[1 if dst == src else 0 if topology.is_intra_node(src, dst)
              else int(sum(units[topology.dp_rank(src)][e] for e in topology.experts_of_rank(dst)))
              for dst in group] for src in group]
+
+
+def server_group(topology, rank=None):
+    """Every rank on the servers of rank's EP group, sorted: the communicator of whole servers that
+    parallel.a2a_group "servers" runs the EP exchange's inter-node AlltoAll(V) over. Its servers must
+    hold whole EP groups only (else two EP groups' server sets overlap without being equal)."""
+    nodes = {topology.node(r) for r in topology.ep_group(rank)}
+    ranks = [r for r in range(topology.world_size) if topology.node(r) in nodes]
+    for r in ranks:
+        if {topology.node(q) for q in topology.ep_group(r)} != nodes:
+            raise ConfigError("parallel.a2a_group", "servers",
+                              f"'ep' for this layout: EP group {_ranks(topology.ep_group(r))} and "
+                              f"{_ranks(topology.ep_group(rank))} share servers but not all of them "
+                              f"(servers needs each EP group's servers to hold whole EP groups)")
+    return ranks
+
+
+def _ranks(ranks):
+    return str(ranks) if len(ranks) <= 8 else f"[{ranks[0]}, {ranks[1]}, ..., {ranks[-1]}]"
+
+
+def embed_blocks(topology, servers, blocks_of):
+    """[S, S] counts over the server group `servers`: each EP group inside it keeps its own matrix
+    blocks_of(ep_group) between its members, 0 between ranks of different EP groups (nothing sent)."""
+    where = {r: i for i, r in enumerate(servers)}
+    matrix = [[0] * len(servers) for _ in servers]
+    for group in topology.distinct_groups(lambda r: topology.ep_group(r) if r in where else None):
+        if group is None:
+            continue
+        for i, (src, row) in enumerate(zip(group, blocks_of(group))):
+            for dst, count in zip(group, row):
+                matrix[where[src]][where[dst]] = int(count)
+    return matrix
 
 
 class RemotePlan:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 
 import yaml
 
-from locmoe.config import MoEConfig, ROUTERS, COMM_BACKENDS
+from locmoe.config import A2A_GROUPS, MoEConfig, ROUTERS, COMM_BACKENDS
 from locmoe.errors import ConfigError
 from locmoe.placement import IID_LEVEL1, PLACEMENTS
 from pangu_sigma.model.model_config import ModelConfig
@@ -81,6 +81,10 @@ class ParallelSection:
     comm_backend: str = "auto"
     comm_overlap_degree: int = 1
     groupwise_a2a: bool = True
+    # The communicator of the MoE exchange's inter-node AlltoAll(V): "ep" (the EP group) or "servers"
+    # (every rank of the EP group's servers, zero blocks between different EP groups: same bytes),
+    # which HCCL's AlltoAll rule on Atlas training needs when an EP group has 1 or 2 devices per server.
+    a2a_group: str = "ep"
     # Gradient AllReduce: gradients of one replica group are packed into flat
     # buckets of at most this many MiB (one AllReduce each; a bigger gradient goes
     # alone, unpacked), so the extra copies stay ~2 buckets, not the whole model.
@@ -118,6 +122,7 @@ class ParallelSection:
         _need(self.comm_backend in COMM_BACKENDS, "parallel.comm_backend", self.comm_backend,
               f"one of {list(COMM_BACKENDS)}")
         _need(isinstance(self.groupwise_a2a, bool), "parallel.groupwise_a2a", self.groupwise_a2a, "true or false")
+        _need(self.a2a_group in A2A_GROUPS, "parallel.a2a_group", self.a2a_group, f"one of {list(A2A_GROUPS)}")
         _need(_is_num(self.grad_bucket_mb) and self.grad_bucket_mb > 0, "parallel.grad_bucket_mb",
               self.grad_bucket_mb, "a size in MiB > 0 (e.g. 256)")
         _need(_is_int(self.hccl_buffsize_mb) and self.hccl_buffsize_mb >= 1, "parallel.hccl_buffsize_mb",
@@ -298,11 +303,12 @@ class RunConfig:
                              vocab_size=self.model.vocab_size if vocab_size is None else vocab_size,
                              table_seed=m.table_seed, expert_parallel=self.parallel.expert_parallel,
                              comm_overlap_degree=self.parallel.comm_overlap_degree,
-                             groupwise_a2a=self.parallel.groupwise_a2a, comm_backend=self.parallel.comm_backend)
+                             groupwise_a2a=self.parallel.groupwise_a2a, comm_backend=self.parallel.comm_backend,
+                             a2a_group=self.parallel.a2a_group)
         except ConfigError as err:  # MoEConfig names fields moe.x; map the parallel ones back
             name = err.field.split(".")[-1]
             section = "parallel" if name in ("expert_parallel", "comm_overlap_degree", "groupwise_a2a",
-                                             "comm_backend") else ("model" if name == "vocab_size" else "moe")
+                                             "comm_backend", "a2a_group") else ("model" if name == "vocab_size" else "moe")
             raise ConfigError(f"{section}.{name}", err.value, err.valid) from None
 
     def validate(self, world_size=None):

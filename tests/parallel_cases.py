@@ -64,7 +64,10 @@ OPTIONS = {
     # dropout on: every mask is a hash of the global position (pangu_sigma.parallel.dropout), so TP ranks agree
     # on the replicated tensors and the layouts draw the single process's masks
     "tp2": {"model": {"dropout_rate": 0.1}},
-    "tp2_ep2_groupwise": {"model": {"dropout_rate": 0.1}},
+    # parallel.a2a_group servers (HCCL's AlltoAll rule): the EP groups {0, 2}, {1, 3} span both nodes, so the
+    # inter-node All-to-All(V) runs over all 4 ranks with zero blocks between the two EP groups
+    "tp2_ep2_groupwise": {"model": {"dropout_rate": 0.1}, "parallel": {"a2a_group": "servers"}},
+    "tp2_ep2_2tier": {**TWO_TIER, "parallel": {"a2a_group": "servers"}},
 }
 # Started from the seed (pangu_sigma.parallel.init_weights) instead of a shared full initial checkpoint.
 SEED_CASES = {"tp2_seed": 4321, "tp2_ep2_seed": 4321}

@@ -1,4 +1,4 @@
-"""Issue 10 (Ascend 910A readiness): CPU tests of each Ascend-side fix.
+"""Issue 10 (Ascend 910A readiness): CPU tests of each Ascend-side fix (+ issue 22 item 2: the AlltoAll rule).
 
 Items: 1 overflow detection, 4 gradient buckets, 5 HCCL group rules, 6 logical DEVICE_ID,
 7 data sinking, 8 group names, 9 fp32 embedding gather, 13 Ascend on a CPU build.
@@ -13,7 +13,7 @@ from mindspore.ops.operations.math_ops import NPUClearFloatStatusV2, NPUGetFloat
 
 from locmoe import comm
 from locmoe.errors import ConfigError
-from locmoe.hccl_rules import MAX_GROUP_NAME_BYTES, check_server_devices, check_topology
+from locmoe.hccl_rules import MAX_GROUP_NAME_BYTES, alltoall_problem, check_server_devices, check_topology
 from locmoe.parallel_context import ParallelContext
 from locmoe.topology import Topology
 from pangu_sigma.config import config_from_dict
@@ -133,6 +133,80 @@ def test_topology_rejects_groups_that_break_the_rules():
         Topology(world_size=8, tp=4, num_experts=2, devices_per_node=8).check_hccl()
     with pytest.raises(ConfigError, match="world group"):
         Topology(world_size=6, tp=2, num_experts=2, devices_per_node=6).check_hccl()
+
+
+@pytest.mark.parametrize("per_server, why", [
+    ([[0, 1, 2, 3], [0, 1, 2, 3]], None), ([[4, 5, 6, 7], [4, 5, 6, 7]], None),  # one HCCS half per server
+    ([list(range(8)), list(range(8))], None), ([[0], []], None), ([[0, 4], []], None),  # whole servers; one server
+    ([[0], [0]], "not whole HCCS halves"), ([[0, 1], [0, 1]], "not whole HCCS halves"),  # TP 8 / TP 4-ish EP groups
+    ([[0, 2, 4, 6], [0, 2, 4, 6]], "not whole HCCS halves"),
+    ([[0, 1, 2, 3], [4, 5, 6, 7]], "different HCCS halves"),
+])
+def test_alltoall_rule_takes_whole_hccs_halves_across_servers(per_server, why):
+    # CANN HcclAlltoAll(V), Atlas training: a multi-server communicator takes whole clusters (devices 0-3, 4-7),
+    # the same on every server; a single-server one is not constrained by this rule
+    nodes = [s for s, devices in enumerate(per_server) for _ in devices]
+    devices = [d for ds in per_server for d in ds]
+    found = alltoall_problem(range(len(nodes)), nodes, devices)
+    assert (found is None) if why is None else (why in found), found
+
+
+def test_exchange_groups_checked_for_the_alltoall_rule():
+    from locmoe.hccl_rules import alltoall_violations, default_device_of_rank
+    from locmoe.tiers import alltoall_groups
+
+    def broken(topo, two_tier):
+        groups = alltoall_groups(topo, two_tier)
+        bad = alltoall_violations(groups, topo.node_of_rank, default_device_of_rank(topo.node_of_rank))
+        return [g for _, g, _ in bad], [g for _, g in groups]
+
+    tp8 = Topology(world_size=16, tp=8, ep=2, num_experts=2, devices_per_node=8)  # one NPU per server per EP group
+    assert broken(tp8, False) == ([[t, 8 + t] for t in range(8)],) * 2
+    bad, groups = broken(tp8, True)  # tier 1: groups of 1 (none); tier 2: the EP groups
+    assert bad == groups == [[t, 8 + t] for t in range(8)]
+    tp1 = Topology(world_size=16, tp=1, ep=16, num_experts=16, devices_per_node=8)  # EP group = 2 whole servers
+    assert broken(tp1, False) == ([], [list(range(16))])
+    assert broken(tp1, True) == ([], [list(range(8)), list(range(8, 16)), list(range(16))])
+    one_server = Topology(world_size=16, tp=2, ep=4, num_experts=4, devices_per_node=8)  # EP {0,2,4,6}: no tier 2
+    assert broken(one_server, True) == ([], [[0, 2, 4, 6], [1, 3, 5, 7], [8, 10, 12, 14], [9, 11, 13, 15]])
+    # parallel.a2a_group servers: one AlltoAll(V) over all 16 ranks (both servers, all 8 EP groups)
+    assert broken(tp8, False) != broken_servers(tp8, False) == ([], [list(range(16))])
+    assert broken_servers(tp8, True) == ([], [list(range(16))])
+    straddling = Topology(world_size=24, tp=1, ep=12, num_experts=12, devices_per_node=8)  # EP groups 0-11, 12-23
+    with pytest.raises(ConfigError, match="parallel.a2a_group='servers' is invalid: 'ep' for this layout"):
+        broken_servers(straddling, False)  # server 1 holds parts of both EP groups
+    with pytest.raises(ConfigError, match="parallel.a2a_group='eps' is invalid: one of"):
+        tiny_cfg(a2a_group="eps")
+
+
+def broken_servers(topo, two_tier):
+    from locmoe.hccl_rules import alltoall_violations, default_device_of_rank
+    from locmoe.tiers import alltoall_groups
+    groups = alltoall_groups(topo, two_tier, "servers")
+    bad = alltoall_violations(groups, topo.node_of_rank, default_device_of_rank(topo.node_of_rank))
+    return [g for _, g, _ in bad], [g for _, g in groups]
+
+
+def test_plan_flags_the_alltoall_rule_on_the_128n_layout(capsys):
+    from pangu_sigma.cluster import plan
+    # the 128N layout with the exchange over the EP groups (the shipped config says servers)
+    assert plan.main(["--config", "configs/locmoe_128n.yaml", "--world-size", "128",
+                      "--set", "parallel.a2a_group=ep"]) == 0
+    out = capsys.readouterr().out
+    note = [line for line in out.splitlines() if "HCCL AlltoAll rule broken" in line]
+    assert "AlltoAll(V) rule BROKEN by 8 of 8 exchange groups" in out and len(note) == 1, out
+    assert ("EP group (tier 2 of the two-tier exchange, AlltoAllV) of ranks [0, 8, 16, 24" in note[0]
+            and "devices [0] on server 0 of 16 servers" in note[0] and "whole 4-device clusters" in note[0]
+            and "parallel.a2a_group: servers" in note[0]), note
+    assert plan.main(["--config", "configs/locmoe_128n.yaml", "--world-size", "128"]) == 0  # shipped: servers
+    out = capsys.readouterr().out
+    assert "AlltoAll(V) rule (whole HCCS halves across servers) holds for 1 exchange groups" in out, out
+    from pangu_sigma.config import load_config
+    cfg = load_config("configs/locmoe_128n.yaml", ["parallel.op_level_model_parallel_num=1", "parallel.a2a_group=ep",
+                                                   "train.batch_size=4", "train.gradient_accumulation_steps=1"])
+    fixed = plan.make_plan(cfg, world_size=128)  # TP 1: EP groups of 16 = 2 whole servers, tier 1 = 1 server
+    assert fixed["hccl"]["alltoall_groups"] == 16 + 8 and fixed["hccl"]["alltoall_violations"] == []
+    assert not any("AlltoAll rule" in n for n in fixed["notes"])
 
 
 def test_plan_rejects_a_bad_layout_before_any_hccl_call(capsys):

@@ -1,5 +1,6 @@
 """The same model, weights and global batch as 1 process and as msrun CPU workers
-(DP2, EP2 for all four routers, EP2 with overlap 2, TP2 and TP2 x EP2 group-wise with dropout 0.1; TP2 and TP2 x EP2
+(DP2, EP2 for all four routers, EP2 with overlap 2, TP2 and TP2 x EP2 group-wise with dropout 0.1 (its EP
+All-to-All over both nodes' ranks, parallel.a2a_group servers, as the two-tier TP2 x EP2 case's tier 2); TP2 and TP2 x EP2
 started from the seed with no initial checkpoint; the two-tier exchange with domain-affine placement
 for all four routers and TP2 x EP2 (Switch in 2 overlap chunks, Hash in 3, RRE with a rank that sends no
 tier-2 units among ranks that do); DP2 and TP2 x DP2 x EP2 with optimizer-state sharding; EP2 with

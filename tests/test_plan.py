@@ -443,6 +443,8 @@ CLUSTER_CONFIGS = [(r, n) for r in ("locmoe", "switch", "hash", "rre") for n in 
 def test_every_cluster_config_fits_a_910a(capsys, router, size):
     p = plan_json(capsys, "--config", config_path(f"{router}_{size}n.yaml"), "--world-size", size)
     assert p["memory_fits"] and p["memory_per_device_gib"] <= 28 - 1, p["memory_breakdown_gib"]  # >= 1 GiB margin
+    # HCCL's AlltoAll rule (locmoe.hccl_rules): parallel.a2a_group servers runs the exchange over whole servers
+    assert p["hccl"]["alltoall_groups"] >= 1 and p["hccl"]["alltoall_violations"] == [], p["hccl"]
     assert p["memory_margin_gib"] == pytest.approx(28 - p["memory_per_device_gib"])
     mem = p["memory_breakdown_gib"]  # HCCL: every group holds 2 x parallel.hccl_buffsize_mb
     assert mem["hccl_workspace"] * 2 ** 30 == pytest.approx(p["hccl_groups"] * 2 * p["hccl_buffsize_mb"] * 2 ** 20)

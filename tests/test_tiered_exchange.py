@@ -142,9 +142,10 @@ def uneven_units(dp):
     return pattern[np.arange(dp) % 4]
 
 
-@pytest.mark.parametrize("uneven", [False, True], ids=["uniform", "units"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_tiers_reach_the_right_experts_and_come_back(fake_collectives, layout, uneven):
+@pytest.mark.parametrize("layout, uneven, a2a_group", [(layout, uneven, "ep") for layout in LAYOUTS for uneven in
+                                                      (False, True)] + [("tp2_ep2", True, "servers")])
+def test_tiers_reach_the_right_experts_and_come_back(fake_collectives, layout, uneven, a2a_group):
+    """a2a_group servers: tier 2 over both nodes' ranks (both EP groups), zero blocks across EP groups."""
     world, tp, ep, per_node = LAYOUTS[layout]
     topos = {r: Topology(world_size=world, tp=tp, ep=ep, num_experts=E, devices_per_node=per_node, rank=r)
              for r in range(world)}
@@ -154,7 +155,10 @@ def test_tiers_reach_the_right_experts_and_come_back(fake_collectives, layout, u
     # units of source rank s for expert e: the pattern, none for its own node's experts (tier 1)
     units_of = lambda s, e: 0 if e in local_ids[s] else int(pattern[s // tp][e])
     table = unit_table(topos[0], pattern if uneven else None)
-    cells = {r: exchange.TieredExchange(topos[r], E, "emulated", True, units=table) for r in range(world)}
+    cells = {r: exchange.TieredExchange(topos[r], E, "emulated", True, units=table, a2a_group=a2a_group)
+             for r in range(world)}
+    if a2a_group == "servers":
+        _assert_whole_servers(cells[0].a2a_remote_in, topos[0])
     rng = np.random.default_rng(0)
     dp = world // tp
     local_by_dp = [rng.normal(size=(E // 2, CL, D)).astype(np.float32) for _ in range(dp)]
@@ -199,6 +203,46 @@ def test_tiers_reach_the_right_experts_and_come_back(fake_collectives, layout, u
             assert back[r][1] is None
 
 
+def _assert_whole_servers(a2a, topo):
+    """The AllToAllV of a2a_group servers: every rank of both nodes, nothing between different EP groups."""
+    assert a2a.group == list(range(topo.world_size))
+    for i in range(topo.world_size):
+        for j in range(topo.world_size):
+            assert (a2a.blocks[i][j] == 0) or (topo.ep_group(i) == topo.ep_group(j)), (i, j)
+
+
+@pytest.mark.parametrize("layout", ["tp2_ep2", "tp2_ep4"])
+def test_one_tier_exchange_over_whole_servers_equals_numpy(fake_collectives, layout):
+    """TokenExchange (group-wise) with a2a_group ep and servers: each rank's experts get every EP source's
+    rows for them, and every source its rows back (expert e scales by e + 1, partial sums over TP), the
+    numpy reference in both forms."""
+    world, tp, ep, per_node = LAYOUTS[layout]
+    dp, c = world // tp, 4
+    topos = {r: Topology(world_size=world, tp=tp, ep=ep, num_experts=E, devices_per_node=per_node, rank=r)
+             for r in range(world)}
+    rng = np.random.default_rng(2)
+    buffers = [rng.normal(size=(E, c, D)).astype(np.float32) for _ in range(dp)]  # [E, c, d] per DP rank
+    share = np.arange(1, tp + 1, dtype=np.float32) / (tp * (tp + 1) / 2)  # [tp], sums to 1
+    for form in ("ep", "servers"):
+        cells = {r: exchange.TokenExchange(topos[r], E, "emulated", True, a2a_group=form) for r in range(world)}
+        if form == "servers":
+            _assert_whole_servers(cells[0].a2a_in, topos[0])
+        got = _rounds(lambda r: [cells[r].to_experts(Tensor(buffers[r // tp])).asnumpy()], range(world))
+        for r in range(world):
+            sources = topos[r].ep_group()
+            expected = [np.concatenate([buffers[s // tp][e] for s in sources]) for e in topos[r].experts_of_rank()]
+            np.testing.assert_array_equal(got[r][0], np.stack(expected), err_msg=form)  # [E/ep, ep*c, d]
+
+        def back_of(r):
+            mine = np.array(topos[r].experts_of_rank(), np.float32)
+            return [cells[r].from_experts(Tensor(got[r][0] * ((mine + 1) * share[r % tp])[:, None, None])).asnumpy()]
+
+        back = _rounds(back_of, range(world))
+        for r in range(world):
+            np.testing.assert_allclose(back[r][0], buffers[r // tp] * (np.arange(E) + 1)[:, None, None], rtol=1e-5,
+                                       err_msg=form)
+
+
 def test_tiered_bytes_follow_the_remote_capacity():
     topo = Topology(world_size=4, tp=1, ep=4, num_experts=E, devices_per_node=2, rank=0)
     totals = exchange.register_tiered_exchange_bytes(CommCounter(topo), topo, E, 3, 2, D, "float32", True).totals()
@@ -241,9 +285,11 @@ def test_tiered_bytes_group_wise_tp_by_hand():
     assert totals == {"inter": inter, "intra": intra}
 
 
-@pytest.mark.parametrize("layout, uneven, overlap", [("tp2_ep4", False, 1), ("tp2_ep4", True, 1),
-                                                     ("tp2_ep2", False, 3), ("tp2_ep2", True, 2)])
-def test_two_tier_layer_on_every_rank_equals_the_single_process(fake_collectives, layout, uneven, overlap):
+@pytest.mark.parametrize("layout, uneven, overlap, a2a_group", [
+    ("tp2_ep4", False, 1, "ep"), ("tp2_ep4", True, 1, "ep"), ("tp2_ep2", False, 3, "ep"), ("tp2_ep2", True, 2, "ep"),
+    ("tp2_ep2", True, 1, "servers")])
+def test_two_tier_layer_on_every_rank_equals_the_single_process(fake_collectives, layout, uneven, overlap,
+                                                                a2a_group):
     """The whole MoELayer, distributed over a TP2 x EP layout (group-wise, TP-sharded experts) with
     every rank against the recorded collectives, gives each rank's token group the output and the
     counts of the single-process layer whose token groups pose as the ranks (drops in both tiers), at
@@ -256,7 +302,7 @@ def test_two_tier_layer_on_every_rank_equals_the_single_process(fake_collectives
     world, tp, ep, per_node = LAYOUTS[layout]
     dp, seq, hidden, ffn = world // tp, 64, 8, 16
     cfg = MoEConfig(num_experts=E, router="switch", capacity_factor=1.0, remote_capacity_factor=0.75,
-                    expert_parallel=ep, groupwise_a2a=True, comm_overlap_degree=overlap)
+                    expert_parallel=ep, groupwise_a2a=True, comm_overlap_degree=overlap, a2a_group=a2a_group)
     topo = lambda r: Topology(world_size=world, tp=tp, ep=ep, num_experts=E, devices_per_node=per_node, rank=r)
     ms.set_seed(3)
     units = uneven_units(dp) if uneven else None  # tokens routed to a pair of 0 units: dropped
@@ -301,6 +347,8 @@ def test_two_tier_layer_on_every_rank_equals_the_single_process(fake_collectives
                 full = full[mine][:, inner]  # [E/ep, ffn/tp, d]
             p.set_data(Tensor(full))
         layers[r] = layer
+    if a2a_group == "servers":  # tier 2 over both nodes' ranks, the R = 0 and R = 4 ranks in one communicator
+        _assert_whole_servers(layers[0].exchange.a2a_remote_in, topo(0))
 
     def run(r):
         d = r // tp

@@ -59,6 +59,7 @@ import sys
 
 from locmoe.capacity import expert_capacity
 from locmoe.placement import units_follow_placement
+from locmoe.tiers import server_group
 from locmoe.errors import ConfigError
 from pangu_sigma.cluster import param_count
 from pangu_sigma.config import check_cluster
@@ -161,11 +162,18 @@ def hccl_check(cfg, topology, rank_table=None):
     """On Ascend: every group against HCCL's 910A rules (locmoe.hccl_rules) and the longest group name.
 
     Device ids come from the rank table when given, else a rank's position on its node.
-    Returns {"checked", "groups", "max_name_bytes"}; raises ConfigError naming the first bad group.
+    Returns {"checked", "groups", "max_name_bytes"} (+ on Ascend "alltoall_groups" and "alltoall_violations":
+    the exchange's AlltoAll(V) groups against HCCL's AlltoAll rule, a note, not an error: see alltoall_note);
+    raises ConfigError naming the first group breaking the group rules.
     """
     from locmoe.comm import group_name
-    from locmoe.hccl_rules import MAX_GROUP_NAME_BYTES, check_group_name
+    from locmoe.hccl_rules import (MAX_GROUP_NAME_BYTES, alltoall_violations, check_group, check_group_name,
+                                   default_device_of_rank)
+    from locmoe.tiers import alltoall_groups
     groups = [g for kind in ("tp", "dp", "ep", "edp") for g in topology.all_groups(kind) if len(g) > 1]
+    wide = (topology.distinct_groups(lambda r: server_group(topology, r))
+            if cfg.parallel.a2a_group == "servers" and cfg.model.moe_layer_num else [])  # parallel.a2a_group
+    groups += [g for g in wide if len(g) > 1 and g != list(range(topology.world_size))]
     names = {group_name(g, topology.world_size) for g in groups}
     longest = max((len(n.encode("utf-8")) for n in names), default=0)
     if cfg.parallel.device_target != "Ascend":
@@ -177,7 +185,32 @@ def hccl_check(cfg, topology, rank_table=None):
     topology.check_hccl(devices)
     for name in names:
         check_group_name(name)
-    return {"checked": True, "groups": len(names), "max_name_bytes": longest, "limit": MAX_GROUP_NAME_BYTES}
+    devices = devices or default_device_of_rank(topology.node_of_rank)
+    for ranks in wide:
+        check_group(f"server group {ranks[:4]}... (parallel.a2a_group: servers)", ranks, topology.node_of_rank,
+                    devices)
+    exchange = (alltoall_groups(topology, cfg.moe.remote_capacity_factor > 0, cfg.parallel.a2a_group)
+                if cfg.model.moe_layer_num else [])
+    return {"checked": True, "groups": len(names), "max_name_bytes": longest, "limit": MAX_GROUP_NAME_BYTES,
+            "alltoall_groups": len(exchange),
+            "alltoall_violations": alltoall_violations(exchange, topology.node_of_rank, devices)}
+
+
+def alltoall_note(cfg, topology, hccl):
+    """The note naming the first group that breaks HCCL's AlltoAll(V) rule (locmoe.hccl_rules), and the fix."""
+    bad = hccl.get("alltoall_violations")
+    if not bad:
+        return None
+    label, ranks, why = bad[0]
+    per_server = cfg.parallel.devices_per_node // topology.tp
+    return (f"HCCL AlltoAll rule broken ({len(bad)} of {hccl['alltoall_groups']} exchange groups): the {label} of "
+            f"ranks {ranks[:8]}{' ...' if len(ranks) > 8 else ''}: {why}; HCCL on Atlas training (CANN "
+            f"HcclAlltoAll/HcclAlltoAllV constraints) needs a communicator spanning servers to take whole 4-device "
+            f"clusters (HCCS halves 0-3, 4-7), the same on every server, so the MoE exchange may fail on the cluster. "
+            f"Fix: parallel.a2a_group: servers (the exchange's inter-node AlltoAll(V) over every rank of the EP "
+            f"group's servers, zero blocks to the other EP groups: same bytes), or keep each EP group on one server "
+            f"(parallel.expert_parallel <= {max(per_server, 1)} with op_level_model_parallel_num {topology.tp}), or "
+            f"op_level_model_parallel_num 1 with expert_parallel a multiple of {cfg.parallel.devices_per_node}")
 
 
 # ---- traffic ----------------------------------------------------------------------
@@ -308,8 +341,9 @@ def make_plan(cfg, rank_table=None, world_size=None, devices_per_node=None, doma
     nodes = sorted(set(topo.node_of_rank))
     experts_of_node = [topo.experts_of_node(n) for n in nodes]
     counts = param_count.count_params(cfg, vocab)
-    comm_groups = len({tuple(g) for g in (list(range(world)), topo.tp_group(), topo.dp_group(), topo.ep_group(),
-                                           topo.expert_dp_group()) if len(g) > 1})
+    wide = [server_group(topo)] if cfg.parallel.a2a_group == "servers" and cfg.model.moe_layer_num else []
+    comm_groups = len({tuple(g) for g in [list(range(world)), topo.tp_group(), topo.dp_group(), topo.ep_group(),
+                                          topo.expert_dp_group()] + wide if len(g) > 1})
     memory = param_count.memory_breakdown(cfg, topo.tp, topo.ep, topo.dp, vocab, comm_groups=comm_groups)
     placement, names = domain_placement(cfg, topo, domain_sizes)
     traffic = a2a_traffic(cfg, topo, placement)
@@ -328,6 +362,9 @@ def make_plan(cfg, rank_table=None, world_size=None, devices_per_node=None, doma
         notes.append("the remote tier's bytes above give every (rank, remote expert) pair one unit of C_r: under the "
                      "domain-affine placement each pair gets units by its expected share instead (none where its "
                      "domains never go), which needs the domain sizes: --domain-sizes N,N,... or a dataset")
+    a2a_note = alltoall_note(cfg, topo, hccl)
+    if a2a_note:
+        notes.append(a2a_note)
     local_note = local_capacity_note(cfg, topo)
     if local_note:
         notes.append(local_note)

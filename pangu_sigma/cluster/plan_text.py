@@ -129,7 +129,11 @@ def format_text(plan, config_path):
         lines.append(f"  {name:<13} per device intra {_gib(b['intra'])}, inter {_gib(b['inter'])}")
     h = p["hccl"]
     lines.append(f"hccl       {h['groups']} groups, names up to {h['max_name_bytes']} bytes; "
-                 + ("910A group rules and the 127-byte name limit hold" if h["checked"]
-                    else "910A rules not checked (parallel.device_target is not Ascend)"))
+                 + ("910A group rules and the 127-byte name limit hold; " if h["checked"]
+                    else "910A rules not checked (parallel.device_target is not Ascend)")
+                 + ("" if not h["checked"] else
+                    f"AlltoAll(V) rule BROKEN by {len(h['alltoall_violations'])} of {h['alltoall_groups']} exchange "
+                    f"groups (see the note)" if h["alltoall_violations"] else
+                    f"AlltoAll(V) rule (whole HCCS halves across servers) holds for {h['alltoall_groups']} exchange groups"))
     lines += [f"note       {n}" for n in p["notes"]]
     return "\n".join(lines)
