@@ -213,7 +213,8 @@ def test_plan_rejects_a_bad_layout_before_any_hccl_call(capsys):
     from pangu_sigma.cluster import plan
     # TP 4 on 8-device servers: every DP group has devices 0 and 4 of a server, across the HCCS halves
     code = plan.main(["--config", "configs/locmoe_64n.yaml", "--world-size", "64",
-                      "--set", "parallel.op_level_model_parallel_num=4"])
+                      "--set", "parallel.op_level_model_parallel_num=4", "--set", "train.batch_size=32",
+                      "--set", "train.gradient_accumulation_steps=32"])  # the global batch 512 kept at dp 16
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "dp group" in err[0] and "HCCS half" in err[0], err
 

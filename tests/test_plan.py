@@ -225,7 +225,7 @@ def test_expert_parallel_not_dividing_dp_names_the_numbers(capsys):
     assert code == 2 and out == ""
     line = err.strip()
     assert len(line.splitlines()) == 1 and line.startswith("error: parallel.expert_parallel=16")
-    assert "dp = world 64 / tp 8 = 8" in line and "8 % 16 = 8" in line and "16 experts" in line
+    assert "a divisor of the data-parallel size 8" in line and "world 64" in line and "8" in line
 
 
 def test_expert_count_not_dividing_hidden_names_the_numbers(capsys):
@@ -237,7 +237,7 @@ def test_expert_count_not_dividing_hidden_names_the_numbers(capsys):
 
 def test_tp_not_dividing_world_and_missing_world_size(capsys):
     code, _, err = run_plan(capsys, "--config", config_path("locmoe_128n.yaml"), "--world-size", 100)
-    assert code == 2 and "op_level_model_parallel_num=8" in err and "100 % 8 = 4" in err
+    assert code == 2 and "op_level_model_parallel_num=8" in err and "divisor of the world size 100" in err
     code, _, err = run_plan(capsys, "--config", config_path("locmoe_128n.yaml"))
     assert code == 2 and err.startswith("error: --world-size") and "--rank-table" in err
 
