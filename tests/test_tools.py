@@ -427,6 +427,7 @@ def test_compare_routers_two_routers_five_steps(tiny_run, tmp_path, capsys):
     md = (out / "report.md").read_text()
     assert "| locmoe | 2 |" in md and "| hash | 2 |" in md and "step 256N (ms)" in md and " ± " in md
     # a second run into the same folder is refused in one line unless --overwrite
+    capsys.readouterr()  # the runs' notices (e.g. eval's "[checkpoint] read ... step 5") are not part of it
     assert _rc(main, ["--config", path, "--routers", "locmoe", "--steps", "5", "--output", str(out)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
 
