@@ -84,6 +84,14 @@ class LayerView:
     def remote_capacity(self, tokens_per_group):
         return self.layer.remote_capacity(tokens_per_group)
 
+    def buffer_rows(self, tokens_per_group):
+        """MoELayer.buffer_rows over the cluster: the tier-2 units of the busiest data-parallel rank."""
+        if not self.two_tier:
+            return self.layer.buffer_rows(tokens_per_group)
+        units = int(self.group_units.asnumpy().sum(1).max())  # R of the busiest group
+        return (self.layer.num_local * self.layer.capacity(tokens_per_group)
+                + units * self.layer.remote_capacity(tokens_per_group))
+
 
 class GatheredForward:
     """eval_forward_cell's interface on the cluster: (ids [B, S+1], domains [B]) of a global batch ->
