@@ -15,6 +15,13 @@ def uses_level1(moe):
     return moe.router == "rre" or (moe.router in ("locmoe", "switch") and moe.num_domain_groups > 1)
 
 
+def builds_locality_bias(moe):
+    """True when LocMoE builds its learned locality bias (locmoe.routers.LocalityBias): the router is LocMoE,
+    moe.locality_bias is on and mu > 0 (with mu = 0 nothing would train it). moe: a MoEConfig or any object
+    with router, locality_bias and locality_loss_coef."""
+    return moe.router == "locmoe" and moe.locality_bias and moe.locality_loss_coef > 0
+
+
 @dataclass
 class MoEConfig:
     """Configuration of one MoE layer (shared by all sparse layers of a model).

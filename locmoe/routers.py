@@ -21,7 +21,7 @@ from mindspore import nn, ops, Parameter, Tensor
 
 from locmoe.gating import GrAPGate, DenseGate
 from locmoe.losses import load_balance_loss, locality_loss
-from locmoe.config import uses_level1
+from locmoe.config import builds_locality_bias, uses_level1
 from locmoe.errors import ConfigError
 
 RouterOutput = namedtuple("RouterOutput", "expert_index expert_prob router_probs aux_loss loc_loss")
@@ -201,7 +201,7 @@ class LocMoERouter(_LearnedRouter):
     def __init__(self, cfg, hidden_size, domain_experts=None):
         super().__init__(cfg, domain_experts)
         self.gate = GrAPGate(hidden_size, cfg.num_experts, cfg.gate_bias)
-        self.locality = LocalityBias() if cfg.locality_bias and cfg.locality_loss_coef > 0 else None
+        self.locality = LocalityBias() if builds_locality_bias(cfg) else None
         self.loc_coef = cfg.locality_loss_coef
         self.smoothing = cfg.locality_smoothing
 

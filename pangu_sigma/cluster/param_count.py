@@ -65,6 +65,7 @@ adds activation recomputation, optimizer sharding and the communication buffers)
 import math
 
 from locmoe.capacity import expert_capacity
+from locmoe.config import builds_locality_bias
 
 GIB = 1024 ** 3
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -81,11 +82,6 @@ def _dims(cfg, vocab_size=None):
     m = cfg.model
     vocab = m.vocab_size if vocab_size is None else vocab_size
     return vocab, m.seq_length, m.hidden_size, m.ffn_hidden_size, m.num_layers, m.moe_layer_num
-
-
-def has_locality_bias(moe):
-    """LocMoE builds its locality bias when moe.locality_bias and mu > 0 (locmoe.routers.LocMoERouter)."""
-    return moe.router == "locmoe" and moe.locality_bias and moe.locality_loss_coef > 0
 
 
 def router_params(router, hidden_size, num_experts, gate_bias=True, locality_bias=False):
@@ -110,7 +106,7 @@ def parameter_parts(cfg, vocab_size=None):
         "layernorm": (layers + 1) * norms + 2 * d,
         "dense_ffn": (layers - moe + 1) * dense_ffn,
         "experts": moe * experts * 2 * d * f,
-        "router": moe * router_params(cfg.moe.router, d, experts, cfg.moe.gate_bias, has_locality_bias(cfg.moe)),
+        "router": moe * router_params(cfg.moe.router, d, experts, cfg.moe.gate_bias, builds_locality_bias(cfg.moe)),
         "top_query": seq * d,
     }
 
@@ -150,7 +146,7 @@ def params_per_device_parts(cfg, tp, ep, vocab_size=None):
                   + blocks * (4 * d + d)                                # LayerNorms, out_proj bias
                   + (layers - moe + 1) * d                              # w_out bias
                   + 2 * d                                               # final_ln
-                  + moe * router_params(cfg.moe.router, d, experts, cfg.moe.gate_bias, has_locality_bias(cfg.moe)))
+                  + moe * router_params(cfg.moe.router, d, experts, cfg.moe.gate_bias, builds_locality_bias(cfg.moe)))
     experts_here = moe * _ceil_div(experts, ep) * 2 * d * _ceil_div(f, tp)
     if tp == 1:  # nothing is TP-split: those parameters are replicated on every rank
         return {"tp_split": 0, "replicated": split + replicated, "experts": experts_here}
