@@ -75,7 +75,7 @@ class _RouterLoss(nn.Cell):
         self.local_mask = local_mask
 
     def construct(self, x, token_ids, domain_ids):
-        index, prob, probs, aux, loc = self.router(x, token_ids, domain_ids, self.local_mask)
+        index, prob, probs, aux, loc, _ = self.router(x, token_ids, domain_ids, self.local_mask)
         return prob.sum() + aux + loc
 
 

@@ -34,6 +34,10 @@ class MoEConfig:
         another node) pair gets ceil(tokens * this / n) slots (times its expected share * n,
         in units of 1/Q, under a domain-affine placement with level 1; locmoe.placement.remote_quanta),
         and only those rows cross nodes.
+    reroute_overflow: two tiers, beyond the paper: a token over its pair's slots (a remote pair's units or a
+        node-local expert's C_l) goes to its best node-local expert with a free slot (gate order, ties as
+        LocMoE's) instead of being dropped, and keeps that expert's gate value R (eq. 3). Learned routers
+        only (a table router has no order of the other experts).
     router: one of ROUTERS.
     aux_loss_coef: alpha of eq. 5 (0.01 in the paper).
     locality_loss_coef: mu of eq. 6.
@@ -64,6 +68,7 @@ class MoEConfig:
     num_experts: int = 8
     capacity_factor: float = 1.0
     remote_capacity_factor: float = 0.0
+    reroute_overflow: bool = False
     router: str = "locmoe"
     aux_loss_coef: float = 0.01
     locality_loss_coef: float = 0.01
@@ -109,6 +114,12 @@ class MoEConfig:
         need(is_num(self.remote_capacity_factor) and self.remote_capacity_factor >= 0, "remote_capacity_factor",
              "a number >= 0 (0: one tier, every pair at capacity_factor)")
         need(self.router in ROUTERS, "router", f"one of {list(ROUTERS)}")
+        need(isinstance(self.reroute_overflow, bool), "reroute_overflow", "true or false")
+        if self.reroute_overflow:
+            need(self.remote_capacity_factor > 0, "reroute_overflow",
+                 "false with one tier (remote_capacity_factor 0): rerouting fills the node-local tier of two")
+            need(self.router in ("locmoe", "switch"), "reroute_overflow",
+                 f"false for the {self.router} router (a table router has no gate order to pick a local expert by)")
         need(is_num(self.aux_loss_coef) and self.aux_loss_coef >= 0, "aux_loss_coef", "a number >= 0")
         need(is_num(self.locality_loss_coef) and self.locality_loss_coef >= 0, "locality_loss_coef", "a number >= 0")
         need(is_num(self.locality_smoothing) and 0 < self.locality_smoothing < 1,

@@ -133,3 +133,44 @@ def expert_rows_index(capacity, offset, slots_per_group, max_capacity):
     valid = j < capacity.expand_dims(-1)  # [G, E, Cm]
     index = ops.select(valid, index, ops.full_like(index, groups * slots_per_group))
     return index.transpose(1, 0, 2).reshape(-1).astype(ms.int32)  # [E*G*Cm]
+
+
+def reroute_to_local(slot, keep, onehot, preference, tie_break, local_mask, capacity, offset, slots_per_group,
+                     passes):
+    """Beyond the paper (moe.reroute_overflow): the tokens assign_tiered_slots dropped try their node-local
+    experts, best first, instead of being dropped.
+
+    Pass k (k < passes = n_l): every token still without a slot picks, among the node-local experts it has not
+    tried and is allowed (preference > 0; its routed expert excluded), the one of largest preference (ties:
+    largest tie_break), and gets the next free slot of that expert in token order, if one is left. A pass's
+    tokens queue behind the slots already filled, so a token routed to a local expert never loses its slot to
+    a rerouted one. After n_l passes a token is dropped only if every local expert it may use is full.
+
+    slot [G*T], keep [G, T], onehot [G, T, E] (assign_tiered_slots); preference [G, T, E] (the gate
+    probabilities, 0 where level 1 forbids); tie_break [G, T, E]; local_mask [G, E]; capacity, offset [G, E]
+    (tier_layout). -> (slot [G*T], keep [G, T], destination [G, T] int32: the expert whose slot the token holds,
+    its routed expert if it kept or lost that one)."""
+    groups, tokens, num_experts = onehot.shape
+    occupancy = ops.minimum(onehot.sum(1), capacity)  # [G, E] slots filled by the routed tokens
+    candidates = local_mask.expand_dims(1) * (preference > 0).astype(ms.float32) * (1.0 - onehot)  # [G, T, E]
+    destination = ops.argmax(onehot, -1).astype(ms.int32)  # [G, T]
+    group_base = (ops.arange(groups, dtype=ms.int32) * slots_per_group).expand_dims(1)  # [G, 1]
+    slot = slot.reshape(groups, tokens)  # [G, T]
+    for _ in range(passes):
+        open_ = candidates * (1.0 - keep).expand_dims(-1)  # [G, T, E] untried local experts of waiting tokens
+        score = ops.select(open_ > 0, preference, ops.full_like(preference, -1.0))  # [G, T, E]
+        tied = ops.logical_and(score >= score.max(-1, keepdims=True), open_ > 0)  # [G, T, E]
+        pick = ops.argmax(ops.select(tied, tie_break, ops.full_like(tie_break, -1.0)), -1).astype(ms.int32)
+        trying = (open_.sum(-1) > 0).astype(ms.float32)  # [G, T]
+        chosen = ops.one_hot(pick, num_experts, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32)) \
+            * trying.expand_dims(-1)  # [G, T, E]
+        queue = ((ops.cumsum(chosen, 1) - 1.0) * chosen).sum(-1)  # [G, T] place among this pass's tokens
+        position = queue + (chosen * occupancy.expand_dims(1)).sum(-1)  # [G, T]
+        got = trying * (position < (chosen * capacity.expand_dims(1)).sum(-1)).astype(ms.float32)  # [G, T]
+        new_slot = group_base + ((chosen * offset.expand_dims(1)).sum(-1) + position).astype(ms.int32)  # [G, T]
+        slot = ops.select(got > 0, new_slot, slot)
+        destination = ops.select(got > 0, pick, destination)
+        keep = keep + got
+        occupancy = occupancy + (chosen * got.expand_dims(-1)).sum(1)  # [G, E]
+        candidates = candidates * (1.0 - chosen)  # tried
+    return slot.reshape(-1), keep, destination

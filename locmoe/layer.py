@@ -12,11 +12,11 @@ from mindspore import nn, ops, Tensor
 
 from locmoe.capacity import expert_capacity
 from locmoe.dispatch import (assign_slots, assign_tiered_slots, combine, dispatch, expert_rows_index, gather_rows,
-                             tier_layout, token_of_slot)
+                             reroute_to_local, tier_layout, token_of_slot)
 from locmoe.exchange import TieredExchange, TokenExchange
 from locmoe.tiers import tier_chunks, unit_table
 from locmoe.experts import BatchedExperts
-from locmoe.routers import build_router
+from locmoe.routers import build_router, tie_order
 
 
 class MoELayer(nn.Cell):
@@ -47,7 +47,9 @@ class MoELayer(nn.Cell):
     Two tiers (moe remote_capacity_factor > 0): each group's buffer holds its node's
     experts at capacity C_l (capacity_factor) and the other experts at their tier-2 units
     of u rows (remote_capacity_factor, locmoe.tiers); drops are counted per tier;
-    distributed, the TieredExchange sends only those rows across nodes.
+    distributed, the TieredExchange sends only those rows across nodes. moe.reroute_overflow: a token
+    over its pair's slots takes a free slot of its best node-local expert instead (locmoe.dispatch.
+    reroute_to_local); the counts stay the router's decisions (load, local), drops are those left after it.
     """
 
     def __init__(self, moe_config, hidden_size, ffn_hidden_size, topology, param_init_std=0.02,
@@ -71,6 +73,7 @@ class MoELayer(nn.Cell):
         self.rank_slots = Tensor(slots)  # [G, P]
         self.num_rank_slots = slots.shape[1]
         self.two_tier = cfg.remote_capacity_factor > 0
+        self.reroute = self.two_tier and cfg.reroute_overflow
         self.remote_capacity_factor = cfg.remote_capacity_factor
         self.num_local = int(local_mask[0].sum())
         self.remote_quanta = int(remote_quanta) if remote_units is not None else 1
@@ -129,16 +132,27 @@ class MoELayer(nn.Cell):
         x_groups = x.reshape(groups, per_group, hidden).astype(ms.float32)  # [G, T, d]
         id_groups = token_ids.reshape(groups, per_group)  # [G, T]
         domains = ops.broadcast_to(domain_ids.expand_dims(1), (batch, seq)).reshape(groups, per_group)  # [G, T]
-        expert_index = self.router(x_groups, id_groups, domains, self.local_mask)[0]  # [G, T]
-        return expert_index, self.kept(expert_index, per_group)
+        out = self.router(x_groups, id_groups, domains, self.local_mask)
+        expert_index = out[0]  # [G, T]
+        return expert_index, self.kept(expert_index, per_group, out[5], id_groups)
 
-    def kept(self, expert_index, per_group):
+    def kept(self, expert_index, per_group, gate_probs=None, token_ids=None):
         """expert_index [G, T] -> keep [G, T] (1: the token got a slot), exactly as construct assigns
-        slots (one tier, or two tiers with their own capacities); for eval's per-token view."""
+        slots (one tier, or two tiers with their own capacities, rerouted with moe.reroute_overflow: then
+        gate_probs [G, T, E] and token_ids [G, T] are needed); for eval's per-token view."""
         if self.two_tier:
             _, _, capacity, offset, slots = self._tier_slots(per_group)
-            return assign_tiered_slots(expert_index, capacity, offset, slots)[1]
+            slot, keep, onehot = assign_tiered_slots(expert_index, capacity, offset, slots)
+            if self.reroute:
+                keep = self._reroute(slot, keep, onehot, gate_probs, token_ids, capacity, offset, slots)[1]
+            return keep
         return assign_slots(expert_index, self.num_experts, self.capacity(per_group))[1]
+
+    def _reroute(self, slot, keep, onehot, gate_probs, token_ids, capacity, offset, slots):
+        """reroute_to_local with the layer's local experts, n_l passes and LocMoE's tie order."""
+        ties = tie_order(token_ids, self.num_experts)  # [G, T, E]
+        return reroute_to_local(slot, keep, onehot, gate_probs, ties, self.local_mask, capacity, offset, slots,
+                                self.num_local)
 
     def _tier_slots(self, per_group):
         """Two tiers: (C_l, u, capacity [G, E], offset [G, E], S slots per group): n_l * C_l local
@@ -176,11 +190,15 @@ class MoELayer(nn.Cell):
         out = self.experts(rows).reshape(-1, hidden)  # [E*G*Cm, d]
         return gather_rows(out, inverse, index)  # [G*S, d]
 
-    def _tiered(self, x_groups, expert_index, expert_prob, per_group):
+    def _tiered(self, x_groups, expert_index, expert_prob, per_group, gate_probs, token_ids):
         """Two-tier dispatch -> experts -> combine. -> (y [G, T, d], keep, onehot, remote drops)."""
         groups, _, hidden = x_groups.shape
         local_capacity, unit, capacity, offset, slots = self._tier_slots(per_group)
         slot, keep, onehot = assign_tiered_slots(expert_index, capacity, offset, slots)
+        if self.reroute:  # a rerouted token's R is its new expert's gate probability (eq. 3)
+            slot, keep, destination = self._reroute(slot, keep, onehot, gate_probs, token_ids, capacity, offset,
+                                                    slots)
+            expert_prob = ops.gather_elements(gate_probs, -1, destination.expand_dims(-1)).squeeze(-1)  # [G, T]
         source = token_of_slot(slot, groups * slots, groups * per_group)  # [G*S]
         flat = gather_rows(x_groups.astype(self.compute_dtype).reshape(-1, hidden), source, slot)  # [G*S, d]
         out = self._tiered_expert_stage(flat, capacity, offset, slots, local_capacity, unit)
@@ -222,10 +240,11 @@ class MoELayer(nn.Cell):
         token_groups = token_ids.reshape(groups, per_group)  # [G, T]
         domains = ops.broadcast_to(domain_ids.expand_dims(1), (batch, seq)).reshape(groups, per_group)  # [G, T]
 
-        expert_index, expert_prob, _, aux_loss, loc_loss = self.router(
+        expert_index, expert_prob, _, aux_loss, loc_loss, gate_probs = self.router(
             x_groups.astype(ms.float32), token_groups, domains, self.local_mask)
         if self.two_tier:
-            y, keep, onehot, dropped_remote = self._tiered(x_groups, expert_index, expert_prob, per_group)
+            y, keep, onehot, dropped_remote = self._tiered(x_groups, expert_index, expert_prob, per_group,
+                                                           gate_probs, token_groups)
             expert_load = onehot.sum(1).sum(0)  # [E]
             local_groups = (onehot * self.local_mask.expand_dims(1)).sum(-1).sum(-1)  # [G]
             return (y.reshape(batch, seq, hidden).astype(x.dtype), aux_loss, loc_loss,

@@ -10,6 +10,9 @@ Every router maps token groups to experts:
                                    with its locality bias, the biased one that eqs. 5-6 see
        aux_loss     []             eq. 5 (0 for table routers)
        loc_loss     []             eq. 6 (LocMoE only, else 0)
+       gate_probs   [G, T, E] float32 the gate distribution R is read from (eq. 3): router_probs without
+                                   LocMoE's locality bias (equal to it for every other router); the
+                                   layer reads the R of a token it reroutes from it (moe.reroute_overflow)
 Adding a router touches this file only.
 """
 from collections import namedtuple
@@ -24,7 +27,7 @@ from locmoe.losses import load_balance_loss, locality_loss
 from locmoe.config import builds_locality_bias, uses_level1
 from locmoe.errors import ConfigError
 
-RouterOutput = namedtuple("RouterOutput", "expert_index expert_prob router_probs aux_loss loc_loss")
+RouterOutput = namedtuple("RouterOutput", "expert_index expert_prob router_probs aux_loss loc_loss gate_probs")
 
 _MASKED = -1e9
 
@@ -133,7 +136,7 @@ class _LearnedRouter(nn.Cell):
         self.group_mask = Tensor(np.ones((1, cfg.num_experts), np.float32) if mask is None else mask)  # [D, E]
 
     def _route(self, scores, domain_ids, tie_break=None, local_bias=None, local_mask=None):
-        """scores [G, T, E] -> (expert_index, expert_prob, router_probs, aux).
+        """scores [G, T, E] -> (expert_index, expert_prob, router_probs, aux, gate_probs).
 
         local_bias [1] (LocMoE's locality bias b) and local_mask [G, E]: b is added to the node-local experts'
         scores of the routing distribution (top-1, eqs. 5-6) only; the gate value R of eq. 3 that scales the
@@ -159,7 +162,7 @@ class _LearnedRouter(nn.Cell):
         expert_prob = ops.gather_elements(gate_probs, -1, expert_index.expand_dims(-1)).squeeze(-1)  # [G, T]
         onehot = ops.one_hot(expert_index, self.num_experts, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
         aux = load_balance_loss(router_probs, onehot, self.aux_coef)
-        return expert_index, expert_prob, router_probs, aux
+        return expert_index, expert_prob, router_probs, aux, gate_probs
 
 
 class LocalityBias(nn.Cell):
@@ -209,10 +212,10 @@ class LocMoERouter(_LearnedRouter):
         pre = self.gate(x.reshape(-1, x.shape[-1])).reshape(x.shape[0], x.shape[1], -1)  # [G, T, E]
         ties = tie_order(token_ids, self.num_experts)  # [G, T, E]
         bias = None if self.locality is None else self.locality.bias  # [1]
-        expert_index, expert_prob, router_probs, aux = self._route(ops.relu(pre), domain_ids, tie_break=ties,
-                                                                   local_bias=bias, local_mask=local_mask)
+        expert_index, expert_prob, router_probs, aux, gate_probs = self._route(
+            ops.relu(pre), domain_ids, tie_break=ties, local_bias=bias, local_mask=local_mask)
         loc = locality_loss(router_probs, local_mask, self.loc_coef, self.smoothing)
-        return expert_index, expert_prob, router_probs, aux, loc
+        return expert_index, expert_prob, router_probs, aux, loc, gate_probs
 
 
 class SwitchRouter(_LearnedRouter):
@@ -227,8 +230,8 @@ class SwitchRouter(_LearnedRouter):
         if self.training and self.jitter > 0:
             x = x * ops.uniform(x.shape, Tensor(1.0 - self.jitter, ms.float32), Tensor(1.0 + self.jitter, ms.float32))
         scores = self.gate(x.reshape(-1, x.shape[-1])).reshape(x.shape[0], x.shape[1], -1)  # [G, T, E]
-        expert_index, expert_prob, router_probs, aux = self._route(scores, domain_ids)
-        return expert_index, expert_prob, router_probs, aux, ops.zeros((), ms.float32)
+        expert_index, expert_prob, router_probs, aux, gate_probs = self._route(scores, domain_ids)
+        return expert_index, expert_prob, router_probs, aux, ops.zeros((), ms.float32), gate_probs
 
 
 class _TableRouter(nn.Cell):
@@ -244,7 +247,7 @@ class _TableRouter(nn.Cell):
         router_probs = ops.one_hot(expert_index, self.num_experts, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
         expert_prob = ops.ones(expert_index.shape, ms.float32)
         zero = ops.zeros((), ms.float32)
-        return expert_index, expert_prob, router_probs, zero, zero
+        return expert_index, expert_prob, router_probs, zero, zero, router_probs
 
 
 class HashRouter(_TableRouter):

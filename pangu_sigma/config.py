@@ -44,6 +44,9 @@ class MoESection:
     # > 0: two-tier exchange; capacity of each (rank, expert on another node) pair; the
     # (rank, node-local expert) pairs keep capacity_factor. 0: one tier.
     remote_capacity_factor: float = 0.0
+    # Two tiers, beyond the paper: a token over its pair's slots takes a free slot of its best node-local
+    # expert instead of being dropped (locmoe.dispatch.reroute_to_local). LocMoE and Switch only.
+    reroute_overflow: bool = False
     aux_loss_coef: float = 0.01
     locality_loss_coef: float = 0.01
     locality_smoothing: float = 1e-4
@@ -294,6 +297,7 @@ class RunConfig:
         try:
             return MoEConfig(num_experts=self.num_experts, capacity_factor=m.capacity_factor,
                              remote_capacity_factor=m.remote_capacity_factor, router=m.router,
+                             reroute_overflow=m.reroute_overflow,
                              aux_loss_coef=m.aux_loss_coef, locality_loss_coef=m.locality_loss_coef,
                              locality_smoothing=m.locality_smoothing, locality_bias=m.locality_bias,
                              num_domain_groups=m.num_domain_groups,

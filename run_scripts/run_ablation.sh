@@ -7,6 +7,10 @@
 #   affine   domain-affine placement: LocMoE and RRE (the placement's locality)
 #   affine_mu0 the same LocMoE with mu = 0
 #   mu_sweep LocMoE on i.i.d. data at mu = 0.001 and 0.1, one seed each (0 and 0.01: the runs above)
+#   iid_reroute      i.i.d., moe.reroute_overflow (beyond the paper): LocMoE and Switch, the overflow of a full
+#                    pair taking free node-local slots; calibrated with it (equal_drops.rerouted_drop_rates)
+#   iid_reroute_mu0  the same LocMoE with mu = 0 (rerouting without the learned locality term)
+#   affine_reroute   domain-affine placement, LocMoE with reroute_overflow
 # Usage: bash run_scripts/run_ablation.sh [SETTING ...]   (default: all; outputs in output/ablation/SETTING)
 # Each setting reruns only what is missing (--reuse). About 6 CPU-hours on 2 cores for everything.
 set -euo pipefail
@@ -15,7 +19,7 @@ source "$repo/run_scripts/venv.sh"
 cd "$repo"
 [ -f output/data/default/meta.json ] || bash run_scripts/run_cpu_smoke.sh >/dev/null  # builds the default corpus
 settings=("$@")
-[ ${#settings[@]} -gt 0 ] || settings=(iid iid_mu0 affine affine_mu0 mu_sweep)
+[ ${#settings[@]} -gt 0 ] || settings=(iid iid_mu0 affine affine_mu0 mu_sweep iid_reroute iid_reroute_mu0 affine_reroute)
 compare=("$PY" -m pangu_sigma.tools.compare_routers --config configs/cpu_tiny.yaml --steps 150 --quiet --reuse
          --clusters 64,128)
 for setting in "${settings[@]}"; do
@@ -32,6 +36,13 @@ for setting in "${settings[@]}"; do
                  "${compare[@]}" --output "$out/mu$mu" --routers locmoe --seeds 1 --equal-drops 5 \
                      --set data.placement=iid --set moe.locality_loss_coef=$mu
              done ;;
-        *) echo "run_ablation.sh: unknown setting '$setting'; valid: iid iid_mu0 affine affine_mu0 mu_sweep" >&2; exit 2 ;;
+        iid_reroute) "${compare[@]}" --output "$out" --routers locmoe,switch --seeds 3 --equal-drops 5 \
+                 --set data.placement=iid --set moe.reroute_overflow=true ;;
+        iid_reroute_mu0) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
+                 --set data.placement=iid --set moe.reroute_overflow=true --set moe.locality_loss_coef=0 ;;
+        affine_reroute) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
+                 --set moe.reroute_overflow=true ;;
+        *) echo "run_ablation.sh: unknown setting '$setting'; valid: iid iid_mu0 affine affine_mu0 mu_sweep" \
+                "iid_reroute iid_reroute_mu0 affine_reroute" >&2; exit 2 ;;
     esac
 done

@@ -35,7 +35,7 @@ CASES = {
     "tp2_ep2_seed": (4, 2, 2, "locmoe", 1, True),
     # two-tier exchange + domain-affine placement: nodes {0, 1} and {2, 3}
     "ep4_2tier_locmoe": (4, 1, 4, "locmoe", 1, True),
-    "ep4_2tier_switch": (4, 1, 4, "switch", 2, True),  # overlap: 2 chunks through both tiers
+    "ep4_2tier_switch": (4, 1, 4, "switch", 2, True),  # overlap: 2 chunks through both tiers; rerouting
     "ep4_2tier_hash": (4, 1, 4, "hash", 3, True),  # 3 chunks (u = 3 rows, OPTIONS)
     "ep4_2tier_rre": (4, 1, 4, "rre", 1, True),
     "tp2_ep2_2tier": (4, 2, 2, "locmoe", 1, True),
@@ -56,6 +56,8 @@ TWO_TIER_4_NODES = {**TWO_TIER, "parallel": {"devices_per_node": 1}}
 OPTIONS = {
     **{name: TWO_TIER_4_NODES if name.startswith("ep4") else TWO_TIER for name in CASES if "2tier" in name},
     "ep4_2tier_hash": {**TWO_TIER_4_NODES, "moe": {"remote_capacity_factor": 1.5}},  # u = ceil(8 * 1.5 / 4) = 3
+    # the remote overflow (C_r = 2 of 8 tokens) rerouted to free node-local slots (moe.reroute_overflow)
+    "ep4_2tier_switch": {**TWO_TIER_4_NODES, "moe": {"remote_capacity_factor": 1.0, "reroute_overflow": True}},
     "dp2_zero": {"parallel": {"optimizer_shard": True}},
     "tp2_ep2_zero": {"parallel": {"optimizer_shard": True}},
     # with dropout: the micro-batches draw step * 2 + micro-batch index

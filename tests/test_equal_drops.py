@@ -116,12 +116,46 @@ def test_first_come_first_served_drops_match_the_layers_slots():
             assert layer_drops == predicted == round(80 * (local[0] + remote[0]))
 
 
+def test_rerouted_drops_from_counts_match_the_layers_rerouting():
+    """With reroute_overflow, max(0, L + O - n_l C_l) per group from the pair counts alone
+    (equal_drops.rerouted_drop_rates) == the tokens the layer's assign_tiered_slots + reroute_to_local leave
+    without a slot, for random routing and gate orders (no level 1: every token may use every local expert),
+    with and without units; and never more than without rerouting."""
+    from mindspore import Tensor
+    from locmoe.dispatch import assign_tiered_slots, reroute_to_local, tier_layout
+    from pangu_sigma.tools.equal_drops import rerouted_drop_rates
+
+    rng = np.random.default_rng(4)
+    expert_index = rng.choice(4, size=(2, 40), p=[0.2, 0.2, 0.45, 0.15]).astype(np.int32)  # [G, T]
+    gate = rng.dirichlet(np.ones(4), size=(2, 40)).astype(np.float32)  # [G, T, E]
+    ties = rng.integers(0, 1000, size=(2, 40, 4)).astype(np.float32)
+    counts = pair_counts_of(expert_index, 4)  # [G, E]
+    mask = Tensor(MASK.astype(np.float32))
+    seen_partial = False
+    for units in (None, UNITS):
+        table = (1 - MASK) if units is None else units  # [G, E]
+        for local_capacity, remote_capacity in ((5, 2), (12, 3), (9, 1), (3, 9), (20, 20)):
+            capacity, offset = tier_layout(mask, local_capacity, remote_capacity, Tensor(table.astype(np.float32)))
+            slots = 2 * local_capacity + int(table.sum(1).max()) * remote_capacity
+            slot, keep, onehot = assign_tiered_slots(Tensor(expert_index), capacity, offset, slots)
+            first = int(round(float((1 - keep.asnumpy()).sum())))
+            slot, keep, _ = reroute_to_local(slot, keep, onehot, Tensor(gate), Tensor(ties), mask, capacity, offset,
+                                             slots, 2)
+            layer_drops = int(round(float((1 - keep.asnumpy()).sum())))
+            predicted = rerouted_drop_rates(counts[None, None], MASK, local_capacity, remote_capacity, units)
+            assert layer_drops == round(80 * predicted[0]) and layer_drops <= first
+            seen_partial |= 0 < layer_drops < first
+            kept_slots = slot.asnumpy()[keep.asnumpy().reshape(-1) > 0]
+            assert len(set(kept_slots.tolist())) == len(kept_slots)  # no slot holds two tokens
+    assert seen_partial  # some case rerouted part of its overflow and dropped the rest
+
+
 def test_goals_and_the_equal_drops_section_from_given_results():
     from pangu_sigma.tools import compare_routers as cr
 
-    def router(ppl, drop, mib):
+    def router(ppl, drop, mib, rows=100):
         summary = {"valid ppl": cr.spread([ppl]), "drop %": cr.spread([drop]),
-                   "inter-node MoE MiB/step": cr.spread([mib])}
+                   "inter-node MoE MiB/step": cr.spread([mib]), "expert rows per rank": cr.spread([rows])}
         calibration = {"pilot_remote_capacity": 80, "pilot_drop_percent": 0.5, "pilot_predicted_drop_percent": 0.5,
                        "pilot_inter_node_bytes_per_step": 15 * 2**20, "local_capacity": 80, "remote_capacity": 20,
                        "remote_capacity_factor": 1.25, "predicted_drop_percent": 4.5,
@@ -131,8 +165,10 @@ def test_goals_and_the_equal_drops_section_from_given_results():
                                                "tokens_per_used_pair": 32.0, "busiest_pair": 36.5}}
         return {"summary": summary, "calibration": calibration}
 
-    results = {"locmoe": router(101.0, 4.0, 3.0), "switch": router(100.0, 3.5, 4.0), "hash": router(110.0, 5.0, 6.0)}
+    results = {"locmoe": router(101.0, 4.0, 3.0, 80), "switch": router(100.0, 3.5, 4.0),
+               "hash": router(110.0, 5.0, 6.0, 160), "rre": router(90.0, 5.0, 6.0)}  # ppl: Switch's and Hash's
     g = cr.goals(results)
+    assert g["rows locmoe/switch"] == pytest.approx(0.8) and g["rows locmoe/hash"] == pytest.approx(0.5)
     assert g["bytes locmoe/switch"] == pytest.approx(0.75) and g["bytes locmoe/hash"] == pytest.approx(0.5)
     assert g["drop points locmoe-switch"] == pytest.approx(0.5) and g["drop points locmoe-hash"] == pytest.approx(-1)
     assert g["best baseline ppl"] == "switch" and g["ppl locmoe vs best %"] == pytest.approx(1.0)
@@ -140,7 +176,7 @@ def test_goals_and_the_equal_drops_section_from_given_results():
                                                      "pilot_remote_capacity_factor": 5.0, "goals": g}))
     assert ("| locmoe | 80 | 0.50 (0.50) | 15.00 | 80 | 20 | 1.25 | 4.50 (0.50 + 4.00) | 3.00 | 4.00 | 3.00 | "
             "64.0, 2.00 / 6, 32.0, 36.5 |") in text
-    assert "bytes LocMoE/switch: 0.750" in text and "(switch): +1.00%" in text
+    assert "bytes LocMoE/switch: 0.750; expert rows LocMoE/switch: 0.800" in text and "(switch): +1.00%" in text
     assert cr.render_calibration(results, {"equal_drops_percent": None}) == []
 
 

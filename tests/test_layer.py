@@ -39,9 +39,14 @@ def np_gelu(v):
     return 0.5 * v * (1.0 + scipy.special.erf(v / math.sqrt(2.0)))
 
 
-def np_layer(layer, router, x, groups, local_mask, cf, alpha, mu, eps, remote_cf=0.0, token_ids=None):
+def np_layer(layer, router, x, groups, local_mask, cf, alpha, mu, eps, remote_cf=0.0, token_ids=None,
+             reroute=False, locality_bias=0.0):
     """Route, capacity, first-come-first-served drop, expert FFN, combine; plus losses and stats.
-    remote_cf > 0: two tiers, experts off the group's node get ceil(tokens * remote_cf / E) slots."""
+    remote_cf > 0: two tiers, experts off the group's node get ceil(tokens * remote_cf / E) slots.
+    reroute: a token over its slots tries its node-local experts, best gate probability first, one pass
+    per local expert in token order; its R is then the new expert's probability (moe.reroute_overflow).
+    locality_bias: LocMoE's b on the local experts' scores (no level 1: centred on the mean of the mask),
+    for the routing decision and eqs. 5-6 only."""
     x = x.astype(np.float64)
     batch, seq, d = x.shape
     tokens = batch * seq // groups
@@ -53,11 +58,15 @@ def np_layer(layer, router, x, groups, local_mask, cf, alpha, mu, eps, remote_cf
         scores = np.maximum(pre, 0.0)
     else:
         scores = pre = xg @ layer.router.gate.weight.asnumpy().astype(np.float64).T
-    probs = np_softmax(scores)
+    gate = np_softmax(scores)  # R of eq. 3
+    mask = np.asarray(local_mask, np.float64)[:, None, :]  # [G, 1, E]
+    probs = np_softmax(scores + locality_bias * (mask - mask.mean(-1, keepdims=True)))  # routing, eqs. 5-6
     idx = probs.argmax(-1)  # Switch: ties go to the first index
-    if router == "locmoe":  # ties: the token id's order (locmoe.routers.tie_order), written out
+    order = None
+    if token_ids is not None:  # ties: the token id's order (locmoe.routers.tie_order), written out
         factor = (np.asarray(token_ids, np.int64).reshape(groups, tokens, 1) * 61 + 1) % 1021  # [G, T, 1]
         order = factor * (np.arange(E) * 97 + 13) % 1021  # [G, T, E]
+    if router == "locmoe":
         idx = np.where(probs == probs.max(-1, keepdims=True), order, -np.inf).argmax(-1)  # [G, T]
     srt = np.sort(probs, -1)
     gap = srt[..., -1] - srt[..., -2]
@@ -67,16 +76,34 @@ def np_layer(layer, router, x, groups, local_mask, cf, alpha, mu, eps, remote_cf
     y = np.zeros_like(xg)
     dropped = 0
     np_layer.dropped_remote = 0
+    ffn = lambda g, t, e: gate[g, t, e] * (np_gelu(xg[g, t] @ w_in[e]) @ w_out[e])
+    np_layer.rerouted = 0
     for g in range(groups):
         fill = np.zeros(E, int)
+        limit = [capacity if local_mask[g][e] else remote_capacity for e in range(E)]
+        waiting = []
         for t in range(tokens):
             e = idx[g, t]
-            if fill[e] < (capacity if local_mask[g][e] else remote_capacity):
-                y[g, t] = probs[g, t, e] * (np_gelu(xg[g, t] @ w_in[e]) @ w_out[e])
+            if fill[e] < limit[e]:
+                y[g, t] = ffn(g, t, e)
+                fill[e] += 1
             else:
-                dropped += 1
-                np_layer.dropped_remote += int(not local_mask[g][e])
-            fill[e] += 1
+                waiting.append(t)
+        tried = {t: {idx[g, t]} for t in waiting}
+        for _ in range(int(sum(local_mask[g])) if reroute else 0):
+            for t in list(waiting):
+                options = [e for e in range(E) if local_mask[g][e] and e not in tried[t]]
+                if not options:
+                    continue
+                e = max(options, key=lambda e: (gate[g, t, e], order[g, t, e]))
+                tried[t].add(e)
+                if fill[e] < limit[e]:
+                    y[g, t] = ffn(g, t, e)
+                    fill[e] += 1
+                    waiting.remove(t)
+                    np_layer.rerouted += 1
+        dropped += len(waiting)
+        np_layer.dropped_remote += sum(int(not local_mask[g][idx[g, t]]) for t in waiting)
     aux = np.mean([alpha * E * np.sum(np.bincount(idx[g], minlength=E) / tokens * probs[g].mean(0))
                    for g in range(groups)])
     loc = 0.0
@@ -93,10 +120,10 @@ def np_layer(layer, router, x, groups, local_mask, cf, alpha, mu, eps, remote_cf
     return y.reshape(batch, seq, d), aux, loc, (load, dropped, local), capacity
 
 
-def make_layer(router, groups, overlap=1, cf=1.0, seed=0, remote_cf=0.0):
+def make_layer(router, groups, overlap=1, cf=1.0, seed=0, remote_cf=0.0, reroute=False):
     cfg = MoEConfig(num_experts=E, router=router, capacity_factor=cf, aux_loss_coef=0.01,
                     locality_loss_coef=0.05, locality_smoothing=1e-3, expert_parallel=1,
-                    comm_overlap_degree=overlap, remote_capacity_factor=remote_cf)
+                    comm_overlap_degree=overlap, remote_capacity_factor=remote_cf, reroute_overflow=reroute)
     ms.set_seed(seed)
     layer = MoELayer(cfg, D, H, TOPO, param_init_std=0.5 if router == "switch" else 0.2,
                      token_groups=groups, group_ranks=GROUP_RANKS[groups])
@@ -219,23 +246,34 @@ def test_graph_mode_matches_pynative():
     assert np.abs(gx_p).max() > 0 and all(np.abs(g).max() > 0 for g in gw_p)
 
 
-@pytest.mark.parametrize("groups", [1, 2])
-def test_two_tier_layer_matches_numpy(groups):
-    """Node-local experts at capacity_factor, the others at remote_capacity_factor; drops per tier."""
-    layer, cfg = make_layer("locmoe", groups, cf=1.5, remote_cf=0.5)
+@pytest.mark.parametrize("groups, router, reroute, bias", [(1, "locmoe", False, 0.0), (2, "locmoe", False, 0.0),
+                                                            (2, "locmoe", True, 0.3), (2, "switch", True, 0.0)])
+def test_two_tier_layer_matches_numpy(groups, router, reroute, bias):
+    """Node-local experts at capacity_factor, the others at remote_capacity_factor; drops per tier; with
+    reroute_overflow the dropped tokens take free node-local slots (a learned locality bias b moving the
+    routing, R from the unbiased gate), and the eval view (route) keeps the same tokens."""
+    layer, cfg = make_layer(router, groups, cf=1.5 if router == "locmoe" else 1.0, remote_cf=0.5, reroute=reroute)
+    if bias:
+        layer.router.locality.bias.set_data(Tensor(np.array([bias], np.float32)))
     x, tok, dom = inputs(seed=groups + 5)
     local_mask = np.array([TOPO.local_expert_mask(r) for r in GROUP_RANKS[groups]], np.float64)
     ref_y, _, _, (ref_load, ref_drop, ref_local), _ = np_layer(
-        layer, "locmoe", x, groups, local_mask, cfg.capacity_factor, cfg.aux_loss_coef,
-        cfg.locality_loss_coef, cfg.locality_smoothing, remote_cf=0.5, token_ids=tok)
+        layer, router, x, groups, local_mask, cfg.capacity_factor, cfg.aux_loss_coef,
+        cfg.locality_loss_coef, cfg.locality_smoothing, remote_cf=0.5, token_ids=tok, reroute=reroute,
+        locality_bias=bias)
     ref_remote = np_layer.dropped_remote
-    assert ref_remote > 0 and ref_drop > ref_remote, "the case should drop in both tiers"
+    if reroute:  # some rerouted, some still dropped (every local slot full)
+        assert np_layer.rerouted > 0 and ref_drop > 0, "the case should reroute and still drop"
+    else:
+        assert ref_remote > 0 and ref_drop > ref_remote, "the case should drop in both tiers"
     y, aux, loc, stats = layer(Tensor(x), Tensor(tok), Tensor(dom))
     load, dropped, local, dropped_remote, local_by_rank = (v.asnumpy() for v in stats)
     np.testing.assert_allclose(y.asnumpy(), ref_y, rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(load, ref_load)
     assert float(dropped) == ref_drop and float(dropped_remote) == ref_remote and float(local) == ref_local
     np.testing.assert_array_equal(local_by_rank, np_layer.local_by_group)  # one slot per group (posed rank)
+    keep = layer.route(Tensor(x), Tensor(tok), Tensor(dom))[1].asnumpy()  # [G, T]
+    assert (1 - keep).sum() == ref_drop
 
 
 def test_two_tier_gradients_equal_one_tier_when_nothing_drops():

@@ -72,7 +72,7 @@ class LayerView:
     def __init__(self, layer, world_sum, topology):
         self.layer = layer
         self.token_groups = topology.dp
-        self.two_tier = layer.two_tier
+        self.two_tier, self.reroute = layer.two_tier, layer.reroute
         self.local_mask = _TableView(gather_rows(world_sum, topology, layer.local_mask.asnumpy()[0]))  # [G, E]
         if layer.two_tier:
             self.remote_quanta, self.max_pair_units = layer.remote_quanta, layer.max_pair_units

@@ -103,6 +103,19 @@ def figures(tokens, nll, load, dropped, local):
             "local": np.asarray(local).tolist(), "layers": layer_figures(load, dropped, local)}
 
 
+def rerouted_tokens(expert_index, keep, pair_slots):
+    """Tokens kept although their routed (group, expert) pair was full: rerouted to a node-local expert
+    (moe.reroute_overflow). expert_index [G, T], keep [G, T] bool, pair_slots [G, E] the slots of each pair
+    (C_l on the group's node, units * u elsewhere). A token overflows when its place in its pair's queue
+    (first come first served, token order) is >= the pair's slots. -> [G, T] bool."""
+    expert_index = np.asarray(expert_index)
+    groups, tokens = expert_index.shape
+    onehot = expert_index[..., None] == np.arange(np.asarray(pair_slots).shape[1])  # [G, T, E]
+    place = ((np.cumsum(onehot, 1) - 1) * onehot).sum(-1)  # [G, T]
+    limit = np.take_along_axis(np.asarray(pair_slots), expert_index, 1)  # [G, T]
+    return np.asarray(keep, bool) & (place >= limit)
+
+
 def pair_counts_of(expert_index, num_experts):
     """expert_index [G, T] (the expert each token was routed to) -> routed tokens per pair [G, E]."""
     expert_index = np.asarray(expert_index)

@@ -26,7 +26,8 @@ from pangu_sigma.build import (build_model, dataset_meta, domain_placement, plac
                                single_process_groups, single_process_topology)
 from pangu_sigma.training.callbacks import expert_table
 from pangu_sigma.config import load_config
-from pangu_sigma.evaluation.domain_stats import DomainAccumulator, domain_table, pair_counts_of, token_local
+from pangu_sigma.evaluation.domain_stats import (DomainAccumulator, domain_table, pair_counts_of, rerouted_tokens,
+                                                 token_local)
 from pangu_sigma.evaluation.eval_forward import eval_batches, eval_forward_cell
 
 
@@ -142,6 +143,11 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
     experts = cfg.num_experts if moe_layers else 0
     load_by_rank = np.zeros((len(moe_layers), layout["token_groups"], experts), np.int64)  # [M, G, E] routed
     counts = [[] for _ in moe_layers]  # [M][batches] of [G, E]
+    reroute = two_tier and moe_layers[0].reroute
+    rerouted = np.zeros(len(moe_layers), np.int64)  # [M] counted tokens kept at a node-local expert they were
+    if reroute:  # not routed to (moe.reroute_overflow); the slots of every (group, expert) pair:
+        pair_slots = (local_masks[0] * capacity + moe_layers[0].group_units.asnumpy() * remote_capacity)
+        pair_slots = pair_slots.astype(np.int64)  # [G, E]
     for chosen, counted in plan:
         ids, domains = input_ids[chosen], domain_ids[chosen]  # [B, S+1], [B]
         nll, routing = cell(Tensor(ids), Tensor(domains))
@@ -156,6 +162,10 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
         tokens_by_rank += counted_tokens.reshape(layout["token_groups"], -1).sum(1)  # [G]
         for m, (_, keep, near) in enumerate(per_token):
             dropped_remote[m] += int((counted_tokens & ~keep & ~near).sum())
+            if reroute:
+                moved = rerouted_tokens(per_token[m][0].reshape(layout["token_groups"], -1),
+                                        keep.reshape(layout["token_groups"], -1), pair_slots)  # [G, T]
+                rerouted[m] += int((counted_tokens & moved.reshape(-1)).sum())
             local_by_rank[m] += (counted_tokens & near).reshape(layout["token_groups"], -1).sum(1)
             group = np.arange(counted_tokens.size) // per_group  # [B*S] token group of each token
             np.add.at(load_by_rank[m], (group[counted_tokens], per_token[m][0][counted_tokens]), 1)
@@ -168,6 +178,7 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
               "expert_load": overall["expert_load"], "dropped": overall["dropped"], "local": overall["local"],
               "layers": overall["layers"], "domains": figures["domains"],
               "dropped_remote": dropped_remote.tolist(), "local_by_rank": local_by_rank.tolist(),
+              "rerouted": rerouted.tolist() if reroute else None,
               "tokens_by_rank": tokens_by_rank.tolist(),
               "load_by_rank": load_by_rank.tolist(),
               "routing": {"scope": layout["scope"], "token_groups": layout["token_groups"],

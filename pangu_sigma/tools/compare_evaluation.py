@@ -23,6 +23,14 @@ def _local_drop_percent(valid):
     return 100 * _mean(np.subtract(valid["dropped"], valid["dropped_remote"])) / max(valid["tokens"], 1)
 
 
+def _rerouted_percent(valid):
+    """Tokens kept at a node-local expert they were not routed to (moe.reroute_overflow), % of tokens (mean over
+    MoE layers); NaN without rerouting."""
+    if not valid.get("rerouted"):
+        return float("nan")
+    return 100 * _mean(valid["rerouted"]) / max(valid["tokens"], 1)
+
+
 def _rank_local_percent(valid, pick):
     """min or max over data-parallel ranks (token groups) of the rank's local fraction, % (mean over layers)."""
     by_rank = np.asarray(valid.get("local_by_rank") or [], np.float64)  # [M, G]
@@ -59,6 +67,7 @@ RUN_COLUMNS = [
     ("local %", "{:.2f}", lambda r: 100 * _mean([L["local_fraction"] for L in r["valid"]["layers"]])),
     ("local-tier drop %", "{:.2f}", lambda r: _local_drop_percent(r["valid"])),
     ("remote-tier drop %", "{:.2f}", lambda r: _remote_drop_percent(r["valid"])),
+    ("rerouted %", "{:.2f}", lambda r: _rerouted_percent(r["valid"])),
     ("rank local % min", "{:.2f}", lambda r: _rank_local_percent(r["valid"], np.min)),
     ("rank local % max", "{:.2f}", lambda r: _rank_local_percent(r["valid"], np.max)),
     ("local C", "{:.0f}", lambda r: _routing(r, "capacity")),

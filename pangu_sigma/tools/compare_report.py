@@ -118,9 +118,11 @@ def render_calibration(results, meta):
                      f"({c['pilot_predicted_drop_percent']:.2f}) | "
                      f"{_mib(c['pilot_inter_node_bytes_per_step']):.2f} | {c['local_capacity']} | "
                      f"{c['remote_capacity']} | {c['remote_capacity_factor']:.6g} | "
-                     f"{c['predicted_drop_percent']:.2f} ({c['predicted_local_drop_percent']:.2f} + "
-                     f"{c['predicted_remote_drop_percent']:.2f}) | "
-                     f"{_mib(c['predicted_inter_node_bytes_per_step']):.2f} | "
+                     + (f"{c['predicted_drop_percent']:.2f} (rerouted to free local slots) | "
+                        if c.get("reroute_overflow") else
+                        f"{c['predicted_drop_percent']:.2f} ({c['predicted_local_drop_percent']:.2f} + "
+                        f"{c['predicted_remote_drop_percent']:.2f}) | ")
+                     + f"{_mib(c['predicted_inter_node_bytes_per_step']):.2f} | "
                      f"{_cell('{:.2f}', r['summary']['drop %'], 'mean')} | "
                      f"{_cell('{:.2f}', r['summary']['inter-node MoE MiB/step'], 'mean')} | "
                      + (lambda p: f"{p['remote_tokens']:.1f}, {p['used_pairs']:.2f} / {p['remote_pairs']}, "
@@ -128,13 +130,15 @@ def render_calibration(results, meta):
     g = meta.get("goals") or {}
     if g:
         lines += ["", "## LocMoE against the goals (means over seeds)", "",
-                  "Goal: inter-node bytes <= 0.7x Switch's and Hash's, drop rate <= 1 point above theirs, valid "
-                  "perplexity within 2% of the best other router.", ""]
+                  "Goals at equal drops: inter-node bytes <= 0.6x and expert rows per rank <= 0.85x Switch's and "
+                  "Hash's, valid perplexity within 2% of the better of Switch and Hash.", ""]
         for base in ("switch", "hash"):
             if f"bytes locmoe/{base}" in g:
-                lines.append(f"- bytes LocMoE/{base}: {g[f'bytes locmoe/{base}']:.3f}; drop LocMoE - {base}: "
-                             f"{g[f'drop points locmoe-{base}']:+.2f} points")
+                rows = g.get(f"rows locmoe/{base}")
+                lines.append(f"- bytes LocMoE/{base}: {g[f'bytes locmoe/{base}']:.3f}"
+                             + (f"; expert rows LocMoE/{base}: {rows:.3f}" if rows is not None else "")
+                             + f"; drop LocMoE - {base}: {g[f'drop points locmoe-{base}']:+.2f} points")
         if "best baseline ppl" in g:
-            lines.append(f"- valid ppl LocMoE vs the best other router ({g['best baseline ppl']}): "
+            lines.append(f"- valid ppl LocMoE vs the better of Switch and Hash ({g['best baseline ppl']}): "
                          f"{g['ppl locmoe vs best %']:+.2f}%")
     return lines + [""]

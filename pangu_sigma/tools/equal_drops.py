@@ -13,6 +13,11 @@ capacity follow without running the model again. One approximation: a layer's
 routing depends on what the layers below it dropped, so the counts of a pilot run
 (a generous capacity; evaluate(..., pair_counts=True)) predict, not measure, the drops of the calibrated runs;
 compare_routers reports the measured drops of the runs at the chosen capacity.
+
+With moe.reroute_overflow (locmoe.dispatch.reroute_to_local) a token over its pair's slots takes a free slot
+of a node-local expert, so a token group drops max(0, L + O - n_l C_l): L its tokens routed to node-local
+experts, O its remote tokens over their pairs' slots. Exact when every token may use every node-local expert
+(no level 1); with level 1 a lower bound (a token cannot take a local expert its domain does not use).
 """
 import math
 
@@ -53,32 +58,55 @@ def tier_drop_rates(counts, local_mask, local_capacity, remote_capacity, units=N
     return np.array(local), np.array(remote)
 
 
-def smallest_remote_capacity(counts, local_mask, local_capacity, target_rate, multiple=1, units=None):
+def rerouted_drop_rates(counts, local_mask, local_capacity, remote_capacity, units=None):
+    """Per MoE layer, drops / routed tokens with moe.reroute_overflow: per token group and batch
+    max(0, L + O - n_l C_l) (the module docstring). counts [M, N, G, E]; local_mask [G, E]. -> [M]."""
+    counts = np.asarray(counts, np.int64)
+    mask = np.asarray(local_mask) > 0.5  # [G, E]
+    slots = remote_slots(mask, remote_capacity, units)  # [G, E]
+    local_tokens = np.where(mask, counts, 0).sum(-1)  # [M, N, G]
+    over = np.where(mask, 0, np.maximum(counts - slots, 0)).sum(-1)  # [M, N, G] remote tokens over their slots
+    dropped = np.maximum(local_tokens + over - mask.sum(1) * int(local_capacity), 0)  # [M, N, G]
+    return dropped.reshape(len(counts), -1).sum(1) / np.maximum(counts.reshape(len(counts), -1).sum(1), 1)
+
+
+def drop_rates(counts, local_mask, local_capacity, remote_capacity, units=None, reroute=False):
+    """Per MoE layer (local-tier drops, remote-tier drops) / routed tokens (tier_drop_rates); with reroute
+    the total (rerouted_drop_rates) and NaN for the split, which the pair counts do not give."""
+    if not reroute:
+        return tier_drop_rates(counts, local_mask, local_capacity, remote_capacity, units)
+    total = rerouted_drop_rates(counts, local_mask, local_capacity, remote_capacity, units)
+    return total, np.full_like(total, np.nan)
+
+
+def smallest_remote_capacity(counts, local_mask, local_capacity, target_rate, multiple=1, units=None,
+                             reroute=False):
     """The smallest tier-2 unit u (a multiple of `multiple`; the per-pair capacity without units) at
     which the predicted drop rate, mean over MoE layers of (local + remote drops) / routed tokens,
     is <= target_rate.
 
     Returns a dict: capacity (None if no u meets the target: the local tier alone, or tokens routed
     to pairs of 0 units, exceed it), the predicted local / remote / total drop rates (mean over
-    layers) at it, and the same at u = 0."""
+    layers) at it, and the local tier's at u = 0 without rerouting. reroute: moe.reroute_overflow
+    (rerouted_drop_rates; the split is NaN)."""
     counts = np.asarray(counts, np.int64)
     mask = np.asarray(local_mask) > 0.5
     local_rates, _ = tier_drop_rates(counts, mask, local_capacity, 0, units)
     base = {"local_drop_rate": float(local_rates.mean()), "target_rate": float(target_rate)}
     per_unit = remote_slots(mask, 1, units)  # [G, E] units of each pair
     reached = np.where(per_unit > 0, np.where(mask, 0, counts), 0)  # remote tokens to pairs with units
-    lost = np.where(mask | (per_unit > 0), 0, counts)  # [M, N, G, E] routed to pairs without units
-    unreached = lost.reshape(len(counts), -1).sum(1) / np.maximum(counts.reshape(len(counts), -1).sum(1), 1)  # [M]
-    if local_rates.mean() + unreached.mean() > target_rate:
-        return dict(base, capacity=None, remote_drop_rate=float("nan"), drop_rate=float("nan"))
     widest = int(np.max(-(-reached // np.maximum(per_unit, 1)), initial=0))  # no drop in any pair with units
     top = -(-max(widest, 1) // multiple) * multiple
+    local, remote = drop_rates(counts, mask, local_capacity, top, units, reroute)
+    if float((local + (0 if reroute else remote)).mean()) > target_rate:  # the least any u gets
+        return dict(base, capacity=None, remote_drop_rate=float("nan"), drop_rate=float("nan"))
     for capacity in range(multiple, top + multiple, multiple):  # drops fall as u grows: first hit is smallest
-        _, remote_rates = tier_drop_rates(counts, mask, local_capacity, capacity, units)
-        total = float((local_rates + remote_rates).mean())
+        local, remote = drop_rates(counts, mask, local_capacity, capacity, units, reroute)
+        total = float((local if reroute else local + remote).mean())
         if total <= target_rate:
-            return dict(base, capacity=capacity, remote_drop_rate=float(remote_rates.mean()), drop_rate=total)
-    raise AssertionError("unreachable: at the widest count per unit only pairs without units drop")
+            return dict(base, capacity=capacity, remote_drop_rate=float(remote.mean()), drop_rate=total,
+                        **({"local_drop_rate": float("nan")} if reroute else {}))
+    raise AssertionError("unreachable: the widest u met the target above")
 
 
 def group_rows(local_mask, local_capacity, remote_capacity, units=None):
@@ -89,14 +117,16 @@ def group_rows(local_mask, local_capacity, remote_capacity, units=None):
     return int((mask.sum(1) * int(local_capacity) + per_unit.sum(1) * int(remote_capacity)).max())
 
 
-def smallest_tier_capacities(counts, local_mask, target_rate, multiple=1, units=None, max_local=None):
+def smallest_tier_capacities(counts, local_mask, target_rate, multiple=1, units=None, max_local=None,
+                             reroute=False):
     """Both tiers sized together: over node-local capacities C_l (multiples of `multiple`, up to the
     busiest local pair's count or max_local), the smallest tier-2 unit u meeting target_rate at each
     (smallest_remote_capacity), and of those the (C_l, u) with the fewest expert rows per group
     (group_rows; ties: the smaller C_l). A router that sends more tokens to its node's experts needs
     fewer remote rows, and its larger local pairs need less headroom each.
 
-    counts [M, N, G, E]; local_mask [G, E]. Returns smallest_remote_capacity's dict for the chosen
+    counts [M, N, G, E]; local_mask [G, E]; reroute: moe.reroute_overflow (a remote pair's overflow fills
+    the free node-local slots, rerouted_drop_rates). Returns smallest_remote_capacity's dict for the chosen
     pair plus local_capacity and rows, or capacity None when no C_l meets the target."""
     counts = np.asarray(counts, np.int64)
     mask = np.asarray(local_mask) > 0.5
@@ -106,14 +136,14 @@ def smallest_tier_capacities(counts, local_mask, target_rate, multiple=1, units=
         top = min(top, -(-int(max_local) // multiple) * multiple)
     best = None
     for local_capacity in range(multiple, top + multiple, multiple):
-        found = smallest_remote_capacity(counts, mask, local_capacity, target_rate, multiple, units)
+        found = smallest_remote_capacity(counts, mask, local_capacity, target_rate, multiple, units, reroute)
         if found["capacity"] is None:
             continue
         rows = group_rows(mask, local_capacity, found["capacity"], units)
         if best is None or rows < best["rows"]:
             best = dict(found, local_capacity=local_capacity, rows=rows)
     if best is None:
-        found = smallest_remote_capacity(counts, mask, top, target_rate, multiple, units)
+        found = smallest_remote_capacity(counts, mask, top, target_rate, multiple, units, reroute)
         return dict(found, local_capacity=top, rows=None)
     return best
 
