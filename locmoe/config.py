@@ -46,6 +46,12 @@ class MoEConfig:
         layer added to the routing scores of the experts on the token's node, trained by eqs. 5-6
         only. false: the router decides from the token alone (locality only from the data
         placement and level 1).
+    locality_bias_rate: b's step relative to the other parameters'. The stored parameter is theta and
+        b = rate * theta with d b / d theta taken as 1 (LocalityBias.value), so Adam, which steps every
+        parameter by about the learning rate, moves b `rate` times as fast, and its gradient (what the global
+        norm and clipping see) is b's own. b lives in routing-score units (a fraction of a score's spread), far
+        above a weight's scale: at rate 1 it rises by the learning rate every step and, in a short run, stops
+        where the schedule stops it, not where eq. 5 balances eq. 6 (docs/routing.md).
     num_domain_groups: level-1 groups (RRE; LocMoE keeps level 1 as in the paper). 1 disables it.
     domain_to_group: explicit level-1 map, entry d = the expert group of domain d (groups are
         contiguous blocks of num_experts / num_domain_groups experts). Empty: domain % groups.
@@ -74,6 +80,7 @@ class MoEConfig:
     locality_loss_coef: float = 0.01
     locality_smoothing: float = 1e-4
     locality_bias: bool = True
+    locality_bias_rate: float = 1.0
     num_domain_groups: int = 1
     domain_to_group: tuple = ()
     gate_bias: bool = True
@@ -125,6 +132,7 @@ class MoEConfig:
         need(is_num(self.locality_smoothing) and 0 < self.locality_smoothing < 1,
              "locality_smoothing", "a number in (0, 1): KL against a distribution with zeros is infinite")
         need(isinstance(self.locality_bias, bool), "locality_bias", "true or false")
+        need(is_num(self.locality_bias_rate) and self.locality_bias_rate > 0, "locality_bias_rate", "a number > 0")
         need(is_int(self.num_domain_groups) and self.num_domain_groups >= 1, "num_domain_groups", "an integer >= 1")
         need(self.num_experts % self.num_domain_groups == 0, "num_domain_groups",
              f"a divisor of num_experts={self.num_experts}")

@@ -182,9 +182,18 @@ class LocalityBias(nn.Cell):
     eq. 3 comes from the unbiased scores (docs/routing.md).
     """
 
-    def __init__(self):
+    def __init__(self, rate=1.0):
         super().__init__()
-        self.bias = Parameter(Tensor(np.zeros(1, np.float32)), name="bias")  # [1], b (applied in _route)
+        self.rate = float(rate)
+        self.bias = Parameter(Tensor(np.zeros(1, np.float32)), name="bias")  # [1], theta: b = rate * theta
+
+    def value(self):
+        """b = rate * theta, with d b / d theta = 1 (theta + stop_gradient((rate - 1) theta)): the optimizer sees
+        b's gradient and, Adam stepping theta by about the learning rate, b moves `rate` times as fast
+        (moe.locality_bias_rate)."""
+        if self.rate == 1.0:
+            return self.bias
+        return self.bias + ops.stop_gradient(self.bias * (self.rate - 1.0))  # [1]
 
 
 class LocMoERouter(_LearnedRouter):
@@ -204,14 +213,14 @@ class LocMoERouter(_LearnedRouter):
     def __init__(self, cfg, hidden_size, domain_experts=None):
         super().__init__(cfg, domain_experts)
         self.gate = GrAPGate(hidden_size, cfg.num_experts, cfg.gate_bias)
-        self.locality = LocalityBias() if builds_locality_bias(cfg) else None
+        self.locality = LocalityBias(cfg.locality_bias_rate) if builds_locality_bias(cfg) else None
         self.loc_coef = cfg.locality_loss_coef
         self.smoothing = cfg.locality_smoothing
 
     def construct(self, x, token_ids, domain_ids, local_mask):
         pre = self.gate(x.reshape(-1, x.shape[-1])).reshape(x.shape[0], x.shape[1], -1)  # [G, T, E]
         ties = tie_order(token_ids, self.num_experts)  # [G, T, E]
-        bias = None if self.locality is None else self.locality.bias  # [1]
+        bias = None if self.locality is None else self.locality.value()  # [1]
         expert_index, expert_prob, router_probs, aux, gate_probs = self._route(
             ops.relu(pre), domain_ids, tie_break=ties, local_bias=bias, local_mask=local_mask)
         loc = locality_loss(router_probs, local_mask, self.loc_coef, self.smoothing)

@@ -61,6 +61,8 @@ class MoESection:
     iid_level1: str = "blocks"
     # LocMoE's learned locality bias on the node-local experts' routing scores (locmoe.routers).
     locality_bias: bool = True
+    # b = rate * stored parameter, stepped `rate` times as fast as the other parameters (locmoe.config.MoEConfig).
+    locality_bias_rate: float = 1.0
     gate_bias: bool = True
     switch_jitter: float = 0.0
     table_seed: int = 1234
@@ -300,6 +302,7 @@ class RunConfig:
                              reroute_overflow=m.reroute_overflow,
                              aux_loss_coef=m.aux_loss_coef, locality_loss_coef=m.locality_loss_coef,
                              locality_smoothing=m.locality_smoothing, locality_bias=m.locality_bias,
+                             locality_bias_rate=m.locality_bias_rate,
                              num_domain_groups=m.num_domain_groups,
                              domain_to_group=tuple(m.domain_to_group) if isinstance(m.domain_to_group, (list, tuple))
                              else m.domain_to_group,

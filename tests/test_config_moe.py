@@ -33,6 +33,9 @@ def _assert_names(err, field, value):
     (dict(switch_jitter=1.0), "switch_jitter", 1.0),
     (dict(aux_loss_coef=-0.01), "aux_loss_coef", -0.01),
     (dict(comm_backend="hccl"), "comm_backend", "hccl"),
+    (dict(reroute_overflow=True), "reroute_overflow", True),  # one tier: no node-local tier to reroute to
+    (dict(reroute_overflow=True, remote_capacity_factor=0.5, router="hash", vocab_size=8), "reroute_overflow", True),
+    (dict(reroute_overflow=1, remote_capacity_factor=0.5), "reroute_overflow", 1),
 ])
 def test_moe_config_rejects(kwargs, field, value):
     with pytest.raises(ConfigError) as info:

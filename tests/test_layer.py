@@ -272,8 +272,13 @@ def test_two_tier_layer_matches_numpy(groups, router, reroute, bias):
     np.testing.assert_array_equal(load, ref_load)
     assert float(dropped) == ref_drop and float(dropped_remote) == ref_remote and float(local) == ref_local
     np.testing.assert_array_equal(local_by_rank, np_layer.local_by_group)  # one slot per group (posed rank)
-    keep = layer.route(Tensor(x), Tensor(tok), Tensor(dom))[1].asnumpy()  # [G, T]
+    index, keep = (t.asnumpy() for t in layer.route(Tensor(x), Tensor(tok), Tensor(dom)))  # [G, T] each
     assert (1 - keep).sum() == ref_drop
+    if reroute:  # eval's count of rerouted tokens, from the routed experts and the pairs' slots alone
+        from pangu_sigma.evaluation.domain_stats import rerouted_tokens
+        tokens = B * S // groups
+        slots = np.where(local_mask > 0, math.ceil(tokens * cfg.capacity_factor / E), math.ceil(tokens * 0.5 / E))
+        assert rerouted_tokens(index, keep > 0.5, slots).sum() == np_layer.rerouted
 
 
 def test_two_tier_gradients_equal_one_tier_when_nothing_drops():

@@ -89,7 +89,7 @@ def call(router, x, token_ids=None, domains=None, mask=None):
     mask = np.ones((groups, n), np.float32) if mask is None else mask
     out = router(Tensor(x.astype(np.float32)), Tensor(token_ids.astype(np.int32)),
                  Tensor(domains.astype(np.int32)), Tensor(mask.astype(np.float32)))
-    return [o.asnumpy() for o in out[:5]]  # gate_probs (out[5]): test_gate_probs_are_the_unbiased_softmax
+    return [o.asnumpy() for o in out[:5]]  # gate_probs, out[5]: test_locality_bias_routes_by_biased_scores_...
 
 
 # world 4, 2 devices per node, ep 4, 4 experts: rank r holds expert r; node 0 = ranks {0, 1} -> experts {0, 1}
@@ -102,9 +102,9 @@ def test_topology_fixture_local_experts():
 
 
 # ---------------------------------------------------------------- LocMoE
-def _locmoe(n=4, d=16, alpha=0.01, mu=0.05, eps=1e-3, groups=1, bias=None):
+def _locmoe(n=4, d=16, alpha=0.01, mu=0.05, eps=1e-3, groups=1, bias=None, rate=1.0):
     cfg = MoEConfig(num_experts=n, router="locmoe", aux_loss_coef=alpha, locality_loss_coef=mu,
-                    locality_smoothing=eps, num_domain_groups=groups)
+                    locality_smoothing=eps, num_domain_groups=groups, locality_bias_rate=rate)
     r = build_router(cfg, d)
     assert isinstance(r, LocMoERouter)
     if bias is not None:
@@ -475,7 +475,10 @@ def test_locality_bias_routes_by_biased_scores_and_gates_by_unbiased():
     x = (rng.normal(size=(G, T, d)) + 0.3).astype(np.float32)
     mask = np.array([TOPO.local_expert_mask(0), TOPO.local_expert_mask(2)], np.float32)  # {0,1} and {2,3}
     idx, prob, probs, aux, loc = call(r, x, mask=mask)
+    gate_probs = r(Tensor(x), Tensor(np.zeros((G, T), np.int32)), Tensor(np.zeros((G, T), np.int32)),
+                   Tensor(mask))[5].asnumpy()  # the sixth field: what a rerouted token's R is read from
     scores = np.maximum(x.astype(np.float64) @ eq4_weight(n, d).T + r.gate.bias.asnumpy(), 0)  # [G, T, E]
+    np.testing.assert_allclose(gate_probs, np_softmax(scores), rtol=1e-5, atol=1e-7)
     biased = scores + b * mask[:, None, :]
     ref_idx, _, ref_probs = np_route(biased, ties=np_tie_order(np.zeros((G, T)), n))
     assert_no_near_ties(ref_probs, ref_idx)
@@ -491,12 +494,14 @@ def test_locality_bias_routes_by_biased_scores_and_gates_by_unbiased():
     assert local_of.mean() > local_unbiased.mean()  # the bias moved tokens onto their group's node
 
 
-def test_locality_bias_gradient_summed_over_ranks_matches_numpy():
+@pytest.mark.parametrize("rate", [1.0, 2.5])
+def test_locality_bias_gradient_summed_over_ranks_matches_numpy(rate):
     # two groups on different nodes see the same tokens: with a replicated gate their locality pulls cancel
-    # on the gate, but not on b, whose effect on each group goes through that group's own mask
+    # on the gate, but not on b, whose effect on each group goes through that group's own mask. rate: the
+    # stored theta is b / rate, and its gradient is b's (moe.locality_bias_rate)
     n, d, T = 8, 16, 40
     alpha, mu, eps = 0.01, 0.01, 1e-4
-    r = _locmoe(n, d, alpha, mu, eps, bias=np.zeros(n))
+    r = _locmoe(n, d, alpha, mu, eps, bias=np.zeros(n), rate=rate)
     rng = np.random.default_rng(3)
     one = (rng.normal(size=(1, T, d)) + 0.2).astype(np.float32)
     x = np.concatenate([one, one], 0)  # [2, T, d] identical token groups
@@ -505,7 +510,7 @@ def test_locality_bias_gradient_summed_over_ranks_matches_numpy():
     mask[1, [6, 7]] = 1
     ids, t_mask = Tensor(np.zeros((2, T), np.int32)), Tensor(mask)
     for b in (0.0, 0.4):
-        r.locality.bias.set_data(Tensor(np.array([b], np.float32)))
+        r.locality.bias.set_data(Tensor(np.array([b / rate], np.float32)))
 
         def losses(xt):
             out = r(xt, ids, ids, t_mask)
