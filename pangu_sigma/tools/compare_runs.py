@@ -94,7 +94,7 @@ def run_figures(cfg, router, clusters, config_dir, dispatch, hw, log, lock=None,
     log_path = os.path.join(run_dir, "train_log_rank0.jsonl")
     valid = {key: ev[key] for key in ("tokens", "ce", "perplexity", "expert_load", "dropped", "local", "layers",
                                       "domains", "routing", "dropped_remote", "local_by_rank",
-                                      "tokens_by_rank")}
+                                      "tokens_by_rank", "rerouted")}
     run = {"run_dir": run_dir, "seed": cfg.train.seed, "tokens_per_s": summary["tokens_per_s"],
            "final_train_loss": summary["losses"][max(summary["losses"])], "valid": valid,
            "train_log_layers": train_log_table(log_path),
