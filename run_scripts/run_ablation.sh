@@ -10,8 +10,9 @@
 #   iid_reroute      i.i.d., moe.reroute_overflow (beyond the paper): LocMoE and Switch, the overflow of a full
 #                    pair taking free node-local slots; calibrated with it (equal_drops.rerouted_drop_rates)
 #   iid_reroute_mu0  the same LocMoE with mu = 0 (rerouting without the learned locality term)
-#   affine_reroute   domain-affine placement, LocMoE with reroute_overflow
 #   iid_reroute_rate10 i.i.d., LocMoE with reroute_overflow and moe.locality_bias_rate 10 (b stepped 10x as fast)
+#   iid_rate10       the same without reroute_overflow
+#   affine_reroute   domain-affine placement, LocMoE with reroute_overflow and locality_bias_rate 10
 #   four_iid, four_iid_reroute, four_iid_reroute_mu0: on the four-domain corpus (pangu_sigma.data.four_domain_corpus,
 #                    3 MB, built into output/data/four_domains), i.i.d.: Switch and Hash; LocMoE with
 #                    reroute_overflow and locality_bias_rate 10; the same with mu = 0
@@ -24,7 +25,7 @@ cd "$repo"
 [ -f output/data/default/meta.json ] || bash run_scripts/run_cpu_smoke.sh >/dev/null  # builds the default corpus
 settings=("$@")
 [ ${#settings[@]} -gt 0 ] || settings=(iid iid_mu0 affine affine_mu0 mu_sweep iid_reroute iid_reroute_mu0 affine_reroute
-                                       iid_reroute_rate10 four_iid four_iid_reroute four_iid_reroute_mu0)
+                                       iid_reroute_rate10 iid_rate10 four_iid four_iid_reroute four_iid_reroute_mu0)
 four=(--set data.dataset_dir=output/data/four_domains --set data.placement=iid)
 if [[ " ${settings[*]} " == *" four_"* ]] && [ ! -f output/data/four_domains/meta.json ]; then
     "$PY" -m pangu_sigma.data.four_domain_corpus --output output/corpus/four_domains --max-bytes 3000000 --overwrite
@@ -52,16 +53,18 @@ for setting in "${settings[@]}"; do
         iid_reroute_mu0) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
                  --set data.placement=iid --set moe.reroute_overflow=true --set moe.locality_loss_coef=0 ;;
         affine_reroute) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
-                 --set moe.reroute_overflow=true ;;
+                 --set moe.reroute_overflow=true --set moe.locality_bias_rate=10 ;;
         iid_reroute_rate10) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
                  --set data.placement=iid --set moe.reroute_overflow=true --set moe.locality_bias_rate=10 ;;
+        iid_rate10) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
+                 --set data.placement=iid --set moe.locality_bias_rate=10 ;;
         four_iid) "${compare[@]}" --output "$out" --routers switch,hash --seeds 3 --equal-drops 5 "${four[@]}" ;;
         four_iid_reroute) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 "${four[@]}" \
                  --set moe.reroute_overflow=true --set moe.locality_bias_rate=10 ;;
         four_iid_reroute_mu0) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
                  "${four[@]}" --set moe.reroute_overflow=true --set moe.locality_loss_coef=0 ;;
         *) echo "run_ablation.sh: unknown setting '$setting'; valid: iid iid_mu0 affine affine_mu0 mu_sweep" \
-                "iid_reroute iid_reroute_mu0 affine_reroute iid_reroute_rate10 four_iid four_iid_reroute four_iid_reroute_mu0" >&2
+                "iid_reroute iid_reroute_mu0 affine_reroute iid_reroute_rate10 iid_rate10 four_iid four_iid_reroute four_iid_reroute_mu0" >&2
            exit 2 ;;
     esac
 done
