@@ -64,7 +64,8 @@ for setting in "${settings[@]}"; do
         four_iid_reroute_mu0) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
                  "${four[@]}" --set moe.reroute_overflow=true --set moe.locality_loss_coef=0 ;;
         *) echo "run_ablation.sh: unknown setting '$setting'; valid: iid iid_mu0 affine affine_mu0 mu_sweep" \
-                "iid_reroute iid_reroute_mu0 affine_reroute iid_reroute_rate10 iid_rate10 four_iid four_iid_reroute four_iid_reroute_mu0" >&2
+                "iid_reroute iid_reroute_mu0 affine_reroute iid_reroute_rate10 iid_rate10 four_iid" \
+                "four_iid_reroute four_iid_reroute_mu0" >&2
            exit 2 ;;
     esac
 done
