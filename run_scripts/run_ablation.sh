@@ -13,9 +13,10 @@
 #   iid_reroute_rate10 i.i.d., LocMoE with reroute_overflow and moe.locality_bias_rate 10 (b stepped 10x as fast)
 #   iid_rate10       the same without reroute_overflow
 #   affine_reroute   domain-affine placement, LocMoE with reroute_overflow and locality_bias_rate 10
-#   four_iid, four_iid_reroute, four_iid_reroute_mu0: on the four-domain corpus (pangu_sigma.data.four_domain_corpus,
+#   mu_sweep_rate10  LocMoE on i.i.d. data at locality_bias_rate 10, mu = 0.001 and 0.0001, one seed each
+#   four_iid, four_iid_rate10, four_iid_mu0: on the four-domain corpus (pangu_sigma.data.four_domain_corpus,
 #                    3 MB, built into output/data/four_domains), i.i.d.: Switch and Hash; LocMoE with
-#                    reroute_overflow and locality_bias_rate 10; the same with mu = 0
+#                    locality_bias_rate 10; the same with mu = 0
 # Usage: bash run_scripts/run_ablation.sh [SETTING ...]   (default: all; outputs in output/ablation/SETTING)
 # Each setting reruns only what is missing (--reuse). About 6 CPU-hours on 2 cores for everything.
 set -euo pipefail
@@ -25,8 +26,9 @@ cd "$repo"
 [ -f output/data/default/meta.json ] || bash run_scripts/run_cpu_smoke.sh >/dev/null  # builds the default corpus
 settings=("$@")
 [ ${#settings[@]} -gt 0 ] || settings=(iid iid_mu0 affine affine_mu0 mu_sweep iid_reroute iid_reroute_mu0 affine_reroute
-                                       iid_reroute_rate10 iid_rate10 four_iid four_iid_reroute four_iid_reroute_mu0)
-four=(--set data.dataset_dir=output/data/four_domains --set data.placement=iid)
+                                       iid_reroute_rate10 iid_rate10 mu_sweep_rate10 four_iid four_iid_rate10
+                                       four_iid_mu0)
+four=(--set data.dataset_dir=output/data/four_domains --set data.placement=iid --set "moe.domain_to_group=[0, 1, 0, 1]")
 if [[ " ${settings[*]} " == *" four_"* ]] && [ ! -f output/data/four_domains/meta.json ]; then
     "$PY" -m pangu_sigma.data.four_domain_corpus --output output/corpus/four_domains --max-bytes 3000000 --overwrite
     "$PY" -m pangu_sigma.data.prepare --input output/corpus/four_domains --output output/data/four_domains \
@@ -59,13 +61,17 @@ for setting in "${settings[@]}"; do
         iid_rate10) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
                  --set data.placement=iid --set moe.locality_bias_rate=10 ;;
         four_iid) "${compare[@]}" --output "$out" --routers switch,hash --seeds 3 --equal-drops 5 "${four[@]}" ;;
-        four_iid_reroute) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 "${four[@]}" \
-                 --set moe.reroute_overflow=true --set moe.locality_bias_rate=10 ;;
-        four_iid_reroute_mu0) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
-                 "${four[@]}" --set moe.reroute_overflow=true --set moe.locality_loss_coef=0 ;;
+        mu_sweep_rate10) for mu in 0.001 0.0001; do
+                 "${compare[@]}" --output "$out/mu$mu" --routers locmoe --seeds 1 --equal-drops 5 \
+                     --set data.placement=iid --set moe.locality_bias_rate=10 --set moe.locality_loss_coef=$mu
+             done ;;
+        four_iid_rate10) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 "${four[@]}" \
+                 --set moe.locality_bias_rate=10 ;;
+        four_iid_mu0) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 "${four[@]}" \
+                 --set moe.locality_loss_coef=0 ;;
         *) echo "run_ablation.sh: unknown setting '$setting'; valid: iid iid_mu0 affine affine_mu0 mu_sweep" \
-                "iid_reroute iid_reroute_mu0 affine_reroute iid_reroute_rate10 iid_rate10 four_iid" \
-                "four_iid_reroute four_iid_reroute_mu0" >&2
+                "iid_reroute iid_reroute_mu0 affine_reroute iid_reroute_rate10 iid_rate10 mu_sweep_rate10" \
+                "four_iid four_iid_rate10 four_iid_mu0" >&2
            exit 2 ;;
     esac
 done
