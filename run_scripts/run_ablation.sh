@@ -13,6 +13,7 @@
 #   iid_reroute_rate10 i.i.d., LocMoE with reroute_overflow and moe.locality_bias_rate 10 (b stepped 10x as fast)
 #   iid_rate10       the same without reroute_overflow
 #   affine_reroute   domain-affine placement, LocMoE with reroute_overflow and locality_bias_rate 10
+#   affine_rate10    domain-affine placement, LocMoE with locality_bias_rate 10
 #   mu_sweep_rate10  LocMoE on i.i.d. data at locality_bias_rate 10, mu = 0.001 and 0.0001, one seed each
 #   four_iid, four_iid_rate10, four_iid_mu0: on the four-domain corpus (pangu_sigma.data.four_domain_corpus,
 #                    3 MB, built into output/data/four_domains), i.i.d.: Switch and Hash; LocMoE with
@@ -25,7 +26,7 @@ source "$repo/run_scripts/venv.sh"
 cd "$repo"
 [ -f output/data/default/meta.json ] || bash run_scripts/run_cpu_smoke.sh >/dev/null  # builds the default corpus
 settings=("$@")
-[ ${#settings[@]} -gt 0 ] || settings=(iid iid_mu0 affine affine_mu0 mu_sweep iid_reroute iid_reroute_mu0 affine_reroute
+[ ${#settings[@]} -gt 0 ] || settings=(iid iid_mu0 affine affine_mu0 mu_sweep iid_reroute iid_reroute_mu0 affine_reroute affine_rate10
                                        iid_reroute_rate10 iid_rate10 mu_sweep_rate10 four_iid four_iid_rate10
                                        four_iid_mu0)
 four=(--set data.dataset_dir=output/data/four_domains --set data.placement=iid --set "moe.domain_to_group=[0, 1, 0, 1]")
@@ -58,6 +59,8 @@ for setting in "${settings[@]}"; do
                  --set moe.reroute_overflow=true --set moe.locality_bias_rate=10 ;;
         iid_reroute_rate10) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
                  --set data.placement=iid --set moe.reroute_overflow=true --set moe.locality_bias_rate=10 ;;
+        affine_rate10) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
+                 --set moe.locality_bias_rate=10 ;;
         iid_rate10) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
                  --set data.placement=iid --set moe.locality_bias_rate=10 ;;
         four_iid) "${compare[@]}" --output "$out" --routers switch,hash --seeds 3 --equal-drops 5 "${four[@]}" ;;
@@ -70,8 +73,8 @@ for setting in "${settings[@]}"; do
         four_iid_mu0) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 "${four[@]}" \
                  --set moe.locality_loss_coef=0 ;;
         *) echo "run_ablation.sh: unknown setting '$setting'; valid: iid iid_mu0 affine affine_mu0 mu_sweep" \
-                "iid_reroute iid_reroute_mu0 affine_reroute iid_reroute_rate10 iid_rate10 mu_sweep_rate10" \
-                "four_iid four_iid_rate10 four_iid_mu0" >&2
+                "iid_reroute iid_reroute_mu0 affine_reroute affine_rate10 iid_reroute_rate10 iid_rate10" \
+                "mu_sweep_rate10 four_iid four_iid_rate10 four_iid_mu0" >&2
            exit 2 ;;
     esac
 done
