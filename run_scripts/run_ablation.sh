@@ -26,9 +26,10 @@ source "$repo/run_scripts/venv.sh"
 cd "$repo"
 [ -f output/data/default/meta.json ] || bash run_scripts/run_cpu_smoke.sh >/dev/null  # builds the default corpus
 settings=("$@")
-[ ${#settings[@]} -gt 0 ] || settings=(iid iid_mu0 affine affine_mu0 mu_sweep iid_reroute iid_reroute_mu0 affine_reroute affine_rate10
-                                       iid_reroute_rate10 iid_rate10 mu_sweep_rate10 four_iid four_iid_rate10
+[ ${#settings[@]} -gt 0 ] || settings=(iid iid_mu0 affine affine_mu0 mu_sweep iid_reroute iid_reroute_mu0 affine_reroute
+                                       affine_rate10 iid_reroute_rate10 iid_rate10 mu_sweep_rate10 four_iid four_iid_rate10
                                        four_iid_mu0)
+rate1=(--set moe.locality_bias_rate=1)  # the settings measured before moe.locality_bias_rate (cpu_tiny now has 10)
 four=(--set data.dataset_dir=output/data/four_domains --set data.placement=iid --set "moe.domain_to_group=[0, 1, 0, 1]")
 if [[ " ${settings[*]} " == *" four_"* ]] && [ ! -f output/data/four_domains/meta.json ]; then
     "$PY" -m pangu_sigma.data.four_domain_corpus --output output/corpus/four_domains --max-bytes 3000000 --overwrite
@@ -41,18 +42,18 @@ for setting in "${settings[@]}"; do
     out=output/ablation/$setting
     case $setting in
         iid) "${compare[@]}" --output "$out" --routers locmoe,switch,hash,rre --seeds 3 --equal-drops 5 \
-                 --set data.placement=iid ;;
+                 --set data.placement=iid "${rate1[@]}" ;;
         iid_mu0) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
                  --set data.placement=iid --set moe.locality_loss_coef=0 ;;
-        affine) "${compare[@]}" --output "$out" --routers locmoe,rre --seeds 3 --equal-drops 5 ;;
+        affine) "${compare[@]}" --output "$out" --routers locmoe,rre --seeds 3 --equal-drops 5 "${rate1[@]}" ;;
         affine_mu0) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
                  --set moe.locality_loss_coef=0 ;;
         mu_sweep) for mu in 0.001 0.1; do
                  "${compare[@]}" --output "$out/mu$mu" --routers locmoe --seeds 1 --equal-drops 5 \
-                     --set data.placement=iid --set moe.locality_loss_coef=$mu
+                     --set data.placement=iid --set moe.locality_loss_coef=$mu "${rate1[@]}"
              done ;;
         iid_reroute) "${compare[@]}" --output "$out" --routers locmoe,switch --seeds 3 --equal-drops 5 \
-                 --set data.placement=iid --set moe.reroute_overflow=true ;;
+                 --set data.placement=iid --set moe.reroute_overflow=true "${rate1[@]}" ;;
         iid_reroute_mu0) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
                  --set data.placement=iid --set moe.reroute_overflow=true --set moe.locality_loss_coef=0 ;;
         affine_reroute) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
