@@ -27,8 +27,8 @@ cd "$repo"
 [ -f output/data/default/meta.json ] || bash run_scripts/run_cpu_smoke.sh >/dev/null  # builds the default corpus
 settings=("$@")
 [ ${#settings[@]} -gt 0 ] || settings=(iid iid_mu0 affine affine_mu0 mu_sweep iid_reroute iid_reroute_mu0 affine_reroute
-                                       affine_rate10 iid_reroute_rate10 iid_rate10 mu_sweep_rate10 four_iid four_iid_rate10
-                                       four_iid_mu0)
+                                       affine_rate10 iid_reroute_rate10 iid_rate10 mu_sweep_rate10 four_iid
+                                       four_iid_rate10 four_iid_mu0)
 rate1=(--set moe.locality_bias_rate=1)  # the settings measured before moe.locality_bias_rate (cpu_tiny now has 10)
 four=(--set data.dataset_dir=output/data/four_domains --set data.placement=iid --set "moe.domain_to_group=[0, 1, 0, 1]")
 if [[ " ${settings[*]} " == *" four_"* ]] && [ ! -f output/data/four_domains/meta.json ]; then
