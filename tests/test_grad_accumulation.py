@@ -242,13 +242,13 @@ def test_resume_mid_run_with_accumulation_is_bitwise(make_config, tmp_path):
 
 
 def test_a_run_from_before_accumulation_resumes_and_a_changed_k_is_named(tiny_data, tmp_path):
-    from pangu_sigma.training import checkpoint
+    from pangu_sigma.training import run_identity
     from tests.conftest import tiny_run_config
 
     current = tiny_run_config(tiny_data, str(tmp_path)).to_dict()
     old = {k: dict(v) if isinstance(v, dict) else v for k, v in current.items()}
     del old["train"]["gradient_accumulation_steps"]  # a run written before the field existed
-    checkpoint.check_compatible(old, current, None, None)  # k = 1 is what it did
+    run_identity.check_compatible(old, current, None, None)  # k = 1 is what it did
     changed = tiny_run_config(tiny_data, str(tmp_path), ["train.gradient_accumulation_steps=2"]).to_dict()
     with pytest.raises(ConfigError, match=r"train.gradient_accumulation_steps \(1 -> 2\)"):
-        checkpoint.check_compatible(old, changed, None, None)
+        run_identity.check_compatible(old, changed, None, None)

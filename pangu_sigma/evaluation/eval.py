@@ -22,6 +22,7 @@ import numpy as np
 
 from locmoe.errors import ConfigError, OneLineArgumentParser, run_cli
 from pangu_sigma.training import checkpoint
+from pangu_sigma.training.run_identity import split_fields
 from pangu_sigma.build import (build_model, dataset_meta, domain_placement, placement_sample_order, set_device,
                                single_process_groups, single_process_topology)
 from pangu_sigma.training.callbacks import expert_table
@@ -242,7 +243,7 @@ def main(argv=None, evaluate_fn=None, prog=None):
         if args.batch_size is not None and args.batch_size < 1:
             raise ConfigError("--batch-size", args.batch_size, "an integer >= 1")
         cfg = load_config(args.config, args.set)
-        allowed = checkpoint.split_fields(args.allow_config_change)
+        allowed = split_fields(args.allow_config_change)
         result = (evaluate_fn or evaluate)(cfg, args.checkpoint, args.batch_size, args.split, allow_changes=allowed)
         if args.json and result is not None:
             from pangu_sigma.json_io import write_json

@@ -14,6 +14,7 @@ from mindspore import Tensor
 
 from locmoe.errors import ConfigError, OneLineArgumentParser, run_cli
 from pangu_sigma.training import checkpoint
+from pangu_sigma.training.run_identity import split_fields
 from pangu_sigma.build import build_model, dataset_meta, set_device, single_process_topology
 from pangu_sigma.config import load_config
 
@@ -92,7 +93,7 @@ def main(argv=None):
                               f"lower --max-new-tokens")
         set_device(cfg, mode=ms.PYNATIVE_MODE)
         net = build_model(cfg, meta, single_process_topology(cfg), reads_by_placement=False)
-        allowed = checkpoint.split_fields(args.allow_config_change)
+        allowed = split_fields(args.allow_config_change)
         checkpoint.load_model_for_inference(net, cfg, args.checkpoint, allowed)
         net.set_train(False)
         new_ids = generate_ids(net.model, prompt_ids, domains.index(domain), args.max_new_tokens,

@@ -25,7 +25,7 @@ import mindspore as ms
 from mindspore import nn
 
 from locmoe.errors import ConfigError, OneLineArgumentParser, ctrl_c_deferred, note_for_interrupt, run_cli
-from pangu_sigma.training import checkpoint
+from pangu_sigma.training import checkpoint, run_identity
 from locmoe.comm import AllReduce, CommCounter
 from locmoe.exchange import register_exchange_bytes, register_tiered_exchange_bytes
 from locmoe.layer import MoELayer
@@ -200,7 +200,7 @@ def prepare_run_folder(cfg, identity, resume, overwrite, allow_changes, rank, ba
         raise ConfigError("--overwrite", True, "not together with --resume")
     stored = checkpoint.read_run_file(output_dir) if resume else None
     if stored is not None:
-        checkpoint.check_compatible(stored["config"], cfg.to_dict(), stored.get("dataset"), identity,
+        run_identity.check_compatible(stored["config"], cfg.to_dict(), stored.get("dataset"), identity,
                                     allowed=allow_changes, what=f"the run in {output_dir}")
     check_creatable(output_dir, "train.output_dir")
     return lambda: create_run_folder(cfg, identity, exists and overwrite, stored is None or bool(allow_changes),
@@ -270,7 +270,7 @@ def train(cfg, resume=False, log=print, stop_after=None, overwrite=False, allow_
     ms.set_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     meta = dataset_meta(cfg, checksums=False)  # sizes on every process; sha256 on one rank below
-    identity = checkpoint.dataset_identity(cfg)
+    identity = run_identity.dataset_identity(cfg)
     ctx = parallel_context(cfg)
     topology = ctx.topology
     rank = topology.rank if ctx.distributed else 0
@@ -476,7 +476,7 @@ def main(argv=None):
         if args.paths_from:
             cfg = resolve_paths(cfg, args.paths_from)
         train(cfg, resume=args.resume, overwrite=args.overwrite,
-              allow_changes=checkpoint.split_fields(args.allow_config_change),
+              allow_changes=run_identity.split_fields(args.allow_config_change),
               allow_batch_change=args.allow_batch_change, resume_command=resume_command(argv))
 
     return run_cli(run)
