@@ -65,14 +65,15 @@ def test_parse_somas_reads_one_block_per_graph():
                                              {"upper_bound": 7, "lower_bound": 3, "allocated": 5}]
 
 
-# a smaller model than the tool's default (sequence 128) to keep the six compiled steps cheap
+# a smaller model than the tool's default (sequence 128) and two batch sizes, the ends of the tool's range,
+# to keep the four compiled steps cheap
 SMALL = ["model.seq_length=128"]
 
 
 @pytest.fixture(scope="module")
 def cases():
     return memory_check.compare([memory_check.measure(batch, level, SMALL)
-                                 for batch in (2, 4, 8) for level in ("none", "block")])
+                                 for batch in (2, 8) for level in ("none", "block")])
 
 
 def test_predicted_activations_within_25_percent_of_measured(cases):
@@ -82,7 +83,7 @@ def test_predicted_activations_within_25_percent_of_measured(cases):
 
 def test_block_recompute_lowers_the_peak_by_the_predicted_factor_minus_25_percent(cases):
     factors = memory_check.recompute_factors(cases, "block")
-    assert sorted(factors) == [2, 4, 8]
+    assert sorted(factors) == [2, 8]
     for batch, by_part in factors.items():
         for part, (measured, predicted) in by_part.items():   # the peak, and the activation parts
             assert measured >= 0.75 * predicted, (batch, part, measured, predicted)
