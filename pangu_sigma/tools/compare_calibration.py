@@ -49,8 +49,7 @@ def calibrate(cfg, pilot, counts, target_percent):
     units, quanta = routing.get("remote_units"), routing.get("remote_quanta") or 1  # [G, E] tier-2 units per pair
     multiple = topology.tp if cfg.parallel.groupwise_a2a and topology.tp > 1 else 1
     reroute = cfg.moe.reroute_overflow  # overflow fills free node-local slots (equal_drops.rerouted_drop_rates)
-    at_pilot = drop_rates(counts, mask, local_capacity, routing["remote_capacity"], units, reroute)  # = measured
-    at_pilot = at_pilot[0] if reroute else at_pilot[0] + at_pilot[1]  # [M]
+    at_pilot = drop_rates(counts, mask, local_capacity, routing["remote_capacity"], units, reroute)[0]  # [M]
     found = smallest_tier_capacities(counts, mask, target_percent / 100, multiple, units, reroute=reroute)
     if found["capacity"] is None:
         raise ConfigError("--equal-drops", target_percent, f"a target above the predicted drop rate of the tokens "

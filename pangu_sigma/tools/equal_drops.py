@@ -71,12 +71,13 @@ def rerouted_drop_rates(counts, local_mask, local_capacity, remote_capacity, uni
 
 
 def drop_rates(counts, local_mask, local_capacity, remote_capacity, units=None, reroute=False):
-    """Per MoE layer (local-tier drops, remote-tier drops) / routed tokens (tier_drop_rates); with reroute
-    the total (rerouted_drop_rates) and NaN for the split, which the pair counts do not give."""
-    if not reroute:
-        return tier_drop_rates(counts, local_mask, local_capacity, remote_capacity, units)
-    total = rerouted_drop_rates(counts, local_mask, local_capacity, remote_capacity, units)
-    return total, np.full_like(total, np.nan)
+    """Per MoE layer (all drops, remote-tier drops) / routed tokens (tier_drop_rates); with reroute the total
+    from rerouted_drop_rates and NaN for the remote tier's part, which the pair counts do not give."""
+    if reroute:
+        total = rerouted_drop_rates(counts, local_mask, local_capacity, remote_capacity, units)
+        return total, np.full_like(total, np.nan)
+    local, remote = tier_drop_rates(counts, local_mask, local_capacity, remote_capacity, units)
+    return local + remote, remote
 
 
 def smallest_remote_capacity(counts, local_mask, local_capacity, target_rate, multiple=1, units=None,
@@ -97,12 +98,12 @@ def smallest_remote_capacity(counts, local_mask, local_capacity, target_rate, mu
     reached = np.where(per_unit > 0, np.where(mask, 0, counts), 0)  # remote tokens to pairs with units
     widest = int(np.max(-(-reached // np.maximum(per_unit, 1)), initial=0))  # no drop in any pair with units
     top = -(-max(widest, 1) // multiple) * multiple
-    local, remote = drop_rates(counts, mask, local_capacity, top, units, reroute)
-    if float((local + (0 if reroute else remote)).mean()) > target_rate:  # the least any u gets
+    least, _ = drop_rates(counts, mask, local_capacity, top, units, reroute)  # [M] the least drops any u gets
+    if float(least.mean()) > target_rate:
         return dict(base, capacity=None, remote_drop_rate=float("nan"), drop_rate=float("nan"))
     for capacity in range(multiple, top + multiple, multiple):  # drops fall as u grows: first hit is smallest
-        local, remote = drop_rates(counts, mask, local_capacity, capacity, units, reroute)
-        total = float((local if reroute else local + remote).mean())
+        every, remote = drop_rates(counts, mask, local_capacity, capacity, units, reroute)
+        total = float(every.mean())
         if total <= target_rate:
             return dict(base, capacity=capacity, remote_drop_rate=float(remote.mean()), drop_rate=total,
                         **({"local_drop_rate": float("nan")} if reroute else {}))
