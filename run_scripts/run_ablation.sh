@@ -26,9 +26,9 @@ source "$repo/run_scripts/venv.sh"
 cd "$repo"
 [ -f output/data/default/meta.json ] || bash run_scripts/run_cpu_smoke.sh >/dev/null  # builds the default corpus
 settings=("$@")
-[ ${#settings[@]} -gt 0 ] || settings=(iid iid_mu0 affine affine_mu0 mu_sweep iid_reroute iid_reroute_mu0 affine_reroute
-                                       affine_rate10 iid_reroute_rate10 iid_rate10 mu_sweep_rate10 four_iid
-                                       four_iid_rate10 four_iid_mu0)
+all_settings=(iid iid_mu0 affine affine_mu0 mu_sweep iid_reroute iid_reroute_mu0 affine_reroute affine_rate10
+              iid_reroute_rate10 iid_rate10 mu_sweep_rate10 four_iid four_iid_rate10 four_iid_mu0)
+[ ${#settings[@]} -gt 0 ] || settings=("${all_settings[@]}")
 rate1=(--set moe.locality_bias_rate=1)  # the settings measured before moe.locality_bias_rate (cpu_tiny now has 10)
 four=(--set data.dataset_dir=output/data/four_domains --set data.placement=iid --set "moe.domain_to_group=[0, 1, 0, 1]")
 if [[ " ${settings[*]} " == *" four_"* ]] && [ ! -f output/data/four_domains/meta.json ]; then
@@ -73,9 +73,7 @@ for setting in "${settings[@]}"; do
                  --set moe.locality_bias_rate=10 ;;
         four_iid_mu0) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 "${four[@]}" \
                  --set moe.locality_loss_coef=0 ;;
-        *) echo "run_ablation.sh: unknown setting '$setting'; valid: iid iid_mu0 affine affine_mu0 mu_sweep" \
-                "iid_reroute iid_reroute_mu0 affine_reroute affine_rate10 iid_reroute_rate10 iid_rate10" \
-                "mu_sweep_rate10 four_iid four_iid_rate10 four_iid_mu0" >&2
+        *) echo "run_ablation.sh: unknown setting '$setting'; valid: ${all_settings[*]}" >&2
            exit 2 ;;
     esac
 done
