@@ -109,7 +109,6 @@ def rerouted_tokens(expert_index, keep, pair_slots):
     (C_l on the group's node, units * u elsewhere). A token overflows when its place in its pair's queue
     (first come first served, token order) is >= the pair's slots. -> [G, T] bool."""
     expert_index = np.asarray(expert_index)
-    groups, tokens = expert_index.shape
     onehot = expert_index[..., None] == np.arange(np.asarray(pair_slots).shape[1])  # [G, T, E]
     place = ((np.cumsum(onehot, 1) - 1) * onehot).sum(-1)  # [G, T]
     limit = np.take_along_axis(np.asarray(pair_slots), expert_index, 1)  # [G, T]
