@@ -15,6 +15,11 @@
 #   affine_reroute   domain-affine placement, LocMoE with reroute_overflow and locality_bias_rate 10
 #   affine_rate10    domain-affine placement, LocMoE with locality_bias_rate 10
 #   mu_sweep_rate10  LocMoE on i.i.d. data at locality_bias_rate 10, mu = 0.001 and 0.0001, one seed each
+#   iid_reroute_d1   i.i.d., LocMoE with reroute_overflow calibrated at <= 1 % drops (not 5 %: with rerouting the
+#                    fewest rows at 5 % put the node-local tier under the mean share, C_l 61 of 64, and drop ~5 %
+#                    of every group; at 1 % it holds the mean share and drops nothing)
+#   iid_reroute_mu0_d1 the same with mu = 0 (rerouting alone, no learned locality term)
+#   four_iid_reroute_d1 the same as iid_reroute_d1 on the four-domain corpus
 #   four_iid, four_iid_rate10, four_iid_mu0: on the four-domain corpus (pangu_sigma.data.four_domain_corpus,
 #                    3 MB, built into output/data/four_domains), i.i.d.: Switch and Hash; LocMoE with
 #                    locality_bias_rate 10; the same with mu = 0
@@ -27,7 +32,8 @@ cd "$repo"
 [ -f output/data/default/meta.json ] || bash run_scripts/run_cpu_smoke.sh >/dev/null  # builds the default corpus
 settings=("$@")
 all_settings=(iid iid_mu0 affine affine_mu0 mu_sweep iid_reroute iid_reroute_mu0 affine_reroute affine_rate10
-              iid_reroute_rate10 iid_rate10 mu_sweep_rate10 four_iid four_iid_rate10 four_iid_mu0)
+              iid_reroute_rate10 iid_rate10 mu_sweep_rate10 four_iid four_iid_rate10 four_iid_mu0
+              iid_reroute_d1 iid_reroute_mu0_d1 four_iid_reroute_d1)
 [ ${#settings[@]} -gt 0 ] || settings=("${all_settings[@]}")
 rate1=(--set moe.locality_bias_rate=1)  # the settings measured before moe.locality_bias_rate (cpu_tiny now has 10)
 four=(--set data.dataset_dir=output/data/four_domains --set data.placement=iid --set "moe.domain_to_group=[0, 1, 0, 1]")
@@ -73,6 +79,12 @@ for setting in "${settings[@]}"; do
                  --set moe.locality_bias_rate=10 ;;
         four_iid_mu0) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 "${four[@]}" \
                  --set moe.locality_loss_coef=0 ;;
+        iid_reroute_d1) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 1 \
+                 --set data.placement=iid --set moe.reroute_overflow=true --set moe.locality_bias_rate=10 ;;
+        iid_reroute_mu0_d1) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 1 \
+                 --set data.placement=iid --set moe.reroute_overflow=true --set moe.locality_loss_coef=0 ;;
+        four_iid_reroute_d1) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 1 \
+                 "${four[@]}" --set moe.reroute_overflow=true --set moe.locality_bias_rate=10 ;;
         *) echo "run_ablation.sh: unknown setting '$setting'; valid: ${all_settings[*]}" >&2
            exit 2 ;;
     esac
