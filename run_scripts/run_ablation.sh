@@ -35,6 +35,11 @@ all_settings=(iid iid_mu0 affine affine_mu0 mu_sweep iid_reroute iid_reroute_mu0
               iid_reroute_rate10 iid_rate10 mu_sweep_rate10 four_iid four_iid_rate10 four_iid_mu0
               iid_reroute_d1 iid_reroute_mu0_d1 four_iid_reroute_d1)
 [ ${#settings[@]} -gt 0 ] || settings=("${all_settings[@]}")
+for setting in "${settings[@]}"; do  # every name checked before the first run starts
+    [[ " ${all_settings[*]} " == *" $setting "* ]] && continue
+    echo "run_ablation.sh: unknown setting '$setting'; valid: ${all_settings[*]}" >&2
+    exit 2
+done
 rate1=(--set moe.locality_bias_rate=1)  # the settings measured before moe.locality_bias_rate (cpu_tiny now has 10)
 four=(--set data.dataset_dir=output/data/four_domains --set data.placement=iid --set "moe.domain_to_group=[0, 1, 0, 1]")
 if [[ " ${settings[*]} " == *" four_"* ]] && [ ! -f output/data/four_domains/meta.json ]; then
@@ -85,7 +90,7 @@ for setting in "${settings[@]}"; do
                  --set data.placement=iid --set moe.reroute_overflow=true --set moe.locality_loss_coef=0 ;;
         four_iid_reroute_d1) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 1 \
                  "${four[@]}" --set moe.reroute_overflow=true --set moe.locality_bias_rate=10 ;;
-        *) echo "run_ablation.sh: unknown setting '$setting'; valid: ${all_settings[*]}" >&2
+        *) echo "run_ablation.sh: setting '$setting' is listed but has no commands" >&2
            exit 2 ;;
     esac
 done
