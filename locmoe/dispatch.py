@@ -11,6 +11,8 @@ map (a custom bprop) instead of the generic scatter-add.
 import mindspore as ms
 from mindspore import nn, ops, Tensor
 
+from locmoe.selection import top1_index
+
 
 def assign_slots(expert_index, num_experts, capacity):
     """Buffer slot of every token.
@@ -158,9 +160,7 @@ def reroute_to_local(slot, keep, onehot, preference, tie_break, local_mask, capa
     slot = slot.reshape(groups, tokens)  # [G, T]
     for _ in range(passes):
         open_ = candidates * (1.0 - keep).expand_dims(-1)  # [G, T, E] untried local experts of waiting tokens
-        score = ops.select(open_ > 0, preference, ops.full_like(preference, -1.0))  # [G, T, E]
-        tied = ops.logical_and(score >= score.max(-1, keepdims=True), open_ > 0)  # [G, T, E]
-        pick = ops.argmax(ops.select(tied, tie_break, ops.full_like(tie_break, -1.0)), -1).astype(ms.int32)
+        pick = top1_index(preference, tie_break, open_ > 0)  # [G, T] the best untried local expert
         trying = (open_.sum(-1) > 0).astype(ms.float32)  # [G, T]
         chosen = ops.one_hot(pick, num_experts, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32)) \
             * trying.expand_dims(-1)  # [G, T, E]

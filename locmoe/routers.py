@@ -26,10 +26,9 @@ from locmoe.gating import GrAPGate, DenseGate
 from locmoe.losses import load_balance_loss, locality_loss
 from locmoe.config import builds_locality_bias, uses_level1
 from locmoe.errors import ConfigError
+from locmoe.selection import MASKED as _MASKED, top1_index
 
 RouterOutput = namedtuple("RouterOutput", "expert_index expert_prob router_probs aux_loss loc_loss gate_probs")
-
-_MASKED = -1e9
 
 
 def domain_group_mask(num_experts, num_groups):
@@ -99,13 +98,9 @@ def random_table(vocab_size, num_choices, seed):
 
 
 def _top1(router_probs, tie_break=None):
-    """Top-1 (eq. 2). tie_break [G, T, E]: among the experts sharing the largest probability, the one
-    with the largest tie_break wins (argmax alone would always pick the lowest index)."""
-    if tie_break is None:
-        expert_index = ops.argmax(router_probs, -1).astype(ms.int32)  # [G, T]
-    else:
-        tied = router_probs >= router_probs.max(-1, keepdims=True)  # [G, T, E] the maxima
-        expert_index = ops.argmax(ops.where(tied, tie_break, ops.full_like(tie_break, _MASKED)), -1).astype(ms.int32)
+    """Top-1 (eq. 2) -> (expert index [G, T], its probability [G, T]). tie_break [G, T, E]: the tie order
+    among experts sharing the largest probability (locmoe.selection.top1_index)."""
+    expert_index = top1_index(router_probs, tie_break)  # [G, T]
     expert_prob = ops.gather_elements(router_probs, -1, expert_index.expand_dims(-1)).squeeze(-1)  # [G, T]
     return expert_index, expert_prob
 
