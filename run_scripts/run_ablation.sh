@@ -20,6 +20,9 @@
 #                    of every group; at 1 % it holds the mean share and drops nothing)
 #   iid_reroute_mu0_d1 the same with mu = 0 (rerouting alone, no learned locality term)
 #   four_iid_reroute_d1 the same as iid_reroute_d1 on the four-domain corpus
+#   iid_alpha0.05, iid_alpha0.1 i.i.d., LocMoE at rate 10 with the aux loss coefficient (alpha, eq. 5) at 0.05 and
+#                    0.1 instead of 0.01: a group's split between its node's experts, which sets the node-local
+#                    tier's headroom
 #   four_iid, four_iid_rate10, four_iid_mu0: on the four-domain corpus (pangu_sigma.data.four_domain_corpus,
 #                    3 MB, built into output/data/four_domains), i.i.d.: Switch and Hash; LocMoE with
 #                    locality_bias_rate 10; the same with mu = 0
@@ -33,7 +36,7 @@ cd "$repo"
 settings=("$@")
 all_settings=(iid iid_mu0 affine affine_mu0 mu_sweep iid_reroute iid_reroute_mu0 affine_reroute affine_rate10
               iid_reroute_rate10 iid_rate10 mu_sweep_rate10 four_iid four_iid_rate10 four_iid_mu0
-              iid_reroute_d1 iid_reroute_mu0_d1 four_iid_reroute_d1)
+              iid_reroute_d1 iid_reroute_mu0_d1 four_iid_reroute_d1 iid_alpha0.05 iid_alpha0.1)
 [ ${#settings[@]} -gt 0 ] || settings=("${all_settings[@]}")
 for setting in "${settings[@]}"; do  # every name checked before the first run starts
     [[ " ${all_settings[*]} " == *" $setting "* ]] && continue
@@ -90,6 +93,8 @@ for setting in "${settings[@]}"; do
                  --set data.placement=iid --set moe.reroute_overflow=true --set moe.locality_loss_coef=0 ;;
         four_iid_reroute_d1) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 1 \
                  "${four[@]}" --set moe.reroute_overflow=true --set moe.locality_bias_rate=10 ;;
+        iid_alpha*) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
+                 --set data.placement=iid --set moe.locality_bias_rate=10 --set "moe.aux_loss_coef=${setting#iid_alpha}" ;;
         *) echo "run_ablation.sh: setting '$setting' is listed but has no commands" >&2
            exit 2 ;;
     esac
