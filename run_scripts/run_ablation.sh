@@ -25,6 +25,10 @@
 #   iid_alpha0.05, iid_alpha0.1 i.i.d., LocMoE at rate 10 with the aux loss coefficient (alpha, eq. 5) at 0.05 and
 #                    0.1 instead of 0.01: a group's split between its node's experts, which sets the node-local
 #                    tier's headroom
+#   iid_600          i.i.d., LocMoE (rate 10), Switch and Hash trained 600 steps instead of 150 (each calibrated from
+#                    its own 600-step pilot): does the learned routers' gap to Hash close with training?
+#   four_affine, four_affine_mu0: the four-domain corpus with the domain-affine placement (a node per domain):
+#                    LocMoE (rate 10) and RRE; the same LocMoE with mu = 0
 #   four_iid, four_iid_rate10, four_iid_mu0: on the four-domain corpus (pangu_sigma.data.four_domain_corpus,
 #                    3 MB, built into output/data/four_domains), i.i.d.: Switch and Hash; LocMoE with
 #                    locality_bias_rate 10; the same with mu = 0
@@ -38,7 +42,8 @@ cd "$repo"
 settings=("$@")
 all_settings=(iid iid_6seeds iid_mu0 affine affine_mu0 mu_sweep iid_reroute iid_reroute_mu0 affine_reroute affine_rate10
               iid_reroute_rate10 iid_rate10 mu_sweep_rate10 four_iid four_iid_rate10 four_iid_mu0
-              iid_reroute_d1 iid_reroute_mu0_d1 four_iid_reroute_d1 iid_alpha0.05 iid_alpha0.1)
+              iid_reroute_d1 iid_reroute_mu0_d1 four_iid_reroute_d1 iid_alpha0.05 iid_alpha0.1 iid_600 four_affine
+              four_affine_mu0)
 [ ${#settings[@]} -gt 0 ] || settings=("${all_settings[@]}")
 for setting in "${settings[@]}"; do  # every name checked before the first run starts
     [[ " ${all_settings[*]} " == *" $setting "* ]] && continue
@@ -46,7 +51,8 @@ for setting in "${settings[@]}"; do  # every name checked before the first run s
     exit 2
 done
 rate1=(--set moe.locality_bias_rate=1)  # the settings measured before moe.locality_bias_rate (cpu_tiny now has 10)
-four=(--set data.dataset_dir=output/data/four_domains --set data.placement=iid --set "moe.domain_to_group=[0, 1, 0, 1]")
+four_affine=(--set data.dataset_dir=output/data/four_domains --set "moe.domain_to_group=[0, 1, 0, 1]")
+four=("${four_affine[@]}" --set data.placement=iid)
 if [[ " ${settings[*]} " == *" four_"* ]] && [ ! -f output/data/four_domains/meta.json ]; then
     "$PY" -m pangu_sigma.data.four_domain_corpus --output output/corpus/four_domains --max-bytes 3000000 --overwrite
     "$PY" -m pangu_sigma.data.prepare --input output/corpus/four_domains --output output/data/four_domains \
@@ -99,6 +105,11 @@ for setting in "${settings[@]}"; do
                  "${four[@]}" --set moe.reroute_overflow=true --set moe.locality_bias_rate=10 ;;
         iid_alpha*) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
                  --set data.placement=iid --set moe.locality_bias_rate=10 --set "moe.aux_loss_coef=${setting#iid_alpha}" ;;
+        iid_600) "${compare[@]}" --output "$out" --routers locmoe,switch,hash --seeds 3 --equal-drops 5 \
+                 --set data.placement=iid --steps 600 ;;
+        four_affine) "${compare[@]}" --output "$out" --routers locmoe,rre --seeds 3 --equal-drops 5 "${four_affine[@]}" ;;
+        four_affine_mu0) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
+                 "${four_affine[@]}" --set moe.locality_loss_coef=0 ;;
         *) echo "run_ablation.sh: setting '$setting' is listed but has no commands" >&2
            exit 2 ;;
     esac
