@@ -16,7 +16,7 @@
 #   iid_rate10       the same without reroute_overflow, 6 seeds
 #   affine_reroute   domain-affine placement, LocMoE with reroute_overflow and locality_bias_rate 10
 #   affine_rate10    domain-affine placement, LocMoE with locality_bias_rate 10
-#   mu_sweep_rate10  LocMoE on i.i.d. data at locality_bias_rate 10, mu = 0.001 and 0.0001, one seed each
+#   mu_sweep_rate10  LocMoE on i.i.d. data at locality_bias_rate 10, mu = 0.1, 0.001 and 0.0001, one seed each
 #   iid_reroute_d1   i.i.d., LocMoE with reroute_overflow calibrated at <= 1 % drops, 6 seeds (not 5 %: with rerouting the
 #                    fewest rows at 5 % put the node-local tier under the mean share, C_l 61 of 64, and drop ~5 %
 #                    of every group; at 1 % it holds the mean share and drops nothing)
@@ -89,7 +89,7 @@ for setting in "${settings[@]}"; do
         iid_rate10) "${compare[@]}" --output "$out" --routers locmoe --seeds 6 --equal-drops 5 \
                  --set data.placement=iid --set moe.locality_bias_rate=10 ;;
         four_iid) "${compare[@]}" --output "$out" --routers switch,hash --seeds 3 --equal-drops 5 "${four[@]}" ;;
-        mu_sweep_rate10) for mu in 0.001 0.0001; do
+        mu_sweep_rate10) for mu in 0.001 0.0001 0.1; do
                  "${compare[@]}" --output "$out/mu$mu" --routers locmoe --seeds 1 --equal-drops 5 \
                      --set data.placement=iid --set moe.locality_bias_rate=10 --set moe.locality_loss_coef=$mu
              done ;;
