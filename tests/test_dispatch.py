@@ -141,3 +141,24 @@ def test_random_against_numpy(groups, tokens, num_experts, capacity):
 
     y = combine(Tensor(buf * 2.0), slot, Tensor(prob) * keep).asnumpy()
     np.testing.assert_allclose(y, 2.0 * x * (prob * ref_keep)[..., None], rtol=1e-6)
+
+
+def test_top1_index_ties_and_allowed_match_a_loop():
+    """locmoe.selection.top1_index (routing's and rerouting's rule) against a plain loop: the largest score
+    among the allowed entries, ties to the largest tie order; scores drawn from 3 values so ties are common."""
+    from locmoe.selection import top1_index
+    rng = np.random.default_rng(7)
+    scores = rng.integers(0, 3, (4, 9, 5)).astype(np.float32)  # [G, T, E]
+    ties = np.stack([rng.permutation(5) for _ in range(36)]).reshape(4, 9, 5).astype(np.float32)
+    allowed = rng.random((4, 9, 5)) < 0.6
+    allowed[..., 0] |= ~allowed.any(-1)  # every row has an allowed entry
+    got_plain = top1_index(Tensor(scores)).asnumpy()
+    got_ties = top1_index(Tensor(scores), Tensor(ties)).asnumpy()
+    got_allowed = top1_index(Tensor(scores), Tensor(ties), Tensor(allowed)).asnumpy()
+    for g, t in np.ndindex(4, 9):
+        s, o, a = scores[g, t], ties[g, t], allowed[g, t]
+        assert got_plain[g, t] == int(np.argmax(s))  # no tie order: the lowest index among the maxima
+        best = [e for e in range(5) if s[e] == s.max()]
+        assert got_ties[g, t] == max(best, key=lambda e: o[e])
+        best = [e for e in range(5) if a[e] and s[e] == s[a].max()]
+        assert got_allowed[g, t] == max(best, key=lambda e: o[e])
