@@ -25,7 +25,7 @@
 #   iid_alpha0.05, iid_alpha0.1 i.i.d., LocMoE at rate 10 with the aux loss coefficient (alpha, eq. 5) at 0.05 and
 #                    0.1 instead of 0.01: a group's split between its node's experts, which sets the node-local
 #                    tier's headroom
-#   iid_600          i.i.d., LocMoE (rate 10), Switch and Hash trained 600 steps instead of 150 (each calibrated from
+#   iid_600          i.i.d., LocMoE (rate 10), Switch and Hash, 6 seeds, trained 600 steps instead of 150 (each calibrated from
 #                    its own 600-step pilot): does the learned routers' gap to Hash close with training?
 #   four_affine, four_affine_mu0: the four-domain corpus with the domain-affine placement (a node per domain):
 #                    LocMoE (rate 10) and RRE; the same LocMoE with mu = 0
@@ -105,7 +105,7 @@ for setting in "${settings[@]}"; do
                  "${four[@]}" --set moe.reroute_overflow=true --set moe.locality_bias_rate=10 ;;
         iid_alpha*) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
                  --set data.placement=iid --set moe.locality_bias_rate=10 --set "moe.aux_loss_coef=${setting#iid_alpha}" ;;
-        iid_600) "${compare[@]}" --output "$out" --routers locmoe,switch,hash --seeds 3 --equal-drops 5 \
+        iid_600) "${compare[@]}" --output "$out" --routers locmoe,switch,hash --seeds 6 --equal-drops 5 \
                  --set data.placement=iid --steps 600 ;;
         four_affine) "${compare[@]}" --output "$out" --routers locmoe,rre --seeds 3 --equal-drops 5 "${four_affine[@]}" ;;
         four_affine_mu0) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
