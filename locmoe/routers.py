@@ -26,7 +26,7 @@ from locmoe.gating import GrAPGate, DenseGate
 from locmoe.losses import load_balance_loss, locality_loss
 from locmoe.config import builds_locality_bias, uses_level1
 from locmoe.errors import ConfigError
-from locmoe.selection import MASKED as _MASKED, top1_index
+from locmoe.selection import MASKED, top1_index
 
 RouterOutput = namedtuple("RouterOutput", "expert_index expert_prob router_probs aux_loss loc_loss gate_probs")
 
@@ -140,7 +140,7 @@ class _LearnedRouter(nn.Cell):
         allowed = None
         if self.level1:
             allowed = ops.gather(self.group_mask, domain_ids % self.num_level1_rows, 0)  # [G, T, E]
-            scores = scores + (1.0 - allowed) * _MASKED
+            scores = scores + (1.0 - allowed) * MASKED
         gate_probs = ops.softmax(scores, -1)  # [G, T, E]
         router_probs = gate_probs
         if local_bias is not None:

@@ -16,7 +16,5 @@ def top1_index(scores, tie_break=None, allowed=None):
         scores = ops.select(allowed, scores, ops.full_like(scores, MASKED))
     if tie_break is None:
         return ops.argmax(scores, -1).astype(ms.int32)
-    tied = scores >= scores.max(-1, keepdims=True)  # [..., E] the maxima
-    if allowed is not None:
-        tied = ops.logical_and(tied, allowed)
+    tied = scores >= scores.max(-1, keepdims=True)  # [..., E] the maxima (masked entries only where none is allowed)
     return ops.argmax(ops.select(tied, tie_break, ops.full_like(tie_break, MASKED)), -1).astype(ms.int32)
