@@ -27,6 +27,7 @@
 #                    tier's headroom
 #   iid_600          i.i.d., LocMoE (rate 10), Switch and Hash, 6 seeds, trained 600 steps instead of 150 (each calibrated from
 #                    its own 600-step pilot): does the learned routers' gap to Hash close with training?
+#   iid_600_mu0, iid_600_rre: the controls of iid_600 (3 seeds): the same LocMoE with mu = 0; RRE
 #   four_affine, four_affine_mu0: the four-domain corpus with the domain-affine placement (a node per domain):
 #                    LocMoE (rate 10) and RRE; the same LocMoE with mu = 0
 #   four_iid, four_iid_rate10, four_iid_mu0: on the four-domain corpus (pangu_sigma.data.four_domain_corpus,
@@ -42,7 +43,7 @@ cd "$repo"
 settings=("$@")
 all_settings=(iid iid_6seeds iid_mu0 affine affine_mu0 mu_sweep iid_reroute iid_reroute_mu0 affine_reroute affine_rate10
               iid_reroute_rate10 iid_rate10 mu_sweep_rate10 four_iid four_iid_rate10 four_iid_mu0
-              iid_reroute_d1 iid_reroute_mu0_d1 four_iid_reroute_d1 iid_alpha0.05 iid_alpha0.1 iid_600 four_affine
+              iid_reroute_d1 iid_reroute_mu0_d1 four_iid_reroute_d1 iid_alpha0.05 iid_alpha0.1 iid_600 iid_600_mu0 iid_600_rre four_affine
               four_affine_mu0)
 [ ${#settings[@]} -gt 0 ] || settings=("${all_settings[@]}")
 for setting in "${settings[@]}"; do  # every name checked before the first run starts
@@ -106,6 +107,10 @@ for setting in "${settings[@]}"; do
         iid_alpha*) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
                  --set data.placement=iid --set moe.locality_bias_rate=10 --set "moe.aux_loss_coef=${setting#iid_alpha}" ;;
         iid_600) "${compare[@]}" --output "$out" --routers locmoe,switch,hash --seeds 6 --equal-drops 5 \
+                 --set data.placement=iid --steps 600 ;;
+        iid_600_mu0) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
+                 --set data.placement=iid --steps 600 --set moe.locality_loss_coef=0 ;;
+        iid_600_rre) "${compare[@]}" --output "$out" --routers rre --seeds 3 --equal-drops 5 \
                  --set data.placement=iid --steps 600 ;;
         four_affine) "${compare[@]}" --output "$out" --routers locmoe,rre --seeds 3 --equal-drops 5 "${four_affine[@]}" ;;
         four_affine_mu0) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
