@@ -178,6 +178,46 @@ def test_goals_and_the_equal_drops_section_from_given_results():
             "64.0, 2.00 / 6, 32.0, 36.5 |") in text
     assert "bytes LocMoE/switch: 0.750; expert rows LocMoE/switch: 0.800" in text and "(switch): +1.00%" in text
     assert cr.render_calibration(results, {"equal_drops_percent": None}) == []
+    over = cr.goals(results, 4.5)  # Hash and RRE measured 5 % against a 4.5 % target
+    assert over["drops over target"] == {"hash": 5.0, "rre": 5.0} and cr.goals(results, 5.0)["drops over target"] == {}
+    text = "\n".join(cr.render_calibration(results, {"equal_drops_percent": 4.5, "seeds": [1234],
+                                                     "pilot_remote_capacity_factor": 5.0, "goals": over}))
+    assert "**Not at equal drops:** the measured drops of hash (5.00%), rre (5.00%) exceed the 4.5% target" in text
+    assert cr.goals({"hash": results["hash"]}, 4.5) == {"drops over target": {"hash": 5.0}}
+
+
+def test_check_rounds_stop_when_a_run_keeps_the_capacities(monkeypatch, tmp_path):
+    """checked_calibration: each round trains the first seed at the current capacities and recalibrates from
+    its own counts; the first round that keeps them is the seed's run; without one the seeds get the last."""
+    from pangu_sigma.tools import compare_routers as cr
+    plan = [(70, 4), (66, 4), (66, 4)]  # what each round's counts call for: 70 -> 66 -> 66 (kept)
+    trained = []
+
+    def fake_recalibrated(calibration, cfg, run, counts, target):
+        local, remote = plan[len(trained) - 1]
+        record = {"local_capacity": calibration["local_capacity"], "remote_capacity": calibration["remote_capacity"],
+                  "measured_drop_percent": 4.0,
+                  "next_local_capacity": local, "next_remote_capacity": remote}
+        return dict(calibration, local_capacity=local, remote_capacity=remote), record
+
+    def train_and_evaluate(cfg, counts):
+        trained.append(cfg)
+        counts.append(np.zeros((1, 1, 1, 1), np.int64))
+        return {"run_dir": str(tmp_path), "cfg": cfg}
+
+    monkeypatch.setattr(cr, "recalibrated", fake_recalibrated)
+    first = {"local_capacity": 64, "remote_capacity": 4}
+    calibration, run = cr.checked_calibration(first, lambda k, c: (k, c["local_capacity"]), train_and_evaluate,
+                                              5.0, 3, log=lambda *_: None)
+    assert trained == [(1, 64), (2, 70), (3, 66)] and run["cfg"] == (3, 66)
+    assert calibration["checked"] is True and calibration["local_capacity"] == 66
+    assert [r["local_capacity"] for r in calibration["check_rounds"]] == [64, 70, 66]
+    trained.clear()
+    calibration, run = cr.checked_calibration(first, lambda k, c: (k, c["local_capacity"]), train_and_evaluate,
+                                              5.0, 2, log=lambda *_: None)
+    assert run is None and calibration["checked"] is False and calibration["local_capacity"] == 66
+    calibration, run = cr.checked_calibration(first, None, None, 5.0, 0)
+    assert run is None and calibration["checked"] is None and calibration["check_rounds"] == []
 
 
 def test_equal_drops_needs_two_tiers_and_a_percentage(tiny_data, tmp_path):

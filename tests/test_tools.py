@@ -540,13 +540,14 @@ def test_cluster_counts_map_each_measured_rank_onto_the_target_by_node():
 @pytest.mark.slow
 def test_compare_routers_equal_drops_end_to_end(tiny_run, tmp_path, capsys):
     """--equal-drops: the pilot's drops predicted from its routed counts are the drops eval measured
-    (first come, first served, on the real layer); the seeded run uses the chosen remote capacity and
-    sends the bytes the calibration predicted."""
+    (first come, first served, on the real layer); so are the check run's at its own capacities; the
+    seeded run uses the capacities of the last round and sends the bytes the calibration predicted."""
     from pangu_sigma.tools.compare_routers import main
     path, _, _ = tiny_run
     out = tmp_path / "eq"
     assert _rc(main, ["--config", path, "--routers", "locmoe", "--steps", "4", "--output", str(out),
                       "--clusters", "", "--equal-drops", "20", "--pilot-remote-capacity-factor", "2",
+                      "--check-runs", "1",
                       "--set", "moe.capacity_factor=4", "--set", "moe.remote_capacity_factor=0.5",
                       "--set", "parallel.virtual_scope=cluster", "--set", "moe.num_domain_groups=2",
                       "--set", "parallel.devices_per_node=1",  # 4 nodes: a domain's experts span two
@@ -566,14 +567,25 @@ def test_compare_routers_equal_drops_end_to_end(tiny_run, tmp_path, capsys):
     assert expert_capacity(tokens, c["remote_capacity_factor"], 4 * 4) == c["remote_capacity"]
     assert run["moe_inter_node_bytes_per_step"] == c["predicted_inter_node_bytes_per_step"]
     assert report["meta"]["equal_drops_percent"] == 20 and "## Equal drops" in (out / "report.md").read_text()
+    (check,) = c["check_rounds"]  # the first seed at the pilot's calibration, measured on the real layer
+    assert check["predicted_drop_percent"] == pytest.approx(check["measured_drop_percent"], abs=1e-9)
+    assert check["run_dir"].endswith("check1") and 0 <= check["measured_drop_percent"] <= 100
+    kept = (check["next_local_capacity"], check["next_remote_capacity"]) == (check["local_capacity"],
+                                                                             check["remote_capacity"])
+    assert c["checked"] is kept and (c["local_capacity"], c["remote_capacity"]) == (check["next_local_capacity"],
+                                                                                  check["next_remote_capacity"])
+    assert run["run_dir"].endswith("check1" if kept else "seed1234")  # a kept round is the seed's run
+    assert run["valid"]["routing"]["capacity"] == c["local_capacity"]
+    assert "### Check runs" in (out / "report.md").read_text()
     routed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[eval] routed as training")]
-    assert len(routed) == 2  # pilot, seed: eval names both tiers' capacities
-    assert f"{c['remote_capacity']}-slot units per (group, expert) pair" in routed[1]
+    assert len(routed) == (2 if kept else 3)  # pilot, check, (seed): eval names both tiers' capacities
+    assert f"{c['remote_capacity']}-slot units per (group, expert) pair" in routed[-1]
     # --reuse: the finished runs are evaluated again, not trained: same figures, logs untouched
-    logs = [os.path.join(d, "train_log_rank0.jsonl") for d in (c["pilot_run_dir"], run["run_dir"])]
+    logs = [os.path.join(d, "train_log_rank0.jsonl") for d in (c["pilot_run_dir"], check["run_dir"], run["run_dir"])]
     stamps = [os.path.getmtime(p) for p in logs]
     assert _rc(main, ["--config", path, "--routers", "locmoe", "--steps", "4", "--output", str(out), "--quiet",
                       "--clusters", "", "--equal-drops", "20", "--pilot-remote-capacity-factor", "2",
+                      "--check-runs", "1",
                       "--set", "moe.capacity_factor=4", "--set", "moe.remote_capacity_factor=0.5",
                       "--set", "parallel.virtual_scope=cluster", "--set", "moe.num_domain_groups=2",
                       "--set", "parallel.devices_per_node=1", "--set", "data.placement=domain_affine",
@@ -583,6 +595,24 @@ def test_compare_routers_equal_drops_end_to_end(tiny_run, tmp_path, capsys):
     assert again["calibration"]["remote_capacity"] == c["remote_capacity"]
     assert again["runs"][0]["valid"]["perplexity"] == run["valid"]["perplexity"]
     assert "reusing the finished training" in capsys.readouterr().out
+
+
+def test_reuse_takes_only_a_run_trained_with_the_same_config(tiny_run):
+    """compare_routers --reuse: a finished run folder stands for its config only; another capacity (a
+    calibration that changed since) or another router is a different run, a new output folder name is not."""
+    import dataclasses
+    from pangu_sigma.tools.compare_runs import finished_training, stored_config_differences
+    _, cfg, run_dir = tiny_run
+    steps = cfg.train.train_steps
+    assert finished_training(run_dir, steps, cfg) is not None and stored_config_differences(run_dir, cfg) == []
+    moved = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=run_dir + "_elsewhere"))
+    assert finished_training(run_dir, steps, moved) is not None
+    wider = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, remote_capacity_factor=0.75))
+    assert stored_config_differences(run_dir, wider) == ["moe.remote_capacity_factor"]
+    assert finished_training(run_dir, steps, wider) is None
+    assert finished_training(run_dir, steps, dataclasses.replace(cfg, moe=dataclasses.replace(
+        cfg.moe, router="switch"))) is None
+    assert finished_training(run_dir, steps + 1, cfg) is None
 
 
 def test_a2a_sensitivity_finds_the_scale_of_a_share():

@@ -33,6 +33,47 @@ def predicted_inter_node_bytes(cfg, local_capacity, remote_capacity, units=None)
     return counter.world_totals()["inter"] * cfg.train.gradient_accumulation_steps
 
 
+# The fields of a calibration that set (and predict from) the seeded runs' capacities; a check run's
+# recalibration replaces these and keeps the pilot's figures.
+CAPACITY_FIELDS = ("local_capacity", "capacity_factor", "remote_capacity", "remote_capacity_factor",
+                   "expert_rows_per_group", "predicted_drop_percent", "predicted_local_drop_percent",
+                   "predicted_remote_drop_percent", "predicted_inter_node_bytes_per_step")
+
+
+def measured_drop_percent(figures):
+    """A run's measured drop rate on the valid split in % (mean over MoE layers), from run_figures' dict."""
+    return 100 * _mean([L["drop_rate"] for L in figures["valid"]["layers"]])
+
+
+def capacity_overrides(calibration):
+    """The config overrides that give a run the calibrated capacities of both tiers."""
+    return [f"moe.capacity_factor={calibration['capacity_factor']!r}",
+            f"moe.remote_capacity_factor={calibration['remote_capacity_factor']!r}"]
+
+
+def recalibrated(calibration, check_cfg, check, counts, target_percent):
+    """One check round: the run `check` trained at `calibration`'s capacities (seed train.seed) and its own
+    routed counts [M, N, G, E] -> (the calibration with CAPACITY_FIELDS from those counts, the round's record).
+    The counts of a run at its own capacities predict its drops there exactly (first come, first served; the
+    layers' inputs already carry the drops below them), so a round that keeps the capacities has measured a
+    run at them within the target; one that changes them sizes the tiers for a model trained under capacity,
+    not the pilot's generous one."""
+    again = calibrate(check_cfg, check, counts, target_percent)
+    record = {"run_dir": check["run_dir"], "local_capacity": calibration["local_capacity"],
+              "remote_capacity": calibration["remote_capacity"],
+              "expert_rows_per_group": calibration["expert_rows_per_group"],
+              "measured_drop_percent": measured_drop_percent(check),
+              "predicted_drop_percent": again["pilot_predicted_drop_percent"],
+              "next_local_capacity": again["local_capacity"], "next_remote_capacity": again["remote_capacity"],
+              "next_expert_rows_per_group": again["expert_rows_per_group"],
+              "next_predicted_drop_percent": again["predicted_drop_percent"]}
+    return dict(calibration, **{k: again[k] for k in CAPACITY_FIELDS}), record
+
+
+def same_capacities(a, b):
+    return a["local_capacity"] == b["local_capacity"] and a["remote_capacity"] == b["remote_capacity"]
+
+
 def calibrate(cfg, pilot, counts, target_percent):
     """Both tiers at equal drops: the (node-local capacity, remote unit) with the fewest expert rows per token
     group at which the pilot's routed counts (valid split, [M, N, G, E]) drop <= target_percent % of the
@@ -59,7 +100,7 @@ def calibrate(cfg, pilot, counts, target_percent):
             "pilot_remote_capacity": routing["remote_capacity"],
             "pilot_remote_capacity_factor": routing["remote_capacity_factor"],
             "pilot_valid_perplexity": pilot["valid"]["perplexity"],
-            "pilot_drop_percent": 100 * _mean([L["drop_rate"] for L in pilot["valid"]["layers"]]),
+            "pilot_drop_percent": measured_drop_percent(pilot),
             "pilot_predicted_drop_percent": 100 * float(at_pilot.mean()), "reroute_overflow": reroute,
             "pilot_inter_node_bytes_per_step": pilot["moe_inter_node_bytes_per_step"],
             "tokens_per_group": tokens, "pilot_local_capacity": pilot_local_capacity,
@@ -75,18 +116,23 @@ def calibrate(cfg, pilot, counts, target_percent):
             "pilot_remote_spread": remote_spread(counts, mask)}
 
 
-def goals(results):
+def goals(results, target_percent=None):
     """LocMoE against the goals of the equal-drops comparison (means over seeds): inter-node bytes <= 0.6x and
     expert rows per rank <= 0.85x Switch's and Hash's, valid perplexity within 2 % of the better of Switch and
-    Hash. Byte and row ratios, drop difference in points, ppl difference in %."""
-    if "locmoe" not in results:
-        return {}
+    Hash. Byte and row ratios, drop difference in points, ppl difference in %; with target_percent, under
+    'drops over target' every router whose mean measured drop % exceeds it (the comparison is then not at
+    equal drops for it: a capacity that drops more holds fewer rows)."""
     def mean(router, column):
         return results[router]["summary"][column]["mean"]
+    over = {} if target_percent is None else {
+        r: mean(r, "drop %") for r in results if "drop %" in results[r]["summary"]
+        and results[r]["summary"]["drop %"]["n"] and mean(r, "drop %") > target_percent}
+    if "locmoe" not in results:
+        return {"drops over target": over} if over else {}
     columns = ("inter-node MoE MiB/step", "drop %", "valid ppl", "expert rows per rank")
     loc = {c: mean("locmoe", c) for c in columns if c in results["locmoe"]["summary"]}
     bases = [b for b in ("switch", "hash") if b in results]
-    out = {}
+    out = {"drops over target": over} if target_percent is not None else {}
     for base in bases:
         out[f"bytes locmoe/{base}"] = loc["inter-node MoE MiB/step"] / mean(base, "inter-node MoE MiB/step")
         if "expert rows per rank" in loc and "expert rows per rank" in results[base]["summary"]:

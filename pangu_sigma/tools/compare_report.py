@@ -127,8 +127,14 @@ def render_calibration(results, meta):
                      f"{_cell('{:.2f}', r['summary']['inter-node MoE MiB/step'], 'mean')} | "
                      + (lambda p: f"{p['remote_tokens']:.1f}, {p['used_pairs']:.2f} / {p['remote_pairs']}, "
                         f"{p['tokens_per_used_pair']:.1f}, {p['busiest_pair']:.1f} |")(c["pilot_remote_spread"]))
+    lines += render_check_rounds(results, target)
     g = meta.get("goals") or {}
-    if g:
+    over = g.get("drops over target") or {}
+    if over:
+        lines += ["", "**Not at equal drops:** the measured drops of " + ", ".join(
+            f"{r} ({d:.2f}%)" for r, d in over.items()) + f" exceed the {target:g}% target, so their rows and "
+            "bytes are those of a capacity that drops more than the others may."]
+    if any(k != "drops over target" for k in g):
         lines += ["", "## LocMoE against the goals (means over seeds)", "",
                   "Goals at equal drops: inter-node bytes <= 0.6x and expert rows per rank <= 0.85x Switch's and "
                   "Hash's, valid perplexity within 2% of the better of Switch and Hash.", ""]
@@ -142,3 +148,27 @@ def render_calibration(results, meta):
             lines.append(f"- valid ppl LocMoE vs the better of Switch and Hash ({g['best baseline ppl']}): "
                          f"{g['ppl locmoe vs best %']:+.2f}%")
     return lines + [""]
+
+
+def render_check_rounds(results, target):
+    """The check rounds of each router's calibration (compare_routers.checked_calibration); [] without any."""
+    rows = [(router, k, c, rnd) for router, r in results.items() for c in [r.get("calibration") or {}]
+            for k, rnd in enumerate(c.get("check_rounds") or [], 1)]
+    if not rows:
+        return []
+    lines = ["", "### Check runs", "",
+             f"The first seed trained at the calibrated capacities; its own routed counts size the tiers again "
+             f"(target {target:g}%). A round that keeps the capacities stands as the first seed's run; the "
+             f"predicted drops at its own capacities equal the measured ones.", "",
+             "| router | round | local C | remote C | rows per group | measured drop % | from its counts: local C "
+             "| remote C | rows | predicted drop % | converged |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for router, k, c, rnd in rows:
+        last = k == len(c["check_rounds"])
+        verdict = {True: "yes", False: "no (the seeds use its last capacities, unchecked)", None: ""}[
+            c.get("checked")] if last else ""
+        lines.append(f"| {router} | {k} | {rnd['local_capacity']} | {rnd['remote_capacity']} | "
+                     f"{rnd['expert_rows_per_group']} | {rnd['measured_drop_percent']:.2f} "
+                     f"({rnd['predicted_drop_percent']:.2f}) | {rnd['next_local_capacity']} | "
+                     f"{rnd['next_remote_capacity']} | {rnd['next_expert_rows_per_group']} | "
+                     f"{rnd['next_predicted_drop_percent']:.2f} | {verdict} |")
+    return lines

@@ -3,7 +3,7 @@
     python -m pangu_sigma.tools.compare_routers --config FILE --routers locmoe,switch,hash,rre
         --steps N --output DIR [--seeds K] [--set a.b=c ...] [--clusters 64,128,256]
         [--cluster-config-dir configs] [--dispatch padded|routed] [--efficiency X] [--overwrite] [--quiet]
-        [--equal-drops PERCENT [--pilot-remote-capacity-factor X]] [--lock FILE] [--reuse]
+        [--equal-drops PERCENT [--pilot-remote-capacity-factor X] [--check-runs K]] [--lock FILE] [--reuse]
 
 For every router R and seed s in train.seed, train.seed + 1, ... (K seeds):
 `pangu_sigma.training.train.train` with moe.router=R, train.seed=s,
@@ -32,7 +32,12 @@ deviation, min, max and n (the seeds behind it) over the seeds:
   pilot run at a generous remote capacity, the calibration from its routed counts
   (`calibrate`, pangu_sigma.tools.equal_drops), then the seeded runs at that
   capacity (the pilot's counts [M, N, G, E] are kept in its folder as
-  valid_pair_counts.npy); report.md gives the calibration and LocMoE's byte ratios against
+  valid_pair_counts.npy). A learned router trained at that tight capacity routes
+  otherwise than its pilot, so up to K check runs (DIR/R/check<k>, --check-runs,
+  default 2) train the first seed at the calibrated capacities and size the tiers
+  again from their own counts, until a round keeps the capacities (that run is then
+  the first seed's); report.md lists the rounds and flags a router whose measured
+  drops exceed the target. report.md gives the calibration and LocMoE's byte ratios against
   Switch and Hash, drop difference and perplexity against the best other router.
 Columns are named entries of RUN_COLUMNS / DOMAIN_COLUMNS (one line each).
 The stages live in compare_runs, compare_evaluation, compare_calibration, compare_simulation and
@@ -48,7 +53,8 @@ from locmoe.config import ROUTERS
 from locmoe.errors import ConfigError
 from pangu_sigma.tools._cli import OneLineParser, fail, write_json
 from pangu_sigma.tools.cost_model import Hardware
-from pangu_sigma.tools.compare_calibration import calibrate, goals  # noqa: F401 (goals: part of this CLI's API)
+from pangu_sigma.tools.compare_calibration import (calibrate, capacity_overrides, goals,  # noqa: F401 (goals:
+                                                   recalibrated, same_capacities)      # this CLI's API)
 from pangu_sigma.tools.compare_evaluation import DOMAIN_COLUMNS, RUN_COLUMNS, columns, spread, summarize  # noqa: F401
 from pangu_sigma.tools.compare_report import _cell, _n_label, render, render_calibration  # noqa: F401
 from pangu_sigma.tools.compare_runs import run_figures, tokens_per_step
@@ -57,7 +63,7 @@ from pangu_sigma.tools.compare_simulation import DEFAULT_CLUSTERS, default_confi
 
 def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_CLUSTERS, config_dir=None,
             dispatch="padded", hw=None, overwrite=False, log=print, seeds=1, equal_drops=None,
-            pilot_remote_factor=None, lock=None, reuse=False, router_overrides=None):
+            pilot_remote_factor=None, lock=None, reuse=False, router_overrides=None, check_runs=2):
     """Train, evaluate and simulate every router over `seeds` seeds (train.seed, train.seed + 1, ...);
     write report.md and report.json; return {'meta': ..., 'results': {router: ...}}.
 
@@ -65,7 +71,10 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
     moe.remote_capacity_factor = pilot_remote_factor (default moe.capacity_factor), then the
     smallest remote capacity whose predicted valid drop rate (mean over MoE layers, from the
     pilot's routed counts) is <= equal_drops % (`calibrate`), and the seeded runs at it.
-    lock: a file held (flock) while each run trains and evaluates. reuse: finished runs in `output`
+    check_runs: after the pilot's calibration, up to this many check rounds (checked_calibration): seed
+    train.seed trained at the calibrated capacities, the tiers sized again from its own routed counts, until
+    a round keeps them (0: the pilot's calibration as it is, which a learned router trained under a tight
+    capacity can overshoot). lock: a file held (flock) while each run trains and evaluates. reuse: finished runs in `output`
     (an interrupted comparison) are evaluated again instead of trained. router_overrides: {router:
     [SECTION.KEY=VALUE, ...]} applied after `overrides` to that router's runs only (e.g. Switch
     without level 1, as its cluster configs)."""
@@ -93,6 +102,8 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
             raise ConfigError("moe.remote_capacity_factor", base.moe.remote_capacity_factor,
                               "> 0 with --equal-drops (the two-tier exchange, whose remote capacity is calibrated)")
         pilot_remote_factor = base.moe.capacity_factor if pilot_remote_factor is None else pilot_remote_factor
+        if not (isinstance(check_runs, int) and check_runs >= 0):
+            raise ConfigError("--check-runs", check_runs, "an integer >= 0")
     seed_values = [base.train.seed + k for k in range(seeds)]
     cfgs, pilots = {}, {}
 
@@ -124,7 +135,7 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
     os.makedirs(output, exist_ok=True)
     results = {}
     for router in routers:
-        calibration = None
+        calibration = checked = None
         if equal_drops is not None:
             counts = []
             pilot = run_figures(pilots[router], router, (), config_dir, dispatch, hw, log, lock, counts, reuse)
@@ -135,12 +146,17 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
                 f"(moe.remote_capacity_factor={calibration['remote_capacity_factor']!r}) predicted to drop "
                 f"{calibration['predicted_drop_percent']:.2f}% <= {equal_drops:g}% on the valid split "
                 f"(pilot at {calibration['pilot_remote_capacity']}: {calibration['pilot_drop_percent']:.2f}%)")
+            calibration, checked = checked_calibration(
+                calibration, lambda k, c: router_config(router, os.path.join(output, router, f"check{k}"),
+                                                        seed_values[0], capacity_overrides(c)),
+                lambda cfg, counts: run_figures(cfg, router, clusters, config_dir, dispatch, hw, log, lock, counts,
+                                                reuse),
+                equal_drops, check_runs, log)
             for seed in seed_values:
-                cfgs[router, seed] = router_config(
-                    router, os.path.join(output, router, f"seed{seed}"), seed,
-                    [f"moe.capacity_factor={calibration['capacity_factor']!r}",
-                     f"moe.remote_capacity_factor={calibration['remote_capacity_factor']!r}"])
-        runs = [run_figures(cfgs[router, seed], router, clusters, config_dir, dispatch, hw, log, lock, reuse=reuse)
+                cfgs[router, seed] = router_config(router, os.path.join(output, router, f"seed{seed}"), seed,
+                                                   capacity_overrides(calibration))
+        runs = [checked if checked is not None and seed == seed_values[0] else
+                run_figures(cfgs[router, seed], router, clusters, config_dir, dispatch, hw, log, lock, reuse=reuse)
                 for seed in seed_values]
         first = cfg0.model.num_layers - cfg0.model.moe_layer_num
         results[router] = {
@@ -163,7 +179,7 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
             "virtual_world_size": cfg0.parallel.virtual_world_size, "virtual_rank": cfg0.parallel.virtual_rank,
             "devices_per_node": cfg0.parallel.devices_per_node, "equal_drops_percent": equal_drops,
             "pilot_remote_capacity_factor": pilot_remote_factor if equal_drops is not None else None,
-            "goals": goals(results)}
+            "goals": goals(results, equal_drops)}
     write_json(os.path.join(output, "report.json"), {"meta": meta, "results": results})
     text = render(results, clusters, meta)
     tmp = os.path.join(output, f"report.md.tmp{os.getpid()}")
@@ -172,6 +188,31 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
     os.replace(tmp, os.path.join(output, "report.md"))
     log(f"[compare] wrote {os.path.join(output, 'report.md')} and report.json")
     return {"meta": meta, "results": results}
+
+
+def checked_calibration(calibration, check_config, train_and_evaluate, target, check_runs, log=print):
+    """Up to check_runs check rounds after the pilot's calibration (compare_calibration.recalibrated): round k
+    trains seed train.seed at the current capacities (check_config(k, calibration) -> its config;
+    train_and_evaluate(cfg, counts) -> run_figures' dict, its routed counts appended to counts) and sizes
+    the tiers again from that run's own counts. Stops when a round keeps the capacities: that run was measured
+    at them within the target and stands as the first seed's run. -> (calibration with 'check_rounds' and
+    'checked', the converged check run or None)."""
+    rounds = []
+    for k in range(1, check_runs + 1):
+        cfg = check_config(k, calibration)
+        counts = []
+        run = train_and_evaluate(cfg, counts)
+        np.save(os.path.join(run["run_dir"], "valid_pair_counts.npy"), counts[0])  # [M, N, G, E]
+        again, record = recalibrated(calibration, cfg, run, counts[0], target)
+        rounds.append(record)
+        log(f"[compare] check {k}: at local capacity {record['local_capacity']}, remote capacity "
+            f"{record['remote_capacity']} the run dropped {record['measured_drop_percent']:.2f}% (target "
+            f"{target:g}%); its own routed counts give local {again['local_capacity']}, remote "
+            f"{again['remote_capacity']}")
+        if same_capacities(again, calibration):
+            return dict(calibration, check_rounds=rounds, checked=True), run
+        calibration = again
+    return dict(calibration, check_rounds=rounds, checked=False if check_runs else None), None
 
 
 def parse_list(text, name, cast=str):
@@ -215,6 +256,9 @@ def main(argv=None):
     parser.add_argument("--equal-drops", type=float, metavar="PERCENT",
                         help="compare at equal drops: per router a pilot run, then the smallest remote capacity "
                              "whose valid drop rate is <= PERCENT (mean over MoE layers) for the seeded runs")
+    parser.add_argument("--check-runs", type=int, default=2, metavar="K",
+                        help="with --equal-drops: up to K check runs (the first seed at the calibrated capacities, "
+                             "recalibrated from its own routed counts until the capacities hold; default 2)")
     parser.add_argument("--pilot-remote-capacity-factor", type=float,
                         help="the pilot runs' moe.remote_capacity_factor (default moe.capacity_factor)")
     parser.add_argument("--reuse", action="store_true",
@@ -234,7 +278,7 @@ def main(argv=None):
         compare(args.config, parse_list(args.routers, "--routers"), args.steps, args.output, args.set, clusters,
                 args.cluster_config_dir, args.dispatch, Hardware(efficiency=args.efficiency), args.overwrite, log,
                 args.seeds, args.equal_drops, args.pilot_remote_capacity_factor, args.lock, args.reuse,
-                parse_router_sets(args.router_set))
+                parse_router_sets(args.router_set), args.check_runs)
     except ConfigError as err:
         return fail(err)
     return 0

@@ -57,12 +57,27 @@ def held(lock_path, log):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def finished_training(run_dir, steps):
-    """train()'s summary of a run folder whose training reached `steps` (from its log), else None."""
+def stored_config_differences(run_dir, cfg):
+    """The result-changing fields in which the config a run folder was trained with (its run.json) differs
+    from cfg (pangu_sigma.training.run_identity.config_differences); ['run.json'] without one."""
+    from pangu_sigma.training.checkpoint import read_run_file
+    from pangu_sigma.training.run_identity import config_differences
+    stored = read_run_file(run_dir)
+    if not stored or "config" not in stored:
+        return ["run.json"]
+    return config_differences(stored["config"], cfg.to_dict(), None, None)
+
+
+def finished_training(run_dir, steps, cfg=None):
+    """train()'s summary of a run folder whose training reached `steps` (from its log), else None; with cfg,
+    also None when the folder was trained with another config (e.g. other capacities: a calibration that
+    changed between two invocations of --reuse)."""
     from pangu_sigma.training.callbacks import read_jsonl
     log_path = os.path.join(run_dir, "train_log_rank0.jsonl")
     marker = os.path.join(run_dir, "checkpoints", f"step_{steps:08d}.complete")
     if not (os.path.isfile(log_path) and os.path.exists(marker)):
+        return None
+    if cfg is not None and stored_config_differences(run_dir, cfg):
         return None
     rows = [r for r in read_jsonl(log_path) if "step" in r]
     if not rows or rows[-1]["step"] != steps:
@@ -79,7 +94,10 @@ def run_figures(cfg, router, clusters, config_dir, dispatch, hw, log, lock=None,
     from pangu_sigma.training.train import train
 
     run_dir = cfg.train.output_dir
-    summary = finished_training(run_dir, cfg.train.train_steps) if reuse else None
+    summary = finished_training(run_dir, cfg.train.train_steps, cfg) if reuse else None
+    if reuse and summary is None and finished_training(run_dir, cfg.train.train_steps) is not None:
+        log(f"[compare] {run_dir} was trained with another config ("
+            + ", ".join(stored_config_differences(run_dir, cfg)[:4]) + "): training it again")
     if summary is None and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
     with held(lock if summary is None else None, log):  # evaluating a finished run alone is light
