@@ -28,12 +28,12 @@
 #   iid_600          i.i.d., LocMoE (rate 10), Switch and Hash, 6 seeds, trained 600 steps instead of 150 (each calibrated from
 #                    its own 600-step pilot): does the learned routers' gap to Hash close with training?
 #   iid_600_mu0, iid_600_rre: the controls of iid_600 (3 seeds): the same LocMoE with mu = 0; RRE
-#   iid_600_check    iid_600 at 3 seeds with check runs (compare_routers --check-runs, default 2): the first seed
-#                    trained at the pilot's capacities and the tiers sized again from its own routed counts, so
-#                    that the measured drops, not only the pilot's prediction, meet the 5 % target
+#   iid_600_check    iid_600 at 3 seeds with check rounds (compare_routers --check-rounds, default 2): the tiers
+#                    sized again from the seeds' own routed counts and every seed trained again at the new
+#                    capacities, so that the measured drops, not only the pilot's prediction, meet the 5 % target
 #   iid_check        the same at 150 steps, 6 seeds
 # Settings listed before iid_600_check were run (at the commits docs/results.md names) with the pilot's
-# calibration alone (--check-runs 0 reproduces them); a learned router's measured drops then overshoot the target.
+# calibration alone (--check-rounds 0 trains the same runs); a learned router's measured drops then overshoot the target.
 #   four_affine, four_affine_mu0: the four-domain corpus with the domain-affine placement (a node per domain):
 #                    LocMoE (rate 10) and RRE; the same LocMoE with mu = 0
 #   four_iid, four_iid_rate10, four_iid_mu0: on the four-domain corpus (pangu_sigma.data.four_domain_corpus,
@@ -119,9 +119,9 @@ for setting in "${settings[@]}"; do
         iid_600_rre) "${compare[@]}" --output "$out" --routers rre --seeds 3 --equal-drops 5 \
                  --set data.placement=iid --steps 600 ;;
         iid_600_check) "${compare[@]}" --output "$out" --routers locmoe,switch,hash --seeds 3 --equal-drops 5 \
-                 --check-runs 2 --set data.placement=iid --steps 600 ;;
+                 --check-rounds 2 --set data.placement=iid --steps 600 ;;
         iid_check) "${compare[@]}" --output "$out" --routers locmoe,switch,hash --seeds 6 --equal-drops 5 \
-                 --check-runs 2 --set data.placement=iid ;;
+                 --check-rounds 2 --set data.placement=iid ;;
         four_affine) "${compare[@]}" --output "$out" --routers locmoe,rre --seeds 3 --equal-drops 5 "${four_affine[@]}" ;;
         four_affine_mu0) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
                  "${four_affine[@]}" --set moe.locality_loss_coef=0 ;;

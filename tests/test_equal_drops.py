@@ -186,18 +186,19 @@ def test_goals_and_the_equal_drops_section_from_given_results():
     assert cr.goals({"hash": results["hash"]}, 4.5) == {"drops over target": {"hash": 5.0}}
 
 
-def test_check_rounds_stop_when_a_run_keeps_the_capacities(monkeypatch, tmp_path):
-    """checked_calibration: each round trains the first seed at the current capacities and recalibrates from
-    its own counts; the first round that keeps them is the seed's run; without one the seeds get the last."""
-    from pangu_sigma.tools import compare_routers as cr
-    plan = [(70, 4), (66, 4), (66, 4)]  # what each round's counts call for: 70 -> 66 -> 66 (kept)
-    trained = []
+def test_check_rounds_stop_when_a_round_keeps_the_capacities(monkeypatch, tmp_path):
+    """seed_rounds: every round trains every seed at the current capacities and recalibrates from their
+    counts; the first round whose counts keep the capacities is the result; without one the last round's
+    runs come back with the capacities they were trained at."""
+    from pangu_sigma.tools import compare_calibration as cc
+    plan = [(70, 4), (66, 4), (66, 4)]  # what each round's counts call for: 64 -> 70 -> 66 -> 66 (kept)
+    trained, pooled = [], []
 
-    def fake_recalibrated(calibration, cfg, run, counts, target):
-        local, remote = plan[len(trained) - 1]
+    def fake_recalibrated(calibration, cfg, runs, counts, target):
+        pooled.append(len(counts))
+        local, remote = plan[len(pooled) - 1]
         record = {"local_capacity": calibration["local_capacity"], "remote_capacity": calibration["remote_capacity"],
-                  "measured_drop_percent": 4.0,
-                  "next_local_capacity": local, "next_remote_capacity": remote}
+                  "measured_drop_percent": 4.0}
         return dict(calibration, local_capacity=local, remote_capacity=remote), record
 
     def train_and_evaluate(cfg, counts):
@@ -205,44 +206,15 @@ def test_check_rounds_stop_when_a_run_keeps_the_capacities(monkeypatch, tmp_path
         counts.append(np.zeros((1, 1, 1, 1), np.int64))
         return {"run_dir": str(tmp_path), "cfg": cfg}
 
-    monkeypatch.setattr(cr, "recalibrated", fake_recalibrated)
+    monkeypatch.setattr(cc, "recalibrated", fake_recalibrated)
     first = {"local_capacity": 64, "remote_capacity": 4}
-    calibration, run = cr.checked_calibration(first, lambda k, c: (k, c["local_capacity"]), train_and_evaluate,
-                                              5.0, 3, log=lambda *_: None)
-    assert trained == [(1, 64), (2, 70), (3, 66)] and run["cfg"] == (3, 66)
+    config = lambda k, seed, c: (k, seed, c["local_capacity"])  # noqa: E731
+    calibration, runs = cc.seed_rounds(first, config, train_and_evaluate, [1, 2], 5.0, 3, log=lambda *_: None)
+    assert trained == [(0, 1, 64), (0, 2, 64), (1, 1, 70), (1, 2, 70), (2, 1, 66), (2, 2, 66)]
+    assert [r["cfg"] for r in runs] == [(2, 1, 66), (2, 2, 66)] and pooled == [2, 2, 2]
     assert calibration["checked"] is True and calibration["local_capacity"] == 66
     assert [r["local_capacity"] for r in calibration["check_rounds"]] == [64, 70, 66]
-    trained.clear()
-    calibration, run = cr.checked_calibration(first, lambda k, c: (k, c["local_capacity"]), train_and_evaluate,
-                                              5.0, 2, log=lambda *_: None)
-    assert run is None and calibration["checked"] is False and calibration["local_capacity"] == 66
-    calibration, run = cr.checked_calibration(first, None, None, 5.0, 0)
-    assert run is None and calibration["checked"] is None and calibration["check_rounds"] == []
-
-
-def test_equal_drops_needs_two_tiers_and_a_percentage(tiny_data, tmp_path):
-    import yaml
-    from locmoe.errors import ConfigError
-    from pangu_sigma.tools.compare_routers import compare
-
-    path = tmp_path / "tiny.yaml"
-    raw = {"model": {"seq_length": 16, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "ffn_hidden_size": 64,
-                     "moe_layer_num": 1},
-           "moe": {"router": "locmoe", "expert_num_per_dp_dim": 1},
-           "parallel": {"expert_parallel": 4, "devices_per_node": 2, "virtual_world_size": 4},
-           "data": {"dataset_dir": tiny_data}, "train": {"batch_size": 8, "sink_size": 1, "train_steps": 2}}
-    path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ConfigError, match="moe.remote_capacity_factor"):
-        compare(str(path), ["locmoe"], 2, str(tmp_path / "out"), equal_drops=5.0)
-    with pytest.raises(ConfigError, match="--equal-drops"):
-        compare(str(path), ["locmoe"], 2, str(tmp_path / "out"), ["moe.remote_capacity_factor=0.5"],
-                equal_drops=100.0)
-    assert not (tmp_path / "out").exists()
-
-
-def test_hand_worked_remote_spread():
-    from pangu_sigma.tools.equal_drops import remote_spread
-    # remote pairs per (batch, group): (3, 0), (0, 2), (0, 4), (3, 0): one used pair each
-    s = remote_spread(COUNTS, MASK)
-    assert s == {"remote_tokens": 3.0, "remote_pairs": 2, "used_pairs": 1.0, "tokens_per_used_pair": 3.0,
-                 "busiest_pair": 3.0}
+    trained.clear(), pooled.clear()
+    calibration, runs = cc.seed_rounds(first, config, train_and_evaluate, [1, 2], 5.0, 1, log=lambda *_: None)
+    assert [r["cfg"] for r in runs] == [(1, 1, 70), (1, 2, 70)]  # round 1's counts call for 66: no round left
+    assert calibration["checked"] is False and calibration["local_capacity"] == 70

@@ -547,7 +547,7 @@ def test_compare_routers_equal_drops_end_to_end(tiny_run, tmp_path, capsys):
     out = tmp_path / "eq"
     assert _rc(main, ["--config", path, "--routers", "locmoe", "--steps", "4", "--output", str(out),
                       "--clusters", "", "--equal-drops", "20", "--pilot-remote-capacity-factor", "2",
-                      "--check-runs", "1",
+                      "--check-rounds", "1",
                       "--set", "moe.capacity_factor=4", "--set", "moe.remote_capacity_factor=0.5",
                       "--set", "parallel.virtual_scope=cluster", "--set", "moe.num_domain_groups=2",
                       "--set", "parallel.devices_per_node=1",  # 4 nodes: a domain's experts span two
@@ -567,25 +567,26 @@ def test_compare_routers_equal_drops_end_to_end(tiny_run, tmp_path, capsys):
     assert expert_capacity(tokens, c["remote_capacity_factor"], 4 * 4) == c["remote_capacity"]
     assert run["moe_inter_node_bytes_per_step"] == c["predicted_inter_node_bytes_per_step"]
     assert report["meta"]["equal_drops_percent"] == 20 and "## Equal drops" in (out / "report.md").read_text()
-    (check,) = c["check_rounds"]  # the first seed at the pilot's calibration, measured on the real layer
-    assert check["predicted_drop_percent"] == pytest.approx(check["measured_drop_percent"], abs=1e-9)
-    assert check["run_dir"].endswith("check1") and 0 <= check["measured_drop_percent"] <= 100
-    kept = (check["next_local_capacity"], check["next_remote_capacity"]) == (check["local_capacity"],
-                                                                             check["remote_capacity"])
-    assert c["checked"] is kept and (c["local_capacity"], c["remote_capacity"]) == (check["next_local_capacity"],
-                                                                                  check["next_remote_capacity"])
-    assert run["run_dir"].endswith("check1" if kept else "seed1234")  # a kept round is the seed's run
-    assert run["valid"]["routing"]["capacity"] == c["local_capacity"]
-    assert "### Check runs" in (out / "report.md").read_text()
+    rounds = c["check_rounds"]  # round 0 at the pilot's calibration; its drops measured on the real layer
+    assert 1 <= len(rounds) <= 2 and [r["run_dirs"][0].endswith(f) for r, f in
+                                      zip(rounds, ("seed1234", "round1/seed1234"))] == [True] * len(rounds)
+    for r in rounds:
+        assert r["predicted_drop_percent"] == pytest.approx(r["measured_drop_percent"], abs=1e-9)
+    kept = (rounds[0]["next_local_capacity"], rounds[0]["next_remote_capacity"]) == (
+        rounds[0]["local_capacity"], rounds[0]["remote_capacity"])
+    assert len(rounds) == (1 if kept else 2) and run["run_dir"] == rounds[-1]["run_dirs"][0]
+    assert (run["valid"]["routing"]["capacity"], run["valid"]["routing"]["remote_capacity"]) == (
+        rounds[-1]["local_capacity"], rounds[-1]["remote_capacity"]) == (c["local_capacity"], c["remote_capacity"])
+    assert "### Check rounds" in (out / "report.md").read_text()
     routed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[eval] routed as training")]
-    assert len(routed) == (2 if kept else 3)  # pilot, check, (seed): eval names both tiers' capacities
+    assert len(routed) == 1 + len(rounds)  # pilot, each round's seed: eval names both tiers' capacities
     assert f"{c['remote_capacity']}-slot units per (group, expert) pair" in routed[-1]
     # --reuse: the finished runs are evaluated again, not trained: same figures, logs untouched
-    logs = [os.path.join(d, "train_log_rank0.jsonl") for d in (c["pilot_run_dir"], check["run_dir"], run["run_dir"])]
+    logs = [os.path.join(d, "train_log_rank0.jsonl") for d in [c["pilot_run_dir"]] + [r["run_dirs"][0] for r in rounds]]
     stamps = [os.path.getmtime(p) for p in logs]
     assert _rc(main, ["--config", path, "--routers", "locmoe", "--steps", "4", "--output", str(out), "--quiet",
                       "--clusters", "", "--equal-drops", "20", "--pilot-remote-capacity-factor", "2",
-                      "--check-runs", "1",
+                      "--check-rounds", "1",
                       "--set", "moe.capacity_factor=4", "--set", "moe.remote_capacity_factor=0.5",
                       "--set", "parallel.virtual_scope=cluster", "--set", "moe.num_domain_groups=2",
                       "--set", "parallel.devices_per_node=1", "--set", "data.placement=domain_affine",

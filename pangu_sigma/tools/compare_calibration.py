@@ -1,5 +1,7 @@
 """compare_routers, calibration stage: equal drops (the smallest remote capacity meeting a drop-rate
 target, from a pilot run's routed counts) and LocMoE against the goals."""
+import os
+
 import numpy as np
 
 from locmoe.errors import ConfigError
@@ -51,18 +53,18 @@ def capacity_overrides(calibration):
             f"moe.remote_capacity_factor={calibration['remote_capacity_factor']!r}"]
 
 
-def recalibrated(calibration, check_cfg, check, counts, target_percent):
-    """One check round: the run `check` trained at `calibration`'s capacities (seed train.seed) and its own
-    routed counts [M, N, G, E] -> (the calibration with CAPACITY_FIELDS from those counts, the round's record).
-    The counts of a run at its own capacities predict its drops there exactly (first come, first served; the
-    layers' inputs already carry the drops below them), so a round that keeps the capacities has measured a
-    run at them within the target; one that changes them sizes the tiers for a model trained under capacity,
-    not the pilot's generous one."""
-    again = calibrate(check_cfg, check, counts, target_percent)
-    record = {"run_dir": check["run_dir"], "local_capacity": calibration["local_capacity"],
+def recalibrated(calibration, cfg, runs, counts, target_percent):
+    """One round's record: `runs` (every seed, trained at `calibration`'s capacities; cfg: one of their configs)
+    and their own routed counts [M, N, G, E] each -> (the calibration with CAPACITY_FIELDS sized from the
+    counts pooled over the seeds, the round's record). The counts of runs at their own capacities give their
+    drops there exactly (first come, first served; each layer's input already carries the drops below it),
+    so the pooled prediction at the round's capacities is the seeds' mean measured drop rate."""
+    pooled = np.concatenate([np.asarray(c, np.int64) for c in counts], 1)  # [M, seeds * N, G, E]
+    again = calibrate(cfg, runs[0], pooled, target_percent)
+    record = {"run_dirs": [r["run_dir"] for r in runs], "local_capacity": calibration["local_capacity"],
               "remote_capacity": calibration["remote_capacity"],
               "expert_rows_per_group": calibration["expert_rows_per_group"],
-              "measured_drop_percent": measured_drop_percent(check),
+              "measured_drop_percent": _mean([measured_drop_percent(r) for r in runs]),
               "predicted_drop_percent": again["pilot_predicted_drop_percent"],
               "next_local_capacity": again["local_capacity"], "next_remote_capacity": again["remote_capacity"],
               "next_expert_rows_per_group": again["expert_rows_per_group"],
@@ -72,6 +74,35 @@ def recalibrated(calibration, check_cfg, check, counts, target_percent):
 
 def same_capacities(a, b):
     return a["local_capacity"] == b["local_capacity"] and a["remote_capacity"] == b["remote_capacity"]
+
+
+def seed_rounds(calibration, seed_config, train_and_evaluate, seeds, target_percent, check_rounds, log=print):
+    """The seeded runs at equal drops, checked (compare_routers --check-rounds): round 0 trains every seed at
+    the pilot's calibration; each round then sizes the tiers again from its seeds' own routed counts, pooled
+    (recalibrated), and while that changes the capacities and rounds are left, round k + 1 trains every seed
+    at the new ones. seed_config(k, seed, calibration) -> a run's config; train_and_evaluate(cfg, counts) ->
+    run_figures' dict, its counts appended to the list counts. -> (the calibration of the returned runs, with
+    'check_rounds' (one record per round) and 'checked' (True: the last round kept its capacities, so the
+    seeds' mean measured drops meet the target), the last round's runs)."""
+    rounds = []
+    for k in range(check_rounds + 1):
+        runs, counts = [], []
+        for seed in seeds:
+            run = train_and_evaluate(seed_config(k, seed, calibration), counts)
+            np.save(os.path.join(run["run_dir"], "valid_pair_counts.npy"), counts[-1])  # [M, N, G, E]
+            runs.append(run)
+        again, record = recalibrated(calibration, seed_config(k, seeds[0], calibration), runs, counts,
+                                     target_percent)
+        rounds.append(record)
+        log(f"[compare] round {k}: at local capacity {record['local_capacity']}, remote capacity "
+            f"{record['remote_capacity']} the seeds dropped {record['measured_drop_percent']:.2f}% (target "
+            f"{target_percent:g}%); their routed counts call for local {again['local_capacity']}, remote "
+            f"{again['remote_capacity']}")
+        if same_capacities(again, calibration):
+            return dict(calibration, check_rounds=rounds, checked=True), runs
+        if k < check_rounds:
+            calibration = again
+    return dict(calibration, check_rounds=rounds, checked=False), runs
 
 
 def calibrate(cfg, pilot, counts, target_percent):

@@ -151,21 +151,21 @@ def render_calibration(results, meta):
 
 
 def render_check_rounds(results, target):
-    """The check rounds of each router's calibration (compare_routers.checked_calibration); [] without any."""
+    """The check rounds of each router's calibration (compare_calibration.seed_rounds); [] without any."""
     rows = [(router, k, c, rnd) for router, r in results.items() for c in [r.get("calibration") or {}]
-            for k, rnd in enumerate(c.get("check_rounds") or [], 1)]
+            for k, rnd in enumerate(c.get("check_rounds") or [])]
     if not rows:
         return []
-    lines = ["", "### Check runs", "",
-             f"The first seed trained at the calibrated capacities; its own routed counts size the tiers again "
-             f"(target {target:g}%). A round that keeps the capacities stands as the first seed's run; the "
-             f"predicted drops at its own capacities equal the measured ones.", "",
-             "| router | round | local C | remote C | rows per group | measured drop % | from its counts: local C "
-             "| remote C | rows | predicted drop % | converged |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["", "### Check rounds", "",
+             f"Round 0 trains every seed at the pilot's calibration; the seeds' own routed counts, pooled, size "
+             f"the tiers again (target {target:g}%), and a round that changes them is followed by one at the new "
+             f"capacities. The table above shows the last round's. Measured drops are the seeds' mean; the "
+             f"prediction from their counts at their own capacities (in brackets) equals it.", "",
+             "| router | round | local C | remote C | rows per group | measured drop % | their counts call for: "
+             "local C | remote C | rows | predicted drop % | converged |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for router, k, c, rnd in rows:
-        last = k == len(c["check_rounds"])
-        verdict = {True: "yes", False: "no (the seeds use its last capacities, unchecked)", None: ""}[
-            c.get("checked")] if last else ""
+        last = k == len(c["check_rounds"]) - 1
+        verdict = ("yes" if c.get("checked") else "no: rounds used up") if last else ""
         lines.append(f"| {router} | {k} | {rnd['local_capacity']} | {rnd['remote_capacity']} | "
                      f"{rnd['expert_rows_per_group']} | {rnd['measured_drop_percent']:.2f} "
                      f"({rnd['predicted_drop_percent']:.2f}) | {rnd['next_local_capacity']} | "

@@ -3,7 +3,7 @@
     python -m pangu_sigma.tools.compare_routers --config FILE --routers locmoe,switch,hash,rre
         --steps N --output DIR [--seeds K] [--set a.b=c ...] [--clusters 64,128,256]
         [--cluster-config-dir configs] [--dispatch padded|routed] [--efficiency X] [--overwrite] [--quiet]
-        [--equal-drops PERCENT [--pilot-remote-capacity-factor X] [--check-runs K]] [--lock FILE] [--reuse]
+        [--equal-drops PERCENT [--pilot-remote-capacity-factor X] [--check-rounds K]] [--lock FILE] [--reuse]
 
 For every router R and seed s in train.seed, train.seed + 1, ... (K seeds):
 `pangu_sigma.training.train.train` with moe.router=R, train.seed=s,
@@ -33,10 +33,11 @@ deviation, min, max and n (the seeds behind it) over the seeds:
   (`calibrate`, pangu_sigma.tools.equal_drops), then the seeded runs at that
   capacity (the pilot's counts [M, N, G, E] are kept in its folder as
   valid_pair_counts.npy). A learned router trained at that tight capacity routes
-  otherwise than its pilot, so up to K check runs (DIR/R/check<k>, --check-runs,
-  default 2) train the first seed at the calibrated capacities and size the tiers
-  again from their own counts, until a round keeps the capacities (that run is then
-  the first seed's); report.md lists the rounds and flags a router whose measured
+  otherwise than its pilot, and its seeds split a node's tokens differently, so the
+  measured drops can overshoot the prediction: up to K check rounds (--check-rounds,
+  default 2) size the tiers again from the seeds' own routed counts, pooled, and train
+  every seed at the new capacities (DIR/R/round<k>/seed<s>), until a round keeps them;
+  report.md lists the rounds and flags a router whose measured
   drops exceed the target. report.md gives the calibration and LocMoE's byte ratios against
   Switch and Hash, drop difference and perplexity against the best other router.
 Columns are named entries of RUN_COLUMNS / DOMAIN_COLUMNS (one line each).
@@ -54,7 +55,7 @@ from locmoe.errors import ConfigError
 from pangu_sigma.tools._cli import OneLineParser, fail, write_json
 from pangu_sigma.tools.cost_model import Hardware
 from pangu_sigma.tools.compare_calibration import (calibrate, capacity_overrides, goals,  # noqa: F401 (goals:
-                                                   recalibrated, same_capacities)      # this CLI's API)
+                                                   seed_rounds)                        # this CLI's API)
 from pangu_sigma.tools.compare_evaluation import DOMAIN_COLUMNS, RUN_COLUMNS, columns, spread, summarize  # noqa: F401
 from pangu_sigma.tools.compare_report import _cell, _n_label, render, render_calibration  # noqa: F401
 from pangu_sigma.tools.compare_runs import run_figures, tokens_per_step
@@ -63,7 +64,7 @@ from pangu_sigma.tools.compare_simulation import DEFAULT_CLUSTERS, default_confi
 
 def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_CLUSTERS, config_dir=None,
             dispatch="padded", hw=None, overwrite=False, log=print, seeds=1, equal_drops=None,
-            pilot_remote_factor=None, lock=None, reuse=False, router_overrides=None, check_runs=2):
+            pilot_remote_factor=None, lock=None, reuse=False, router_overrides=None, check_rounds=2):
     """Train, evaluate and simulate every router over `seeds` seeds (train.seed, train.seed + 1, ...);
     write report.md and report.json; return {'meta': ..., 'results': {router: ...}}.
 
@@ -71,10 +72,11 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
     moe.remote_capacity_factor = pilot_remote_factor (default moe.capacity_factor), then the
     smallest remote capacity whose predicted valid drop rate (mean over MoE layers, from the
     pilot's routed counts) is <= equal_drops % (`calibrate`), and the seeded runs at it.
-    check_runs: after the pilot's calibration, up to this many check rounds (checked_calibration): seed
-    train.seed trained at the calibrated capacities, the tiers sized again from its own routed counts, until
-    a round keeps them (0: the pilot's calibration as it is, which a learned router trained under a tight
-    capacity can overshoot). lock: a file held (flock) while each run trains and evaluates. reuse: finished runs in `output`
+    check_rounds: up to this many check rounds after the first (compare_calibration.seed_rounds): the tiers
+    sized again from the seeds' own routed counts, pooled, and every seed trained at the new capacities,
+    until a round keeps them (0: the pilot's calibration as it is; its record still says what the seeds'
+    counts call for).
+    lock: a file held (flock) while each run trains and evaluates. reuse: finished runs in `output`
     (an interrupted comparison) are evaluated again instead of trained. router_overrides: {router:
     [SECTION.KEY=VALUE, ...]} applied after `overrides` to that router's runs only (e.g. Switch
     without level 1, as its cluster configs)."""
@@ -102,8 +104,8 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
             raise ConfigError("moe.remote_capacity_factor", base.moe.remote_capacity_factor,
                               "> 0 with --equal-drops (the two-tier exchange, whose remote capacity is calibrated)")
         pilot_remote_factor = base.moe.capacity_factor if pilot_remote_factor is None else pilot_remote_factor
-        if not (isinstance(check_runs, int) and check_runs >= 0):
-            raise ConfigError("--check-runs", check_runs, "an integer >= 0")
+        if not (isinstance(check_rounds, int) and check_rounds >= 0):
+            raise ConfigError("--check-rounds", check_rounds, "an integer >= 0")
     seed_values = [base.train.seed + k for k in range(seeds)]
     cfgs, pilots = {}, {}
 
@@ -135,7 +137,7 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
     os.makedirs(output, exist_ok=True)
     results = {}
     for router in routers:
-        calibration = checked = None
+        calibration = None
         if equal_drops is not None:
             counts = []
             pilot = run_figures(pilots[router], router, (), config_dir, dispatch, hw, log, lock, counts, reuse)
@@ -146,18 +148,19 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
                 f"(moe.remote_capacity_factor={calibration['remote_capacity_factor']!r}) predicted to drop "
                 f"{calibration['predicted_drop_percent']:.2f}% <= {equal_drops:g}% on the valid split "
                 f"(pilot at {calibration['pilot_remote_capacity']}: {calibration['pilot_drop_percent']:.2f}%)")
-            calibration, checked = checked_calibration(
-                calibration, lambda k, c: router_config(router, os.path.join(output, router, f"check{k}"),
-                                                        seed_values[0], capacity_overrides(c)),
-                lambda cfg, counts: run_figures(cfg, router, clusters, config_dir, dispatch, hw, log, lock, counts,
-                                                reuse),
-                equal_drops, check_runs, log)
-            for seed in seed_values:
-                cfgs[router, seed] = router_config(router, os.path.join(output, router, f"seed{seed}"), seed,
-                                                   capacity_overrides(calibration))
-        runs = [checked if checked is not None and seed == seed_values[0] else
-                run_figures(cfgs[router, seed], router, clusters, config_dir, dispatch, hw, log, lock, reuse=reuse)
-                for seed in seed_values]
+
+            def seed_config(k, seed, c):
+                folder = os.path.join(output, router, *([f"round{k}"] if k else []), f"seed{seed}")
+                cfgs[router, seed] = router_config(router, folder, seed, capacity_overrides(c))
+                return cfgs[router, seed]
+
+            calibration, runs = seed_rounds(
+                calibration, seed_config, lambda cfg, counts: run_figures(
+                    cfg, router, clusters, config_dir, dispatch, hw, log, lock, counts, reuse),
+                seed_values, equal_drops, check_rounds, log)
+        else:
+            runs = [run_figures(cfgs[router, seed], router, clusters, config_dir, dispatch, hw, log, lock,
+                                reuse=reuse) for seed in seed_values]
         first = cfg0.model.num_layers - cfg0.model.moe_layer_num
         results[router] = {
             "calibration": calibration,
@@ -188,31 +191,6 @@ def compare(config_path, routers, steps, output, overrides=(), clusters=DEFAULT_
     os.replace(tmp, os.path.join(output, "report.md"))
     log(f"[compare] wrote {os.path.join(output, 'report.md')} and report.json")
     return {"meta": meta, "results": results}
-
-
-def checked_calibration(calibration, check_config, train_and_evaluate, target, check_runs, log=print):
-    """Up to check_runs check rounds after the pilot's calibration (compare_calibration.recalibrated): round k
-    trains seed train.seed at the current capacities (check_config(k, calibration) -> its config;
-    train_and_evaluate(cfg, counts) -> run_figures' dict, its routed counts appended to counts) and sizes
-    the tiers again from that run's own counts. Stops when a round keeps the capacities: that run was measured
-    at them within the target and stands as the first seed's run. -> (calibration with 'check_rounds' and
-    'checked', the converged check run or None)."""
-    rounds = []
-    for k in range(1, check_runs + 1):
-        cfg = check_config(k, calibration)
-        counts = []
-        run = train_and_evaluate(cfg, counts)
-        np.save(os.path.join(run["run_dir"], "valid_pair_counts.npy"), counts[0])  # [M, N, G, E]
-        again, record = recalibrated(calibration, cfg, run, counts[0], target)
-        rounds.append(record)
-        log(f"[compare] check {k}: at local capacity {record['local_capacity']}, remote capacity "
-            f"{record['remote_capacity']} the run dropped {record['measured_drop_percent']:.2f}% (target "
-            f"{target:g}%); its own routed counts give local {again['local_capacity']}, remote "
-            f"{again['remote_capacity']}")
-        if same_capacities(again, calibration):
-            return dict(calibration, check_rounds=rounds, checked=True), run
-        calibration = again
-    return dict(calibration, check_rounds=rounds, checked=False if check_runs else None), None
 
 
 def parse_list(text, name, cast=str):
@@ -256,9 +234,9 @@ def main(argv=None):
     parser.add_argument("--equal-drops", type=float, metavar="PERCENT",
                         help="compare at equal drops: per router a pilot run, then the smallest remote capacity "
                              "whose valid drop rate is <= PERCENT (mean over MoE layers) for the seeded runs")
-    parser.add_argument("--check-runs", type=int, default=2, metavar="K",
-                        help="with --equal-drops: up to K check runs (the first seed at the calibrated capacities, "
-                             "recalibrated from its own routed counts until the capacities hold; default 2)")
+    parser.add_argument("--check-rounds", type=int, default=2, metavar="K",
+                        help="with --equal-drops: up to K more rounds of every seed, the tiers sized again from "
+                             "the seeds' own routed counts until the capacities hold (default 2)")
     parser.add_argument("--pilot-remote-capacity-factor", type=float,
                         help="the pilot runs' moe.remote_capacity_factor (default moe.capacity_factor)")
     parser.add_argument("--reuse", action="store_true",
@@ -278,7 +256,7 @@ def main(argv=None):
         compare(args.config, parse_list(args.routers, "--routers"), args.steps, args.output, args.set, clusters,
                 args.cluster_config_dir, args.dispatch, Hardware(efficiency=args.efficiency), args.overwrite, log,
                 args.seeds, args.equal_drops, args.pilot_remote_capacity_factor, args.lock, args.reuse,
-                parse_router_sets(args.router_set), args.check_runs)
+                parse_router_sets(args.router_set), args.check_rounds)
     except ConfigError as err:
         return fail(err)
     return 0
