@@ -198,6 +198,20 @@ def level1_experts(cfg, placement, topology):
     return groups[np.asarray(cfg.moe.domain_to_group, np.int64)] if cfg.moe.domain_to_group else groups
 
 
+def uses_domain_map(cfg, placement):
+    """Whether level 1 reads moe.domain_to_group: not under a placement (its own experts per domain), nor
+    with i.i.d. data and moe.iid_level1 none (every expert), nor with one group (level1_experts)."""
+    return placement is None and cfg.moe.iid_level1 != "none" and cfg.moe.num_domain_groups > 1
+
+
+def check_domain_map(cfg, domains, placement):
+    """A ConfigError when moe.domain_to_group is used (uses_domain_map) and lists fewer groups than the
+    dataset's domains; a map that level 1 does not read is not checked."""
+    if cfg.moe.domain_to_group and uses_domain_map(cfg, placement) and len(cfg.moe.domain_to_group) < domains:
+        raise ConfigError("moe.domain_to_group", list(cfg.moe.domain_to_group),
+                          f"one group per domain of {cfg.data.dataset_dir} ({domains} domains)")
+
+
 def placement_sample_order(cfg, placement, dp_ranks):
     """BatchStream's sample_order for the reader of `dp_ranks` under `placement` (None: i.i.d.)."""
     if placement is None:
@@ -226,11 +240,9 @@ def build_model(cfg, meta, topology, with_loss=True, parallel=None, token_groups
     moe_cfg = cfg.moe_config(vocab_size=meta["vocab_size"]) if model_cfg.moe_layer_num > 0 else None
     counts = token_counts(cfg) if cfg.moe.router == "hash" else None
     out_std = model_cfg.param_init_std / (2.0 * model_cfg.num_layers) ** 0.5
-    domains = len(meta.get("domains", []))
-    if moe_cfg is not None and cfg.moe.domain_to_group and len(cfg.moe.domain_to_group) < domains:
-        raise ConfigError("moe.domain_to_group", cfg.moe.domain_to_group,
-                          f"one group per domain of {cfg.data.dataset_dir} ({domains} domains)")
     placement = domain_placement(cfg, meta, topology) if moe_cfg is not None else None
+    if moe_cfg is not None:
+        check_domain_map(cfg, len(meta.get("domains", [])), placement)
     tokens = cfg.train.micro_batch_size * cfg.model.seq_length  # one rank's token group per micro-batch
     units, quanta = (tier_units(cfg.moe, placement, tokens, capacity_multiple(cfg, topology))
                      if reads_by_placement else (None, 1))

@@ -312,3 +312,23 @@ def test_a_resume_that_changes_the_level1_map_is_refused_or_said():
     said = []
     check_placement_map(stored, on_16, ("data.placement",), said.append)
     assert len(said) == 1 and "level-1 map changes" in said[0]
+
+
+@pytest.mark.parametrize("overrides,checked", [
+    (["data.placement=domain_affine"], False),  # the placement picks each domain's experts itself
+    (["data.placement=iid", "moe.iid_level1=none"], False),  # level 1 allows every expert
+    (["data.placement=iid", "moe.iid_level1=node_striped"], True),
+    (["data.placement=iid", "moe.iid_level1=blocks"], True),
+])
+def test_a_short_domain_map_is_an_error_only_where_level1_reads_it(tmp_path, overrides, checked):
+    from conftest import tiny_run_config
+    from pangu_sigma.build import check_domain_map
+    cfg = tiny_run_config(str(tmp_path), str(tmp_path / "run"), ["moe.num_domain_groups=2",
+                                                                 "moe.domain_to_group=[0, 1]"] + overrides)
+    placement = object() if cfg.data.placement == "domain_affine" else None
+    check_domain_map(cfg, 2, placement)  # one group per domain: always fine
+    if checked:
+        with pytest.raises(ConfigError, match=r"moe.domain_to_group.*\[0, 1\].*4 domains"):
+            check_domain_map(cfg, 4, placement)
+    else:
+        check_domain_map(cfg, 4, placement)
