@@ -22,9 +22,10 @@ from locmoe.routers import build_router, tie_order
 class MoELayer(nn.Cell):
     """Sparse FFN. construct(x [B,S,d], token_ids [B,S], domain_ids [B]) ->
     (y [B,S,d] MoE branch only, aux_loss, loc_loss,
-     (expert_load [E], dropped, local, dropped_remote, local_by_rank [P])).
+     (expert_load [E], dropped, local, dropped_remote, local_by_rank [P], rerouted)).
     dropped_remote: the dropped tokens that were bound for experts on another node (the
-    remote tier in two-tier mode). local_by_rank: node-local tokens of each token group,
+    remote tier in two-tier mode). rerouted: the tokens kept at a node-local expert other than
+    their routed one (moe.reroute_overflow; 0 without it). local_by_rank: node-local tokens of each token group,
     by the data-parallel rank it is (distributed: P = dp, this rank's slot filled, the
     others summed in by the metrics AllReduce) or poses as (one process: P = G, in group
     order); every group routes the same number of tokens.
@@ -191,21 +192,23 @@ class MoELayer(nn.Cell):
         return gather_rows(out, inverse, index)  # [G*S, d]
 
     def _tiered(self, x_groups, expert_index, expert_prob, per_group, gate_probs, token_ids):
-        """Two-tier dispatch -> experts -> combine. -> (y [G, T, d], keep, onehot, remote drops)."""
+        """Two-tier dispatch -> experts -> combine. -> (y [G, T, d], keep, onehot, remote drops, rerouted)."""
         groups, _, hidden = x_groups.shape
         local_capacity, unit, capacity, offset, slots = self._tier_slots(per_group)
         slot, keep, onehot = assign_tiered_slots(expert_index, capacity, offset, slots)
+        rerouted = ops.zeros((), ms.float32)
         if self.reroute:  # a rerouted token's R is its new expert's gate probability (eq. 3)
             slot, keep, destination = self._reroute(slot, keep, onehot, gate_probs, token_ids, capacity, offset,
                                                     slots)
             expert_prob = ops.gather_elements(gate_probs, -1, destination.expand_dims(-1)).squeeze(-1)  # [G, T]
+            rerouted = (keep * (destination != expert_index).astype(ms.float32)).sum()
         source = token_of_slot(slot, groups * slots, groups * per_group)  # [G*S]
         flat = gather_rows(x_groups.astype(self.compute_dtype).reshape(-1, hidden), source, slot)  # [G*S, d]
         out = self._tiered_expert_stage(flat, capacity, offset, slots, local_capacity, unit)
         weight = (expert_prob * keep).reshape(-1, 1).astype(out.dtype)  # [G*T, 1]
         y = (gather_rows(out, slot, source) * weight).reshape(groups, per_group, hidden)  # [G, T, d]
         remote_tokens = (onehot * (1.0 - self.local_mask).expand_dims(1)).sum(-1)  # [G, T]
-        return y, keep, onehot, ((1.0 - keep) * remote_tokens).sum()
+        return y, keep, onehot, ((1.0 - keep) * remote_tokens).sum(), rerouted
 
     def _expert_stage(self, buffer):
         """buffer [G, E, C, d] -> expert outputs, same shape; capacity split into overlap chunks
@@ -243,13 +246,13 @@ class MoELayer(nn.Cell):
         expert_index, expert_prob, _, aux_loss, loc_loss, gate_probs = self.router(
             x_groups.astype(ms.float32), token_groups, domains, self.local_mask)
         if self.two_tier:
-            y, keep, onehot, dropped_remote = self._tiered(x_groups, expert_index, expert_prob, per_group,
-                                                           gate_probs, token_groups)
+            y, keep, onehot, dropped_remote, rerouted = self._tiered(x_groups, expert_index, expert_prob,
+                                                                     per_group, gate_probs, token_groups)
             expert_load = onehot.sum(1).sum(0)  # [E]
             local_groups = (onehot * self.local_mask.expand_dims(1)).sum(-1).sum(-1)  # [G]
             return (y.reshape(batch, seq, hidden).astype(x.dtype), aux_loss, loc_loss,
                     (expert_load, (1.0 - keep).sum(), local_groups.sum(), dropped_remote,
-                     self._by_rank(local_groups)))
+                     self._by_rank(local_groups), rerouted))
         capacity = self.capacity(per_group)
         slot, keep, onehot = assign_slots(expert_index, self.num_experts, capacity)
         source = token_of_slot(slot, groups * self.num_experts * capacity, groups * per_group)  # [G*E*C]
@@ -264,7 +267,8 @@ class MoELayer(nn.Cell):
         remote_tokens = (onehot * (1.0 - self.local_mask).expand_dims(1)).sum(-1)  # [G, T]
         dropped_remote = ((1.0 - keep) * remote_tokens).sum()
         return (y.reshape(batch, seq, hidden).astype(x.dtype), aux_loss, loc_loss,
-                (expert_load, dropped, local_groups.sum(), dropped_remote, self._by_rank(local_groups)))
+                (expert_load, dropped, local_groups.sum(), dropped_remote, self._by_rank(local_groups),
+                 ops.zeros((), ms.float32)))
 
     def _by_rank(self, per_group):
         """[G] per token group -> [P] per (posed) data-parallel rank slot."""

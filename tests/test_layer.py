@@ -147,8 +147,9 @@ def inputs(seed=0):
 
 def run(layer, x, token_ids, domain_ids):
     y, aux, loc, stats = layer(Tensor(x), Tensor(token_ids), Tensor(domain_ids))
-    load, dropped, local, dropped_remote, local_by_rank = stats
+    load, dropped, local, dropped_remote, local_by_rank, rerouted = stats
     run.dropped_remote, run.local_by_rank = float(dropped_remote.asnumpy()), local_by_rank.asnumpy()
+    run.rerouted = float(rerouted.asnumpy())
     return y.asnumpy(), float(aux.asnumpy()), float(loc.asnumpy()), (load.asnumpy(), float(dropped.asnumpy()),
                                                                       float(local.asnumpy()))
 
@@ -267,10 +268,11 @@ def test_two_tier_layer_matches_numpy(groups, router, reroute, bias):
     else:
         assert ref_remote > 0 and ref_drop > ref_remote, "the case should drop in both tiers"
     y, aux, loc, stats = layer(Tensor(x), Tensor(tok), Tensor(dom))
-    load, dropped, local, dropped_remote, local_by_rank = (v.asnumpy() for v in stats)
+    load, dropped, local, dropped_remote, local_by_rank, rerouted = (v.asnumpy() for v in stats)
     np.testing.assert_allclose(y.asnumpy(), ref_y, rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(load, ref_load)
     assert float(dropped) == ref_drop and float(dropped_remote) == ref_remote and float(local) == ref_local
+    assert float(rerouted) == (np_layer.rerouted if reroute else 0)  # the training log's count
     np.testing.assert_array_equal(local_by_rank, np_layer.local_by_group)  # one slot per group (posed rank)
     index, keep = (t.asnumpy() for t in layer.route(Tensor(x), Tensor(tok), Tensor(dom)))  # [G, T] each
     assert (1 - keep).sum() == ref_drop

@@ -323,6 +323,7 @@ def test_two_tier_layer_on_every_rank_equals_the_single_process(fake_collectives
     index, keep = (t.asnumpy() for t in ref.route(Tensor(x), Tensor(tok), Tensor(dom)))  # [G, T] each
     cap_l = -(-int(np.ceil(seq * 1.0 / E)) // tp) * tp  # capacity_factor 1.0
     unit = -(-int(np.ceil(seq * 0.75 / (quanta * E))) // tp) * tp  # remote_capacity_factor 0.75
+    moved = 0  # tokens kept past their pair's slots: rerouted to a node-local expert
     for g in range(dp):
         node_experts = topo(g * tp).local_experts()
         limit = [cap_l if e in node_experts else unit * (1 if units is None else units[g][e]) for e in range(E)]
@@ -331,6 +332,7 @@ def test_two_tier_layer_on_every_rank_equals_the_single_process(fake_collectives
             first_served = used[e] < limit[e]
             # rerouted: the tokens over their slots may take free node-local slots (tests/test_layer.py checks which)
             assert keep[g][t_] == first_served or (reroute and keep[g][t_] and not first_served), (g, t_, e)
+            moved += int(keep[g][t_] and not first_served)
             used[e] += 1
         if reroute:
             kept_first = sum(min(used[e], limit[e]) for e in range(E))
@@ -367,8 +369,9 @@ def test_two_tier_layer_on_every_rank_equals_the_single_process(fake_collectives
     for r in range(world):
         np.testing.assert_allclose(got[r][0][0], ref_y.asnumpy()[r // tp], rtol=1e-5, atol=1e-6)
     # counts: the metrics AllReduce sums the ranks and divides out the TP copies
-    summed = [sum(got[r][i] for r in range(world)) / tp for i in range(1, 6)]
-    for i, name in enumerate(["load", "dropped", "local", "dropped_remote", "local_by_rank"]):
+    assert ref_stats[5] == moved and (moved > 0) == reroute  # the layer's rerouted count
+    summed = [sum(got[r][i] for r in range(world)) / tp for i in range(1, 7)]
+    for i, name in enumerate(["load", "dropped", "local", "dropped_remote", "local_by_rank", "rerouted"]):
         np.testing.assert_array_equal(summed[i], ref_stats[i], err_msg=name)
 
 

@@ -45,9 +45,36 @@ def test_expert_table_by_tier_and_rank_by_hand():
     row = table.splitlines()[2].split()
     assert row[0] == "0" and row[5:10] == ["1.000", "12.50", "7.50", "50.00", "(25.00..75.00)"], row
     assert table.splitlines()[3] == "local% by rank: layer 0: 75.0 25.0"
+    # with the rerouted tokens (moe.reroute_overflow) as a third column: 8 of 80 = 10 % in a rer% column
+    table = expert_table([[20, 20, 20, 20]], [[4, 6, 8]], [[30, 10]])
+    assert "rer%" in table.splitlines()[1] and table.splitlines()[2].split()[5:11] == [
+        "1.000", "12.50", "7.50", "10.00", "50.00", "(25.00..75.00)"]
     # the old [M] forms still read: all drops in the first column, one rank
     assert expert_table([[20, 20, 20, 20]], [10], [40]).splitlines()[2].split()[5:10] == [
         "1.000", "12.50", "n/a", "50.00", "(50.00..50.00)"]  # no tier split given: the remote column is n/a
+
+
+def test_the_training_log_counts_rerouted_tokens(make_config, tmp_path):
+    """moe.reroute_overflow: the log's `rerouted` per layer is the layer's count (tests/test_tiered_exchange.py
+    checks it against numpy) through the train step's buffers; the drops stay the tokens without a slot."""
+    from pangu_sigma.training.callbacks import read_jsonl
+    cfg = make_config(tmp_path, "train.train_steps=5", "checkpoint.save_steps=0", "logging.log_steps=5",
+                      "logging.expert_stats_steps=5", "moe.capacity_factor=0.5", "moe.remote_capacity_factor=0.25",
+                      "moe.reroute_overflow=true", "moe.router=switch")
+    lines = []
+    train(cfg, log=lines.append)
+    rows = [r for r in read_jsonl(os.path.join(cfg.train.output_dir, "train_log_rank0.jsonl")) if "step" in r]
+    tokens = cfg.train.batch_size * cfg.model.seq_length
+    assert len(rows) == 5 and all(len(r["rerouted"]) == cfg.model.moe_layer_num for r in rows)
+    for r in rows:
+        assert sum(r["expert_load"][0]) == tokens
+        assert all(0 <= m and m + d <= tokens for m, d in zip(r["rerouted"], r["dropped"]))
+    assert sum(sum(r["rerouted"]) for r in rows) > 0  # half a token group's share per pair: some overflow moves
+    assert any("rer%" in line for line in lines)
+    plain = make_config(tmp_path / "plain", "train.train_steps=5", "checkpoint.save_steps=0",
+                        "moe.remote_capacity_factor=0.25", "moe.router=switch")
+    train(plain, log=_quiet)
+    assert all("rerouted" not in r for r in read_jsonl(os.path.join(plain.train.output_dir, "train_log_rank0.jsonl")))
 
 
 def test_fp16_dynamic_loss_scale_path_runs(make_config, tmp_path):

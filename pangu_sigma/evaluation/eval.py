@@ -214,7 +214,8 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
     log(domain_table(figures, title=f"{split} per domain"))
     if moe_layers:
         first = cfg.model.num_layers - cfg.model.moe_layer_num
-        by_tier = np.stack([np.asarray(overall["dropped"]) - dropped_remote, dropped_remote], 1)  # [M, 2]
+        by_tier = np.stack([np.asarray(overall["dropped"]) - dropped_remote, dropped_remote]
+                           + ([rerouted] if result["rerouted"] is not None else []), 1)  # [M, 2 | 3]
         log(expert_table(np.asarray(overall["expert_load"]), by_tier, local_by_rank,
                          first_layer=first, title=f"expert load on {split}", rank_tokens=tokens_by_rank))
         for name, fig in figures["domains"].items():

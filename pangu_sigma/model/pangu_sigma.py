@@ -51,13 +51,13 @@ class PanguSigmaModel(nn.Cell):
 
     construct(input_ids [B, S] int32, domain_ids [B] int32) ->
         (logits [B, S, V] float32 ([B, S, V/tp] with tensor parallelism), aux_loss [] float32, loc_loss [] float32,
-         expert_load [M, E] float32, dropped [M, 2] float32, local [M, P] float32)
-    dropped: tokens dropped per layer, bound for (node-local experts, experts on other
-    nodes); local: node-local tokens per layer and token group (P: the layer's
+         expert_load [M, E] float32, dropped [M, 3] float32, local [M, P] float32)
+    dropped: tokens per layer dropped bound for node-local experts, dropped bound for experts on other
+    nodes, and rerouted to a node-local expert (moe.reroute_overflow); local: node-local tokens per layer and token group (P: the layer's
     local_by_rank slots, one per data-parallel rank; a layer whose stats hold only
-    (load, dropped, local) gives P = 1 and no remote drops).
+    (load, dropped, local) gives P = 1 and no remote drops or rerouting).
     aux_loss / loc_loss are summed over the sparse layers. With M = 0 the losses
-    are 0.0 and the statistics are empty tensors of shape [0, E], [0, 2], [0, 1]
+    are 0.0 and the statistics are empty tensors of shape [0, E], [0, 3], [0, 1]
     (E = moe_cfg.num_experts, or 0 when moe_cfg is None); these compile and run
     in GRAPH mode.
 
@@ -124,10 +124,13 @@ class PanguSigmaModel(nn.Cell):
             loads = loads + (ops.cast(stats[0], ms.float32),)
             dropped, remote = ops.cast(stats[1], ms.float32), ops.zeros((), ms.float32)
             by_rank = ops.cast(stats[2], ms.float32).reshape(1)  # [1]
+            rerouted = ops.zeros((), ms.float32)
             if len(stats) > 3:
                 remote = ops.cast(stats[3], ms.float32)
                 by_rank = ops.cast(stats[4], ms.float32)  # [P]
-            drops = drops + (ops.stack((dropped - remote, remote)),)  # [2]
+            if len(stats) > 5:
+                rerouted = ops.cast(stats[5], ms.float32)
+            drops = drops + (ops.stack((dropped - remote, remote, rerouted)),)  # [3]
             locals_ = locals_ + (by_rank,)
         x = self.final_ln(self.query_layer(x))
         logits = self.embedding.logits(x)  # [B, S, V] float32
@@ -155,9 +158,9 @@ class PanguSigmaModel(nn.Cell):
 
     def _stack_stats(self, loads, drops, locals_):
         if self.moe_layer_num == 0:
-            return (ops.zeros((0, self.num_experts), ms.float32), ops.zeros((0, 2), ms.float32),
+            return (ops.zeros((0, self.num_experts), ms.float32), ops.zeros((0, 3), ms.float32),
                     ops.zeros((0, 1), ms.float32))
-        return ops.stack(loads), ops.stack(drops), ops.stack(locals_)  # [M, E], [M, 2], [M, P]
+        return ops.stack(loads), ops.stack(drops), ops.stack(locals_)  # [M, E], [M, 3], [M, P]
 
     def forward_with_cache(self, input_ids, domain_ids, cache=None, start_pos=0):
         """Incremental decoding, PYNATIVE mode only (Python control flow over the cache).
@@ -214,7 +217,7 @@ class PanguSigmaWithLoss(nn.Cell):
     """Training loss (the paper's eq. 7): total = CE + sum_layers aux + sum_layers loc.
 
     construct(ids [B, S+1] int32, domain_ids [B] int32) ->
-        (total_loss, ce_loss, aux_loss, loc_loss, expert_load [M, E], dropped [M, 2], local [M, P])
+        (total_loss, ce_loss, aux_loss, loc_loss, expert_load [M, E], dropped [M, 3], local [M, P])
     with inputs = ids[:, :-1], labels = ids[:, 1:]; every loss is a float32 scalar.
     With a tensor-parallel model (model.tp > 1) the CE is the vocab-parallel
     cross-entropy of the sharded logits: the same value on every TP rank.

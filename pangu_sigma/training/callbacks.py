@@ -20,7 +20,8 @@ def expert_table(load, dropped, local, first_layer=0, title="expert load", rank_
     the tokens bound for other nodes: the remote tier), node-local fraction (mean over the
     data-parallel ranks, and the lowest and highest rank); then the local fraction by rank.
 
-    load [M, E] token counts; dropped [M] or [M, 2] (node-local, remote) and local [M] or
+    load [M, E] token counts; dropped [M] or [M, 2] (node-local, remote) or [M, 3] (with the tokens
+    rerouted to a node-local expert, moe.reroute_overflow: a rer% column) and local [M] or
     [M, P] (per rank) token counts. rank_tokens [P]: the tokens each rank routed (default: every rank
     routes the same number, as in training), the denominator of the rank's local fraction.
     """
@@ -29,7 +30,8 @@ def expert_table(load, dropped, local, first_layer=0, title="expert load", rank_
         return f"{title}: the model has no MoE layers"
     dropped, local = np.asarray(dropped, np.float64), np.asarray(local, np.float64)
     tiers = dropped.ndim == 2  # without the split by tier the remote-tier column is n/a
-    dropped = dropped if tiers else np.stack([dropped, np.zeros_like(dropped)], 1)  # [M, 2]
+    rerouted = dropped[:, 2] if tiers and dropped.shape[1] > 2 else None  # [M]
+    dropped = dropped[:, :2] if tiers else np.stack([dropped, np.zeros_like(dropped)], 1)  # [M, 2]
     local = local if local.ndim == 2 else local[:, None]  # [M, P]
     layers, experts = load.shape
     ranks = local.shape[1]
@@ -41,15 +43,18 @@ def expert_table(load, dropped, local, first_layer=0, title="expert load", rank_
         per_rank = np.maximum(np.asarray(rank_tokens, np.float64), 1.0)[None, :]  # [1, P] each rank's own
     by_rank = local / per_rank  # [M, P] local fraction of each rank
     head = ("layer " + " ".join(f"{f'e{e}':>6}" for e in range(experts))
-            + "  max/mean   drop%  dropR%  local%  (min..max over ranks)")
+            + "  max/mean   drop%  dropR%" + ("    rer%" if rerouted is not None else "")
+            + "  local%  (min..max over ranks)")
     rows = [f"{title} (share of routed tokens per expert; dropR: dropped tokens bound for other nodes; "
-            f"local: routed to its rank's node, {ranks} rank(s)):", head]
+            + ("rer: kept at a node-local expert other than the routed one; " if rerouted is not None else "")
+            + f"local: routed to its rank's node, {ranks} rank(s)):", head]
     for m in range(layers):
         cells = " ".join(f"{s:6.3f}" for s in share[m])
         max_over_mean = share[m].max() * experts
         rows.append(f"{first_layer + m:>5} {cells}  {max_over_mean:8.3f}  {100 * dropped[m].sum() / routed[m]:6.2f}"
                     f"  {f'{100 * dropped[m, 1] / routed[m]:6.2f}' if tiers else '   n/a'}"
-                    f"  {100 * local[m].sum() / routed[m]:6.2f}"
+                    + (f"  {100 * rerouted[m] / routed[m]:6.2f}" if rerouted is not None else "")
+                    + f"  {100 * local[m].sum() / routed[m]:6.2f}"
                     f"  ({100 * by_rank[m].min():.2f}..{100 * by_rank[m].max():.2f})")
     if ranks > 1:
         rows.append("local% by rank: " + "; ".join(

@@ -389,7 +389,7 @@ def train_steps(cfg, ctx, meta, identity, resume, log, stop_after, allow_batch_c
             run_sink()
             scalars = step_cell.metrics_scalars.asnumpy()  # [sink, K]
             load = step_cell.metrics_load.asnumpy()  # [sink, M, E]
-            dropped = step_cell.metrics_dropped.asnumpy()  # [sink, M, 2]: (node-local, remote) tier
+            dropped = step_cell.metrics_dropped.asnumpy()  # [sink, M, 3]: drops (node-local, remote tier), rerouted
             local = step_cell.metrics_local.asnumpy()  # [sink, M, P]: per data-parallel rank
         elapsed = time.time() - tic
         if first > start_step:  # the first sink includes graph compilation
@@ -408,12 +408,15 @@ def train_steps(cfg, ctx, meta, identity, resume, log, stop_after, allow_batch_c
             if step % cfg.logging.log_steps == 0 or step == cfg.train.train_steps:
                 log(step_line(step, cfg.train.train_steps, metrics, tokens_per_s, show_scale))
             jsonl.write(dict(metrics, step=step, tokens_per_s=tokens_per_s, expert_load=load[i].tolist(),
-                             dropped=dropped[i].sum(-1).tolist(), local=local[i].sum(-1).tolist(),
+                             dropped=dropped[i][:, :2].sum(-1).tolist(), local=local[i].sum(-1).tolist(),
                              dropped_remote=dropped[i][:, 1].tolist(), local_by_rank=local[i].tolist(),
                              moe_inter_node_bytes=inter_bytes["rank"],
-                             moe_inter_node_bytes_cluster=inter_bytes["cluster"]))
+                             moe_inter_node_bytes_cluster=inter_bytes["cluster"],
+                             **({"rerouted": dropped[i][:, 2].tolist()} if cfg.moe.reroute_overflow else {})))
             if step % cfg.logging.expert_stats_steps == 0 or step == cfg.train.train_steps:
-                log(expert_table(*stats_since, first_layer=cfg.model.num_layers - cfg.model.moe_layer_num,
+                shown = stats_since[1] if cfg.moe.reroute_overflow else stats_since[1][:, :2]  # [M, 3 | 2]
+                log(expert_table(stats_since[0], shown, stats_since[2],
+                                 first_layer=cfg.model.num_layers - cfg.model.moe_layer_num,
                                  title=f"expert load, steps up to {step}"))
                 stats_since = None
         last = first + sink

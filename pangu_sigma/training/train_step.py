@@ -62,9 +62,10 @@ def build_optimizer(network, optim_cfg, lr_schedule):
 
 
 class TrainStep(nn.Cell):
-    """net_with_loss(ids, domain_ids) -> (total, ce, aux, loc, expert_load [M,E], dropped [M,2], local [M,P]).
+    """net_with_loss(ids, domain_ids) -> (total, ce, aux, loc, expert_load [M,E], dropped [M,3], local [M,P]).
 
-    dropped: per layer, tokens dropped that were bound for (node-local, other-node) experts;
+    dropped: per layer, tokens dropped that were bound for (node-local, other-node) experts, and tokens
+    rerouted to a node-local expert (moe.reroute_overflow);
     local: per layer, node-local tokens of each data-parallel rank (P = rank_slots).
 
     grad_reducer: None in one process; when distributed a GradReducer
@@ -114,7 +115,7 @@ class TrainStep(nn.Cell):
                                          name=BUFFER_PREFIX + "scalars", requires_grad=False)
         self.metrics_load = Parameter(ops.zeros((sink_size, moe_layers, num_experts), ms.float32),
                                       name=BUFFER_PREFIX + "load", requires_grad=False)
-        self.metrics_dropped = Parameter(ops.zeros((sink_size, moe_layers, 2), ms.float32),
+        self.metrics_dropped = Parameter(ops.zeros((sink_size, moe_layers, 3), ms.float32),
                                          name=BUFFER_PREFIX + "dropped", requires_grad=False)
         self.metrics_local = Parameter(ops.zeros((sink_size, moe_layers, rank_slots), ms.float32),
                                        name=BUFFER_PREFIX + "local", requires_grad=False)
