@@ -35,7 +35,7 @@ def predicted_inter_node_bytes(cfg, local_capacity, remote_capacity, units=None)
     return counter.world_totals()["inter"] * cfg.train.gradient_accumulation_steps
 
 
-# The fields of a calibration that set (and predict from) the seeded runs' capacities; a check run's
+# The fields of a calibration that set (and predict from) the seeded runs' capacities; a check round's
 # recalibration replaces these and keeps the pilot's figures.
 CAPACITY_FIELDS = ("local_capacity", "capacity_factor", "remote_capacity", "remote_capacity_factor",
                    "expert_rows_per_group", "predicted_drop_percent", "predicted_local_drop_percent",
