@@ -341,21 +341,33 @@ def test_converter_from_the_training_log(tiny_run, tmp_path):
 
 
 # ---------------------------------------------------------------- routing capture and report
-def test_capture_matches_the_layers_own_statistics(tiny_run):
-    """The captured routing of one batch equals the statistics the model's forward reports for it."""
+@pytest.mark.parametrize("scope", ["rank", "cluster"])
+def test_capture_matches_the_layers_own_statistics(tiny_run, scope):
+    """The captured routing of one batch equals the statistics the model's forward reports for the batch eval
+    routes first; in cluster scope every token group routes as its rank, with its own node's experts local
+    (groups 0-1 on experts {0, 1}, groups 2-3 on {2, 3}), not as rank 0."""
+    import dataclasses
+    from pangu_sigma.build import dataset_meta
     from pangu_sigma.data.dataset import load_split
+    from pangu_sigma.evaluation.eval import eval_layout, routing_plan
     from pangu_sigma.tools.routing_capture import load_trained_model
     path, cfg, run_dir = tiny_run
+    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, virtual_scope=scope))
+    groups = 4 if scope == "cluster" else 1
     model, _ = load_trained_model(cfg, run_dir)
-    cap = capture_routing(cfg, None, max_tokens=8 * 16, model=model)  # exactly the first batch
+    cap = capture_routing(cfg, None, max_tokens=8 * 16 * groups, model=model)  # exactly the first batch
     (layer,) = cap.layers
-    assert layer.tokens.shape == (128, 32) and cap.capacity == 40 and cap.tokens_per_group == 128
-    assert cap.local_mask.tolist() == [True, True, False, False]
+    assert layer.tokens.shape == (128 * groups, 32) and cap.capacity == 40 and cap.tokens_per_group == 128
+    near = [[True, True, False, False]] * 2 + [[False, False, True, True]] * 2
+    assert cap.group_masks.tolist() == near[:groups] and cap.scope == scope
     ids, domains = load_split(cfg.data.dataset_dir, "valid")
-    _, _, _, load, dropped, local = model(ms.Tensor(ids[:8, :-1]), ms.Tensor(domains[:8]))
+    (rows, _), *_ = routing_plan(cfg, dataset_meta(cfg), eval_layout(cfg), domains)[0]
+    assert len(rows) == 8 * groups and (cap.token_ids == ids[rows, :-1].reshape(-1)).all()
+    _, _, _, load, dropped, local = model(ms.Tensor(ids[rows, :-1]), ms.Tensor(domains[rows]))
     np.testing.assert_array_equal(np.bincount(layer.expert_index, minlength=4), load.asnumpy()[0])
-    assert (~layer.keep).sum() == dropped.asnumpy()[0].sum()
-    assert cap.local_mask[layer.expert_index].sum() == local.asnumpy()[0].sum()
+    assert (~layer.keep).sum() == dropped.asnumpy()[0, :2].sum()
+    by_group = np.bincount(cap.token_group, weights=cap.token_local(layer), minlength=groups)  # [G]
+    np.testing.assert_array_equal(by_group, local.asnumpy()[0])  # the layer's node-local tokens of each group
     # the LayerNorm output is what the GrAP gate scores: its argmax (+ bias, ReLU) is the chosen expert
     bias = model.blocks[1].ffn.router.gate.bias.asnumpy()
     scores = np.maximum(layer.tokens @ grap_weight(4, 32).T + bias, 0)

@@ -48,19 +48,48 @@ def eval_layout(cfg):
             "batch_multiplier": multiplier, "world_size": topology.world_size, "topology": topology}
 
 
-def load_weights(net, cfg, checkpoint_path, allow_changes=()):
+def routing_plan(cfg, meta, layout, domain_ids, batch_size=None):
+    """How eval (and the routing capture) batches a split: ([(sample indices [B], counted [B] bool)], B, the
+    domain-affine placement or None). B: the global batch of one routed batch, batch_size (else
+    train.batch_size) per data-parallel rank times the ranks a single process routes as (layout). Under
+    the domain-affine placement in cluster scope each token group reads its rank's domains, in training's
+    order; else eval_batches. Without batch_size, each batch is cut into its
+    train.gradient_accumulation_steps micro-batches as training routes them (every group keeps its rows)."""
+    from pangu_sigma.data.dataset import split_micro_batches
+
+    per_rank = batch_size or cfg.train.batch_size
+    micro = 1 if batch_size else cfg.train.gradient_accumulation_steps
+    global_batch = per_rank * layout["batch_multiplier"]
+    placement = domain_placement(cfg, meta, layout["topology"]) if layout["scope"] == "cluster" else None
+    if placement is not None:  # each token group reads its rank's domains, as in training
+        global_batch = placement.slot_domain.size  # the placement's global batch (train.batch_size x dp)
+        order = placement_sample_order(cfg, placement, range(layout["topology"].dp))(domain_ids, 0)
+        plan = [(order[k:k + global_batch], np.ones(global_batch, bool))
+                for k in range(0, len(order) - global_batch + 1, global_batch)]
+    else:
+        plan = eval_batches(len(domain_ids), global_batch, cfg.data.seed, cfg.data.shuffle)
+    if micro > 1:
+        plan = [pair for rows, counted in plan
+                for pair in zip(split_micro_batches(rows, micro, layout["token_groups"]),
+                                split_micro_batches(counted, micro, layout["token_groups"]))]
+        global_batch //= micro
+    return plan, global_batch, placement
+
+
+def load_weights(net, cfg, checkpoint_path, allow_changes=(), check=True):
     """The one place eval loads a checkpoint (a .ckpt or a run folder of any layout, merged on the
-    fly) into its network, after checking the run's stored config and dataset against cfg."""
-    return checkpoint.load_model_for_inference(net, cfg, checkpoint_path, allow_changes)
+    fly) into its network, after checking the run's stored config and dataset against cfg (unless check
+    is False: the routing capture, which takes the config the user names)."""
+    return checkpoint.load_model_for_inference(net, cfg, checkpoint_path, allow_changes, check=check)
 
 
-def build_eval_net(cfg, meta, layout, capacity_factor, checkpoint_path, allow_changes=()):
+def build_eval_net(cfg, meta, layout, capacity_factor, checkpoint_path, allow_changes=(), check=True):
     """PanguSigmaWithLoss with training's token groups and the eval capacity factor, weights loaded."""
     eval_cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, capacity_factor=capacity_factor))
     net = build_model(eval_cfg, meta, layout["topology"], token_groups=layout["token_groups"],
                       group_ranks=layout["group_ranks"] if layout["token_groups"] > 1 else None,
                       reads_by_placement=layout["scope"] == "cluster")  # as evaluate() reads the split
-    load_weights(net, cfg, checkpoint_path, allow_changes)
+    load_weights(net, cfg, checkpoint_path, allow_changes, check)
     return net
 
 
@@ -91,7 +120,7 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
     on_layout: a launched cluster's pangu_sigma.evaluation.distributed.TrainingLayout (net: its rank's).
     """
     from mindspore import Tensor
-    from pangu_sigma.data.dataset import load_split, split_micro_batches
+    from pangu_sigma.data.dataset import load_split
 
     meta = dataset_meta(cfg) if on_layout is None else on_layout.meta
     layout = eval_layout(cfg) if on_layout is None else on_layout.layout
@@ -100,26 +129,11 @@ def evaluate(cfg, checkpoint_path=None, batch_size=None, split="valid", net=None
         set_device(cfg)
         net = build_eval_net(cfg, meta, layout, factor, checkpoint_path, allow_changes)
     net.set_train(False)
-    per_rank = batch_size or cfg.train.batch_size
-    micro = 1 if batch_size else cfg.train.gradient_accumulation_steps
-    global_batch = per_rank * layout["batch_multiplier"]
     input_ids, domain_ids = load_split(cfg.data.dataset_dir, split)  # [N, S+1], [N]
     if len(input_ids) == 0:
         raise ConfigError("split", split, "a split with at least one sample")
     seq = input_ids.shape[1] - 1
-    placement = domain_placement(cfg, meta, layout["topology"]) if layout["scope"] == "cluster" else None
-    if placement is not None:  # each token group reads its rank's domains, as in training
-        global_batch = placement.slot_domain.size  # the placement's global batch (train.batch_size x dp)
-        order = placement_sample_order(cfg, placement, range(layout["topology"].dp))(domain_ids, 0)
-        plan = [(order[k:k + global_batch], np.ones(global_batch, bool))
-                for k in range(0, len(order) - global_batch + 1, global_batch)]
-    else:
-        plan = eval_batches(len(input_ids), global_batch, cfg.data.seed, cfg.data.shuffle)
-    if micro > 1:  # routed as training routes them: each batch as its micro-batches (every group keeps its rows)
-        plan = [pair for rows, counted in plan
-                for pair in zip(split_micro_batches(rows, micro, layout["token_groups"]),
-                                split_micro_batches(counted, micro, layout["token_groups"]))]
-        global_batch //= micro
+    plan, global_batch, placement = routing_plan(cfg, meta, layout, domain_ids, batch_size)
     if max_batches is not None:
         plan = plan[:max_batches]
     model = net.model

@@ -8,7 +8,9 @@ capacity. It does not re-implement the model: it walks `model.blocks` and calls
 the model's own cells in the order `PanguSigmaModel.construct` does (embedding,
 dense blocks, then for a sparse block `self_attention`, `ln_ffn`, the MoE layer,
 `add_branch`), and it asks the layer's own router cell for the decision, with
-the same token grouping and capacity as `MoELayer.construct`. So the hidden
+the same token grouping and capacity as `MoELayer.construct`, in training's
+layout (eval's batches and token groups: in cluster scope each group routes as
+its data-parallel rank, with its own node's experts local). So the hidden
 states and the routing are those of the trained network, and the layer's
 output feeds the next block exactly as in training.
 
@@ -130,7 +132,9 @@ class RoutingCapture:
     hidden_size: int
     capacity: int                    # slots per expert per token group, as in the forward
     tokens_per_group: int
-    local_mask: np.ndarray           # [E] experts local to the (virtual) rank
+    group_masks: np.ndarray          # [G, E] bool: the experts on the node of each token group's (virtual) rank
+    token_group: np.ndarray          # [N] int: the token group each captured token was routed in
+    scope: str = "rank"              # eval_layout's: cluster (a group per data-parallel rank), rank or single
     layers: list = field(default_factory=list)
     token_ids: np.ndarray = None     # [N]
     split: str = "valid"
@@ -138,6 +142,10 @@ class RoutingCapture:
     @property
     def has_gate(self):
         return self.router in GATED_ROUTERS
+
+    def token_local(self, layer):
+        """[N] bool: each captured token of `layer` went to an expert on its token group's node."""
+        return self.group_masks[self.token_group, layer.expert_index]
 
 
 def gate_weights(router_cell, router_name, num_experts, hidden_size):
@@ -152,15 +160,17 @@ def gate_weights(router_cell, router_name, num_experts, hidden_size):
 
 
 def load_trained_model(cfg, checkpoint_path):
-    """(PanguSigmaModel with the checkpoint's weights, dataset meta), in eval mode, GRAPH mode set."""
+    """(PanguSigmaModel with the checkpoint's weights, dataset meta), in eval mode, GRAPH mode set; built as
+    eval builds it (pangu_sigma.evaluation.eval.build_eval_net): training's token groups (in cluster scope
+    one per data-parallel rank, each with its own node's experts as local) and eval's capacity factor."""
     import mindspore as ms
-    from pangu_sigma.training import checkpoint
-    from pangu_sigma.build import build_model, dataset_meta, set_device, single_process_topology
+    from pangu_sigma.build import dataset_meta, set_device
+    from pangu_sigma.evaluation.eval import build_eval_net, eval_capacity_factor, eval_layout
 
     meta = dataset_meta(cfg)
     set_device(cfg, ms.GRAPH_MODE)
-    net = build_model(cfg, meta, single_process_topology(cfg), with_loss=True, reads_by_placement=False)
-    checkpoint.load_model_for_inference(net, cfg, checkpoint_path, check=False)  # any layout, merged on the fly
+    net = build_eval_net(cfg, meta, eval_layout(cfg), eval_capacity_factor(cfg)[0], checkpoint_path,
+                         check=False)  # any layout, merged on the fly; the config is the one the user names
     net.set_train(False)
     return net.model, meta
 
@@ -210,13 +220,18 @@ def capture_batch(model, input_ids, domain_ids, cell=None):
 
 def capture_routing(cfg, checkpoint_path, split="valid", batch_size=None, max_tokens=DEFAULT_MAX_TOKENS,
                     model=None):
-    """RoutingCapture of every MoE layer over (the first max_tokens tokens of) a split.
+    """RoutingCapture of every MoE layer over (the first max_tokens tokens of) a split, routed as eval
+    routes it (pangu_sigma.evaluation.eval.routing_plan): training's batches and token groups, so in cluster
+    scope every group routes as its data-parallel rank, with that rank's node-local experts (a learned
+    locality bias pulls each group to its own node) and, under the domain-affine placement, its domains.
 
-    batch_size defaults to training's micro-batch (train.batch_size /
-    train.gradient_accumulation_steps) so that capacity, and hence dropping, is that of training; only full batches are used (the split is read in
-    order, no shuffle). model: an already loaded PanguSigmaModel (skips loading).
+    batch_size: per data-parallel rank (default training's micro-batch), so that capacity, and hence
+    dropping, is that of training; only batches without filler samples are used. model: an already
+    loaded PanguSigmaModel, built as load_trained_model builds it (skips loading).
     """
+    from pangu_sigma.build import dataset_meta
     from pangu_sigma.data.dataset import load_split
+    from pangu_sigma.evaluation.eval import eval_layout, routing_plan
 
     if cfg.model.moe_layer_num == 0:
         raise ConfigError("model.moe_layer_num", 0, "at least 1 sparse layer to capture routing from")
@@ -224,16 +239,22 @@ def capture_routing(cfg, checkpoint_path, split="valid", batch_size=None, max_to
         raise ConfigError("--max-tokens", max_tokens, "an integer >= 1")
     if model is None:
         model, _ = load_trained_model(cfg, checkpoint_path)
+    layout = eval_layout(cfg)
     input_ids, domain_ids = load_split(cfg.data.dataset_dir, split)  # [N, S+1], [N]
-    batch_size = min(batch_size or cfg.train.micro_batch_size, len(input_ids))
-    if batch_size < 1:
+    if len(input_ids) == 0:
         raise ConfigError("split", split, "a split with at least one sample")
-    seq = input_ids.shape[1] - 1
-    batches = max(1, min(len(input_ids) // batch_size, math.ceil(max_tokens / (batch_size * seq))))
+    plan, global_batch, _ = routing_plan(cfg, dataset_meta(cfg), layout, domain_ids, batch_size)
+    plan = [rows for rows, counted in plan if counted.all()] or [plan[0][0]]  # a split shorter than one batch:
+    seq = input_ids.shape[1] - 1                                               # its filler samples too
+    batches = max(1, min(len(plan), math.ceil(max_tokens / (global_batch * seq))))
+    first_ffn = model.blocks[model.dense_layer_num].ffn
+    if first_ffn.token_groups != layout["token_groups"]:
+        raise ValueError(f"model routes {first_ffn.token_groups} token groups; the config's layout has "
+                         f"{layout['token_groups']} (build it with load_trained_model)")
+    groups, per_group = layout["token_groups"], global_batch * seq // layout["token_groups"]
     cell = capture_cell(model)
     pieces, ids_seen = None, []
-    for b in range(batches):
-        rows = slice(b * batch_size, (b + 1) * batch_size)
+    for rows in plan[:batches]:
         result = capture_batch(model, input_ids[rows, :-1], domain_ids[rows], cell)
         if pieces is None:
             pieces = [(blk, [], [], []) for blk, *_ in result]
@@ -242,13 +263,12 @@ def capture_routing(cfg, checkpoint_path, split="valid", batch_size=None, max_to
             idx.append(e)
             keep.append(k)
         ids_seen.append(input_ids[rows, :-1].reshape(-1))
-    first_ffn = model.blocks[model.dense_layer_num].ffn
-    per_group = batch_size * seq // first_ffn.token_groups
     router_name = cfg.moe.router
     cap = RoutingCapture(router=router_name, num_experts=cfg.num_experts, hidden_size=cfg.model.hidden_size,
-                         capacity=layer_capacity(first_ffn, per_group),
-                         tokens_per_group=per_group, local_mask=first_ffn.local_mask.asnumpy()[0] > 0.5,
-                         token_ids=np.concatenate(ids_seen), split=split)
+                         capacity=layer_capacity(first_ffn, per_group), tokens_per_group=per_group,
+                         group_masks=first_ffn.local_mask.asnumpy() > 0.5,  # [G, E]
+                         token_group=np.tile(np.repeat(np.arange(groups), per_group), batches),  # [N]
+                         scope=layout["scope"], token_ids=np.concatenate(ids_seen), split=split)
     for blk, toks, idx, keep in pieces:
         layer = model.blocks[blk].ffn
         weight = (gate_weights(layer.router, router_name, cfg.num_experts, cfg.model.hidden_size)
@@ -258,10 +278,11 @@ def capture_routing(cfg, checkpoint_path, split="valid", batch_size=None, max_to
     return cap
 
 
-def layer_stats(capture_layer, num_experts, local_mask):
-    """Load per expert, drop rate and local fraction of one captured layer."""
+def layer_stats(capture_layer, num_experts, token_local):
+    """Load per expert, drop rate and local fraction of one captured layer; token_local [N] bool: each token
+    went to an expert on its own token group's node (RoutingCapture.token_local)."""
     idx = capture_layer.expert_index
     load = np.bincount(idx, minlength=num_experts).astype(np.int64)
     routed = max(1, len(idx))
     return {"load": load, "drop_rate": float((~capture_layer.keep).sum() / routed),
-            "local_fraction": float(np.asarray(local_mask)[idx].sum() / routed)}
+            "local_fraction": float(np.asarray(token_local).sum() / routed)}

@@ -278,7 +278,7 @@ def make_report(cfg, checkpoint_path, output, train_log=None, split="valid", max
     blocks = [layer.block for layer in capture.layers]
     rows = []
     for layer in capture.layers:
-        stats = layer_stats(layer, num_experts, capture.local_mask)
+        stats = layer_stats(layer, num_experts, capture.token_local(layer))
         load = stats["load"]
         share = load / max(load.sum(), 1)
         row = [layer.block, len(layer.expert_index), f"{share.max() * num_experts:.3f}", f"{share.min():.4f}",
@@ -321,8 +321,9 @@ def make_report(cfg, checkpoint_path, output, train_log=None, split="valid", max
              f"d = {cfg.model.hidden_size}, capacity factor {cfg.moe.capacity_factor}",
              f"- checkpoint: `{checkpoint_path}`",
              f"- captured: {len(capture.layers[0].expert_index)} {split} tokens per layer, capacity "
-             f"{capture.capacity} per expert per group of {capture.tokens_per_group} tokens; node-local experts of "
-             f"the (virtual) rank: {np.flatnonzero(capture.local_mask).tolist()}",
+             f"{capture.capacity} per expert per group of {capture.tokens_per_group} tokens, routed as in training "
+             f"({capture.scope} scope, {len(capture.group_masks)} token group(s), each with its rank's node-local "
+             f"experts; group 0: {np.flatnonzero(capture.group_masks[0]).tolist()})",
              f"- training log: `{log_path}`" if log_path else "- training log: none", "",
              f"## Routing on the {split} split", ""]
     header = ["block", "tokens", "max/mean load", "smallest share", "drop %", "local %"]
