@@ -58,7 +58,8 @@ def recalibrated(calibration, cfg, runs, counts, target_percent):
     and their own routed counts [M, N, G, E] each -> (the calibration with CAPACITY_FIELDS sized from the
     counts pooled over the seeds, the round's record). The counts of runs at their own capacities give their
     drops there exactly (first come, first served; each layer's input already carries the drops below it),
-    so the pooled prediction at the round's capacities is the seeds' mean measured drop rate."""
+    so the pooled prediction at the round's capacities is the seeds' mean measured drop rate, but for the
+    filler samples of a short last batch, which the counts include and eval does not count."""
     pooled = np.concatenate([np.asarray(c, np.int64) for c in counts], 1)  # [M, seeds * N, G, E]
     again = calibrate(cfg, runs[0], pooled, target_percent)
     record = {"run_dirs": [r["run_dir"] for r in runs], "local_capacity": calibration["local_capacity"],

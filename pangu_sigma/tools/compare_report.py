@@ -159,8 +159,9 @@ def render_check_rounds(results, target):
     lines = ["", "### Check rounds", "",
              f"Round 0 trains every seed at the pilot's calibration; the seeds' own routed counts, pooled, size "
              f"the tiers again (target {target:g}%), and a round that changes them is followed by one at the new "
-             f"capacities. The table above shows the last round's. Measured drops are the seeds' mean; the "
-             f"prediction from their counts at their own capacities (in brackets) equals it.", "",
+             f"capacities. The table above shows the last round's. Measured drops are the seeds' mean; in brackets "
+             f"the prediction from their counts at their own capacities, which also count the filler samples of "
+             f"a short last batch (eval routes them, but does not count them).", "",
              "| router | round | local C | remote C | rows per group | measured drop % | their counts call for: "
              "local C | remote C | rows | predicted drop % | converged |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for router, k, c, rnd in rows:
