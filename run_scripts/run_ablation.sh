@@ -32,6 +32,7 @@
 #                    sized again from the seeds' own routed counts and every seed trained again at the new
 #                    capacities, so that the measured drops, not only the pilot's prediction, meet the 5 % target
 #   iid_check        the same at 150 steps, 6 seeds
+#   iid_600_reroute_d1 LocMoE with reroute_overflow calibrated at <= 1 % drops, 600 steps, 3 seeds, check rounds
 # Settings listed before iid_600_check were run (at the commits docs/results.md names) with the pilot's
 # calibration alone (--check-rounds 0 trains the same runs); a learned router's measured drops then overshoot the target.
 #   four_affine, four_affine_mu0: the four-domain corpus with the domain-affine placement (a node per domain):
@@ -49,7 +50,7 @@ cd "$repo"
 settings=("$@")
 all_settings=(iid iid_6seeds iid_mu0 affine affine_mu0 mu_sweep iid_reroute iid_reroute_mu0 affine_reroute affine_rate10
               iid_reroute_rate10 iid_rate10 mu_sweep_rate10 four_iid four_iid_rate10 four_iid_mu0
-              iid_reroute_d1 iid_reroute_mu0_d1 four_iid_reroute_d1 iid_alpha0.05 iid_alpha0.1 iid_600 iid_600_mu0 iid_600_rre iid_600_check iid_check four_affine
+              iid_reroute_d1 iid_reroute_mu0_d1 four_iid_reroute_d1 iid_alpha0.05 iid_alpha0.1 iid_600 iid_600_mu0 iid_600_rre iid_600_check iid_check iid_600_reroute_d1 four_affine
               four_affine_mu0)
 [ ${#settings[@]} -gt 0 ] || settings=("${all_settings[@]}")
 for setting in "${settings[@]}"; do  # every name checked before the first run starts
@@ -122,6 +123,8 @@ for setting in "${settings[@]}"; do
                  --check-rounds 2 --set data.placement=iid --steps 600 ;;
         iid_check) "${compare[@]}" --output "$out" --routers locmoe,switch,hash --seeds 6 --equal-drops 5 \
                  --check-rounds 2 --set data.placement=iid ;;
+        iid_600_reroute_d1) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 1 \
+                 --check-rounds 2 --set data.placement=iid --set moe.reroute_overflow=true --steps 600 ;;
         four_affine) "${compare[@]}" --output "$out" --routers locmoe,rre --seeds 3 --equal-drops 5 "${four_affine[@]}" ;;
         four_affine_mu0) "${compare[@]}" --output "$out" --routers locmoe --seeds 3 --equal-drops 5 \
                  "${four_affine[@]}" --set moe.locality_loss_coef=0 ;;
