@@ -81,7 +81,7 @@ def test_output_shapes_and_parameter_names():
         logits, aux, loc, load, dropped, local = model(random_ids(0, (BATCH, SEQ)), DOMAINS)
         assert logits.shape == (BATCH, SEQ, VOCAB) and logits.dtype == ms.float32
         assert aux.shape == () and loc.shape == ()
-        assert load.shape == (moe_layers, EXPERTS) and dropped.shape == (moe_layers, 2) and local.shape == (moe_layers, 1)
+        assert load.shape == (moe_layers, EXPERTS) and dropped.shape == (moe_layers, 3) and local.shape == (moe_layers, 1)
         if moe_layers == 0:
             assert float(aux) == 0.0 and float(loc) == 0.0
     names = [p.name for p in model.get_parameters()]
@@ -148,7 +148,7 @@ def test_cross_entropy_and_total_loss():
     assert float(aux) > 0 and float(loc) > 0
     assert abs(float(total) - (float(ce) + float(aux) + float(loc))) < 1e-6
     assert abs(float(aux) - float(model_aux)) < 1e-7 and abs(float(loc) - float(model_loc)) < 1e-7
-    assert load.shape == (2, EXPERTS) and dropped.shape == (2, 2) and local.shape == (2, 1)
+    assert load.shape == (2, EXPERTS) and dropped.shape == (2, 3) and local.shape == (2, 1)
 
 
 def test_tied_head_shares_one_parameter():
