@@ -183,31 +183,39 @@ def capacity_multiple(cfg, topology):
     return topology.tp if cfg.parallel.groupwise_a2a and topology.tp > 1 else 1
 
 
-def level1_experts(cfg, placement, topology):
-    """The [D, E] level-1 mask the routers get: the domain-affine placement's; under i.i.d. data
-    (moe.iid_level1) one row of every expert (none), or the node-striped groups (rows by
-    moe.domain_to_group, else one row per group); None: the routers' own contiguous blocks (or no
-    level 1)."""
+def level1_source(cfg, placement):
+    """Where the routers' level-1 mask comes from: 'placement' (the domain-affine placement's own experts
+    per domain), 'every_expert' (i.i.d. data, moe.iid_level1 none), 'node_striped' (i.i.d. data, the
+    node-striped groups), 'router_blocks' (the routers' contiguous blocks, locmoe.routers.
+    level1_domain_experts) or None (one group: no level 1). The last two read moe.domain_to_group."""
     if placement is not None:
-        return placement.domain_experts
+        return "placement"
     if cfg.moe.iid_level1 == "none":
+        return "every_expert"
+    if cfg.moe.num_domain_groups == 1:
+        return None
+    return "node_striped" if cfg.moe.iid_level1 == "node_striped" else "router_blocks"
+
+
+def level1_experts(cfg, placement, topology):
+    """The [D, E] level-1 mask the routers get (by level1_source); None: the routers' own contiguous
+    blocks, or no level 1."""
+    source = level1_source(cfg, placement)
+    if source == "placement":
+        return placement.domain_experts
+    if source == "every_expert":
         return np.ones((1, cfg.num_experts), np.float32)  # [1, E]: level 1 allows every expert
-    if cfg.moe.iid_level1 != "node_striped" or cfg.moe.num_domain_groups == 1:
+    if source != "node_striped":
         return None
     groups = striped_level1_groups(cfg.moe.num_domain_groups, topology)  # [groups, E]
     return groups[np.asarray(cfg.moe.domain_to_group, np.int64)] if cfg.moe.domain_to_group else groups
 
 
-def uses_domain_map(cfg, placement):
-    """Whether level 1 reads moe.domain_to_group: not under a placement (its own experts per domain), nor
-    with i.i.d. data and moe.iid_level1 none (every expert), nor with one group (level1_experts)."""
-    return placement is None and cfg.moe.iid_level1 != "none" and cfg.moe.num_domain_groups > 1
-
-
 def check_domain_map(cfg, domains, placement):
-    """A ConfigError when moe.domain_to_group is used (uses_domain_map) and lists fewer groups than the
-    dataset's domains; a map that level 1 does not read is not checked."""
-    if cfg.moe.domain_to_group and uses_domain_map(cfg, placement) and len(cfg.moe.domain_to_group) < domains:
+    """A ConfigError when level 1 reads moe.domain_to_group (level1_source) and the map lists fewer groups
+    than the dataset's domains; a map that level 1 does not read is not checked."""
+    reads_map = level1_source(cfg, placement) in ("node_striped", "router_blocks")
+    if cfg.moe.domain_to_group and reads_map and len(cfg.moe.domain_to_group) < domains:
         raise ConfigError("moe.domain_to_group", list(cfg.moe.domain_to_group),
                           f"one group per domain of {cfg.data.dataset_dir} ({domains} domains)")
 

@@ -23,14 +23,11 @@ MIXED_UNITS = {"ep4_2tier_rre"}
 
 # name: (workers, tp, ep, router, overlap, groupwise)
 CASES = {
-    "dp2": (2, 1, 1, "locmoe", 1, True),
     "ep2_locmoe": (2, 1, 2, "locmoe", 1, True),
-    "ep2_switch": (2, 1, 2, "switch", 1, True),
+    "ep2_switch": (2, 1, 2, "switch", 2, True),  # overlap: 2 chunks
     "ep2_hash": (2, 1, 2, "hash", 1, True),
     "ep2_rre": (2, 1, 2, "rre", 1, True),
-    "ep2_overlap2": (2, 1, 2, "locmoe", 2, True),
-    "tp2": (2, 2, 1, "locmoe", 1, True),
-    "tp2_ep2_groupwise": (4, 2, 2, "locmoe", 1, True),
+    # from the seed, dropout on; TP2 x EP2 also group-wise over both nodes and with optimizer-state sharding
     "tp2_seed": (2, 2, 1, "locmoe", 1, True),
     "tp2_ep2_seed": (4, 2, 2, "locmoe", 1, True),
     # two-tier exchange + domain-affine placement: nodes {0, 1} and {2, 3}
@@ -39,9 +36,8 @@ CASES = {
     "ep4_2tier_hash": (4, 1, 4, "hash", 3, True),  # 3 chunks (u = 3 rows, OPTIONS)
     "ep4_2tier_rre": (4, 1, 4, "rre", 1, True),
     "tp2_ep2_2tier": (4, 2, 2, "locmoe", 1, True),
-    # optimizer-state sharding (ZeRO-1)
+    # optimizer-state sharding (ZeRO-1) over DP2 (the experts' moments sharded too: every rank holds all experts)
     "dp2_zero": (2, 1, 1, "locmoe", 1, True),
-    "tp2_ep2_zero": (4, 2, 2, "locmoe", 1, True),
     # gradient accumulation (2 micro-batches of 1 sequence per rank) with EP2 exchanges and ZeRO-1
     "ep2_zero_accum": (2, 1, 2, "locmoe", 1, True),
 }
@@ -59,16 +55,17 @@ OPTIONS = {
     # the remote overflow (C_r = 2 of 8 tokens) rerouted to free node-local slots (moe.reroute_overflow)
     "ep4_2tier_switch": {**TWO_TIER_4_NODES, "moe": {"remote_capacity_factor": 1.0, "reroute_overflow": True}},
     "dp2_zero": {"parallel": {"optimizer_shard": True}},
-    "tp2_ep2_zero": {"parallel": {"optimizer_shard": True}},
     # with dropout: the micro-batches draw step * 2 + micro-batch index
     "ep2_zero_accum": {"parallel": {"optimizer_shard": True}, "train": {"gradient_accumulation_steps": 2},
                        "model": {"dropout_rate": 0.1}},
     # dropout on: every mask is a hash of the global position (pangu_sigma.parallel.dropout), so TP ranks agree
     # on the replicated tensors and the layouts draw the single process's masks
-    "tp2": {"model": {"dropout_rate": 0.1}},
+    "tp2_seed": {"model": {"dropout_rate": 0.1}},
     # parallel.a2a_group servers (HCCL's AlltoAll rule): the EP groups {0, 2}, {1, 3} span both nodes, so the
-    # inter-node All-to-All(V) runs over all 4 ranks with zero blocks between the two EP groups
-    "tp2_ep2_groupwise": {"model": {"dropout_rate": 0.1}, "parallel": {"a2a_group": "servers"}},
+    # inter-node All-to-All(V) runs over all 4 ranks with zero blocks between the two EP groups; ZeRO-1 over
+    # each TP rank's DP pair, resumed from its per-rank checkpoints
+    "tp2_ep2_seed": {"model": {"dropout_rate": 0.1},
+                     "parallel": {"a2a_group": "servers", "optimizer_shard": True}},
     "tp2_ep2_2tier": {**TWO_TIER, "parallel": {"a2a_group": "servers"}},
 }
 # Started from the seed (pangu_sigma.parallel.init_weights) instead of a shared full initial checkpoint.

@@ -29,7 +29,7 @@ def no_groups(monkeypatch):
 def single(tmp_path_factory):
     out = tmp_path_factory.mktemp("init_single")
     full = {}
-    for name in ("tp2", "tp2_ep2_groupwise"):
+    for name in ("tp2_seed", "tp2_ep2_seed"):
         ctx = ParallelContext(pc.topology_of(name, 0), "emulated", distributed=False)
         _, net = pc.build(name, ctx, str(out))
         cfg = pc.case_config(name, str(out))
@@ -67,9 +67,9 @@ def test_slices_cut_through_element_pairs_equal_the_full_draw():
 
 def test_std_rules_match_the_model_initialisers(single):
     """init_std_of must agree with each layer's own initializer (what MindSpore drew at build time)."""
-    ctx = ParallelContext(pc.topology_of("tp2_ep2_groupwise", 0), "emulated", distributed=False)
-    _, net = pc.build("tp2_ep2_groupwise", ctx, "unused")
-    cfg = single["tp2_ep2_groupwise"][1]
+    ctx = ParallelContext(pc.topology_of("tp2_ep2_seed", 0), "emulated", distributed=False)
+    _, net = pc.build("tp2_ep2_seed", ctx, "unused")
+    cfg = single["tp2_ep2_seed"][1]
     for param in net.get_parameters():
         if not param.requires_grad:
             continue
@@ -81,7 +81,7 @@ def test_std_rules_match_the_model_initialisers(single):
             assert abs(values.std() / std - 1.0) < 0.15, (param.name, values.std(), std)
 
 
-@pytest.mark.parametrize("name", ["tp2", "tp2_ep2_groupwise"])
+@pytest.mark.parametrize("name", ["tp2_seed", "tp2_ep2_seed"])
 def test_parallel_slices_gather_to_the_single_process_model(single, no_groups, name):
     workers = pc.CASES[name][0]
     reference, cfg = single[name]

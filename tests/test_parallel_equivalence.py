@@ -1,15 +1,17 @@
-"""The same model, weights and global batch as 1 process and as msrun CPU workers
-(DP2, EP2 for all four routers, EP2 with overlap 2, TP2 and TP2 x EP2 group-wise with dropout 0.1 (its EP
-All-to-All over both nodes' ranks, parallel.a2a_group servers, as the two-tier TP2 x EP2 case's tier 2); TP2 and TP2 x EP2
-started from the seed with no initial checkpoint; the two-tier exchange with domain-affine placement
-for all four routers and TP2 x EP2 (Switch in 2 overlap chunks, Hash in 3, RRE with a rank that sends no
-tier-2 units among ranks that do); DP2 and TP2 x DP2 x EP2 with optimizer-state sharding; EP2 with
-sharding and gradient accumulation over 2 micro-batches, against the single process accumulating alike): same
-losses and same parameters after 2 optimizer steps (relative difference <= 1e-5), the same logged
-drops per tier and node-local tokens per data-parallel rank (exact counts); from the seed the
-initial TP shards of a matrix also differ; the sharded cases resume exactly from their per-rank
-checkpoints, hold only their slice of the Adam moments, and their checkpoints merge into the single
-process's moments (the ZeRO-1 conversion of pangu_sigma.training.checkpoint)."""
+"""The same model, weights and global batch as 1 process and as msrun CPU workers: EP2 for all four
+routers (Switch in 2 overlap chunks); TP2 and TP2 x EP2 started from the seed with no initial checkpoint and
+dropout 0.1, the TP2 x EP2 case group-wise with its EP All-to-All over both nodes' ranks (parallel.a2a_group
+servers, as the two-tier TP2 x EP2 case's tier 2) and with optimizer-state sharding; the two-tier exchange
+with domain-affine placement for all four routers and TP2 x EP2 (Switch in 2 overlap chunks with rerouting,
+Hash in 3, RRE with a rank that sends no tier-2 units among ranks that do); DP2 with optimizer-state sharding
+(the experts' moments sharded too); EP2 with sharding and gradient accumulation over 2 micro-batches, against
+the single process accumulating alike: same losses and same parameters after 2 optimizer steps (relative
+difference <= 1e-5), the same logged drops per tier and node-local tokens per data-parallel rank (exact
+counts); from the seed the initial TP shards of a matrix also differ; the sharded cases resume exactly from
+their per-rank checkpoints, hold only their slice of the Adam moments, and their checkpoints merge into the
+single process's moments (the ZeRO-1 conversion of pangu_sigma.training.checkpoint).
+One case folds several features where each is also run alone elsewhere, since every case costs a model
+compile per process (the four-worker cases about 30 s each on 2 cores)."""
 import os
 import socket
 import subprocess

@@ -7,6 +7,7 @@ and 'spec/<name>' = [dim, parts] for every TP-sharded parameter.
 """
 import os
 import sys
+import time
 
 import numpy as np
 import mindspore as ms
@@ -53,6 +54,7 @@ def main():
     init()
     rank = get_rank()
     for name in names:
+        started = time.time()
         topology = pc.topology_of(name, rank)
         create_topology_groups(topology)
         ctx = ParallelContext(topology, "emulated", distributed=True)
@@ -74,7 +76,7 @@ def main():
         if pc.OPTIONS.get(name, {}).get("parallel", {}).get("optimizer_shard"):
             arrays.update(resume_check(name, step_cell, out_dir, rank, ids[rows], domains[rows]))
         np.savez(os.path.join(out_dir, f"{name}_rank{rank}.npz"), losses=np.array(losses), **arrays)
-        print(f"[worker {rank}] {name}: losses {losses}", flush=True)
+        print(f"[worker {rank}] {name}: losses {losses} ({time.time() - started:.1f} s)", flush=True)
 
 
 if __name__ == "__main__":
