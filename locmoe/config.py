@@ -38,10 +38,6 @@ class MoEConfig:
         node-local expert's C_l) goes to its best node-local expert with a free slot (gate order, ties as
         LocMoE's) instead of being dropped, and keeps that expert's gate value R (eq. 3). Learned routers
         only (a table router has no order of the other experts).
-    straight_through_gate: beyond the paper: the chosen expert's output enters y at scale 1 (as a table
-        router's does) while its gradient is eq. 3's: y = E(x) * (R + stop_gradient(1 - R)), so the router
-        learns from the task loss as with eq. 1 but the expert's output is not shrunk by R (about 1 / n for a
-        near-uniform softmax). Learned routers only.
     router: one of ROUTERS.
     aux_loss_coef: alpha of eq. 5 (0.01 in the paper).
     locality_loss_coef: mu of eq. 6.
@@ -79,7 +75,6 @@ class MoEConfig:
     capacity_factor: float = 1.0
     remote_capacity_factor: float = 0.0
     reroute_overflow: bool = False
-    straight_through_gate: bool = False
     router: str = "locmoe"
     aux_loss_coef: float = 0.01
     locality_loss_coef: float = 0.01
@@ -132,10 +127,6 @@ class MoEConfig:
                  "false with one tier (remote_capacity_factor 0): rerouting fills the node-local tier of two")
             need(self.router in ("locmoe", "switch"), "reroute_overflow",
                  f"false for the {self.router} router (a table router has no gate order to pick a local expert by)")
-        need(isinstance(self.straight_through_gate, bool), "straight_through_gate", "true or false")
-        if self.straight_through_gate:
-            need(self.router in ("locmoe", "switch"), "straight_through_gate",
-                 f"false for the {self.router} router (a table router's gate value is already 1)")
         need(is_num(self.aux_loss_coef) and self.aux_loss_coef >= 0, "aux_loss_coef", "a number >= 0")
         need(is_num(self.locality_loss_coef) and self.locality_loss_coef >= 0, "locality_loss_coef", "a number >= 0")
         need(is_num(self.locality_smoothing) and 0 < self.locality_smoothing < 1,

@@ -200,8 +200,7 @@ class MoELayer(nn.Cell):
         if self.reroute:  # a rerouted token's R is its new expert's gate probability (eq. 3)
             slot, keep, destination = self._reroute(slot, keep, onehot, gate_probs, token_ids, capacity, offset,
                                                     slots)
-            expert_prob = self.router.gate_value(
-                ops.gather_elements(gate_probs, -1, destination.expand_dims(-1)).squeeze(-1))  # [G, T]
+            expert_prob = ops.gather_elements(gate_probs, -1, destination.expand_dims(-1)).squeeze(-1)  # [G, T]
             rerouted = (keep * (destination != expert_index).astype(ms.float32)).sum()
         source = token_of_slot(slot, groups * slots, groups * per_group)  # [G*S]
         flat = gather_rows(x_groups.astype(self.compute_dtype).reshape(-1, hidden), source, slot)  # [G*S, d]

@@ -129,14 +129,6 @@ class _LearnedRouter(nn.Cell):
         self.level1 = mask is not None
         self.num_level1_rows = 1 if mask is None else len(mask)
         self.group_mask = Tensor(np.ones((1, cfg.num_experts), np.float32) if mask is None else mask)  # [D, E]
-        self.straight_through = cfg.straight_through_gate
-
-    def gate_value(self, prob):
-        """The weight of the chosen expert's output in y (eq. 1): its gate probability R (eq. 3), or with
-        moe.straight_through_gate 1 in the forward pass and R's gradient in the backward one."""
-        if not self.straight_through:
-            return prob
-        return prob + ops.stop_gradient(1.0 - prob)
 
     def _route(self, scores, domain_ids, tie_break=None, local_bias=None, local_mask=None):
         """scores [G, T, E] -> (expert_index, expert_prob, router_probs, aux, gate_probs).
@@ -162,7 +154,7 @@ class _LearnedRouter(nn.Cell):
                 centre = (mask * allowed).sum(-1, keepdims=True) / allowed.sum(-1, keepdims=True)  # [G, T, 1]
             router_probs = ops.softmax(scores + local_bias * (mask - centre), -1)  # [G, T, E]
         expert_index, _ = _top1(router_probs, None if tie_break is None else ops.stop_gradient(tie_break))
-        expert_prob = self.gate_value(ops.gather_elements(gate_probs, -1, expert_index.expand_dims(-1)).squeeze(-1))
+        expert_prob = ops.gather_elements(gate_probs, -1, expert_index.expand_dims(-1)).squeeze(-1)  # [G, T]
         onehot = ops.one_hot(expert_index, self.num_experts, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
         aux = load_balance_loss(router_probs, onehot, self.aux_coef)
         return expert_index, expert_prob, router_probs, aux, gate_probs

@@ -47,9 +47,6 @@ class MoESection:
     # Two tiers, beyond the paper: a token over its pair's slots takes a free slot of its best node-local
     # expert instead of being dropped (locmoe.dispatch.reroute_to_local). LocMoE and Switch only.
     reroute_overflow: bool = False
-    # Beyond the paper: the chosen expert's output at scale 1 with eq. 3's gradient (y = E(x) (R + sg(1 - R))),
-    # not shrunk by its gate value R. LocMoE and Switch only (locmoe.config.MoEConfig).
-    straight_through_gate: bool = False
     aux_loss_coef: float = 0.01
     locality_loss_coef: float = 0.01
     locality_smoothing: float = 1e-4
@@ -302,7 +299,7 @@ class RunConfig:
         try:
             return MoEConfig(num_experts=self.num_experts, capacity_factor=m.capacity_factor,
                              remote_capacity_factor=m.remote_capacity_factor, router=m.router,
-                             reroute_overflow=m.reroute_overflow, straight_through_gate=m.straight_through_gate,
+                             reroute_overflow=m.reroute_overflow,
                              aux_loss_coef=m.aux_loss_coef, locality_loss_coef=m.locality_loss_coef,
                              locality_smoothing=m.locality_smoothing, locality_bias=m.locality_bias,
                              locality_bias_rate=m.locality_bias_rate,

@@ -17,10 +17,10 @@ LAYOUT_FIELDS = ("parallel.", "train.output_dir", "train.train_steps", "train.in
 # Fields added after runs were written, with the value that gives those runs' behaviour: a stored config
 # without the field is read with it (a run from before gradient accumulation resumes without a change).
 ADDED_FIELDS = {"train.gradient_accumulation_steps": 1, "moe.locality_bias": False, "moe.iid_level1": "blocks",
-                "moe.reroute_overflow": False, "moe.locality_bias_rate": 1.0, "moe.straight_through_gate": False}
+                "moe.reroute_overflow": False, "moe.locality_bias_rate": 1.0}
 # eval / generate: only what shapes the model and its tokens matters.
 INFERENCE_FIELDS = ("model.", "moe.router", "moe.num_domain_groups", "moe.gate_bias", "moe.locality_bias",
-                    "moe.locality_bias_rate", "moe.straight_through_gate",
+                    "moe.locality_bias_rate",
                     "moe.iid_level1", "moe.table_seed",
                     "moe.capacity_factor", "num_experts")
 
