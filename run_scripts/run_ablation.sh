@@ -96,7 +96,8 @@ for setting in "${settings[@]}"; do
                  --set moe.locality_bias_rate=10 ;;
         iid_rate10) "${compare[@]}" --output "$out" --routers locmoe --seeds 6 --equal-drops 5 \
                  --set data.placement=iid --set moe.locality_bias_rate=10 ;;
-        four_iid) "${compare[@]}" --output "$out" --routers switch,hash --seeds 3 --equal-drops 5 "${four[@]}" ;;
+        four_iid) "${compare[@]}" --output "$out" --routers switch,hash --seeds 3 --equal-drops 5 "${four[@]}" \
+                 "${rate1[@]}" ;;  # (rate 1: as measured first; neither router has the locality bias)
         mu_sweep_rate10) for mu in 0.001 0.0001 0.1; do
                  "${compare[@]}" --output "$out/mu$mu" --routers locmoe --seeds 1 --equal-drops 5 \
                      --set data.placement=iid --set moe.locality_bias_rate=10 --set moe.locality_loss_coef=$mu
