@@ -84,10 +84,10 @@ def case_config(name, output_dir):
                 "num_domain_groups": 2 if router == "rre" or (router == "locmoe" and "2tier" in name) else 1},
         "parallel": {"op_level_model_parallel_num": tp, "expert_parallel": ep, "devices_per_node": 2,
                      "comm_overlap_degree": overlap, "groupwise_a2a": groupwise, "virtual_world_size": workers,
-                     # tp2_seed: 4 KiB gradient buckets, so the reduction runs in many buckets (some of one
-                     # gradient, unpacked); the others: the default, one bucket per replica group (many buckets
-                     # make many collectives to compile, on every worker)
-                     "grad_bucket_mb": 4 / 1024 if name == "tp2_seed" else 256.0},
+                     # seed cases: 4 KiB gradient buckets, so the reduction runs in many buckets (some of one
+                     # gradient, unpacked; in tp2_ep2_seed with ZeRO-1); the others: the default, one bucket per
+                     # replica group
+                     "grad_bucket_mb": 4 / 1024 if name in SEED_CASES else 256.0},
         "data": {"dataset_dir": output_dir},
         "train": {"batch_size": GLOBAL_BATCH // (workers // tp), "sink_size": 1, "train_steps": STEPS,
                   "output_dir": output_dir},
