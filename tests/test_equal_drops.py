@@ -188,17 +188,19 @@ def test_goals_and_the_equal_drops_section_from_given_results():
 
 def test_check_rounds_stop_when_a_round_keeps_the_capacities(monkeypatch, tmp_path):
     """seed_rounds: every round trains every seed at the current capacities and recalibrates from their
-    counts; the first round whose counts keep the capacities is the result; without one the last round's
-    runs come back with the capacities they were trained at."""
+    counts; the first round whose counts keep the capacities is the result; without one, the round with the
+    fewest rows among those at <= the target's measured drops comes back with the capacities it was trained
+    at (else the last round)."""
     from pangu_sigma.tools import compare_calibration as cc
-    plan = [(70, 4), (66, 4), (66, 4)]  # what each round's counts call for: 64 -> 70 -> 66 -> 66 (kept)
+    plan = []  # per round: (local, remote) its counts call for, its measured drop %
     trained, pooled = [], []
 
     def fake_recalibrated(calibration, cfg, runs, counts, target):
         pooled.append(len(counts))
-        local, remote = plan[len(pooled) - 1]
+        (local, remote), measured = plan[len(pooled) - 1]
         record = {"local_capacity": calibration["local_capacity"], "remote_capacity": calibration["remote_capacity"],
-                  "measured_drop_percent": 4.0}
+                  "measured_drop_percent": measured,
+                  "expert_rows_per_group": 2 * calibration["local_capacity"] + 6 * calibration["remote_capacity"]}
         return dict(calibration, local_capacity=local, remote_capacity=remote), record
 
     def train_and_evaluate(cfg, counts):
@@ -206,15 +208,42 @@ def test_check_rounds_stop_when_a_round_keeps_the_capacities(monkeypatch, tmp_pa
         counts.append(np.zeros((1, 1, 1, 1), np.int64))
         return {"run_dir": str(tmp_path), "cfg": cfg}
 
+    def rounds(first, check_rounds, calls):
+        plan[:] = calls
+        trained.clear(), pooled.clear()
+        return cc.seed_rounds(first, config, train_and_evaluate, [1, 2], 5.0, check_rounds, log=lambda *_: None)
+
     monkeypatch.setattr(cc, "recalibrated", fake_recalibrated)
     first = {"local_capacity": 64, "remote_capacity": 4}
     config = lambda k, seed, c: (k, seed, c["local_capacity"])  # noqa: E731
-    calibration, runs = cc.seed_rounds(first, config, train_and_evaluate, [1, 2], 5.0, 3, log=lambda *_: None)
+    # 64 -> 70 -> 66 -> 66 (kept)
+    calibration, runs = rounds(first, 3, [((70, 4), 4.0), ((66, 4), 4.0), ((66, 4), 4.0)])
     assert trained == [(0, 1, 64), (0, 2, 64), (1, 1, 70), (1, 2, 70), (2, 1, 66), (2, 2, 66)]
     assert [r["cfg"] for r in runs] == [(2, 1, 66), (2, 2, 66)] and pooled == [2, 2, 2]
     assert calibration["checked"] is True and calibration["local_capacity"] == 66
+    assert calibration["reported_round"] == 2
     assert [r["local_capacity"] for r in calibration["check_rounds"]] == [64, 70, 66]
-    trained.clear(), pooled.clear()
-    calibration, runs = cc.seed_rounds(first, config, train_and_evaluate, [1, 2], 5.0, 1, log=lambda *_: None)
-    assert [r["cfg"] for r in runs] == [(1, 1, 70), (1, 2, 70)]  # round 1's counts call for 66: no round left
-    assert calibration["checked"] is False and calibration["local_capacity"] == 70
+    # round 1's counts call for 66 and no round is left: of 64 (152 rows) and 70 (164 rows), both at 4 %, 64
+    calibration, runs = rounds(first, 1, [((70, 4), 4.0), ((66, 4), 4.0)])
+    assert [r["cfg"] for r in runs] == [(0, 1, 64), (0, 2, 64)]
+    assert calibration["checked"] is False and calibration["local_capacity"] == 64
+    assert calibration["reported_round"] == 0 and len(calibration["check_rounds"]) == 2
+    # alternating about the target (as Switch on the four-domain corpus): 64 at 4.0 %, 61 at 5.5 %, 62 at 4.3 %
+    calibration, runs = rounds(first, 2, [((61, 4), 4.0), ((62, 4), 5.5), ((61, 4), 4.3)])
+    assert calibration["reported_round"] == 2 and calibration["local_capacity"] == 62
+    assert [r["cfg"] for r in runs] == [(2, 1, 62), (2, 2, 62)]
+    # no round meets the target: the last
+    calibration, runs = rounds(first, 1, [((61, 4), 5.2), ((62, 4), 5.1)])
+    assert calibration["reported_round"] == 1 and calibration["local_capacity"] == 61
+
+
+def test_the_check_rounds_table_marks_the_reported_round():
+    from pangu_sigma.tools.compare_report import render_check_rounds
+    record = {"local_capacity": 64, "remote_capacity": 4, "expert_rows_per_group": 152, "measured_drop_percent": 4.0,
+              "predicted_drop_percent": 4.0, "next_local_capacity": 70, "next_remote_capacity": 4,
+              "next_expert_rows_per_group": 164, "next_predicted_drop_percent": 4.9}
+    calibration = {"check_rounds": [record, dict(record, local_capacity=70, measured_drop_percent=4.5)],
+                   "checked": False, "reported_round": 0}
+    lines = [line for line in render_check_rounds({"switch": {"calibration": calibration}}, 5.0)
+             if line.startswith("| switch")]
+    assert [line.rstrip(" |").split("| ")[-1] for line in lines] == ["reported", "no: rounds used up"]

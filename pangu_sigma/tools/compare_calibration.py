@@ -83,9 +83,12 @@ def seed_rounds(calibration, seed_config, train_and_evaluate, seeds, target_perc
     (recalibrated), and while that changes the capacities and rounds are left, round k + 1 trains every seed
     at the new ones. seed_config(k, seed, calibration) -> a run's config; train_and_evaluate(cfg, counts) ->
     run_figures' dict, its counts appended to the list counts. -> (the calibration of the returned runs, with
-    'check_rounds' (one record per round) and 'checked' (True: the last round kept its capacities, so the
-    seeds' mean measured drops meet the target), the last round's runs)."""
-    rounds = []
+    'check_rounds' (one record per round), 'checked' (True: the last round kept its capacities, so the
+    seeds' mean measured drops meet the target) and 'reported_round', the returned runs). A round that keeps
+    its capacities is returned. When the rounds run out first (a learned router's split can move with its
+    capacities, so that the rounds alternate about the target), the round with the fewest expert rows among
+    those whose measured drops meet the target is returned (the later on a tie), else the last."""
+    rounds, trained = [], []
     for k in range(check_rounds + 1):
         runs, counts = [], []
         for seed in seeds:
@@ -95,15 +98,30 @@ def seed_rounds(calibration, seed_config, train_and_evaluate, seeds, target_perc
         again, record = recalibrated(calibration, seed_config(k, seeds[0], calibration), runs, counts,
                                      target_percent)
         rounds.append(record)
+        trained.append((calibration, runs))
         log(f"[compare] round {k}: at local capacity {record['local_capacity']}, remote capacity "
             f"{record['remote_capacity']} the seeds dropped {record['measured_drop_percent']:.2f}% (target "
             f"{target_percent:g}%); their routed counts call for local {again['local_capacity']}, remote "
             f"{again['remote_capacity']}")
         if same_capacities(again, calibration):
-            return dict(calibration, check_rounds=rounds, checked=True), runs
+            return dict(calibration, check_rounds=rounds, checked=True, reported_round=k), runs
         if k < check_rounds:
             calibration = again
-    return dict(calibration, check_rounds=rounds, checked=False), runs
+    reported = reported_round(rounds, target_percent)
+    calibration, runs = trained[reported]
+    if reported != len(rounds) - 1:
+        log(f"[compare] rounds used up: reporting round {reported}, the fewest rows among the rounds at <= "
+            f"{target_percent:g}% measured drops")
+    return dict(calibration, check_rounds=rounds, checked=False, reported_round=reported), runs
+
+
+def reported_round(rounds, target_percent):
+    """The round to report when the check rounds ran out: the fewest expert rows per group among the rounds
+    whose measured drops meet the target (the later on a tie), else the last round."""
+    meeting = [k for k, r in enumerate(rounds) if r["measured_drop_percent"] <= target_percent]
+    if not meeting:
+        return len(rounds) - 1
+    return min(meeting, key=lambda k: (rounds[k]["expert_rows_per_group"], -k))
 
 
 def calibrate(cfg, pilot, counts, target_percent):

@@ -159,7 +159,9 @@ def render_check_rounds(results, target):
     lines = ["", "### Check rounds", "",
              f"Round 0 trains every seed at the pilot's calibration; the seeds' own routed counts, pooled, size "
              f"the tiers again (target {target:g}%), and a round that changes them is followed by one at the new "
-             f"capacities. The table above shows the last round's. Measured drops are the seeds' mean; in brackets "
+             f"capacities. The table above shows the reported round's: the last, or, when the rounds ran out "
+             f"first, the one with the fewest rows among those that met the target. Measured drops are the "
+             f"seeds' mean; in brackets "
              f"the prediction from their counts at their own capacities, which also count the filler samples of "
              f"a short last batch (eval routes them, but does not count them).", "",
              "| router | round | local C | remote C | rows per group | measured drop % | their counts call for: "
@@ -167,6 +169,8 @@ def render_check_rounds(results, target):
     for router, k, c, rnd in rows:
         last = k == len(c["check_rounds"]) - 1
         verdict = ("yes" if c.get("checked") else "no: rounds used up") if last else ""
+        if k == c.get("reported_round", len(c["check_rounds"]) - 1):
+            verdict = f"{verdict}; reported" if verdict else "reported"
         lines.append(f"| {router} | {k} | {rnd['local_capacity']} | {rnd['remote_capacity']} | "
                      f"{rnd['expert_rows_per_group']} | {rnd['measured_drop_percent']:.2f} "
                      f"({rnd['predicted_drop_percent']:.2f}) | {rnd['next_local_capacity']} | "
