@@ -12,6 +12,17 @@ import pytest  # noqa: E402
 ms.set_device("CPU")
 
 
+# The msrun launches' files first (stable sort: the rest keep their order). Under pytest-xdist
+# (run_scripts/run_tests.sh: two workers, a file each) each of these long files then starts at once on a worker
+# while the other worker takes the short files, instead of one starting late and running alone at the end.
+FIRST_FILES = ("test_parallel_equivalence.py", "test_checkpoint_msrun.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: FIRST_FILES.index(item.path.name) if item.path.name in FIRST_FILES
+               else len(FIRST_FILES))
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """A prepared dataset (vocab 512, seq 16) from ~200 kB of the default corpus."""

@@ -324,7 +324,9 @@ def test_real_ctrl_c_with_two_workers_stops_in_one_line(sharded, tmp_path):
     from tests.test_data import REPO
 
     text = "".join(PROSE.values()) + "".join(CODE.values()) + "".join(ZH.values())
-    corpus = write_corpus(tmp_path / "corpus", {"en": {f"{i:03d}.txt": text * 100 for i in range(40)}})
+    # 160 files: encoding outlasts the parent's reading of the first progress line on a loaded machine (with 40 a
+    # run under pytest-xdist finished before the signal landed)
+    corpus = write_corpus(tmp_path / "corpus", {"en": {f"{i:03d}.txt": text * 100 for i in range(160)}})
     output = tmp_path / "out"
     output.mkdir()
     (output / "meta.json").write_text('{"old": true}')
