@@ -6,5 +6,6 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 source "$repo/run_scripts/venv.sh"
 cd "$repo"
 # Two pytest workers, a whole test file each at a time (its module fixtures, e.g. the msrun launches, run
-# once): most tests compile a small graph on one core. PYTEST_WORKERS=0 runs in this process.
-exec "$PY" -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
+# once), in collection order (tests/conftest.py puts the msrun files first): most tests compile a small graph
+# on one core. PYTEST_WORKERS=0 runs in this process.
+exec "$PY" -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
