@@ -10,8 +10,9 @@ difference <= 1e-5), the same logged drops per tier and node-local tokens per da
 counts); from the seed the initial TP shards of a matrix also differ; the sharded cases resume exactly from
 their per-rank checkpoints, hold only their slice of the Adam moments, and their checkpoints merge into the
 single process's moments (the ZeRO-1 conversion of pangu_sigma.training.checkpoint).
-One case folds several features where each is also run alone elsewhere, since every case costs a model
-compile per process (the four-worker cases about 30 s each on 2 cores)."""
+One case carries several features where they do not conflict (tp2_ep2_seed: the seed, dropout, the servers
+communicator and ZeRO-1), since every case costs a model compile per process (the four-worker cases about
+30 s each on 2 cores)."""
 import os
 import socket
 import subprocess
