@@ -1,5 +1,6 @@
 """pangu_sigma.tools: capacity bound CLI, delta estimation, simulator (comm + FLOPs by hand), routing
 report, routing-stats converter and compare_routers end to end. One tiny trained run is shared."""
+import collections
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from pangu_sigma.config import config_from_dict, load_config  # noqa: E402
 from pangu_sigma.tools import capacity_bound, cost_model, routing_stats, simulate  # noqa: E402
 from pangu_sigma.tools.cost_model import Hardware, LinkMap  # noqa: E402
 from pangu_sigma.tools.routing_capture import (chosen_cosines, estimate_delta, gate_weights,  # noqa: E402
-                                               capture_routing)
+                                               capture_routing, token_consistency)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -163,6 +164,31 @@ def test_delta_estimation_on_tokens_with_known_cosines():
 # ---------------------------------------------------------------- simulator: communication by hand
 HW = Hardware(hccs_gbytes=30.0, hccs_links=3, hccs_latency_us=5.0, pcie_gbytes=32.0, pcie_latency_us=10.0,
               roce_gbits=100.0, roce_latency_us=10.0)
+
+
+def test_token_consistency_by_hand_and_against_a_counter():
+    # by hand: id 5 goes to experts 1, 1, 2 (modal 1: 2 of 3), id 7 to 0, 3 (1 of 2), id 9 once (left out)
+    assert token_consistency([5, 5, 5, 7, 7, 9], [1, 1, 2, 0, 3, 2]) == {"modal_share": 0.6, "ids": 2,
+                                                                          "occurrences": 5}
+    assert token_consistency([3, 4], [0, 1])["modal_share"] is None  # no id repeats
+    # per group: id 5 goes to expert 1 on node 0 and to expert 2 on node 1, always
+    assert token_consistency([5, 5, 5, 5], [1, 1, 2, 2])["modal_share"] == 0.5
+    assert token_consistency([5, 5, 5, 5], [1, 1, 2, 2], groups=[0, 0, 1, 1]) == {"modal_share": 1.0, "ids": 2,
+                                                                                   "occurrences": 4}
+    with pytest.raises(ValueError, match="one group per token"):
+        token_consistency([5, 5], [1, 1], groups=[0])
+    assert token_consistency([2, 2, 6, 6, 6], [4, 4, 0, 0, 0])["modal_share"] == 1.0  # a token-id table
+    rng = np.random.RandomState(3)
+    ids, experts = rng.randint(0, 40, 500), rng.randint(0, 8, 500)
+    by_id = collections.defaultdict(collections.Counter)
+    for t, e in zip(ids, experts):
+        by_id[t][e] += 1
+    repeated = [c for c in by_id.values() if sum(c.values()) >= 2]
+    modal = sum(max(c.values()) for c in repeated) / sum(sum(c.values()) for c in repeated)
+    got = token_consistency(ids, experts)
+    assert got["ids"] == len(repeated) and got["modal_share"] == pytest.approx(modal, abs=1e-12)
+    with pytest.raises(ValueError, match="one expert per token"):
+        token_consistency([1, 2], [0])
 
 
 def test_all_to_all_time_and_bytes_by_hand():
@@ -368,6 +394,7 @@ def test_capture_matches_the_layers_own_statistics(tiny_run, scope):
     assert (~layer.keep).sum() == dropped.asnumpy()[0, :2].sum()
     by_group = np.bincount(cap.token_group, weights=cap.token_local(layer), minlength=groups)  # [G]
     np.testing.assert_array_equal(by_group, local.asnumpy()[0])  # the layer's node-local tokens of each group
+    np.testing.assert_array_equal(cap.token_node(), cap.token_group // 2)  # 2 groups per node
     # the LayerNorm output is what the GrAP gate scores: its argmax (+ bias, ReLU) is the chosen expert
     bias = model.blocks[1].ffn.router.gate.bias.asnumpy()
     scores = np.maximum(layer.tokens @ grap_weight(4, 32).T + bias, 0)
@@ -390,6 +417,9 @@ def test_routing_report_writes_every_plot(tiny_run, tmp_path):
     for name in expected:
         assert f"]({name})" in report
     assert "| block |" in report and "delta (q=0.01)" in report and "## Per domain on the valid split" in report
+    layer = json.loads((out / "report.json").read_text())["captured_layers"][0]
+    for column in ("token id's modal expert %", "same, per node %"):  # the modal expert: >= 1/E of an id's
+        assert 100 / cfg.num_experts <= float(layer[column]) <= 100  # occurrences
     figures = json.loads((out / "report.json").read_text())
     assert set(figures["eval"]["domains"]) and figures["eval"]["tokens"] == sum(
         d["tokens"] for d in figures["eval"]["domains"].values())

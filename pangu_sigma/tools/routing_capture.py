@@ -115,6 +115,37 @@ def pair_cosines(tokens, expert_index, i, j, max_tokens=300, rng=None):
     return cos.reshape(-1)
 
 
+def token_consistency(token_ids, expert_index, groups=None):
+    """How much the routing is a function of the token id: over the ids that occur at least twice, the
+    share of their occurrences routed to the id's most frequent (modal) expert. 1 for a token-id table
+    (Hash; RRE within a domain); a router that reads the context sends some occurrences elsewhere.
+    groups [N] (e.g. the node that routed each token): the same within each group, an id in two groups
+    counting as two ids (a router that keeps tokens on their node sends one id to each node's experts).
+    token_ids, expert_index: [N]. Returns {"modal_share", "ids", "occurrences"} (share None if no id repeats)."""
+    token_ids = np.asarray(token_ids, np.int64).reshape(-1)
+    expert_index = np.asarray(expert_index, np.int64).reshape(-1)
+    if token_ids.shape != expert_index.shape:
+        raise ValueError(f"token_ids {token_ids.shape} and expert_index {expert_index.shape}: one expert per token")
+    if groups is not None:
+        groups = np.asarray(groups, np.int64).reshape(-1)
+        if groups.shape != token_ids.shape:
+            raise ValueError(f"groups {groups.shape} and token_ids {token_ids.shape}: one group per token")
+        if token_ids.size:
+            token_ids = groups * (int(token_ids.max()) + 1) + token_ids  # one key per (group, id)
+    if token_ids.size == 0:
+        return {"modal_share": None, "ids": 0, "occurrences": 0}
+    width = int(expert_index.max()) + 1
+    pairs, pair_counts = np.unique(token_ids * width + expert_index, return_counts=True)  # (id, expert) pairs
+    pair_ids = pairs // width
+    ids, first = np.unique(pair_ids, return_index=True)  # pairs are sorted by id: each id's pairs are a run
+    totals = np.add.reduceat(pair_counts, first)  # [ids] occurrences of each id
+    modal = np.maximum.reduceat(pair_counts, first)  # [ids] occurrences at its modal expert
+    repeated = totals >= 2
+    occurrences = int(totals[repeated].sum())
+    share = float(modal[repeated].sum() / occurrences) if occurrences else None
+    return {"modal_share": share, "ids": int(repeated.sum()), "occurrences": occurrences}
+
+
 # ---------------------------------------------------------------- capture from a model
 @dataclass
 class LayerCapture:
@@ -142,6 +173,13 @@ class RoutingCapture:
     @property
     def has_gate(self):
         return self.router in GATED_ROUTERS
+
+    def token_node(self):
+        """[N] int: the node of each captured token's group, numbered in the order of the groups (groups with the
+        same node-local experts share one)."""
+        first = {}
+        node_of_group = np.array([first.setdefault(row.tobytes(), len(first)) for row in self.group_masks])  # [G]
+        return node_of_group[self.token_group]
 
     def token_local(self, layer):
         """[N] bool: each captured token of `layer` went to an expert on its token group's node."""

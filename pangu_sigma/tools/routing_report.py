@@ -19,8 +19,9 @@ Writes into DIR, per MoE layer (block index b):
                                    training steps (training log).
 - drop_locality.png                per layer, drop rate and locality fraction
                                    over training steps (training log).
-- report.md                        tables: per-layer load, drop rate, locality
-                                   and delta on the captured split; the same
+- report.md                        tables: per-layer load, drop rate, locality,
+                                   how consistently a token id goes to one
+                                   expert, and delta on the captured split; the same
                                    from the training log; per domain and
                                    overall: tokens, perplexity, load, drops,
                                    locality (eval, routed as in training);
@@ -40,7 +41,7 @@ from locmoe.errors import ConfigError
 from pangu_sigma.data.output_folder import check_creatable
 from pangu_sigma.tools._cli import OneLineParser, fail, write_json
 from pangu_sigma.tools.routing_capture import (DEFAULT_QUANTILE, capture_routing, chosen_cosines, estimate_delta,
-                                               gate_cosines, layer_stats, pair_cosines)
+                                               gate_cosines, layer_stats, pair_cosines, token_consistency)
 
 MATPLOTLIB_MISSING = ("the routing report needs matplotlib, which is not installed: "
                       "pip install matplotlib (or the package's 'plots' extra)")
@@ -281,8 +282,11 @@ def make_report(cfg, checkpoint_path, output, train_log=None, split="valid", max
         stats = layer_stats(layer, num_experts, capture.token_local(layer))
         load = stats["load"]
         share = load / max(load.sum(), 1)
+        consistency = [token_consistency(capture.token_ids, layer.expert_index, groups)["modal_share"]
+                       for groups in (None, capture.token_node())]
         row = [layer.block, len(layer.expert_index), f"{share.max() * num_experts:.3f}", f"{share.min():.4f}",
                f"{100 * stats['drop_rate']:.2f}", f"{100 * stats['local_fraction']:.2f}"]
+        row += ["n/a" if c is None else f"{100 * c:.2f}" for c in consistency]
         chosen_e = int(np.argmax(load)) if expert is None else expert
         grid = sorted(np.argsort(-load, kind="stable")[:min(grid_experts, num_experts)].tolist())
         path = os.path.join(output, f"fig8_pair_cosines_layer{layer.block}.png")
@@ -326,10 +330,15 @@ def make_report(cfg, checkpoint_path, output, train_log=None, split="valid", max
              f"experts; group 0: {np.flatnonzero(capture.group_masks[0]).tolist()})",
              f"- training log: `{log_path}`" if log_path else "- training log: none", "",
              f"## Routing on the {split} split", ""]
-    header = ["block", "tokens", "max/mean load", "smallest share", "drop %", "local %"]
+    header = ["block", "tokens", "max/mean load", "smallest share", "drop %", "local %", "token id's modal expert %",
+              "same, per node %"]
     if capture.has_gate:
         header += [f"delta (q={quantile:g})", "mean cos chosen", "mean cos others"]
     lines += _table(header, rows)
+    lines += ["", "token id's modal expert %: over the token ids seen at least twice, the share of their occurrences "
+                  "routed to the id's most frequent expert (100 for a token-id table; a router that reads the context "
+                  "sends some occurrences of an id elsewhere). Per node: the same with an id on each node counted "
+                  "apart (a router that keeps tokens on their node sends one id to each node's experts)."]
     if capture.has_gate:
         lines += ["", f"delta = the {quantile:g} quantile of cos(token, gate weight of its chosen expert) "
                       "(Theorem 1; the paper measured about 0.03); see `python -m pangu_sigma.tools.capacity_bound`."]
