@@ -66,9 +66,6 @@ class MoEConfig:
         and of u alike, locmoe.tiers.tier_chunks).
     groupwise_a2a: group-wise All-to-All (EP slice per TP rank, then TP AllGather).
     comm_backend: auto (from the device target), native (HCCL ops) or emulated.
-    hash_noise: a diagnostic (docs/results.md), not a feature: the Hash router sends this fraction of the
-        tokens, picked by a fixed function of (position in the token group, token id), to another fixed function's
-        expert, so that its routing is no longer a function of the token id alone.
     a2a_group: the communicator of the EP exchange's inter-node AlltoAll(V): "ep" (the EP group) or
         "servers" (every rank of the EP group's servers, zero blocks between ranks of different EP
         groups: same bytes; HCCL's AlltoAll rule on Atlas training, locmoe.hccl_rules).
@@ -95,7 +92,6 @@ class MoEConfig:
     groupwise_a2a: bool = True
     comm_backend: str = "auto"
     a2a_group: str = "ep"
-    hash_noise: float = 0.0
 
     def __post_init__(self):
         self.validate()
@@ -125,7 +121,6 @@ class MoEConfig:
         need(is_num(self.remote_capacity_factor) and self.remote_capacity_factor >= 0, "remote_capacity_factor",
              "a number >= 0 (0: one tier, every pair at capacity_factor)")
         need(self.router in ROUTERS, "router", f"one of {list(ROUTERS)}")
-        need(is_num(self.hash_noise) and 0 <= self.hash_noise < 1, "hash_noise", "a number in [0, 1)")
         need(isinstance(self.reroute_overflow, bool), "reroute_overflow", "true or false")
         if self.reroute_overflow:
             need(self.remote_capacity_factor > 0, "reroute_overflow",

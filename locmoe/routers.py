@@ -262,17 +262,9 @@ class HashRouter(_TableRouter):
         if counts.shape != (cfg.vocab_size,):
             raise ConfigError("token_counts", counts.shape, f"one count per token id, shape ({cfg.vocab_size},)")
         super().__init__(cfg.num_experts, balanced_hash_table(counts, cfg.num_experts))
-        self.noise_cut = int(round(1009 * cfg.hash_noise))
 
     def construct(self, x, token_ids, domain_ids, local_mask):
-        expert = ops.gather(self.table, token_ids, 0)  # [G, T]
-        if self.noise_cut == 0:
-            return self._finish(expert)
-        tok = token_ids.astype(ms.int32)
-        pos = ops.arange(tok.shape[1], dtype=ms.int32).expand_dims(0)  # [1, T]
-        draw = (pos * 389 + tok * 577 + 11) % 1009  # [G, T]
-        other = (pos * 131 + tok * 263 + 7) % self.num_experts
-        return self._finish(ops.where(draw < self.noise_cut, other.astype(expert.dtype), expert))
+        return self._finish(ops.gather(self.table, token_ids, 0))  # [G, T]
 
 
 class RRERouter(_TableRouter):

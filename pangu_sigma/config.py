@@ -65,7 +65,6 @@ class MoESection:
     locality_bias_rate: float = 1.0
     gate_bias: bool = True
     switch_jitter: float = 0.0
-    hash_noise: float = 0.0
     table_seed: int = 1234
 
     def validate(self):
@@ -307,7 +306,7 @@ class RunConfig:
                              num_domain_groups=m.num_domain_groups,
                              domain_to_group=tuple(m.domain_to_group) if isinstance(m.domain_to_group, (list, tuple))
                              else m.domain_to_group,
-                             gate_bias=m.gate_bias, switch_jitter=m.switch_jitter, hash_noise=m.hash_noise,
+                             gate_bias=m.gate_bias, switch_jitter=m.switch_jitter,
                              vocab_size=self.model.vocab_size if vocab_size is None else vocab_size,
                              table_seed=m.table_seed, expert_parallel=self.parallel.expert_parallel,
                              comm_overlap_degree=self.parallel.comm_overlap_degree,

@@ -35,7 +35,8 @@
 #   iid_600_reroute_d1 LocMoE with reroute_overflow calibrated at <= 1 % drops, 600 steps, 3 seeds, check rounds
 # Settings listed before iid_600_check were run (at the commits docs/results.md names) with the pilot's
 # calibration alone (--check-rounds 0 trains the same runs); a learned router's measured drops then overshoot the target.
-# four_iid and four_iid_rate10 were measured again with check rounds at 29402df (docs/results.md).
+# four_iid and four_iid_rate10 were measured again with check rounds at 29402df, four_affine and four_affine_mu0
+# at e2109c1 (docs/results.md).
 #   four_affine, four_affine_mu0: the four-domain corpus with the domain-affine placement (a node per domain):
 #                    LocMoE (rate 10) and RRE; the same LocMoE with mu = 0
 #   four_iid, four_iid_rate10, four_iid_mu0: on the four-domain corpus (pangu_sigma.data.four_domain_corpus,
