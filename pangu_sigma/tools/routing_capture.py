@@ -130,14 +130,13 @@ def token_consistency(token_ids, expert_index, groups=None):
         groups = np.asarray(groups, np.int64).reshape(-1)
         if groups.shape != token_ids.shape:
             raise ValueError(f"groups {groups.shape} and token_ids {token_ids.shape}: one group per token")
-        if token_ids.size:
-            token_ids = groups * (int(token_ids.max()) + 1) + token_ids  # one key per (group, id)
     if token_ids.size == 0:
         return {"modal_share": None, "ids": 0, "occurrences": 0}
+    if groups is not None:
+        token_ids = groups * (int(token_ids.max()) + 1) + token_ids  # one key per (group, id)
     width = int(expert_index.max()) + 1
     pairs, pair_counts = np.unique(token_ids * width + expert_index, return_counts=True)  # (id, expert) pairs
-    pair_ids = pairs // width
-    ids, first = np.unique(pair_ids, return_index=True)  # pairs are sorted by id: each id's pairs are a run
+    _, first = np.unique(pairs // width, return_index=True)  # pairs are sorted by id: each id's pairs are a run
     totals = np.add.reduceat(pair_counts, first)  # [ids] occurrences of each id
     modal = np.maximum.reduceat(pair_counts, first)  # [ids] occurrences at its modal expert
     repeated = totals >= 2
