@@ -54,7 +54,8 @@ def ctrl_c_deferred(swallow=False):
         while (info := signal.sigtimedwait(held, 0)) is not None:  # pending for this process: consumed
             caught.append(info.si_signo)
         for sig, handler in previous.items():  # None: a handler not set from Python (MindSpore's)
-            signal.signal(sig, handler if handler is not None else _PYTHON_HANDLERS[sig])
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # SIG_IGN: settle_for_exit ran in the body
+                signal.signal(sig, handler if handler is not None else _PYTHON_HANDLERS[sig])
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if caught and not swallow:
             raise KeyboardInterrupt() if signal.SIGINT in caught else Terminated()
@@ -81,6 +82,24 @@ def exit_quietly_on_interrupt(line="interrupted: nothing was saved"):
 
 
 _quiet_start = []  # [(the handler exit_quietly_on_interrupt installed, its line), signals held...]
+
+
+def settle_for_exit():
+    """The command's outcome is decided (its output complete, or its one line due): Ctrl-C and SIGTERM are
+    ignored from now until the process exits. Python's exit runs multiprocessing's finalizers, where a
+    KeyboardInterrupt prints a trace, and then puts SIGINT back to its default action, which would end the
+    process by the signal with no line although its output is complete. kill -9 still ends it. Only in a
+    process started as one of the project's commands (`python -m pangu_sigma...` or `-m locmoe...`): a caller
+    of main(), such as a test, keeps its handlers. Main thread only."""
+    import signal
+    import sys
+    import threading
+
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    command = spec is not None and spec.name.split(".")[0] in ("pangu_sigma", "locmoe")
+    if command and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def end_quiet_start():
@@ -131,12 +150,14 @@ def sigterm_raises():
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, before)
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:  # SIG_IGN: settle_for_exit ran in the body
+            signal.signal(signal.SIGTERM, before)
 
 
 def run_cli(action):
     """Run a CLI body; a ConfigError becomes one `error: ...` line on stderr and exit status 2;
-    Ctrl-C (SIGTERM) becomes one `interrupted: <note>` line (note_for_interrupt), exit status 130 (143)."""
+    Ctrl-C (SIGTERM) becomes one `interrupted: <note>` line (note_for_interrupt), exit status 130 (143).
+    Once the outcome is decided, the process reports and exits without interruption (settle_for_exit)."""
     import sys
 
     note_for_interrupt("nothing was saved")
@@ -144,10 +165,13 @@ def run_cli(action):
     try:
         with sigterm_raises():
             action()
+            settle_for_exit()
     except ConfigError as err:
+        settle_for_exit()
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
+        settle_for_exit()
         terminated = isinstance(interrupt, Terminated)
         print(f"interrupted{' (SIGTERM)' if terminated else ''}: {_interrupt_note[0]}", file=sys.stderr)
         return 143 if terminated else 130

@@ -5,8 +5,10 @@ CI runs a few trials on a small corpus; INTERRUPT_DRILL=full runs the full drill
 trainings, as `python tests/interrupt_drill.py`, which also keeps the machine busy)."""
 import os
 import random
+import subprocess
+import sys
 
-from interrupt_drill import prepare_trials, train_trials
+from interrupt_drill import REPO, make_corpus, prepare_trials, train_trials
 
 FULL = os.environ.get("INTERRUPT_DRILL") == "full"
 
@@ -19,3 +21,44 @@ def test_prepare_and_train_interrupted_at_random_moments(tmp_path):
     failed = [trial for trial in prepared + trained if trial[0] not in ("clean", "finished")]
     assert not failed, failed
     assert sum(outcome == "clean" for outcome, *_ in prepared) >= len(prepared) // 3, prepared  # many interrupted
+
+
+SIGNALS_AT_EXIT = '''import atexit, os, signal, time
+
+
+def interrupt_the_exit():  # registered first, so it runs after every other exit handler (multiprocessing's)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        os.kill(os.getpid(), sig)
+        time.sleep(0.2)
+
+
+atexit.register(interrupt_the_exit)
+'''
+
+
+def run_with_signals_at_exit(tmp_path, module, *args):
+    """(exit status, stderr lines, stdout) of `python -m module args` that gets Ctrl-C and SIGTERM as it exits."""
+    hook = tmp_path / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(SIGNALS_AT_EXIT, encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=f"{hook}{os.pathsep}{REPO}", GLOG_v="3")
+    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=120, check=False)
+    return done.returncode, [line for line in done.stderr.splitlines() if line.strip()], done.stdout
+
+
+def test_a_signal_as_a_finished_command_exits_changes_nothing(tmp_path):
+    """Once a command's outcome is decided it reports and exits: a Ctrl-C or SIGTERM in Python's exit (where
+    multiprocessing's finalizers run, then SIGINT's default action is back) neither traces nor ends it by the
+    signal, and its exit status and line stay those of its outcome."""
+    corpus = make_corpus(str(tmp_path), 30_000)
+    output = tmp_path / "prepared"
+    code, lines, out = run_with_signals_at_exit(tmp_path, "pangu_sigma.data.prepare", "--input", corpus, "--output",
+                                                str(output), "--vocab-size", "600", "--seq-length", "32",
+                                                "--progress-every", "0")
+    assert (code, lines) == (0, []) and out.startswith(f"wrote {output}"), (code, lines, out)
+    code, lines, out = run_with_signals_at_exit(tmp_path, "pangu_sigma.data.verify", str(output))
+    assert code == 0 and not lines, (code, lines, out)
+    code, lines, _ = run_with_signals_at_exit(tmp_path, "pangu_sigma.evaluation.eval", "--config",
+                                              str(tmp_path / "missing.yaml"), "--checkpoint", str(tmp_path))
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: --config="), (code, lines)

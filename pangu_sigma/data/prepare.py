@@ -39,7 +39,8 @@ import time
 
 import numpy as np
 
-from locmoe.errors import ConfigError, Terminated, ctrl_c_deferred, end_quiet_start, sigterm_raises
+from locmoe.errors import (ConfigError, Terminated, ctrl_c_deferred, end_quiet_start, settle_for_exit,
+                           sigterm_raises)
 from pangu_sigma.data import corpus as corpus_module
 from pangu_sigma.data.output_folder import check_paths, make_temp_dir, move_into_place
 from pangu_sigma.data.shards import (DEFAULT_SHARD_BYTES, FORMAT_VERSION, WRITE_CHUNK, domain_ids_name, meta_digest,
@@ -396,6 +397,7 @@ def prepare(input_dir, output_dir, vocab_size=None, seq_length=DEFAULT_SEQ_LENGT
                      min_valid_per_domain)
         with ctrl_c_deferred(swallow=True) as late_ctrl_c:  # the commit: never half done
             move_into_place(temp_dir, output_dir)
+            settle_for_exit()  # a command now only reports and exits: a Ctrl-C cannot make its line untrue
         if late_ctrl_c:
             log(f"Ctrl-C came as {output_dir} was renamed into place; it is complete")
     except InputChanged as error:
@@ -450,9 +452,11 @@ def main(argv=None):
                            tokenizer_sampling=args.tokenizer_sampling,
                            character_coverage=args.character_coverage, min_valid_per_domain=args.min_valid_per_domain)
     except ConfigError as error:
+        settle_for_exit()
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
+        settle_for_exit()
         terminated = isinstance(interrupt, Terminated)
         print(f"prepare: interrupted{' (SIGTERM)' if terminated else ''}; nothing written, "
               f"{os.path.abspath(args.output)} is as it was", file=sys.stderr)
