@@ -161,9 +161,9 @@ def run_cli(action):
     import sys
 
     note_for_interrupt("nothing was saved")
-    end_quiet_start()
     try:
         with sigterm_raises():
+            end_quiet_start()  # in the body: SIGTERM goes from the start-up's hold to Terminated, never the default
             action()
             settle_for_exit()
     except ConfigError as err:

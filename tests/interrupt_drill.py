@@ -4,7 +4,8 @@
 
 Each trial starts the command in a session of its own with SIGINT at its default (a background
 job of a non-interactive shell inherits it ignored, and Python keeps it so: the drill would test
-nothing), sends SIGINT (or SIGTERM for some train trials) to the process at a random moment, and
+nothing), sends SIGINT (or SIGTERM for some train trials) to the process at a random moment (once the
+package's first line has run: before it, Python's own start-up takes the signal), and
 classifies the end: "clean" (the command's one line, exit 130/143, no temp folder, the previous
 output intact), "finished" (done before the signal), "trace", "hang" (no exit within the timeout;
 the process group is then killed), "stray" (processes of the group outlive it) or "bad" (anything
@@ -41,16 +42,38 @@ def group_alive(pgid):
     return True
 
 
+def catches_sigterm(pid):
+    """Whether process pid has a handler for SIGTERM (/proc/PID/status SigCgt); None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+            caught = next(int(line.split()[1], 16) for line in handle if line.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return None
+    return bool(caught & (1 << (signal.SIGTERM - 1)))
+
+
+def wait_for_the_command(process, limit=30.0):
+    """Until the command's own signal handling has begun: the package's first line (pangu_sigma/__init__)
+    catches SIGTERM, which Python's start-up does not. A signal before it meets Python's own start-up
+    (a KeyboardInterrupt trace from an import in site or runpy), which no command can change."""
+    deadline = time.time() + limit
+    while process.poll() is None and catches_sigterm(process.pid) is False and time.time() < deadline:
+        time.sleep(0.001)
+
+
 def run_interrupted(argv, delay, timeout, sig=signal.SIGINT, cwd=REPO):
-    """(outcome, exit status, stderr) of argv interrupted by `sig` after `delay` s (see the module doc)."""
+    """(outcome, exit status, stderr) of argv interrupted by `sig` after `delay` s, and not before the command's
+    own signal handling has begun (wait_for_the_command; see the module doc)."""
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd,
                                env=child_env(), preexec_fn=default_sigint, start_new_session=True)
     try:
         process.wait(timeout=delay)
         finished_first = True
     except subprocess.TimeoutExpired:
-        finished_first = False
-        process.send_signal(sig)
+        wait_for_the_command(process)
+        finished_first = process.poll() is not None
+        if not finished_first:
+            process.send_signal(sig)
     try:
         _, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

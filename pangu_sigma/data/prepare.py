@@ -438,12 +438,11 @@ def main(argv=None):
     parser.add_argument("--progress-every", type=float, default=DEFAULT_PROGRESS_SECONDS,
                         help="seconds between progress lines (0 = quiet)")
     args = parser.parse_args(argv)
-    end_quiet_start()
-    if not args.shard_mb > 0:
-        print(f"error: {ConfigError('--shard-mb', args.shard_mb, 'a shard size in MiB > 0')}", file=sys.stderr)
-        return 2
     try:
         with sigterm_raises():
+            end_quiet_start()  # in the body: SIGTERM goes from the start-up's hold to Terminated, never the default
+            if not args.shard_mb > 0:
+                raise ConfigError("--shard-mb", args.shard_mb, "a shard size in MiB > 0")
             meta = prepare(args.input, args.output, vocab_size=args.vocab_size, seq_length=args.seq_length,
                            valid_fraction=args.valid_fraction, tokenizer=args.tokenizer, model_type=args.model_type,
                            overwrite=args.overwrite, seed=args.seed, max_chars=args.max_chars,
