@@ -140,14 +140,15 @@ def prepare_trials(work, count, rng, max_bytes=1_000_000, timeout=30.0):
     return results, duration
 
 
-def train_config(work, data_dir):
+def train_config(work, data_dir, overrides=("train.train_steps=100000", "model.seq_length=64",
+                                             "checkpoint.save_steps=5", "checkpoint.keep_last=2")):
+    """A tiny run's config file in work, training into work/run."""
     import yaml
 
     sys.path.insert(0, os.path.join(REPO, "tests"))
     from conftest import tiny_run_config  # pylint: disable=import-outside-toplevel
 
-    cfg = tiny_run_config(data_dir, os.path.join(work, "run"), ["train.train_steps=100000", "model.seq_length=64",
-                                                                "checkpoint.save_steps=5", "checkpoint.keep_last=2"])
+    cfg = tiny_run_config(data_dir, os.path.join(work, "run"), list(overrides))
     path = os.path.join(work, "run.yaml")
     with open(path, "w", encoding="utf-8") as handle:
         yaml.safe_dump(cfg.to_dict(), handle)

@@ -8,7 +8,7 @@ import random
 import subprocess
 import sys
 
-from interrupt_drill import REPO, make_corpus, prepare_trials, train_trials
+from interrupt_drill import REPO, make_corpus, prepare_trials, train_config, train_trials
 
 FULL = os.environ.get("INTERRUPT_DRILL") == "full"
 
@@ -37,12 +37,13 @@ atexit.register(interrupt_the_exit)
 
 
 def run_with_signals_at_exit(tmp_path, module, *args):
-    """(exit status, stderr lines, stdout) of `python -m module args` that gets Ctrl-C and SIGTERM as it exits."""
+    """(exit status, stderr lines, stdout) of `python -m module args` that gets Ctrl-C and SIGTERM as it exits
+    (run from tmp_path: `-m` puts the working folder first on sys.path)."""
     hook = tmp_path / "hook"
     hook.mkdir(exist_ok=True)
     (hook / "sitecustomize.py").write_text(SIGNALS_AT_EXIT, encoding="utf-8")
     env = dict(os.environ, PYTHONPATH=f"{hook}{os.pathsep}{REPO}", GLOG_v="3")
-    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=tmp_path,
                           timeout=120, check=False)
     return done.returncode, [line for line in done.stderr.splitlines() if line.strip()], done.stdout
 
@@ -59,6 +60,10 @@ def test_a_signal_as_a_finished_command_exits_changes_nothing(tmp_path):
     assert (code, lines) == (0, []) and out.startswith(f"wrote {output}"), (code, lines, out)
     code, lines, out = run_with_signals_at_exit(tmp_path, "pangu_sigma.data.verify", str(output))
     assert code == 0 and not lines, (code, lines, out)
+    config = train_config(str(tmp_path), str(output), ["train.train_steps=5", "model.seq_length=32",
+                                                       "checkpoint.save_steps=5"])
+    code, lines, out = run_with_signals_at_exit(tmp_path, "pangu_sigma.training.train", "--config", config)
+    assert code == 0 and not lines and "[train] done: 5 steps" in out, (code, lines, out[-600:])
     code, lines, _ = run_with_signals_at_exit(tmp_path, "pangu_sigma.evaluation.eval", "--config",
                                               str(tmp_path / "missing.yaml"), "--checkpoint", str(tmp_path))
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: --config="), (code, lines)
