@@ -67,3 +67,25 @@ def test_a_signal_as_a_finished_command_exits_changes_nothing(tmp_path):
     code, lines, _ = run_with_signals_at_exit(tmp_path, "pangu_sigma.evaluation.eval", "--config",
                                               str(tmp_path / "missing.yaml"), "--checkpoint", str(tmp_path))
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: --config="), (code, lines)
+
+
+def test_the_quiet_start_commands_are_those_that_end_it():
+    """pangu_sigma/__init__ holds Ctrl-C and SIGTERM during the imports of the commands it lists, until their main
+    calls end_quiet_start (run_cli does): a listed command that never calls it would hold them for ever, and a
+    command that calls it unlisted meets a Ctrl-C in its imports with a KeyboardInterrupt trace."""
+    import glob
+
+    import pangu_sigma
+
+    listed = set(pangu_sigma._QUIET_START_COMMANDS)  # pylint: disable=protected-access
+    sources = {}
+    for path in glob.glob(os.path.join(REPO, "pangu_sigma", "**", "*.py"), recursive=True):
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+        if 'if __name__ == "__main__":' in text:
+            sources[os.path.relpath(path, REPO)[:-3].replace(os.sep, ".")] = text
+    ends_it = {name for name, text in sources.items() if "run_cli(" in text or "end_quiet_start()" in text}
+    ends_it |= {name for name, text in sources.items()  # a command whose main is another listed command's main
+                if any(f"from {other} import main" in text for other in ends_it)}
+    assert listed <= set(sources), listed - set(sources)
+    assert listed == ends_it, {"listed, never ending the hold": listed - ends_it, "unlisted": ends_it - listed}

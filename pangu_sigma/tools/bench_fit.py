@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 
-from locmoe.errors import OneLineArgumentParser, run_cli
+from locmoe.errors import OneLineArgumentParser, end_quiet_start, run_cli
 
 BASE = ["model.vocab_size=1000", "model.seq_length=128", "model.hidden_size=256", "model.num_heads=8",
         "model.ffn_hidden_size=1024", "model.num_layers=4", "model.moe_layer_num=2", "model.dropout_rate=0.0",
@@ -214,7 +214,8 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args(argv)
-    if args.what == "zero-worker":
+    if args.what == "zero-worker":  # an msrun worker of bench_zero: no run_cli, so the start-up's hold ends here
+        end_quiet_start()
         zero_worker(args.rounds, args.set)
         sys.stdout.flush()
         os._exit(0)  # see tests/workers/equivalence_worker.py: skip MindSpore's CPU finalizer
