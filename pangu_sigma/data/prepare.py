@@ -31,6 +31,7 @@ the tokenizer's sha256). It is built in a temporary folder next to DATA and rena
 place only when complete; Ctrl-C leaves DATA as it was.
 """
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -307,8 +308,15 @@ def build(temp_dir, input_dir, vocab_size, seq_length, valid_fraction, tokenizer
             Progress(progress_seconds, "write", sum(domain_samples), "samples"))
         for split in SPLITS:
             np.save(os.path.join(temp_dir, domain_ids_name(split)), split_domains[split])
-        pool.close()
-        writer.close()
+        rows_dtype = stream.spool_dtype
+        # The processes end and their pipes are collected while Ctrl-C waits: a KeyboardInterrupt raised inside
+        # a finalizer (multiprocessing's Connection.__del__, which the cyclic GC may run at any later moment)
+        # would be printed as ignored and lost, and prepare would go on
+        with ctrl_c_deferred():
+            pool.close()
+            writer.close()
+            pool = writer = stream = None
+            gc.collect()
     except BaseException:
         with ctrl_c_deferred():
             for processes in (pool, writer):
@@ -318,7 +326,7 @@ def build(temp_dir, input_dir, vocab_size, seq_length, valid_fraction, tokenizer
     with open(spool_path, "rb") as spool:
         for first in range(0, len(valid_rows), WRITE_CHUNK):
             block = read_spool_rows(spool, valid_rows[first:first + WRITE_CHUNK], sample_length,
-                                    stream.spool_dtype)  # [b, S+1]
+                                    rows_dtype)  # [b, S+1]
             counts -= np.bincount(block.reshape(-1), minlength=vocab_size)
     timings["write"] = time.time() - tic
     os.remove(spool_path)
@@ -371,7 +379,8 @@ def prepare(input_dir, output_dir, vocab_size=None, seq_length=DEFAULT_SEQ_LENGT
             valid_fraction=DEFAULT_VALID_FRACTION, tokenizer=None, model_type="bpe", overwrite=False,
             seed=1234, max_chars=DEFAULT_MAX_CHARS, progress_every=DEFAULT_PROGRESS_SECONDS, workers=None,
             shard_bytes=DEFAULT_SHARD_BYTES, tokenizer_sampling="proportional",
-            character_coverage=DEFAULT_CHARACTER_COVERAGE, min_valid_per_domain=DEFAULT_MIN_VALID_PER_DOMAIN):
+            character_coverage=DEFAULT_CHARACTER_COVERAGE, min_valid_per_domain=DEFAULT_MIN_VALID_PER_DOMAIN,
+            on_commit=None):
     """Prepares input_dir into output_dir and returns meta (the dict written to meta.json).
 
     vocab_size None means DEFAULT_VOCAB_SIZE when training, the model's own size with tokenizer.
@@ -379,8 +388,9 @@ def prepare(input_dir, output_dir, vocab_size=None, seq_length=DEFAULT_SEQ_LENGT
     tokenizer_sampling); all text is tokenized. progress_every: seconds between stderr
     progress lines (0 = quiet). workers: encode/write processes (None: the machine's cores).
     Raises ConfigError for bad input; output_dir is then left as it was (and on Ctrl-C too).
-    workers > 1 starts processes (forkserver): a script calling this needs the usual
-    `if __name__ == "__main__":` guard.
+    on_commit() runs as soon as the output is in place, before Ctrl-C is taken again (the command
+    passes settle_for_exit: from there it only reports and exits). workers > 1 starts processes
+    (forkserver): a script calling this needs the usual `if __name__ == "__main__":` guard.
     """
     workers = default_workers() if workers is None else workers
     check_arguments(vocab_size, seq_length, valid_fraction, max_chars, seed, model_type, workers, shard_bytes,
@@ -397,7 +407,8 @@ def prepare(input_dir, output_dir, vocab_size=None, seq_length=DEFAULT_SEQ_LENGT
                      min_valid_per_domain)
         with ctrl_c_deferred(swallow=True) as late_ctrl_c:  # the commit: never half done
             move_into_place(temp_dir, output_dir)
-            settle_for_exit()  # a command now only reports and exits: a Ctrl-C cannot make its line untrue
+            if on_commit is not None:
+                on_commit()
         if late_ctrl_c:
             log(f"Ctrl-C came as {output_dir} was renamed into place; it is complete")
     except InputChanged as error:
@@ -449,7 +460,8 @@ def main(argv=None):
                            progress_every=args.progress_every, workers=args.workers,
                            shard_bytes=max(1, int(args.shard_mb * 2**20)),
                            tokenizer_sampling=args.tokenizer_sampling,
-                           character_coverage=args.character_coverage, min_valid_per_domain=args.min_valid_per_domain)
+                           character_coverage=args.character_coverage, min_valid_per_domain=args.min_valid_per_domain,
+                           on_commit=settle_for_exit)  # no Ctrl-C can make "nothing written" untrue
     except ConfigError as error:
         settle_for_exit()
         print(f"error: {error}", file=sys.stderr)
