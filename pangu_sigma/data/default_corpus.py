@@ -11,15 +11,13 @@ taken whole until the domain's half of --max-bytes is used up (the last one cut 
 line end); the result depends only on the Python installation. Like prepare, it writes into a temporary folder
 next to DIR and renames it into place at the end.
 """
-import argparse
 import ast
 import os
-import shutil
 import sys
 import sysconfig
 
-from locmoe.errors import ConfigError
-from pangu_sigma.data.output_folder import make_temp_dir, move_into_place
+from locmoe.errors import ConfigError, OneLineArgumentParser, note_for_interrupt, run_cli, settle_for_exit
+from pangu_sigma.data.output_folder import built_in_temp
 
 DEFAULT_MAX_BYTES = 3_000_000
 INTERLEAVE = 8  # visit order: paths[0::8], then paths[1::8], ...
@@ -77,8 +75,8 @@ def take_within(budget, documents):
     return taken, used
 
 
-def build_default_corpus(output_dir, max_bytes=DEFAULT_MAX_BYTES, overwrite=False, stdlib_dir=None):
-    """Writes output_dir/code/*.txt and output_dir/en/*.txt.
+def build_default_corpus(output_dir, max_bytes=DEFAULT_MAX_BYTES, overwrite=False, stdlib_dir=None, on_commit=None):
+    """Writes output_dir/code/*.txt and output_dir/en/*.txt (on_commit: output_folder.built_in_temp's).
 
     Returns ({domain: (files, bytes)}, {skip reason: modules skipped}).
     """
@@ -117,38 +115,34 @@ def build_default_corpus(output_dir, max_bytes=DEFAULT_MAX_BYTES, overwrite=Fals
 
     code_budget = max_bytes // 2
     chosen = {"code": take_within(code_budget, sources()), "en": take_within(max_bytes - code_budget, prose())}
-    temp_dir = make_temp_dir(output_dir)
-    try:
+    with built_in_temp(output_dir, on_commit) as temp_dir:
         for domain, (documents, _) in chosen.items():
             os.mkdir(os.path.join(temp_dir, domain))
             for name, text in documents:
                 with open(os.path.join(temp_dir, domain, name + ".txt"), "w", encoding="utf-8", newline="") as handle:
                     handle.write(text)
-        move_into_place(temp_dir, output_dir)
-    finally:
-        if os.path.isdir(temp_dir):
-            shutil.rmtree(temp_dir)
     sizes = {domain: (len(documents), used) for domain, (documents, used) in chosen.items()}
     return sizes, {reason: count for reason, count in skipped.items() if count}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m pangu_sigma.data.default_corpus",
-                                     description=__doc__.split("\n")[0])
+    parser = OneLineArgumentParser(prog="python -m pangu_sigma.data.default_corpus",
+                                   description=__doc__.split("\n")[0])
     parser.add_argument("--output", required=True, help="folder to create (code/ and en/ inside)")
     parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="total text size, split across domains")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     args = parser.parse_args(argv)
-    try:
-        sizes, skipped = build_default_corpus(args.output, args.max_bytes, args.overwrite)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    summary = ", ".join(f"{domain} {files} files {used / 1e6:.2f} MB" for domain, (files, used) in sizes.items())
-    print(f"wrote {os.path.abspath(args.output)}: {summary}")
-    for reason, count in skipped.items():
-        print(f"skipped {count} stdlib module(s): {reason}", file=sys.stderr)
-    return 0
+
+    def body():
+        note_for_interrupt(f"nothing written, {os.path.abspath(args.output)} is as it was")
+        sizes, skipped = build_default_corpus(args.output, args.max_bytes, args.overwrite,
+                                              on_commit=settle_for_exit)
+        summary = ", ".join(f"{domain} {files} files {used / 1e6:.2f} MB" for domain, (files, used) in sizes.items())
+        print(f"wrote {os.path.abspath(args.output)}: {summary}")
+        for reason, count in skipped.items():
+            print(f"skipped {count} stdlib module(s): {reason}", file=sys.stderr)
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

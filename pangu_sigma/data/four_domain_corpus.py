@@ -8,15 +8,14 @@ ones from a fixed seed: "arith" 20% (integer arithmetic lines, `417 * 23 = 9591`
 "records" 10% (comma-separated event records: date, host, level, latency, status).
 The four differ in vocabulary and structure, so a router can tell them apart.
 """
-import argparse
 import os
 import random
 import shutil
 import sys
 
-from locmoe.errors import ConfigError
+from locmoe.errors import ConfigError, OneLineArgumentParser, note_for_interrupt, run_cli, settle_for_exit
 from pangu_sigma.data.default_corpus import build_default_corpus
-from pangu_sigma.data.output_folder import make_temp_dir, move_into_place
+from pangu_sigma.data.output_folder import built_in_temp
 
 SHARES = {"code": 0.35, "en": 0.35, "arith": 0.2, "records": 0.1}
 LINES_PER_FILE = 200
@@ -48,15 +47,14 @@ def generated_files(make_line, budget, seed):
         index += 1
 
 
-def build_four_domain_corpus(output_dir, max_bytes=2_000_000, overwrite=False, seed=1234):
-    """Writes output_dir/{code,en,arith,records}/*.txt; returns {domain: bytes}."""
+def build_four_domain_corpus(output_dir, max_bytes=2_000_000, overwrite=False, seed=1234, on_commit=None):
+    """Writes output_dir/{code,en,arith,records}/*.txt; returns {domain: bytes} (on_commit: built_in_temp's)."""
     if not (isinstance(max_bytes, int) and max_bytes >= 4000):
         raise ConfigError("max_bytes", max_bytes, "an integer >= 4000")
     output_dir = os.path.abspath(output_dir)
     if os.path.lexists(output_dir) and not overwrite:
         raise ConfigError("output", output_dir, "a folder that does not exist yet (pass --overwrite to replace it)")
-    temp_dir = make_temp_dir(output_dir)
-    try:
+    with built_in_temp(output_dir, on_commit) as temp_dir:
         stdlib_bytes = int(max_bytes * (SHARES["code"] + SHARES["en"]))
         stdlib_dir = os.path.join(temp_dir, "stdlib")
         build_default_corpus(stdlib_dir, max_bytes=stdlib_bytes)
@@ -76,27 +74,23 @@ def build_four_domain_corpus(output_dir, max_bytes=2_000_000, overwrite=False, s
         for domain in ("code", "en"):
             folder = os.path.join(temp_dir, domain)
             sizes[domain] = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
-        move_into_place(temp_dir, output_dir)
-    finally:
-        if os.path.isdir(temp_dir):
-            shutil.rmtree(temp_dir)
     return sizes
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m pangu_sigma.data.four_domain_corpus",
-                                     description=__doc__.split("\n")[0])
+    parser = OneLineArgumentParser(prog="python -m pangu_sigma.data.four_domain_corpus",
+                                   description=__doc__.split("\n")[0])
     parser.add_argument("--output", required=True)
     parser.add_argument("--max-bytes", type=int, default=2_000_000)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        sizes = build_four_domain_corpus(args.output, args.max_bytes, args.overwrite)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.output}: " + ", ".join(f"{d} {b / 1e6:.2f} MB" for d, b in sizes.items()))
-    return 0
+
+    def body():
+        note_for_interrupt(f"nothing written, {os.path.abspath(args.output)} is as it was")
+        sizes = build_four_domain_corpus(args.output, args.max_bytes, args.overwrite, on_commit=settle_for_exit)
+        print(f"wrote {args.output}: " + ", ".join(f"{d} {b / 1e6:.2f} MB" for d, b in sizes.items()))
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

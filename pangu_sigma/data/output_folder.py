@@ -1,10 +1,11 @@
 """The output folder of prepare and the corpus builders: checked first, built as a temporary folder next
 to it and renamed into place only when complete."""
+import contextlib
 import os
 import shutil
 import tempfile
 
-from locmoe.errors import ConfigError
+from locmoe.errors import ConfigError, ctrl_c_deferred
 
 
 def check_creatable(path, field):
@@ -60,3 +61,23 @@ def move_into_place(temp_dir, output_dir):
     os.rename(temp_dir, output_dir)
     if old_dir:
         shutil.rmtree(old_dir)
+
+
+@contextlib.contextmanager
+def built_in_temp(output_dir, on_commit=None):
+    """Yields an empty temporary folder next to output_dir for the body to fill; when the body ends, the folder is
+    renamed to output_dir while Ctrl-C waits (never half done). If the body fails or is interrupted, output_dir is
+    as it was and the temporary folder is removed, also while Ctrl-C waits. on_commit() runs right after the
+    rename, before Ctrl-C is taken again (a command passes settle_for_exit: it then only reports and exits)."""
+    with ctrl_c_deferred():  # the folder exists only once the finally below will remove it
+        temp_dir = make_temp_dir(output_dir)
+    try:
+        yield temp_dir
+        with ctrl_c_deferred(swallow=True):
+            move_into_place(temp_dir, output_dir)
+            if on_commit is not None:
+                on_commit()
+    finally:
+        with ctrl_c_deferred(swallow=True):  # an interrupt or error already on its way, or the output complete
+            if os.path.isdir(temp_dir):
+                shutil.rmtree(temp_dir)
