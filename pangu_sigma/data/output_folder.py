@@ -64,19 +64,22 @@ def move_into_place(temp_dir, output_dir):
 
 
 @contextlib.contextmanager
-def built_in_temp(output_dir, on_commit=None):
+def built_in_temp(output_dir, on_commit=None, log=None):
     """Yields an empty temporary folder next to output_dir for the body to fill; when the body ends, the folder is
     renamed to output_dir while Ctrl-C waits (never half done). If the body fails or is interrupted, output_dir is
     as it was and the temporary folder is removed, also while Ctrl-C waits. on_commit() runs right after the
-    rename, before Ctrl-C is taken again (a command passes settle_for_exit: it then only reports and exits)."""
+    rename, before Ctrl-C is taken again (a command passes settle_for_exit: it then only reports and exits).
+    log(line), if given, reports a Ctrl-C that came during the rename (it found the output complete)."""
     with ctrl_c_deferred():  # the folder exists only once the finally below will remove it
         temp_dir = make_temp_dir(output_dir)
     try:
         yield temp_dir
-        with ctrl_c_deferred(swallow=True):
+        with ctrl_c_deferred(swallow=True) as late_ctrl_c:
             move_into_place(temp_dir, output_dir)
             if on_commit is not None:
                 on_commit()
+        if late_ctrl_c and log is not None:
+            log(f"Ctrl-C came as {output_dir} was renamed into place; it is complete")
     finally:
         with ctrl_c_deferred(swallow=True):  # an interrupt or error already on its way, or the output complete
             if os.path.isdir(temp_dir):

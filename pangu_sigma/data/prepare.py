@@ -43,7 +43,7 @@ import numpy as np
 from locmoe.errors import (ConfigError, Terminated, ctrl_c_deferred, end_quiet_start, settle_for_exit,
                            sigterm_raises)
 from pangu_sigma.data import corpus as corpus_module
-from pangu_sigma.data.output_folder import check_paths, make_temp_dir, move_into_place
+from pangu_sigma.data.output_folder import built_in_temp, check_paths
 from pangu_sigma.data.shards import (DEFAULT_SHARD_BYTES, FORMAT_VERSION, WRITE_CHUNK, domain_ids_name, meta_digest,
                                      rows_per_shard, shard_name, shard_rows, temp_shard_name)
 from pangu_sigma.data.tokenizer import (DEFAULT_CHARACTER_COVERAGE, SAMPLING, file_sha256, load_tokenizer,
@@ -398,26 +398,14 @@ def prepare(input_dir, output_dir, vocab_size=None, seq_length=DEFAULT_SEQ_LENGT
     if not (isinstance(progress_every, (int, float)) and not isinstance(progress_every, bool) and progress_every >= 0):
         raise ConfigError("progress_every", progress_every, "seconds between progress lines >= 0 (0 = quiet)")
     input_dir, output_dir = check_paths(input_dir, output_dir, overwrite)
-    temp_dir = None
     try:
-        with ctrl_c_deferred():  # the temp folder exists only once the finally below will remove it
-            temp_dir = make_temp_dir(output_dir)
-        meta = build(temp_dir, input_dir, vocab_size, seq_length, valid_fraction, tokenizer, model_type,
-                     max_chars, seed, progress_every, workers, shard_bytes, tokenizer_sampling, character_coverage,
-                     min_valid_per_domain)
-        with ctrl_c_deferred(swallow=True) as late_ctrl_c:  # the commit: never half done
-            move_into_place(temp_dir, output_dir)
-            if on_commit is not None:
-                on_commit()
-        if late_ctrl_c:
-            log(f"Ctrl-C came as {output_dir} was renamed into place; it is complete")
+        with built_in_temp(output_dir, on_commit, log) as temp_dir:  # the commit: never half done
+            meta = build(temp_dir, input_dir, vocab_size, seq_length, valid_fraction, tokenizer, model_type,
+                         max_chars, seed, progress_every, workers, shard_bytes, tokenizer_sampling,
+                         character_coverage, min_valid_per_domain)
     except InputChanged as error:
         raise ConfigError("input", error.path, f"a file that stays as the scan found it until prepare ends; it "
                                                f"changed or vanished meanwhile ({error.reason})") from None
-    finally:
-        with ctrl_c_deferred():
-            if temp_dir is not None and os.path.isdir(temp_dir):
-                shutil.rmtree(temp_dir)
     return meta
 
 

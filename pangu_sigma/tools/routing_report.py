@@ -278,12 +278,13 @@ def make_report(cfg, checkpoint_path, output, train_log=None, split="valid", max
     plots, notes = [], []
     blocks = [layer.block for layer in capture.layers]
     rows = []
+    token_node = capture.token_node()  # [N], the same for every layer
     for layer in capture.layers:
         stats = layer_stats(layer, num_experts, capture.token_local(layer))
         load = stats["load"]
         share = load / max(load.sum(), 1)
         consistency = [token_consistency(capture.token_ids, layer.expert_index, groups)["modal_share"]
-                       for groups in (None, capture.token_node())]
+                       for groups in (None, token_node)]
         row = [layer.block, len(layer.expert_index), f"{share.max() * num_experts:.3f}", f"{share.min():.4f}",
                f"{100 * stats['drop_rate']:.2f}", f"{100 * stats['local_fraction']:.2f}"]
         row += ["n/a" if c is None else f"{100 * c:.2f}" for c in consistency]
